@@ -1,0 +1,186 @@
+//! What a microVM is made of, and the limits a configuration is checked
+//! against before anything is allocated.
+
+use std::path::PathBuf;
+
+use crate::arch::x86_64::mptable::MAX_VCPUS;
+use crate::boot::BootSource;
+
+/// The smallest guest husk boots: room for a kernel, its page tables and an
+/// initramfs.
+pub const MIN_MEM_MIB: u64 = 32;
+
+/// The kernel command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// The VMM's stdout.
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    Sink,
+}
+
+/// A microVM's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Number of vCPUs (validated against the host by [`check_vcpus`]).
+    pub vcpus: usize,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Kernel, initrd, command line.
+    pub boot: BootSource,
+    /// The console.
+    pub serial: SerialOutput,
+}
+
+/// What the host can offer, for validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostLimits {
+    /// KVM_CAP_MAX_VCPUS.
+    pub kvm_max_vcpus: usize,
+    /// The guest-physical address width KVM supports.
+    pub phys_address_bits: u8,
+    /// The host's physical memory.
+    pub host_mem_mib: u64,
+}
+
+/// A configuration that cannot be booted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Zero vCPUs.
+    #[error("a microVM needs at least 1 vCPU")]
+    NoVcpus,
+    /// More vCPUs than allowed.
+    #[error("{requested} vCPUs requested, but at most {max} are possible here (KVM allows {kvm_max}, the MP table {MAX_VCPUS})")]
+    TooManyVcpus {
+        /// What was asked for.
+        requested: usize,
+        /// The effective maximum.
+        max: usize,
+        /// KVM's own maximum.
+        kvm_max: usize,
+    },
+    /// Less memory than any guest can boot in.
+    #[error("{0} MiB of guest memory is too small: at least {MIN_MEM_MIB} MiB are needed")]
+    MemoryTooSmall(u64),
+    /// More memory than the host or the address width allows.
+    #[error("{mib} MiB of guest memory is too large: {reason}")]
+    MemoryTooLarge {
+        /// What was asked for.
+        mib: u64,
+        /// Which limit it exceeds.
+        reason: String,
+    },
+}
+
+/// Checks a vCPU count against the host's limits.
+pub fn check_vcpus(requested: usize, limits: &HostLimits) -> Result<u8, ConfigError> {
+    if requested == 0 {
+        return Err(ConfigError::NoVcpus);
+    }
+    let max = limits.kvm_max_vcpus.min(usize::from(MAX_VCPUS));
+    if requested > max {
+        return Err(ConfigError::TooManyVcpus {
+            requested,
+            max,
+            kvm_max: limits.kvm_max_vcpus,
+        });
+    }
+    // max <= 254, so this cannot fail.
+    u8::try_from(requested).map_err(|_| ConfigError::TooManyVcpus {
+        requested,
+        max,
+        kvm_max: limits.kvm_max_vcpus,
+    })
+}
+
+/// Checks a memory size against the host's limits; returns it in bytes.
+pub fn check_memory(mib: u64, limits: &HostLimits) -> Result<u64, ConfigError> {
+    if mib < MIN_MEM_MIB {
+        return Err(ConfigError::MemoryTooSmall(mib));
+    }
+    let too_large = |reason: String| ConfigError::MemoryTooLarge { mib, reason };
+    if mib > limits.host_mem_mib {
+        return Err(too_large(format!(
+            "the host has {} MiB of physical memory",
+            limits.host_mem_mib
+        )));
+    }
+    let bytes = mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| too_large("it overflows 64 bits".into()))?;
+    let top = crate::arch::x86_64::layout::ram_regions(bytes)
+        .last()
+        .map(|(start, size)| start.0 + size)
+        .unwrap_or(bytes);
+    let addressable = 1u64
+        .checked_shl(u32::from(limits.phys_address_bits))
+        .unwrap_or(u64::MAX);
+    if top > addressable {
+        return Err(too_large(format!(
+            "its top address {top:#x} exceeds the {}-bit guest physical address space",
+            limits.phys_address_bits
+        )));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: HostLimits = HostLimits {
+        kvm_max_vcpus: 1024,
+        phys_address_bits: 36,
+        host_mem_mib: 1 << 30,
+    };
+
+    #[test]
+    fn vcpu_limits() {
+        assert_eq!(check_vcpus(0, &LIMITS), Err(ConfigError::NoVcpus));
+        assert_eq!(check_vcpus(1, &LIMITS), Ok(1));
+        assert_eq!(check_vcpus(254, &LIMITS), Ok(254));
+        assert!(matches!(
+            check_vcpus(255, &LIMITS),
+            Err(ConfigError::TooManyVcpus { max: 254, .. })
+        ));
+        let small = HostLimits {
+            kvm_max_vcpus: 8,
+            ..LIMITS
+        };
+        let err = check_vcpus(9, &small).unwrap_err();
+        assert!(err.to_string().contains("at most 8"), "{err}");
+    }
+
+    #[test]
+    fn memory_limits() {
+        assert_eq!(
+            check_memory(8, &LIMITS),
+            Err(ConfigError::MemoryTooSmall(8))
+        );
+        assert_eq!(check_memory(128, &LIMITS), Ok(128 << 20));
+        // 36 bits = 64 GiB of address space; with the 2 GiB gap, 62 GiB fits.
+        assert!(check_memory(62 << 10, &LIMITS).is_ok());
+        let err = check_memory(63 << 10, &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("36-bit"), "{err}");
+        let host = HostLimits {
+            host_mem_mib: 4096,
+            ..LIMITS
+        };
+        let err = check_memory(4097, &host).unwrap_err();
+        assert!(
+            err.to_string().contains("4096 MiB of physical memory"),
+            "{err}"
+        );
+        let huge = HostLimits {
+            host_mem_mib: u64::MAX,
+            phys_address_bits: 64,
+            ..LIMITS
+        };
+        assert!(check_memory(u64::MAX, &huge).is_err());
+    }
+}

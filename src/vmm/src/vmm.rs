@@ -1,0 +1,316 @@
+//! The VM controller: builds a microVM from a [`VmConfig`] (KVM VM, guest
+//! memory, devices, kernel, vCPUs), starts one thread per vCPU and runs the
+//! epoll event loop on the calling thread until the guest ends. Everything
+//! outside this crate drives a VM through here and nowhere else.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+use crate::arch::x86_64::{cpuid, mptable, regs};
+use crate::boot::{self, LoadedKernel};
+use crate::config::{check_memory, check_vcpus, ConfigError, HostLimits, SerialOutput, VmConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::{i8042, serial, Serial, I8042};
+use crate::exit::{ExitNotifier, ResetTrigger, VmExit};
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
+use crate::vstate::vm::{self, Vm, VmError};
+
+/// How long to keep kicking a vCPU thread that has not stopped yet.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Errors while building or running a microVM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration cannot be booted on this host.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// KVM refused something.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory could not be allocated.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kernel, initrd or command line could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// A vCPU could not be set up.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The boot page tables or GDT could not be written.
+    #[error("cannot write the boot tables: {0}")]
+    BootTables(#[from] regs::RegsError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    /// Two devices claim the same addresses.
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    /// KVM_GET_SUPPORTED_CPUID failed.
+    #[error("cannot read the CPUID KVM supports: {0}")]
+    SupportedCpuid(kvm_ioctls::Error),
+    /// The serial output file could not be opened.
+    #[error("cannot open serial output {path}: {source}")]
+    SerialOutput {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// An eventfd, signal handler, thread or epoll operation failed.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The event loop failed.
+    #[error("event loop: {0:?}")]
+    EventLoop(event_manager::Error),
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |source| VmmError::Os { what, source }
+}
+
+/// Wakes the event loop when the VM exits.
+struct ExitWatcher(Arc<ExitNotifier>);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Drain the counter; `Vmm::run` reads the reason itself.
+        let _ = self.0.event().read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.0.event(), EventSet::IN)) {
+            tracing::error!(error = ?e, "cannot watch the exit event");
+        }
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// The physical memory of this host, in MiB (from /proc/meminfo).
+fn host_mem_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024)
+        .unwrap_or(u64::MAX)
+}
+
+/// A built (and possibly running) microVM.
+pub struct Vmm {
+    vcpus: Vec<Vcpu>,
+    vcpu_threads: Vec<JoinHandle<()>>,
+    shared: VcpuShared,
+    event_manager: EventManager<Subscriber>,
+    loaded: LoadedKernel,
+    image_load: Duration,
+    vm: Vm,
+    mem: GuestMemoryMmap,
+    mem_size: u64,
+}
+
+impl Vmm {
+    /// Builds the microVM described by `config`; its vCPUs do not run yet.
+    pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
+        let t0 = Instant::now();
+        let kvm = vm::open_kvm()?;
+        let host_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(VmmError::SupportedCpuid)?;
+        let limits = HostLimits {
+            kvm_max_vcpus: kvm.get_max_vcpus(),
+            phys_address_bits: cpuid::phys_address_bits(&host_cpuid),
+            host_mem_mib: host_mem_mib(),
+        };
+        let vcpu_count = check_vcpus(config.vcpus, &limits)?;
+        let mem_size = check_memory(config.mem_mib, &limits)?;
+        tracing::debug!(vcpus = vcpu_count, mem_size, ?limits, "building microVM");
+
+        let vm = Vm::new(&kvm)?;
+        let mem = memory::create(mem_size)?;
+        vm.register_memory(&mem)?;
+        tracing::debug!(
+            elapsed_us = t0.elapsed().as_micros() as u64,
+            "VM and memory ready"
+        );
+
+        let exit = ExitNotifier::new().map_err(os("create the exit eventfd"))?;
+        let mut pio = Bus::new();
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(os("create the serial irqfd"))?;
+        vm.register_irqfd(&serial_irq, serial::COM1_IRQ)?;
+        let out: Box<dyn Write + Send> = match &config.serial {
+            SerialOutput::Stdout => Box::new(std::io::stdout()),
+            SerialOutput::Sink => Box::new(std::io::sink()),
+            SerialOutput::File(path) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| VmmError::SerialOutput {
+                        path: path.clone(),
+                        source,
+                    })?,
+            ),
+        };
+        pio.insert(
+            Arc::new(Mutex::new(Serial::new(serial_irq, out))),
+            serial::COM1_BASE,
+            serial::UART_REGS,
+        )?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(ResetTrigger(exit.clone())))),
+            i8042::I8042_BASE,
+            i8042::I8042_PORTS,
+        )?;
+
+        let load_start = Instant::now();
+        let loaded = boot::load(&mem, mem_size, &config.boot)?;
+        let image_load = load_start.elapsed();
+        regs::write_boot_tables(&mem)?;
+        mptable::setup_mptable(&mem, vcpu_count)?;
+        tracing::debug!(elapsed_us = t0.elapsed().as_micros() as u64, "guest loaded");
+
+        let shared = VcpuShared {
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            exit: exit.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            first_entry: Arc::new(OnceLock::new()),
+        };
+        let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+        for index in 0..vcpu_count {
+            let vcpu = Vcpu::new(vm.fd(), index, shared.clone())?;
+            vcpu.configure(
+                &host_cpuid,
+                vcpu_count,
+                (index == 0).then_some(loaded.entry),
+            )?;
+            vcpus.push(vcpu);
+        }
+
+        tracing::debug!(
+            elapsed_us = t0.elapsed().as_micros() as u64,
+            "vCPUs configured"
+        );
+        let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit))));
+
+        Ok(Vmm {
+            vcpus,
+            vcpu_threads: Vec::new(),
+            shared,
+            event_manager,
+            loaded,
+            image_load,
+            vm,
+            mem,
+            mem_size,
+        })
+    }
+
+    /// Where the kernel starts and where the initrd went.
+    pub fn loaded_kernel(&self) -> LoadedKernel {
+        self.loaded
+    }
+
+    /// How long copying the kernel and initrd into guest memory took: the
+    /// part of setup that scales with the images, not with the VMM.
+    pub fn image_load_time(&self) -> Duration {
+        self.image_load
+    }
+
+    /// Guest memory, for devices and tests.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Guest RAM in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// The KVM VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(&mut self) -> Result<(), VmmError> {
+        vcpu::install_kick_handler()
+            .map_err(|e| os("install the vCPU kick handler")(std::io::Error::from(e)))?;
+        for vcpu in self.vcpus.drain(..) {
+            let handle = std::thread::Builder::new()
+                .name(format!("husk-vcpu{}", vcpu.index()))
+                .spawn(move || vcpu.run())
+                .map_err(os("spawn a vCPU thread"))?;
+            self.vcpu_threads.push(handle);
+        }
+        Ok(())
+    }
+
+    /// When vCPU 0 first entered the guest.
+    pub fn first_vcpu_entry(&self) -> Option<Instant> {
+        self.shared.first_entry.get().copied()
+    }
+
+    /// Runs the event loop until the guest ends, then stops every vCPU.
+    pub fn run(&mut self) -> Result<VmExit, VmmError> {
+        let exit = loop {
+            if let Some(exit) = self.shared.exit.reason() {
+                break exit;
+            }
+            self.event_manager.run().map_err(VmmError::EventLoop)?;
+        };
+        self.stop_vcpus();
+        Ok(exit)
+    }
+
+    /// Asks every vCPU thread to stop and waits (bounded) for them.
+    fn stop_vcpus(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let signal = vcpu::vcpu_kick_signal();
+        let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+        for handle in self.vcpu_threads.drain(..) {
+            while !handle.is_finished() && Instant::now() < deadline {
+                // Repeat the kick: one that lands just before KVM_RUN is lost.
+                let _ = handle.kill(signal);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if handle.is_finished() {
+                if handle.join().is_err() {
+                    tracing::error!("a vCPU thread panicked");
+                }
+            } else {
+                tracing::warn!("a vCPU thread did not stop in time");
+            }
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if !self.vcpu_threads.is_empty() {
+            self.stop_vcpus();
+        }
+    }
+}

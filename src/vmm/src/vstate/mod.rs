@@ -1,0 +1,6 @@
+//! KVM state: the VM (memory slots, in-kernel irqchip and PIT) and its vCPUs.
+//! This is the only place that talks to kvm-ioctls' VM and vCPU fds.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,240 @@
+//! vCPUs: per-vCPU configuration (CPUID, MSRs, LAPIC, entry registers) and the
+//! run loop each vCPU thread executes. Port and MMIO exits are dispatched to
+//! the buses; anything that ends the guest is reported to the
+//! [`ExitNotifier`]. A vCPU leaves KVM_RUN when kicked with
+//! [`vcpu_kick_signal`] and stops once the VM's stop flag is set.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use kvm_bindings::{
+    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestAddress;
+
+use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
+use crate::devices::bus::Bus;
+use crate::exit::{ExitNotifier, VmExit};
+
+/// Errors while creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// KVM_CREATE_VCPU failed.
+    #[error("cannot create vCPU {index}: {source}")]
+    Create {
+        /// The vCPU index.
+        index: u8,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// CPUID could not be built.
+    #[error("vCPU {index} CPUID: {source}")]
+    Cpuid {
+        /// The vCPU index.
+        index: u8,
+        /// What went wrong.
+        source: cpuid::CpuidError,
+    },
+    /// KVM_SET_CPUID2 failed.
+    #[error("cannot set vCPU {index} CPUID: {source}")]
+    SetCpuid {
+        /// The vCPU index.
+        index: u8,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// MSR setup failed.
+    #[error("vCPU {index} MSRs: {source}")]
+    Msrs {
+        /// The vCPU index.
+        index: u8,
+        /// What went wrong.
+        source: msr::MsrError,
+    },
+    /// Register setup failed.
+    #[error("vCPU {index} registers: {source}")]
+    Regs {
+        /// The vCPU index.
+        index: u8,
+        /// What went wrong.
+        source: regs::RegsError,
+    },
+    /// LAPIC setup failed.
+    #[error("vCPU {index} local APIC: {source}")]
+    Lapic {
+        /// The vCPU index.
+        index: u8,
+        /// What went wrong.
+        source: interrupts::InterruptError,
+    },
+}
+
+/// The real-time signal used to kick vCPU threads out of KVM_RUN.
+pub fn vcpu_kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the (empty) handler for the kick signal. Its only job is to make
+/// KVM_RUN return EINTR instead of killing the process.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    vmm_sys_util::signal::register_signal_handler(vcpu_kick_signal(), noop)
+}
+
+/// What the vCPU threads share with the rest of the VMM.
+#[derive(Clone)]
+pub struct VcpuShared {
+    /// Port I/O devices.
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// Where to report the end of the guest.
+    pub exit: Arc<ExitNotifier>,
+    /// Set when the VMM wants every vCPU to stop.
+    pub stop: Arc<AtomicBool>,
+    /// When vCPU 0 first entered the guest.
+    pub first_entry: Arc<OnceLock<Instant>>,
+}
+
+/// One vCPU.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    shared: VcpuShared,
+}
+
+/// What a single KVM_RUN exit means for the run loop.
+enum Step {
+    Continue,
+    Stop(VmExit),
+}
+
+impl Vcpu {
+    /// Creates vCPU `index`.
+    pub fn new(vm: &VmFd, index: u8, shared: VcpuShared) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Create { index, source })?;
+        Ok(Vcpu { index, fd, shared })
+    }
+
+    /// The vCPU index (and APIC id).
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Sets CPUID, MSRs, FPU, special registers and the LAPIC; the boot vCPU
+    /// also gets `entry` in `rip`. Application processors wait for INIT/SIPI
+    /// from the boot vCPU, which the in-kernel LAPIC delivers.
+    pub fn configure(
+        &self,
+        host_cpuid: &CpuId,
+        vcpu_count: u8,
+        entry: Option<GuestAddress>,
+    ) -> Result<(), VcpuError> {
+        let index = self.index;
+        let mut cpuid = host_cpuid.clone();
+        cpuid::normalize(&mut cpuid, index, vcpu_count)
+            .map_err(|source| VcpuError::Cpuid { index, source })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(|source| VcpuError::SetCpuid { index, source })?;
+        msr::setup_msrs(&self.fd).map_err(|source| VcpuError::Msrs { index, source })?;
+        let regs_err = |source| VcpuError::Regs { index, source };
+        if let Some(entry) = entry {
+            regs::setup_regs(&self.fd, entry).map_err(regs_err)?;
+            regs::setup_fpu(&self.fd).map_err(regs_err)?;
+            regs::setup_sregs(&self.fd).map_err(regs_err)?;
+        }
+        interrupts::setup_lint(&self.fd).map_err(|source| VcpuError::Lapic { index, source })
+    }
+
+    /// Runs the guest until it ends or the VMM asks this vCPU to stop.
+    pub fn run(mut self) {
+        let span = tracing::debug_span!("vcpu", index = self.index);
+        let _enter = span.enter();
+        if self.index == 0 {
+            let _ = self.shared.first_entry.set(Instant::now());
+        }
+        while !self.shared.stop.load(Ordering::Acquire) {
+            match self.run_once() {
+                Step::Continue => {}
+                Step::Stop(exit) => {
+                    tracing::debug!(%exit, "vCPU stops the VM");
+                    self.shared.exit.notify(exit);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn run_once(&mut self) -> Step {
+        let index = self.index;
+        let shared = &self.shared;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !shared.pio.read(u64::from(port), data) {
+                    // Nothing there: a floating ISA bus reads as all ones.
+                    data.fill(0xff);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                shared.pio.write(u64::from(port), data);
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !shared.mmio.read(addr, data) {
+                    tracing::trace!(addr, len = data.len(), "MMIO read of unassigned address");
+                    data.fill(0);
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !shared.mmio.write(addr, data) {
+                    tracing::trace!(addr, len = data.len(), "MMIO write to unassigned address");
+                }
+                Step::Continue
+            }
+            Ok(VcpuExit::Shutdown) => Step::Stop(VmExit::TripleFault { vcpu: index }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_RESET => Step::Stop(VmExit::Reset),
+                KVM_SYSTEM_EVENT_SHUTDOWN => Step::Stop(VmExit::Shutdown),
+                KVM_SYSTEM_EVENT_CRASH => Step::Stop(VmExit::Crash { vcpu: index }),
+                other => Step::Stop(VmExit::VcpuFault {
+                    vcpu: index,
+                    detail: format!("unknown system event {other}"),
+                }),
+            },
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => Step::Stop(VmExit::EntryFailure {
+                vcpu: index,
+                reason,
+            }),
+            Ok(VcpuExit::InternalError) => {
+                let run = self.fd.get_kvm_run();
+                // SAFETY: KVM filled the `internal` member of the exit union:
+                // exit_reason is KVM_EXIT_INTERNAL_ERROR.
+                let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                Step::Stop(VmExit::InternalError {
+                    vcpu: index,
+                    suberror,
+                })
+            }
+            Ok(VcpuExit::Intr) => Step::Continue,
+            // Only reachable without an in-kernel irqchip; treat like an idle
+            // vCPU that the next interrupt wakes.
+            Ok(VcpuExit::Hlt) => Step::Continue,
+            Ok(other) => Step::Stop(VmExit::VcpuFault {
+                vcpu: index,
+                detail: format!("unexpected exit {other:?}"),
+            }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) => Step::Stop(VmExit::VcpuFault {
+                vcpu: index,
+                detail: format!("KVM_RUN failed: {e}"),
+            }),
+        }
+    }
+}
