@@ -1,0 +1,234 @@
+//! `husk-bench`: benchmarks as commands that print JSON.
+//!
+//! `husk-bench boot` starts `husk boot` N times and measures, per run, the
+//! wall time from spawning the VMM process to the guest's first user-space
+//! line (the marker the test init prints first), the VMM's own setup time
+//! before the first vCPU entry (reported by `husk boot --timings`), and the
+//! VMM's resident memory beyond guest RAM, read from /proc/PID/smaps while
+//! the guest is up (mappings exactly the size of a guest RAM region are guest
+//! memory; everything else is overhead).
+
+mod stats;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "husk-bench",
+    about = "husk benchmarks; each prints one JSON document"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Boot time, VMM setup time and VMM memory overhead over repeated boots.
+    Boot(BootBench),
+}
+
+#[derive(clap::Args)]
+struct BootBench {
+    /// The husk binary.
+    #[arg(long, default_value = "husk")]
+    husk: PathBuf,
+    /// Guest kernel.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest initramfs whose /init prints the marker first.
+    #[arg(long)]
+    initrd: PathBuf,
+    /// Number of boots.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// vCPUs per guest.
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// Kernel command line (`husk.hold=1` is appended so the guest stays up
+    /// while its VMM's memory is read).
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=1 pci=off quiet")]
+    cmdline: String,
+    /// The line that marks the guest's first user-space output.
+    #[arg(long, default_value = "HUSK-GUEST-READY")]
+    marker: String,
+}
+
+struct Sample {
+    to_marker_ms: f64,
+    setup_ms: f64,
+    image_load_ms: f64,
+    rss_overhead_kib: u64,
+    guest_rss_kib: u64,
+}
+
+/// Sums the Rss of the mappings in an smaps dump, split into (overhead,
+/// guest) by whether a mapping is exactly a guest RAM region's size.
+fn split_rss(smaps: &str, guest_region_sizes: &[u64]) -> (u64, u64) {
+    let (mut overhead, mut guest) = (0u64, 0u64);
+    let mut current_is_guest = false;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if let Some((start, end)) = first.split_once('-') {
+            if let (Ok(s), Ok(e)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) {
+                current_is_guest = guest_region_sizes.contains(&(e.saturating_sub(s)));
+                continue;
+            }
+        }
+        if first == "Rss:" {
+            let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            if current_is_guest {
+                guest += kib;
+            } else {
+                overhead += kib;
+            }
+        }
+    }
+    (overhead, guest)
+}
+
+fn guest_region_sizes(mem_mib: u64) -> Vec<u64> {
+    const GAP_START: u64 = 0x8000_0000;
+    let size = mem_mib << 20;
+    if size <= GAP_START {
+        vec![size]
+    } else {
+        vec![GAP_START, size - GAP_START]
+    }
+}
+
+fn one_boot(b: &BootBench) -> anyhow::Result<Sample> {
+    let cmdline = format!("{} husk.hold=1", b.cmdline);
+    let start = Instant::now();
+    let mut child = Command::new(&b.husk)
+        .args(["boot", "--timings", "--kernel"])
+        .arg(&b.kernel)
+        .arg("--initrd")
+        .arg(&b.initrd)
+        .args(["--vcpus", &b.vcpus.to_string()])
+        .args(["--mem-mib", &b.mem_mib.to_string()])
+        .args(["--cmdline", &cmdline])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", b.husk.display()))?;
+    let pid = child.id();
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut to_marker = None;
+    let mut rss = None;
+    for line in lines.by_ref() {
+        let line = line.context("reading the guest console")?;
+        if to_marker.is_none() && line.contains(&b.marker) {
+            to_marker = Some(start.elapsed());
+            let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+                .context("reading the VMM's smaps")?;
+            rss = Some(split_rss(&smaps, &guest_region_sizes(b.mem_mib)));
+        }
+    }
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .context("no stderr")?
+        .read_to_string(&mut stderr)?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("husk exited with {status}: {stderr}");
+    }
+    let (Some(to_marker), Some((rss_overhead_kib, guest_rss_kib))) = (to_marker, rss) else {
+        bail!("the guest never printed {}", b.marker);
+    };
+    let timings: serde_json::Value = stderr
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .context("husk printed no timings")?;
+    let setup_us = timings["setup_before_first_vcpu_entry_us"]
+        .as_u64()
+        .context("timings lack setup_before_first_vcpu_entry_us")?;
+    let image_load_us = timings["guest_image_load_us"]
+        .as_u64()
+        .context("timings lack guest_image_load_us")?;
+    Ok(Sample {
+        to_marker_ms: to_marker.as_secs_f64() * 1e3,
+        setup_ms: setup_us as f64 / 1e3,
+        image_load_ms: image_load_us as f64 / 1e3,
+        rss_overhead_kib,
+        guest_rss_kib,
+    })
+}
+
+fn boot(b: BootBench) -> anyhow::Result<serde_json::Value> {
+    if b.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let mut samples = Vec::with_capacity(b.runs);
+    for i in 0..b.runs {
+        samples.push(one_boot(&b).with_context(|| format!("boot {} of {}", i + 1, b.runs))?);
+    }
+    let col = |f: fn(&Sample) -> f64| stats::summary(&samples.iter().map(f).collect::<Vec<_>>());
+    Ok(json!({
+        "benchmark": "boot",
+        "runs": b.runs,
+        "guest": {
+            "vcpus": b.vcpus,
+            "mem_mib": b.mem_mib,
+            "kernel": b.kernel,
+            "initrd": b.initrd,
+            "cmdline": b.cmdline,
+        },
+        "boot_to_user_space_ms": col(|s| s.to_marker_ms),
+        "setup_before_first_vcpu_entry_ms": col(|s| s.setup_ms),
+        "guest_image_load_ms": col(|s| s.image_load_ms),
+        "setup_without_image_load_ms": col(|s| s.setup_ms - s.image_load_ms),
+        "vmm_rss_overhead_kib": col(|s| s.rss_overhead_kib as f64),
+        "guest_rss_kib": col(|s| s.guest_rss_kib as f64),
+    }))
+}
+
+fn main() -> anyhow::Result<()> {
+    let out = match Cli::parse().command {
+        Bench::Boot(b) => boot(b)?,
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rss_split_by_region_size() {
+        let smaps = "\
+55d000000000-55d000001000 r-xp 00000000 08:01 1 /usr/bin/husk
+Size:                  4 kB
+Rss:                   4 kB
+7f0000000000-7f0008000000 rw-p 00000000 00:00 0
+Size:             131072 kB
+Rss:               20480 kB
+7f0010000000-7f0010100000 rw-p 00000000 00:00 0
+Rss:                 900 kB
+";
+        assert_eq!(split_rss(smaps, &guest_region_sizes(128)), (904, 20480));
+    }
+
+    #[test]
+    fn region_sizes_follow_the_gap() {
+        assert_eq!(guest_region_sizes(128), vec![128 << 20]);
+        assert_eq!(guest_region_sizes(3072), vec![2 << 30, 1 << 30]);
+    }
+}

@@ -1,0 +1,100 @@
+//! `husk boot`: build a microVM from command-line flags, run it to the end,
+//! and turn how it ended into an exit status.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use vmm::{BootSource, SerialOutput, VmConfig, Vmm, DEFAULT_CMDLINE};
+
+/// Flags of `husk boot`.
+#[derive(Args, Debug)]
+pub struct BootArgs {
+    /// Guest kernel: an uncompressed ELF vmlinux (fastest) or a bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (cpio, plain or compressed).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    mem_mib: u64,
+    /// Where the guest console goes: stdout, file:PATH or none.
+    #[arg(long, default_value = "stdout", value_parser = parse_serial)]
+    serial: SerialOutput,
+    /// Print one JSON line of timings to stderr when the VM ends.
+    #[arg(long)]
+    timings: bool,
+}
+
+fn parse_serial(s: &str) -> Result<SerialOutput, String> {
+    match s {
+        "stdout" => Ok(SerialOutput::Stdout),
+        "none" => Ok(SerialOutput::Sink),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialOutput::File(p.into())),
+            _ => Err(format!("'{s}' is not stdout, none or file:PATH")),
+        },
+    }
+}
+
+/// Boots the VM; returns the process exit status.
+pub fn run(args: BootArgs, process_start: Instant) -> anyhow::Result<u8> {
+    let config = VmConfig {
+        vcpus: args.vcpus,
+        mem_mib: args.mem_mib,
+        boot: BootSource {
+            kernel: args.kernel,
+            initrd: args.initrd,
+            cmdline: args.cmdline,
+        },
+        serial: args.serial,
+    };
+    let mut vmm = Vmm::new(&config).context("cannot build the microVM")?;
+    vmm.start().context("cannot start the vCPUs")?;
+    let exit = vmm.run().context("the VMM failed while the guest ran")?;
+    let code = exit.exit_code();
+    if exit.is_clean() {
+        tracing::info!(%exit, "microVM ended");
+    } else {
+        eprintln!("husk: guest failure: {exit}");
+    }
+    if args.timings {
+        let setup_us = vmm
+            .first_vcpu_entry()
+            .map(|t| t.duration_since(process_start).as_micros() as u64);
+        let line = serde_json::json!({
+            "setup_before_first_vcpu_entry_us": setup_us,
+            "guest_image_load_us": vmm.image_load_time().as_micros() as u64,
+            "total_ms": process_start.elapsed().as_millis() as u64,
+            "exit": exit.to_string(),
+            "exit_code": code,
+        });
+        eprintln!("{line}");
+    }
+    Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_flag() {
+        assert_eq!(parse_serial("stdout"), Ok(SerialOutput::Stdout));
+        assert_eq!(parse_serial("none"), Ok(SerialOutput::Sink));
+        assert_eq!(
+            parse_serial("file:/tmp/x"),
+            Ok(SerialOutput::File("/tmp/x".into()))
+        );
+        assert!(parse_serial("file:").is_err());
+        assert!(parse_serial("tcp:1").is_err());
+    }
+}
