@@ -1,0 +1,35 @@
+# shellcheck shell=bash
+# Shared by the top-level scripts: set-up steps every entry point needs.
+# Sourced, not run.
+
+log() { echo "husk: $*" >&2; }
+
+# Debian packages the build and the tests need.
+husk_install_packages() {
+  local missing=() p
+  for p in build-essential pkg-config cpio busybox-static qemu-system-x86 kmod e2fsprogs; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >&2
+    apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+  fi
+  if ! command -v cargo >/dev/null; then
+    log "cargo is missing: these machines carry a Rust toolchain through rustup (~/.cargo/bin)"
+    return 1
+  fi
+}
+
+# Guest kernel and node image (both cached outside the repo); exports their
+# locations for the tools and tests.
+husk_build_images() {
+  local repo=$1
+  HUSK_KERNEL_DIR=$("$repo/guest-kernel-config/build.sh")
+  export HUSK_KERNEL_DIR
+  if [[ ${HUSK_NODE:-auto} != direct ]]; then
+    HUSK_NODE_IMAGE=$("$repo/resources/node/build.sh")
+    export HUSK_NODE_IMAGE
+  fi
+}
