@@ -57,6 +57,18 @@ pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// Virtio-mmio device windows are handed out from here, inside the gap.
 pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
 
+// The fixed structures must not overlap; checked when the crate is built.
+const _: () = {
+    assert!(IDT_START >= GDT_START + 4 * 8);
+    // The stack gets the page between the zero page and the PML4.
+    assert!(ZERO_PAGE_START + 4096 <= BOOT_STACK_POINTER & !0xfff);
+    assert!(BOOT_STACK_POINTER < PML4_START);
+    assert!(PDE_START + 4096 <= CMDLINE_START);
+    assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(MPTABLE_START + MPTABLE_MAX_SIZE as u64 <= HIMEM_START);
+    assert!(MMIO_DEVICES_START > MMIO_GAP_START && MMIO_DEVICES_START < IOAPIC_ADDR as u64);
+};
+
 /// The guest RAM regions for a guest of `mem_size` bytes: one region below the
 /// MMIO gap and, when the guest is larger than the gap start, one above 4 GiB.
 pub fn ram_regions(mem_size: u64) -> Vec<(GuestAddress, u64)> {
@@ -101,17 +113,5 @@ mod tests {
     #[test]
     fn guest_exactly_at_gap_is_one_region() {
         assert_eq!(ram_regions(MMIO_GAP_START).len(), 1);
-    }
-
-    #[test]
-    fn fixed_structures_do_not_overlap() {
-        assert!(IDT_START >= GDT_START + 4 * 8);
-        assert!(BOOT_STACK_POINTER < PML4_START);
-        // The stack gets the page between the zero page and the PML4.
-        assert!(ZERO_PAGE_START + 4096 <= BOOT_STACK_POINTER & !0xfff);
-        assert!(PDE_START + 4096 <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(MPTABLE_START + MPTABLE_MAX_SIZE as u64 <= HIMEM_START);
-        assert!(MMIO_DEVICES_START > MMIO_GAP_START && MMIO_DEVICES_START < u64::from(IOAPIC_ADDR));
     }
 }

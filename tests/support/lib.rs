@@ -1,0 +1,255 @@
+//! Support for husk's integration tests: finds (and if needed builds) the
+//! artifacts a real boot needs, and runs commands where a real KVM is.
+//!
+//! On a host whose /dev/kvm is hardware-backed, commands run directly. On
+//! these machines (/dev/kvm from kvm_pvm, which cannot run a Linux guest's
+//! user space) they run inside the node VM that `resources/node/run.sh`
+//! boots: QEMU TCG with emulated AMD SVM and a real KVM inside.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Everything a guest boot needs.
+#[derive(Debug)]
+pub struct Artifacts {
+    /// The husk binary.
+    pub husk: PathBuf,
+    /// Uncompressed guest kernel.
+    pub vmlinux: PathBuf,
+    /// The same kernel as a bzImage.
+    pub bzimage: PathBuf,
+    /// Initramfs whose /init prints the HUSK-GUEST-* lines and reboots.
+    pub test_initrd: PathBuf,
+}
+
+fn run_script(script: &Path, args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed ({}):\n{}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout.lines().last().unwrap_or_default().trim().to_string()
+}
+
+/// The husk binary: $HUSK_BIN, or the one cargo built next to this test.
+pub fn husk_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("HUSK_BIN") {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/husk
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("husk"))
+        .expect("test binary lives in target/<profile>/deps");
+    assert!(
+        bin.exists(),
+        "{} does not exist: build it first (cargo build -p husk) or set HUSK_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Builds (or finds in the cache) the guest kernel and the test initramfs.
+pub fn artifacts() -> &'static Artifacts {
+    static A: OnceLock<Artifacts> = OnceLock::new();
+    A.get_or_init(|| {
+        let root = repo_root();
+        let kernel_dir = PathBuf::from(run_script(&root.join("guest-kernel-config/build.sh"), &[]));
+        let initrd =
+            std::env::temp_dir().join(format!("husk-test-initrd-{}.cpio", std::process::id()));
+        let init = root.join("resources/guest/test-init");
+        run_script(
+            &root.join("resources/guest/build-initramfs.sh"),
+            &[
+                initrd.to_str().expect("utf-8 path"),
+                init.to_str().expect("utf-8 path"),
+            ],
+        );
+        Artifacts {
+            husk: husk_binary(),
+            vmlinux: kernel_dir.join("vmlinux"),
+            bzimage: kernel_dir.join("bzImage"),
+            test_initrd: initrd,
+        }
+    })
+}
+
+/// True when this host's /dev/kvm is hardware-backed and runs guests itself
+/// (the same test as resources/node/run.sh makes).
+pub fn hardware_kvm() -> bool {
+    Path::new("/dev/kvm").exists()
+        && !Path::new("/sys/module/kvm_pvm").exists()
+        && std::fs::read_to_string("/proc/cpuinfo")
+            .map(|c| {
+                c.lines()
+                    .filter(|l| l.starts_with("flags"))
+                    .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+            })
+            .unwrap_or(false)
+}
+
+/// The node VM image, built once per test process (None where guests run
+/// directly).
+fn node_image() -> Option<&'static Path> {
+    static IMAGE: OnceLock<Option<PathBuf>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            if std::env::var_os("HUSK_NODE_IMAGE").is_some()
+                || std::env::var("HUSK_NODE").as_deref() == Ok("direct")
+                || (hardware_kvm() && std::env::var("HUSK_NODE").as_deref() != Ok("vm"))
+            {
+                return None;
+            }
+            Some(PathBuf::from(run_script(
+                &repo_root().join("resources/node/build.sh"),
+                &[],
+            )))
+        })
+        .as_deref()
+}
+
+/// What a command printed and how it ended.
+#[derive(Debug)]
+pub struct RunResult {
+    /// Exit status (125: the node VM itself failed).
+    pub status: i32,
+    /// stdout and stderr, interleaved as the console showed them.
+    pub output: String,
+}
+
+impl RunResult {
+    /// The value after `key ` on the first line that starts with `key`.
+    pub fn value(&self, key: &str) -> Option<String> {
+        self.output.lines().find_map(|l| {
+            l.trim()
+                .strip_prefix(key)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .map(|v| v.trim().to_string())
+        })
+    }
+
+    /// Panics with the whole output unless the command exited with `status`.
+    pub fn assert_status(&self, status: i32) -> &Self {
+        assert_eq!(
+            self.status, status,
+            "expected exit status {status}, got {}; output:\n{}",
+            self.status, self.output
+        );
+        self
+    }
+
+    /// Panics with the whole output unless it contains `needle`.
+    pub fn assert_contains(&self, needle: &str) -> &Self {
+        assert!(
+            self.output.contains(needle),
+            "output lacks {needle:?}:\n{}",
+            self.output
+        );
+        self
+    }
+}
+
+/// A directory of files to hand to a command, removed when dropped.
+pub struct Payload {
+    dir: PathBuf,
+}
+
+impl Payload {
+    /// An empty payload directory.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("husk-payload-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create payload dir");
+        Payload { dir }
+    }
+
+    /// Adds `src` under `name` (hard link when possible, else a copy).
+    pub fn add(self, src: &Path, name: &str) -> Self {
+        let dst = self.dir.join(name);
+        if std::fs::hard_link(src, &dst).is_err() {
+            std::fs::copy(src, &dst)
+                .unwrap_or_else(|e| panic!("copy {} into payload: {e}", src.display()));
+        }
+        self
+    }
+
+    /// Adds a file with `contents` under `name`.
+    pub fn write(self, name: &str, contents: &[u8]) -> Self {
+        std::fs::write(self.dir.join(name), contents).expect("write payload file");
+        self
+    }
+
+    /// Adds husk, both kernels and the test initramfs.
+    pub fn with_guest(self) -> Self {
+        let a = artifacts();
+        self.add(&a.husk, "husk")
+            .add(&a.vmlinux, "vmlinux")
+            .add(&a.bzimage, "bzImage")
+            .add(&a.test_initrd, "initrd.cpio")
+    }
+
+    /// Runs `script` (sh) with the payload as its working directory, where a
+    /// real KVM is: directly on a hardware-KVM host, else in the node VM.
+    pub fn run(&self, script: &str) -> RunResult {
+        let mut cmd = Command::new("bash");
+        if let Some(image) = node_image() {
+            cmd.env("HUSK_NODE_IMAGE", image);
+        }
+        let out = cmd
+            .arg(repo_root().join("resources/node/run.sh"))
+            .arg("--payload")
+            .arg(&self.dir)
+            .args(["--", "sh", "-c", script])
+            .output()
+            .expect("run resources/node/run.sh");
+        let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+        output.push_str(&String::from_utf8_lossy(&out.stderr));
+        RunResult {
+            status: out.status.code().unwrap_or(-1),
+            output,
+        }
+    }
+}
+
+impl Drop for Payload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs the husk binary directly on this host, for checks that fail before
+/// any guest code runs (configuration and input errors). Needs only a
+/// /dev/kvm that can create VMs, which kvm_pvm can.
+pub fn husk_on_host(args: &[&str]) -> RunResult {
+    let out = Command::new(husk_binary())
+        .args(args)
+        .output()
+        .expect("run husk");
+    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+    output.push_str(&String::from_utf8_lossy(&out.stderr));
+    RunResult {
+        status: out.status.code().unwrap_or(-1),
+        output,
+    }
+}
+
+pub use vmm::test_utils::tiny_elf;
