@@ -205,3 +205,26 @@ fn unknown_serial_target_is_a_usage_error() {
     r.assert_status(2)
         .assert_contains("is not stdout, none or file:PATH");
 }
+
+#[test]
+fn sigterm_stops_a_running_guest_cleanly() {
+    let script = format!(
+        "./husk boot --log-level info --kernel vmlinux --initrd initrd.cpio \
+           --cmdline '{CMDLINE} husk.hold=120' > out.txt 2>&1 &
+         pid=$!
+         i=0
+         until grep -q HUSK-GUEST-CMDLINE out.txt; do
+           sleep 0.2; i=$((i + 1)); [ $i -lt 600 ] || break
+         done
+         kill -TERM $pid
+         wait $pid
+         echo \"husk-status=$?\"
+         cat out.txt"
+    );
+    let r = Payload::new("sigterm").with_guest().run(&script);
+    r.assert_status(0)
+        .assert_contains("HUSK-GUEST-READY")
+        .assert_contains("husk-status=143")
+        .assert_contains("husk: stopped by SIGTERM")
+        .assert_contains("vCPU stopped");
+}

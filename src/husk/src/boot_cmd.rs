@@ -61,10 +61,10 @@ pub fn run(args: BootArgs, process_start: Instant) -> anyhow::Result<u8> {
     vmm.start().context("cannot start the vCPUs")?;
     let exit = vmm.run().context("the VMM failed while the guest ran")?;
     let code = exit.exit_code();
-    if exit.is_clean() {
-        tracing::info!(%exit, "microVM ended");
-    } else {
-        eprintln!("husk: guest failure: {exit}");
+    match exit {
+        _ if exit.is_clean() => tracing::info!(%exit, "microVM ended"),
+        vmm::VmExit::Signal(_) => eprintln!("husk: {exit}"),
+        _ => eprintln!("husk: guest failure: {exit}"),
     }
     if args.timings {
         let setup_us = vmm

@@ -7,6 +7,7 @@
 //! | 1 | the VMM could not build or run the VM (bad configuration, KVM error) |
 //! | 2 | usage error |
 //! | 3 | the guest crashed: triple fault, KVM internal error, entry failure |
+//! | 128+N | stopped by signal N (SIGTERM, SIGINT, SIGHUP): vCPUs stopped, VM torn down |
 
 mod boot_cmd;
 

@@ -37,6 +37,8 @@ pub enum VmExit {
         /// The vCPU index.
         vcpu: u8,
     },
+    /// The VMM was asked to stop by a signal (SIGTERM, SIGINT, SIGHUP).
+    Signal(libc::c_int),
     /// KVM_RUN failed or returned an exit husk does not handle.
     VcpuFault {
         /// The vCPU index.
@@ -53,12 +55,12 @@ impl VmExit {
     }
 
     /// The process exit status `husk boot` maps this to: 0 for a clean end,
-    /// 3 for a guest that crashed or could not run.
+    /// 128 + N for signal N, 3 for a guest that crashed or could not run.
     pub fn exit_code(&self) -> u8 {
-        if self.is_clean() {
-            0
-        } else {
-            3
+        match self {
+            _ if self.is_clean() => 0,
+            VmExit::Signal(sig) => u8::try_from(128 + sig).unwrap_or(255),
+            _ => 3,
         }
     }
 }
@@ -86,6 +88,9 @@ impl std::fmt::Display for VmExit {
                 )
             }
             VmExit::Crash { vcpu } => write!(f, "the guest reported a crash on vCPU {vcpu}"),
+            VmExit::Signal(sig) => {
+                write!(f, "stopped by {}", crate::signal::signal_name(*sig))
+            }
             VmExit::VcpuFault { vcpu, detail } => write!(f, "vCPU {vcpu} failed: {detail}"),
         }
     }
@@ -173,6 +178,9 @@ mod tests {
         };
         assert_eq!(e.exit_code(), 3);
         assert!(e.to_string().contains("emulation failed"));
+        let term = VmExit::Signal(libc::SIGTERM);
+        assert_eq!(term.exit_code(), 143);
+        assert_eq!(term.to_string(), "stopped by SIGTERM");
     }
 
     #[test]

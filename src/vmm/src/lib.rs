@@ -19,6 +19,7 @@ pub mod boot;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod signal;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 pub mod vmm;

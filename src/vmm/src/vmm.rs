@@ -23,6 +23,7 @@ use crate::config::{check_memory, check_vcpus, ConfigError, HostLimits, SerialOu
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{i8042, serial, Serial, I8042};
 use crate::exit::{ExitNotifier, ResetTrigger, VmExit};
+use crate::signal::TerminationFd;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
 use crate::vstate::vm::{self, Vm, VmError};
@@ -83,6 +84,30 @@ pub enum VmmError {
 
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
     move |source| VmmError::Os { what, source }
+}
+
+/// Turns termination signals into a VM exit.
+struct SignalWatcher {
+    fd: TerminationFd,
+    exit: Arc<ExitNotifier>,
+}
+
+impl MutEventSubscriber for SignalWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        while let Some(sig) = self.fd.read() {
+            tracing::info!(
+                signal = crate::signal::signal_name(sig),
+                "stopping the microVM"
+            );
+            self.exit.notify(VmExit::Signal(sig));
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            tracing::error!(error = ?e, "cannot watch termination signals");
+        }
+    }
 }
 
 /// Wakes the event loop when the VM exits.
@@ -254,10 +279,18 @@ impl Vmm {
         &self.vm
     }
 
-    /// Starts one thread per vCPU.
+    /// Starts one thread per vCPU. From here on SIGTERM, SIGINT and SIGHUP
+    /// stop the VM through the event loop (they are blocked in every thread
+    /// started after this call).
     pub fn start(&mut self) -> Result<(), VmmError> {
         vcpu::install_kick_handler()
             .map_err(|e| os("install the vCPU kick handler")(std::io::Error::from(e)))?;
+        let fd = TerminationFd::new().map_err(os("watch termination signals"))?;
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(SignalWatcher {
+                fd,
+                exit: self.shared.exit.clone(),
+            })));
         for vcpu in self.vcpus.drain(..) {
             let handle = std::thread::Builder::new()
                 .name(format!("husk-vcpu{}", vcpu.index()))

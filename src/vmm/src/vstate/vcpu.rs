@@ -164,9 +164,19 @@ impl Vcpu {
                 Step::Stop(exit) => {
                     tracing::debug!(%exit, "vCPU stops the VM");
                     self.shared.exit.notify(exit);
-                    break;
+                    return;
                 }
             }
+        }
+        // Stopped from outside (a signal, another vCPU's exit): say where the
+        // guest was, which is what one wants to know about a stuck guest.
+        match self.fd.get_regs() {
+            Ok(regs) => tracing::info!(
+                rip = format_args!("{:#x}", regs.rip),
+                rsp = format_args!("{:#x}", regs.rsp),
+                "vCPU stopped"
+            ),
+            Err(e) => tracing::info!(error = %e, "vCPU stopped; registers unreadable"),
         }
     }
 
