@@ -1,0 +1,544 @@
+//! The virtio-blk device: a raw file as a disk, read-only or writable, with
+//! flush and GET_ID.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::request::Request;
+use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, TYPE_BLOCK};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_RING,
+    VIRTIO_F_VERSION_1,
+};
+
+/// A drive as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// The drive id, returned by GET_ID (at most 20 bytes are visible).
+    pub id: String,
+    /// The backing file.
+    pub path: PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+}
+
+/// Errors while setting up a drive.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The backing file cannot be opened.
+    #[error("cannot open drive {id} backing file {path}: {source}")]
+    Open {
+        /// Drive id.
+        id: String,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// An eventfd could not be created.
+    #[error("cannot create drive {id} eventfds: {source}")]
+    EventFd {
+        /// Drive id.
+        id: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+enum State {
+    Inactive,
+    Active { mem: GuestMemoryMmap, queue: Queue },
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    config: BlockConfig,
+    file: File,
+    capacity: u64,
+    id_bytes: [u8; ID_BYTES],
+    avail_features: u64,
+    queue_sizes: [u16; 1],
+    queue_events: [EventFd; 1],
+    interrupt: Interrupt,
+    state: State,
+}
+
+fn open_backing(path: &Path, read_only: bool) -> std::io::Result<(File, u64)> {
+    let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+    let len = file.metadata()?.len();
+    Ok((file, len))
+}
+
+impl Block {
+    /// Opens the backing file and builds the device.
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        let (file, len) =
+            open_backing(&config.path, config.read_only).map_err(|source| BlockError::Open {
+                id: config.id.clone(),
+                path: config.path.clone(),
+                source,
+            })?;
+        let evt_err = |source| BlockError::EventFd {
+            id: config.id.clone(),
+            source,
+        };
+        let mut id_bytes = [0u8; ID_BYTES];
+        let n = config.id.len().min(ID_BYTES);
+        id_bytes[..n].copy_from_slice(&config.id.as_bytes()[..n]);
+        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_BLK_F_FLUSH);
+        if config.read_only {
+            avail_features |= 1u64 << VIRTIO_BLK_F_RO;
+        }
+        Ok(Block {
+            file,
+            // A trailing partial sector is not addressable.
+            capacity: len - len % SECTOR_SIZE,
+            id_bytes,
+            avail_features,
+            queue_sizes: [QUEUE_SIZE],
+            queue_events: [EventFd::new(EFD_NONBLOCK).map_err(evt_err)?],
+            interrupt: Interrupt::new().map_err(evt_err)?,
+            state: State::Inactive,
+            config,
+        })
+    }
+
+    /// The drive's configuration.
+    pub fn config(&self) -> &BlockConfig {
+        &self.config
+    }
+
+    /// The disk size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Serves every request the guest has queued; interrupts it if it wants
+    /// to know. Called from the event loop when the queue is notified.
+    pub fn process_queue(&mut self) {
+        let State::Active { mem, queue } = &mut self.state else {
+            // Notified before DRIVER_OK: nothing to serve yet.
+            return;
+        };
+        let mut completed = false;
+        while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
+            let head = chain.head_index();
+            let used_len = match Request::parse(chain, mem) {
+                Ok(req) => {
+                    req.execute(
+                        mem,
+                        &mut self.file,
+                        self.capacity,
+                        self.config.read_only,
+                        &self.id_bytes,
+                    )
+                    .used_len
+                }
+                Err((e, status_addr)) => {
+                    tracing::debug!(drive = %self.config.id, error = %e, "bad virtio-blk request");
+                    // Tell the guest if it left room to be told.
+                    status_addr
+                        .map(|a| {
+                            let ioerr = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+                            u32::from(vm_memory::Bytes::write_obj(&*mem, ioerr, a).is_ok())
+                        })
+                        .unwrap_or(0)
+                }
+            };
+            if let Err(e) = queue.add_used(&*mem, head, used_len) {
+                tracing::warn!(drive = %self.config.id, error = %e, "cannot return a virtio-blk request");
+                break;
+            }
+            completed = true;
+        }
+        if completed {
+            match queue.needs_notification(&*mem) {
+                Ok(true) => self.interrupt.trigger(INTERRUPT_USED_RING),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(drive = %self.config.id, error = %e, "used ring unreadable");
+                    self.interrupt.trigger(INTERRUPT_USED_RING);
+                }
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_blk_config: capacity (sectors) first; the rest of the
+        // fields belong to features husk does not offer and read as zero.
+        let capacity = (self.capacity / SECTOR_SIZE).to_le_bytes();
+        read_config_bytes(&capacity, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!(offset, "virtio-blk config write ignored");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        mut queues: Vec<Queue>,
+        _acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let (Some(queue), 1) = (queues.pop(), got) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        self.state = State::Active { mem, queue };
+        // Requests queued before activation are served now.
+        self.process_queue();
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.state = State::Inactive;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use virtio_bindings::virtio_blk::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x10_1000;
+    const STATUS: u64 = 0x10_8000;
+
+    struct Disk {
+        path: PathBuf,
+    }
+
+    impl Disk {
+        fn new(bytes: usize) -> Self {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static N: AtomicU32 = AtomicU32::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "husk-blk-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let mut f = File::create(&path).unwrap();
+            f.write_all(&vec![0u8; bytes]).unwrap();
+            Disk { path }
+        }
+        fn read_at(&self, off: u64, len: usize) -> Vec<u8> {
+            let mut f = File::open(&self.path).unwrap();
+            f.seek(SeekFrom::Start(off)).unwrap();
+            let mut b = vec![0; len];
+            f.read_exact(&mut b).unwrap();
+            b
+        }
+    }
+
+    impl Drop for Disk {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn block(disk: &Disk, read_only: bool) -> Block {
+        Block::new(BlockConfig {
+            id: "rootfs-id".into(),
+            path: disk.path.clone(),
+            read_only,
+        })
+        .unwrap()
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    }
+
+    fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+        mem.write_obj(kind, GuestAddress(HDR)).unwrap();
+        mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+    }
+
+    /// Queues `descs` (descriptor table indices from 0), activates the device
+    /// (which serves them) and returns (used id, used len, status byte).
+    fn serve(blk: &mut Block, mem: &GuestMemoryMmap, descs: &[RawDescriptor]) -> (u32, u32, u8) {
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let vq = MockSplitQueue::new(mem, 16);
+        vq.add_desc_chains(descs, 0).unwrap();
+        let q: Queue = vq.create_queue().unwrap();
+        blk.activate(mem.clone(), vec![q], 0).unwrap();
+        let used = vq.used();
+        assert_eq!(used.idx().load(), 1, "exactly one request completed");
+        let elem = used.ring().ref_at(0).unwrap().load();
+        let status: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
+        (elem.id(), elem.len(), status)
+    }
+
+    fn rw_chain(data_flags: u16, len: u32) -> Vec<RawDescriptor> {
+        vec![
+            d(HDR, 16, NEXT, 1),
+            d(DATA, len, data_flags | NEXT, 2),
+            d(STATUS, 1, WRITE, 0),
+        ]
+    }
+
+    #[test]
+    fn write_then_read_round_trips_through_the_file() {
+        let disk = Disk::new(64 * 1024);
+        let mut blk = block(&disk, false);
+        let m = mem();
+        let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7) as u8).collect();
+        m.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+        header(&m, VIRTIO_BLK_T_OUT, 3);
+        let (id, len, status) = serve(&mut blk, &m, &rw_chain(0, 1024));
+        assert_eq!((id, len, status), (0, 1, VIRTIO_BLK_S_OK as u8));
+        assert_eq!(disk.read_at(3 * 512, 1024), pattern);
+
+        let m = mem();
+        let mut blk = block(&disk, false);
+        header(&m, VIRTIO_BLK_T_IN, 3);
+        let (_, len, status) = serve(&mut blk, &m, &rw_chain(WRITE, 1024));
+        assert_eq!((len, status), (1025, VIRTIO_BLK_S_OK as u8));
+        let mut back = vec![0u8; 1024];
+        m.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert_eq!(back, pattern);
+    }
+
+    #[test]
+    fn features_and_config_space() {
+        let disk = Disk::new(10 * 512 + 100);
+        let rw = block(&disk, false);
+        assert_eq!(rw.capacity(), 10 * 512, "partial sector dropped");
+        let mut cap = [0u8; 8];
+        rw.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 10);
+        assert_ne!(rw.avail_features() & (1 << VIRTIO_BLK_F_FLUSH), 0);
+        assert_eq!(rw.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(
+            block(&disk, true).avail_features() & (1 << VIRTIO_BLK_F_RO),
+            0
+        );
+    }
+
+    #[test]
+    fn read_only_drive_refuses_writes() {
+        let disk = Disk::new(4096);
+        let mut blk = block(&disk, true);
+        let m = mem();
+        m.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let (_, _, status) = serve(&mut blk, &m, &rw_chain(0, 512));
+        assert_eq!(status, VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(disk.read_at(0, 512), vec![0; 512]);
+    }
+
+    #[test]
+    fn requests_beyond_the_disk_fail() {
+        let disk = Disk::new(4096);
+        for (sector, len) in [
+            (8u64, 512u32),
+            (7, 1024),
+            (u64::MAX, 512),
+            (u64::MAX / 512, 512),
+        ] {
+            let mut blk = block(&disk, false);
+            let m = mem();
+            header(&m, VIRTIO_BLK_T_IN, sector);
+            let (_, len, status) = serve(&mut blk, &m, &rw_chain(WRITE, len));
+            assert_eq!(
+                (len, status),
+                (1, VIRTIO_BLK_S_IOERR as u8),
+                "sector {sector}"
+            );
+        }
+    }
+
+    #[test]
+    fn partial_sectors_and_wrong_directions_fail() {
+        let disk = Disk::new(4096);
+        let cases = [
+            (VIRTIO_BLK_T_IN, rw_chain(WRITE, 100)),
+            (VIRTIO_BLK_T_IN, rw_chain(0, 512)),
+            (VIRTIO_BLK_T_OUT, rw_chain(WRITE, 512)),
+            // Write-only header.
+            (
+                VIRTIO_BLK_T_IN,
+                vec![d(HDR, 16, WRITE | NEXT, 1), d(STATUS, 1, WRITE, 0)],
+            ),
+            // Short header.
+            (
+                VIRTIO_BLK_T_IN,
+                vec![d(HDR, 8, NEXT, 1), d(STATUS, 1, WRITE, 0)],
+            ),
+            // No header at all.
+            (VIRTIO_BLK_T_IN, vec![d(STATUS, 1, WRITE, 0)]),
+        ];
+        for (kind, chain) in cases {
+            let mut blk = block(&disk, false);
+            let m = mem();
+            header(&m, kind, 0);
+            let (_, _, status) = serve(&mut blk, &m, &chain);
+            assert_eq!(status, VIRTIO_BLK_S_IOERR as u8, "{kind} {chain:?}");
+        }
+    }
+
+    #[test]
+    fn buffers_outside_guest_memory_never_touch_the_host() {
+        let disk = Disk::new(4096);
+        for (addr, len) in [
+            (0xffff_0000_0000u64, 512u32),
+            (0x40_0000 - 256, 512),
+            (u64::MAX - 10, 512),
+            (DATA, 0),
+        ] {
+            let mut blk = block(&disk, false);
+            let m = mem();
+            header(&m, VIRTIO_BLK_T_IN, 0);
+            let chain = vec![
+                d(HDR, 16, NEXT, 1),
+                d(addr, len, WRITE | NEXT, 2),
+                d(STATUS, 1, WRITE, 0),
+            ];
+            let (_, used, status) = serve(&mut blk, &m, &chain);
+            assert_eq!(
+                (used, status),
+                (1, VIRTIO_BLK_S_IOERR as u8),
+                "{addr:#x}+{len:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn chain_longer_than_4_gib_completes_with_nothing_written() {
+        // virtio-queue stops yielding descriptors once a chain passes 4 GiB,
+        // so the status descriptor is never reached.
+        let disk = Disk::new(4096);
+        let mut blk = block(&disk, false);
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let (_, used, status) = serve(&mut blk, &m, &rw_chain(WRITE, u32::MAX));
+        assert_eq!((used, status), (0, 0xff));
+    }
+
+    #[test]
+    fn unusable_status_descriptor_completes_with_nothing_written() {
+        let disk = Disk::new(4096);
+        for status_desc in [
+            d(STATUS, 1, 0, 0),
+            d(STATUS, 0, WRITE, 0),
+            d(0xffff_0000_0000, 1, WRITE, 0),
+        ] {
+            let mut blk = block(&disk, false);
+            let m = mem();
+            header(&m, VIRTIO_BLK_T_IN, 0);
+            let chain = vec![
+                d(HDR, 16, NEXT, 1),
+                d(DATA, 512, WRITE | NEXT, 2),
+                status_desc,
+            ];
+            let (_, used, status) = serve(&mut blk, &m, &chain);
+            assert_eq!((used, status), (0, 0xff));
+        }
+    }
+
+    #[test]
+    fn looping_chain_terminates() {
+        let disk = Disk::new(4096);
+        let mut blk = block(&disk, false);
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        // 0 -> 1 -> 2 -> 1 -> 2 ...: bounded by the queue size.
+        let chain = vec![
+            d(HDR, 16, NEXT, 1),
+            d(DATA, 512, WRITE | NEXT, 2),
+            d(STATUS, 1, WRITE | NEXT, 1),
+        ];
+        let vq = MockSplitQueue::new(&m, 16);
+        vq.add_desc_chains(&chain, 0).unwrap();
+        let q: Queue = vq.create_queue().unwrap();
+        blk.activate(m.clone(), vec![q], 0).unwrap();
+        assert_eq!(vq.used().idx().load(), 1);
+    }
+
+    #[test]
+    fn flush_get_id_and_unknown_types() {
+        let disk = Disk::new(4096);
+        let m = mem();
+        let mut blk = block(&disk, false);
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let (_, _, status) = serve(&mut blk, &m, &[d(HDR, 16, NEXT, 1), d(STATUS, 1, WRITE, 0)]);
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+
+        let m = mem();
+        let mut blk = block(&disk, false);
+        header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        let (_, used, status) = serve(&mut blk, &m, &rw_chain(WRITE, 20));
+        assert_eq!((used, status), (21, VIRTIO_BLK_S_OK as u8));
+        let mut id = [0u8; 20];
+        m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..9], b"rootfs-id");
+        assert_eq!(id[9..], [0; 11]);
+
+        let m = mem();
+        let mut blk = block(&disk, false);
+        header(&m, 77, 0);
+        let (_, _, status) = serve(&mut blk, &m, &rw_chain(WRITE, 512));
+        assert_eq!(status, VIRTIO_BLK_S_UNSUPP as u8);
+    }
+
+    #[test]
+    fn notification_before_activation_does_nothing() {
+        let disk = Disk::new(4096);
+        let mut blk = block(&disk, false);
+        blk.process_queue();
+        blk.reset();
+        blk.process_queue();
+    }
+
+    #[test]
+    fn missing_backing_file_is_a_clear_error() {
+        let err = Block::new(BlockConfig {
+            id: "data".into(),
+            path: "/nonexistent/disk.img".into(),
+            read_only: false,
+        })
+        .err()
+        .unwrap();
+        assert!(err
+            .to_string()
+            .contains("cannot open drive data backing file /nonexistent/disk.img"));
+    }
+}

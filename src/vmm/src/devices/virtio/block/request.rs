@@ -1,0 +1,272 @@
+//! One virtio-blk request: parsing a descriptor chain into a checked
+//! [`Request`], and executing it against the backing file.
+//!
+//! The chain is: a device-readable 16-byte header (type, reserved, sector),
+//! zero or more data buffers, and a device-writable status byte. Every
+//! buffer's direction and range is checked before any I/O; a chain that is
+//! wrong gets IOERR, an unknown type UNSUPP.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::{ID_BYTES, SECTOR_SIZE};
+
+/// Why a chain is not a valid request.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    /// The chain has no descriptors, or only a header.
+    #[error("descriptor chain too short")]
+    ChainTooShort,
+    /// The header is write-only or shorter than 16 bytes.
+    #[error("invalid request header")]
+    BadHeader,
+    /// The last descriptor is not a writable status byte.
+    #[error("invalid status descriptor")]
+    BadStatus,
+    /// A data buffer goes the wrong way for the request type.
+    #[error("data buffer has the wrong direction")]
+    WrongDirection,
+    /// A buffer lies (partly) outside guest memory.
+    #[error("buffer {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfRange {
+        /// Buffer start.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
+    /// Reading or writing guest memory failed.
+    #[error("guest memory access failed")]
+    Memory,
+}
+
+/// The request types husk serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestType {
+    /// Read sectors into guest buffers.
+    In,
+    /// Write guest buffers to sectors.
+    Out,
+    /// Make written data durable.
+    Flush,
+    /// Return the drive id.
+    GetId,
+    /// Anything else.
+    Unsupported(u32),
+}
+
+impl From<u32> for RequestType {
+    fn from(t: u32) -> Self {
+        match t {
+            VIRTIO_BLK_T_IN => RequestType::In,
+            VIRTIO_BLK_T_OUT => RequestType::Out,
+            VIRTIO_BLK_T_FLUSH => RequestType::Flush,
+            VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+            other => RequestType::Unsupported(other),
+        }
+    }
+}
+
+/// A parsed, checked request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// What to do.
+    pub kind: RequestType,
+    /// First sector.
+    pub sector: u64,
+    /// Data buffers in guest memory, in order.
+    pub data: Vec<(GuestAddress, u32)>,
+    /// Where the status byte goes.
+    pub status_addr: GuestAddress,
+}
+
+/// The outcome of executing a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// VIRTIO_BLK_S_*.
+    pub status: u8,
+    /// Bytes written into guest buffers, status byte included.
+    pub used_len: u32,
+}
+
+fn check_range(mem: &GuestMemoryMmap, d: &Descriptor) -> Result<(), RequestError> {
+    let len = usize::try_from(d.len()).map_err(|_| RequestError::Memory)?;
+    if d.len() == 0 || !mem.check_range(d.addr(), len) {
+        return Err(RequestError::OutOfRange {
+            addr: d.addr().0,
+            len: d.len(),
+        });
+    }
+    Ok(())
+}
+
+impl Request {
+    /// Parses `chain`. On error, the status address is returned too when it
+    /// could be found, so the guest can still be told.
+    pub fn parse<M>(
+        chain: DescriptorChain<M>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<Request, (RequestError, Option<GuestAddress>)>
+    where
+        M: std::ops::Deref,
+        M::Target: vm_memory::GuestMemory,
+    {
+        let descs: Vec<Descriptor> = chain.collect();
+        let (status, rest) = descs
+            .split_last()
+            .ok_or((RequestError::ChainTooShort, None))?;
+        let status_ok =
+            status.is_write_only() && status.len() >= 1 && check_range(mem, status).is_ok();
+        if !status_ok {
+            return Err((RequestError::BadStatus, None));
+        }
+        let status_addr = status.addr();
+        let fail = |e| Err((e, Some(status_addr)));
+        let Some((header, data)) = rest.split_first() else {
+            return fail(RequestError::ChainTooShort);
+        };
+        if header.is_write_only() || header.len() < 16 {
+            return fail(RequestError::BadHeader);
+        }
+        let kind: u32 = match mem.read_obj(header.addr()) {
+            Ok(k) => k,
+            Err(_) => return fail(RequestError::BadHeader),
+        };
+        let sector: u64 = match header
+            .addr()
+            .checked_add(8)
+            .and_then(|a| mem.read_obj(a).ok())
+        {
+            Some(s) => s,
+            None => return fail(RequestError::BadHeader),
+        };
+        let kind = RequestType::from(kind);
+        let device_writes = matches!(kind, RequestType::In | RequestType::GetId);
+        let mut buffers = Vec::with_capacity(data.len());
+        for d in data {
+            if let Err(e) = check_range(mem, d) {
+                return fail(e);
+            }
+            if matches!(
+                kind,
+                RequestType::In | RequestType::Out | RequestType::GetId
+            ) && d.is_write_only() != device_writes
+            {
+                return fail(RequestError::WrongDirection);
+            }
+            buffers.push((d.addr(), d.len()));
+        }
+        Ok(Request {
+            kind,
+            sector,
+            data: buffers,
+            status_addr,
+        })
+    }
+
+    fn data_len(&self) -> u64 {
+        self.data.iter().map(|(_, l)| u64::from(*l)).sum()
+    }
+
+    /// Performs the request on `file` (of `capacity` bytes) and writes the
+    /// status byte. Never fails: every problem becomes a status for the guest.
+    pub fn execute(
+        &self,
+        mem: &GuestMemoryMmap,
+        file: &mut File,
+        capacity: u64,
+        read_only: bool,
+        id: &[u8; ID_BYTES],
+    ) -> Completion {
+        let (status, written) = match self.kind {
+            RequestType::In | RequestType::Out => self.rw(mem, file, capacity, read_only),
+            RequestType::Flush => {
+                let ok = read_only || file.sync_data().is_ok();
+                (
+                    if ok {
+                        VIRTIO_BLK_S_OK
+                    } else {
+                        VIRTIO_BLK_S_IOERR
+                    },
+                    0,
+                )
+            }
+            RequestType::GetId => self.get_id(mem, id),
+            RequestType::Unsupported(t) => {
+                tracing::debug!(kind = t, "unsupported virtio-blk request");
+                (VIRTIO_BLK_S_UNSUPP, 0)
+            }
+        };
+        let status = status as u8;
+        let status_written = mem.write_obj(status, self.status_addr).is_ok();
+        Completion {
+            status,
+            used_len: written + u32::from(status_written),
+        }
+    }
+
+    fn rw(
+        &self,
+        mem: &GuestMemoryMmap,
+        file: &mut File,
+        capacity: u64,
+        read_only: bool,
+    ) -> (u32, u32) {
+        let len = self.data_len();
+        let in_bounds = self
+            .sector
+            .checked_mul(SECTOR_SIZE)
+            .and_then(|start| start.checked_add(len).map(|end| (start, end)))
+            .filter(|(_, end)| *end <= capacity);
+        let Some((start, _)) = in_bounds else {
+            tracing::debug!(
+                sector = self.sector,
+                len,
+                capacity,
+                "virtio-blk request beyond the disk"
+            );
+            return (VIRTIO_BLK_S_IOERR, 0);
+        };
+        if len % SECTOR_SIZE != 0 || (self.kind == RequestType::Out && read_only) {
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
+        if file.seek(SeekFrom::Start(start)).is_err() {
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
+        let mut written = 0u32;
+        for (addr, l) in &self.data {
+            let n = *l as usize;
+            let r = if self.kind == RequestType::In {
+                mem.read_exact_volatile_from(*addr, file, n)
+            } else {
+                mem.write_all_volatile_to(*addr, file, n)
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "virtio-blk I/O failed");
+                return (VIRTIO_BLK_S_IOERR, written);
+            }
+            if self.kind == RequestType::In {
+                written += *l;
+            }
+        }
+        (VIRTIO_BLK_S_OK, written)
+    }
+
+    fn get_id(&self, mem: &GuestMemoryMmap, id: &[u8; ID_BYTES]) -> (u32, u32) {
+        let Some((addr, len)) = self.data.first() else {
+            return (VIRTIO_BLK_S_IOERR, 0);
+        };
+        let n = (*len as usize).min(ID_BYTES);
+        match mem.write_slice(&id[..n], *addr) {
+            Ok(()) => (VIRTIO_BLK_S_OK, n as u32),
+            Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+        }
+    }
+}

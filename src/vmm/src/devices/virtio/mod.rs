@@ -1,0 +1,163 @@
+//! virtio 1.x devices on the virtio-mmio transport.
+//!
+//! A device ([`VirtioDevice`]) owns its queue eventfds and its [`Interrupt`];
+//! both are wired to KVM when the VM is built (ioeventfd on the transport's
+//! QueueNotify register, irqfd on the device's GSI), so neither a queue
+//! notification nor an interrupt passes through a vCPU thread in userspace.
+//! The [`mmio::MmioTransport`] sits on the MMIO bus and runs the virtio
+//! status/feature/queue handshake; once the driver sets DRIVER_OK it hands
+//! the validated queues to the device, whose event handler (an event-manager
+//! subscriber on the VMM's event loop) processes them from then on.
+
+pub mod block;
+pub mod mmio;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Device status bits (virtio 1.1, 2.1).
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest has a driver for it.
+    pub const DRIVER: u32 = 2;
+    /// The driver is ready to drive it.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    /// The driver gave up on the device.
+    pub const FAILED: u32 = 128;
+}
+
+/// VIRTIO_F_VERSION_1: husk offers only modern (1.x) devices.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// Interrupt status bit: a used ring was updated.
+pub const INTERRUPT_USED_RING: u32 = 1;
+/// Interrupt status bit: the configuration space changed.
+pub const INTERRUPT_CONFIG: u32 = 2;
+
+/// A device's interrupt line: the status the driver reads from the
+/// transport, and the irqfd that raises the device's GSI.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    irqfd: EventFd,
+}
+
+impl Interrupt {
+    /// A new line; register [`Interrupt::irqfd`] with KVM.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Interrupt {
+            status: AtomicU32::new(0),
+            irqfd: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Sets `kind` in the interrupt status and raises the interrupt.
+    pub fn trigger(&self, kind: u32) {
+        self.status.fetch_or(kind, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            tracing::error!(error = %e, "cannot raise a virtio interrupt");
+        }
+    }
+
+    /// The interrupt status register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// The driver acknowledges the bits in `mask`.
+    pub fn ack(&self, mask: u32) {
+        self.status.fetch_and(!mask, Ordering::SeqCst);
+    }
+
+    /// The eventfd KVM turns into the device's interrupt.
+    pub fn irqfd(&self) -> &EventFd {
+        &self.irqfd
+    }
+}
+
+/// Why a device could not be activated.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ActivateError {
+    /// The driver set up a different number of queues than the device has.
+    #[error("expected {expected} queues, the driver set up {got}")]
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues the driver made ready.
+        got: usize,
+    },
+}
+
+/// A virtio device, seen from its transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (2: block, 1: net, 19: vsock).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The feature bits the device offers.
+    fn avail_features(&self) -> u64;
+    /// The eventfd for each queue, signalled by KVM on QueueNotify.
+    fn queue_events(&self) -> &[EventFd];
+    /// The device's interrupt.
+    fn interrupt(&self) -> &Interrupt;
+    /// Reads the device configuration space at `offset`; bytes past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device configuration space (most devices ignore this).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the queues the driver set up.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<virtio_queue::Queue>,
+        acked_features: u64,
+    ) -> Result<(), ActivateError>;
+    /// Returns the device to its initial state (the driver wrote 0 to status).
+    fn reset(&mut self);
+}
+
+/// Copies `config[offset..]` into `data`, zero-filling what lies past the end.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupt_status_and_ack() {
+        let i = Interrupt::new().unwrap();
+        i.trigger(INTERRUPT_USED_RING);
+        i.trigger(INTERRUPT_CONFIG);
+        assert_eq!(i.status(), 3);
+        assert_eq!(i.irqfd().read().unwrap(), 2);
+        i.ack(INTERRUPT_USED_RING);
+        assert_eq!(i.status(), INTERRUPT_CONFIG);
+    }
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut d = [9u8; 4];
+        read_config_bytes(&cfg, 2, &mut d);
+        assert_eq!(d, [3, 4, 0, 0]);
+        read_config_bytes(&cfg, 100, &mut d);
+        assert_eq!(d, [0; 4]);
+        read_config_bytes(&cfg, u64::MAX, &mut d);
+        assert_eq!(d, [0; 4]);
+    }
+}
