@@ -9,23 +9,43 @@
 # second cpio after the node image, with the shared libraries its ELF files
 # need), CMD runs there as root, its output streams to stdout, and run.sh
 # exits with CMD's exit status (125 if the node VM itself failed or timed
-# out). HUSK_NODE=direct or HUSK_NODE=vm forces either way; HUSK_NODE_IMAGE
-# skips the (cached) image lookup; HUSK_NODE_LOGLEVEL shows node kernel logs.
+# out; its console's tail then goes to stderr). Defaults: 2 vCPUs, 4096 MiB,
+# 600 s. HUSK_NODE=direct or HUSK_NODE=vm forces either way; HUSK_NODE_IMAGE
+# names an image build.sh made (skips even its cache lookup);
+# HUSK_NODE_LOGLEVEL=N shows the node's whole console, kernel messages up to
+# that level included.
+#
+# The node VM: qemu-system-x86_64 -accel tcg -cpu max (emulated AMD SVM),
+# no network, console on ttyS0 streamed live with the \r dropped. CMD and its
+# arguments reach the node's init shell-quoted in /payload/.husk-node-cmd;
+# init prints HUSK-NODE-START before and HUSK-NODE-EXIT <status> after it.
 set -euo pipefail
 
+usage() {
+  echo "usage: $0 [--mem MIB] [--cpus N] [--timeout SECONDS] [--payload DIR] -- CMD [ARGS...]" >&2
+  exit 2
+}
 here=$(cd "$(dirname "$0")" && pwd)
 mem=4096 cpus=2 timeout=600 payload=""
 while (($#)); do
   case $1 in
+    --mem|--cpus|--timeout|--payload) (($# >= 2)) || usage ;;&
     --mem) mem=$2; shift 2 ;;
     --cpus) cpus=$2; shift 2 ;;
     --timeout) timeout=$2; shift 2 ;;
     --payload) payload=$2; shift 2 ;;
     --) shift; break ;;
-    *) echo "usage: $0 [--mem MIB] [--cpus N] [--timeout S] [--payload DIR] -- CMD [ARGS...]" >&2; exit 2 ;;
+    *) usage ;;
   esac
 done
-(($#)) || { echo "run.sh: no command given" >&2; exit 2; }
+(($#)) || { echo "run.sh: no command given" >&2; usage; }
+for n in "$mem" "$cpus" "$timeout"; do
+  [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: not a positive number: $n" >&2; exit 2; }
+done
+if [[ -n $payload && ! -d $payload ]]; then
+  echo "run.sh: payload $payload is not a directory" >&2
+  exit 2
+fi
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/husk-run.XXXXXX")
 qpid=""
@@ -40,13 +60,21 @@ hardware_kvm() {
   [[ -c /dev/kvm && ! -d /sys/module/kvm_pvm ]] && grep -qwE 'vmx|svm' /proc/cpuinfo
 }
 mode=${HUSK_NODE:-auto}
+case $mode in
+  auto|vm|direct) ;;
+  *) echo "run.sh: HUSK_NODE must be auto, vm or direct, not $mode" >&2; exit 2 ;;
+esac
 if [[ $mode == direct || ($mode == auto && $(hardware_kvm && echo y) == y) ]]; then
   mkdir -p "$tmp/payload"
   [[ -n $payload ]] && cp -a "$payload/." "$tmp/payload/"
   cd "$tmp/payload"
-  set +e
-  timeout "$timeout" "$@"
-  exit $?
+  rc=0 SECONDS=0
+  timeout --kill-after=5 "$timeout" "$@" || rc=$?
+  if ((rc == 124 || rc == 137)) && ((SECONDS >= timeout)); then
+    echo "run.sh: the command timed out after $timeout s" >&2
+    exit 125
+  fi
+  exit "$rc"
 fi
 
 # HUSK_NODE_IMAGE names an image build.sh already made (callers that run
@@ -58,8 +86,13 @@ image=${HUSK_NODE_IMAGE:-$("$here/build.sh")}
 stage="$tmp/stage"
 mkdir -p "$stage/payload"
 if [[ -n $payload ]]; then
-  cp -al "$payload/." "$stage/payload/" 2>/dev/null || cp -a "$payload/." "$stage/payload/"
+  # Hard links where possible (big kernels and binaries): no copying.
+  if ! cp -al "$payload/." "$stage/payload/" 2>/dev/null; then
+    rm -rf "$stage/payload" && mkdir "$stage/payload"
+    cp -a "$payload/." "$stage/payload/"
+  fi
 fi
+rm -f "$stage/payload/.husk-node-cmd" # may be a hard link into DIR
 {
   printf 'exec'
   for arg in "$@"; do
@@ -70,7 +103,11 @@ fi
 while IFS= read -r -d '' f; do
   if head -c4 "$f" 2>/dev/null | grep -q 'ELF'; then
     # Static binaries and kernels make ldd fail: nothing to add for them.
-    { ldd "$f" 2>/dev/null || true; } | { grep -o '/[^ ]*' || true; } | while read -r lib; do
+    { ldd "$f" 2>/dev/null || true; } | while read -r line; do
+      case $line in
+        *"=> not found"*) echo "run.sh: warning: ${f#"$stage"/} needs ${line%% *}, which this host lacks" >&2; continue ;;
+      esac
+      lib=$(grep -o '/[^ ]*' <<< "$line") || continue
       [[ -e $lib ]] || continue
       mkdir -p "$stage$(dirname "$lib")"
       cp -Ln "$lib" "$stage$lib" 2>/dev/null || true
@@ -94,9 +131,20 @@ qpid=$!
 
 # Show the payload's output (what comes after the start marker) live, and
 # keep the exit status line for ourselves.
-tail -n +1 -f --pid="$qpid" "$tmp/console" | tr -d '\r' | awk -v status_file="$tmp/status" '
+# (The status line may follow output that did not end in a newline.) Nothing
+# in this pipeline may buffer: no tr for the \r, and mawk (Debian's awk)
+# needs -W interactive to pass lines on as they come.
+awk_opts=()
+if awk -W version 2>&1 | grep -q mawk; then awk_opts=(-W interactive); fi
+tail -s 0.2 -n +1 -f --pid="$qpid" "$tmp/console" |
+  awk "${awk_opts[@]}" -v status_file="$tmp/status" -v started="${HUSK_NODE_LOGLEVEL:+1}" '
+  { gsub(/\r/, "") }
   /^HUSK-NODE-START$/ { started = 1; next }
-  /^HUSK-NODE-EXIT [0-9]+$/ { print $2 > status_file; close(status_file); started = 0; next }
+  started && /HUSK-NODE-EXIT [0-9]+$/ {
+    i = index($0, "HUSK-NODE-EXIT ")
+    if (i > 1) print substr($0, 1, i - 1)
+    print substr($0, i + 15) > status_file; close(status_file); started = 0; fflush(); next
+  }
   started { print; fflush() }
 '
 qrc=0
