@@ -127,6 +127,46 @@ fn node_image() -> Option<&'static Path> {
         .as_deref()
 }
 
+/// An initramfs like the test one whose /husk-test.sh is `script` (run after
+/// the HUSK-GUEST-* lines; its status is reported as HUSK-GUEST-TEST-STATUS).
+pub fn initrd_with_script(name: &str, script: &str) -> PathBuf {
+    let root = repo_root();
+    use std::os::unix::fs::PermissionsExt;
+    // Under target/tmp: kept for a look after a failure, never in /tmp.
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/tmp
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("test binary lives in target/<profile>/deps");
+    let dir = target.join("tmp").join(format!("initrd-{name}"));
+    std::fs::create_dir_all(&dir).expect("create initrd dir");
+    let script_path = dir.join("husk-test.sh");
+    std::fs::write(&script_path, format!("#!/bin/sh\n{script}\n")).expect("write test script");
+    std::fs::set_permissions(&script_path, std::fs::Permissions::from_mode(0o755))
+        .expect("make the test script executable");
+    let out = dir.join("initrd.cpio");
+    let init = root.join("resources/guest/test-init");
+    run_script(
+        &root.join("resources/guest/build-initramfs.sh"),
+        &[
+            out.to_str().expect("utf-8 path"),
+            init.to_str().expect("utf-8 path"),
+            &format!("{}:/husk-test.sh", script_path.display()),
+        ],
+    );
+    out
+}
+
+/// A host program (e.g. from e2fsprogs), found on PATH or in the sbin dirs.
+pub fn host_tool(name: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} is not installed (resources/test.sh installs it)"))
+}
+
 /// What a command printed and how it ended.
 #[derive(Debug)]
 pub struct RunResult {

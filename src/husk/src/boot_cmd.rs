@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use vmm::{BootSource, SerialOutput, VmConfig, Vmm, DEFAULT_CMDLINE};
+use vmm::{BlockConfig, BootSource, DriveConfig, SerialOutput, VmConfig, Vmm, DEFAULT_CMDLINE};
 
 /// Flags of `husk boot`.
 #[derive(Args, Debug)]
@@ -29,6 +29,11 @@ pub struct BootArgs {
     /// Where the guest console goes: stdout, file:PATH or none.
     #[arg(long, default_value = "stdout", value_parser = parse_serial)]
     serial: SerialOutput,
+    /// A virtio-blk drive: id=ID,path=FILE[,ro][,root]. Repeatable; the root
+    /// drive becomes /dev/vda and adds root=/dev/vda to the command line, the
+    /// others follow in order (/dev/vdb, ...).
+    #[arg(long = "drive", value_name = "SPEC", value_parser = parse_drive)]
+    drives: Vec<DriveConfig>,
     /// Print one JSON line of timings to stderr when the VM ends.
     #[arg(long)]
     timings: bool,
@@ -45,6 +50,34 @@ fn parse_serial(s: &str) -> Result<SerialOutput, String> {
     }
 }
 
+fn parse_drive(spec: &str) -> Result<DriveConfig, String> {
+    let (mut id, mut path, mut read_only, mut is_root) = (None, None, false, false);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_string()),
+            Some(("path", v)) => path = Some(PathBuf::from(v)),
+            None if part == "ro" => read_only = true,
+            None if part == "root" => is_root = true,
+            _ => {
+                return Err(format!(
+                    "unknown drive option '{part}' (want id=,path=,ro,root)"
+                ))
+            }
+        }
+    }
+    match (id, path) {
+        (Some(id), Some(path)) => Ok(DriveConfig {
+            block: BlockConfig {
+                id,
+                path,
+                read_only,
+            },
+            is_root,
+        }),
+        _ => Err("a drive needs id=ID and path=FILE".into()),
+    }
+}
+
 /// Boots the VM; returns the process exit status.
 pub fn run(args: BootArgs, process_start: Instant) -> anyhow::Result<u8> {
     let config = VmConfig {
@@ -56,6 +89,7 @@ pub fn run(args: BootArgs, process_start: Instant) -> anyhow::Result<u8> {
             cmdline: args.cmdline,
         },
         serial: args.serial,
+        drives: args.drives,
     };
     let mut vmm = Vmm::new(&config).context("cannot build the microVM")?;
     vmm.start().context("cannot start the vCPUs")?;
@@ -96,5 +130,17 @@ mod tests {
         );
         assert!(parse_serial("file:").is_err());
         assert!(parse_serial("tcp:1").is_err());
+    }
+
+    #[test]
+    fn drive_flag() {
+        let d = parse_drive("id=rootfs,path=/img,ro,root").unwrap();
+        assert_eq!(d.block.id, "rootfs");
+        assert_eq!(d.block.path, PathBuf::from("/img"));
+        assert!(d.block.read_only && d.is_root);
+        let d = parse_drive("path=/a,id=b").unwrap();
+        assert!(!d.block.read_only && !d.is_root);
+        assert!(parse_drive("id=a").is_err());
+        assert!(parse_drive("id=a,path=/x,rw").is_err());
     }
 }

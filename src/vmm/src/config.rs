@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::arch::x86_64::mptable::MAX_VCPUS;
 use crate::boot::BootSource;
+use crate::devices::virtio::block::BlockConfig;
 
 /// The smallest guest husk boots: room for a kernel, its page tables and an
 /// initramfs.
@@ -35,6 +36,50 @@ pub struct VmConfig {
     pub boot: BootSource,
     /// The console.
     pub serial: SerialOutput,
+    /// virtio-blk drives; the root drive (if any) becomes /dev/vda.
+    pub drives: Vec<DriveConfig>,
+}
+
+/// A virtio-blk drive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// Id, backing file, read-only.
+    pub block: BlockConfig,
+    /// Boot from it: it becomes /dev/vda and `root=/dev/vda` joins the
+    /// command line.
+    pub is_root: bool,
+}
+
+/// Most virtio devices one VM can have: one IOAPIC pin each, from GSI 5.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+/// Checks drive ids, root flags and count; returns the drives in device
+/// order (the root drive first).
+pub fn check_drives(drives: &[DriveConfig]) -> Result<Vec<DriveConfig>, ConfigError> {
+    if drives.len() > MAX_VIRTIO_DEVICES {
+        return Err(ConfigError::TooManyDevices(drives.len()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for d in drives {
+        let id = &d.block.id;
+        let valid = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid {
+            return Err(ConfigError::InvalidDriveId(id.clone()));
+        }
+        if !seen.insert(id.as_str()) {
+            return Err(ConfigError::DuplicateDrive(id.clone()));
+        }
+    }
+    if drives.iter().filter(|d| d.is_root).count() > 1 {
+        return Err(ConfigError::SeveralRootDrives);
+    }
+    let mut ordered = drives.to_vec();
+    ordered.sort_by_key(|d| !d.is_root);
+    Ok(ordered)
 }
 
 /// What the host can offer, for validation.
@@ -67,6 +112,18 @@ pub enum ConfigError {
     /// Less memory than any guest can boot in.
     #[error("{0} MiB of guest memory is too small: at least {MIN_MEM_MIB} MiB are needed")]
     MemoryTooSmall(u64),
+    /// Two drives with one id.
+    #[error("drive id {0:?} is used twice")]
+    DuplicateDrive(String),
+    /// An id that is empty, too long, or has characters other than [A-Za-z0-9_-].
+    #[error("invalid drive id {0:?}: use 1 to 64 of A-Z a-z 0-9 _ -")]
+    InvalidDriveId(String),
+    /// More than one drive marked root.
+    #[error("only one drive can be the root device")]
+    SeveralRootDrives,
+    /// More devices than interrupt lines.
+    #[error("{0} virtio devices requested, at most {MAX_VIRTIO_DEVICES} are possible")]
+    TooManyDevices(usize),
     /// More memory than the host or the address width allows.
     #[error("{mib} MiB of guest memory is too large: {reason}")]
     MemoryTooLarge {
@@ -154,6 +211,39 @@ mod tests {
         };
         let err = check_vcpus(9, &small).unwrap_err();
         assert!(err.to_string().contains("at most 8"), "{err}");
+    }
+
+    fn drive(id: &str, is_root: bool) -> DriveConfig {
+        DriveConfig {
+            block: BlockConfig {
+                id: id.into(),
+                path: "/x".into(),
+                read_only: false,
+            },
+            is_root,
+        }
+    }
+
+    #[test]
+    fn drives_are_checked_and_root_goes_first() {
+        let ordered = check_drives(&[drive("data", false), drive("rootfs", true)]).unwrap();
+        assert_eq!(ordered[0].block.id, "rootfs");
+        assert_eq!(
+            check_drives(&[drive("a", false), drive("a", false)]),
+            Err(ConfigError::DuplicateDrive("a".into()))
+        );
+        assert_eq!(
+            check_drives(&[drive("a", true), drive("b", true)]),
+            Err(ConfigError::SeveralRootDrives)
+        );
+        for bad in ["", "a b", "../x", &"x".repeat(65)] {
+            assert!(matches!(
+                check_drives(&[drive(bad, false)]),
+                Err(ConfigError::InvalidDriveId(_))
+            ));
+        }
+        let many: Vec<_> = (0..20).map(|i| drive(&format!("d{i}"), false)).collect();
+        assert_eq!(check_drives(&many), Err(ConfigError::TooManyDevices(20)));
     }
 
     #[test]

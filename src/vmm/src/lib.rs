@@ -26,6 +26,7 @@ pub mod vmm;
 pub mod vstate;
 
 pub use boot::BootSource;
-pub use config::{SerialOutput, VmConfig, DEFAULT_CMDLINE};
+pub use config::{DriveConfig, SerialOutput, VmConfig, DEFAULT_CMDLINE};
+pub use devices::virtio::block::BlockConfig;
 pub use exit::VmExit;
 pub use vmm::{Vmm, VmmError};

@@ -17,11 +17,18 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
+use crate::arch::x86_64::layout::MMIO_DEVICES_START;
 use crate::arch::x86_64::{cpuid, mptable, regs};
 use crate::boot::{self, LoadedKernel};
-use crate::config::{check_memory, check_vcpus, ConfigError, HostLimits, SerialOutput, VmConfig};
+use crate::config::{
+    check_drives, check_memory, check_vcpus, ConfigError, DriveConfig, HostLimits, SerialOutput,
+    VmConfig,
+};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{i8042, serial, Serial, I8042};
+use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, ResetTrigger, VmExit};
 use crate::signal::TerminationFd;
 use crate::vstate::memory::{self, MemoryError};
@@ -55,6 +62,9 @@ pub enum VmmError {
     /// The MP table could not be written.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// A drive could not be set up.
+    #[error(transparent)]
+    Block(#[from] BlockError),
     /// Two devices claim the same addresses.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -141,6 +151,52 @@ fn host_mem_mib() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// The first GSI handed to virtio devices (4 is the serial port).
+const FIRST_VIRTIO_GSI: u32 = 5;
+
+/// A drive attached to the VM.
+pub struct AttachedDrive {
+    /// The device.
+    pub block: Arc<Mutex<Block>>,
+    /// Its transport, for configuration-change notifications.
+    pub transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Puts the drives on the MMIO bus, wires their queue notifications and
+/// interrupts into KVM, registers them with the event loop, and returns the
+/// kernel command-line fragment that announces them.
+fn attach_drives(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    event_manager: &mut EventManager<Subscriber>,
+    drives: &[DriveConfig],
+) -> Result<(Vec<AttachedDrive>, String), VmmError> {
+    let mut attached = Vec::with_capacity(drives.len());
+    let mut cmdline = String::new();
+    for (slot, drive) in drives.iter().enumerate() {
+        let base = MMIO_DEVICES_START + slot as u64 * MMIO_WINDOW_SIZE;
+        let gsi = FIRST_VIRTIO_GSI + slot as u32;
+        let block = Block::new(drive.block.clone())?;
+        vm.register_irqfd(block.interrupt().irqfd(), gsi)?;
+        for (queue, event) in block.queue_events().iter().enumerate() {
+            vm.register_ioevent(event, base + QUEUE_NOTIFY_OFFSET, queue as u32)?;
+        }
+        let block = Arc::new(Mutex::new(block));
+        let transport = Arc::new(Mutex::new(MmioTransport::new(mem.clone(), block.clone())));
+        mmio.insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
+        event_manager.add_subscriber(block.clone());
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        if drive.is_root {
+            let mode = if drive.block.read_only { "ro" } else { "rw" };
+            cmdline.push_str(&format!(" root=/dev/vda {mode}"));
+        }
+        tracing::debug!(drive = %drive.block.id, base, gsi, "virtio-blk attached");
+        attached.push(AttachedDrive { block, transport });
+    }
+    Ok((attached, cmdline))
+}
+
 /// A built (and possibly running) microVM.
 pub struct Vmm {
     vcpus: Vec<Vcpu>,
@@ -149,6 +205,7 @@ pub struct Vmm {
     event_manager: EventManager<Subscriber>,
     loaded: LoadedKernel,
     image_load: Duration,
+    drives: Vec<AttachedDrive>,
     vm: Vm,
     mem: GuestMemoryMmap,
     mem_size: u64,
@@ -169,6 +226,7 @@ impl Vmm {
         };
         let vcpu_count = check_vcpus(config.vcpus, &limits)?;
         let mem_size = check_memory(config.mem_mib, &limits)?;
+        let drives = check_drives(&config.drives)?;
         tracing::debug!(vcpus = vcpu_count, mem_size, ?limits, "building microVM");
 
         let vm = Vm::new(&kvm)?;
@@ -208,8 +266,15 @@ impl Vmm {
             i8042::I8042_PORTS,
         )?;
 
+        let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
+        let mut mmio = Bus::new();
+        let (drives, device_cmdline) =
+            attach_drives(&vm, &mem, &mut mmio, &mut event_manager, &drives)?;
+        let mut boot_source = config.boot.clone();
+        boot_source.cmdline.push_str(&device_cmdline);
+
         let load_start = Instant::now();
-        let loaded = boot::load(&mem, mem_size, &config.boot)?;
+        let loaded = boot::load(&mem, mem_size, &boot_source)?;
         let image_load = load_start.elapsed();
         regs::write_boot_tables(&mem)?;
         mptable::setup_mptable(&mem, vcpu_count)?;
@@ -217,7 +282,7 @@ impl Vmm {
 
         let shared = VcpuShared {
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
             exit: exit.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             first_entry: Arc::new(OnceLock::new()),
@@ -237,7 +302,6 @@ impl Vmm {
             elapsed_us = t0.elapsed().as_micros() as u64,
             "vCPUs configured"
         );
-        let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
         event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit))));
 
         Ok(Vmm {
@@ -247,6 +311,7 @@ impl Vmm {
             event_manager,
             loaded,
             image_load,
+            drives,
             vm,
             mem,
             mem_size,
@@ -262,6 +327,11 @@ impl Vmm {
     /// part of setup that scales with the images, not with the VMM.
     pub fn image_load_time(&self) -> Duration {
         self.image_load
+    }
+
+    /// The attached drives, root drive first.
+    pub fn drives(&self) -> &[AttachedDrive] {
+        &self.drives
     }
 
     /// Guest memory, for devices and tests.

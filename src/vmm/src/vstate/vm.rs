@@ -116,6 +116,19 @@ impl Vm {
             .map_err(ioctl("register an irqfd"))
     }
 
+    /// Makes a 4-byte guest write of `datamatch` to MMIO `addr` signal
+    /// `event` inside KVM, without an exit to userspace.
+    pub fn register_ioevent(
+        &self,
+        event: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(event, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(ioctl("register an ioeventfd"))
+    }
+
     /// The VM fd, for creating vCPUs.
     pub fn fd(&self) -> &VmFd {
         &self.fd

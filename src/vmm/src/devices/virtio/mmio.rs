@@ -247,6 +247,7 @@ impl MmioTransport {
     }
 
     fn write_reg(&mut self, offset: u64, v: u32) {
+        tracing::trace!(offset, value = v, "virtio-mmio register write");
         let negotiating = self.has(status::DRIVER) && !self.has(status::FEATURES_OK);
         let config_ok = self.queue_config_allowed();
         match offset {

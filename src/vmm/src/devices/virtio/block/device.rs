@@ -150,6 +150,7 @@ impl Block {
                         .unwrap_or(0)
                 }
             };
+            tracing::trace!(drive = %self.config.id, head, used_len, "virtio-blk request done");
             if let Err(e) = queue.add_used(&*mem, head, used_len) {
                 tracing::warn!(drive = %self.config.id, error = %e, "cannot return a virtio-blk request");
                 break;

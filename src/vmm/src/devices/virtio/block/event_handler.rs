@@ -11,6 +11,7 @@ impl MutEventSubscriber for Block {
         // Drain the notification counter first: notifications that arrive
         // while the queue is processed are then not lost.
         let _ = self.queue_events()[0].read();
+        tracing::trace!(drive = %self.config().id, "virtio-blk queue notified");
         self.process_queue();
     }
 
@@ -18,5 +19,32 @@ impl MutEventSubscriber for Block {
         if let Err(e) = ops.add(Events::new(&self.queue_events()[0], EventSet::IN)) {
             tracing::error!(drive = %self.config().id, error = ?e, "cannot watch the virtio-blk queue");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::BlockConfig;
+    use event_manager::{EventManager, SubscriberOps};
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn a_queue_notification_reaches_the_device() {
+        let path = std::env::temp_dir().join(format!("husk-evh-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let block = Arc::new(Mutex::new(
+            Block::new(BlockConfig {
+                id: "d".into(),
+                path: path.clone(),
+                read_only: false,
+            })
+            .unwrap(),
+        ));
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(block.clone());
+        block.lock().unwrap().queue_events()[0].write(1).unwrap();
+        assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
+        std::fs::remove_file(path).unwrap();
     }
 }
