@@ -3,7 +3,8 @@
 # busybox-static at /bin/busybox with a symlink per applet in /bin, the usual
 # mount points (/dev /proc /sys /tmp /run /etc /root), INIT as /init (0755),
 # and any extra SRC:DEST files (DEST absolute; a DEST ending in / is a
-# directory to copy SRC into). Uncompressed, so the guest kernel skips
+# directory to copy SRC into; a dynamically linked SRC brings the host's
+# loader and the libraries ldd names). Uncompressed, so the guest kernel skips
 # inflating it. Nothing is cached: it takes a fraction of a second. The
 # archive is reproducible: sorted names, owner root, mtime 0, renumbered
 # inodes, so the same inputs give the same bytes.
@@ -52,6 +53,14 @@ for spec in "$@"; do
   [[ $dest == */ ]] && dest=$dest$(basename "$src")
   mkdir -p "$root$(dirname "$dest")"
   cp -L "$src" "$root$dest"
+  # A dynamically linked program brings the host's loader and libraries.
+  if head -c4 "$src" | grep -q ELF; then
+    { ldd "$src" 2>/dev/null || true; } | { grep -o '/[^ ]*' || true; } | while read -r lib; do
+      [[ -e $lib && ! -e $root$lib ]] || continue
+      mkdir -p "$root$(dirname "$lib")"
+      cp -L "$lib" "$root$lib"
+    done
+  fi
 done
 find "$root" -exec touch -h -d @0 {} +
 (cd "$root" && find . -print0 | LC_ALL=C sort -z |

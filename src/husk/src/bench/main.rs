@@ -1,5 +1,9 @@
 //! `husk-bench`: benchmarks as commands that print JSON.
 //!
+//! `husk-bench blk` runs `husk-bench io` inside a guest against a
+//! virtio-blk drive and directly against the drive's backing file, and
+//! reports both and their ratio.
+//!
 //! `husk-bench boot` starts `husk boot` N times and measures, per run, the
 //! wall time from spawning the VMM process to the guest's first user-space
 //! line (the marker the test init prints first), the VMM's own setup time
@@ -8,6 +12,7 @@
 //! the guest is up (mappings exactly the size of a guest RAM region are guest
 //! memory; everything else is overhead).
 
+mod io;
 mod stats;
 
 use std::io::{BufRead, BufReader, Read};
@@ -33,6 +38,43 @@ struct Cli {
 enum Bench {
     /// Boot time, VMM setup time and VMM memory overhead over repeated boots.
     Boot(BootBench),
+    /// I/O load on a file or block device: sequential MiB/s, 4 KiB random IOPS.
+    Io(IoArgs),
+    /// virtio-blk in a guest against the same backing file used directly.
+    Blk(BlkBench),
+}
+
+#[derive(clap::Args)]
+struct IoArgs {
+    /// File or block device.
+    #[arg(long)]
+    path: PathBuf,
+    /// How much of it to use.
+    #[arg(long, default_value_t = 128)]
+    size_mib: u64,
+    /// Seconds per pattern.
+    #[arg(long, default_value_t = 5)]
+    runtime_s: u64,
+}
+
+#[derive(clap::Args)]
+struct BlkBench {
+    /// The husk binary.
+    #[arg(long, default_value = "husk")]
+    husk: PathBuf,
+    /// Guest kernel.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest initramfs whose /husk-test.sh runs `husk-bench io` on /dev/vda
+    /// and prints its JSON after `HUSK-IO-JSON ` (resources/bench.sh makes it).
+    #[arg(long)]
+    initrd: PathBuf,
+    /// Size of the backing file in MiB (the guest uses it all).
+    #[arg(long, default_value_t = 128)]
+    size_mib: u64,
+    /// Seconds per pattern.
+    #[arg(long, default_value_t = 5)]
+    runtime_s: u64,
 }
 
 #[derive(clap::Args)]
@@ -199,9 +241,71 @@ fn boot(b: BootBench) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+fn blk(b: BlkBench) -> anyhow::Result<serde_json::Value> {
+    let disk = std::env::current_dir()?.join("husk-blk-bench.img");
+    std::fs::write(&disk, vec![0x5au8; (b.size_mib << 20) as usize])
+        .with_context(|| format!("cannot create {}", disk.display()))?;
+    let runtime = std::time::Duration::from_secs(b.runtime_s);
+    let host = io::io(&disk, b.size_mib, runtime)?;
+
+    let out = Command::new(&b.husk)
+        .args(["boot", "--mem-mib", "256", "--kernel"])
+        .arg(&b.kernel)
+        .arg("--initrd")
+        .arg(&b.initrd)
+        .args(["--cmdline", "console=ttyS0 reboot=k panic=1 pci=off quiet"])
+        .arg("--drive")
+        .arg(format!("id=bench,path={}", disk.display()))
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start {}", b.husk.display()))?;
+    let _ = std::fs::remove_file(&disk);
+    let console = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "husk exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let guest: serde_json::Value = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("HUSK-IO-JSON "))
+        .context("the guest printed no HUSK-IO-JSON line")
+        .and_then(|j| serde_json::from_str(j).context("the guest's JSON"))?;
+
+    let mut ratio = serde_json::Map::new();
+    for (k, v) in guest.as_object().into_iter().flatten() {
+        if let (Some(g), Some(h)) = (v["mib_s"].as_f64(), host[k]["mib_s"].as_f64()) {
+            if h > 0.0 {
+                ratio.insert(k.clone(), json!((g / h * 1000.0).round() / 1000.0));
+            }
+        }
+    }
+    Ok(json!({
+        "benchmark": "virtio-blk",
+        "size_mib": b.size_mib,
+        "runtime_s_per_pattern": b.runtime_s,
+        "guest_virtio_blk": guest,
+        "host_same_file": host,
+        "guest_to_host_ratio": ratio,
+    }))
+}
+
 fn main() -> anyhow::Result<()> {
     let out = match Cli::parse().command {
         Bench::Boot(b) => boot(b)?,
+        Bench::Blk(b) => blk(b)?,
+        Bench::Io(a) => {
+            // One line: it is read back from a guest console.
+            let v = io::io(
+                &a.path,
+                a.size_mib,
+                std::time::Duration::from_secs(a.runtime_s),
+            )?;
+            println!("{v}");
+            return Ok(());
+        }
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
