@@ -40,6 +40,7 @@ case $mode in
     (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
       cargo build --release --locked -j"$(nproc)" -p husk --bin husk-bench --target "$target" >&2)
     script="$payload/io.sh"
+    # shellcheck disable=SC2016  # $(...) expands in the guest, not here
     printf '#!/bin/sh\necho "HUSK-IO-JSON $(/bin/husk-bench io --path /dev/vda --size-mib %s --runtime-s %s)"\n' \
       "$size_mib" "$runtime_s" > "$script"
     chmod +x "$script"
