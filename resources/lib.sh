@@ -4,18 +4,23 @@
 
 log() { echo "husk: $*" >&2; }
 
-# Debian packages the build and the tests need.
-husk_install_packages() {
+# Installs whichever of the given Debian packages are missing.
+ensure_packages() {
   local missing=() p
-  for p in build-essential pkg-config cpio busybox-static qemu-system-x86 kmod e2fsprogs; do
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
   if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
+    echo "installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >&2
     apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
   fi
+}
+
+# Debian packages the build and the tests need.
+husk_install_packages() {
+  ensure_packages build-essential pkg-config cpio busybox-static qemu-system-x86 kmod e2fsprogs
   if ! command -v cargo >/dev/null; then
     log "cargo is missing: these machines carry a Rust toolchain through rustup (~/.cargo/bin)"
     return 1

@@ -20,16 +20,9 @@ out=$1 init=$2
 shift 2
 [[ -f $init ]] || { log "no such init script: $init"; exit 2; }
 
-missing=()
-for p in busybox-static cpio; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  log "installing ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q >&2
-  apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-fi
+# shellcheck source=resources/lib.sh
+source "$(dirname "$0")/../lib.sh"
+ensure_packages busybox-static cpio
 
 root=$(mktemp -d "${TMPDIR:-/tmp}/husk-initramfs.XXXXXX")
 trap 'rm -rf "$root" "$out.tmp.$$"' EXIT

@@ -19,21 +19,10 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 cache_root=${HUSK_CACHE_DIR:-/var/cache/husk}
+# shellcheck source=resources/lib.sh
+source "$here/../lib.sh"
 log() { echo "node-image: $*" >&2; }
-
-ensure_pkgs() {
-  local missing=()
-  for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-  done
-  if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >&2
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
-  fi
-}
-ensure_pkgs qemu-system-x86 busybox-static cpio kmod
+ensure_packages qemu-system-x86 busybox-static cpio kmod
 
 # The cloud kernel metapackage names the versioned image package it pulls in.
 # apt-cache takes ~0.7 s here (no pkgcache.bin on these machines), so the
@@ -97,8 +86,8 @@ cp /bin/busybox "$root/bin/busybox"
 /bin/busybox --list | perl -e 'my $d = shift; while (<STDIN>) { chomp; next if $_ eq "busybox"; symlink("busybox", "$d/$_") or die "$_: $!\n" }' "$root/bin"
 
 # Debian 12's 6.1 modules are plain .ko files; later kernels compress them.
-if compgen -G "$moddir/kernel/arch/x86/kvm/kvm.ko.zst" >/dev/null; then ensure_pkgs zstd; fi
-if compgen -G "$moddir/kernel/arch/x86/kvm/kvm.ko.xz" >/dev/null; then ensure_pkgs xz-utils; fi
+if compgen -G "$moddir/kernel/arch/x86/kvm/kvm.ko.zst" >/dev/null; then ensure_packages zstd; fi
+if compgen -G "$moddir/kernel/arch/x86/kvm/kvm.ko.xz" >/dev/null; then ensure_packages xz-utils; fi
 
 # Modules, dependencies first, in load order. Required ones must exist;
 # optional ones (for networking and container tests) are skipped if absent.
