@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything and runs the whole test suite: formatting, clippy, unit
-# tests, and the integration tests that boot real guests (inside the node VM
-# on hosts without hardware KVM). Run as root on a fresh Debian 12 machine;
+# tests, the integration tests that boot real guests (inside the node VM on
+# hosts without hardware KVM), and a bounded fuzzing run of every fuzz target. Run as root on a fresh Debian 12 machine;
 # slow build products are cached under /var/cache/husk.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,3 +21,8 @@ log "building"
 cargo build --locked -j"$jobs" --workspace --bins
 log "tests"
 cargo test --locked -j"$jobs" --workspace -- --test-threads="${HUSK_TEST_THREADS:-2}"
+# What a guest controls (virtio queues, virtio-mmio registers), fuzzed for a
+# bounded time; HUSK_FUZZ_SECONDS=0 skips it.
+if [[ ${HUSK_FUZZ_SECONDS:-30} != 0 ]]; then
+  "$repo/resources/fuzz.sh" "${HUSK_FUZZ_SECONDS:-30}"
+fi

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs every cargo-fuzz target for a bounded time, starting from the seed
+# corpus in the repo (src/vmm/fuzz/corpus/<target>, copied: the run's finds
+# stay out of the tree). A crash fails the run and leaves its input under
+# src/vmm/fuzz/artifacts/. Installs cargo-fuzz from crates.io if missing;
+# builds with the machine's nightly toolchain (sanitizers need it).
+#
+#   resources/fuzz.sh [SECONDS_PER_TARGET]     (default 30)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=resources/lib.sh
+source "$repo/resources/lib.sh"
+seconds=${1:-30}
+[[ $seconds =~ ^[0-9]+$ ]] || { echo "usage: $0 [SECONDS_PER_TARGET]" >&2; exit 2; }
+
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  log "no nightly toolchain: fuzzing needs one (rustup run nightly)"
+  exit 1
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  log "installing cargo-fuzz"
+  cargo install cargo-fuzz --locked -j"$(nproc)" >&2
+fi
+
+cd "$repo/src/vmm"
+export CARGO_BUILD_JOBS
+CARGO_BUILD_JOBS=$(nproc)
+rustup run nightly cargo fuzz build -O >&2
+for target in $(rustup run nightly cargo fuzz list); do
+  work=$(mktemp -d "${TMPDIR:-/tmp}/husk-fuzz-$target.XXXXXX")
+  cp -r "fuzz/corpus/$target/." "$work/" 2>/dev/null || true
+  log "fuzzing $target for $seconds s"
+  if ! rustup run nightly cargo fuzz run -O "$target" "$work" -- \
+      -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 2> "$work.log"; then
+    tail -n 60 "$work.log" >&2
+    log "fuzz target $target failed; the crashing input is in src/vmm/fuzz/artifacts/$target/"
+    rm -rf "$work" "$work.log"
+    exit 1
+  fi
+  grep -E '^stat::number_of_executed_units' "$work.log" | sed "s/^/$target: /" >&2 || true
+  rm -rf "$work" "$work.log"
+done
+log "fuzzing passed"
