@@ -20,9 +20,19 @@ cargo clippy --locked -j"$jobs" --workspace --all-targets -- -D warnings
 log "building"
 cargo build --locked -j"$jobs" --workspace --bins
 log "tests"
-cargo test --locked -j"$jobs" --workspace -- --test-threads="${HUSK_TEST_THREADS:-2}"
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+cargo test --locked -j"$jobs" --workspace -- --test-threads="${HUSK_TEST_THREADS:-2}" 2>&1 | tee "$results"
 # What a guest controls (virtio queues, virtio-mmio registers), fuzzed for a
 # bounded time; HUSK_FUZZ_SECONDS=0 skips it.
 if [[ ${HUSK_FUZZ_SECONDS:-30} != 0 ]]; then
   "$repo/resources/fuzz.sh" "${HUSK_FUZZ_SECONDS:-30}"
 fi
+
+# One closing line for the whole suite: every cargo test binary's counts.
+awk '/^test result:/ {
+  for (i = 2; i <= NF; i++) {
+    if ($i ~ /^passed;?$/) p += $(i - 1)
+    if ($i ~ /^failed;?$/) f += $(i - 1)
+  }
+} END { printf "tests: %d passed, %d failed\n", p, f }' "$results"
