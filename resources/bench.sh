@@ -2,21 +2,25 @@
 # Runs a benchmark where a real KVM is (the node VM on these machines) and
 # prints its JSON.
 #
-#   resources/bench.sh [boot] [--runs N]                 boot time, setup time, VMM memory
+#   resources/bench.sh [boot] [--runs N] [--firecracker PATH]
+#                                                        boot time, setup time, VMM memory
+#                                                        (and the same for a Firecracker binary
+#                                                        you provide, on the same guest)
 #   resources/bench.sh blk [--size-mib M] [--runtime-s S] virtio-blk against its backing file
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=resources/lib.sh
 source "$repo/resources/lib.sh"
 
-mode=boot runs=10 size_mib=128 runtime_s=5
+mode=boot runs=10 size_mib=128 runtime_s=5 firecracker=""
 while (($#)); do
   case $1 in
     boot|blk) mode=$1; shift ;;
     --runs) runs=$2; shift 2 ;;
     --size-mib) size_mib=$2; shift 2 ;;
     --runtime-s) runtime_s=$2; shift 2 ;;
-    *) echo "usage: $0 [boot [--runs N] | blk [--size-mib M] [--runtime-s S]]" >&2; exit 2 ;;
+    --firecracker) firecracker=$(realpath "$2"); shift 2 ;;
+    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S]]" >&2; exit 2 ;;
   esac
 done
 
@@ -31,8 +35,16 @@ cp "$repo/target/release/husk" "$repo/target/release/husk-bench" "$HUSK_KERNEL_D
 case $mode in
   boot)
     "$repo/resources/guest/build-initramfs.sh" "$payload/test.cpio" "$repo/resources/guest/test-init" >/dev/null
-    "$repo/resources/node/run.sh" --payload "$payload" -- \
-      ./husk-bench boot --husk ./husk --kernel vmlinux --initrd test.cpio --runs "$runs"
+    if [[ -z $firecracker ]]; then
+      "$repo/resources/node/run.sh" --payload "$payload" -- \
+        ./husk-bench boot --husk ./husk --kernel vmlinux --initrd test.cpio --runs "$runs"
+    else
+      # Both VMMs in one node VM, alternating nothing but the binary.
+      cp "$firecracker" "$payload/firecracker"
+      "$repo/resources/node/run.sh" --payload "$payload" -- sh -c \
+        "./husk-bench boot --husk ./husk --kernel vmlinux --initrd test.cpio --runs $runs &&
+         ./husk-bench boot --vmm firecracker --firecracker ./firecracker --kernel vmlinux --initrd test.cpio --runs $runs"
+    fi
     ;;
   blk)
     # The guest runs a static husk-bench (no libraries in the guest).

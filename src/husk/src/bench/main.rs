@@ -77,11 +77,26 @@ struct BlkBench {
     runtime_s: u64,
 }
 
+/// Which VMM `husk-bench boot` launches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum VmmKind {
+    /// husk boot.
+    Husk,
+    /// Firecracker (--no-api --config-file), for comparison on the same guest.
+    Firecracker,
+}
+
 #[derive(clap::Args)]
 struct BootBench {
     /// The husk binary.
     #[arg(long, default_value = "husk")]
     husk: PathBuf,
+    /// The VMM to measure.
+    #[arg(long, value_enum, default_value = "husk")]
+    vmm: VmmKind,
+    /// The Firecracker binary, with --vmm firecracker.
+    #[arg(long, default_value = "firecracker")]
+    firecracker: PathBuf,
     /// Guest kernel.
     #[arg(long)]
     kernel: PathBuf,
@@ -108,8 +123,9 @@ struct BootBench {
 
 struct Sample {
     to_marker_ms: f64,
-    setup_ms: f64,
-    image_load_ms: f64,
+    /// Only husk reports these.
+    setup_ms: Option<f64>,
+    image_load_ms: Option<f64>,
     rss_overhead_kib: u64,
     guest_rss_kib: u64,
 }
@@ -150,22 +166,51 @@ fn guest_region_sizes(mem_mib: u64) -> Vec<u64> {
     }
 }
 
+/// The command that boots the guest with the VMM under test.
+fn vmm_command(b: &BootBench, cmdline: &str) -> anyhow::Result<Command> {
+    match b.vmm {
+        VmmKind::Husk => {
+            let mut c = Command::new(&b.husk);
+            c.args(["boot", "--timings", "--kernel"])
+                .arg(&b.kernel)
+                .arg("--initrd")
+                .arg(&b.initrd)
+                .args(["--vcpus", &b.vcpus.to_string()])
+                .args(["--mem-mib", &b.mem_mib.to_string()])
+                .args(["--cmdline", cmdline]);
+            Ok(c)
+        }
+        VmmKind::Firecracker => {
+            let config = json!({
+                "boot-source": {
+                    "kernel_image_path": b.kernel,
+                    "initrd_path": b.initrd,
+                    "boot_args": cmdline,
+                },
+                "drives": [],
+                "machine-config": { "vcpu_count": b.vcpus, "mem_size_mib": b.mem_mib, "smt": false },
+            });
+            let path =
+                std::env::temp_dir().join(format!("husk-bench-fc-{}.json", std::process::id()));
+            std::fs::write(&path, config.to_string())?;
+            let mut c = Command::new(&b.firecracker);
+            c.args(["--no-api", "--level", "Error", "--config-file"])
+                .arg(path);
+            Ok(c)
+        }
+    }
+}
+
 fn one_boot(b: &BootBench) -> anyhow::Result<Sample> {
     let cmdline = format!("{} husk.hold=1", b.cmdline);
+    let mut command = vmm_command(b, &cmdline)?;
     let start = Instant::now();
-    let mut child = Command::new(&b.husk)
-        .args(["boot", "--timings", "--kernel"])
-        .arg(&b.kernel)
-        .arg("--initrd")
-        .arg(&b.initrd)
-        .args(["--vcpus", &b.vcpus.to_string()])
-        .args(["--mem-mib", &b.mem_mib.to_string()])
-        .args(["--cmdline", &cmdline])
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("cannot start {}", b.husk.display()))?;
+        .with_context(|| format!("cannot start the {:?} VMM", b.vmm))?;
     let pid = child.id();
     let stdout = child.stdout.take().context("no stdout")?;
     let mut lines = BufReader::new(stdout).lines();
@@ -188,26 +233,34 @@ fn one_boot(b: &BootBench) -> anyhow::Result<Sample> {
         .read_to_string(&mut stderr)?;
     let status = child.wait()?;
     if !status.success() {
-        bail!("husk exited with {status}: {stderr}");
+        bail!("the {:?} VMM exited with {status}: {stderr}", b.vmm);
     }
     let (Some(to_marker), Some((rss_overhead_kib, guest_rss_kib))) = (to_marker, rss) else {
         bail!("the guest never printed {}", b.marker);
     };
-    let timings: serde_json::Value = stderr
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str(l).ok())
-        .context("husk printed no timings")?;
-    let setup_us = timings["setup_before_first_vcpu_entry_us"]
-        .as_u64()
-        .context("timings lack setup_before_first_vcpu_entry_us")?;
-    let image_load_us = timings["guest_image_load_us"]
-        .as_u64()
-        .context("timings lack guest_image_load_us")?;
+    let (setup_ms, image_load_ms) = if b.vmm == VmmKind::Husk {
+        let timings: serde_json::Value = stderr
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str(l).ok())
+            .context("husk printed no timings")?;
+        let ms = |key: &str| {
+            timings[key]
+                .as_u64()
+                .map(|us| us as f64 / 1e3)
+                .with_context(|| format!("timings lack {key}"))
+        };
+        (
+            Some(ms("setup_before_first_vcpu_entry_us")?),
+            Some(ms("guest_image_load_us")?),
+        )
+    } else {
+        (None, None)
+    };
     Ok(Sample {
         to_marker_ms: to_marker.as_secs_f64() * 1e3,
-        setup_ms: setup_us as f64 / 1e3,
-        image_load_ms: image_load_us as f64 / 1e3,
+        setup_ms,
+        image_load_ms,
         rss_overhead_kib,
         guest_rss_kib,
     })
@@ -222,8 +275,12 @@ fn boot(b: BootBench) -> anyhow::Result<serde_json::Value> {
         samples.push(one_boot(&b).with_context(|| format!("boot {} of {}", i + 1, b.runs))?);
     }
     let col = |f: fn(&Sample) -> f64| stats::summary(&samples.iter().map(f).collect::<Vec<_>>());
+    let opt = |f: fn(&Sample) -> Option<f64>| {
+        stats::summary(&samples.iter().filter_map(f).collect::<Vec<_>>())
+    };
     Ok(json!({
         "benchmark": "boot",
+        "vmm": format!("{:?}", b.vmm).to_lowercase(),
         "runs": b.runs,
         "guest": {
             "vcpus": b.vcpus,
@@ -233,9 +290,9 @@ fn boot(b: BootBench) -> anyhow::Result<serde_json::Value> {
             "cmdline": b.cmdline,
         },
         "boot_to_user_space_ms": col(|s| s.to_marker_ms),
-        "setup_before_first_vcpu_entry_ms": col(|s| s.setup_ms),
-        "guest_image_load_ms": col(|s| s.image_load_ms),
-        "setup_without_image_load_ms": col(|s| s.setup_ms - s.image_load_ms),
+        "setup_before_first_vcpu_entry_ms": opt(|s| s.setup_ms),
+        "guest_image_load_ms": opt(|s| s.image_load_ms),
+        "setup_without_image_load_ms": opt(|s| Some(s.setup_ms? - s.image_load_ms?)),
         "vmm_rss_overhead_kib": col(|s| s.rss_overhead_kib as f64),
         "guest_rss_kib": col(|s| s.guest_rss_kib as f64),
     }))
