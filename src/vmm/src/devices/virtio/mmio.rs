@@ -435,6 +435,16 @@ pub(crate) mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
     }
 
+    /// ACKNOWLEDGE, DRIVER, VERSION_1 accepted, FEATURES_OK; returns the status.
+    fn negotiate(t: &mut MmioTransport) -> u32 {
+        wr(t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        wr(t, 0x24, 1);
+        wr(t, 0x20, 1);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        wr(t, 0x70, s);
+        s
+    }
+
     /// Drives the handshake like Linux does, with one 16-entry queue per
     /// device queue laid out at 0x1000 * (i + 1).
     pub(crate) fn handshake(t: &mut MmioTransport, queues: u32) {
@@ -527,11 +537,7 @@ pub(crate) mod tests {
     fn bad_queue_sizes_leave_the_device_needing_reset() {
         for size in [0u32, 3, 32, 0x1_0000] {
             let (mut t, d) = transport(1);
-            wr(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
-            wr(&mut t, 0x24, 1);
-            wr(&mut t, 0x20, 1);
-            let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-            wr(&mut t, 0x70, s);
+            let s = negotiate(&mut t);
             wr(&mut t, 0x38, size);
             wr(&mut t, 0x80, 0x1000);
             wr(&mut t, 0x90, 0x1100);
@@ -547,11 +553,7 @@ pub(crate) mod tests {
     #[test]
     fn rings_outside_guest_memory_are_refused() {
         let (mut t, d) = transport(1);
-        wr(&mut t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
-        wr(&mut t, 0x24, 1);
-        wr(&mut t, 0x20, 1);
-        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-        wr(&mut t, 0x70, s);
+        let s = negotiate(&mut t);
         wr(&mut t, 0x38, 16);
         wr(&mut t, 0x80, 0xffff_f000);
         wr(&mut t, 0x84, 0xffff_ffff);
