@@ -65,6 +65,9 @@ pub enum VmmError {
     /// A drive could not be set up.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// No drive has that id.
+    #[error("no drive with id {0:?}")]
+    NoSuchDrive(String),
     /// Two devices claim the same addresses.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
@@ -332,6 +335,36 @@ impl Vmm {
     /// The attached drives, root drive first.
     pub fn drives(&self) -> &[AttachedDrive] {
         &self.drives
+    }
+
+    /// Points drive `id` at a new backing file while the VM runs and tells
+    /// the guest's driver, which rereads the capacity (a config-change
+    /// interrupt). Used for container root filesystems arriving in spare
+    /// drive slots.
+    pub fn swap_drive(&self, id: &str, path: std::path::PathBuf) -> Result<(), VmmError> {
+        let drive = self
+            .drives
+            .iter()
+            .find(|d| {
+                d.block
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .config()
+                    .id
+                    == id
+            })
+            .ok_or_else(|| VmmError::NoSuchDrive(id.to_string()))?;
+        drive
+            .block
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .swap_backing(path)?;
+        drive
+            .transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .notify_config_change();
+        Ok(())
     }
 
     /// Guest memory, for devices and tests.

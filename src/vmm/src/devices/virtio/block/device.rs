@@ -118,6 +118,25 @@ impl Block {
         self.capacity
     }
 
+    /// Replaces the backing file (same read-only mode) on a running VM, the
+    /// way container root filesystems arrive in spare drive slots. Requests
+    /// already served used the old file; the caller then tells the driver
+    /// the configuration changed, so it rereads the capacity. On error the
+    /// old file stays in place.
+    pub fn swap_backing(&mut self, path: PathBuf) -> Result<(), BlockError> {
+        let (file, len) =
+            open_backing(&path, self.config.read_only).map_err(|source| BlockError::Open {
+                id: self.config.id.clone(),
+                path: path.clone(),
+                source,
+            })?;
+        self.file = file;
+        self.capacity = len - len % SECTOR_SIZE;
+        self.config.path = path;
+        tracing::info!(drive = %self.config.id, capacity = self.capacity, "backing file swapped");
+        Ok(())
+    }
+
     /// Serves every request the guest has queued; interrupts it if it wants
     /// to know. Called from the event loop when the queue is notified.
     pub fn process_queue(&mut self) {
@@ -527,6 +546,29 @@ mod tests {
         blk.process_queue();
         blk.reset();
         blk.process_queue();
+    }
+
+    #[test]
+    fn swapping_the_backing_file_changes_capacity_and_data() {
+        let small = Disk::new(4096);
+        let big = Disk::new(64 * 1024);
+        std::fs::write(&big.path, [7u8; 64 * 1024]).unwrap();
+        let mut blk = block(&small, false);
+        blk.swap_backing(big.path.clone()).unwrap();
+        assert_eq!(blk.capacity(), 64 * 1024);
+        let mut cap = [0u8; 8];
+        blk.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 128);
+        let m = mem();
+        header(&m, VIRTIO_BLK_T_IN, 100);
+        let (_, _, status) = serve(&mut blk, &m, &rw_chain(WRITE, 512));
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+        let b: u8 = m.read_obj(GuestAddress(DATA)).unwrap();
+        assert_eq!(b, 7);
+        // A failed swap keeps the drive as it was.
+        assert!(blk.swap_backing("/nonexistent/img".into()).is_err());
+        assert_eq!(blk.capacity(), 64 * 1024);
+        assert_eq!(blk.config().path, big.path);
     }
 
     #[test]
