@@ -19,7 +19,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::arch::x86_64::layout::MMIO_DEVICES_START;
 use crate::arch::x86_64::{cpuid, mptable, regs};
-use crate::boot::{self, LoadedKernel};
+use crate::boot;
 use crate::config::{
     check_drives, check_memory, check_vcpus, ConfigError, DriveConfig, HostLimits, SerialOutput,
     VmConfig,
@@ -206,12 +206,12 @@ pub struct Vmm {
     vcpu_threads: Vec<JoinHandle<()>>,
     shared: VcpuShared,
     event_manager: EventManager<Subscriber>,
-    loaded: LoadedKernel,
     image_load: Duration,
     drives: Vec<AttachedDrive>,
-    vm: Vm,
-    mem: GuestMemoryMmap,
-    mem_size: u64,
+    // Held, not read: they must outlive the vCPUs and devices above, and the
+    // VM fd (with its memory slots) must go before the memory it maps.
+    _vm: Vm,
+    _mem: GuestMemoryMmap,
 }
 
 impl Vmm {
@@ -312,29 +312,17 @@ impl Vmm {
             vcpu_threads: Vec::new(),
             shared,
             event_manager,
-            loaded,
             image_load,
             drives,
-            vm,
-            mem,
-            mem_size,
+            _vm: vm,
+            _mem: mem,
         })
-    }
-
-    /// Where the kernel starts and where the initrd went.
-    pub fn loaded_kernel(&self) -> LoadedKernel {
-        self.loaded
     }
 
     /// How long copying the kernel and initrd into guest memory took: the
     /// part of setup that scales with the images, not with the VMM.
     pub fn image_load_time(&self) -> Duration {
         self.image_load
-    }
-
-    /// The attached drives, root drive first.
-    pub fn drives(&self) -> &[AttachedDrive] {
-        &self.drives
     }
 
     /// Points drive `id` at a new backing file while the VM runs and tells
@@ -365,21 +353,6 @@ impl Vmm {
             .unwrap_or_else(|e| e.into_inner())
             .notify_config_change();
         Ok(())
-    }
-
-    /// Guest memory, for devices and tests.
-    pub fn guest_memory(&self) -> &GuestMemoryMmap {
-        &self.mem
-    }
-
-    /// Guest RAM in bytes.
-    pub fn mem_size(&self) -> u64 {
-        self.mem_size
-    }
-
-    /// The KVM VM.
-    pub fn vm(&self) -> &Vm {
-        &self.vm
     }
 
     /// Starts one thread per vCPU. From here on SIGTERM, SIGINT and SIGHUP

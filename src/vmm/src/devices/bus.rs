@@ -76,30 +76,31 @@ impl Bus {
         }
     }
 
-    /// Dispatches a read; false when no device owns the address.
-    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.resolve(addr, data.len()) {
+    /// Runs `access` on the device that owns `[addr, addr + len)`, with the
+    /// offset into its range; false when no device owns it.
+    fn dispatch(
+        &self,
+        addr: u64,
+        len: usize,
+        access: impl FnOnce(&mut dyn BusDevice, u64),
+    ) -> bool {
+        match self.resolve(addr, len) {
             Some((offset, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(offset, data);
+                access(&mut *dev.lock().unwrap_or_else(|e| e.into_inner()), offset);
                 true
             }
             None => false,
         }
     }
 
+    /// Dispatches a read; false when no device owns the address.
+    pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.dispatch(addr, data.len(), |dev, offset| dev.read(offset, data))
+    }
+
     /// Dispatches a write; false when no device owns the address.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.resolve(addr, data.len()) {
-            Some((offset, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(offset, data);
-                true
-            }
-            None => false,
-        }
+        self.dispatch(addr, data.len(), |dev, offset| dev.write(offset, data))
     }
 }
 
