@@ -7,20 +7,25 @@
 #                                                        (and the same for a Firecracker binary
 #                                                        you provide, on the same guest)
 #   resources/bench.sh blk [--size-mib M] [--runtime-s S] virtio-blk against its backing file
+#   resources/bench.sh api [--runs N]                    API latency (GET /, PUT /machine-config),
+#                                                        InstanceStart to the first vCPU entry
+#   resources/bench.sh net [--size-mib M]                 virtio-net TCP throughput guest<->node over a tap
+#   resources/bench.sh vsock [--size-mib M] [--streams N] virtio-vsock throughput, both directions
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=resources/lib.sh
 source "$repo/resources/lib.sh"
 
-mode=boot runs=10 size_mib=128 runtime_s=5 firecracker=""
+mode=boot runs=10 size_mib="" runtime_s=5 streams=8 firecracker=""
 while (($#)); do
   case $1 in
-    boot|blk) mode=$1; shift ;;
+    boot|blk|api|net|vsock) mode=$1; shift ;;
     --runs) runs=$2; shift 2 ;;
     --size-mib) size_mib=$2; shift 2 ;;
     --runtime-s) runtime_s=$2; shift 2 ;;
+    --streams) streams=$2; shift 2 ;;
     --firecracker) firecracker=$(realpath "$2"); shift 2 ;;
-    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S]]" >&2; exit 2 ;;
+    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] | api [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N]]" >&2; exit 2 ;;
   esac
 done
 
@@ -46,6 +51,11 @@ case $mode in
          ./husk-bench boot --vmm firecracker --firecracker ./firecracker --kernel vmlinux --initrd test.cpio --runs $runs"
     fi
     ;;
+  api)
+    "$repo/resources/guest/build-initramfs.sh" "$payload/test.cpio" "$repo/resources/guest/test-init" >/dev/null
+    "$repo/resources/node/run.sh" --payload "$payload" -- \
+      ./husk-bench api --husk ./husk --kernel vmlinux --initrd test.cpio --runs "$runs"
+    ;;
   blk)
     # The guest runs a static husk-bench (no libraries in the guest).
     target=x86_64-unknown-linux-gnu
@@ -54,7 +64,7 @@ case $mode in
     script="$payload/io.sh"
     # shellcheck disable=SC2016  # $(...) expands in the guest, not here
     printf '#!/bin/sh\necho "HUSK-IO-JSON $(/bin/husk-bench io --path /dev/vda --size-mib %s --runtime-s %s)"\n' \
-      "$size_mib" "$runtime_s" > "$script"
+      "${size_mib:=128}" "$runtime_s" > "$script"
     chmod +x "$script"
     "$repo/resources/guest/build-initramfs.sh" "$payload/blk.cpio" "$repo/resources/guest/test-init" \
       "$repo/target/$target/release/husk-bench:/bin/husk-bench" "$script:/husk-test.sh" >/dev/null
@@ -62,5 +72,37 @@ case $mode in
     "$repo/resources/node/run.sh" --payload "$payload" -- \
       ./husk-bench blk --husk ./husk --kernel vmlinux --initrd blk.cpio \
       --size-mib "$size_mib" --runtime-s "$runtime_s"
+    ;;
+  net)
+    # The guest sends husk.net_bytes zeros to the node, then reads as many.
+    script="$payload/net.sh"
+    # shellcheck disable=SC2016  # expands in the guest, not here
+    printf '%s\n' '#!/bin/sh' \
+      'n=$(sed -n "s/.*husk.net_bytes=\([0-9]*\).*/\1/p" /proc/cmdline)' \
+      'ip addr add 172.16.0.2/24 dev eth0 && ip link set eth0 up || exit 1' \
+      'head -c "$n" /dev/zero | nc 172.16.0.1 5000 || exit 2' \
+      'nc 172.16.0.1 5001 < /dev/null > /dev/null || exit 3' > "$script"
+    chmod +x "$script"
+    "$repo/resources/guest/build-initramfs.sh" "$payload/net.cpio" "$repo/resources/guest/test-init" \
+      "$script:/husk-test.sh" >/dev/null
+    rm "$script"
+    "$repo/resources/node/run.sh" --payload "$payload" -- \
+      ./husk-bench net --husk ./husk --kernel vmlinux --initrd net.cpio --size-mib "${size_mib:-100}"
+    ;;
+  vsock)
+    # The guest serves with a static husk-bench; the node's husk-bench
+    # connects through husk's unix socket.
+    target=x86_64-unknown-linux-gnu
+    (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
+      cargo build --release --locked -j"$(nproc)" -p husk --bin husk-bench --target "$target" >&2)
+    script="$payload/serve.sh"
+    printf '#!/bin/sh\n/bin/husk-bench vsock-serve --listen vsock:5201\n' > "$script"
+    chmod +x "$script"
+    "$repo/resources/guest/build-initramfs.sh" "$payload/vsock.cpio" "$repo/resources/guest/test-init" \
+      "$repo/target/$target/release/husk-bench:/bin/husk-bench" "$script:/husk-test.sh" >/dev/null
+    rm "$script"
+    "$repo/resources/node/run.sh" --payload "$payload" -- \
+      ./husk-bench vsock --husk ./husk --kernel vmlinux --initrd vsock.cpio \
+      --port 5201 --size-mib "${size_mib:-128}" --streams "$streams"
     ;;
 esac

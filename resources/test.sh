@@ -23,6 +23,11 @@ log "tests"
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 cargo test --locked -j"$jobs" --workspace -- --test-threads="${HUSK_TEST_THREADS:-2}" 2>&1 | tee "$results"
+# The REST API fuzzed from its OpenAPI document (schemathesis); no 5xx, no
+# crash. HUSK_API_FUZZ_SECONDS=0 skips it.
+if [[ ${HUSK_API_FUZZ_SECONDS:-120} != 0 ]]; then
+  "$repo/resources/api-fuzz.sh" "$repo/target/debug/husk"
+fi
 # What a guest controls (virtio queues, virtio-mmio registers), fuzzed for a
 # bounded time; HUSK_FUZZ_SECONDS=0 skips it.
 if [[ ${HUSK_FUZZ_SECONDS:-30} != 0 ]]; then

@@ -207,6 +207,30 @@ fn unknown_serial_target_is_a_usage_error() {
 }
 
 #[test]
+fn bad_net_specs_are_refused() {
+    refused(
+        &[
+            "boot",
+            "--kernel",
+            vmlinux(),
+            "--net",
+            "id=a,tap=t0",
+            "--net",
+            "id=a,tap=t1",
+        ],
+        "network interface id \"a\" is used twice",
+    );
+    for (spec, message) in [
+        ("id=eth0", "a network interface needs id=ID and tap=TAP"),
+        ("id=eth0,tap=t0,mac=02:00:00:00:00", "invalid MAC address"),
+        ("id=eth0,tap=t0,mtu=9000", "unknown net option 'mtu=9000'"),
+    ] {
+        let r = husk_on_host(&["boot", "--kernel", vmlinux(), "--net", spec]);
+        r.assert_status(2).assert_contains(message);
+    }
+}
+
+#[test]
 fn sigterm_stops_a_running_guest_cleanly() {
     let script = format!(
         "./husk boot --log-level info --kernel vmlinux --initrd initrd.cpio \

@@ -116,7 +116,7 @@ add_module() {
 for m in irqbypass kvm kvm-amd; do
   add_module "$m" || { log "required module $m missing"; exit 1; }
 done
-for m in tun overlay veth bridge sch_ingress act_mirred cls_matchall virtio_pci virtio_blk; do
+for m in tun overlay veth bridge sch_ingress act_mirred cls_matchall virtio_pci virtio_blk loop; do
   add_module "$m" || log "optional module $m not available"
 done
 

@@ -53,16 +53,27 @@ pub fn husk_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("HUSK_BIN") {
         return PathBuf::from(p);
     }
-    // target/<profile>/deps/<test> -> target/<profile>/husk
+    cargo_binary("husk")
+}
+
+/// husk-bench, built next to husk (it also holds set-up helpers such as
+/// `husk-bench tap`).
+pub fn husk_bench_binary() -> PathBuf {
+    cargo_binary("husk-bench")
+}
+
+/// A binary of this workspace that cargo built next to this test.
+pub fn cargo_binary(name: &str) -> PathBuf {
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let exe = std::env::current_exe().expect("current_exe");
     let bin = exe
         .parent()
         .and_then(Path::parent)
-        .map(|d| d.join("husk"))
+        .map(|d| d.join(name))
         .expect("test binary lives in target/<profile>/deps");
     assert!(
         bin.exists(),
-        "{} does not exist: build it first (cargo build -p husk) or set HUSK_BIN",
+        "{} does not exist: build it first (cargo build --workspace --bins)",
         bin.display()
     );
     bin
@@ -130,6 +141,12 @@ fn node_image() -> Option<&'static Path> {
 /// An initramfs like the test one whose /husk-test.sh is `script` (run after
 /// the HUSK-GUEST-* lines; its status is reported as HUSK-GUEST-TEST-STATUS).
 pub fn initrd_with_script(name: &str, script: &str) -> PathBuf {
+    initrd_with_files(name, script, &[])
+}
+
+/// Like [`initrd_with_script`], plus `extra` files (source, absolute guest
+/// path); dynamically linked programs bring their libraries.
+pub fn initrd_with_files(name: &str, script: &str, extra: &[(&Path, &str)]) -> PathBuf {
     let root = repo_root();
     use std::os::unix::fs::PermissionsExt;
     // Under target/tmp: kept for a look after a failure, never in /tmp.
@@ -147,14 +164,18 @@ pub fn initrd_with_script(name: &str, script: &str) -> PathBuf {
         .expect("make the test script executable");
     let out = dir.join("initrd.cpio");
     let init = root.join("resources/guest/test-init");
-    run_script(
-        &root.join("resources/guest/build-initramfs.sh"),
-        &[
-            out.to_str().expect("utf-8 path"),
-            init.to_str().expect("utf-8 path"),
-            &format!("{}:/husk-test.sh", script_path.display()),
-        ],
+    let mut args = vec![
+        out.to_str().expect("utf-8 path").to_string(),
+        init.to_str().expect("utf-8 path").to_string(),
+        format!("{}:/husk-test.sh", script_path.display()),
+    ];
+    args.extend(
+        extra
+            .iter()
+            .map(|(src, dest)| format!("{}:{dest}", src.display())),
     );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_script(&root.join("resources/guest/build-initramfs.sh"), &args);
     out
 }
 
@@ -220,6 +241,11 @@ impl Payload {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create payload dir");
         Payload { dir }
+    }
+
+    /// The payload directory (the command's working directory).
+    pub fn path(&self) -> &Path {
+        &self.dir
     }
 
     /// Adds `src` under `name` (hard link when possible, else a copy).

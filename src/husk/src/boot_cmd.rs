@@ -6,7 +6,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use vmm::{BlockConfig, BootSource, DriveConfig, SerialOutput, VmConfig, Vmm, DEFAULT_CMDLINE};
+use vmm::{
+    BlockConfig, BootSource, DriveConfig, MacAddr, NetConfig, SerialOutput, VmConfig, Vmm,
+    VsockConfig, DEFAULT_CMDLINE,
+};
 
 /// Flags of `husk boot`.
 #[derive(Args, Debug)]
@@ -34,6 +37,16 @@ pub struct BootArgs {
     /// others follow in order (/dev/vdb, ...).
     #[arg(long = "drive", value_name = "SPEC", value_parser = parse_drive)]
     drives: Vec<DriveConfig>,
+    /// A virtio-net interface on an existing host tap:
+    /// id=ID,tap=TAP[,mac=02:00:00:00:00:01]. Repeatable; eth0, eth1, ... in
+    /// the guest, in order.
+    #[arg(long = "net", value_name = "SPEC", value_parser = parse_net)]
+    net: Vec<NetConfig>,
+    /// A virtio-vsock device: cid=CID,uds=PATH. Host programs reach guest
+    /// port P by connecting to PATH and sending `CONNECT P\n`; the guest
+    /// reaches host port P at PATH_P.
+    #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
     /// Print one JSON line of timings to stderr when the VM ends.
     #[arg(long)]
     timings: bool,
@@ -78,6 +91,49 @@ fn parse_drive(spec: &str) -> Result<DriveConfig, String> {
     }
 }
 
+fn parse_net(spec: &str) -> Result<NetConfig, String> {
+    let (mut id, mut tap, mut mac) = (None, None, None);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_string()),
+            Some(("tap", v)) => tap = Some(v.to_string()),
+            Some(("mac", v)) => mac = Some(v.parse::<MacAddr>().map_err(|e| e.to_string())?),
+            _ => return Err(format!("unknown net option '{part}' (want id=,tap=,mac=)")),
+        }
+    }
+    match (id, tap) {
+        (Some(id), Some(host_dev_name)) => Ok(NetConfig {
+            id,
+            host_dev_name,
+            guest_mac: mac,
+        }),
+        _ => Err("a network interface needs id=ID and tap=TAP".into()),
+    }
+}
+
+fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
+    let (mut cid, mut uds) = (None, None);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("cid", v)) => {
+                cid = Some(
+                    v.parse::<u32>()
+                        .map_err(|_| format!("vsock cid '{v}' is not a number"))?,
+                )
+            }
+            Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+            _ => return Err(format!("unknown vsock option '{part}' (want cid=,uds=)")),
+        }
+    }
+    match (cid, uds) {
+        (Some(guest_cid), Some(uds_path)) => Ok(VsockConfig {
+            guest_cid,
+            uds_path,
+        }),
+        _ => Err("vsock needs cid=CID and uds=PATH".into()),
+    }
+}
+
 /// Boots the VM; returns the process exit status.
 pub fn run(args: BootArgs, process_start: Instant) -> anyhow::Result<u8> {
     let config = VmConfig {
@@ -90,6 +146,8 @@ pub fn run(args: BootArgs, process_start: Instant) -> anyhow::Result<u8> {
         },
         serial: args.serial,
         drives: args.drives,
+        net: args.net,
+        vsock: args.vsock,
     };
     let mut vmm = Vmm::new(&config).context("cannot build the microVM")?;
     vmm.start().context("cannot start the vCPUs")?;
@@ -142,5 +200,27 @@ mod tests {
         assert!(!d.block.read_only && !d.is_root);
         assert!(parse_drive("id=a").is_err());
         assert!(parse_drive("id=a,path=/x,rw").is_err());
+    }
+
+    #[test]
+    fn net_flag() {
+        let n = parse_net("id=eth0,tap=tap0,mac=02:00:00:00:00:01").unwrap();
+        assert_eq!(n.id, "eth0");
+        assert_eq!(n.host_dev_name, "tap0");
+        assert_eq!(n.guest_mac, Some(MacAddr([2, 0, 0, 0, 0, 1])));
+        assert_eq!(parse_net("tap=t,id=e").unwrap().guest_mac, None);
+        assert!(parse_net("id=eth0").is_err());
+        assert!(parse_net("id=eth0,tap=tap0,mac=zz").is_err());
+        assert!(parse_net("id=eth0,tap=tap0,mtu=9000").is_err());
+    }
+
+    #[test]
+    fn vsock_flag() {
+        let v = parse_vsock("cid=3,uds=/tmp/v.sock").unwrap();
+        assert_eq!((v.guest_cid, v.uds_path), (3, PathBuf::from("/tmp/v.sock")));
+        assert!(parse_vsock("cid=x,uds=/a").is_err());
+        assert!(parse_vsock("cid=3").is_err());
+        assert!(parse_vsock("cid=3,uds=").is_err());
+        assert!(parse_vsock("cid=3,uds=/a,port=1").is_err());
     }
 }

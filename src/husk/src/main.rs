@@ -1,5 +1,8 @@
-//! `husk`: one process per microVM. `husk boot` launches a guest from the
-//! command line and returns when it ends; its exit status says how:
+//! `husk`: one process per microVM. `husk --api-sock PATH` serves the REST
+//! API and boots the guest on InstanceStart; `husk --config-file FILE`
+//! boots from one JSON document; `husk boot` launches a guest from
+//! command-line flags. Each returns when the guest ends; the exit status
+//! says how:
 //!
 //! | status | meaning |
 //! | --- | --- |
@@ -9,43 +12,49 @@
 //! | 3 | the guest crashed: triple fault, KVM internal error, entry failure |
 //! | 128+N | stopped by signal N (SIGTERM, SIGINT, SIGHUP): vCPUs stopped, VM torn down |
 
+mod api;
+mod api_cmd;
 mod boot_cmd;
+mod image;
+mod image_cmd;
+mod logger;
+mod run_cmd;
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "husk", version, about = "A microVM monitor for pods")]
+#[command(
+    name = "husk",
+    version,
+    about = "A microVM monitor for pods",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     /// HUSK_LOG overrides it.
     #[arg(long, global = true, default_value = "warn")]
     log_level: String,
 
+    /// Without a subcommand: the API-driven VMM.
+    #[command(flatten)]
+    api: api_cmd::ApiArgs,
+
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Boot a microVM and wait until the guest ends.
     Boot(boot_cmd::BootArgs),
-}
-
-fn init_logging(level: &str) {
-    let filter = EnvFilter::try_from_env("HUSK_LOG")
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+    /// OCI images: root filesystems, the bundled busybox image.
+    Image(image_cmd::ImageArgs),
+    /// Run a command in a container inside a fresh microVM (the bundled
+    /// busybox image unless IMAGE is given); exits with its status.
+    Run(run_cmd::RunArgs),
 }
 
 /// The error and its causes on one line, skipping causes whose text an outer
@@ -68,9 +77,17 @@ fn render(e: &anyhow::Error) -> String {
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    logger::init(&cli.log_level);
     let result = match cli.command {
-        Command::Boot(args) => boot_cmd::run(args, started),
+        Some(Command::Boot(args)) => boot_cmd::run(args, started),
+        Some(Command::Image(args)) => image_cmd::run(args),
+        Some(Command::Run(args)) => run_cmd::run(args),
+        None if cli.api.given() => api_cmd::run(cli.api),
+        None => {
+            use clap::CommandFactory;
+            let _ = Cli::command().print_help();
+            return ExitCode::from(2);
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::arch::x86_64::mptable::MAX_VCPUS;
 use crate::boot::BootSource;
 use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::net::MacAddr;
 
 /// The smallest guest husk boots: room for a kernel, its page tables and an
 /// initramfs.
@@ -38,6 +39,45 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// virtio-blk drives; the root drive (if any) becomes /dev/vda.
     pub drives: Vec<DriveConfig>,
+    /// virtio-net interfaces, in order (eth0, eth1, ... in the guest).
+    pub net: Vec<NetConfig>,
+    /// A virtio-vsock device, exposed on the host as a unix socket.
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-net interface backed by a host tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Id (same rules as drive ids).
+    pub id: String,
+    /// The existing host tap interface to attach to.
+    pub host_dev_name: String,
+    /// The guest's MAC; without one the guest picks a random address.
+    pub guest_mac: Option<MacAddr>,
+}
+
+/// A virtio-vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more; 0-2 are reserved, u32::MAX is "any").
+    pub guest_cid: u32,
+    /// The host socket for host-initiated streams; guest-initiated streams
+    /// to host port P go to `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
+/// Checks a vsock configuration: a usable CID, and a socket path short
+/// enough for `<uds_path>_<port>` to fit a unix socket address.
+pub fn check_vsock(v: &VsockConfig) -> Result<(), ConfigError> {
+    if v.guest_cid < 3 || v.guest_cid == u32::MAX {
+        return Err(ConfigError::InvalidVsockCid(v.guest_cid));
+    }
+    // sun_path holds 107 bytes and a NUL; "_4294967295" is 11 more.
+    let len = v.uds_path.as_os_str().len();
+    if len == 0 || len + 11 > 107 {
+        return Err(ConfigError::InvalidVsockPath(v.uds_path.clone()));
+    }
+    Ok(())
 }
 
 /// A virtio-blk drive.
@@ -62,12 +102,7 @@ pub fn check_drives(drives: &[DriveConfig]) -> Result<Vec<DriveConfig>, ConfigEr
     let mut seen = std::collections::HashSet::new();
     for d in drives {
         let id = &d.block.id;
-        let valid = !id.is_empty()
-            && id.len() <= 64
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !valid {
+        if !valid_id(id) {
             return Err(ConfigError::InvalidDriveId(id.clone()));
         }
         if !seen.insert(id.as_str()) {
@@ -80,6 +115,42 @@ pub fn check_drives(drives: &[DriveConfig]) -> Result<Vec<DriveConfig>, ConfigEr
     let mut ordered = drives.to_vec();
     ordered.sort_by_key(|d| !d.is_root);
     Ok(ordered)
+}
+
+/// 1 to 64 of A-Z a-z 0-9 _ -.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Checks network interface ids (valid, unique) and tap names (unique).
+pub fn check_net(net: &[NetConfig]) -> Result<(), ConfigError> {
+    let mut ids = std::collections::HashSet::new();
+    let mut taps = std::collections::HashSet::new();
+    for n in net {
+        if !valid_id(&n.id) {
+            return Err(ConfigError::InvalidNetId(n.id.clone()));
+        }
+        if !ids.insert(n.id.as_str()) {
+            return Err(ConfigError::DuplicateNet(n.id.clone()));
+        }
+        if !taps.insert(n.host_dev_name.as_str()) {
+            return Err(ConfigError::DuplicateTap(n.host_dev_name.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that every virtio device of `config` gets an interrupt line.
+pub fn check_device_count(config: &VmConfig) -> Result<(), ConfigError> {
+    let count = config.drives.len() + config.net.len() + usize::from(config.vsock.is_some());
+    if count > MAX_VIRTIO_DEVICES {
+        return Err(ConfigError::TooManyDevices(count));
+    }
+    Ok(())
 }
 
 /// What the host can offer, for validation.
@@ -118,12 +189,27 @@ pub enum ConfigError {
     /// An id that is empty, too long, or has characters other than [A-Za-z0-9_-].
     #[error("invalid drive id {0:?}: use 1 to 64 of A-Z a-z 0-9 _ -")]
     InvalidDriveId(String),
+    /// Two network interfaces with one id.
+    #[error("network interface id {0:?} is used twice")]
+    DuplicateNet(String),
+    /// A network interface id that breaks the drive id rules.
+    #[error("invalid network interface id {0:?}: use 1 to 64 of A-Z a-z 0-9 _ -")]
+    InvalidNetId(String),
+    /// Two network interfaces on one tap.
+    #[error("tap {0:?} is used by two network interfaces")]
+    DuplicateTap(String),
     /// More than one drive marked root.
     #[error("only one drive can be the root device")]
     SeveralRootDrives,
     /// More devices than interrupt lines.
     #[error("{0} virtio devices requested, at most {MAX_VIRTIO_DEVICES} are possible")]
     TooManyDevices(usize),
+    /// A reserved vsock CID.
+    #[error("invalid vsock guest cid {0}: use 3 to 4294967294")]
+    InvalidVsockCid(u32),
+    /// An empty or too long vsock socket path.
+    #[error("invalid vsock socket path {0:?}: 1 to 96 bytes")]
+    InvalidVsockPath(PathBuf),
     /// More memory than the host or the address width allows.
     #[error("{mib} MiB of guest memory is too large: {reason}")]
     MemoryTooLarge {
@@ -244,6 +330,80 @@ mod tests {
         }
         let many: Vec<_> = (0..20).map(|i| drive(&format!("d{i}"), false)).collect();
         assert_eq!(check_drives(&many), Err(ConfigError::TooManyDevices(20)));
+    }
+
+    fn nic(id: &str, tap: &str) -> NetConfig {
+        NetConfig {
+            id: id.into(),
+            host_dev_name: tap.into(),
+            guest_mac: None,
+        }
+    }
+
+    #[test]
+    fn net_ids_and_taps_are_checked() {
+        assert_eq!(
+            check_net(&[nic("eth0", "tap0"), nic("eth1", "tap1")]),
+            Ok(())
+        );
+        assert_eq!(
+            check_net(&[nic("eth0", "tap0"), nic("eth0", "tap1")]),
+            Err(ConfigError::DuplicateNet("eth0".into()))
+        );
+        assert_eq!(
+            check_net(&[nic("a", "tap0"), nic("b", "tap0")]),
+            Err(ConfigError::DuplicateTap("tap0".into()))
+        );
+        assert_eq!(
+            check_net(&[nic("eth/0", "tap0")]),
+            Err(ConfigError::InvalidNetId("eth/0".into()))
+        );
+    }
+
+    #[test]
+    fn every_virtio_device_counts_towards_the_limit() {
+        let mut config = VmConfig {
+            vcpus: 1,
+            mem_mib: 128,
+            boot: BootSource {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            serial: SerialOutput::Sink,
+            drives: (0..10).map(|i| drive(&format!("d{i}"), false)).collect(),
+            net: (0..8)
+                .map(|i| nic(&format!("n{i}"), &format!("tap{i}")))
+                .collect(),
+            vsock: Some(VsockConfig {
+                guest_cid: 3,
+                uds_path: "/tmp/v.sock".into(),
+            }),
+        };
+        assert_eq!(check_device_count(&config), Ok(()));
+        config.net.push(nic("n8", "tap8"));
+        assert_eq!(
+            check_device_count(&config),
+            Err(ConfigError::TooManyDevices(20))
+        );
+    }
+
+    #[test]
+    fn vsock_cids_and_paths() {
+        let v = |guest_cid, p: &str| VsockConfig {
+            guest_cid,
+            uds_path: p.into(),
+        };
+        assert_eq!(check_vsock(&v(3, "/tmp/v.sock")), Ok(()));
+        for cid in [0, 1, 2, u32::MAX] {
+            assert_eq!(
+                check_vsock(&v(cid, "/tmp/v.sock")),
+                Err(ConfigError::InvalidVsockCid(cid))
+            );
+        }
+        assert!(check_vsock(&v(3, "")).is_err());
+        assert!(check_vsock(&v(3, &"x".repeat(96))).is_ok());
+        assert!(check_vsock(&v(3, &"x".repeat(97))).is_err());
     }
 
     #[test]

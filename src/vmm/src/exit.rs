@@ -39,6 +39,10 @@ pub enum VmExit {
     },
     /// The VMM was asked to stop by a signal (SIGTERM, SIGINT, SIGHUP).
     Signal(libc::c_int),
+    /// The program driving the VMM stopped the VM (a [`StopHandle`]),
+    /// for example `husk run` when its container has ended but the guest
+    /// cannot be asked to reset.
+    Stopped,
     /// KVM_RUN failed or returned an exit husk does not handle.
     VcpuFault {
         /// The vCPU index.
@@ -51,7 +55,7 @@ pub enum VmExit {
 impl VmExit {
     /// True when the guest ended on its own terms.
     pub fn is_clean(&self) -> bool {
-        matches!(self, VmExit::Reset | VmExit::Shutdown)
+        matches!(self, VmExit::Reset | VmExit::Shutdown | VmExit::Stopped)
     }
 
     /// The process exit status `husk boot` maps this to: 0 for a clean end,
@@ -91,8 +95,21 @@ impl std::fmt::Display for VmExit {
             VmExit::Signal(sig) => {
                 write!(f, "stopped by {}", crate::signal::signal_name(*sig))
             }
+            VmExit::Stopped => write!(f, "stopped by its controller"),
             VmExit::VcpuFault { vcpu, detail } => write!(f, "vCPU {vcpu} failed: {detail}"),
         }
+    }
+}
+
+/// Lets another thread stop a running VM (the event loop then stops the
+/// vCPUs and `Vmm::run` returns [`VmExit::Stopped`]).
+#[derive(Debug, Clone)]
+pub struct StopHandle(pub(crate) Arc<ExitNotifier>);
+
+impl StopHandle {
+    /// Stops the VM (no effect if it already ended).
+    pub fn stop(&self) {
+        self.0.notify(VmExit::Stopped);
     }
 }
 
@@ -158,6 +175,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_stop_handle_ends_the_vm_once() {
+        let n = ExitNotifier::new().unwrap();
+        let h = StopHandle(n.clone());
+        h.stop();
+        n.notify(VmExit::Reset);
+        assert_eq!(n.reason(), Some(VmExit::Stopped));
+        assert_eq!(n.event().read().unwrap(), 2);
+    }
+
+    #[test]
     fn first_exit_wins_and_wakes() {
         let n = ExitNotifier::new().unwrap();
         assert_eq!(n.reason(), None);
@@ -171,6 +198,7 @@ mod tests {
     fn exit_codes() {
         assert_eq!(VmExit::Reset.exit_code(), 0);
         assert_eq!(VmExit::Shutdown.exit_code(), 0);
+        assert_eq!(VmExit::Stopped.exit_code(), 0);
         assert_eq!(VmExit::TripleFault { vcpu: 0 }.exit_code(), 3);
         let e = VmExit::InternalError {
             vcpu: 0,

@@ -17,8 +17,10 @@
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod controller;
 pub mod devices;
 pub mod exit;
+pub mod metrics;
 pub mod signal;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
@@ -26,7 +28,8 @@ pub mod vmm;
 pub mod vstate;
 
 pub use boot::BootSource;
-pub use config::{DriveConfig, SerialOutput, VmConfig, DEFAULT_CMDLINE};
+pub use config::{DriveConfig, NetConfig, SerialOutput, VmConfig, VsockConfig, DEFAULT_CMDLINE};
 pub use devices::virtio::block::BlockConfig;
+pub use devices::virtio::net::MacAddr;
 pub use exit::VmExit;
 pub use vmm::{Vmm, VmmError};

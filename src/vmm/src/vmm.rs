@@ -21,18 +21,20 @@ use crate::arch::x86_64::layout::MMIO_DEVICES_START;
 use crate::arch::x86_64::{cpuid, mptable, regs};
 use crate::boot;
 use crate::config::{
-    check_drives, check_memory, check_vcpus, ConfigError, DriveConfig, HostLimits, SerialOutput,
-    VmConfig,
+    check_device_count, check_drives, check_memory, check_net, check_vcpus, ConfigError,
+    DriveConfig, HostLimits, SerialOutput, VmConfig,
 };
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{i8042, serial, Serial, I8042};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::VirtioDevice;
-use crate::exit::{ExitNotifier, ResetTrigger, VmExit};
+use crate::exit::{ExitNotifier, ResetTrigger, StopHandle, VmExit};
+use crate::metrics::Metrics;
 use crate::signal::TerminationFd;
 use crate::vstate::memory::{self, MemoryError};
-use crate::vstate::vcpu::{self, Vcpu, VcpuError, VcpuShared};
+use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuError, VcpuShared};
 use crate::vstate::vm::{self, Vm, VmError};
 
 /// How long to keep kicking a vCPU thread that has not stopped yet.
@@ -65,6 +67,12 @@ pub enum VmmError {
     /// A drive could not be set up.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// A network interface could not be set up.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The vsock device could not be set up.
+    #[error(transparent)]
+    Vsock(#[from] crate::devices::virtio::vsock::VsockError),
     /// No drive has that id.
     #[error("no drive with id {0:?}")]
     NoSuchDrive(String),
@@ -93,6 +101,9 @@ pub enum VmmError {
     /// The event loop failed.
     #[error("event loop: {0:?}")]
     EventLoop(event_manager::Error),
+    /// Not every vCPU stopped for a pause in time; the VM keeps running.
+    #[error("the vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
 }
 
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
@@ -141,6 +152,24 @@ impl MutEventSubscriber for ExitWatcher {
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// A file descriptor that only wakes the event loop (see [`Vmm::run_with`]).
+struct WakeSource<F> {
+    fd: F,
+    drain: fn(&mut F),
+}
+
+impl<F: std::os::fd::AsRawFd + Send> MutEventSubscriber for WakeSource<F> {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        (self.drain)(&mut self.fd);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            tracing::error!(error = ?e, "cannot watch a wake-up source");
+        }
+    }
+}
+
 /// The physical memory of this host, in MiB (from /proc/meminfo).
 fn host_mem_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -157,6 +186,55 @@ fn host_mem_mib() -> u64 {
 /// The first GSI handed to virtio devices (4 is the serial port).
 const FIRST_VIRTIO_GSI: u32 = 5;
 
+/// Hands out virtio-mmio windows and their GSIs, one per device, in order:
+/// drives first (the root drive in the first slot, so it is /dev/vda), then
+/// network interfaces, then vsock.
+struct MmioSlots {
+    next: u32,
+}
+
+impl MmioSlots {
+    fn new() -> Self {
+        MmioSlots { next: 0 }
+    }
+
+    /// Puts `device` on the MMIO bus in the next free window, wires its queue
+    /// notifications (ioeventfd) and interrupt (irqfd) into KVM, registers it
+    /// with the event loop, and appends its announcement to `cmdline`.
+    fn attach<D>(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        mmio: &mut Bus,
+        event_manager: &mut EventManager<Subscriber>,
+        device: Arc<Mutex<D>>,
+        cmdline: &mut String,
+    ) -> Result<Arc<Mutex<MmioTransport>>, VmmError>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
+        if self.next as usize >= crate::config::MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(self.next as usize + 1).into());
+        }
+        let base = MMIO_DEVICES_START + u64::from(self.next) * MMIO_WINDOW_SIZE;
+        let gsi = FIRST_VIRTIO_GSI + self.next;
+        {
+            let dev = device.lock().unwrap_or_else(|e| e.into_inner());
+            vm.register_irqfd(dev.interrupt().irqfd(), gsi)?;
+            for (queue, event) in dev.queue_events().iter().enumerate() {
+                vm.register_ioevent(event, base + QUEUE_NOTIFY_OFFSET, queue as u32)?;
+            }
+        }
+        let transport = Arc::new(Mutex::new(MmioTransport::new(mem.clone(), device.clone())));
+        mmio.insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
+        event_manager.add_subscriber(device);
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        self.next += 1;
+        tracing::debug!(base, gsi, "virtio device attached");
+        Ok(transport)
+    }
+}
+
 /// A drive attached to the VM.
 pub struct AttachedDrive {
     /// The device.
@@ -165,39 +243,29 @@ pub struct AttachedDrive {
     pub transport: Arc<Mutex<MmioTransport>>,
 }
 
-/// Puts the drives on the MMIO bus, wires their queue notifications and
-/// interrupts into KVM, registers them with the event loop, and returns the
-/// kernel command-line fragment that announces them.
+/// Attaches the drives (root first) and returns them; `root=` goes on the
+/// command line for the root drive.
 fn attach_drives(
+    slots: &mut MmioSlots,
     vm: &Vm,
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     event_manager: &mut EventManager<Subscriber>,
     drives: &[DriveConfig],
-) -> Result<(Vec<AttachedDrive>, String), VmmError> {
+    cmdline: &mut String,
+) -> Result<Vec<AttachedDrive>, VmmError> {
     let mut attached = Vec::with_capacity(drives.len());
-    let mut cmdline = String::new();
-    for (slot, drive) in drives.iter().enumerate() {
-        let base = MMIO_DEVICES_START + slot as u64 * MMIO_WINDOW_SIZE;
-        let gsi = FIRST_VIRTIO_GSI + slot as u32;
-        let block = Block::new(drive.block.clone())?;
-        vm.register_irqfd(block.interrupt().irqfd(), gsi)?;
-        for (queue, event) in block.queue_events().iter().enumerate() {
-            vm.register_ioevent(event, base + QUEUE_NOTIFY_OFFSET, queue as u32)?;
-        }
-        let block = Arc::new(Mutex::new(block));
-        let transport = Arc::new(Mutex::new(MmioTransport::new(mem.clone(), block.clone())));
-        mmio.insert(transport.clone(), base, MMIO_WINDOW_SIZE)?;
-        event_manager.add_subscriber(block.clone());
-        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{gsi}"));
+    for drive in drives {
+        let block = Arc::new(Mutex::new(Block::new(drive.block.clone())?));
+        let transport = slots.attach(vm, mem, mmio, event_manager, block.clone(), cmdline)?;
         if drive.is_root {
             let mode = if drive.block.read_only { "ro" } else { "rw" };
             cmdline.push_str(&format!(" root=/dev/vda {mode}"));
         }
-        tracing::debug!(drive = %drive.block.id, base, gsi, "virtio-blk attached");
+        tracing::debug!(drive = %drive.block.id, "virtio-blk attached");
         attached.push(AttachedDrive { block, transport });
     }
-    Ok((attached, cmdline))
+    Ok(attached)
 }
 
 /// A built (and possibly running) microVM.
@@ -208,6 +276,8 @@ pub struct Vmm {
     event_manager: EventManager<Subscriber>,
     image_load: Duration,
     drives: Vec<AttachedDrive>,
+    i8042: Arc<Mutex<I8042>>,
+    metrics: Arc<Metrics>,
     // Held, not read: they must outlive the vCPUs and devices above, and the
     // VM fd (with its memory slots) must go before the memory it maps.
     _vm: Vm,
@@ -217,6 +287,12 @@ pub struct Vmm {
 impl Vmm {
     /// Builds the microVM described by `config`; its vCPUs do not run yet.
     pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
+        Self::with_metrics(config, Arc::new(Metrics::default()))
+    }
+
+    /// Like [`Vmm::new`], counting into `metrics` (shared with whoever
+    /// writes them out, such as the API server).
+    pub fn with_metrics(config: &VmConfig, metrics: Arc<Metrics>) -> Result<Self, VmmError> {
         let t0 = Instant::now();
         let kvm = vm::open_kvm()?;
         let host_cpuid = kvm
@@ -230,6 +306,8 @@ impl Vmm {
         let vcpu_count = check_vcpus(config.vcpus, &limits)?;
         let mem_size = check_memory(config.mem_mib, &limits)?;
         let drives = check_drives(&config.drives)?;
+        check_net(&config.net)?;
+        check_device_count(config)?;
         tracing::debug!(vcpus = vcpu_count, mem_size, ?limits, "building microVM");
 
         let vm = Vm::new(&kvm)?;
@@ -263,16 +341,60 @@ impl Vmm {
             serial::COM1_BASE,
             serial::UART_REGS,
         )?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(ResetTrigger(exit.clone())))),
-            i8042::I8042_BASE,
-            i8042::I8042_PORTS,
-        )?;
+        let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(os("create the keyboard irqfd"))?;
+        vm.register_irqfd(&kbd_irq, i8042::KBD_IRQ)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(
+            ResetTrigger(exit.clone()),
+            Some(kbd_irq),
+        )));
+        pio.insert(i8042.clone(), i8042::I8042_BASE, i8042::I8042_PORTS)?;
 
         let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
         let mut mmio = Bus::new();
-        let (drives, device_cmdline) =
-            attach_drives(&vm, &mem, &mut mmio, &mut event_manager, &drives)?;
+        let mut slots = MmioSlots::new();
+        let mut device_cmdline = String::new();
+        let drives = attach_drives(
+            &mut slots,
+            &vm,
+            &mem,
+            &mut mmio,
+            &mut event_manager,
+            &drives,
+            &mut device_cmdline,
+        )?;
+        for drive in &drives {
+            let block = drive.block.lock().unwrap_or_else(|e| e.into_inner());
+            metrics.register_device("block", &block.config().id, block.metrics());
+        }
+        for nic in &config.net {
+            let net = Net::new(nic)?;
+            metrics.register_device("net", &nic.id, net.metrics());
+            let net = Arc::new(Mutex::new(net));
+            slots.attach(
+                &vm,
+                &mem,
+                &mut mmio,
+                &mut event_manager,
+                net,
+                &mut device_cmdline,
+            )?;
+            tracing::debug!(net = %nic.id, tap = %nic.host_dev_name, "virtio-net attached");
+        }
+        if let Some(vsock) = &config.vsock {
+            crate::config::check_vsock(vsock)?;
+            let dev = crate::devices::virtio::vsock::Vsock::new(vsock)?;
+            metrics.register_device("vsock", "vsock", dev.metrics());
+            let dev = Arc::new(Mutex::new(dev));
+            slots.attach(
+                &vm,
+                &mem,
+                &mut mmio,
+                &mut event_manager,
+                dev,
+                &mut device_cmdline,
+            )?;
+            tracing::debug!(cid = vsock.guest_cid, "virtio-vsock attached");
+        }
         let mut boot_source = config.boot.clone();
         boot_source.cmdline.push_str(&device_cmdline);
 
@@ -289,6 +411,8 @@ impl Vmm {
             exit: exit.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             first_entry: Arc::new(OnceLock::new()),
+            pause: Arc::new(PauseGate::default()),
+            metrics: metrics.clone(),
         };
         let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
         for index in 0..vcpu_count {
@@ -314,6 +438,8 @@ impl Vmm {
             event_manager,
             image_load,
             drives,
+            i8042,
+            metrics,
             _vm: vm,
             _mem: mem,
         })
@@ -384,19 +510,93 @@ impl Vmm {
 
     /// Runs the event loop until the guest ends, then stops every vCPU.
     pub fn run(&mut self) -> Result<VmExit, VmmError> {
+        self.run_with(|_| {})
+    }
+
+    /// Runs the event loop until the guest ends, calling `on_wake` after
+    /// every round of events (so a controller woken through a source added
+    /// with [`Vmm::add_wake_source`] can act on the VM), then stops every
+    /// vCPU.
+    pub fn run_with(&mut self, mut on_wake: impl FnMut(&mut Vmm)) -> Result<VmExit, VmmError> {
         let exit = loop {
             if let Some(exit) = self.shared.exit.reason() {
                 break exit;
             }
             self.event_manager.run().map_err(VmmError::EventLoop)?;
+            on_wake(self);
         };
         self.stop_vcpus();
         Ok(exit)
     }
 
+    /// Makes `fd` wake the event loop (see [`Vmm::run_with`]); `drain` is
+    /// called when it is readable and must consume the readiness.
+    pub fn add_wake_source<F>(&mut self, fd: F, drain: fn(&mut F))
+    where
+        F: std::os::fd::AsRawFd + Send + 'static,
+    {
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(WakeSource { fd, drain })));
+    }
+
+    /// A handle another thread can stop this VM with.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.shared.exit.clone())
+    }
+
+    /// The counters this VM keeps.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops every vCPU between two guest instructions; devices keep
+    /// serving what is already queued. Returns once all vCPUs are parked.
+    pub fn pause(&mut self) -> Result<(), VmmError> {
+        let gate = &self.shared.pause;
+        gate.request_pause();
+        let signal = vcpu::vcpu_kick_signal();
+        let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
+        let count = self.vcpu_threads.len();
+        while Instant::now() < deadline {
+            for handle in &self.vcpu_threads {
+                if !handle.is_finished() {
+                    let _ = handle.kill(signal);
+                }
+            }
+            if gate.wait_parked(count, Duration::from_millis(1)) {
+                tracing::info!("microVM paused");
+                return Ok(());
+            }
+        }
+        gate.resume();
+        Err(VmmError::PauseTimeout(VCPU_STOP_TIMEOUT))
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&mut self) {
+        self.shared.pause.resume();
+        tracing::info!("microVM resumed");
+    }
+
+    /// Presses Ctrl+Alt+Del on the guest's keyboard controller. A guest
+    /// kernel with an i8042 keyboard driver and a VT reboots (or signals its
+    /// init); husk's own guest kernel has neither, and ignores it.
+    pub fn send_ctrl_alt_del(&self) {
+        self.i8042
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ctrl_alt_del();
+    }
+
+    /// True while the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.shared.pause.is_paused()
+    }
+
     /// Asks every vCPU thread to stop and waits (bounded) for them.
     fn stop_vcpus(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
+        self.shared.pause.wake_all();
         let signal = vcpu::vcpu_kick_signal();
         let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
         for handle in self.vcpu_threads.drain(..) {

@@ -4,6 +4,13 @@
 //! virtio-blk drive and directly against the drive's backing file, and
 //! reports both and their ratio.
 //!
+//! `husk-bench net` measures TCP throughput between a guest and the node
+//! through virtio-net and a tap, both ways (see `net`).
+//! `husk-bench vsock` boots a guest that runs `husk-bench vsock-serve` and
+//! measures streams through husk's vsock in both directions;
+//! `vsock-serve` and `vsock-client` are the two ends, usable on their own
+//! (the integration tests use them).
+//!
 //! `husk-bench boot` starts `husk boot` N times and measures, per run, the
 //! wall time from spawning the VMM process to the guest's first user-space
 //! line (the marker the test init prints first), the VMM's own setup time
@@ -12,8 +19,11 @@
 //! the guest is up (mappings exactly the size of a guest RAM region are guest
 //! memory; everything else is overhead).
 
+mod api;
 mod io;
+mod net;
 mod stats;
+mod vsock;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
@@ -42,6 +52,67 @@ enum Bench {
     Io(IoArgs),
     /// virtio-blk in a guest against the same backing file used directly.
     Blk(BlkBench),
+    /// REST API request latency (and InstanceStart to first vCPU entry).
+    Api(api::ApiBench),
+    /// virtio-net TCP throughput between a guest and the node, over a tap.
+    Net(net::NetBench),
+    /// Creates a persistent tap (set-up helper, prints nothing).
+    Tap(net::TapArgs),
+    /// vsock throughput, host->guest and guest->host, through husk's unix socket.
+    Vsock(VsockBench),
+    /// Serve vsock test streams (echo, upload, download) until told to quit.
+    VsockServe(VsockServeArgs),
+    /// Open concurrent vsock test streams and check every byte.
+    VsockClient(VsockClientArgs),
+}
+
+#[derive(clap::Args)]
+struct VsockServeArgs {
+    /// vsock:PORT (in a guest) or unix:PATH (on the host, e.g. UDS_PORT).
+    #[arg(long)]
+    listen: String,
+}
+
+#[derive(clap::Args)]
+struct VsockClientArgs {
+    /// vsock:CID:PORT (in a guest) or uds:PATH:PORT (husk's socket, on the host).
+    #[arg(long)]
+    connect: vsock::Target,
+    /// echo, upload, download, probe (one connect attempt, timed) or quit.
+    #[arg(long, default_value = "echo")]
+    mode: String,
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    /// Bytes in all, split over the streams.
+    #[arg(long, default_value_t = 1 << 20)]
+    bytes: u64,
+    /// Keep retrying the first connection this long (the server may not be up yet).
+    #[arg(long, default_value_t = 0)]
+    retry_s: u64,
+}
+
+#[derive(clap::Args)]
+struct VsockBench {
+    /// The husk binary.
+    #[arg(long, default_value = "husk")]
+    husk: PathBuf,
+    /// Guest kernel.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest initramfs whose /husk-test.sh runs `husk-bench vsock-serve
+    /// --listen vsock:PORT` (resources/bench.sh makes it).
+    #[arg(long)]
+    initrd: PathBuf,
+    /// The guest port the server listens on.
+    #[arg(long, default_value_t = 5201)]
+    port: u32,
+    /// MiB per run.
+    #[arg(long, default_value_t = 64)]
+    size_mib: u64,
+    /// Streams of the multi-stream runs.
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
 }
 
 #[derive(clap::Args)]
@@ -353,6 +424,28 @@ fn main() -> anyhow::Result<()> {
     let out = match Cli::parse().command {
         Bench::Boot(b) => boot(b)?,
         Bench::Blk(b) => blk(b)?,
+        Bench::Api(b) => api::run(&b)?,
+        Bench::Net(b) => net::net(b)?,
+        Bench::Tap(a) => return net::tap(a),
+        Bench::Vsock(b) => {
+            vsock::bench(&b.husk, &b.kernel, &b.initrd, b.port, b.size_mib, b.streams)?
+        }
+        Bench::VsockServe(a) => {
+            vsock::serve(&a.listen)?;
+            return Ok(());
+        }
+        Bench::VsockClient(a) => {
+            let v = vsock::client(
+                &a.connect,
+                &a.mode,
+                a.streams,
+                a.bytes,
+                std::time::Duration::from_secs(a.retry_s),
+            )?;
+            // One line: it is read back from a guest console.
+            println!("{v}");
+            return Ok(());
+        }
         Bench::Io(a) => {
             // One line: it is read back from a guest console.
             let v = io::io(

@@ -5,8 +5,8 @@
 //! [`vcpu_kick_signal`] and stops once the VM's stop flag is set.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -17,6 +17,7 @@ use vm_memory::GuestAddress;
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::bus::Bus;
 use crate::exit::{ExitNotifier, VmExit};
+use crate::metrics::Metrics;
 
 /// Errors while creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +97,74 @@ pub struct VcpuShared {
     pub stop: Arc<AtomicBool>,
     /// When vCPU 0 first entered the guest.
     pub first_entry: Arc<OnceLock<Instant>>,
+    /// Where vCPUs park while the VM is paused.
+    pub pause: Arc<PauseGate>,
+    /// Exit counters (in `metrics.vcpu`).
+    pub metrics: Arc<Metrics>,
+}
+
+/// Pausing and resuming vCPU threads: a pause request is raised, each vCPU
+/// is kicked out of KVM_RUN and parks here until the VM resumes or stops.
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    requested: AtomicBool,
+    parked: Mutex<usize>,
+    cond: Condvar,
+}
+
+impl PauseGate {
+    /// Asks every vCPU to park; the caller then kicks them and waits with
+    /// [`PauseGate::wait_parked`].
+    pub fn request_pause(&self) {
+        self.requested.store(true, Ordering::Release);
+    }
+
+    /// True while a pause is requested or in effect.
+    pub fn is_paused(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.requested.store(false, Ordering::Release);
+        let _guard = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.cond.notify_all();
+    }
+
+    /// Wakes parked vCPUs so they notice the stop flag.
+    pub fn wake_all(&self) {
+        let _guard = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.cond.notify_all();
+    }
+
+    /// How many vCPUs are parked now.
+    pub fn parked(&self) -> usize {
+        *self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits up to `timeout` for `count` vCPUs to park; true if they did.
+    pub fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
+        let guard = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = self
+            .cond
+            .wait_timeout_while(guard, timeout, |parked| *parked < count)
+            .unwrap_or_else(|e| e.into_inner());
+        *guard >= count
+    }
+
+    /// Called by a vCPU thread between KVM_RUNs: parks while paused.
+    fn park_if_requested(&self, stop: &AtomicBool) {
+        if !self.requested.load(Ordering::Acquire) {
+            return;
+        }
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        *parked += 1;
+        self.cond.notify_all();
+        while self.requested.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+            parked = self.cond.wait(parked).unwrap_or_else(|e| e.into_inner());
+        }
+        *parked -= 1;
+    }
 }
 
 /// One vCPU.
@@ -160,9 +229,16 @@ impl Vcpu {
         }
         while !self.shared.stop.load(Ordering::Acquire) {
             match self.run_once() {
-                Step::Continue => {}
+                Step::Continue => {
+                    self.shared.pause.park_if_requested(&self.shared.stop);
+                }
                 Step::Stop(exit) => {
                     tracing::debug!(%exit, "vCPU stops the VM");
+                    if matches!(exit, VmExit::VcpuFault { .. }) {
+                        self.shared.metrics.vcpu.failures.inc();
+                    } else {
+                        self.shared.metrics.vcpu.exit_final.inc();
+                    }
                     self.shared.exit.notify(exit);
                     return;
                 }
@@ -183,8 +259,10 @@ impl Vcpu {
     fn run_once(&mut self) -> Step {
         let index = self.index;
         let shared = &self.shared;
+        let m = &shared.metrics.vcpu;
         match self.fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
+                m.exit_io_in.inc();
                 if !shared.pio.read(u64::from(port), data) {
                     // Nothing there: a floating ISA bus reads as all ones.
                     data.fill(0xff);
@@ -192,10 +270,12 @@ impl Vcpu {
                 Step::Continue
             }
             Ok(VcpuExit::IoOut(port, data)) => {
+                m.exit_io_out.inc();
                 shared.pio.write(u64::from(port), data);
                 Step::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                m.exit_mmio_read.inc();
                 if !shared.mmio.read(addr, data) {
                     tracing::trace!(addr, len = data.len(), "MMIO read of unassigned address");
                     data.fill(0);
@@ -203,6 +283,7 @@ impl Vcpu {
                 Step::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                m.exit_mmio_write.inc();
                 if !shared.mmio.write(addr, data) {
                     tracing::trace!(addr, len = data.len(), "MMIO write to unassigned address");
                 }
@@ -232,7 +313,10 @@ impl Vcpu {
                     suberror,
                 })
             }
-            Ok(VcpuExit::Intr) => Step::Continue,
+            Ok(VcpuExit::Intr) => {
+                m.exit_interrupted.inc();
+                Step::Continue
+            }
             // Only reachable without an in-kernel irqchip; treat like an idle
             // vCPU that the next interrupt wakes.
             Ok(VcpuExit::Hlt) => Step::Continue,
@@ -240,7 +324,10 @@ impl Vcpu {
                 vcpu: index,
                 detail: format!("unexpected exit {other:?}"),
             }),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                m.exit_interrupted.inc();
+                Step::Continue
+            }
             Err(e) => Step::Stop(VmExit::VcpuFault {
                 vcpu: index,
                 detail: format!("KVM_RUN failed: {e}"),

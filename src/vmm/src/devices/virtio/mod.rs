@@ -11,6 +11,10 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+#[cfg(test)]
+pub(crate) mod test_utils;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

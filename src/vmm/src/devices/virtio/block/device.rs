@@ -3,18 +3,20 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::request::Request;
+use super::request::{Request, RequestType};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, TYPE_BLOCK};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1,
 };
+use crate::metrics::BlockMetrics;
 
 /// A drive as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +68,7 @@ pub struct Block {
     queue_events: [EventFd; 1],
     interrupt: Interrupt,
     state: State,
+    metrics: Arc<BlockMetrics>,
 }
 
 fn open_backing(path: &Path, read_only: bool) -> std::io::Result<(File, u64)> {
@@ -104,8 +107,38 @@ impl Block {
             queue_events: [EventFd::new(EFD_NONBLOCK).map_err(evt_err)?],
             interrupt: Interrupt::new().map_err(evt_err)?,
             state: State::Inactive,
+            metrics: Arc::new(BlockMetrics::default()),
             config,
         })
+    }
+
+    /// The drive's I/O counters.
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.metrics.clone()
+    }
+
+    fn count(m: &BlockMetrics, req: &Request, status: u8) {
+        if u32::from(status) == virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR {
+            m.io_errors.inc();
+            return;
+        }
+        if u32::from(status) != virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK {
+            m.invalid_requests.inc();
+            return;
+        }
+        let bytes: u64 = req.data.iter().map(|&(_, len)| u64::from(len)).sum();
+        match req.kind {
+            RequestType::In => {
+                m.read_count.inc();
+                m.read_bytes.add(bytes);
+            }
+            RequestType::Out => {
+                m.write_count.inc();
+                m.write_bytes.add(bytes);
+            }
+            RequestType::Flush => m.flush_count.inc(),
+            RequestType::GetId | RequestType::Unsupported(_) => {}
+        }
     }
 
     /// The drive's configuration.
@@ -133,6 +166,7 @@ impl Block {
         self.file = file;
         self.capacity = len - len % SECTOR_SIZE;
         self.config.path = path;
+        self.metrics.swaps.inc();
         tracing::info!(drive = %self.config.id, capacity = self.capacity, "backing file swapped");
         Ok(())
     }
@@ -149,16 +183,18 @@ impl Block {
             let head = chain.head_index();
             let used_len = match Request::parse(chain, mem) {
                 Ok(req) => {
-                    req.execute(
+                    let done = req.execute(
                         mem,
                         &mut self.file,
                         self.capacity,
                         self.config.read_only,
                         &self.id_bytes,
-                    )
-                    .used_len
+                    );
+                    Self::count(&self.metrics, &req, done.status);
+                    done.used_len
                 }
                 Err((e, status_addr)) => {
+                    self.metrics.invalid_requests.inc();
                     tracing::debug!(drive = %self.config.id, error = %e, "bad virtio-blk request");
                     // Tell the guest if it left room to be told.
                     status_addr
@@ -245,14 +281,13 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::test_utils::{d, mem, NEXT, WRITE};
     use std::io::{Read, Seek, SeekFrom, Write};
     use virtio_bindings::virtio_blk::*;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
     const HDR: u64 = 0x10_0000;
     const DATA: u64 = 0x10_1000;
     const STATUS: u64 = 0x10_8000;
@@ -296,14 +331,6 @@ mod tests {
             read_only,
         })
         .unwrap()
-    }
-
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
-    }
-
-    fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
     }
 
     fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {

@@ -1,0 +1,544 @@
+//! The container runtime: the table of the pod's containers and the
+//! request handlers. A container is *created* (root filesystem mounted,
+//! cgroup made, init process cloned and set up, waiting before execve),
+//! then *running* (StartContainer let it exec), then *stopped* (its init
+//! exited); RemoveContainer undoes it all. Processes run in their own
+//! mount, pid, ipc and uts namespaces as the spec asks, and share the
+//! guest's network namespace (the VM is the pod) unless the spec asks for a
+//! new one. Nothing here panics on bad input: every failure is an
+//! [`AgentError`] reply.
+
+pub mod caps;
+pub mod cgroup;
+mod child;
+pub mod plan;
+pub mod process;
+pub mod rootfs;
+pub mod seccomp;
+pub mod stdio;
+mod syscalls;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use husk_protocol::{
+    AgentError, CreateContainer, ErrorCode, Event, ProcessRef, Response, StdioStream,
+};
+use oci_spec::runtime::{LinuxResources, Spec};
+
+use self::cgroup::Cgroup;
+use self::plan::Plan;
+use self::process::Spawned;
+use self::rootfs::MountedRootfs;
+use self::stdio::{Attachment, ProcStdio};
+
+/// Where the runtime keeps its things.
+pub struct Paths {
+    /// Mount points and scratch space (`<state>/c/<id>`).
+    pub state: PathBuf,
+    /// The cgroup v2 mount the containers' cgroups go under (`None`: no
+    /// cgroups, host-side tests without a cgroup2 mount).
+    pub cgroup_root: Option<PathBuf>,
+    /// Drive ids come from HUSK_AGENT_DRIVES, not /sys/block (tests).
+    pub host_mode: bool,
+}
+
+static PATHS: OnceLock<Paths> = OnceLock::new();
+
+/// Sets where the runtime works (once, at start).
+pub fn init(pid1: bool) {
+    let paths = if pid1 {
+        Paths {
+            state: PathBuf::from("/run/husk"),
+            cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
+            host_mode: false,
+        }
+    } else {
+        Paths {
+            state: std::env::var_os("HUSK_AGENT_STATE")
+                .map(Into::into)
+                .unwrap_or_else(|| std::env::temp_dir().join("husk-agent-state")),
+            cgroup_root: std::env::var_os("HUSK_AGENT_CGROUP_ROOT").map(Into::into),
+            host_mode: true,
+        }
+    };
+    let _ = PATHS.set(paths);
+}
+
+fn paths() -> &'static Paths {
+    PATHS.get_or_init(|| Paths {
+        state: std::env::temp_dir().join("husk-agent-state"),
+        cgroup_root: None,
+        host_mode: true,
+    })
+}
+
+/// One process the agent started.
+struct Proc {
+    pid: i32,
+    exit: Arc<crate::reaper::Exit>,
+    stdio: Arc<ProcStdio>,
+}
+
+struct Container {
+    rootfs: MountedRootfs,
+    cgroup: Option<Cgroup>,
+    plan: Plan,
+    spec: Spec,
+    init: Proc,
+    spawned: Spawned,
+    started: bool,
+    execs: HashMap<String, Proc>,
+    /// The init's namespaces for execs to join, and its pid namespace.
+    ns: Namespaces,
+    pidns: Option<OwnedFd>,
+}
+
+impl Container {
+    fn stopped(&self) -> bool {
+        self.init.exit.status().is_some()
+    }
+
+    fn process(&self, exec_id: Option<&str>) -> Result<&Proc, AgentError> {
+        match exec_id {
+            None => Ok(&self.init),
+            Some(e) => self.execs.get(e).ok_or_else(|| {
+                AgentError::new(
+                    ErrorCode::NotFound,
+                    format!("no process {e:?} in the container"),
+                )
+            }),
+        }
+    }
+}
+
+static CONTAINERS: Mutex<BTreeMap<String, Container>> = Mutex::new(BTreeMap::new());
+
+fn table() -> MutexGuard<'static, BTreeMap<String, Container>> {
+    CONTAINERS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn not_found(id: &str) -> AgentError {
+    AgentError::new(ErrorCode::NotFound, format!("no container {id:?}"))
+}
+
+fn precondition(msg: impl Into<String>) -> AgentError {
+    AgentError::new(ErrorCode::FailedPrecondition, msg)
+}
+
+fn check_id(kind: &str, id: &str) -> Result<(), AgentError> {
+    if id.is_empty()
+        || id.len() > 64
+        || id.starts_with('.')
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(AgentError::new(
+            ErrorCode::InvalidArgument,
+            format!("{kind} id {id:?}: 1-64 of [A-Za-z0-9._-], not starting with '.'"),
+        ));
+    }
+    Ok(())
+}
+
+fn id_maps(spec: &Spec) -> Option<(String, String)> {
+    let linux = spec.linux().as_ref()?;
+    let new_user = linux
+        .namespaces()
+        .iter()
+        .flatten()
+        .any(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::User && n.path().is_none());
+    if !new_user {
+        return None;
+    }
+    let fmt = |maps: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
+        maps.iter()
+            .flatten()
+            .map(|m| format!("{} {} {}\n", m.container_id(), m.host_id(), m.size()))
+            .collect::<String>()
+    };
+    Some((fmt(linux.uid_mappings()), fmt(linux.gid_mappings())))
+}
+
+/// Namespace fds with their CLONE_NEW* types.
+type Namespaces = Vec<(OwnedFd, libc::c_int)>;
+
+/// The init's namespaces an exec joins (all but pid, which is entered
+/// around the clone; the user namespace only if the container has its own).
+fn open_namespaces(
+    pid: i32,
+    flags: libc::c_int,
+) -> Result<(Namespaces, Option<OwnedFd>), AgentError> {
+    let mut out = Vec::new();
+    let mut kinds = vec![
+        ("mnt", libc::CLONE_NEWNS),
+        ("uts", libc::CLONE_NEWUTS),
+        ("ipc", libc::CLONE_NEWIPC),
+        ("net", libc::CLONE_NEWNET),
+        ("cgroup", libc::CLONE_NEWCGROUP),
+    ];
+    if flags & libc::CLONE_NEWUSER != 0 {
+        kinds.insert(0, ("user", libc::CLONE_NEWUSER));
+    }
+    for (name, kind) in kinds {
+        // One the agent shares (the pod's network, typically) needs no
+        // joining, and after joining a user namespace could not be joined.
+        let same = |a: &str, b: &str| {
+            use std::os::unix::fs::MetadataExt;
+            match (std::fs::metadata(a), std::fs::metadata(b)) {
+                (Ok(x), Ok(y)) => x.ino() == y.ino() && x.dev() == y.dev(),
+                _ => false,
+            }
+        };
+        if same(
+            &format!("/proc/{pid}/ns/{name}"),
+            &format!("/proc/self/ns/{name}"),
+        ) {
+            continue;
+        }
+        let f = File::open(format!("/proc/{pid}/ns/{name}")).map_err(|e| {
+            AgentError::new(
+                ErrorCode::System,
+                format!("open the container's {name} namespace: {e}"),
+            )
+        })?;
+        out.push((OwnedFd::from(f), kind));
+    }
+    let pidns = File::open(format!("/proc/{pid}/ns/pid"))
+        .map(OwnedFd::from)
+        .map_err(|e| AgentError::new(ErrorCode::System, format!("open the pid namespace: {e}")))?;
+    Ok((out, Some(pidns)))
+}
+
+/// CreateContainer.
+pub fn create(req: CreateContainer) -> Result<Response, AgentError> {
+    check_id("container", &req.container_id)?;
+    let id = req.container_id.clone();
+    let mut containers = table();
+    if containers.contains_key(&id) {
+        return Err(AgentError::new(
+            ErrorCode::AlreadyExists,
+            format!("container {id:?} exists"),
+        ));
+    }
+    let spec = *req.spec;
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+    if let Some(r) = &resources {
+        cgroup::check(r)?;
+    }
+    let p = paths();
+    let mut rootfs = MountedRootfs::mount(&p.state, &id, &req.rootfs, p.host_mode)?;
+    let mut cgroup_made: Option<Cgroup> = None;
+    let result = (|| {
+        let plan = plan::init_plan(&spec, &rootfs.root)?;
+        let cgroup = match &p.cgroup_root {
+            Some(root) => {
+                let cg = Cgroup::create(root, &id)?;
+                cgroup_made = Some(Cgroup {
+                    path: cg.path.clone(),
+                });
+                if let Some(r) = &resources {
+                    cg.apply(r)?;
+                }
+                Some(cg)
+            }
+            None if resources.is_some() => {
+                return Err(AgentError::new(
+                    ErrorCode::Unsupported,
+                    "resource limits need cgroup v2, which this agent has not found",
+                ))
+            }
+            None => None,
+        };
+        let (stdio, child_stdio) = ProcStdio::new(plan.proc.terminal)?;
+        let who = ProcessRef {
+            container_id: id.clone(),
+            exec_id: None,
+        };
+        let spawned = process::spawn(
+            &plan,
+            who,
+            child_stdio,
+            cgroup.as_ref(),
+            None,
+            &[],
+            id_maps(&spec),
+        )?;
+        let (ns, pidns) = match open_namespaces(spawned.pid, plan.clone_flags) {
+            Ok(n) => n,
+            Err(e) => {
+                // SAFETY: kill(2) on our own child.
+                unsafe { libc::kill(spawned.pid, libc::SIGKILL) };
+                return Err(e);
+            }
+        };
+        Ok((plan, cgroup, stdio, spawned, ns, pidns))
+    })();
+    let (plan, cgroup, stdio, spawned, ns, pidns) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(cg) = cgroup_made {
+                cg.destroy();
+            }
+            rootfs.unmount();
+            return Err(e);
+        }
+    };
+    if let Some(cg) = &cgroup {
+        let oom_id = id.clone();
+        cg.watch_oom(move || {
+            crate::server::publish(&Event::Oom {
+                container_id: oom_id.clone(),
+            })
+        });
+    }
+    let pid = spawned.pid;
+    containers.insert(
+        id,
+        Container {
+            rootfs,
+            cgroup,
+            plan,
+            spec,
+            init: Proc {
+                pid,
+                exit: spawned.exit.clone(),
+                stdio: Arc::new(stdio),
+            },
+            spawned,
+            started: false,
+            execs: HashMap::new(),
+            ns,
+            pidns,
+        },
+    );
+    Ok(Response::Started { pid: pid as u32 })
+}
+
+/// StartContainer.
+pub fn start(id: &str) -> Result<Response, AgentError> {
+    let mut containers = table();
+    let c = containers.get_mut(id).ok_or_else(|| not_found(id))?;
+    if c.started {
+        return Err(precondition(format!(
+            "container {id:?} was already started"
+        )));
+    }
+    if c.stopped() {
+        return Err(precondition(format!("container {id:?} has stopped")));
+    }
+    c.started = true;
+    c.spawned.start(&c.plan)?;
+    Ok(Response::Ok)
+}
+
+/// ExecProcess.
+pub fn exec(
+    id: &str,
+    exec_id: &str,
+    process: &oci_spec::runtime::Process,
+) -> Result<Response, AgentError> {
+    check_id("exec", exec_id)?;
+    let mut containers = table();
+    let c = containers.get_mut(id).ok_or_else(|| not_found(id))?;
+    if !c.started || c.stopped() {
+        return Err(precondition(format!("container {id:?} is not running")));
+    }
+    if c.execs.contains_key(exec_id) {
+        return Err(AgentError::new(
+            ErrorCode::AlreadyExists,
+            format!("process {exec_id:?} exists in container {id:?}"),
+        ));
+    }
+    let seccomp = plan::seccomp_of(&c.spec)?;
+    let plan = Plan {
+        clone_flags: 0,
+        join: Vec::new(),
+        init: None,
+        proc: plan::proc_plan(process, &c.rootfs.root, seccomp)?,
+    };
+    let (stdio, child_stdio) = ProcStdio::new(plan.proc.terminal)?;
+    let who = ProcessRef {
+        container_id: id.to_string(),
+        exec_id: Some(exec_id.to_string()),
+    };
+    let spawned = process::spawn(
+        &plan,
+        who,
+        child_stdio,
+        c.cgroup.as_ref(),
+        c.pidns.as_ref(),
+        &c.ns,
+        None,
+    )?;
+    c.execs.insert(
+        exec_id.to_string(),
+        Proc {
+            pid: spawned.pid,
+            exit: spawned.exit.clone(),
+            stdio: Arc::new(stdio),
+        },
+    );
+    Ok(Response::Started {
+        pid: spawned.pid as u32,
+    })
+}
+
+/// WaitProcess: blocks this connection only.
+pub fn wait(p: &ProcessRef) -> Result<Response, AgentError> {
+    let exit = {
+        let containers = table();
+        let c = containers
+            .get(&p.container_id)
+            .ok_or_else(|| not_found(&p.container_id))?;
+        c.process(p.exec_id.as_deref())?.exit.clone()
+    };
+    Ok(Response::Exited(exit.wait()))
+}
+
+/// SignalProcess.
+pub fn signal(p: &ProcessRef, sig: i32, all: bool) -> Result<Response, AgentError> {
+    if !(1..=64).contains(&sig) {
+        return Err(AgentError::new(
+            ErrorCode::InvalidArgument,
+            format!("signal {sig} is not 1..=64"),
+        ));
+    }
+    let containers = table();
+    let c = containers
+        .get(&p.container_id)
+        .ok_or_else(|| not_found(&p.container_id))?;
+    let proc = c.process(p.exec_id.as_deref())?;
+    let pids: Vec<i32> = match (&c.cgroup, all) {
+        (Some(cg), true) => cg.pids().into_iter().map(|p| p as i32).collect(),
+        _ => {
+            if proc.exit.status().is_some() {
+                return Err(precondition("the process has exited"));
+            }
+            vec![proc.pid]
+        }
+    };
+    for pid in pids {
+        // SAFETY: kill(2) with a checked signal number.
+        if unsafe { libc::kill(pid, sig) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(AgentError::new(
+                    ErrorCode::System,
+                    format!("kill {pid}: {e}"),
+                ));
+            }
+        }
+    }
+    Ok(Response::Ok)
+}
+
+fn with_stdio<T>(
+    p: &ProcessRef,
+    f: impl FnOnce(&ProcStdio) -> Result<T, AgentError>,
+) -> Result<T, AgentError> {
+    let stdio = {
+        let containers = table();
+        let c = containers
+            .get(&p.container_id)
+            .ok_or_else(|| not_found(&p.container_id))?;
+        c.process(p.exec_id.as_deref())?.stdio.clone()
+    };
+    f(&stdio)
+}
+
+/// ResizeTty.
+pub fn resize(p: &ProcessRef, rows: u16, cols: u16) -> Result<Response, AgentError> {
+    with_stdio(p, |s| s.resize(rows, cols)).map(|()| Response::Ok)
+}
+
+/// CloseStdin.
+pub fn close_stdin(p: &ProcessRef) -> Result<Response, AgentError> {
+    with_stdio(p, |s| {
+        s.close_stdin();
+        Ok(())
+    })
+    .map(|()| Response::Ok)
+}
+
+/// A Stdio channel's stream.
+pub fn attach(
+    container_id: &str,
+    exec_id: Option<&str>,
+    stream: StdioStream,
+) -> Result<Attachment, AgentError> {
+    let p = ProcessRef {
+        container_id: container_id.to_string(),
+        exec_id: exec_id.map(str::to_string),
+    };
+    with_stdio(&p, |s| s.attach(stream))
+}
+
+fn with_cgroup<T>(id: &str, f: impl FnOnce(&Cgroup) -> T) -> Result<T, AgentError> {
+    let containers = table();
+    let c = containers.get(id).ok_or_else(|| not_found(id))?;
+    let cg = c.cgroup.as_ref().ok_or_else(|| {
+        AgentError::new(ErrorCode::Unsupported, "the agent runs without cgroup v2")
+    })?;
+    Ok(f(cg))
+}
+
+/// StatsContainer.
+pub fn stats(id: &str) -> Result<Response, AgentError> {
+    with_cgroup(id, |cg| Response::Stats(cg.stats()))
+}
+
+/// ListProcesses.
+pub fn list(id: &str) -> Result<Response, AgentError> {
+    with_cgroup(id, |cg| Response::Processes { pids: cg.pids() })
+}
+
+/// UpdateContainer.
+pub fn update(id: &str, r: &LinuxResources) -> Result<Response, AgentError> {
+    with_cgroup(id, |cg| cg.apply(r))?.map(|()| Response::Ok)
+}
+
+/// RemoveContainer: a created or stopped container.
+pub fn remove(id: &str) -> Result<Response, AgentError> {
+    let mut containers = table();
+    let c = containers.get(id).ok_or_else(|| not_found(id))?;
+    if c.started && !c.stopped() {
+        return Err(precondition(format!(
+            "container {id:?} is running: stop it first"
+        )));
+    }
+    let Some(mut c) = containers.remove(id) else {
+        return Err(not_found(id));
+    };
+    drop(containers);
+    if !c.stopped() {
+        // Created, never started: end the waiting init.
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(c.init.pid, libc::SIGKILL) };
+        c.init.exit.wait();
+    }
+    c.ns.clear();
+    c.pidns = None;
+    if let Some(cg) = &c.cgroup {
+        cg.destroy();
+    }
+    c.rootfs.unmount();
+    Ok(Response::Ok)
+}
+
+/// Kills every container's processes (Shutdown).
+pub fn kill_all() {
+    for c in table().values() {
+        if let Some(cg) = &c.cgroup {
+            cg.destroy();
+        }
+        if c.init.exit.status().is_none() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.init.pid, libc::SIGKILL) };
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! A container's root filesystem: the virtio-blk disk whose serial is the
+//! drive id (`/sys/block/vdX/serial`), mounted at
+//! `<state>/c/<id>/rootfs`, read-only if asked; with `writable_overlay` the
+//! disk is mounted read-only underneath and an overlayfs with a tmpfs upper
+//! layer goes on top. Tests name the devices instead through
+//! `HUSK_AGENT_DRIVES=id=/dev/loop3,...` (test-only: consulted first).
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use husk_protocol::{AgentError, ErrorCode, Rootfs};
+
+/// A mounted root filesystem.
+#[derive(Debug)]
+pub struct MountedRootfs {
+    /// The container's directory (`<state>/c/<id>`).
+    pub dir: PathBuf,
+    /// Where the root is mounted.
+    pub root: PathBuf,
+    /// Mounts to undo, innermost first.
+    mounts: Vec<PathBuf>,
+}
+
+fn cstr(p: &Path) -> Result<CString, AgentError> {
+    CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| AgentError::new(ErrorCode::InvalidArgument, "path with a NUL byte"))
+}
+
+/// mount(2) with strings.
+pub fn mount(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), AgentError> {
+    let s = CString::new(source)
+        .map_err(|_| AgentError::new(ErrorCode::InvalidArgument, "NUL in a mount source"))?;
+    let t = cstr(target)?;
+    let f = CString::new(fstype)
+        .map_err(|_| AgentError::new(ErrorCode::InvalidArgument, "NUL in a filesystem type"))?;
+    let d = CString::new(data)
+        .map_err(|_| AgentError::new(ErrorCode::InvalidArgument, "NUL in mount options"))?;
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        let code = match e.raw_os_error() {
+            Some(libc::ENODEV) | Some(libc::EINVAL) | Some(libc::ENOTBLK) => {
+                ErrorCode::InvalidArgument
+            }
+            _ => ErrorCode::System,
+        };
+        return Err(AgentError::new(
+            code,
+            format!("mount {source} ({fstype}) on {}: {e}", target.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Detaches the mount at `target`.
+pub fn umount(target: &Path) {
+    if let Ok(t) = cstr(target) {
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// The block device that holds drive `id`.
+fn find_drive(id: &str, host_mode: bool) -> Result<PathBuf, AgentError> {
+    // Test-only: a map from drive ids to devices (loop devices on a host).
+    let map = std::env::var("HUSK_AGENT_DRIVES").unwrap_or_default();
+    for pair in map.split(',') {
+        if let Some((k, v)) = pair.split_once('=') {
+            if k == id {
+                return Ok(PathBuf::from(v));
+            }
+        }
+    }
+    if host_mode {
+        // Outside a guest the disks' serials mean nothing.
+    } else if let Ok(dir) = std::fs::read_dir("/sys/block") {
+        for entry in dir.flatten() {
+            let serial = std::fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+            if serial.trim_end_matches(['\n', '\0']) == id {
+                return Ok(Path::new("/dev").join(entry.file_name()));
+            }
+        }
+    }
+    Err(AgentError::new(
+        ErrorCode::InvalidArgument,
+        format!("no block device with drive id {id:?} (is the drive attached?)"),
+    ))
+}
+
+impl MountedRootfs {
+    /// Mounts `r` for container `id` under `state`.
+    pub fn mount(
+        state: &Path,
+        id: &str,
+        r: &Rootfs,
+        host_mode: bool,
+    ) -> Result<MountedRootfs, AgentError> {
+        if !matches!(
+            r.fstype.as_str(),
+            "ext4" | "ext3" | "ext2" | "xfs" | "btrfs" | "erofs" | "squashfs"
+        ) {
+            return Err(AgentError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "filesystem type {:?} is not a disk filesystem the agent mounts",
+                    r.fstype
+                ),
+            ));
+        }
+        let device = find_drive(&r.drive_id, host_mode)?;
+        let dir = state.join("c").join(id);
+        let root = dir.join("rootfs");
+        std::fs::create_dir_all(&root).map_err(|e| {
+            AgentError::new(ErrorCode::System, format!("create {}: {e}", root.display()))
+        })?;
+        let mut m = MountedRootfs {
+            dir,
+            root,
+            mounts: Vec::new(),
+        };
+        let dev = device.to_string_lossy();
+        let result = if r.writable_overlay {
+            m.overlay(&dev, &r.fstype)
+        } else {
+            let flags = if r.read_only { libc::MS_RDONLY } else { 0 };
+            mount(&dev, &m.root, &r.fstype, flags, "").map(|()| m.mounts.push(m.root.clone()))
+        };
+        if let Err(e) = result {
+            m.unmount();
+            return Err(e);
+        }
+        Ok(m)
+    }
+
+    fn overlay(&mut self, dev: &str, fstype: &str) -> Result<(), AgentError> {
+        let lower = self.dir.join("lower");
+        let rw = self.dir.join("rw");
+        for d in [&lower, &rw] {
+            std::fs::create_dir_all(d).map_err(|e| {
+                AgentError::new(ErrorCode::System, format!("create {}: {e}", d.display()))
+            })?;
+        }
+        mount(dev, &lower, fstype, libc::MS_RDONLY, "")?;
+        self.mounts.push(lower.clone());
+        mount("tmpfs", &rw, "tmpfs", 0, "mode=0755")?;
+        self.mounts.push(rw.clone());
+        let (upper, work) = (rw.join("upper"), rw.join("work"));
+        for d in [&upper, &work] {
+            std::fs::create_dir_all(d).map_err(|e| {
+                AgentError::new(ErrorCode::System, format!("create {}: {e}", d.display()))
+            })?;
+        }
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        mount("overlay", &self.root, "overlay", 0, &data)?;
+        self.mounts.push(self.root.clone());
+        Ok(())
+    }
+
+    /// Unmounts everything and removes the container's directory.
+    pub fn unmount(&mut self) {
+        while let Some(m) = self.mounts.pop() {
+            umount(&m);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

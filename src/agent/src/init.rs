@@ -1,0 +1,261 @@
+//! PID 1 duties: mount proc, sysfs, devtmpfs, /dev/pts, /dev/shm, /run and
+//! cgroup2; read the agent's settings from the kernel command line; reap
+//! every orphan; turn SIGTERM into an orderly shutdown; and end the guest by
+//! syncing and resetting it (with `reboot=k` the VMM sees the reset and
+//! exits cleanly). PID 1 must never exit: that panics the kernel.
+
+use std::ffi::CString;
+
+use crate::{log, server, Options};
+
+fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: Option<&str>) {
+    let _ = std::fs::create_dir_all(target);
+    let c = |s: &str| CString::new(s).unwrap_or_default();
+    let (source_c, target_c, fstype_c) = (c(source), c(target), c(fstype));
+    let data_c = data.map(c);
+    // SAFETY: NUL-terminated strings that outlive the call; data may be null.
+    let rc = unsafe {
+        libc::mount(
+            source_c.as_ptr(),
+            target_c.as_ptr(),
+            fstype_c.as_ptr(),
+            flags,
+            data_c
+                .as_ref()
+                .map_or(std::ptr::null(), |d| d.as_ptr().cast()),
+        )
+    };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        // Already mounted (the kernel's devtmpfs automount, for one) is fine.
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            log::warn(&format!("mount {fstype} on {target}: {e}"));
+        }
+    }
+}
+
+/// The filesystems every container setup relies on.
+fn mount_basics() {
+    let nosuid_nodev_noexec = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount("proc", "/proc", "proc", nosuid_nodev_noexec, None);
+    mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, None);
+    mount(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        libc::MS_NOSUID,
+        Some("mode=0755"),
+    );
+    mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    );
+    mount(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    );
+    mount(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755"),
+    );
+    mount(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        nosuid_nodev_noexec,
+        None,
+    );
+    let _ = std::os::unix::fs::symlink("/proc/self/fd", "/dev/fd");
+    let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+}
+
+/// Reads `husk.agent_port=N` and `husk.agent_debug` from /proc/cmdline.
+fn read_cmdline(opts: &mut Options) {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    for word in cmdline.split_whitespace() {
+        if let Some(port) = word.strip_prefix("husk.agent_port=") {
+            match port.parse() {
+                Ok(p) => opts.port = p,
+                Err(_) => log::warn(&format!("ignoring {word}: not a port number")),
+            }
+        } else if word == "husk.agent_debug" {
+            log::enable_debug();
+        }
+    }
+}
+
+/// A thread that reaps children on SIGCHLD and shuts down on SIGTERM or
+/// SIGINT, reading them from a signalfd (they are blocked in every thread).
+pub fn start_signal_thread(pid1: bool) {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to `set`; constant signal numbers.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    // SAFETY: a new signalfd for an initialised set.
+    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
+    if fd < 0 {
+        log::error(&format!("signalfd: {}", std::io::Error::last_os_error()));
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("husk-agent-signals".into())
+        .spawn(move || loop {
+            // SAFETY: signalfd_siginfo is plain data.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: reading one signalfd_siginfo into a buffer of its size.
+            let n =
+                unsafe { libc::read(fd, (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
+            if n != size as isize {
+                continue;
+            }
+            match info.ssi_signo as libc::c_int {
+                libc::SIGCHLD => {
+                    crate::reaper::reap();
+                }
+                sig => {
+                    log::info(&format!("signal {sig}: shutting down"));
+                    crate::container::kill_all();
+                    shutdown(pid1);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        log::error(&format!("cannot start the signal thread: {e}"));
+    }
+}
+
+/// Set in the agent's environment once it has left the initramfs.
+const SWITCHED: &str = "HUSK_AGENT_SWITCHED";
+
+/// pivot_root(2) refuses to move away from the initial rootfs (EINVAL), so
+/// containers could not pivot while the agent runs from the initramfs.
+/// Like switch_root: copy the agent into a tmpfs, move that tmpfs over /,
+/// chroot into it and re-exec; the initramfs copy is deleted to free its
+/// memory. On failure the agent carries on from the initramfs (containers
+/// then fail with a clear pivot_root error).
+fn leave_initramfs() {
+    if std::env::var_os(SWITCHED).is_some() {
+        return;
+    }
+    if let Err(e) = switch_root() {
+        log::warn(&format!("cannot leave the initramfs: {e}"));
+    }
+}
+
+fn switch_root() -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let last = || std::io::Error::last_os_error();
+    let new_root = "/.husk-root";
+    std::fs::create_dir_all(new_root)?;
+    mount(
+        "tmpfs",
+        new_root,
+        "tmpfs",
+        libc::MS_NOSUID,
+        Some("mode=0755"),
+    );
+    for d in ["dev", "proc", "sys", "run", "tmp", "etc", "mnt"] {
+        std::fs::create_dir_all(format!("{new_root}/{d}"))?;
+    }
+    std::fs::set_permissions(
+        format!("{new_root}/tmp"),
+        std::fs::Permissions::from_mode(0o1777),
+    )?;
+    let exe = std::env::current_exe().unwrap_or_else(|_| "/init".into());
+    std::fs::copy(&exe, format!("{new_root}/init"))?;
+    let _ = std::fs::remove_file(&exe);
+    std::env::set_current_dir(new_root)?;
+    // SAFETY: constant NUL-terminated strings.
+    if unsafe {
+        libc::mount(
+            c".".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_MOVE,
+            std::ptr::null(),
+        )
+    } < 0
+    {
+        return Err(last());
+    }
+    // SAFETY: constant NUL-terminated string.
+    if unsafe { libc::chroot(c".".as_ptr()) } < 0 {
+        return Err(last());
+    }
+    std::env::set_current_dir("/")?;
+    let args: Vec<CString> = std::env::args_os()
+        .filter_map(|a| CString::new(a.as_bytes()).ok())
+        .collect();
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            CString::new(kv).ok()
+        })
+        .collect();
+    env.push(CString::new(format!("{SWITCHED}=1")).unwrap_or_default());
+    let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    envp.push(std::ptr::null());
+    // SAFETY: NULL-terminated arrays of NUL-terminated strings that outlive
+    // the call; on success it does not return.
+    unsafe { libc::execve(c"/init".as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    Err(last())
+}
+
+/// Runs the agent as the guest's init; never returns.
+pub fn run_as_init(opts: &mut Options) -> ! {
+    leave_initramfs();
+    mount_basics();
+    read_cmdline(opts);
+    start_signal_thread(true);
+    std::env::set_var(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    log::info(&format!("husk-agent {} started", env!("CARGO_PKG_VERSION")));
+    if let Err(e) = server::serve(opts) {
+        log::error(&format!("cannot serve the host: {e}"));
+    }
+    // Without a way to reach the host the guest is useless: end it.
+    shutdown(true)
+}
+
+/// Ends the guest (as init: sync, then reset through the kernel's reboot
+/// path) or, outside a guest, the process.
+pub fn shutdown(pid1: bool) -> ! {
+    if !pid1 {
+        log::info("shutdown requested");
+        std::process::exit(0);
+    }
+    log::info("syncing and resetting the guest");
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    // SAFETY: reboot(2) as PID 1 with a constant command.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    // Only reachable if reboot failed; PID 1 must not exit.
+    log::error(&format!("reboot: {}", std::io::Error::last_os_error()));
+    loop {
+        // SAFETY: pause(2) just sleeps until a signal.
+        unsafe { libc::pause() };
+    }
+}

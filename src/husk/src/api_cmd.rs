@@ -1,0 +1,240 @@
+//! `husk --api-sock PATH` / `husk --config-file FILE`: one VMM process per
+//! microVM, driven Firecracker-style. The main thread owns the
+//! [`Controller`]; before InstanceStart it waits for API calls (and
+//! termination signals), afterwards the VM's event loop wakes for them.
+//! When the guest ends, the process exits with the same status `husk boot`
+//! would (0 clean, 3 guest crash, 128+N signal).
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use vmm::controller::{ActionType, Controller, Request, VmResources};
+use vmm::metrics::Metrics;
+use vmm::signal::TerminationFd;
+use vmm::{SerialOutput, Vmm};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::api::{self, Call, VmmLink};
+
+/// Flags of the API-driven VMM (no subcommand).
+#[derive(Args, Debug, Default)]
+pub struct ApiArgs {
+    /// Serve the REST API on this unix socket (it must not exist yet).
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Configure from this JSON document (the API bodies under
+    /// "boot-source", "machine-config", "drives", ...) and start at once.
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// Run without an API socket (needs --config-file).
+    #[arg(long)]
+    no_api: bool,
+    /// The instance id reported by GET /.
+    #[arg(long, default_value = "anonymous-instance")]
+    id: String,
+}
+
+impl ApiArgs {
+    /// True when any of these flags was given.
+    pub fn given(&self) -> bool {
+        self.api_sock.is_some() || self.config_file.is_some() || self.no_api
+    }
+}
+
+/// Removes the API socket when the process is done with it.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        bail!(
+            "the API socket {} already exists (another husk, or a stale file to remove)",
+            path.display()
+        );
+    }
+    UnixListener::bind(path)
+        .with_context(|| format!("cannot bind the API socket {}", path.display()))
+}
+
+/// Runs the VMM until its guest ends; returns the exit status.
+pub fn run(args: ApiArgs) -> anyhow::Result<u8> {
+    match (&args.api_sock, args.no_api, &args.config_file) {
+        (Some(_), true, _) => bail!("--api-sock and --no-api exclude each other"),
+        (None, true, None) => bail!("--no-api needs --config-file"),
+        (None, false, _) => bail!("give --api-sock PATH (or --no-api with --config-file)"),
+        _ => {}
+    }
+    // Blocked here, so the API thread inherits the mask and a SIGTERM
+    // before InstanceStart is read below, not delivered to a random thread.
+    let term = TerminationFd::new().context("cannot watch termination signals")?;
+    let metrics = Arc::new(Metrics::default());
+    let mut controller = Controller::new(args.id.clone(), SerialOutput::Stdout, metrics.clone());
+
+    if let Some(file) = &args.config_file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the config file {}", file.display()))?;
+        let resources: VmResources = serde_json::from_str(&text)
+            .with_context(|| format!("invalid config file {}", file.display()))?;
+        if let Some(logger) = &resources.logger {
+            crate::logger::configure(logger).context("config file logger")?;
+        }
+        controller
+            .load(resources)
+            .with_context(|| format!("config file {}", file.display()))?;
+    }
+
+    let (calls_tx, calls) = mpsc::channel::<Call>();
+    let wake = EventFd::new(EFD_NONBLOCK).context("cannot create the API eventfd")?;
+    let _socket = match &args.api_sock {
+        Some(path) => {
+            let listener = bind(path)?;
+            let link = VmmLink {
+                calls: calls_tx,
+                wake: wake.try_clone().context("cannot clone the API eventfd")?,
+            };
+            api::spawn(listener, link, metrics.clone()).context("cannot start the API server")?;
+            tracing::info!(socket = %path.display(), "API server listening");
+            Some(SocketFile(path.clone()))
+        }
+        None => None,
+    };
+
+    let vmm = if args.config_file.is_some() {
+        match controller.handle(Request::Action(ActionType::InstanceStart)) {
+            Ok((_, Some(vmm))) => vmm,
+            Ok((_, None)) => bail!("the microVM did not start"),
+            Err(e) => return Err(anyhow::Error::new(e)),
+        }
+    } else {
+        match wait_for_start(&mut controller, &calls, &wake, &term)? {
+            Started::Vmm(vmm) => *vmm,
+            Started::Signal(sig) => {
+                tracing::info!(
+                    signal = vmm::signal::signal_name(sig),
+                    "stopping before start"
+                );
+                return Ok(128u8.saturating_add(sig as u8));
+            }
+        }
+    };
+    drop(term);
+    run_vm(controller, vmm, calls, wake)
+}
+
+enum Started {
+    Vmm(Box<Vmm>),
+    Signal(libc::c_int),
+}
+
+const WAKE: u64 = 1;
+const SIGNAL: u64 = 2;
+
+/// Serves calls until one starts the VM, or a signal ends the process.
+fn wait_for_start(
+    controller: &mut Controller,
+    calls: &Receiver<Call>,
+    wake: &EventFd,
+    term: &TerminationFd,
+) -> anyhow::Result<Started> {
+    use std::os::fd::AsRawFd;
+    let epoll = Epoll::new().context("epoll")?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE),
+        )
+        .context("epoll")?;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            term.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, SIGNAL),
+        )
+        .context("epoll")?;
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let timeout = controller.periodic_metrics();
+        let ms = i32::try_from(timeout.as_millis())
+            .unwrap_or(i32::MAX)
+            .max(1);
+        match epoll.wait(ms, &mut events) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("epoll"),
+        }
+        if let Some(sig) = term.read() {
+            return Ok(Started::Signal(sig));
+        }
+        let _ = wake.read();
+        loop {
+            let call = match calls.try_recv() {
+                Ok(call) => call,
+                Err(TryRecvError::Empty) => break,
+                // The API thread is gone; nothing can start the VM now.
+                Err(TryRecvError::Disconnected) => bail!("the API server stopped"),
+            };
+            match controller.handle(call.request) {
+                Ok((response, vmm)) => {
+                    let _ = call.reply.send(Ok(response));
+                    if let Some(vmm) = vmm {
+                        return Ok(Started::Vmm(Box::new(vmm)));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "API request refused");
+                    let _ = call.reply.send(Err(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Runs the started VM, serving calls between event-loop rounds.
+fn run_vm(
+    mut controller: Controller,
+    mut vmm: Vmm,
+    calls: Receiver<Call>,
+    wake: EventFd,
+) -> anyhow::Result<u8> {
+    vmm.add_wake_source(wake, |e| {
+        let _ = e.read();
+    });
+    let mut timer = TimerFd::new().context("cannot create the metrics timer")?;
+    let period = vmm::controller::METRICS_PERIOD;
+    timer
+        .reset(period.max(Duration::from_secs(1)), Some(period))
+        .context("cannot arm the metrics timer")?;
+    vmm.add_wake_source(timer, |t| {
+        let _ = t.wait();
+    });
+    let exit = vmm.run_with(|vmm| {
+        controller.note_first_entry(vmm);
+        while let Ok(call) = calls.try_recv() {
+            let reply = controller
+                .handle_running(vmm, call.request)
+                .map_err(|e| e.to_string());
+            let _ = call.reply.send(reply);
+        }
+        controller.periodic_metrics();
+    })?;
+    if controller.resources().metrics.is_some() {
+        if let Err(e) = controller.flush_metrics() {
+            tracing::warn!(error = %e, "final metrics");
+        }
+    }
+    tracing::info!(%exit, "microVM ended");
+    Ok(exit.exit_code())
+}

@@ -1,0 +1,94 @@
+//! `husk image ...`: the image tools on the command line. `rootfs` turns an
+//! OCI image into a cached ext4 root filesystem and prints one JSON object
+//! describing it; `build-busybox` writes the bundled busybox image.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use crate::image::{busybox, oci::Platform, rootfs, RootfsOptions};
+
+/// Flags of `husk image`.
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    command: ImageCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Build (or find in the cache) the ext4 root filesystem of an OCI image
+    /// and print {"rootfs", "manifest_digest", "config", "size_bytes",
+    /// "cached"} as JSON.
+    Rootfs {
+        /// PATH or PATH:REF; PATH is an OCI layout directory or a tar of one
+        /// (plain or gzip). REF matches the org.opencontainers.image.ref.name
+        /// annotation. Without IMAGE: the bundled busybox image.
+        image: Option<String>,
+        /// Copy the image here (a private, writable copy) instead of
+        /// pointing at the shared cached file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Which image of a multi-platform index (OS/ARCH[/VARIANT]).
+        #[arg(long)]
+        platform: Option<String>,
+        /// Cache directory (default $HUSK_CACHE_DIR or /var/cache/husk).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
+    /// Write the bundled busybox OCI image. With OUT_DIR, into OUT_DIR;
+    /// without, into the cache (keyed by the busybox version), and print
+    /// the layout's path.
+    BuildBusybox {
+        /// Where to write the OCI layout.
+        out_dir: Option<PathBuf>,
+        /// The static busybox binary to package.
+        #[arg(long, default_value = busybox::DEFAULT_BUSYBOX)]
+        busybox: PathBuf,
+        /// Cache directory (default $HUSK_CACHE_DIR or /var/cache/husk).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+/// Runs `husk image ...`; returns the exit status.
+pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
+    match args.command {
+        ImageCommand::Rootfs {
+            image,
+            out,
+            platform,
+            cache_dir,
+        } => {
+            let mut opts = RootfsOptions {
+                out,
+                ..RootfsOptions::default()
+            };
+            if let Some(p) = platform {
+                opts.platform = Platform::parse(&p)?;
+            }
+            if let Some(d) = cache_dir {
+                opts.cache_dir = d;
+            }
+            let built = crate::image::rootfs_for(image.as_deref(), &opts)
+                .with_context(|| format!("image {}", image.as_deref().unwrap_or("busybox")))?;
+            println!("{}", serde_json::to_string(&built)?);
+        }
+        ImageCommand::BuildBusybox {
+            out_dir,
+            busybox: bin,
+            cache_dir,
+        } => {
+            let path = match out_dir {
+                Some(dir) => {
+                    busybox::write_busybox_layout(&dir, &bin)?;
+                    dir
+                }
+                None => busybox::default_image(&cache_dir.unwrap_or_else(rootfs::cache_dir), &bin)?,
+            };
+            println!("{}", path.display());
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,467 @@
+//! The messages. Requests and replies travel on a control connection; each
+//! request carries an id its reply repeats, so a host may pipeline. Process
+//! stdio and the event stream have connections of their own, named by the
+//! connection's first frame ([`Hello`]).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The first frame on every connection: who is speaking which version, and
+/// what the connection is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    /// The sender's [`crate::PROTOCOL_VERSION`].
+    pub version: u32,
+    /// What the connection carries from now on.
+    pub channel: Channel,
+}
+
+/// What a connection is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Channel {
+    /// [`RequestFrame`]s from the host, [`ReplyFrame`]s from the agent.
+    Control,
+    /// Raw bytes of one process's stdio (after the agent's [`Accepted`]).
+    Stdio {
+        /// The container.
+        container_id: String,
+        /// The process: `None` for the container's init process.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exec_id: Option<String>,
+        /// Which stream.
+        stream: StdioStream,
+    },
+    /// [`Event`] frames from the agent, until the connection closes.
+    Events,
+}
+
+/// One of a process's standard streams, or its terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StdioStream {
+    /// Host to process; the host closing its write side closes stdin.
+    Stdin,
+    /// Process to host.
+    Stdout,
+    /// Process to host.
+    Stderr,
+    /// Both ways, for a process with `terminal: true`.
+    Tty,
+}
+
+/// The agent's answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Accepted {
+    /// The agent's protocol version.
+    pub version: u32,
+    /// `None` if the channel is open; otherwise why it is refused (the
+    /// connection is then closed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<AgentError>,
+}
+
+/// A request with its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestFrame {
+    /// Chosen by the host; repeated in the reply.
+    pub id: u64,
+    /// What is asked.
+    pub request: Request,
+}
+
+/// A reply with its request's id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplyFrame {
+    /// The request's id (0 when the request could not even be decoded).
+    pub id: u64,
+    /// The outcome.
+    pub reply: Result<Response, AgentError>,
+}
+
+/// Everything the host can ask.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Is the agent there, and which version is it?
+    Ping,
+    /// Set up the pod: hostname, DNS, interfaces, routes, sysctls.
+    CreateSandbox(Sandbox),
+    /// Create a container (its init process is created, not started).
+    CreateContainer(CreateContainer),
+    /// Start a created container's init process.
+    StartContainer {
+        /// The container.
+        container_id: String,
+    },
+    /// Run another process in a running container.
+    ExecProcess {
+        /// The container.
+        container_id: String,
+        /// A name for the process, unique in the container.
+        exec_id: String,
+        /// What to run, as in the OCI runtime spec.
+        process: Box<oci_spec::runtime::Process>,
+    },
+    /// Wait until a process exits.
+    WaitProcess(ProcessRef),
+    /// Send a signal to a process.
+    SignalProcess {
+        /// The process.
+        #[serde(flatten)]
+        process: ProcessRef,
+        /// The signal number.
+        signal: i32,
+        /// All processes of the container, not just this one.
+        #[serde(default)]
+        all: bool,
+    },
+    /// Change a process's terminal size.
+    ResizeTty {
+        /// The process.
+        #[serde(flatten)]
+        process: ProcessRef,
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
+    /// Close a process's stdin (EOF).
+    CloseStdin(ProcessRef),
+    /// Resource usage from the container's cgroup.
+    StatsContainer {
+        /// The container.
+        container_id: String,
+    },
+    /// The pids in the container's cgroup.
+    ListProcesses {
+        /// The container.
+        container_id: String,
+    },
+    /// New cgroup limits.
+    UpdateContainer {
+        /// The container.
+        container_id: String,
+        /// The limits, as in the OCI runtime spec.
+        resources: Box<oci_spec::runtime::LinuxResources>,
+    },
+    /// Remove a stopped container (its cgroup, mounts, state).
+    RemoveContainer {
+        /// The container.
+        container_id: String,
+    },
+    /// Stop every container, sync, and reset the guest (the VMM exits).
+    Shutdown,
+}
+
+/// A process: a container's init (`exec_id` absent) or one of its execs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessRef {
+    /// The container.
+    pub container_id: String,
+    /// The exec, or `None` for the init process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_id: Option<String>,
+}
+
+/// The pod's network and naming, applied once per VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sandbox {
+    /// The guest's hostname.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Name servers for /etc/resolv.conf.
+    #[serde(default)]
+    pub dns: Vec<String>,
+    /// DNS search domains.
+    #[serde(default)]
+    pub dns_search: Vec<String>,
+    /// Interfaces to configure (matched by MAC).
+    #[serde(default)]
+    pub interfaces: Vec<Interface>,
+    /// Routes to add after the interfaces are up.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// Sysctls to set (key in dotted form, e.g. net.ipv4.ip_forward).
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
+}
+
+/// One network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    /// The name to give it (e.g. eth0).
+    pub name: String,
+    /// The MAC address that identifies the guest device.
+    pub mac: String,
+    /// MTU (default: leave as is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// Addresses in CIDR form (10.0.0.2/24, fd00::2/64).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// One route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Destination in CIDR form; "default" or 0.0.0.0/0 for the default.
+    pub destination: String,
+    /// Next hop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Output interface name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+/// Where a container's root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rootfs {
+    /// The virtio-blk drive id (its serial in the guest) that holds it.
+    pub drive_id: String,
+    /// The filesystem type (ext4).
+    pub fstype: String,
+    /// Mount it read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Put a writable tmpfs-backed overlay over a read-only rootfs (writes
+    /// are kept in guest memory and lost with the container).
+    #[serde(default)]
+    pub writable_overlay: bool,
+}
+
+/// CreateContainer's body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateContainer {
+    /// The container id (unique in the VM).
+    pub container_id: String,
+    /// The OCI runtime spec (`root.path` is ignored: the rootfs comes from
+    /// `rootfs`).
+    pub spec: Box<oci_spec::runtime::Spec>,
+    /// The root filesystem.
+    pub rootfs: Rootfs,
+}
+
+/// Successful answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// Done.
+    Ok,
+    /// Ping's answer.
+    Pong {
+        /// The agent's protocol version.
+        version: u32,
+        /// The agent's build version.
+        agent_version: String,
+    },
+    /// A process was created or started.
+    Started {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// WaitProcess's answer.
+    Exited(ExitStatus),
+    /// StatsContainer's answer.
+    Stats(Stats),
+    /// ListProcesses' answer.
+    Processes {
+        /// Guest pids.
+        pids: Vec<u32>,
+    },
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ExitStatus {
+    /// exit(code).
+    Code(i32),
+    /// Killed by a signal.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The shell convention: the code, or 128 + the signal.
+    pub fn as_shell_status(&self) -> i32 {
+        match *self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// A container's resource usage from cgroup v2.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stats {
+    /// cpu.stat usage_usec.
+    pub cpu_usage_usec: u64,
+    /// cpu.stat user_usec.
+    pub cpu_user_usec: u64,
+    /// cpu.stat system_usec.
+    pub cpu_system_usec: u64,
+    /// memory.current.
+    pub memory_bytes: u64,
+    /// memory.max (None: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
+    /// memory.events oom_kill.
+    pub oom_kills: u64,
+    /// pids.current.
+    pub pids: u64,
+    /// io.stat rbytes summed over devices.
+    pub io_read_bytes: u64,
+    /// io.stat wbytes summed over devices.
+    pub io_write_bytes: u64,
+}
+
+/// Something that happened, pushed on the event stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Event {
+    /// A process exited.
+    ProcessExited {
+        /// The process.
+        #[serde(flatten)]
+        process: ProcessRef,
+        /// How.
+        status: ExitStatus,
+    },
+    /// The kernel's OOM killer killed a process in the container.
+    Oom {
+        /// The container.
+        container_id: String,
+    },
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+#[serde(deny_unknown_fields)]
+pub struct AgentError {
+    /// The class of failure.
+    pub code: ErrorCode,
+    /// What happened, for people.
+    pub message: String,
+}
+
+impl AgentError {
+    /// An error of class `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        AgentError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Classes of failure a host can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame or message could not be decoded.
+    InvalidMessage,
+    /// The peer speaks another protocol version.
+    UnsupportedVersion,
+    /// A value in a valid message is not acceptable.
+    InvalidArgument,
+    /// No container or process with that id.
+    NotFound,
+    /// The id is taken.
+    AlreadyExists,
+    /// The container or process is not in a state that allows this.
+    FailedPrecondition,
+    /// This agent does not do that (yet).
+    Unsupported,
+    /// The guest's kernel refused something.
+    System,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_shapes() {
+        let hello = Hello {
+            version: 1,
+            channel: Channel::Stdio {
+                container_id: "c1".into(),
+                exec_id: None,
+                stream: StdioStream::Stdout,
+            },
+        };
+        assert_eq!(
+            serde_json::to_value(&hello).unwrap(),
+            serde_json::json!({"version": 1, "channel": {"kind": "stdio", "container_id": "c1", "stream": "stdout"}})
+        );
+        let req = RequestFrame {
+            id: 7,
+            request: Request::SignalProcess {
+                process: ProcessRef {
+                    container_id: "c1".into(),
+                    exec_id: Some("e1".into()),
+                },
+                signal: 9,
+                all: false,
+            },
+        };
+        let v = serde_json::to_value(&req).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id": 7, "request": {"type": "signal_process", "container_id": "c1", "exec_id": "e1", "signal": 9, "all": false}})
+        );
+        assert_eq!(serde_json::from_value::<RequestFrame>(v).unwrap(), req);
+        let reply = ReplyFrame {
+            id: 7,
+            reply: Ok(Response::Exited(ExitStatus::Signal(9))),
+        };
+        let v = serde_json::to_value(&reply).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id": 7, "reply": {"Ok": {"type": "exited", "signal": 9}}})
+        );
+        assert_eq!(serde_json::from_value::<ReplyFrame>(v).unwrap(), reply);
+    }
+
+    #[test]
+    fn an_oci_spec_travels_in_create_container() {
+        let spec = oci_spec::runtime::Spec::default();
+        let req = Request::CreateContainer(CreateContainer {
+            container_id: "c1".into(),
+            spec: Box::new(spec),
+            rootfs: Rootfs {
+                drive_id: "rootfs-c1".into(),
+                fstype: "ext4".into(),
+                read_only: true,
+                writable_overlay: true,
+            },
+        });
+        let json = serde_json::to_string(&req).unwrap();
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
+    }
+
+    #[test]
+    fn unknown_requests_and_fields_are_refused() {
+        assert!(serde_json::from_str::<Request>(r#"{"type":"format_disk"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(
+            r#"{"type":"start_container","container_id":"a","x":1}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"type":"start_container"}"#).is_err());
+        assert_eq!(ExitStatus::Signal(9).as_shell_status(), 137);
+    }
+}

@@ -1,0 +1,559 @@
+//! The one place a microVM is driven from outside: the API server and the
+//! `--config-file` launcher hand it [`Request`]s, it checks them against the
+//! VM's state (configuration before InstanceStart, operations after), keeps
+//! the [`VmResources`] put so far, builds and starts the [`Vmm`], and
+//! answers with a [`Response`] or an [`ActionError`] (a 400 for the API).
+//! It never speaks HTTP, and the API never reaches KVM except through it.
+
+pub mod resources;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{SerialOutput, VmConfig};
+use crate::metrics::{Metrics, MetricsError, MetricsSink};
+use crate::vmm::{Vmm, VmmError};
+use crate::BootSource;
+pub use resources::{
+    BootSourceConfig, Drive, DriveUpdate, Logger, MachineConfig, MachineConfigUpdate,
+    MetricsConfig, NetworkInterface, ResourceError, VmResources, Vsock,
+};
+
+/// How often metrics are written without being asked.
+pub const METRICS_PERIOD: Duration = Duration::from_secs(60);
+
+/// `PUT /actions` action types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActionType {
+    /// Build and boot the configured VM.
+    InstanceStart,
+    /// Press Ctrl+Alt+Del on the guest's i8042 keyboard.
+    SendCtrlAltDel,
+    /// Write one metrics line now.
+    FlushMetrics,
+}
+
+/// `PUT /actions` body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    /// What to do.
+    pub action_type: ActionType,
+}
+
+/// `PATCH /vm` states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmStateRequest {
+    /// Stop the vCPUs.
+    Paused,
+    /// Let them run again.
+    Resumed,
+}
+
+/// `PATCH /vm` body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    /// The wanted state.
+    pub state: VmStateRequest,
+}
+
+/// The VM's state as `GET /` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum InstanceState {
+    /// Configurable; no guest yet.
+    #[serde(rename = "Not started")]
+    NotStarted,
+    /// The guest runs.
+    Running,
+    /// The vCPUs are stopped.
+    Paused,
+}
+
+/// `GET /` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceInfo {
+    /// The instance id (`--id`).
+    pub id: String,
+    /// Its state.
+    pub state: InstanceState,
+    /// husk's version.
+    pub vmm_version: String,
+    /// "husk".
+    pub app_name: String,
+}
+
+/// Something asked of the VM.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    /// `GET /`.
+    GetInstanceInfo,
+    /// `GET /machine-config`.
+    GetMachineConfig,
+    /// `PUT /machine-config`.
+    PutMachineConfig(MachineConfig),
+    /// `PATCH /machine-config`.
+    PatchMachineConfig(MachineConfigUpdate),
+    /// `PUT /boot-source`.
+    PutBootSource(BootSourceConfig),
+    /// `PUT /drives/{id}` (id from the path, body).
+    PutDrive(String, Drive),
+    /// `PATCH /drives/{id}`.
+    PatchDrive(String, DriveUpdate),
+    /// `PUT /network-interfaces/{id}`.
+    PutNetworkInterface(String, NetworkInterface),
+    /// `PUT /vsock`.
+    PutVsock(Vsock),
+    /// `PUT /actions`.
+    Action(ActionType),
+    /// `PATCH /vm`.
+    PatchVm(VmStateRequest),
+    /// `PUT /logger` (already applied by the binary, which owns logging;
+    /// kept here for `GET /vm/config`).
+    PutLogger(Logger),
+    /// `PUT /metrics`.
+    PutMetrics(MetricsConfig),
+    /// `GET /vm/config`.
+    GetVmConfig,
+}
+
+/// What a request returns.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Response {
+    /// Done, nothing to say (204).
+    Empty,
+    /// A JSON document (200).
+    Json(serde_json::Value),
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    /// A body or value that cannot be accepted.
+    #[error(transparent)]
+    Resource(#[from] ResourceError),
+    /// Configuration after the VM started.
+    #[error("the microVM is running: {0} can only be done before InstanceStart")]
+    AfterStart(&'static str),
+    /// An operation that needs a running VM.
+    #[error("the microVM is not started: {0} needs InstanceStart first")]
+    BeforeStart(&'static str),
+    /// InstanceStart without a kernel.
+    #[error("no boot source: PUT /boot-source before InstanceStart")]
+    NoBootSource,
+    /// InstanceStart twice.
+    #[error("the microVM is already started")]
+    AlreadyStarted,
+    /// Resume a running VM, pause a paused one.
+    #[error("the microVM is already {0}")]
+    AlreadyInState(&'static str),
+    /// The VM could not be built or started.
+    #[error("cannot start the microVM: {0}")]
+    Start(VmmError),
+    /// A running VM refused an operation.
+    #[error("{0}")]
+    Vmm(VmmError),
+    /// Metrics could not be set up or written.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+}
+
+/// The state machine behind the API.
+pub struct Controller {
+    id: String,
+    resources: VmResources,
+    metrics: Arc<Metrics>,
+    sink: Option<MetricsSink>,
+    last_flush: Instant,
+    started: bool,
+    /// When InstanceStart arrived, until the first vCPU entry is recorded.
+    start_requested: Option<Instant>,
+    serial: SerialOutput,
+}
+
+impl Controller {
+    /// A controller for instance `id` whose guest console goes to `serial`,
+    /// counting into `metrics`.
+    pub fn new(id: String, serial: SerialOutput, metrics: Arc<Metrics>) -> Self {
+        Controller {
+            id,
+            resources: VmResources::default(),
+            metrics,
+            sink: None,
+            last_flush: Instant::now(),
+            started: false,
+            start_requested: None,
+            serial,
+        }
+    }
+
+    /// The counters shared with the API server.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// What has been configured so far.
+    pub fn resources(&self) -> &VmResources {
+        &self.resources
+    }
+
+    /// Applies a whole configuration document (`--config-file`), as if each
+    /// of its parts had been put in turn.
+    pub fn load(&mut self, resources: VmResources) -> Result<(), ActionError> {
+        resources.validate()?;
+        if let Some(m) = &resources.metrics {
+            self.sink = Some(MetricsSink::open(&m.metrics_path)?);
+        }
+        self.resources = resources;
+        Ok(())
+    }
+
+    fn info(&self, state: InstanceState) -> Response {
+        json(&InstanceInfo {
+            id: self.id.clone(),
+            state,
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+            app_name: "husk".to_string(),
+        })
+    }
+
+    /// Serves a request before InstanceStart. A successful InstanceStart
+    /// returns the started VM, which the caller then runs (handing later
+    /// requests to [`Controller::handle_running`]).
+    pub fn handle(&mut self, request: Request) -> Result<(Response, Option<Vmm>), ActionError> {
+        if self.started {
+            return Err(ActionError::AlreadyStarted);
+        }
+        let r = &mut self.resources;
+        let response = match request {
+            Request::GetInstanceInfo => self.info(InstanceState::NotStarted),
+            Request::GetMachineConfig => json(&r.machine_config),
+            Request::GetVmConfig => json(&self.resources),
+            Request::PutMachineConfig(m) => {
+                m.validate()?;
+                r.machine_config = m;
+                Response::Empty
+            }
+            Request::PatchMachineConfig(patch) => {
+                let m = patch.apply(&r.machine_config);
+                m.validate()?;
+                r.machine_config = m;
+                Response::Empty
+            }
+            Request::PutBootSource(b) => {
+                b.validate()?;
+                r.boot_source = Some(b);
+                Response::Empty
+            }
+            Request::PutDrive(id, d) => {
+                d.validate(&id)?;
+                r.put_drive(d)?;
+                Response::Empty
+            }
+            Request::PatchDrive(id, patch) => {
+                patch.validate(&id)?;
+                let drive = r
+                    .drives
+                    .iter_mut()
+                    .find(|d| d.drive_id == id)
+                    .ok_or(ResourceError::NoSuchDrive(id))?;
+                if let Some(p) = patch.path_on_host {
+                    drive.path_on_host = p;
+                }
+                Response::Empty
+            }
+            Request::PutNetworkInterface(id, i) => {
+                i.validate(&id)?;
+                r.put_network_interface(i)?;
+                Response::Empty
+            }
+            Request::PutVsock(v) => {
+                v.validate()?;
+                r.put_vsock(v)?;
+                Response::Empty
+            }
+            Request::PutLogger(l) => {
+                r.logger = Some(l);
+                Response::Empty
+            }
+            Request::PutMetrics(m) => {
+                self.put_metrics(m)?;
+                Response::Empty
+            }
+            Request::PatchVm(_) => return Err(ActionError::BeforeStart("pausing or resuming")),
+            Request::Action(ActionType::FlushMetrics) => {
+                self.flush_metrics()?;
+                Response::Empty
+            }
+            Request::Action(ActionType::SendCtrlAltDel) => {
+                return Err(ActionError::BeforeStart("SendCtrlAltDel"))
+            }
+            Request::Action(ActionType::InstanceStart) => {
+                let vmm = self.start()?;
+                return Ok((Response::Empty, Some(vmm)));
+            }
+        };
+        Ok((response, None))
+    }
+
+    fn put_metrics(&mut self, m: MetricsConfig) -> Result<(), ActionError> {
+        self.sink = Some(MetricsSink::open(&m.metrics_path)?);
+        self.resources.metrics = Some(m);
+        Ok(())
+    }
+
+    /// Builds the VM from the resources and starts its vCPUs.
+    fn start(&mut self) -> Result<Vmm, ActionError> {
+        let config = self.vm_config()?;
+        let t0 = Instant::now();
+        let mut vmm =
+            Vmm::with_metrics(&config, self.metrics.clone()).map_err(ActionError::Start)?;
+        vmm.start().map_err(ActionError::Start)?;
+        self.started = true;
+        self.start_requested = Some(t0);
+        self.metrics
+            .boot
+            .build_us
+            .add(t0.elapsed().as_micros() as u64);
+        tracing::info!(
+            id = %self.id,
+            setup_us = t0.elapsed().as_micros() as u64,
+            "microVM started"
+        );
+        Ok(vmm)
+    }
+
+    /// The VMM configuration the resources describe.
+    pub fn vm_config(&self) -> Result<VmConfig, ActionError> {
+        let r = &self.resources;
+        let boot = r.boot_source.as_ref().ok_or(ActionError::NoBootSource)?;
+        Ok(VmConfig {
+            vcpus: usize::from(r.machine_config.vcpu_count),
+            mem_mib: r.machine_config.mem_size_mib,
+            boot: BootSource {
+                kernel: boot.kernel_image_path.clone(),
+                initrd: boot.initrd_path.clone(),
+                cmdline: boot
+                    .boot_args
+                    .clone()
+                    .unwrap_or_else(|| resources::DEFAULT_BOOT_ARGS.to_string()),
+            },
+            serial: self.serial.clone(),
+            drives: r.drives.iter().map(Drive::to_drive_config).collect(),
+            net: r
+                .network_interfaces
+                .iter()
+                .map(NetworkInterface::to_net_config)
+                .collect::<Result<_, _>>()?,
+            vsock: r.vsock.as_ref().map(Vsock::to_vsock_config).transpose()?,
+        })
+    }
+
+    /// Records when the guest first ran, once it has (call it whenever the
+    /// VM's event loop wakes).
+    pub fn note_first_entry(&mut self, vmm: &Vmm) {
+        if let (Some(t0), Some(entry)) = (self.start_requested, vmm.first_vcpu_entry()) {
+            let us = entry.saturating_duration_since(t0).as_micros() as u64;
+            self.metrics.boot.start_to_first_entry_us.add(us.max(1));
+            self.start_requested = None;
+        }
+    }
+
+    /// Serves a request while the VM runs.
+    pub fn handle_running(
+        &mut self,
+        vmm: &mut Vmm,
+        request: Request,
+    ) -> Result<Response, ActionError> {
+        self.note_first_entry(vmm);
+        Ok(match request {
+            Request::GetInstanceInfo => self.info(if vmm.is_paused() {
+                InstanceState::Paused
+            } else {
+                InstanceState::Running
+            }),
+            Request::GetMachineConfig => json(&self.resources.machine_config),
+            Request::GetVmConfig => json(&self.resources),
+            Request::PatchDrive(id, patch) => {
+                patch.validate(&id)?;
+                if let Some(path) = patch.path_on_host {
+                    vmm.swap_drive(&id, path.clone())
+                        .map_err(ActionError::Vmm)?;
+                    if let Some(d) = self.resources.drives.iter_mut().find(|d| d.drive_id == id) {
+                        d.path_on_host = path;
+                    }
+                }
+                Response::Empty
+            }
+            Request::PatchVm(VmStateRequest::Paused) => {
+                if vmm.is_paused() {
+                    return Err(ActionError::AlreadyInState("paused"));
+                }
+                vmm.pause().map_err(ActionError::Vmm)?;
+                Response::Empty
+            }
+            Request::PatchVm(VmStateRequest::Resumed) => {
+                if !vmm.is_paused() {
+                    return Err(ActionError::AlreadyInState("running"));
+                }
+                vmm.resume();
+                Response::Empty
+            }
+            Request::Action(ActionType::InstanceStart) => return Err(ActionError::AlreadyStarted),
+            Request::Action(ActionType::SendCtrlAltDel) => {
+                vmm.send_ctrl_alt_del();
+                Response::Empty
+            }
+            Request::Action(ActionType::FlushMetrics) => {
+                self.flush_metrics()?;
+                Response::Empty
+            }
+            Request::PutLogger(l) => {
+                self.resources.logger = Some(l);
+                Response::Empty
+            }
+            Request::PutMetrics(m) => {
+                self.put_metrics(m)?;
+                Response::Empty
+            }
+            Request::PutMachineConfig(_) | Request::PatchMachineConfig(_) => {
+                return Err(ActionError::AfterStart("machine configuration"))
+            }
+            Request::PutBootSource(_) => {
+                return Err(ActionError::AfterStart("setting the boot source"))
+            }
+            Request::PutDrive(..) => return Err(ActionError::AfterStart("adding a drive")),
+            Request::PutNetworkInterface(..) => {
+                return Err(ActionError::AfterStart("adding a network interface"))
+            }
+            Request::PutVsock(_) => return Err(ActionError::AfterStart("adding a vsock device")),
+        })
+    }
+
+    /// Writes one metrics line now.
+    pub fn flush_metrics(&mut self) -> Result<(), ActionError> {
+        let sink = self.sink.as_mut().ok_or(MetricsError::NotConfigured)?;
+        sink.write(&self.metrics)?;
+        self.last_flush = Instant::now();
+        Ok(())
+    }
+
+    /// Writes a metrics line if a file is configured and the last one is a
+    /// period old; returns how long until the next one is due.
+    pub fn periodic_metrics(&mut self) -> Duration {
+        if self.sink.is_some() && self.last_flush.elapsed() >= METRICS_PERIOD {
+            if let Err(e) = self.flush_metrics() {
+                tracing::warn!(error = %e, "periodic metrics");
+                self.last_flush = Instant::now();
+            }
+        }
+        METRICS_PERIOD.saturating_sub(self.last_flush.elapsed())
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Response {
+    Response::Json(serde_json::to_value(value).unwrap_or(serde_json::Value::Null))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller() -> Controller {
+        Controller::new(
+            "vm0".into(),
+            SerialOutput::Sink,
+            Arc::new(Metrics::default()),
+        )
+    }
+
+    #[test]
+    fn info_and_defaults_before_start() {
+        let mut c = controller();
+        let (r, vmm) = c.handle(Request::GetInstanceInfo).unwrap();
+        assert!(vmm.is_none());
+        let Response::Json(v) = r else { panic!() };
+        assert_eq!(v["state"], "Not started");
+        assert_eq!(v["id"], "vm0");
+        assert_eq!(v["app_name"], "husk");
+        let (r, _) = c.handle(Request::GetMachineConfig).unwrap();
+        assert_eq!(
+            r,
+            Response::Json(
+                serde_json::json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": false, "track_dirty_pages": false})
+            )
+        );
+    }
+
+    #[test]
+    fn wrong_state_requests_are_refused() {
+        let mut c = controller();
+        assert!(matches!(
+            c.handle(Request::PatchVm(VmStateRequest::Resumed)),
+            Err(ActionError::BeforeStart(_))
+        ));
+        assert!(matches!(
+            c.handle(Request::Action(ActionType::InstanceStart)),
+            Err(ActionError::NoBootSource)
+        ));
+        assert!(matches!(
+            c.handle(Request::Action(ActionType::FlushMetrics)),
+            Err(ActionError::Metrics(MetricsError::NotConfigured))
+        ));
+        assert!(matches!(
+            c.handle(Request::PatchDrive(
+                "d".into(),
+                DriveUpdate {
+                    drive_id: "d".into(),
+                    path_on_host: None,
+                    rate_limiter: None
+                }
+            )),
+            Err(ActionError::Resource(ResourceError::NoSuchDrive(_)))
+        ));
+    }
+
+    #[test]
+    fn a_patch_keeps_what_it_does_not_name() {
+        let mut c = controller();
+        c.handle(Request::PutMachineConfig(MachineConfig {
+            vcpu_count: 2,
+            mem_size_mib: 512,
+            ..Default::default()
+        }))
+        .unwrap();
+        c.handle(Request::PatchMachineConfig(MachineConfigUpdate {
+            mem_size_mib: Some(256),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(c.resources().machine_config.vcpu_count, 2);
+        assert_eq!(c.resources().machine_config.mem_size_mib, 256);
+        // A refused patch changes nothing.
+        assert!(c
+            .handle(Request::PatchMachineConfig(MachineConfigUpdate {
+                vcpu_count: Some(0),
+                ..Default::default()
+            }))
+            .is_err());
+        assert_eq!(c.resources().machine_config.vcpu_count, 2);
+    }
+
+    #[test]
+    fn metrics_flush_writes_a_line() {
+        let path = std::env::temp_dir().join(format!("husk-ctl-metrics-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut c = controller();
+        c.handle(Request::PutMetrics(MetricsConfig {
+            metrics_path: path.clone(),
+        }))
+        .unwrap();
+        c.handle(Request::Action(ActionType::FlushMetrics)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+        assert!(line["uptime_ms"].is_u64());
+        std::fs::remove_file(path).unwrap();
+    }
+}

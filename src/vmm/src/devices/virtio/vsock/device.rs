@@ -1,0 +1,318 @@
+//! The virtio-vsock device (type 19): three queues (rx, tx, event), a
+//! configuration space holding the guest's CID, and the glue between the
+//! queues and the [`Muxer`].
+//!
+//! Tx chains are checked and decoded by `packet`, handed to the muxer and
+//! returned at once (used length 0); a chain that fails the checks is
+//! returned unread. Rx chains are only taken from the ring when the muxer
+//! has a packet for them, so a guest without rx buffers simply stops host
+//! reads until it posts some (its notification wakes the device).
+
+use std::path::PathBuf;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::muxer::{Muxer, MuxerError};
+use super::packet::{op, Buffers, HDR_SIZE, MAX_PAYLOAD, MAX_TX_CHAIN};
+use super::{EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, TYPE_VSOCK};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_RING,
+    VIRTIO_F_VERSION_1,
+};
+
+pub use crate::config::VsockConfig;
+
+/// Errors setting up the device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The host socket cannot be set up.
+    #[error(transparent)]
+    Muxer(#[from] MuxerError),
+    /// Somebody listens on `uds_path` (another VMM, most likely).
+    #[error("vsock socket {0} is in use: something listens on it")]
+    PathInUse(PathBuf),
+    /// `uds_path` exists and is not a socket.
+    #[error("vsock socket path {0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// An eventfd or the timer could not be created.
+    #[error("cannot create vsock eventfds: {0}")]
+    EventFd(std::io::Error),
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    // Held so the driver's buffers stay accounted for; husk never posts events.
+    _event: Queue,
+}
+
+/// A virtio-vsock device.
+pub struct Vsock {
+    cid: u64,
+    queue_sizes: [u16; 3],
+    queue_events: [EventFd; 3],
+    interrupt: Interrupt,
+    wake: EventFd,
+    /// Ticks once a second, to expire unanswered REQUESTs.
+    timer: vmm_sys_util::timerfd::TimerFd,
+    pub(super) muxer: Muxer,
+    active: Option<Active>,
+    tx_payload: Vec<u8>,
+    metrics: std::sync::Arc<crate::metrics::VsockMetrics>,
+}
+
+/// Removes a socket file left behind by a VMM that is gone; refuses any
+/// other existing file, and a socket somebody still listens on.
+fn clear_stale_socket(path: &std::path::Path) -> Result<(), VsockError> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let in_use = || VsockError::PathInUse(path.to_path_buf());
+    if !meta.file_type().is_socket() {
+        return Err(VsockError::NotASocket(path.to_path_buf()));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(in_use()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            tracing::info!(path = %path.display(), "removing a stale vsock socket");
+            std::fs::remove_file(path).map_err(|_| in_use())
+        }
+        Err(_) => Err(in_use()),
+    }
+}
+
+impl Vsock {
+    /// Listens on `config.uds_path` and builds the device.
+    pub fn new(config: &VsockConfig) -> Result<Self, VsockError> {
+        clear_stale_socket(&config.uds_path)?;
+        let evt = || EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd);
+        Ok(Vsock {
+            cid: u64::from(config.guest_cid),
+            queue_sizes: [QUEUE_SIZE; 3],
+            queue_events: [evt()?, evt()?, evt()?],
+            interrupt: Interrupt::new().map_err(VsockError::EventFd)?,
+            wake: evt()?,
+            timer: {
+                let os = |e: vmm_sys_util::errno::Error| {
+                    VsockError::EventFd(std::io::Error::from_raw_os_error(e.errno()))
+                };
+                let mut t = vmm_sys_util::timerfd::TimerFd::new().map_err(os)?;
+                let second = std::time::Duration::from_secs(1);
+                t.reset(second, Some(second)).map_err(os)?;
+                t
+            },
+            muxer: Muxer::new(u64::from(config.guest_cid), config.uds_path.clone())?,
+            active: None,
+            tx_payload: vec![0u8; MAX_PAYLOAD],
+            metrics: Default::default(),
+        })
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> std::sync::Arc<crate::metrics::VsockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The guest's context id.
+    pub fn cid(&self) -> u64 {
+        self.cid
+    }
+
+    /// Signalled when the device needs the event loop outside a queue or
+    /// socket event (activation, reset).
+    pub fn wake_event(&self) -> &EventFd {
+        &self.wake
+    }
+
+    /// The periodic timer (always armed, so reading it after the event
+    /// loop reported it readable never blocks).
+    pub fn timer(&mut self) -> &mut vmm_sys_util::timerfd::TimerFd {
+        &mut self.timer
+    }
+
+    /// The host-side multiplexer.
+    pub fn muxer(&self) -> &Muxer {
+        &self.muxer
+    }
+
+    fn notify(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
+        match queue.needs_notification(mem) {
+            Ok(false) => {}
+            Ok(true) | Err(_) => interrupt.trigger(INTERRUPT_USED_RING),
+        }
+    }
+
+    /// Called once a second: while streams are open or packets wait for
+    /// the guest, raises the used-ring interrupt again, so a driver that
+    /// missed an interrupt still looks at its rings (a spurious one costs
+    /// it one pass over them). A guard against lost interrupts; it did not
+    /// cure the rare guest-side vsock stall seen under nested emulation
+    /// (see docs/devices.md), which therefore is not a lost interrupt alone.
+    pub fn nudge(&self) {
+        if self.active.is_some() && (self.muxer.has_rx_work() || self.muxer.connection_count() > 0)
+        {
+            tracing::trace!("vsock: periodic used-ring interrupt");
+            self.interrupt.trigger(INTERRUPT_USED_RING);
+        }
+    }
+
+    /// Serves every packet the guest has queued for sending.
+    pub fn process_tx(&mut self) {
+        let Some(a) = &mut self.active else { return };
+        let mut used = false;
+        while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            let packet =
+                Buffers::from_descriptors(chain, &a.mem, false, MAX_TX_CHAIN).and_then(|b| {
+                    let hdr = b.tx_header(&a.mem)?;
+                    let len = if hdr.op == op::RW {
+                        hdr.len as usize
+                    } else {
+                        0
+                    };
+                    let payload = self
+                        .tx_payload
+                        .get_mut(..len)
+                        .ok_or(super::packet::PacketError::PayloadTooLarge(hdr.len))?;
+                    b.read_at(&a.mem, HDR_SIZE, payload)?;
+                    Ok((hdr, len))
+                });
+            match packet {
+                Ok((hdr, len)) => {
+                    tracing::trace!(?hdr, "vsock tx");
+                    self.metrics.tx_packets.inc();
+                    self.metrics.tx_bytes.add(len as u64);
+                    self.muxer
+                        .guest_packet(&hdr, self.tx_payload.get(..len).unwrap_or(&[]));
+                }
+                Err(e) => {
+                    self.metrics.invalid_chains.inc();
+                    tracing::debug!(error = %e, "bad vsock tx chain");
+                }
+            }
+            if let Err(e) = a.tx.add_used(&a.mem, head, 0) {
+                tracing::warn!(error = %e, "cannot return a vsock tx buffer");
+                break;
+            }
+            used = true;
+        }
+        if used {
+            Self::notify(&mut a.tx, &a.mem, &self.interrupt);
+        }
+    }
+
+    /// Fills the guest's rx buffers with what the muxer has for it.
+    pub fn process_rx(&mut self) {
+        let Some(a) = &mut self.active else { return };
+        let mut used = false;
+        while self.muxer.has_rx_work() {
+            let Some(chain) = a.rx.pop_descriptor_chain(&a.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let written = match Buffers::from_descriptors(chain, &a.mem, true, u32::MAX) {
+                Ok(b) if b.len() as usize >= HDR_SIZE => {
+                    let room = b.len() as usize - HDR_SIZE;
+                    let Some(hdr) = self.muxer.next_rx(room) else {
+                        // Nothing after all: leave the buffer to the guest.
+                        a.rx.go_to_previous_position();
+                        break;
+                    };
+                    tracing::trace!(?hdr, "vsock rx");
+                    let n = b
+                        .write_packet(&a.mem, &hdr, self.muxer.payload(hdr.len))
+                        .unwrap_or_else(|e| {
+                            tracing::debug!(error = %e, "vsock rx write failed");
+                            0
+                        });
+                    self.metrics.rx_packets.inc();
+                    self.metrics.rx_bytes.add(u64::from(n));
+                    n
+                }
+                Ok(_) => {
+                    self.metrics.invalid_chains.inc();
+                    tracing::debug!("vsock rx chain shorter than a header");
+                    0
+                }
+                Err(e) => {
+                    self.metrics.invalid_chains.inc();
+                    tracing::debug!(error = %e, "bad vsock rx chain");
+                    0
+                }
+            };
+            if let Err(e) = a.rx.add_used(&a.mem, head, written) {
+                tracing::warn!(error = %e, "cannot return a vsock rx buffer");
+                break;
+            }
+            used = true;
+        }
+        if used {
+            Self::notify(&mut a.rx, &a.mem, &self.interrupt);
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        1u64 << VIRTIO_F_VERSION_1
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_vsock_config { le64 guest_cid; }
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!(offset, "virtio-vsock config write ignored");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        _acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let mut it = queues.into_iter();
+        let (Some(rx), Some(tx), Some(event), 3) = (it.next(), it.next(), it.next(), got) else {
+            return Err(ActivateError::QueueCount { expected: 3, got });
+        };
+        let _ = (RX_QUEUE, TX_QUEUE, EVENT_QUEUE);
+        self.active = Some(Active {
+            mem,
+            rx,
+            tx,
+            _event: event,
+        });
+        // Host connections that waited for the driver are served from the
+        // event loop, not from this vCPU thread.
+        let _ = self.wake.write(1);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.muxer.reset();
+        let _ = self.wake.write(1);
+    }
+}
