@@ -24,7 +24,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut blk = common::block(read_only);
     if blk.activate(mem.clone(), vec![q], 0).is_ok() {
-        // Serve again, as a second notification would.
+        // Serve as the event loop does after activation, then again, as a
+        // second notification would.
+        blk.process_queue();
         blk.process_queue();
         blk.reset();
     }

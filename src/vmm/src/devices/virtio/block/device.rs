@@ -268,8 +268,10 @@ impl VirtioDevice for Block {
             return Err(ActivateError::QueueCount { expected: 1, got });
         };
         self.state = State::Active { mem, queue };
-        // Requests queued before activation are served now.
-        self.process_queue();
+        // Requests queued before activation are served by the event loop,
+        // like all others: this runs on a vCPU thread, whose seccomp
+        // filter allows no disk I/O.
+        let _ = self.queue_events[0].write(1);
         Ok(())
     }
 
@@ -340,13 +342,20 @@ mod tests {
     }
 
     /// Queues `descs` (descriptor table indices from 0), activates the device
-    /// (which serves them) and returns (used id, used len, status byte).
+    /// (which asks the event loop to serve them), serves them as the event
+    /// loop would, and returns (used id, used len, status byte).
     fn serve(blk: &mut Block, mem: &GuestMemoryMmap, descs: &[RawDescriptor]) -> (u32, u32, u8) {
         mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         let vq = MockSplitQueue::new(mem, 16);
         vq.add_desc_chains(descs, 0).unwrap();
         let q: Queue = vq.create_queue().unwrap();
         blk.activate(mem.clone(), vec![q], 0).unwrap();
+        assert_eq!(
+            blk.queue_events[0].read().unwrap(),
+            1,
+            "activation wakes the event loop"
+        );
+        blk.process_queue();
         let used = vq.used();
         assert_eq!(used.idx().load(), 1, "exactly one request completed");
         let elem = used.ring().ref_at(0).unwrap().load();
@@ -537,6 +546,7 @@ mod tests {
         vq.add_desc_chains(&chain, 0).unwrap();
         let q: Queue = vq.create_queue().unwrap();
         blk.activate(m.clone(), vec![q], 0).unwrap();
+        blk.process_queue();
         assert_eq!(vq.used().idx().load(), 1);
     }
 
