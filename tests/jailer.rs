@@ -310,6 +310,18 @@ if [ -n "$pid" ]; then
   echo "JAIL-MEMORY-MAX $(cat /sys/fs/cgroup/husk/vm1/memory.max)"
   echo "JAIL-ROOT-ENTRIES $(ls /proc/$pid/root | tr '\n' ' ')"
   echo "JAIL-FDS $(ls /proc/$pid/fd | tr '\n' ' ')"
+  # Once the vCPUs run, every thread is confined by its seccomp filter.
+  i=0
+  while [ $i -lt 600 ]; do
+    modes=""
+    for t in /proc/$pid/task/*; do
+      modes="$modes $(cat $t/comm 2>/dev/null):$(awk '/^Seccomp:/ {{print $2}}' $t/status 2>/dev/null)"
+    done
+    case "$modes" in *husk-vcpu0:2*) case "$modes" in *:0*|*:1*) ;; *) break ;; esac ;; esac
+    i=$((i + 1))
+    sleep 0.1
+  done
+  echo "JAIL-SECCOMP$modes"
 else
   echo "JAIL-NO-HUSK"
 fi
@@ -364,6 +376,15 @@ fn check_jailed(r: &RunResult) {
     assert_eq!(v("JAIL-GROUPS"), ".", "supplementary groups left");
     assert_eq!(v("JAIL-CAPS"), "0".repeat(80), "{}", r.output);
     assert_eq!(v("JAIL-NONEWPRIVS"), "1");
+    // Every thread (main, vCPU) runs under its seccomp filter (mode 2).
+    let seccomp = v("JAIL-SECCOMP");
+    let threads: Vec<&str> = seccomp.split_whitespace().collect();
+    assert!(threads.contains(&"husk-vcpu0:2"), "{seccomp}\n{}", r.output);
+    assert!(
+        threads.iter().all(|t| t.ends_with(":2")),
+        "{seccomp}\n{}",
+        r.output
+    );
     assert_eq!(v("JAIL-CGROUP"), "0::/husk/vm1");
     assert_eq!(v("JAIL-MEMORY-MAX"), "268435456");
     // Inside the jail husk sees only what the jailer and the caller put

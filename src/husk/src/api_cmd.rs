@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use vmm::controller::{ActionType, Controller, Request, VmResources};
 use vmm::metrics::Metrics;
+use vmm::seccomp::SeccompFilters;
 use vmm::signal::TerminationFd;
 use vmm::{SerialOutput, Vmm};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -69,7 +70,7 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Runs the VMM until its guest ends; returns the exit status.
-pub fn run(args: ApiArgs) -> anyhow::Result<u8> {
+pub fn run(args: ApiArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
     match (&args.api_sock, args.no_api, &args.config_file) {
         (Some(_), true, _) => bail!("--api-sock and --no-api exclude each other"),
         (None, true, None) => bail!("--no-api needs --config-file"),
@@ -81,6 +82,7 @@ pub fn run(args: ApiArgs) -> anyhow::Result<u8> {
     let term = TerminationFd::new().context("cannot watch termination signals")?;
     let metrics = Arc::new(Metrics::default());
     let mut controller = Controller::new(args.id.clone(), SerialOutput::Stdout, metrics.clone());
+    controller.set_seccomp(seccomp.clone());
 
     if let Some(file) = &args.config_file {
         let text = std::fs::read_to_string(file)
@@ -97,6 +99,9 @@ pub fn run(args: ApiArgs) -> anyhow::Result<u8> {
 
     let (calls_tx, calls) = mpsc::channel::<Call>();
     let wake = EventFd::new(EFD_NONBLOCK).context("cannot create the API eventfd")?;
+    // Created now: after InstanceStart this thread is confined, and its
+    // filter allows arming timers, not making them.
+    let metrics_timer = TimerFd::new().context("cannot create the metrics timer")?;
     let _socket = match &args.api_sock {
         Some(path) => {
             let listener = bind(path)?;
@@ -104,7 +109,8 @@ pub fn run(args: ApiArgs) -> anyhow::Result<u8> {
                 calls: calls_tx,
                 wake: wake.try_clone().context("cannot clone the API eventfd")?,
             };
-            api::spawn(listener, link, metrics.clone()).context("cannot start the API server")?;
+            api::spawn(listener, link, metrics.clone(), seccomp)
+                .context("cannot start the API server")?;
             tracing::info!(socket = %path.display(), "API server listening");
             Some(SocketFile(path.clone()))
         }
@@ -130,7 +136,7 @@ pub fn run(args: ApiArgs) -> anyhow::Result<u8> {
         }
     };
     drop(term);
-    run_vm(controller, vmm, calls, wake)
+    run_vm(controller, vmm, calls, wake, metrics_timer)
 }
 
 enum Started {
@@ -208,11 +214,11 @@ fn run_vm(
     mut vmm: Vmm,
     calls: Receiver<Call>,
     wake: EventFd,
+    mut timer: TimerFd,
 ) -> anyhow::Result<u8> {
     vmm.add_wake_source(wake, |e| {
         let _ = e.read();
     });
-    let mut timer = TimerFd::new().context("cannot create the metrics timer")?;
     let period = vmm::controller::METRICS_PERIOD;
     timer
         .reset(period.max(Duration::from_secs(1)), Some(period))

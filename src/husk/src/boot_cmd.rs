@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
+use vmm::seccomp::SeccompFilters;
 use vmm::{
     BlockConfig, BootSource, DriveConfig, MacAddr, NetConfig, SerialOutput, VmConfig, Vmm,
     VsockConfig, DEFAULT_CMDLINE,
@@ -135,7 +136,7 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
 }
 
 /// Boots the VM; returns the process exit status.
-pub fn run(args: BootArgs, process_start: Instant) -> anyhow::Result<u8> {
+pub fn run(args: BootArgs, process_start: Instant, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
     let config = VmConfig {
         vcpus: args.vcpus,
         mem_mib: args.mem_mib,
@@ -150,7 +151,7 @@ pub fn run(args: BootArgs, process_start: Instant) -> anyhow::Result<u8> {
         vsock: args.vsock,
     };
     let mut vmm = Vmm::new(&config).context("cannot build the microVM")?;
-    vmm.start().context("cannot start the vCPUs")?;
+    vmm.start(seccomp).context("cannot start the vCPUs")?;
     let exit = vmm.run().context("the VMM failed while the guest ran")?;
     let code = exit.exit_code();
     match exit {

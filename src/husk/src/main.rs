@@ -24,6 +24,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+use vmm::seccomp::{SeccompFilters, ThreadKind};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +38,16 @@ struct Cli {
     /// HUSK_LOG overrides it.
     #[arg(long, global = true, default_value = "warn")]
     log_level: String,
+
+    /// Run without seccomp filters (for debugging; never in production).
+    #[arg(long, global = true)]
+    no_seccomp: bool,
+
+    /// Self-test of the seccomp filters: threads of this kind (vmm, api,
+    /// vcpu) make a forbidden system call once confined, which must kill
+    /// the process by SIGSYS.
+    #[arg(long, global = true, hide = true, value_name = "THREAD", value_parser = parse_thread_kind)]
+    seccomp_selftest: Option<ThreadKind>,
 
     /// Without a subcommand: the API-driven VMM.
     #[command(flatten)]
@@ -55,6 +66,10 @@ enum Command {
     /// Run a command in a container inside a fresh microVM (the bundled
     /// busybox image unless IMAGE is given); exits with its status.
     Run(run_cmd::RunArgs),
+}
+
+fn parse_thread_kind(s: &str) -> Result<ThreadKind, String> {
+    ThreadKind::from_name(s).ok_or_else(|| format!("'{s}' is not a thread kind (vmm, api, vcpu)"))
 }
 
 /// The error and its causes on one line, skipping causes whose text an outer
@@ -78,11 +93,21 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
     logger::init(&cli.log_level);
+    let seccomp = if cli.no_seccomp {
+        tracing::warn!("seccomp filters are off (--no-seccomp): the guest faces an unconfined VMM");
+        SeccompFilters::disabled()
+    } else {
+        let filters = SeccompFilters::builtin();
+        match cli.seccomp_selftest {
+            Some(kind) => filters.with_probe(kind),
+            None => filters,
+        }
+    };
     let result = match cli.command {
-        Some(Command::Boot(args)) => boot_cmd::run(args, started),
+        Some(Command::Boot(args)) => boot_cmd::run(args, started, &seccomp),
         Some(Command::Image(args)) => image_cmd::run(args),
-        Some(Command::Run(args)) => run_cmd::run(args),
-        None if cli.api.given() => api_cmd::run(cli.api),
+        Some(Command::Run(args)) => run_cmd::run(args, &seccomp),
+        None if cli.api.given() => api_cmd::run(cli.api, &seccomp),
         None => {
             use clap::CommandFactory;
             let _ = Cli::command().print_help();

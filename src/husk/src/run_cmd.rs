@@ -17,6 +17,7 @@ use husk_protocol::{
     CreateContainer, ExitStatus, ProcessRef, Request, Response, Rootfs, Sandbox, StdioStream,
     DEFAULT_AGENT_PORT,
 };
+use vmm::seccomp::SeccompFilters;
 use vmm::{BlockConfig, BootSource, DriveConfig, SerialOutput, VmConfig, Vmm, VsockConfig};
 
 use crate::image;
@@ -249,7 +250,7 @@ impl Drop for RunDir {
 }
 
 /// Runs the container; returns the status to exit with.
-pub fn run(args: RunArgs) -> anyhow::Result<u8> {
+pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
     let kernel = args
         .kernel
         .clone()
@@ -304,8 +305,32 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         }),
     };
     let mut vmm = Vmm::new(&config).context("cannot build the microVM")?;
-    vmm.start().context("cannot start the vCPUs")?;
     let stop = vmm.stop_handle();
+    // The VMM gets a thread of its own: the seccomp filters confine it and
+    // its vCPUs, not this side, which talks to the agent and cleans up.
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let seccomp = seccomp.clone();
+    let vmm_thread = std::thread::Builder::new()
+        .name("husk-vmm".into())
+        .spawn(move || -> anyhow::Result<vmm::VmExit> {
+            let start = vmm.start(&seccomp);
+            let ok = start.is_ok();
+            let _ = started_tx.send(start);
+            if !ok {
+                return Err(anyhow::anyhow!("the vCPUs did not start"));
+            }
+            // Dropped here, on the confined thread, once the guest is gone.
+            vmm.run().context("the VMM failed while the guest ran")
+        })
+        .context("cannot start the VMM thread")?;
+    match started.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = vmm_thread.join();
+            return Err(anyhow::Error::new(e).context("cannot start the vCPUs"));
+        }
+        Err(_) => bail!("the VMM thread ended during start"),
+    }
     let outcome = Arc::new(Mutex::new(None));
     let client = {
         let outcome = outcome.clone();
@@ -326,14 +351,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
             })
             .context("cannot start the agent session")?
     };
-    let exit = vmm.run().context("the VMM failed while the guest ran")?;
+    let exit = vmm_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the VMM thread panicked"))??;
     if let vmm::VmExit::Signal(sig) = exit {
         // Ctrl-C or SIGTERM: the VM is gone and the container with it.
         eprintln!("husk: {exit}");
         return Ok(u8::try_from(128 + sig).unwrap_or(255));
     }
-    // The guest is gone: a session still waiting would wait forever.
-    drop(vmm);
+    // The guest is gone (and the VMM with it, on its thread): a session
+    // still waiting would wait forever.
     let result = outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
     if result.is_some() {
         let _ = client.join();

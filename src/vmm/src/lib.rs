@@ -10,7 +10,8 @@
 //!                     ──► boot (kernel, cmdline, initrd, zero page)
 //!                     ──► arch::x86_64 (page tables, GDT, MP table, CPUID, MSRs)
 //!                     ──► devices (serial, i8042)
-//!        Vmm::start  ──► vCPU threads (KVM_RUN loop, I/O exits to the buses)
+//!        Vmm::start  ──► vCPU threads (KVM_RUN loop, I/O exits to the buses),
+//!                        each thread under its seccomp filter (seccomp.rs)
 //!        Vmm::run    ──► event loop until the guest resets or dies
 //! ```
 
@@ -21,6 +22,7 @@ pub mod controller;
 pub mod devices;
 pub mod exit;
 pub mod metrics;
+pub mod seccomp;
 pub mod signal;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

@@ -6,7 +6,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,7 @@ use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitNotifier, ResetTrigger, StopHandle, VmExit};
 use crate::metrics::Metrics;
+use crate::seccomp::{SeccompError, SeccompFilters, ThreadKind};
 use crate::signal::TerminationFd;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuError, VcpuShared};
@@ -104,6 +105,12 @@ pub enum VmmError {
     /// Not every vCPU stopped for a pause in time; the VM keeps running.
     #[error("the vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
+    /// A seccomp filter could not be installed; the guest never ran.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    /// A vCPU thread ended before saying whether its filter is in place.
+    #[error("a vCPU thread ended during setup")]
+    VcpuSetupLost,
 }
 
 fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
@@ -481,10 +488,14 @@ impl Vmm {
         Ok(())
     }
 
-    /// Starts one thread per vCPU. From here on SIGTERM, SIGINT and SIGHUP
-    /// stop the VM through the event loop (they are blocked in every thread
-    /// started after this call).
-    pub fn start(&mut self) -> Result<(), VmmError> {
+    /// Starts one thread per vCPU and confines them and the calling thread
+    /// (which runs the event loop) with `seccomp`'s filters: every vCPU
+    /// installs its own, then waits until this thread has installed the VMM
+    /// filter, so the guest runs no instruction before all are in place.
+    /// From here on SIGTERM, SIGINT and SIGHUP stop the VM through the
+    /// event loop (they are blocked in every thread started after this
+    /// call).
+    pub fn start(&mut self, seccomp: &SeccompFilters) -> Result<(), VmmError> {
         vcpu::install_kick_handler()
             .map_err(|e| os("install the vCPU kick handler")(std::io::Error::from(e)))?;
         let fd = TerminationFd::new().map_err(os("watch termination signals"))?;
@@ -493,14 +504,59 @@ impl Vmm {
                 fd,
                 exit: self.shared.exit.clone(),
             })));
+        let (ready_tx, ready) = mpsc::channel::<Result<(), SeccompError>>();
+        let mut go = Vec::with_capacity(self.vcpus.len());
+        let mut failure = None;
         for vcpu in self.vcpus.drain(..) {
-            let handle = std::thread::Builder::new()
+            let (go_tx, go_rx) = mpsc::channel::<bool>();
+            let ready_tx = ready_tx.clone();
+            let seccomp = seccomp.clone();
+            let spawned = std::thread::Builder::new()
                 .name(format!("husk-vcpu{}", vcpu.index()))
-                .spawn(move || vcpu.run())
-                .map_err(os("spawn a vCPU thread"))?;
-            self.vcpu_threads.push(handle);
+                .spawn(move || {
+                    let _ = ready_tx.send(seccomp.install(ThreadKind::Vcpu));
+                    if go_rx.recv() == Ok(true) {
+                        vcpu.run();
+                    }
+                });
+            match spawned {
+                Ok(handle) => {
+                    self.vcpu_threads.push(handle);
+                    go.push(go_tx);
+                }
+                Err(e) => {
+                    failure = Some(os("spawn a vCPU thread")(e));
+                    break;
+                }
+            }
         }
-        Ok(())
+        drop(ready_tx);
+        for _ in 0..go.len() {
+            match ready.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failure = failure.or(Some(VmmError::Seccomp(e))),
+                Err(_) => failure = failure.or(Some(VmmError::VcpuSetupLost)),
+            }
+        }
+        if failure.is_none() {
+            if let Err(e) = seccomp.install(ThreadKind::Vmm) {
+                failure = Some(VmmError::Seccomp(e));
+            }
+        }
+        let ok = failure.is_none();
+        for tx in go {
+            let _ = tx.send(ok);
+        }
+        match failure {
+            None => Ok(()),
+            Some(e) => {
+                // The threads return without entering the guest.
+                for handle in self.vcpu_threads.drain(..) {
+                    let _ = handle.join();
+                }
+                Err(e)
+            }
+        }
     }
 
     /// When vCPU 0 first entered the guest.

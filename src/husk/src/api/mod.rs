@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use vmm::controller::{Request, Response as VmmResponse};
 use vmm::metrics::Metrics;
+use vmm::seccomp::{SeccompError, SeccompFilters, ThreadKind};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -92,12 +93,26 @@ struct Server {
     metrics: Arc<Metrics>,
 }
 
-/// Starts the API server on `listener` (already bound) in a thread.
+/// Why the API server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// Setting up the listener, its epoll or the thread failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The API thread could not confine itself; it serves nothing.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+}
+
+/// Starts the API server on `listener` (already bound) in a thread, which
+/// installs the API seccomp filter before it accepts a connection; returns
+/// once the filter is in place.
 pub fn spawn(
     listener: UnixListener,
     link: VmmLink,
     metrics: Arc<Metrics>,
-) -> std::io::Result<JoinHandle<()>> {
+    seccomp: &SeccompFilters,
+) -> Result<JoinHandle<()>, SpawnError> {
     listener.set_nonblocking(true)?;
     let epoll = Epoll::new()?;
     epoll.ctl(
@@ -112,9 +127,23 @@ pub fn spawn(
         link,
         metrics,
     };
-    std::thread::Builder::new()
+    let (ready_tx, ready) = mpsc::channel();
+    let seccomp = seccomp.clone();
+    let handle = std::thread::Builder::new()
         .name("husk-api".into())
-        .spawn(move || server.run())
+        .spawn(move || {
+            let confined = seccomp.install(ThreadKind::Api);
+            let ok = confined.is_ok();
+            let _ = ready_tx.send(confined);
+            if ok {
+                server.run();
+            }
+        })?;
+    match ready.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(std::io::Error::other("the API thread ended during setup").into()),
+    }
 }
 
 impl Server {

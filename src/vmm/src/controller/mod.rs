@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{SerialOutput, VmConfig};
 use crate::metrics::{Metrics, MetricsError, MetricsSink};
+use crate::seccomp::SeccompFilters;
 use crate::vmm::{Vmm, VmmError};
 use crate::BootSource;
 pub use resources::{
@@ -171,6 +172,7 @@ pub struct Controller {
     /// When InstanceStart arrived, until the first vCPU entry is recorded.
     start_requested: Option<Instant>,
     serial: SerialOutput,
+    seccomp: SeccompFilters,
 }
 
 impl Controller {
@@ -186,7 +188,14 @@ impl Controller {
             started: false,
             start_requested: None,
             serial,
+            seccomp: SeccompFilters::builtin(),
         }
+    }
+
+    /// The seccomp filters InstanceStart confines the VM's threads with
+    /// (the built-in ones unless changed here).
+    pub fn set_seccomp(&mut self, seccomp: SeccompFilters) {
+        self.seccomp = seccomp;
     }
 
     /// The counters shared with the API server.
@@ -310,7 +319,7 @@ impl Controller {
         let t0 = Instant::now();
         let mut vmm =
             Vmm::with_metrics(&config, self.metrics.clone()).map_err(ActionError::Start)?;
-        vmm.start().map_err(ActionError::Start)?;
+        vmm.start(&self.seccomp).map_err(ActionError::Start)?;
         self.started = true;
         self.start_requested = Some(t0);
         self.metrics
