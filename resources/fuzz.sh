@@ -2,7 +2,8 @@
 # Runs every cargo-fuzz target for a bounded time, starting from the seed
 # corpus in the repo (<crate>/fuzz/corpus/<target>, copied: the run's finds
 # stay out of the tree). Targets live in src/vmm/fuzz (virtio devices and
-# transport) and src/protocol/fuzz (the agent protocol decoder). A crash
+# transport), src/protocol/fuzz (the agent protocol decoder) and
+# src/husk/fuzz (the API's HTTP parser and router). A crash
 # fails the run and leaves its input under <crate>/fuzz/artifacts/.
 # Installs cargo-fuzz from crates.io if missing; builds with the machine's
 # nightly toolchain (sanitizers need it).
@@ -26,7 +27,7 @@ fi
 
 export CARGO_BUILD_JOBS
 CARGO_BUILD_JOBS=$(nproc)
-for crate in src/vmm src/protocol; do
+for crate in src/vmm src/protocol src/husk; do
   cd "$repo/$crate"
   rustup run nightly cargo fuzz build -O >&2
   for target in $(rustup run nightly cargo fuzz list); do
