@@ -20,7 +20,7 @@ use husk_protocol::{
     Accepted, AgentError, Channel, CreateContainer, ErrorCode, Event, ExitStatus, Hello,
     ProcessRef, ReplyFrame, Request, RequestFrame, Response, Rootfs, StdioStream, PROTOCOL_VERSION,
 };
-use husk_tests::cargo_binary;
+use husk_tests::{cargo_binary, oci_spec as spec};
 use serde_json::json;
 
 struct Pod {
@@ -377,45 +377,6 @@ fn read_all(mut s: UnixStream) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
-}
-
-/// A spec like containerd's default, running `args`.
-fn spec(args: &[&str]) -> serde_json::Value {
-    json!({
-        "ociVersion": "1.1.0",
-        "process": {
-            "terminal": false,
-            "user": {"uid": 0, "gid": 0},
-            "args": args,
-            "env": ["PATH=/bin", "HOME=/root"],
-            "cwd": "/",
-            "capabilities": {
-                "bounding": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"],
-                "effective": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"],
-                "permitted": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"]
-            },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 512}],
-            "noNewPrivileges": true
-        },
-        "root": {"path": "rootfs"},
-        "hostname": "box",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
-            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
-        ],
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"],
-            "readonlyPaths": ["/proc/sys", "/proc/bus"],
-            "sysctl": {"kernel.msgmax": "4096"}
-        }
-    })
 }
 
 #[test]

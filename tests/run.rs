@@ -6,39 +6,10 @@
 //! their root filesystems are put in a cache directory the run in the node
 //! VM finds them in (the node has no e2fsprogs of its own).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
-use std::sync::OnceLock;
 
-use husk_tests::{artifacts, husk_binary, repo_root, Payload, RunResult};
-
-/// The agent initramfs, built once per test process.
-fn agent_initrd() -> &'static Path {
-    static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let out = std::env::temp_dir().join(format!("husk-run-agent-{}.cpio", std::process::id()));
-        let st = Command::new("bash")
-            .arg(repo_root().join("resources/agent/build.sh"))
-            .arg(&out)
-            .status()
-            .expect("run resources/agent/build.sh");
-        assert!(st.success(), "resources/agent/build.sh failed");
-        out
-    })
-}
-
-fn husk(args: &[&str], cache: &Path) {
-    let out = Command::new(husk_binary())
-        .args(args)
-        .env("HUSK_CACHE_DIR", cache)
-        .output()
-        .expect("run husk");
-    assert!(
-        out.status.success(),
-        "husk {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use husk_tests::{agent_initrd, artifacts, busybox_rootfs, husk_with_cache, Payload, RunResult};
 
 /// A payload with husk, the kernel, the agent, the busybox image as
 /// `busybox/` and its root filesystem in `cache/`.
@@ -49,18 +20,7 @@ fn payload(name: &str) -> (Payload, PathBuf) {
         .add(&a.vmlinux, "vmlinux")
         .add(agent_initrd(), "agent.cpio");
     let dir = p.path().to_path_buf();
-    husk(
-        &[
-            "image",
-            "build-busybox",
-            dir.join("busybox").to_str().unwrap(),
-        ],
-        &dir.join("cache"),
-    );
-    husk(
-        &["image", "rootfs", dir.join("busybox").to_str().unwrap()],
-        &dir.join("cache"),
-    );
+    busybox_rootfs(&dir);
     (p, dir)
 }
 
@@ -158,7 +118,7 @@ fn a_multi_layer_image_whose_upper_layer_deletes_a_file() {
         "sh",
     ]);
     std::fs::remove_dir_all(dir.join("b")).unwrap();
-    husk(
+    husk_with_cache(
         &["image", "rootfs", dir.join("img:t").to_str().unwrap()],
         &dir.join("cache"),
     );

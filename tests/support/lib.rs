@@ -319,3 +319,99 @@ pub fn husk_on_host(args: &[&str]) -> RunResult {
 }
 
 pub use vmm::test_utils::tiny_elf;
+
+/// A spec like containerd's default, running `args`.
+pub fn oci_spec(args: &[&str]) -> serde_json::Value {
+    serde_json::json!({
+        "ociVersion": "1.1.0",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/bin", "HOME=/root"],
+            "cwd": "/",
+            "capabilities": {
+                "bounding": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"],
+                "effective": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"],
+                "permitted": ["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"]
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 512}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "rootfs"},
+        "hostname": "box",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/sys/firmware"],
+            "readonlyPaths": ["/proc/sys", "/proc/bus"],
+            "sysctl": {"kernel.msgmax": "4096"}
+        }
+    })
+}
+
+/// The agent initramfs (`resources/agent/build.sh`), built once per test
+/// process.
+pub fn agent_initrd() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let out = std::env::temp_dir().join(format!("husk-test-agent-{}.cpio", std::process::id()));
+        let st = Command::new("bash")
+            .arg(repo_root().join("resources/agent/build.sh"))
+            .arg(&out)
+            .status()
+            .expect("run resources/agent/build.sh");
+        assert!(st.success(), "resources/agent/build.sh failed");
+        out
+    })
+}
+
+/// Runs this host's husk with `args` and `HUSK_CACHE_DIR=cache`; panics
+/// with its stderr if it fails.
+pub fn husk_with_cache(args: &[&str], cache: &Path) {
+    let out = Command::new(husk_binary())
+        .args(args)
+        .env("HUSK_CACHE_DIR", cache)
+        .output()
+        .expect("run husk");
+    assert!(
+        out.status.success(),
+        "husk {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Builds the bundled busybox image as `<dir>/busybox` and its root
+/// filesystem into the cache `<dir>/cache` (the node VM has no e2fsprogs
+/// to build one); returns the ext4 image's path.
+pub fn busybox_rootfs(dir: &Path) -> PathBuf {
+    let image = dir.join("busybox");
+    let cache = dir.join("cache");
+    husk_with_cache(
+        &[
+            "image",
+            "build-busybox",
+            image.to_str().expect("utf-8 path"),
+        ],
+        &cache,
+    );
+    husk_with_cache(
+        &["image", "rootfs", image.to_str().expect("utf-8 path")],
+        &cache,
+    );
+    let ext4 = std::fs::read_dir(cache.join("rootfs/v1"))
+        .expect("the rootfs cache")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "ext4"))
+        .expect("an ext4 image in the rootfs cache");
+    ext4
+}

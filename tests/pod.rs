@@ -1,0 +1,278 @@
+//! A pod in a real guest: husk boots a microVM with husk-agent as its
+//! init, a busybox root filesystem on a virtio-blk drive and a vsock, and
+//! this test (run a second time inside the node VM, as the pod's client)
+//! drives the agent over the vsock's unix socket the way a runtime shim
+//! does. In one VM: two containers of the pod talking over localhost TCP,
+//! an exec into a running container, SIGKILL reported as a signal, an
+//! exit code, a read-only root refusing writes, a pids limit, and a memory
+//! limit ending in an OOM kill and its event.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use husk_protocol::client::{AgentClient, Endpoint};
+use husk_protocol::frame::read_frame;
+use husk_protocol::oci_spec::runtime::{Process, Spec};
+use husk_protocol::{
+    Channel, CreateContainer, Event, ExitStatus, ProcessRef, Request, Response, Rootfs, Sandbox,
+    StdioStream, DEFAULT_AGENT_PORT,
+};
+use husk_tests::{agent_initrd, artifacts, busybox_rootfs, oci_spec, Payload};
+use serde_json::json;
+
+/// Set inside the node VM: the vsock socket of the running microVM.
+const UDS_ENV: &str = "HUSK_POD_UDS";
+
+#[test]
+fn a_pod_in_a_real_guest() {
+    if let Some(uds) = std::env::var_os(UDS_ENV) {
+        client(Path::new(&uds));
+        return;
+    }
+    let a = artifacts();
+    let p = Payload::new("pod")
+        .add(&a.husk, "husk")
+        .add(&a.vmlinux, "vmlinux")
+        .add(agent_initrd(), "agent.cpio")
+        .add(&std::env::current_exe().unwrap(), "pod");
+    let rootfs = busybox_rootfs(p.path());
+    let p = p.add(&rootfs, "rootfs.ext4");
+    let r = p.run(
+        "./husk boot --kernel vmlinux --initrd agent.cpio --vcpus 2 --mem-mib 256 \
+           --cmdline 'console=ttyS0 reboot=k panic=1 pci=off quiet' \
+           --drive id=rootfs,path=rootfs.ext4,ro --vsock cid=3,uds=v.sock > console.txt 2>&1 &
+         vmm=$!
+         HUSK_POD_UDS=v.sock timeout 300 ./pod --exact a_pod_in_a_real_guest --nocapture --test-threads 1
+         echo \"POD-STATUS $?\"
+         wait $vmm
+         echo \"HUSK-EXIT $?\"
+         echo '--- console'; tail -n 30 console.txt",
+    );
+    assert_eq!(r.value("POD-STATUS").as_deref(), Some("0"), "{}", r.output);
+    // The client's Shutdown ends the guest, and with it husk, cleanly.
+    assert_eq!(r.value("HUSK-EXIT").as_deref(), Some("0"), "{}", r.output);
+    for line in [
+        "POD-LOCALHOST hello-over-localhost",
+        "POD-EXEC hello-over-localhost",
+        "POD-SIGKILL Signal(9)",
+        "POD-EXIT Code(42)",
+        "POD-READONLY refused",
+        "POD-PIDS limited",
+        "POD-OOM event",
+    ] {
+        r.assert_contains(line);
+    }
+}
+
+/// The pod's client, inside the node VM.
+fn client(uds: &Path) {
+    let endpoint = Endpoint::Vsock {
+        uds: uds.to_path_buf(),
+        port: DEFAULT_AGENT_PORT,
+    };
+    let mut agent = AgentClient::connect(endpoint.clone(), Duration::from_secs(180))
+        .expect("the agent answers");
+    let mut events = endpoint.open(Channel::Events).expect("the event stream");
+    agent
+        .call(Request::CreateSandbox(Sandbox {
+            hostname: Some("pod".into()),
+            ..Default::default()
+        }))
+        .expect("CreateSandbox");
+    let mut pod = Pod { agent };
+
+    // Two containers sharing the pod's network namespace: a web server on
+    // 127.0.0.1 and a client of it.
+    pod.create(
+        "web",
+        json!(["sh", "-c", "mkdir -p /tmp/www && echo hello-over-localhost > /tmp/www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /tmp/www"]),
+        None,
+        true,
+    );
+    pod.start("web");
+    pod.create(
+        "fetch",
+        json!(["sh", "-c", "for i in $(seq 100); do wget -q -O - http://127.0.0.1:8080/index.html && exit 0; sleep 0.1; done; exit 1"]),
+        None,
+        true,
+    );
+    let out = pod.stream("fetch", None, StdioStream::Stdout);
+    pod.start("fetch");
+    let fetched = read_all(out);
+    assert_eq!(pod.wait("fetch", None), ExitStatus::Code(0), "{fetched}");
+    println!("POD-LOCALHOST {}", fetched.trim());
+
+    // An exec into the running server sees its files.
+    let process: Process = serde_json::from_value(json!({
+        "user": {"uid": 0, "gid": 0},
+        "args": ["cat", "/tmp/www/index.html"],
+        "env": ["PATH=/bin"],
+        "cwd": "/"
+    }))
+    .unwrap();
+    pod.call(Request::ExecProcess {
+        container_id: "web".into(),
+        exec_id: "peek".into(),
+        process: Box::new(process),
+    });
+    let out = pod.stream("web", Some("peek"), StdioStream::Stdout);
+    let peeked = read_all(out);
+    assert_eq!(pod.wait("web", Some("peek")), ExitStatus::Code(0));
+    println!("POD-EXEC {}", peeked.trim());
+
+    // SIGKILL from outside ends the server; the status says so.
+    pod.call(Request::SignalProcess {
+        process: pref("web", None),
+        signal: libc::SIGKILL,
+        all: false,
+    });
+    println!("POD-SIGKILL {:?}", pod.wait("web", None));
+
+    pod.create("code", json!(["sh", "-c", "exit 42"]), None, true);
+    pod.start("code");
+    println!("POD-EXIT {:?}", pod.wait("code", None));
+
+    // The drive read-only and no overlay: the root refuses writes.
+    pod.create(
+        "ro",
+        json!(["sh", "-c", "touch /written 2>&1; echo status=$?"]),
+        None,
+        false,
+    );
+    let out = pod.stream("ro", None, StdioStream::Stdout);
+    pod.start("ro");
+    let said = read_all(out);
+    pod.wait("ro", None);
+    assert!(
+        said.contains("Read-only file system") && said.contains("status=1"),
+        "{said}"
+    );
+    println!("POD-READONLY refused");
+
+    // pids.max = 4: the fifth process cannot be forked.
+    pod.create(
+        "pids",
+        json!([
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 5 & done; wait"
+        ]),
+        Some(json!({"pids": {"limit": 4}})),
+        true,
+    );
+    let err = pod.stream("pids", None, StdioStream::Stderr);
+    pod.start("pids");
+    let said = read_all(err);
+    pod.wait("pids", None);
+    assert!(said.contains("fork") || said.contains("resource"), "{said}");
+    println!("POD-PIDS limited");
+
+    // 16 MiB of memory, 64 MiB written to tmpfs: the OOM killer ends it
+    // and the event stream says so.
+    pod.create(
+        "oom",
+        json!(["sh", "-c", "dd if=/dev/zero of=/dev/shm/f bs=1M count=64"]),
+        Some(json!({"memory": {"limit": 16777216, "swap": 16777216}})),
+        true,
+    );
+    pod.start("oom");
+    let status = pod.wait("oom", None);
+    assert_eq!(status, ExitStatus::Signal(libc::SIGKILL), "{status:?}");
+    events
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut saw_oom = false;
+    while !saw_oom && Instant::now() < deadline {
+        match read_frame::<_, Event>(&mut events) {
+            Ok(Event::Oom { container_id }) => saw_oom = container_id == "oom",
+            Ok(_) => {}
+            Err(e) => panic!("event stream: {e}"),
+        }
+    }
+    assert!(saw_oom, "no OOM event for the container");
+    println!("POD-OOM event");
+
+    for id in ["web", "fetch", "code", "ro", "pids", "oom"] {
+        pod.call(Request::RemoveContainer {
+            container_id: id.into(),
+        });
+    }
+    // Ends the guest; the VMM exits 0.
+    let _ = pod.agent.call(Request::Shutdown);
+}
+
+struct Pod {
+    agent: AgentClient,
+}
+
+impl Pod {
+    fn call(&mut self, request: Request) -> Response {
+        let what = format!("{request:?}");
+        self.agent
+            .call(request)
+            .unwrap_or_else(|e| panic!("{}: {e}", &what[..what.len().min(120)]))
+    }
+
+    /// A container from the busybox drive running `args`; `overlay` gives
+    /// it a writable tmpfs over the read-only drive.
+    fn create(
+        &mut self,
+        id: &str,
+        args: serde_json::Value,
+        resources: Option<serde_json::Value>,
+        overlay: bool,
+    ) {
+        let mut spec = oci_spec(&[]);
+        spec["process"]["args"] = args;
+        spec["hostname"] = json!(id);
+        if let Some(r) = resources {
+            spec["linux"]["resources"] = r;
+        }
+        let spec: Spec = serde_json::from_value(spec).expect("a valid spec");
+        self.call(Request::CreateContainer(CreateContainer {
+            container_id: id.into(),
+            spec: Box::new(spec),
+            rootfs: Rootfs {
+                drive_id: "rootfs".into(),
+                fstype: "ext4".into(),
+                read_only: true,
+                writable_overlay: overlay,
+            },
+        }));
+    }
+
+    fn start(&mut self, id: &str) {
+        self.call(Request::StartContainer {
+            container_id: id.into(),
+        });
+    }
+
+    fn wait(&mut self, id: &str, exec: Option<&str>) -> ExitStatus {
+        match self.call(Request::WaitProcess(pref(id, exec))) {
+            Response::Exited(status) => status,
+            other => panic!("WaitProcess answered {other:?}"),
+        }
+    }
+
+    fn stream(&mut self, id: &str, exec: Option<&str>, stream: StdioStream) -> UnixStream {
+        self.agent
+            .open_stdio(id, exec, stream)
+            .unwrap_or_else(|e| panic!("stdio of {id}: {e}"))
+    }
+}
+
+fn pref(id: &str, exec: Option<&str>) -> ProcessRef {
+    ProcessRef {
+        container_id: id.into(),
+        exec_id: exec.map(Into::into),
+    }
+}
+
+fn read_all(mut s: UnixStream) -> String {
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read a stdio stream");
+    out
+}
