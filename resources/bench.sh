@@ -11,6 +11,9 @@
 #                                                        InstanceStart to the first vCPU entry
 #   resources/bench.sh net [--size-mib M]                 virtio-net TCP throughput guest<->node over a tap
 #   resources/bench.sh vsock [--size-mib M] [--streams N] virtio-vsock throughput, both directions
+#   resources/bench.sh run [--runs N]                    husk run to the container's first output
+#                                                        byte against runc run of the same image;
+#                                                        the agent's container start and RSS in a guest
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=resources/lib.sh
@@ -19,13 +22,13 @@ source "$repo/resources/lib.sh"
 mode=boot runs=10 size_mib="" runtime_s=5 streams=8 firecracker=""
 while (($#)); do
   case $1 in
-    boot|blk|api|net|vsock) mode=$1; shift ;;
+    boot|blk|api|net|vsock|run) mode=$1; shift ;;
     --runs) runs=$2; shift 2 ;;
     --size-mib) size_mib=$2; shift 2 ;;
     --runtime-s) runtime_s=$2; shift 2 ;;
     --streams) streams=$2; shift 2 ;;
     --firecracker) firecracker=$(realpath "$2"); shift 2 ;;
-    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] | api [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N]]" >&2; exit 2 ;;
+    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] | api [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | run [--runs N]]" >&2; exit 2 ;;
   esac
 done
 
@@ -104,5 +107,23 @@ case $mode in
     "$repo/resources/node/run.sh" --payload "$payload" -- \
       ./husk-bench vsock --husk ./husk --kernel vmlinux --initrd vsock.cpio \
       --port 5201 --size-mib "${size_mib:-128}" --streams "$streams"
+    ;;
+  run)
+    # husk run and runc run of the same busybox image, both in the node VM;
+    # its root filesystem is built here (the node has no e2fsprogs). The
+    # node's / is an initramfs, which pivot_root cannot leave: runc gets
+    # --no-pivot (a move and a chroot instead).
+    ensure_packages runc
+    "$repo/resources/agent/build.sh" "$payload/agent.cpio" >&2
+    "$repo/target/release/husk" image build-busybox "$payload/busybox" >&2
+    HUSK_CACHE_DIR="$payload/cache" "$repo/target/release/husk" image rootfs "$payload/busybox" >&2
+    cp "$(find "$payload/cache/rootfs" -name '*.ext4' | head -n1)" "$payload/rootfs.ext4"
+    # The layout names its manifest "busybox:latest": that is the tag.
+    umoci unpack --image "$payload/busybox:busybox:latest" "$payload/bundle" >&2
+    cp "$(command -v runc)" "$payload/runc"
+    "$repo/resources/node/run.sh" --payload "$payload" -- sh -c \
+      "HUSK_CACHE_DIR=./cache ./husk-bench run --husk ./husk --kernel vmlinux \
+         --agent-initrd agent.cpio --image ./busybox --rootfs rootfs.ext4 \
+         --runc ./runc --runc-no-pivot --bundle bundle --runs $runs"
     ;;
 esac

@@ -1001,8 +1001,12 @@ fn start_latency_and_agent_memory() {
         times[0],
         times[times.len() - 1]
     );
-    assert!(times[times.len() / 2] < Duration::from_millis(500));
-    assert!(rss_kib < 64 * 1024);
+    // The numbers themselves are measured in a guest by `husk-bench run`;
+    // here only a blow-up (a leak per container) fails.
+    assert!(
+        rss_kib < 64 * 1024,
+        "agent RSS {rss_kib} KiB after 20 containers"
+    );
 }
 
 #[test]

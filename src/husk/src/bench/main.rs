@@ -11,6 +11,10 @@
 //! `vsock-serve` and `vsock-client` are the two ends, usable on their own
 //! (the integration tests use them).
 //!
+//! `husk-bench run` times `husk run` (and `runc run` of the same image) to
+//! the container's first output byte, and in one guest the agent's
+//! container starts and memory (see `run`).
+//!
 //! `husk-bench boot` starts `husk boot` N times and measures, per run, the
 //! wall time from spawning the VMM process to the guest's first user-space
 //! line (the marker the test init prints first), the VMM's own setup time
@@ -22,6 +26,7 @@
 mod api;
 mod io;
 mod net;
+mod run;
 mod stats;
 mod vsock;
 
@@ -60,6 +65,9 @@ enum Bench {
     Tap(net::TapArgs),
     /// vsock throughput, host->guest and guest->host, through husk's unix socket.
     Vsock(VsockBench),
+    /// `husk run` to the container's first output byte (against `runc run`),
+    /// and in a guest the agent's container start latency and memory.
+    Run(run::RunBench),
     /// Serve vsock test streams (echo, upload, download) until told to quit.
     VsockServe(VsockServeArgs),
     /// Open concurrent vsock test streams and check every byte.
@@ -425,6 +433,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Boot(b) => boot(b)?,
         Bench::Blk(b) => blk(b)?,
         Bench::Api(b) => api::run(&b)?,
+        Bench::Run(b) => run::run(b)?,
         Bench::Net(b) => net::net(b)?,
         Bench::Tap(a) => return net::tap(a),
         Bench::Vsock(b) => {
