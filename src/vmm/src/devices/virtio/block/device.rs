@@ -5,13 +5,19 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::{Request, RequestType};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, TYPE_BLOCK};
+
+/// Data buffers per request the driver may use (VIRTIO_BLK_F_SEG_MAX): all
+/// the descriptors a chain can have but the header and the status. Without
+/// it Linux sends one buffer per request, so a large transfer from
+/// scattered guest pages becomes many small requests.
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1,
@@ -93,7 +99,9 @@ impl Block {
         let mut id_bytes = [0u8; ID_BYTES];
         let n = config.id.len().min(ID_BYTES);
         id_bytes[..n].copy_from_slice(&config.id.as_bytes()[..n]);
-        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_BLK_F_FLUSH);
+        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_BLK_F_FLUSH)
+            | (1u64 << VIRTIO_BLK_F_SEG_MAX);
         if config.read_only {
             avail_features |= 1u64 << VIRTIO_BLK_F_RO;
         }
@@ -247,10 +255,13 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_blk_config: capacity (sectors) first; the rest of the
-        // fields belong to features husk does not offer and read as zero.
-        let capacity = (self.capacity / SECTOR_SIZE).to_le_bytes();
-        read_config_bytes(&capacity, offset, data);
+        // struct virtio_blk_config: capacity (sectors), size_max (not
+        // offered: 0), seg_max; the rest belongs to features husk does not
+        // offer and reads as zero.
+        let mut config = [0u8; 16];
+        config[..8].copy_from_slice(&(self.capacity / SECTOR_SIZE).to_le_bytes());
+        config[12..].copy_from_slice(&SEG_MAX.to_le_bytes());
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -394,6 +405,53 @@ mod tests {
     }
 
     #[test]
+    fn scattered_buffers_and_buffers_across_memory_regions() {
+        // Three buffers out of order in guest memory, one request: the
+        // sectors hold them in chain order.
+        let disk = Disk::new(8192);
+        let m = mem();
+        let parts: [(u64, u8); 3] = [(0x10_6000, 0xaa), (0x10_2000, 0xbb), (0x10_4000, 0xcc)];
+        for (addr, byte) in parts {
+            m.write_slice(&[byte; 512], GuestAddress(addr)).unwrap();
+        }
+        let mut chain = vec![d(HDR, 16, NEXT, 1)];
+        for (i, (addr, _)) in parts.iter().enumerate() {
+            chain.push(d(*addr, 512, NEXT, i as u16 + 2));
+        }
+        chain.push(d(STATUS, 1, WRITE, 0));
+        let mut blk = block(&disk, false);
+        header(&m, VIRTIO_BLK_T_OUT, 2);
+        let (_, _, status) = serve(&mut blk, &m, &chain);
+        assert_eq!(status, VIRTIO_BLK_S_OK as u8);
+        let on_disk = disk.read_at(1024, 1536);
+        assert!(on_disk[..512].iter().all(|&b| b == 0xaa));
+        assert!(on_disk[512..1024].iter().all(|&b| b == 0xbb));
+        assert!(on_disk[1024..].iter().all(|&b| b == 0xcc));
+
+        // A buffer across the boundary of two guest memory regions takes
+        // the buffer-by-buffer path and reads the same bytes.
+        let boundary = 0x20_0000u64;
+        let m = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), boundary as usize),
+            (GuestAddress(boundary), boundary as usize),
+        ])
+        .unwrap();
+        let mut blk = block(&disk, false);
+        header(&m, VIRTIO_BLK_T_IN, 2);
+        let across = boundary - 512;
+        let chain = [
+            d(HDR, 16, NEXT, 1),
+            d(across, 1024, WRITE | NEXT, 2),
+            d(STATUS, 1, WRITE, 0),
+        ];
+        let (_, len, status) = serve(&mut blk, &m, &chain);
+        assert_eq!((len, status), (1025, VIRTIO_BLK_S_OK as u8));
+        let mut back = vec![0u8; 1024];
+        m.read_slice(&mut back, GuestAddress(across)).unwrap();
+        assert_eq!(back, on_disk[..1024]);
+    }
+
+    #[test]
     fn features_and_config_space() {
         let disk = Disk::new(10 * 512 + 100);
         let rw = block(&disk, false);
@@ -403,6 +461,10 @@ mod tests {
         assert_eq!(u64::from_le_bytes(cap), 10);
         assert_ne!(rw.avail_features() & (1 << VIRTIO_BLK_F_FLUSH), 0);
         assert_eq!(rw.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_ne!(rw.avail_features() & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
+        let mut seg_max = [0u8; 4];
+        rw.read_config(12, &mut seg_max);
+        assert_eq!(u32::from_le_bytes(seg_max), u32::from(QUEUE_SIZE) - 2);
         assert_ne!(
             block(&disk, true).avail_features() & (1 << VIRTIO_BLK_F_RO),
             0
