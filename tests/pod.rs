@@ -5,7 +5,9 @@
 //! does. In one VM: two containers of the pod talking over localhost TCP,
 //! an exec into a running container, SIGKILL reported as a signal, an
 //! exit code, a read-only root refusing writes, a pids limit, and a memory
-//! limit ending in an OOM kill and its event.
+//! limit ending in an OOM kill and its event. In another: the pod's
+//! network, an address and a default route of each family set by
+//! CreateSandbox, a container reaching the node over IPv4 and IPv6.
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -19,11 +21,40 @@ use husk_protocol::{
     Channel, CreateContainer, Event, ExitStatus, ProcessRef, Request, Response, Rootfs, Sandbox,
     StdioStream, DEFAULT_AGENT_PORT,
 };
-use husk_tests::{agent_initrd, artifacts, busybox_rootfs, oci_spec, Payload};
+use husk_tests::{agent_initrd, artifacts, busybox_rootfs, husk_bench_binary, oci_spec, Payload};
 use serde_json::json;
 
 /// Set inside the node VM: the vsock socket of the running microVM.
 const UDS_ENV: &str = "HUSK_POD_UDS";
+
+/// Boots the pod's microVM in the node VM (after `setup`, with `flags`
+/// added to `husk boot`) and runs test `name` of this binary there as its
+/// client; returns the node's output.
+fn pod_vm(name: &str, setup: &str, flags: &str) -> husk_tests::RunResult {
+    let a = artifacts();
+    let p = Payload::new(name)
+        .add(&a.husk, "husk")
+        .add(&a.vmlinux, "vmlinux")
+        .add(agent_initrd(), "agent.cpio")
+        .add(&husk_bench_binary(), "husk-bench")
+        .add(&std::env::current_exe().unwrap(), "pod");
+    let rootfs = busybox_rootfs(p.path());
+    let p = p.add(&rootfs, "rootfs.ext4");
+    let r = p.run(&format!(
+        "{setup}
+         ./husk boot --kernel vmlinux --initrd agent.cpio --vcpus 2 --mem-mib 256 \
+           --cmdline 'console=ttyS0 reboot=k panic=1 pci=off quiet' \
+           --drive id=rootfs,path=rootfs.ext4,ro --vsock cid=3,uds=v.sock {flags} > console.txt 2>&1 &
+         vmm=$!
+         HUSK_POD_UDS=v.sock timeout 300 ./pod --exact {name} --nocapture --test-threads 1
+         echo \"POD-STATUS $?\"
+         wait $vmm
+         echo \"HUSK-EXIT $?\"
+         echo '--- console'; tail -n 30 console.txt"
+    ));
+    assert_eq!(r.value("POD-STATUS").as_deref(), Some("0"), "{}", r.output);
+    r
+}
 
 #[test]
 fn a_pod_in_a_real_guest() {
@@ -31,26 +62,7 @@ fn a_pod_in_a_real_guest() {
         client(Path::new(&uds));
         return;
     }
-    let a = artifacts();
-    let p = Payload::new("pod")
-        .add(&a.husk, "husk")
-        .add(&a.vmlinux, "vmlinux")
-        .add(agent_initrd(), "agent.cpio")
-        .add(&std::env::current_exe().unwrap(), "pod");
-    let rootfs = busybox_rootfs(p.path());
-    let p = p.add(&rootfs, "rootfs.ext4");
-    let r = p.run(
-        "./husk boot --kernel vmlinux --initrd agent.cpio --vcpus 2 --mem-mib 256 \
-           --cmdline 'console=ttyS0 reboot=k panic=1 pci=off quiet' \
-           --drive id=rootfs,path=rootfs.ext4,ro --vsock cid=3,uds=v.sock > console.txt 2>&1 &
-         vmm=$!
-         HUSK_POD_UDS=v.sock timeout 300 ./pod --exact a_pod_in_a_real_guest --nocapture --test-threads 1
-         echo \"POD-STATUS $?\"
-         wait $vmm
-         echo \"HUSK-EXIT $?\"
-         echo '--- console'; tail -n 30 console.txt",
-    );
-    assert_eq!(r.value("POD-STATUS").as_deref(), Some("0"), "{}", r.output);
+    let r = pod_vm("a_pod_in_a_real_guest", "", "");
     // The client's Shutdown ends the guest, and with it husk, cleanly.
     assert_eq!(r.value("HUSK-EXIT").as_deref(), Some("0"), "{}", r.output);
     for line in [
@@ -64,6 +76,83 @@ fn a_pod_in_a_real_guest() {
     ] {
         r.assert_contains(line);
     }
+}
+
+#[test]
+fn a_pod_on_the_network_over_ipv4_and_ipv6() {
+    if let Some(uds) = std::env::var_os(UDS_ENV) {
+        network_client(Path::new(&uds));
+        return;
+    }
+    // The node's end of the pod's tap: 10.0.0.1 and fd00::1 on the link,
+    // and one address of each family beyond it (on lo) that the pod can
+    // only reach through its default routes; a web server on all of them.
+    let r = pod_vm(
+        "a_pod_on_the_network_over_ipv4_and_ipv6",
+        "./husk-bench tap tap0 || exit 10
+         echo 0 > /proc/sys/net/ipv6/conf/tap0/accept_dad
+         ip addr add 10.0.0.1/24 dev tap0 && ip -6 addr add fd00::1/64 dev tap0 || exit 11
+         ip addr add 192.168.77.1/32 dev lo && ip -6 addr add fd77::1/128 dev lo || exit 12
+         ip link set tap0 up || exit 13
+         mkdir -p www && echo hello-from-the-node > www/index.html
+         httpd -p 8080 -h www || exit 14",
+        "--net id=eth0,tap=tap0,mac=02:00:00:00:00:01",
+    );
+    assert_eq!(r.value("HUSK-EXIT").as_deref(), Some("0"), "{}", r.output);
+    for line in [
+        "POD-NET 10.0.0.1 hello-from-the-node",
+        "POD-NET [fd00::1] hello-from-the-node",
+        "POD-NET 192.168.77.1 hello-from-the-node",
+        "POD-NET [fd77::1] hello-from-the-node",
+    ] {
+        r.assert_contains(line);
+    }
+}
+
+/// CreateSandbox with an address and a default route of each family, then
+/// a container fetching a page from the node over each.
+fn network_client(uds: &Path) {
+    let endpoint = Endpoint::Vsock {
+        uds: uds.to_path_buf(),
+        port: DEFAULT_AGENT_PORT,
+    };
+    let agent =
+        AgentClient::connect(endpoint, Duration::from_secs(180)).expect("the agent answers");
+    let mut pod = Pod { agent };
+    let sandbox: Sandbox = serde_json::from_value(json!({
+        "hostname": "netpod",
+        "interfaces": [{
+            "name": "eth0",
+            "mac": "02:00:00:00:00:01",
+            "addresses": ["10.0.0.2/24", "fd00::2/64"]
+        }],
+        "routes": [
+            {"destination": "default", "gateway": "10.0.0.1"},
+            {"destination": "default", "gateway": "fd00::1"}
+        ]
+    }))
+    .expect("a sandbox");
+    pod.call(Request::CreateSandbox(sandbox));
+    for (i, host) in ["10.0.0.1", "[fd00::1]", "192.168.77.1", "[fd77::1]"]
+        .into_iter()
+        .enumerate()
+    {
+        let id = format!("net{i}");
+        pod.create(
+            &id,
+            json!(["sh", "-c", format!("for i in $(seq 50); do wget -q -O - http://{host}:8080/index.html && exit 0; sleep 0.2; done; ip addr; ip route; ip -6 route; exit 1")]),
+            None,
+            false,
+        );
+        let out = pod.stream(&id, None, StdioStream::Stdout);
+        pod.start(&id);
+        let page = read_all(out);
+        let status = pod.wait(&id, None);
+        assert_eq!(status, ExitStatus::Code(0), "{host}: {page}");
+        println!("POD-NET {host} {}", page.trim());
+        pod.call(Request::RemoveContainer { container_id: id });
+    }
+    let _ = pod.agent.call(Request::Shutdown);
 }
 
 /// The pod's client, inside the node VM.

@@ -1,11 +1,12 @@
 //! CreateSandbox: the pod's hostname, DNS, sysctls and network, applied to
 //! the guest. Interfaces are found by MAC address (the VMM gave each virtio
-//! NIC the MAC the host chose), renamed, given their MTU and IPv4
-//! addresses, and brought up; IPv4 routes follow. Everything is checked
-//! before anything changes where that is possible.
+//! NIC the MAC the host chose), renamed, given their MTU and their IPv4
+//! and IPv6 addresses, and brought up; routes of either family follow.
+//! Everything is checked before anything changes where that is possible.
+//! (ioctls, not netlink: a few calls, no dependency.)
 
 use std::ffi::CString;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use husk_protocol::{AgentError, ErrorCode, Interface, Route, Sandbox};
@@ -66,7 +67,7 @@ pub fn apply(s: &Sandbox, root: &std::path::Path, system_wide: bool) -> Result<(
         std::fs::write(&path, value).map_err(|e| system(&format!("sysctl {key}"), e))?;
     }
     if system_wide {
-        let sock = Ioctl::new()?;
+        let sock = Ioctl::new(libc::AF_INET)?;
         sock.up("lo")?;
         for i in &s.interfaces {
             configure_interface(&sock, i)?;
@@ -125,23 +126,18 @@ fn parse_mac(s: &str) -> Result<[u8; 6], AgentError> {
         .map_err(|_| invalid(format!("invalid MAC {s:?}")))
 }
 
-fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), AgentError> {
+fn parse_cidr(s: &str) -> Result<(IpAddr, u8), AgentError> {
     let (addr, len) = s
         .split_once('/')
         .ok_or_else(|| invalid(format!("address {s:?} needs a /prefix")))?;
-    if addr.contains(':') {
-        return Err(AgentError::new(
-            ErrorCode::Unsupported,
-            format!("IPv6 address {s:?}: only IPv4 is configured so far"),
-        ));
-    }
-    let addr: Ipv4Addr = addr
+    let addr: IpAddr = addr
         .parse()
         .map_err(|_| invalid(format!("invalid address {s:?}")))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
     let len: u8 = len
         .parse()
         .ok()
-        .filter(|l| *l <= 32)
+        .filter(|l| *l <= max)
         .ok_or_else(|| invalid(format!("invalid prefix in {s:?}")))?;
     Ok((addr, len))
 }
@@ -155,26 +151,39 @@ fn netmask(len: u8) -> Ipv4Addr {
 }
 
 struct ParsedRoute {
-    dest: Ipv4Addr,
+    dest: IpAddr,
     prefix: u8,
-    gateway: Option<Ipv4Addr>,
+    gateway: Option<IpAddr>,
     device: Option<CString>,
 }
 
 fn parse_route(r: &Route) -> Result<ParsedRoute, AgentError> {
-    let (dest, prefix) = if r.destination == "default" {
-        (Ipv4Addr::UNSPECIFIED, 0)
-    } else {
-        parse_cidr(&r.destination)?
-    };
     let gateway = r
         .gateway
         .as_deref()
         .map(|g| {
-            g.parse::<Ipv4Addr>()
+            g.parse::<IpAddr>()
                 .map_err(|_| invalid(format!("invalid gateway {g:?}")))
         })
         .transpose()?;
+    // "default" is the default route of the gateway's family (IPv4 when
+    // there is no gateway); "::/0" and "0.0.0.0/0" say it outright.
+    let (dest, prefix) = if r.destination == "default" {
+        match gateway {
+            Some(IpAddr::V6(_)) => (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+            _ => (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        }
+    } else {
+        parse_cidr(&r.destination)?
+    };
+    if let Some(gw) = gateway {
+        if gw.is_ipv4() != dest.is_ipv4() {
+            return Err(invalid(format!(
+                "route to {}: gateway {gw} is of the other address family",
+                r.destination
+            )));
+        }
+    }
     let device = r
         .device
         .as_deref()
@@ -222,15 +231,59 @@ fn configure_interface(sock: &Ioctl, i: &Interface) -> Result<(), AgentError> {
     if let Some(mtu) = i.mtu {
         sock.set_mtu(&i.name, mtu)?;
     }
+    let mut v6 = Vec::new();
     for a in &i.addresses {
-        let (addr, len) = parse_cidr(a)?;
-        sock.set_addr(&i.name, addr, netmask(len))?;
+        match parse_cidr(a)? {
+            (IpAddr::V4(addr), len) => sock.set_addr(&i.name, addr, netmask(len))?,
+            (IpAddr::V6(addr), len) => v6.push((addr, len)),
+        }
     }
-    sock.up(&i.name)
+    sock.up(&i.name)?;
+    if !v6.is_empty() {
+        // The host chose these addresses for this pod: no duplicate
+        // detection, which would hold them back (tentative) for a second
+        // or more after the pod starts.
+        let dad = format!("/proc/sys/net/ipv6/conf/{}/accept_dad", i.name);
+        std::fs::write(&dad, "0").map_err(|e| system(&dad, e))?;
+        let sock6 = Ioctl::new(libc::AF_INET6)?;
+        for (addr, len) in v6 {
+            sock6.set_addr6(&i.name, addr, len)?;
+        }
+    }
+    Ok(())
 }
 
-/// An AF_INET datagram socket for interface ioctls.
+/// A datagram socket for interface and route ioctls (AF_INET, or AF_INET6
+/// for IPv6 addresses and routes).
 struct Ioctl(OwnedFd);
+
+/// The kernel's `struct in6_rtmsg` (linux/ipv6_route.h), which libc
+/// declares without public fields.
+#[repr(C)]
+struct In6Rtmsg {
+    dst: libc::in6_addr,
+    src: libc::in6_addr,
+    gateway: libc::in6_addr,
+    kind: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+fn ifindex(name: &CString) -> Result<libc::c_int, AgentError> {
+    // SAFETY: a valid NUL-terminated name.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if i == 0 {
+        return Err(system(
+            &format!("find interface {}", name.to_string_lossy()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    libc::c_int::try_from(i).map_err(|_| invalid("interface index out of range"))
+}
 
 fn ifreq(name: &str) -> Result<libc::ifreq, AgentError> {
     // SAFETY: ifreq is plain data; zero is a valid initial value.
@@ -260,9 +313,9 @@ fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
 }
 
 impl Ioctl {
-    fn new() -> Result<Self, AgentError> {
-        // SAFETY: socket(2) with constant arguments; checked below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    fn new(family: libc::c_int) -> Result<Self, AgentError> {
+        // SAFETY: socket(2) with plain integer arguments; checked below.
+        let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(system("socket", std::io::Error::last_os_error()));
         }
@@ -337,13 +390,67 @@ impl Ioctl {
         )
     }
 
+    /// Adds an IPv6 address (on an AF_INET6 socket).
+    fn set_addr6(&self, name: &str, addr: Ipv6Addr, prefix: u8) -> Result<(), AgentError> {
+        let cname = CString::new(name).map_err(|_| invalid("invalid interface name"))?;
+        let mut req = libc::in6_ifreq {
+            ifr6_addr: libc::in6_addr {
+                s6_addr: addr.octets(),
+            },
+            ifr6_prefixlen: u32::from(prefix),
+            ifr6_ifindex: ifindex(&cname)?,
+        };
+        self.call(
+            &format!("add {addr}/{prefix} to {name}"),
+            libc::SIOCSIFADDR,
+            (&mut req as *mut libc::in6_ifreq).cast(),
+        )
+    }
+
+    /// Adds an IPv6 route (on an AF_INET6 socket).
+    fn add_route6(&self, r: &ParsedRoute, dest: Ipv6Addr) -> Result<(), AgentError> {
+        let zero = libc::in6_addr { s6_addr: [0; 16] };
+        let mut rt = In6Rtmsg {
+            dst: libc::in6_addr {
+                s6_addr: dest.octets(),
+            },
+            src: zero,
+            gateway: zero,
+            kind: 0,
+            dst_len: u16::from(r.prefix),
+            src_len: 0,
+            metric: 0,
+            info: 0,
+            flags: libc::RTF_UP as u32,
+            ifindex: 0,
+        };
+        if let Some(IpAddr::V6(gw)) = r.gateway {
+            rt.gateway = libc::in6_addr {
+                s6_addr: gw.octets(),
+            };
+            rt.flags |= libc::RTF_GATEWAY as u32;
+        }
+        if let Some(dev) = &r.device {
+            rt.ifindex = ifindex(dev)?;
+        }
+        self.call(
+            "add an IPv6 route",
+            libc::SIOCADDRT,
+            (&mut rt as *mut In6Rtmsg).cast(),
+        )
+    }
+
     fn add_route(&self, r: &ParsedRoute) -> Result<(), AgentError> {
+        let dest = match r.dest {
+            IpAddr::V4(d) => d,
+            IpAddr::V6(d) => return Ioctl::new(libc::AF_INET6)?.add_route6(r, d),
+        };
         // SAFETY: rtentry is plain data; zero is a valid initial value.
         let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
-        rt.rt_dst = sockaddr_in(r.dest);
+        rt.rt_dst = sockaddr_in(dest);
         rt.rt_genmask = sockaddr_in(netmask(r.prefix));
         rt.rt_flags = libc::RTF_UP;
-        if let Some(gw) = r.gateway {
+        if let Some(IpAddr::V4(gw)) = r.gateway {
             rt.rt_gateway = sockaddr_in(gw);
             rt.rt_flags |= libc::RTF_GATEWAY;
         }
@@ -426,9 +533,57 @@ mod tests {
             ErrorCode::InvalidArgument
         );
         assert_eq!(
-            bad(iface("02:00:00:00:00:01", "fd00::2/64")),
-            ErrorCode::Unsupported
+            bad(iface("02:00:00:00:00:01", "fd00::2/129")),
+            ErrorCode::InvalidArgument
         );
+        assert_eq!(
+            bad(iface("02:00:00:00:00:01", "fd00::zz/64")),
+            ErrorCode::InvalidArgument
+        );
+        let route = |dest: &str, gw: &str| Sandbox {
+            routes: vec![Route {
+                destination: dest.into(),
+                gateway: Some(gw.into()),
+                device: None,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            bad(route("default", "10.0.0.1.5")),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            bad(route("fd01::/64", "10.0.0.1")),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            bad(route("10.1.0.0/16", "fd00::1")),
+            ErrorCode::InvalidArgument
+        );
+        // Well-formed networks of both families pass the checks (and then
+        // need the agent as init to be applied).
+        let ok = Sandbox {
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                mac: "02:00:00:00:00:01".into(),
+                mtu: None,
+                addresses: vec!["10.0.0.2/24".into(), "fd00::2/64".into()],
+            }],
+            routes: vec![
+                Route {
+                    destination: "default".into(),
+                    gateway: Some("fd00::1".into()),
+                    device: None,
+                },
+                Route {
+                    destination: "default".into(),
+                    gateway: Some("10.0.0.1".into()),
+                    device: None,
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(bad(ok), ErrorCode::Unsupported);
         assert_eq!(
             bad(Sandbox {
                 dns: vec!["dns.example".into()],
