@@ -114,6 +114,9 @@ pub struct VsockMetrics {
     pub tx_bytes: Counter,
     /// Malformed descriptor chains returned unused.
     pub invalid_chains: Counter,
+    /// Times the once-a-second pass over the tx queue found packets there
+    /// (under load usually ones whose notification was still to come).
+    pub tx_found_by_timer: Counter,
 }
 
 /// How long starting the VM took, set once per VM.

@@ -160,10 +160,11 @@ impl Vsock {
         }
     }
 
-    /// Serves every packet the guest has queued for sending.
-    pub fn process_tx(&mut self) {
-        let Some(a) = &mut self.active else { return };
-        let mut used = false;
+    /// Serves every packet the guest has queued for sending; returns how
+    /// many there were.
+    pub fn process_tx(&mut self) -> usize {
+        let Some(a) = &mut self.active else { return 0 };
+        let mut served = 0;
         while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
             let head = chain.head_index();
             let packet =
@@ -198,11 +199,12 @@ impl Vsock {
                 tracing::warn!(error = %e, "cannot return a vsock tx buffer");
                 break;
             }
-            used = true;
+            served += 1;
         }
-        if used {
+        if served > 0 {
             Self::notify(&mut a.tx, &a.mem, &self.interrupt);
         }
+        served
     }
 
     /// Fills the guest's rx buffers with what the muxer has for it.

@@ -37,6 +37,17 @@ impl Vsock {
             TOKEN_TIMER => {
                 let _ = self.timer().wait();
                 self.muxer.expire_requests(std::time::Instant::now());
+                // A guard: tx packets that no notification announced wait
+                // at most a second (the driver waits for their used
+                // buffers, and a stalled tx queue stalls every stream).
+                // Counted, though a count is no proof of a lost
+                // notification: under load the driver is often between
+                // adding packets and its one notification for them.
+                let found = self.process_tx();
+                if found > 0 {
+                    self.metrics().tx_found_by_timer.inc();
+                    tracing::debug!(found, "vsock: tx packets found by the timer");
+                }
                 self.nudge();
             }
             t if t >= FIRST_SOCKET_TOKEN => self.muxer.host_event(t, events),
