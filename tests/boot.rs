@@ -200,6 +200,47 @@ fn too_much_memory_is_refused() {
 }
 
 #[test]
+fn global_flags_go_either_side_of_the_subcommand_api_flags_nowhere_near_it() {
+    // Accepted before and after `boot` (the run then fails on the memory
+    // size, before any VM exists).
+    for args in [
+        &[
+            "--no-seccomp",
+            "--log-level",
+            "error",
+            "boot",
+            "--kernel",
+            vmlinux(),
+            "--mem-mib",
+            "1073741824",
+        ][..],
+        &[
+            "boot",
+            "--no-seccomp",
+            "--log-level",
+            "error",
+            "--kernel",
+            vmlinux(),
+            "--mem-mib",
+            "1073741824",
+        ][..],
+    ] {
+        husk_on_host(args)
+            .assert_status(1)
+            .assert_contains("is too large");
+    }
+    husk_on_host(&[
+        "--api-sock",
+        "/tmp/husk-never.sock",
+        "boot",
+        "--kernel",
+        vmlinux(),
+    ])
+    .assert_status(2)
+    .assert_contains("they take no subcommand");
+}
+
+#[test]
 fn unknown_serial_target_is_a_usage_error() {
     let r = husk_on_host(&["boot", "--kernel", vmlinux(), "--serial", "tcp:1"]);
     r.assert_status(2)

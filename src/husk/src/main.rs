@@ -27,12 +27,7 @@ use clap::{Parser, Subcommand};
 use vmm::seccomp::{SeccompFilters, ThreadKind};
 
 #[derive(Parser)]
-#[command(
-    name = "husk",
-    version,
-    about = "A microVM monitor for pods",
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "husk", version, about = "A microVM monitor for pods")]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     /// HUSK_LOG overrides it.
@@ -92,6 +87,17 @@ fn render(e: &anyhow::Error) -> String {
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
+    // The API-driven VMM's flags mean nothing to a subcommand; the global
+    // ones (--log-level, --no-seccomp) go before or after it.
+    if cli.command.is_some() && cli.api.given() {
+        use clap::CommandFactory;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--api-sock, --config-file and --no-api run the API-driven VMM; they take no subcommand",
+            )
+            .exit();
+    }
     logger::init(&cli.log_level);
     let seccomp = if cli.no_seccomp {
         tracing::warn!("seccomp filters are off (--no-seccomp): the guest faces an unconfined VMM");
