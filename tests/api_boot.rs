@@ -97,6 +97,7 @@ fn a_vm_booted_through_the_api_with_a_drive_swapped_under_it() {
         api start2 PUT /actions '{{\"action_type\": \"InstanceStart\"}}'
         api late-machine PUT /machine-config '{{\"vcpu_count\": 1, \"mem_size_mib\": 128}}'
         api late-drive PUT /drives/more '{{\"drive_id\": \"more\", \"path_on_host\": \"a.img\", \"is_root_device\": false}}'
+        api late-logger PUT /logger '{{\"level\": \"Debug\", \"log_path\": \"late.log\"}}'
         api resume-running PATCH /vm '{{\"state\": \"Resumed\"}}'
         api cad PUT /actions '{{\"action_type\": \"SendCtrlAltDel\"}}'
         api swap-missing PATCH /drives/data '{{\"drive_id\": \"data\", \"path_on_host\": \"nothing.img\"}}'
@@ -118,6 +119,9 @@ fn a_vm_booted_through_the_api_with_a_drive_swapped_under_it() {
     assert_api(&r, "start2", 400, "already started");
     assert_api(&r, "late-machine", 400, "before InstanceStart");
     assert_api(&r, "late-drive", 400, "before InstanceStart");
+    // The logger opens files; after start the API (whose seccomp filter
+    // allows no open) refuses it.
+    assert_api(&r, "late-logger", 400, "before InstanceStart");
     assert_api(&r, "resume-running", 400, "already running");
     assert_api(&r, "swap-missing", 400, "nothing.img");
     assert_api(&r, "swap-unknown", 400, "other");

@@ -192,6 +192,15 @@ fn wait_for_start(
                 // The API thread is gone; nothing can start the VM now.
                 Err(TryRecvError::Disconnected) => bail!("the API server stopped"),
             };
+            // Logging belongs to the process, not the VM: applied here,
+            // before start, then recorded by the controller for
+            // GET /vm/config. (After start the controller refuses it.)
+            if let Request::PutLogger(cfg) = &call.request {
+                if let Err(e) = crate::logger::configure(cfg) {
+                    let _ = call.reply.send(Err(e.to_string()));
+                    continue;
+                }
+            }
             match controller.handle(call.request) {
                 Ok((response, vmm)) => {
                     let _ = call.reply.send(Ok(response));

@@ -371,13 +371,8 @@ fn dispatch(link: &VmmLink, request: &http::Request) -> Response {
             return response;
         }
     };
-    // Logging belongs to the process, not the VM: applied here, then
-    // recorded by the controller for GET /vm/config.
-    if let Request::PutLogger(cfg) = &routed {
-        if let Err(e) = crate::logger::configure(cfg) {
-            return Response::fault(400, e.to_string());
-        }
-    }
+    // PUT /logger is applied by the VMM thread before InstanceStart (it
+    // opens a file, which this thread's seccomp filter does not allow).
     let response = link.call(routed);
     tracing::debug!(method = %request.method, path = %request.path, status = response.status, "API request");
     response

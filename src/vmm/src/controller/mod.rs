@@ -419,10 +419,7 @@ impl Controller {
                 self.flush_metrics()?;
                 Response::Empty
             }
-            Request::PutLogger(l) => {
-                self.resources.logger = Some(l);
-                Response::Empty
-            }
+            Request::PutLogger(_) => return Err(ActionError::AfterStart("configuring the logger")),
             Request::PutMetrics(m) => {
                 self.put_metrics(m)?;
                 Response::Empty
