@@ -9,7 +9,9 @@
 # second cpio after the node image, with the shared libraries its ELF files
 # need), CMD runs there as root, its output streams to stdout, and run.sh
 # exits with CMD's exit status (125 if the node VM itself failed or timed
-# out; its console's tail then goes to stderr). Defaults: 2 vCPUs, 4096 MiB,
+# out; its console's tail then goes to stderr). If the node's own kernel
+# reports a soft lockup before CMD finished, that boot ends at once and the
+# node VM boots again, once (CMD's output so far may then appear twice). Defaults: 2 vCPUs, 4096 MiB,
 # 600 s. HUSK_NODE=direct or HUSK_NODE=vm forces either way; HUSK_NODE_IMAGE
 # names an image build.sh made (skips even its cache lookup);
 # HUSK_NODE_LOGLEVEL=N shows the node's whole console, kernel messages up to
@@ -118,43 +120,66 @@ done < <(find "$stage/payload" -type f -perm -u+x -print0)
 cat "$image/node.cpio" "$tmp/payload.cpio" > "$tmp/initrd.cpio"
 rm -rf "$stage" "$tmp/payload.cpio"
 
-: > "$tmp/console" # exists before tail opens it, whenever qemu starts
-# timeout(1) rather than a watchdog shell: nothing may outlive this script
-# holding its stdout open.
-timeout --kill-after=5 "$timeout" qemu-system-x86_64 \
-  -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem" \
-  -nodefaults -no-reboot -display none -serial stdio \
-  -kernel "$image/vmlinuz" -initrd "$tmp/initrd.cpio" \
-  -append "console=ttyS0 panic=-1 quiet loglevel=${HUSK_NODE_LOGLEVEL:-1}" \
-  < /dev/null > "$tmp/console" 2>&1 &
-qpid=$!
+# One boot of the node VM running the command; sets qrc. A soft lockup of
+# the node's own kernel (its watchdog reports it; seen now and then under
+# QEMU's multi-threaded emulation, with both CPUs stuck in kernel code
+# before the payload did anything of note) ends the boot at once and leaves
+# $tmp/lockup behind.
+boot_node() {
+  rm -f "$tmp/status" "$tmp/lockup"
+  : > "$tmp/console" # exists before tail opens it, whenever qemu starts
+  # timeout(1) rather than a watchdog shell: nothing may outlive this script
+  # holding its stdout open.
+  timeout --kill-after=5 "$timeout" qemu-system-x86_64 \
+    -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem" \
+    -nodefaults -no-reboot -display none -serial stdio \
+    -kernel "$image/vmlinuz" -initrd "$tmp/initrd.cpio" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=${HUSK_NODE_LOGLEVEL:-1}" \
+    < /dev/null > "$tmp/console" 2>&1 &
+  qpid=$!
 
-# Show the payload's output (what comes after the start marker) live, and
-# keep the exit status line for ourselves.
-# (The status line may follow output that did not end in a newline.) Nothing
-# in this pipeline may buffer: no tr for the \r, and mawk (Debian's awk)
-# needs -W interactive to pass lines on as they come.
-awk_opts=()
-if awk -W version 2>&1 | grep -q mawk; then awk_opts=(-W interactive); fi
-tail -s 0.2 -n +1 -f --pid="$qpid" "$tmp/console" |
-  awk "${awk_opts[@]}" -v status_file="$tmp/status" -v started="${HUSK_NODE_LOGLEVEL:+1}" '
-  { gsub(/\r/, "") }
-  /^HUSK-NODE-START$/ { started = 1; next }
-  started && /HUSK-NODE-EXIT [0-9]+$/ {
-    i = index($0, "HUSK-NODE-EXIT ")
-    if (i > 1) print substr($0, 1, i - 1)
-    print substr($0, i + 15) > status_file; close(status_file); started = 0; fflush(); next
-  }
-  started { print; fflush() }
-'
-qrc=0
-wait "$qpid" 2>/dev/null || qrc=$?
-qpid=""
+  # Show the payload's output (what comes after the start marker) live, and
+  # keep the exit status line for ourselves.
+  # (The status line may follow output that did not end in a newline.) Nothing
+  # in this pipeline may buffer: no tr for the \r, and mawk (Debian's awk)
+  # needs -W interactive to pass lines on as they come.
+  local awk_opts=()
+  if awk -W version 2>&1 | grep -q mawk; then awk_opts=(-W interactive); fi
+  tail -s 0.2 -n +1 -f --pid="$qpid" "$tmp/console" |
+    awk "${awk_opts[@]}" -v status_file="$tmp/status" -v lockup_file="$tmp/lockup" \
+      -v qpid="$qpid" -v started="${HUSK_NODE_LOGLEVEL:+1}" '
+    { gsub(/\r/, "") }
+    /^\[ *[0-9]+\.[0-9]+\] watchdog: BUG: soft lockup/ && !locked {
+      locked = 1
+      print $0 > lockup_file; close(lockup_file)
+      system("kill " qpid " 2>/dev/null")
+    }
+    /^HUSK-NODE-START$/ { started = 1; next }
+    started && /HUSK-NODE-EXIT [0-9]+$/ {
+      i = index($0, "HUSK-NODE-EXIT ")
+      if (i > 1) print substr($0, 1, i - 1)
+      print substr($0, i + 15) > status_file; close(status_file); started = 0; fflush(); next
+    }
+    started { print; fflush() }
+  '
+  qrc=0
+  wait "$qpid" 2>/dev/null || qrc=$?
+  qpid=""
+}
+
+boot_node
+if [[ -s $tmp/lockup && ! -s $tmp/status ]]; then
+  # Not the payload's doing: its command had not finished. One more boot.
+  echo "run.sh: the node VM's kernel locked up ($(cat "$tmp/lockup")); booting it again" >&2
+  boot_node
+fi
 
 if [[ -s $tmp/status ]]; then
   exit "$(cat "$tmp/status")"
 fi
-if ((qrc == 124)); then
+if [[ -s $tmp/lockup ]]; then
+  echo "run.sh: the node VM's kernel locked up again; its console:" >&2
+elif ((qrc == 124)); then
   echo "run.sh: the node VM timed out after $timeout s; its console:" >&2
 else
   echo "run.sh: the node VM ended without reporting an exit status (qemu: $qrc); its console:" >&2
