@@ -199,6 +199,9 @@ pub struct Net {
     rx_pending: usize,
     tx_frame: Vec<u8>,
     metrics: std::sync::Arc<crate::metrics::NetMetrics>,
+    /// Once a second the event loop serves both queues even without a
+    /// notification (see `event_handler`).
+    pub(super) timer: vmm_sys_util::timerfd::TimerFd,
 }
 
 impl Net {
@@ -246,7 +249,18 @@ impl Net {
         } else {
             tracing::info!(net = %id, "the tap takes no offloads: none offered");
         }
+        let timer = {
+            let os = |e: vmm_sys_util::errno::Error| NetError::EventFd {
+                id: id.clone(),
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            };
+            let mut t = vmm_sys_util::timerfd::TimerFd::new().map_err(os)?;
+            let second = std::time::Duration::from_secs(1);
+            t.reset(second, Some(second)).map_err(os)?;
+            t
+        };
         Ok(Net {
+            timer,
             queue_events: [
                 EventFd::new(EFD_NONBLOCK).map_err(evt_err)?,
                 EventFd::new(EFD_NONBLOCK).map_err(evt_err)?,
@@ -571,7 +585,10 @@ pub(crate) mod tests {
         let (mut b, peer) = SocketBackend::pair().unwrap();
         b.refuse_offloads = refuse_offloads;
         let backend = (b.offloads.clone(), b.broken.clone());
-        let net = Net::with_backend("eth0".into(), mac, Box::new(b)).unwrap();
+        let mut net = Net::with_backend("eth0".into(), mac, Box::new(b)).unwrap();
+        // Event counts in the tests are exact: the once-a-second pass is
+        // off unless a test turns it on.
+        net.timer.clear().unwrap();
         Rig { net, peer, backend }
     }
 
