@@ -370,6 +370,7 @@ fn rootfs(drive: &str) -> Rootfs {
         fstype: "ext4".into(),
         read_only: false,
         writable_overlay: false,
+        size_bytes: None,
     }
 }
 

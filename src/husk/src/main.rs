@@ -15,7 +15,6 @@
 mod api;
 mod api_cmd;
 mod boot_cmd;
-mod image;
 mod image_cmd;
 mod logger;
 mod run_cmd;

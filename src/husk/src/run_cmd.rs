@@ -20,7 +20,7 @@ use husk_protocol::{
 use vmm::seccomp::SeccompFilters;
 use vmm::{BlockConfig, BootSource, DriveConfig, SerialOutput, VmConfig, Vmm, VsockConfig};
 
-use crate::image;
+use husk::image;
 
 /// Flags of `husk run`.
 #[derive(Args, Debug)]
@@ -185,6 +185,7 @@ fn session(
             fstype: "ext4".into(),
             read_only: true,
             writable_overlay: true,
+            size_bytes: None,
         },
     }))?;
     let mut pumps = Vec::new();

@@ -239,6 +239,13 @@ pub struct Rootfs {
     /// are kept in guest memory and lost with the container).
     #[serde(default)]
     pub writable_overlay: bool,
+    /// The disk's size in bytes, when the host has just swapped the drive's
+    /// backing file on a running VM: the guest's kernel learns the new size
+    /// from a config-change interrupt it handles asynchronously, so the
+    /// agent waits (a few seconds at most) until the disk has this size
+    /// before mounting it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
 }
 
 /// CreateContainer's body.
@@ -448,6 +455,7 @@ mod tests {
                 fstype: "ext4".into(),
                 read_only: true,
                 writable_overlay: true,
+                size_bytes: None,
             },
         });
         let json = serde_json::to_string(&req).unwrap();

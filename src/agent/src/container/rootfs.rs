@@ -94,6 +94,40 @@ fn find_drive(id: &str, host_mode: bool) -> Result<PathBuf, AgentError> {
     ))
 }
 
+/// How long a swapped disk may take to show its new size.
+const RESIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until the disk `device` (/dev/vdX) has `want` bytes: a drive whose
+/// backing file the host swapped reaches this kernel's block layer through
+/// a config-change interrupt that a workqueue handles, so right after the
+/// swap the disk may still have its old size.
+fn wait_for_size(device: &Path, want: u64) -> Result<(), AgentError> {
+    let name = device.file_name().unwrap_or_default();
+    let size_file = Path::new("/sys/block").join(name).join("size");
+    let deadline = std::time::Instant::now() + RESIZE_WAIT;
+    loop {
+        // In 512-byte sectors, whatever the disk's block size.
+        let sectors: u64 = std::fs::read_to_string(&size_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let have = sectors.saturating_mul(512);
+        if have == want {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(AgentError::new(
+                ErrorCode::FailedPrecondition,
+                format!(
+                    "{} has {have} bytes, not the {want} the host gave it (after {RESIZE_WAIT:?})",
+                    device.display()
+                ),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 impl MountedRootfs {
     /// Mounts `r` for container `id` under `state`.
     pub fn mount(
@@ -115,6 +149,9 @@ impl MountedRootfs {
             ));
         }
         let device = find_drive(&r.drive_id, host_mode)?;
+        if let (Some(want), false) = (r.size_bytes, host_mode) {
+            wait_for_size(&device, want)?;
+        }
         let dir = state.join("c").join(id);
         let root = dir.join("rootfs");
         std::fs::create_dir_all(&root).map_err(|e| {

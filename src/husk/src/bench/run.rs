@@ -195,6 +195,7 @@ fn one_container(agent: &mut AgentClient, id: &str, spec: Spec) -> anyhow::Resul
                 fstype: "ext4".into(),
                 read_only: true,
                 writable_overlay: false,
+                size_bytes: None,
             },
         }),
     )?;

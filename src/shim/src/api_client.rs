@@ -1,0 +1,242 @@
+//! A client for husk's REST API on its unix socket: one request per
+//! connection, JSON bodies, and the `fault_message` of a refusal passed on.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why an API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The socket failed.
+    #[error("husk API {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The answer was not HTTP.
+    #[error("husk API: malformed response: {0}")]
+    Malformed(String),
+    /// husk refused the request.
+    #[error("husk API {method} {uri}: {status}: {fault}")]
+    Refused {
+        /// The method.
+        method: String,
+        /// The path.
+        uri: String,
+        /// The HTTP status.
+        status: u16,
+        /// husk's `fault_message`, or the body.
+        fault: String,
+    },
+}
+
+/// How long one call may take (InstanceStart loads the kernel).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest response read.
+const MAX_RESPONSE: usize = 1 << 20;
+
+/// The API of one husk process.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    socket: PathBuf,
+}
+
+impl ApiClient {
+    /// The API served on `socket`.
+    pub fn new(socket: &Path) -> Self {
+        ApiClient {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn io(&self) -> impl FnOnce(std::io::Error) -> ApiError + '_ {
+        move |source| ApiError::Io {
+            path: self.socket.clone(),
+            source,
+        }
+    }
+
+    /// Sends `method uri` with an optional JSON body; returns the response
+    /// body (a JSON value, or Null for an empty body) of a 2xx answer.
+    pub fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<serde_json::Value, ApiError> {
+        let mut s = UnixStream::connect(&self.socket).map_err(self.io())?;
+        s.set_read_timeout(Some(CALL_TIMEOUT)).map_err(self.io())?;
+        s.set_write_timeout(Some(CALL_TIMEOUT)).map_err(self.io())?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut request = format!("{method} {uri} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n");
+        if !body.is_empty() {
+            request.push_str("Content-Type: application/json\r\n");
+        }
+        request.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+        s.write_all(request.as_bytes()).map_err(self.io())?;
+        let (status, body) = read_response(&mut s).map_err(|e| match e {
+            ReadError::Io(source) => ApiError::Io {
+                path: self.socket.clone(),
+                source,
+            },
+            ReadError::Malformed(m) => ApiError::Malformed(m),
+        })?;
+        let value = if body.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&body).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
+            })
+        };
+        if !(200..300).contains(&status) {
+            let fault = value
+                .get("fault_message")
+                .and_then(|f| f.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| value.to_string());
+            return Err(ApiError::Refused {
+                method: method.into(),
+                uri: uri.into(),
+                status,
+                fault,
+            });
+        }
+        Ok(value)
+    }
+
+    /// PUT with a JSON body.
+    pub fn put(&self, uri: &str, body: serde_json::Value) -> Result<(), ApiError> {
+        self.call("PUT", uri, Some(&body)).map(drop)
+    }
+
+    /// PATCH with a JSON body.
+    pub fn patch(&self, uri: &str, body: serde_json::Value) -> Result<(), ApiError> {
+        self.call("PATCH", uri, Some(&body)).map(drop)
+    }
+}
+
+enum ReadError {
+    Io(std::io::Error),
+    Malformed(String),
+}
+
+/// Reads one HTTP/1.1 response: the status and the body (Content-Length,
+/// or up to EOF).
+fn read_response(s: &mut impl Read) -> Result<(u16, Vec<u8>), ReadError> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > MAX_RESPONSE {
+            return Err(ReadError::Malformed("headers too long".into()));
+        }
+        let n = s.read(&mut chunk).map_err(ReadError::Io)?;
+        if n == 0 {
+            return Err(ReadError::Malformed(
+                "connection closed before the headers ended".into(),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| ReadError::Malformed(format!("status line {status_line:?}")))?;
+    let length: Option<usize> = lines.find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())
+            .flatten()
+    });
+    let mut body = buf[head_end..].to_vec();
+    match length {
+        Some(len) if len > MAX_RESPONSE => {
+            return Err(ReadError::Malformed(format!("body of {len} bytes")))
+        }
+        Some(len) => {
+            while body.len() < len {
+                let n = s.read(&mut chunk).map_err(ReadError::Io)?;
+                if n == 0 {
+                    return Err(ReadError::Malformed("body cut short".into()));
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            body.truncate(len);
+        }
+        None => {
+            s.take(MAX_RESPONSE as u64)
+                .read_to_end(&mut body)
+                .map_err(ReadError::Io)?;
+        }
+    }
+    Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_parse_with_and_without_length() {
+        let mut r: &[u8] = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n";
+        let (s, b) = read_response(&mut r).ok().unwrap();
+        assert_eq!((s, b.len()), (204, 0));
+        let mut r: &[u8] =
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 25\r\n\r\n{\"fault_message\": \"bad\"}\nextra";
+        let (s, b) = read_response(&mut r).ok().unwrap();
+        assert_eq!(s, 400);
+        assert_eq!(b, b"{\"fault_message\": \"bad\"}\n");
+        let mut r: &[u8] = b"garbage\r\n\r\n";
+        assert!(matches!(
+            read_response(&mut r),
+            Err(ReadError::Malformed(_))
+        ));
+        let mut r: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort";
+        assert!(matches!(
+            read_response(&mut r),
+            Err(ReadError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_refusal_carries_the_fault_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut req = [0u8; 1024];
+            let n = c.read(&mut req).unwrap();
+            let req = String::from_utf8_lossy(&req[..n]).into_owned();
+            let body = r#"{"fault_message":"drive slot0 is not configured"}"#;
+            write!(
+                c,
+                "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            req
+        });
+        let e = ApiClient::new(&sock)
+            .patch("/drives/slot0", serde_json::json!({"drive_id": "slot0"}))
+            .unwrap_err();
+        let req = server.join().unwrap();
+        assert!(req.starts_with("PATCH /drives/slot0 HTTP/1.1\r\n"), "{req}");
+        assert!(req.ends_with(r#"{"drive_id":"slot0"}"#), "{req}");
+        assert_eq!(
+            e.to_string(),
+            "husk API PATCH /drives/slot0: 400: drive slot0 is not configured"
+        );
+    }
+}

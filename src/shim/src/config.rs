@@ -1,0 +1,209 @@
+//! `/etc/husk/config.toml`: where the shim finds husk, the guest kernel and
+//! the agent, and the defaults for each pod's microVM. Every key is
+//! optional; docs/getting-started.md lists them with their defaults.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The file the shim reads unless `HUSK_SHIM_CONFIG` names another.
+pub const DEFAULT_PATH: &str = "/etc/husk/config.toml";
+
+/// Why the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys or wrong types.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The shim's configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The husk binary (default: `husk` beside the shim's own binary, else
+    /// on PATH).
+    pub husk_binary: Option<PathBuf>,
+    /// The guest kernel (an uncompressed vmlinux or a bzImage).
+    pub kernel: PathBuf,
+    /// The agent's initramfs.
+    pub initrd: PathBuf,
+    /// Extra guest kernel command line, after husk's own.
+    pub kernel_params: String,
+    /// vCPUs of a pod whose spec asks for no CPU limit.
+    pub default_vcpus: u32,
+    /// Guest memory of a pod beyond its containers' memory limit (MiB).
+    pub default_memory_mib: u64,
+    /// The most vCPUs a pod may get.
+    pub max_vcpus: u32,
+    /// Spare drive slots per VM: the most containers a pod can hold.
+    pub drive_slots: u32,
+    /// How long the guest may take to boot until its agent answers (s).
+    pub boot_timeout_secs: u64,
+    /// Per-pod state (API and vsock sockets, console log, disk images).
+    pub state_dir: PathBuf,
+    /// Run husk with its seccomp filters (turn off only to debug).
+    pub seccomp: bool,
+    /// The shim's log level when containerd does not ask for debug.
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            husk_binary: None,
+            kernel: PathBuf::from("/usr/share/husk/vmlinux"),
+            initrd: PathBuf::from("/usr/share/husk/husk-agent.cpio"),
+            kernel_params: String::new(),
+            default_vcpus: 1,
+            default_memory_mib: 256,
+            max_vcpus: 8,
+            drive_slots: 8,
+            boot_timeout_secs: 60,
+            state_dir: PathBuf::from("/run/husk"),
+            seccomp: true,
+            log_level: "warn".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing file means the defaults.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Config::default()),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Config::parse(path, &text)
+    }
+
+    /// Parses `text` (read from `path`) and checks its values.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        if config.default_vcpus == 0 || config.default_vcpus > config.max_vcpus {
+            return Err(invalid(format!(
+                "default_vcpus = {} must be between 1 and max_vcpus ({})",
+                config.default_vcpus, config.max_vcpus
+            )));
+        }
+        if config.default_memory_mib < 64 {
+            return Err(invalid(format!(
+                "default_memory_mib = {} is too small for the guest (64 at least)",
+                config.default_memory_mib
+            )));
+        }
+        if config.drive_slots == 0 || config.drive_slots > 64 {
+            return Err(invalid(format!(
+                "drive_slots = {} must be between 1 and 64",
+                config.drive_slots
+            )));
+        }
+        if config.boot_timeout_secs == 0 {
+            return Err(invalid("boot_timeout_secs must be at least 1".into()));
+        }
+        Ok(config)
+    }
+
+    /// The husk binary to run.
+    pub fn husk(&self) -> PathBuf {
+        if let Some(p) = &self.husk_binary {
+            return p.clone();
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("husk")))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("husk"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/husk/config.toml"), text)
+    }
+
+    #[test]
+    fn empty_file_and_missing_file_mean_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        let missing = Config::load(Path::new("/nonexistent/husk/config.toml")).unwrap();
+        assert_eq!(missing, Config::default());
+    }
+
+    #[test]
+    fn keys_override_defaults() {
+        let c = parse(
+            r#"
+            kernel = "/opt/husk/vmlinux"
+            default_vcpus = 2
+            default_memory_mib = 512
+            drive_slots = 4
+            seccomp = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/opt/husk/vmlinux"));
+        assert_eq!(
+            (c.default_vcpus, c.default_memory_mib, c.drive_slots),
+            (2, 512, 4)
+        );
+        assert!(!c.seccomp);
+        assert_eq!(c.initrd, Config::default().initrd);
+    }
+
+    #[test]
+    fn unknown_keys_wrong_types_and_bad_values_are_refused() {
+        let e = parse("kernal = \"/x\"").unwrap_err().to_string();
+        assert!(e.contains("unknown field") && e.contains("kernal"), "{e}");
+        let e = parse("default_vcpus = \"two\"").unwrap_err().to_string();
+        assert!(e.contains("invalid type"), "{e}");
+        for bad in [
+            "default_vcpus = 0",
+            "default_vcpus = 9",
+            "default_memory_mib = 16",
+            "drive_slots = 0",
+            "boot_timeout_secs = 0",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(ConfigError::Invalid { .. })),
+                "{bad}"
+            );
+        }
+    }
+}

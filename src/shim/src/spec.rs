@@ -1,0 +1,213 @@
+//! The OCI spec containerd wrote for a container, made fit for the guest:
+//! what names the host (its network namespace, namespace paths, hooks,
+//! host-path bind mounts, the host's cgroup path) is replaced or dropped.
+
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
+
+/// What changed, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Adjusted {
+    /// Bind mounts of host paths that were dropped.
+    pub dropped_mounts: Vec<String>,
+    /// Whether hooks were dropped.
+    pub dropped_hooks: bool,
+}
+
+/// The annotation naming the pod's sandbox (CRI).
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// The pod's vCPUs, overriding the default and the CPU limit.
+pub const VCPUS_ANNOTATION: &str = "io.husk.vcpus";
+/// The pod's guest memory in MiB, overriding the default and the limit.
+pub const MEMORY_ANNOTATION: &str = "io.husk.memory-mib";
+
+/// The pod a container belongs to: its sandbox id, or its own id.
+pub fn sandbox_id(spec: &Spec, id: &str) -> String {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get(SANDBOX_ID))
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .unwrap_or_else(|| id.to_string())
+}
+
+/// Rewrites `spec` for the guest. `sandbox_pid` is the guest pid of the
+/// pod's sandbox container, whose namespaces later containers join where
+/// containerd names a path.
+pub fn for_guest(spec: &mut Spec, sandbox_pid: Option<u32>) -> Adjusted {
+    let mut adjusted = Adjusted::default();
+    if spec.hooks().is_some() {
+        spec.set_hooks(None);
+        adjusted.dropped_hooks = true;
+    }
+    if let Some(linux) = spec.linux_mut() {
+        // The guest's cgroup tree is the agent's; containerd's path names
+        // the host's (and may be in the systemd driver's slice:prefix:name
+        // form). The agent picks the container's cgroup.
+        linux.set_cgroups_path(None);
+        if let Some(namespaces) = linux.namespaces_mut() {
+            // The VM is the pod: its network namespace is the guest's own.
+            namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
+            let rewritten: Vec<LinuxNamespace> = namespaces
+                .iter()
+                .map(|n| {
+                    let mut n = n.clone();
+                    if n.path().is_some() {
+                        // A host path (/proc/<host pid>/ns/ipc of the pause
+                        // container): the sandbox's namespace in the guest.
+                        let path = sandbox_pid
+                            .map(|pid| format!("/proc/{pid}/ns/{}", ns_file(n.typ())).into());
+                        n.set_path(path);
+                    }
+                    n
+                })
+                .collect();
+            *namespaces = rewritten;
+        }
+    }
+    if let Some(mounts) = spec.mounts_mut() {
+        mounts.retain(|m| {
+            let bind = m.typ().as_deref() == Some("bind")
+                || m.options()
+                    .iter()
+                    .flatten()
+                    .any(|o| o == "bind" || o == "rbind");
+            if bind {
+                adjusted
+                    .dropped_mounts
+                    .push(m.destination().display().to_string());
+            }
+            !bind
+        });
+    }
+    adjusted
+}
+
+fn ns_file(t: LinuxNamespaceType) -> &'static str {
+    match t {
+        LinuxNamespaceType::Mount => "mnt",
+        LinuxNamespaceType::Cgroup => "cgroup",
+        LinuxNamespaceType::Uts => "uts",
+        LinuxNamespaceType::Ipc => "ipc",
+        LinuxNamespaceType::User => "user",
+        LinuxNamespaceType::Pid => "pid",
+        LinuxNamespaceType::Network => "net",
+        LinuxNamespaceType::Time => "time",
+    }
+}
+
+/// The pod's vCPUs and guest memory (MiB): the annotations if set, else
+/// the defaults grown by the spec's CPU and memory limits.
+pub fn vm_size(spec: &Spec, default_vcpus: u32, default_mib: u64, max_vcpus: u32) -> (u32, u64) {
+    let annotation = |key: &str| -> Option<u64> {
+        spec.annotations()
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .and_then(|v| v.parse().ok())
+    };
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+    let cpu_limit = resources
+        .as_ref()
+        .and_then(|r| r.cpu().clone())
+        .and_then(|c| match (c.quota(), c.period()) {
+            (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p)),
+            _ => None,
+        });
+    let mem_limit_mib = resources
+        .as_ref()
+        .and_then(|r| *r.memory())
+        .and_then(|m| m.limit())
+        .filter(|l| *l > 0)
+        .map(|l| (l as u64).div_ceil(1 << 20));
+    let vcpus = annotation(VCPUS_ANNOTATION)
+        .or(cpu_limit.map(|c| c.max(default_vcpus as u64)))
+        .unwrap_or(default_vcpus as u64)
+        .clamp(1, max_vcpus as u64) as u32;
+    let mem = annotation(MEMORY_ANNOTATION)
+        .unwrap_or_else(|| default_mib + mem_limit_mib.unwrap_or(0))
+        .max(64);
+    (vcpus, mem)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> Spec {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn host_references_are_removed() {
+        let mut s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "root": {"path": "rootfs"},
+            "hooks": {"prestart": [{"path": "/usr/bin/true"}]},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "ro"]},
+                {"destination": "/data", "source": "/srv/data", "options": ["bind"]}
+            ],
+            "linux": {
+                "cgroupsPath": "kubepods-besteffort.slice:cri-containerd:abc",
+                "namespaces": [
+                    {"type": "pid"},
+                    {"type": "network", "path": "/var/run/netns/cni-1"},
+                    {"type": "ipc", "path": "/proc/4242/ns/ipc"},
+                    {"type": "uts", "path": "/proc/4242/ns/uts"},
+                    {"type": "mount"}
+                ]
+            }
+        }));
+        let a = for_guest(&mut s, Some(7));
+        assert!(a.dropped_hooks && s.hooks().is_none());
+        assert_eq!(a.dropped_mounts, vec!["/etc/hosts", "/data"]);
+        assert_eq!(s.mounts().as_ref().unwrap().len(), 1);
+        let linux = s.linux().as_ref().unwrap();
+        assert!(linux.cgroups_path().is_none());
+        let ns: Vec<(LinuxNamespaceType, Option<String>)> = linux
+            .namespaces()
+            .iter()
+            .flatten()
+            .map(|n| (n.typ(), n.path().as_ref().map(|p| p.display().to_string())))
+            .collect();
+        assert_eq!(
+            ns,
+            vec![
+                (LinuxNamespaceType::Pid, None),
+                (LinuxNamespaceType::Ipc, Some("/proc/7/ns/ipc".into())),
+                (LinuxNamespaceType::Uts, Some("/proc/7/ns/uts".into())),
+                (LinuxNamespaceType::Mount, None),
+            ]
+        );
+        // Without a sandbox in the VM a namespace path becomes a new one.
+        let mut s2 = spec(
+            serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": [{"type": "ipc", "path": "/proc/1/ns/ipc"}]}}),
+        );
+        for_guest(&mut s2, None);
+        let n = &s2.linux().as_ref().unwrap().namespaces().as_ref().unwrap()[0];
+        assert!(n.path().is_none());
+    }
+
+    #[test]
+    fn vm_size_follows_annotations_then_limits() {
+        let plain = spec(serde_json::json!({"ociVersion": "1.0.2"}));
+        assert_eq!(vm_size(&plain, 1, 256, 8), (1, 256));
+        let limited = spec(
+            serde_json::json!({"ociVersion": "1.0.2", "linux": {"resources": {
+                "cpu": {"quota": 250000, "period": 100000},
+                "memory": {"limit": 134217728u64}
+            }}}),
+        );
+        assert_eq!(vm_size(&limited, 1, 256, 8), (3, 384));
+        assert_eq!(vm_size(&limited, 1, 256, 2), (2, 384));
+        let annotated = spec(serde_json::json!({"ociVersion": "1.0.2", "annotations": {
+            "io.husk.vcpus": "2", "io.husk.memory-mib": "128"
+        }}));
+        assert_eq!(vm_size(&annotated, 1, 256, 8), (2, 128));
+        assert_eq!(sandbox_id(&annotated, "c1"), "c1");
+        let member = spec(serde_json::json!({"ociVersion": "1.0.2", "annotations": {
+            "io.kubernetes.cri.sandbox-id": "pod1"
+        }}));
+        assert_eq!(sandbox_id(&member, "c1"), "pod1");
+    }
+}

@@ -1,0 +1,239 @@
+//! containerd-shim-husk-v2 under Debian's containerd, in the node VM: `ctr
+//! run --runtime io.containerd.husk.v2` of a locally imported busybox image
+//! runs the container in a microVM (its kernel is the guest's, not the
+//! node's), prints its output and returns its exit code; exec, pause,
+//! resume, kill, delete; a killed VMM ends the task with a non-zero status
+//! and leaves nothing behind; a killed shim is cleaned up by containerd's
+//! `delete`; repeated create/delete cycles leak no processes, mounts,
+//! files or descriptors.
+
+use husk_tests::{agent_initrd, artifacts, cargo_binary, host_tool, husk_with_cache, Payload};
+
+/// The image's name in containerd.
+const IMAGE: &str = "busybox:latest";
+
+/// A payload with containerd, ctr, husk, the shim, the guest kernel, the
+/// agent, mke2fs and the bundled busybox image as an OCI archive.
+fn containerd_payload(name: &str) -> Payload {
+    let a = artifacts();
+    let p = Payload::new(name)
+        .add(&a.husk, "husk")
+        .add(
+            &cargo_binary("containerd-shim-husk-v2"),
+            "containerd-shim-husk-v2",
+        )
+        .add(&a.vmlinux, "vmlinux")
+        .add(agent_initrd(), "agent.cpio")
+        .add(&host_tool("containerd"), "containerd")
+        .add(&host_tool("ctr"), "ctr")
+        .add(&host_tool("mke2fs"), "mke2fs");
+    let layout = p.path().join("busybox-layout");
+    husk_with_cache(
+        &[
+            "image",
+            "build-busybox",
+            layout.to_str().expect("utf-8 path"),
+        ],
+        &p.path().join("cache"),
+    );
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(p.path().join("busybox.tar"))
+        .arg(".")
+        .status()
+        .expect("run tar");
+    assert!(st.success());
+    std::fs::remove_dir_all(&layout).expect("remove the layout");
+    let _ = std::fs::remove_dir_all(p.path().join("cache"));
+    p
+}
+
+/// Starts containerd in the node and imports the image; then `script`.
+fn with_containerd(script: &str) -> String {
+    let setup = r#"set -u
+export PATH=$PWD:$PATH
+mkdir -p /etc/husk /var/lib/containerd /run/containerd
+mount -t tmpfs tmpfs /var/lib/containerd
+printf 'kernel = "%s/vmlinux"\ninitrd = "%s/agent.cpio"\nhusk_binary = "%s/husk"\ndefault_memory_mib = 128\n' "$PWD" "$PWD" "$PWD" > /etc/husk/config.toml
+containerd --log-level warn > containerd.log 2>&1 &
+i=0; while [ ! -S /run/containerd/containerd.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+ctr image import busybox.tar > /dev/null || { echo IMPORT-FAILED; cat containerd.log; }
+ctr image ls -q
+# Live husk processes (zombies not counted: the node's init reaps late).
+husk_count() { n=0; for s in /proc/[0-9]*/stat; do case "$(cat "$s" 2>/dev/null)" in *"(husk) "[!Z]*) n=$((n+1)) ;; esac; done; echo $n; }
+# The pattern's brackets keep it from matching this script's own shell.
+shim_pids() { for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q "[c]ontainerd-shim-husk-v2 $1" && echo ${p#/proc/}; done; }
+"#;
+    format!("{setup}\n{script}\necho '--- containerd log'; tail -n 40 containerd.log\n")
+}
+
+fn run(name: &str, script: &str) -> husk_tests::RunResult {
+    containerd_payload(name).run(&with_containerd(script))
+}
+
+#[test]
+fn ctr_runs_a_container_in_a_microvm() {
+    let r = run(
+        "shim-ctr-run",
+        &format!(
+            r#"echo "NODE-KERNEL $(uname -r)"
+ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} hello sh -c 'echo "GUEST-KERNEL $(uname -r)"; echo hello-from-husk; exit 7'
+echo "CTR-EXIT $?"
+echo "HUSK-LEFT $(husk_count)"
+echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
+"#
+        ),
+    );
+    r.assert_contains("hello-from-husk");
+    assert_eq!(r.value("CTR-EXIT").as_deref(), Some("7"), "{}", r.output);
+    let node = r.value("NODE-KERNEL").expect("node kernel");
+    let guest = r.value("GUEST-KERNEL").expect("guest kernel");
+    assert_ne!(
+        node, guest,
+        "the container ran on the node's kernel:\n{}",
+        r.output
+    );
+    assert_eq!(r.value("HUSK-LEFT").as_deref(), Some("0"), "{}", r.output);
+    assert_eq!(r.value("STATE-LEFT").as_deref(), Some("0"), "{}", r.output);
+}
+
+#[test]
+fn exec_pause_resume_kill_and_delete() {
+    let r = run(
+        "shim-lifecycle",
+        &format!(
+            r#"R="--runtime io.containerd.husk.v2"
+ctr run -d $R {IMAGE} long sleep 600; echo "RUN-D $?"
+ctr task exec --exec-id e1 long sh -c 'echo exec-says-hi; exit 3'; echo "EXEC-EXIT $?"
+ctr task ps long | tail -n +2 | wc -l | sed 's/^/PIDS /'
+ctr task metrics long > metrics.txt 2>&1; echo "METRICS-EXIT $?"; grep -i -m1 memory metrics.txt
+ctr task pause long; ctr task ls | grep '^long ' | awk '{{print "PAUSED-STATUS " $3}}'
+ctr task resume long; ctr task ls | grep '^long ' | awk '{{print "RESUMED-STATUS " $3}}'
+ctr task exec --exec-id e2 long true; echo "EXEC-AFTER-RESUME $?"
+ctr task kill -s SIGKILL long
+i=0; until ctr task ls | grep -q '^long .*STOPPED'; do sleep 0.2; i=$((i+1)); [ $i -gt 100 ] && break; done
+ctr task rm long 2>&1 | sed -n 's/.*exit with non-zero exit code \([0-9]*\).*/TASK-RM \1/p'
+ctr container rm long
+sleep 1
+echo "HUSK-LEFT $(husk_count)"
+echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
+"#
+        ),
+    );
+    for (key, want) in [
+        ("RUN-D", "0"),
+        ("EXEC-EXIT", "3"),
+        ("METRICS-EXIT", "0"),
+        ("PAUSED-STATUS", "PAUSED"),
+        ("RESUMED-STATUS", "RUNNING"),
+        ("EXEC-AFTER-RESUME", "0"),
+        // ctr task rm warns about the task's status: SIGKILL.
+        ("TASK-RM", "137"),
+        ("HUSK-LEFT", "0"),
+        ("STATE-LEFT", "0"),
+    ] {
+        assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
+    }
+    r.assert_contains("exec-says-hi");
+    let pids: u32 = r.value("PIDS").and_then(|p| p.parse().ok()).unwrap_or(0);
+    assert!(pids >= 1, "no processes listed:\n{}", r.output);
+}
+
+#[test]
+fn a_killed_vmm_ends_the_task_and_leaves_nothing() {
+    let r = run(
+        "shim-vmm-killed",
+        &format!(
+            r#"ctr run -d --runtime io.containerd.husk.v2 {IMAGE} doomed sleep 600; echo "RUN-D $?"
+kill -9 "$(cat /run/husk/default/doomed/husk.pid)"; echo "KILL $?"
+i=0; until ctr task ls | grep -q '^doomed .*STOPPED'; do sleep 0.2; i=$((i+1)); [ $i -gt 100 ] && break; done
+ctr task ls | grep '^doomed ' | awk '{{print "AFTER-KILL " $3}}'
+echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
+ctr task rm doomed 2>&1 | sed -n 's/.*exit with non-zero exit code \([0-9]*\).*/TASK-RM \1/p'
+ctr container rm doomed
+sleep 1
+echo "HUSK-LEFT $(husk_count)"
+echo "SHIM-LEFT $(shim_pids | wc -l)"
+"#
+        ),
+    );
+    for (key, want) in [
+        ("RUN-D", "0"),
+        ("KILL", "0"),
+        ("AFTER-KILL", "STOPPED"),
+        ("STATE-LEFT", "0"),
+        ("TASK-RM", "255"),
+        ("HUSK-LEFT", "0"),
+        ("SHIM-LEFT", "0"),
+    ] {
+        assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
+    }
+}
+
+#[test]
+fn a_killed_shim_is_cleaned_up_by_delete() {
+    let r = run(
+        "shim-killed",
+        &format!(
+            r#"ctr run -d --runtime io.containerd.husk.v2 {IMAGE} orphan sleep 600; echo "RUN-D $?"
+echo "HUSK-BEFORE $(husk_count)"
+kill -9 $(shim_pids '.*-id orphan '); echo "KILL $?"
+i=0; while [ "$(husk_count)" != 0 ] || [ -e /run/husk/default/orphan ]; do sleep 0.2; i=$((i+1)); [ $i -gt 100 ] && break; done
+echo "HUSK-LEFT $(husk_count)"
+echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
+ctr task rm orphan > /dev/null 2>&1; ctr container rm orphan; echo "CONTAINER-RM $?"
+"#
+        ),
+    );
+    for (key, want) in [
+        ("RUN-D", "0"),
+        ("HUSK-BEFORE", "1"),
+        ("KILL", "0"),
+        ("HUSK-LEFT", "0"),
+        ("STATE-LEFT", "0"),
+        ("CONTAINER-RM", "0"),
+    ] {
+        assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
+    }
+}
+
+/// Create/delete cycles leave the node as they found it: processes (with a
+/// command line, so not kernel threads), mounts, files under /run/husk,
+/// containerd's descriptors, network links.
+#[test]
+fn create_delete_cycles_leak_nothing() {
+    let cycles = std::env::var("HUSK_SHIM_CYCLES").unwrap_or_else(|_| "10".into());
+    let r = run(
+        "shim-cycles",
+        &format!(
+            r#"snapshot() {{
+  procs=0; for p in /proc/[0-9]*; do [ -s $p/cmdline ] && procs=$((procs+1)); done
+  echo "procs=$procs mounts=$(wc -l < /proc/mounts) files=$(find /run/husk 2>/dev/null | wc -l) containerd_fds=$(ls /proc/$(pidof containerd)/fd | wc -l) links=$(ls /sys/class/net | wc -l)"
+}}
+# One cycle first: containerd opens what it keeps open on its first task.
+ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} warm true
+sleep 1
+echo "BEFORE $(snapshot)"
+n=0; failed=0
+while [ $n -lt {cycles} ]; do
+  ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} cycle$n sh -c 'echo cycle' > /dev/null || failed=$((failed+1))
+  n=$((n+1))
+done
+sleep 1
+echo "AFTER $(snapshot)"
+echo "CYCLES-FAILED $failed"
+"#
+        ),
+    );
+    assert_eq!(
+        r.value("CYCLES-FAILED").as_deref(),
+        Some("0"),
+        "{}",
+        r.output
+    );
+    let before = r.value("BEFORE").expect("before");
+    let after = r.value("AFTER").expect("after");
+    assert_eq!(before, after, "something leaked:\n{}", r.output);
+}
