@@ -14,27 +14,31 @@
 #   resources/bench.sh run [--runs N]                    husk run to the container's first output
 #                                                        byte against runc run of the same image;
 #                                                        the agent's container start and RSS in a guest
+#   resources/bench.sh pod [--runs N] [--concurrent P]    pods through containerd: husk's shim against
+#                                                        runc's (start latency, memory per pod, P pods
+#                                                        of 128 MiB at once)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=resources/lib.sh
 source "$repo/resources/lib.sh"
 
-mode=boot runs=10 size_mib="" runtime_s=5 streams=8 firecracker=""
+mode=boot runs=10 size_mib="" runtime_s=5 streams=8 firecracker="" concurrent=20
 while (($#)); do
   case $1 in
-    boot|blk|api|net|vsock|run) mode=$1; shift ;;
+    boot|blk|api|net|vsock|run|pod) mode=$1; shift ;;
+    --concurrent) concurrent=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     --size-mib) size_mib=$2; shift 2 ;;
     --runtime-s) runtime_s=$2; shift 2 ;;
     --streams) streams=$2; shift 2 ;;
     --firecracker) firecracker=$(realpath "$2"); shift 2 ;;
-    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] | api [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | run [--runs N]]" >&2; exit 2 ;;
+    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] | api [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | run [--runs N] | pod [--runs N] [--concurrent P]]" >&2; exit 2 ;;
   esac
 done
 
 husk_install_packages
 husk_build_images "$repo"
-(cd "$repo" && cargo build --release --locked -j"$(nproc)" -p husk --bins >&2)
+(cd "$repo" && cargo build --release --locked -j"$(nproc)" -p husk -p containerd-shim-husk-v2 --bins >&2)
 
 payload=$(mktemp -d "${TMPDIR:-/tmp}/husk-bench.XXXXXX")
 trap 'rm -rf "$payload"' EXIT
@@ -125,5 +129,29 @@ case $mode in
       "HUSK_CACHE_DIR=./cache ./husk-bench run --husk ./husk --kernel vmlinux \
          --agent-initrd agent.cpio --image ./busybox --rootfs rootfs.ext4 \
          --runc ./runc --runc-no-pivot --bundle bundle --runs $runs"
+    ;;
+  pod)
+    # Debian's containerd (and runc for the yardstick) in the node VM, the
+    # bundled busybox image imported; the shim finds husk, the kernel and
+    # the agent through /etc/husk/config.toml.
+    ensure_packages runc containerd
+    "$repo/resources/agent/build.sh" "$payload/agent.cpio" >&2
+    layout=$(mktemp -d "${TMPDIR:-/tmp}/husk-bench-layout.XXXXXX")
+    "$repo/target/release/husk" image build-busybox "$layout/busybox" >&2
+    tar -C "$layout/busybox" -cf "$payload/busybox.tar" .
+    rm -rf "$layout"
+    cp "$repo/target/release/containerd-shim-husk-v2" "$(command -v containerd)" "$(command -v ctr)" \
+      "$(command -v containerd-shim-runc-v2)" "$(command -v runc)" /usr/sbin/mke2fs "$payload/"
+    # shellcheck disable=SC2016  # expands in the node
+    "$repo/resources/node/run.sh" --mem 6144 --timeout 1800 --payload "$payload" -- sh -c '
+      export PATH=$PWD:$PATH
+      mkdir -p /etc/husk /var/lib/containerd /run/containerd
+      mount -t tmpfs tmpfs /var/lib/containerd
+      printf "kernel = \"%s/vmlinux\"\ninitrd = \"%s/agent.cpio\"\nhusk_binary = \"%s/husk\"\ndefault_memory_mib = 128\n" "$PWD" "$PWD" "$PWD" > /etc/husk/config.toml
+      containerd --log-level error > containerd.log 2>&1 &
+      i=0; while [ ! -S /run/containerd/containerd.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+      ctr image import busybox.tar > /dev/null
+      ./husk-bench pod --runs '"$runs"' --concurrent '"$concurrent"' --mem-mib 128 --runc-no-pivot ||
+        { tail -n 30 containerd.log; exit 1; }'
     ;;
 esac

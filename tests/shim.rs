@@ -26,7 +26,10 @@ fn containerd_payload(name: &str) -> Payload {
         .add(agent_initrd(), "agent.cpio")
         .add(&host_tool("containerd"), "containerd")
         .add(&host_tool("ctr"), "ctr")
-        .add(&host_tool("mke2fs"), "mke2fs");
+        .add(&host_tool("mke2fs"), "mke2fs")
+        // iproute2 (the shim wires the pod's network with ip and tc).
+        .add(&host_tool("ip"), "ip")
+        .add(&host_tool("tc"), "tc");
     let layout = p.path().join("busybox-layout");
     husk_with_cache(
         &[
@@ -236,4 +239,171 @@ echo "CYCLES-FAILED $failed"
     let before = r.value("BEFORE").expect("before");
     let after = r.value("AFTER").expect("after");
     assert_eq!(before, after, "something leaked:\n{}", r.output);
+}
+
+/// A pod network namespace as CNI's bridge plugin leaves it (a veth with
+/// the pod's address, a default route through the node's end), handed to
+/// the shim with `ctr run --with-ns`: the pod's IP answers from the node,
+/// and the container reaches the node, through the tap the shim joined
+/// with the veth.
+#[test]
+fn the_pod_network_reaches_the_guest() {
+    let r = run(
+        "shim-network",
+        &format!(
+            r#"# busybox sh runs its own applet for a bare `ip`: iproute2 by path.
+IP=$PWD/ip TC=$PWD/tc
+$IP netns add pod1
+$IP link add veth-node type veth peer name eth0 netns pod1
+$IP addr add 10.88.0.1/24 dev veth-node && $IP link set veth-node up
+$IP -n pod1 link set lo up && $IP -n pod1 addr add 10.88.0.2/24 dev eth0 && $IP -n pod1 link set eth0 up
+$IP -n pod1 route add default via 10.88.0.1
+mkdir -p www && echo hello-from-the-node > www/index.html
+busybox httpd -p 10.88.0.1:9090 -h www
+ctr run -d --runtime io.containerd.husk.v2 --with-ns network:/run/netns/pod1 {IMAGE} web   sh -c 'mkdir -p /tmp/www && echo hello-from-the-pod > /tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www'
+echo "RUN-D $?"
+# (The node's busybox wget crashes on the host's glibc; nc does not.)
+get() {{ printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 "$1" "$2" 2>/dev/null | tail -n 1; }}
+i=0; until out=$(get 10.88.0.2 8080) && [ -n "$out" ]; do sleep 0.5; i=$((i+1)); [ $i -gt 40 ] && break; done
+echo "NODE-TO-POD $out"
+echo "POD-TO-NODE $(ctr task exec --exec-id get web wget -q -O - http://10.88.0.1:9090/)"
+echo "GUEST-ADDR $(ctr task exec --exec-id addr web ip -o -4 addr show dev eth0 | awk '{{print $4}}')"
+echo "TAP-BEFORE $($IP -n pod1 -o link | grep -c husktap0)"
+ctr task kill -s SIGKILL web
+i=0; until ctr task ls | grep -q '^web .*STOPPED'; do sleep 0.2; i=$((i+1)); [ $i -gt 100 ] && break; done
+ctr task rm web > /dev/null 2>&1; ctr container rm web
+sleep 1
+echo "TAP-AFTER $($IP -n pod1 -o link | grep -c husktap0)"
+echo "QDISC-AFTER $($TC -n pod1 qdisc show dev eth0 | grep -c ingress)"
+"#
+        ),
+    );
+    for (key, want) in [
+        ("RUN-D", "0"),
+        ("NODE-TO-POD", "hello-from-the-pod"),
+        ("POD-TO-NODE", "hello-from-the-node"),
+        ("GUEST-ADDR", "10.88.0.2/24"),
+        ("TAP-BEFORE", "1"),
+        ("TAP-AFTER", "0"),
+        ("QDISC-AFTER", "0"),
+    ] {
+        assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
+    }
+}
+
+/// On the host, with no guest needed: a kernel path that does not exist
+/// makes containerd's Create fail with husk's own fault message, and the
+/// shim leaves no husk, no state and no shim behind.
+#[test]
+fn a_bad_kernel_fails_create_with_a_clear_error_and_leaves_nothing() {
+    use std::process::{Command, Stdio};
+    let dir = std::env::temp_dir().join(format!("husk-shim-host-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let layout = dir.join("layout");
+    husk_with_cache(
+        &["image", "build-busybox", layout.to_str().unwrap()],
+        &dir.join("cache"),
+    );
+    let tar = dir.join("busybox.tar");
+    assert!(Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
+    let state = dir.join("husk-state");
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kernel = \"{0}/no-such-vmlinux\"\ninitrd = \"{0}/no-such.cpio\"\nhusk_binary = \"{1}\"\nstate_dir = \"{2}\"\n",
+            dir.display(),
+            husk_tests::husk_binary().display(),
+            state.display()
+        ),
+    )
+    .unwrap();
+    let shim_dir = cargo_binary("containerd-shim-husk-v2");
+    let path = format!(
+        "{}:{}",
+        shim_dir.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let sock = dir.join("containerd.sock");
+    let mut containerd = Command::new(host_tool("containerd"))
+        .arg("--root")
+        .arg(dir.join("root"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .arg("--address")
+        .arg(&sock)
+        .env("PATH", &path)
+        .env("HUSK_SHIM_CONFIG", &config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start containerd");
+    let ctr = |args: &[&str]| {
+        Command::new(host_tool("ctr"))
+            .arg("--address")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .expect("run ctr")
+    };
+    let mut waited = 0;
+    while !sock.exists() && waited < 300 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        waited += 1;
+    }
+    assert!(ctr(&["image", "import", tar.to_str().unwrap()])
+        .status
+        .success());
+    let out = ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        "io.containerd.husk.v2",
+        IMAGE,
+        "badkernel",
+        "true",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    // What is left: husk processes of this test, the pod's state, shims.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let leftover_pods = std::fs::read_dir(state.join("default"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let shims = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c).into_owned();
+                    c.contains("containerd-shim-husk-v2") && c.contains(sock.to_str().unwrap())
+                })
+                .unwrap_or(false)
+        })
+        .count();
+    let _ = containerd.kill();
+    let _ = containerd.wait();
+    // containerd's overlay mounts under its root go with it.
+    let _ = Command::new("umount")
+        .arg("-R")
+        .arg(dir.join("root"))
+        .stderr(Stdio::null())
+        .status();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "ctr run succeeded without a kernel");
+    assert!(
+        stderr.contains("kernel image") && stderr.contains("no-such-vmlinux"),
+        "the error does not say what is wrong: {stderr}"
+    );
+    assert_eq!(leftover_pods, 0, "the pod's state was left behind");
+    assert_eq!(shims, 0, "the shim is still running");
 }

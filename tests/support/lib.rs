@@ -251,6 +251,10 @@ impl Payload {
     /// Adds `src` under `name` (hard link when possible, else a copy).
     pub fn add(self, src: &Path, name: &str) -> Self {
         let dst = self.dir.join(name);
+        // A hard link to a symlink would be the symlink, which means
+        // something else inside the node (/usr/sbin/ip -> /bin/ip there
+        // is busybox's).
+        let src = &std::fs::canonicalize(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
         if std::fs::hard_link(src, &dst).is_err() {
             std::fs::copy(src, &dst)
                 .unwrap_or_else(|e| panic!("copy {} into payload: {e}", src.display()));

@@ -8,6 +8,7 @@
 mod api_client;
 mod config;
 mod io;
+mod network;
 mod rootfs;
 mod service;
 mod spec;

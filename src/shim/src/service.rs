@@ -67,8 +67,12 @@ struct State {
     vm: Option<Arc<PodVm>>,
     /// Set when husk exited (every process then is exited too).
     vm_gone: bool,
+    /// Set once the VM's files and network are gone too.
+    vm_cleaned: bool,
     /// The guest pid of the pod's sandbox container.
     sandbox_pid: Option<u32>,
+    /// The pod's wired network, to undo when the VM goes.
+    network: Option<crate::network::PodNetwork>,
     containers: HashMap<String, Container>,
 }
 
@@ -203,23 +207,41 @@ impl Inner {
             self.config.default_memory_mib,
             self.config.max_vcpus,
         );
+        let network = match crate::network::netns_path(spec) {
+            Some(netns) => crate::network::setup(&netns).map_err(|e| {
+                tracing::error!(pod = pod_id, error = %e, "cannot wire the pod's network");
+                err(
+                    Code::INTERNAL,
+                    format!("cannot wire the pod's network: {e}"),
+                )
+            })?,
+            None => None,
+        };
         let vm_spec = VmSpec {
             id: pod_id.to_string(),
             vcpus,
             mem_mib,
             hostname: spec.hostname().clone(),
+            network: network.clone(),
         };
         let dir = pod_dir(&self.config, &self.namespace, pod_id);
         tracing::info!(pod = pod_id, vcpus, mem_mib, dir = %dir.0.display(), "booting the pod's microVM");
         let (vm, child) = PodVm::boot(&self.config, dir, &vm_spec).map_err(|e| {
             tracing::error!(pod = pod_id, error = %e, "cannot boot the pod's microVM");
+            if let Some(net) = &network {
+                crate::network::teardown(net);
+            }
             err(
                 Code::INTERNAL,
                 format!("cannot boot the pod's microVM: {e}"),
             )
         })?;
         let vm = Arc::new(vm);
-        self.lock().vm = Some(vm.clone());
+        {
+            let mut st = self.lock();
+            st.vm = Some(vm.clone());
+            st.network = network;
+        }
         self.watch_vm(child);
         self.watch_events(&vm);
         Ok(vm)
@@ -328,7 +350,7 @@ impl Inner {
         let exited_at = now();
         let mut exits = Vec::new();
         let mut ios = Vec::new();
-        let dir = {
+        let (dir, network) = {
             let mut st = self.lock();
             st.vm_gone = true;
             for (cid, c) in st.containers.iter_mut() {
@@ -349,8 +371,11 @@ impl Inner {
                 }
                 c.image = None;
             }
-            st.vm.as_ref().map(|vm| vm.dir.clone())
+            (st.vm.as_ref().map(|vm| vm.dir.clone()), st.network.take())
         };
+        if let Some(net) = &network {
+            crate::network::teardown(net);
+        }
         self.changed.notify_all();
         if !exits.is_empty() {
             let log = dir
@@ -383,6 +408,8 @@ impl Inner {
         if let Some(dir) = dir {
             vm::remove_dir(&dir);
         }
+        self.lock().vm_cleaned = true;
+        self.changed.notify_all();
     }
 
     fn create(self: &Arc<Self>, req: api::CreateTaskRequest) -> TtrpcResult<u32> {
@@ -708,27 +735,39 @@ impl Inner {
         let vm = {
             let st = self.lock();
             if st.vm_gone {
-                return;
+                None
+            } else {
+                st.vm.clone()
             }
-            st.vm.clone()
         };
-        let Some(vm) = vm else { return };
-        if let Err(e) = vm.call(Request::Shutdown) {
-            tracing::warn!(error = %e, "the agent did not take the shutdown");
+        if let Some(vm) = &vm {
+            if let Err(e) = vm.call(Request::Shutdown) {
+                tracing::warn!(error = %e, "the agent did not take the shutdown");
+            }
+            if !self.wait_cleaned(Duration::from_secs(10)) {
+                tracing::warn!(
+                    pid = vm.pid,
+                    "husk did not exit after the guest's shutdown; killing it"
+                );
+                vm::kill_recorded(&vm.dir);
+            }
         }
+        // The VM's end is handled on its watcher thread: wait for the
+        // files and the network to be gone, so the shim never exits
+        // half-way through.
+        if self.lock().vm.is_some() && !self.wait_cleaned(Duration::from_secs(10)) {
+            tracing::warn!("the pod's microVM was not cleaned up in time");
+        }
+    }
+
+    /// Waits until the VM's end is fully handled; false on timeout.
+    fn wait_cleaned(&self, limit: Duration) -> bool {
         let st = self.lock();
-        let (st, timeout) = self
+        let (_st, timeout) = self
             .changed
-            .wait_timeout_while(st, Duration::from_secs(10), |s| !s.vm_gone)
+            .wait_timeout_while(st, limit, |s| !s.vm_cleaned)
             .unwrap_or_else(|e| e.into_inner());
-        drop(st);
-        if timeout.timed_out() {
-            tracing::warn!(
-                pid = vm.pid,
-                "husk did not exit after the guest's shutdown; killing it"
-            );
-            vm::kill_recorded(&vm.dir);
-        }
+        !timeout.timed_out()
     }
 
     fn with_proc<T>(

@@ -4,6 +4,8 @@
 //! containers' root filesystems), and the agent inside it.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -15,6 +17,7 @@ use serde_json::json;
 
 use crate::api_client::{ApiClient, ApiError};
 use crate::config::Config;
+use crate::network::{self, PodNetwork};
 
 /// Why the VM could not be started or driven.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +101,8 @@ pub struct VmSpec {
     pub mem_mib: u64,
     /// The guest's hostname.
     pub hostname: Option<String>,
+    /// The pod's network, wired already: husk runs in its namespace.
+    pub network: Option<PodNetwork>,
 }
 
 /// A running pod VM.
@@ -137,12 +142,34 @@ impl PodVm {
         if !config.seccomp {
             cmd.arg("--no-seccomp");
         }
+        // husk opens the pod's tap, so it lives in the pod's namespace.
+        let netns = match &spec.network {
+            Some(net) => Some(File::open(&net.netns).map_err(io(format!(
+                "open the network namespace {}",
+                net.netns.display()
+            )))?),
+            None => None,
+        };
+        if let Some(ns) = &netns {
+            let fd = ns.as_raw_fd();
+            // SAFETY: setns(2) is async-signal-safe; the descriptor stays
+            // open until spawn returned.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("dup the log"))?)
             .stderr(log)
             .spawn()
             .map_err(io(format!("start {}", config.husk().display())))?;
+        drop(netns);
         let pid = child.id();
         std::fs::write(dir.pid_file(), pid.to_string())
             .map_err(io(format!("write {}", dir.pid_file().display())))?;
@@ -213,6 +240,16 @@ impl PodVm {
                 }),
             )?;
         }
+        if let Some(net) = &spec.network {
+            api.put(
+                "/network-interfaces/eth0",
+                json!({
+                    "iface_id": "eth0",
+                    "host_dev_name": network::TAP,
+                    "guest_mac": net.interface.mac,
+                }),
+            )?;
+        }
         api.put("/vsock", json!({"guest_cid": 3, "uds_path": dir.vsock()}))?;
         api.put("/actions", json!({"action_type": "InstanceStart"}))?;
         let endpoint = Endpoint::Vsock {
@@ -236,6 +273,8 @@ impl PodVm {
         };
         agent.call(Request::CreateSandbox(Sandbox {
             hostname: spec.hostname.clone(),
+            interfaces: spec.network.iter().map(|n| n.interface.clone()).collect(),
+            routes: spec.network.iter().flat_map(|n| n.routes.clone()).collect(),
             ..Default::default()
         }))?;
         Ok(PodVm {

@@ -15,6 +15,10 @@
 //! the container's first output byte, and in one guest the agent's
 //! container starts and memory (see `run`).
 //!
+//! `husk-bench pod` starts pods through containerd with husk's shim and
+//! with runc's, and measures start latency, memory and concurrency (see
+//! `pod`).
+//!
 //! `husk-bench boot` starts `husk boot` N times and measures, per run, the
 //! wall time from spawning the VMM process to the guest's first user-space
 //! line (the marker the test init prints first), the VMM's own setup time
@@ -26,6 +30,7 @@
 mod api;
 mod io;
 mod net;
+mod pod;
 mod run;
 mod stats;
 mod vsock;
@@ -68,6 +73,9 @@ enum Bench {
     /// `husk run` to the container's first output byte (against `runc run`),
     /// and in a guest the agent's container start latency and memory.
     Run(run::RunBench),
+    /// Pods through containerd: husk's shim against runc's (start latency,
+    /// memory per pod, many pods at once).
+    Pod(pod::PodBench),
     /// Serve vsock test streams (echo, upload, download) until told to quit.
     VsockServe(VsockServeArgs),
     /// Open concurrent vsock test streams and check every byte.
@@ -434,6 +442,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Blk(b) => blk(b)?,
         Bench::Api(b) => api::run(&b)?,
         Bench::Run(b) => run::run(b)?,
+        Bench::Pod(b) => pod::pod(b)?,
         Bench::Net(b) => net::net(b)?,
         Bench::Tap(a) => return net::tap(a),
         Bench::Vsock(b) => {
