@@ -141,17 +141,12 @@ case $mode in
     tar -C "$layout/busybox" -cf "$payload/busybox.tar" .
     rm -rf "$layout"
     cp "$repo/target/release/containerd-shim-husk-v2" "$(command -v containerd)" "$(command -v ctr)" \
-      "$(command -v containerd-shim-runc-v2)" "$(command -v runc)" /usr/sbin/mke2fs "$payload/"
-    # shellcheck disable=SC2016  # expands in the node
-    "$repo/resources/node/run.sh" --mem 6144 --timeout 1800 --payload "$payload" -- sh -c '
-      export PATH=$PWD:$PATH
-      mkdir -p /etc/husk /var/lib/containerd /run/containerd
-      mount -t tmpfs tmpfs /var/lib/containerd
-      printf "kernel = \"%s/vmlinux\"\ninitrd = \"%s/agent.cpio\"\nhusk_binary = \"%s/husk\"\ndefault_memory_mib = 128\n" "$PWD" "$PWD" "$PWD" > /etc/husk/config.toml
-      containerd --log-level error > containerd.log 2>&1 &
-      i=0; while [ ! -S /run/containerd/containerd.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-      ctr image import busybox.tar > /dev/null
-      ./husk-bench pod --runs '"$runs"' --concurrent '"$concurrent"' --mem-mib 128 --runc-no-pivot ||
-        { tail -n 30 containerd.log; exit 1; }'
+      "$(command -v containerd-shim-runc-v2)" "$(command -v runc)" /usr/sbin/mke2fs \
+      "$repo/resources/containerd/start-in-node.sh" "$payload/"
+    "$repo/resources/node/run.sh" --mem 6144 --timeout 1800 --payload "$payload" -- sh -c "
+      export PATH=\$PWD:\$PATH
+      sh start-in-node.sh error || exit 1
+      ./husk-bench pod --runs $runs --concurrent $concurrent --mem-mib 128 --runc-no-pivot ||
+        { tail -n 30 containerd.log; exit 1; }"
     ;;
 esac

@@ -29,7 +29,11 @@ fn containerd_payload(name: &str) -> Payload {
         .add(&host_tool("mke2fs"), "mke2fs")
         // iproute2 (the shim wires the pod's network with ip and tc).
         .add(&host_tool("ip"), "ip")
-        .add(&host_tool("tc"), "tc");
+        .add(&host_tool("tc"), "tc")
+        .add(
+            &husk_tests::repo_root().join("resources/containerd/start-in-node.sh"),
+            "start-in-node.sh",
+        );
     let layout = p.path().join("busybox-layout");
     husk_with_cache(
         &[
@@ -57,15 +61,14 @@ fn containerd_payload(name: &str) -> Payload {
 fn with_containerd(script: &str) -> String {
     let setup = r#"set -u
 export PATH=$PWD:$PATH
-mkdir -p /etc/husk /var/lib/containerd /run/containerd
-mount -t tmpfs tmpfs /var/lib/containerd
-printf 'kernel = "%s/vmlinux"\ninitrd = "%s/agent.cpio"\nhusk_binary = "%s/husk"\ndefault_memory_mib = 128\n' "$PWD" "$PWD" "$PWD" > /etc/husk/config.toml
-containerd --log-level warn > containerd.log 2>&1 &
-i=0; while [ ! -S /run/containerd/containerd.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-ctr image import busybox.tar > /dev/null || { echo IMPORT-FAILED; cat containerd.log; }
+sh start-in-node.sh || exit 1
 ctr image ls -q
-# Live husk processes (zombies not counted: the node's init reaps late).
 husk_count() { n=0; for s in /proc/[0-9]*/stat; do case "$(cat "$s" 2>/dev/null)" in *"(husk) "[!Z]*) n=$((n+1)) ;; esac; done; echo $n; }
+# Waits until task $1 stopped (at most 20 s).
+wait_stopped() { i=0; until ctr task ls | grep -q "^$1 .*STOPPED"; do sleep 0.2; i=$((i+1)); [ $i -gt 100 ] && break; done; }
+# Removes stopped task $1 and its container; prints "TASK-RM <status>" when
+# the status was not 0 (ctr warns about it and exits 0).
+remove() { ctr task rm "$1" 2>&1 | sed -n 's/.*exit with non-zero exit code \([0-9]*\).*/TASK-RM \1/p'; ctr container rm "$1"; }
 # The pattern's brackets keep it from matching this script's own shell.
 shim_pids() { for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q "[c]ontainerd-shim-husk-v2 $1" && echo ${p#/proc/}; done; }
 "#;
@@ -116,9 +119,8 @@ ctr task pause long; ctr task ls | grep '^long ' | awk '{{print "PAUSED-STATUS "
 ctr task resume long; ctr task ls | grep '^long ' | awk '{{print "RESUMED-STATUS " $3}}'
 ctr task exec --exec-id e2 long true; echo "EXEC-AFTER-RESUME $?"
 ctr task kill -s SIGKILL long
-i=0; until ctr task ls | grep -q '^long .*STOPPED'; do sleep 0.2; i=$((i+1)); [ $i -gt 100 ] && break; done
-ctr task rm long 2>&1 | sed -n 's/.*exit with non-zero exit code \([0-9]*\).*/TASK-RM \1/p'
-ctr container rm long
+wait_stopped long
+remove long
 sleep 1
 echo "HUSK-LEFT $(husk_count)"
 echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
@@ -151,11 +153,10 @@ fn a_killed_vmm_ends_the_task_and_leaves_nothing() {
         &format!(
             r#"ctr run -d --runtime io.containerd.husk.v2 {IMAGE} doomed sleep 600; echo "RUN-D $?"
 kill -9 "$(cat /run/husk/default/doomed/husk.pid)"; echo "KILL $?"
-i=0; until ctr task ls | grep -q '^doomed .*STOPPED'; do sleep 0.2; i=$((i+1)); [ $i -gt 100 ] && break; done
+wait_stopped doomed
 ctr task ls | grep '^doomed ' | awk '{{print "AFTER-KILL " $3}}'
 echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
-ctr task rm doomed 2>&1 | sed -n 's/.*exit with non-zero exit code \([0-9]*\).*/TASK-RM \1/p'
-ctr container rm doomed
+remove doomed
 sleep 1
 echo "HUSK-LEFT $(husk_count)"
 echo "SHIM-LEFT $(shim_pids | wc -l)"
@@ -270,8 +271,8 @@ echo "POD-TO-NODE $(ctr task exec --exec-id get web wget -q -O - http://10.88.0.
 echo "GUEST-ADDR $(ctr task exec --exec-id addr web ip -o -4 addr show dev eth0 | awk '{{print $4}}')"
 echo "TAP-BEFORE $($IP -n pod1 -o link | grep -c husktap0)"
 ctr task kill -s SIGKILL web
-i=0; until ctr task ls | grep -q '^web .*STOPPED'; do sleep 0.2; i=$((i+1)); [ $i -gt 100 ] && break; done
-ctr task rm web > /dev/null 2>&1; ctr container rm web
+wait_stopped web
+remove web > /dev/null
 sleep 1
 echo "TAP-AFTER $($IP -n pod1 -o link | grep -c husktap0)"
 echo "QDISC-AFTER $($TC -n pod1 qdisc show dev eth0 | grep -c ingress)"

@@ -218,7 +218,8 @@ struct Sample {
 }
 
 /// Sums the Rss of the mappings in an smaps dump, split into (overhead,
-/// guest) by whether a mapping is exactly a guest RAM region's size.
+/// guest) by whether a mapping is a guest RAM region's size (or up to 2 MiB
+/// more, merged with a neighbour).
 fn split_rss(smaps: &str, guest_region_sizes: &[u64]) -> (u64, u64) {
     let (mut overhead, mut guest) = (0u64, 0u64);
     let mut current_is_guest = false;
@@ -227,7 +228,13 @@ fn split_rss(smaps: &str, guest_region_sizes: &[u64]) -> (u64, u64) {
         let first = fields.next().unwrap_or("");
         if let Some((start, end)) = first.split_once('-') {
             if let (Ok(s), Ok(e)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16)) {
-                current_is_guest = guest_region_sizes.contains(&(e.saturating_sub(s)));
+                // The kernel may merge a guest region with a small
+                // neighbouring anonymous mapping (a thread's stack): a
+                // region up to 2 MiB larger counts as guest memory.
+                let size = e.saturating_sub(s);
+                current_is_guest = guest_region_sizes
+                    .iter()
+                    .any(|&g| size >= g && size < g + (2 << 20));
                 continue;
             }
         }
@@ -496,6 +503,15 @@ Rss:               20480 kB
 Rss:                 900 kB
 ";
         assert_eq!(split_rss(smaps, &guest_region_sizes(128)), (904, 20480));
+        // 128 MiB merged with a 132 KiB neighbour is still guest memory;
+        // a mapping 4 MiB larger is not.
+        let merged = "\
+7f0000000000-7f0008021000 rw-p 00000000 00:00 0
+Rss:               19172 kB
+7f1000000000-7f1008400000 rw-p 00000000 00:00 0
+Rss:                 100 kB
+";
+        assert_eq!(split_rss(merged, &guest_region_sizes(128)), (100, 19172));
     }
 
     #[test]

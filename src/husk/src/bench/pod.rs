@@ -180,15 +180,21 @@ pub fn pod(b: PodBench) -> anyhow::Result<Value> {
                         concurrent: 0,
                         runc_no_pivot: false,
                     };
-                    start(&bench, HUSK, &format!("bench-many-{i}")).is_ok()
+                    start(&bench, HUSK, &format!("bench-many-{i}")).map_err(|e| e.to_string())
                 })
             })
             .collect();
-        let started = handles
+        let outcomes: Vec<Result<f64, String>> = handles
             .into_iter()
-            .map(|h| h.join().unwrap_or(false))
-            .filter(|ok| *ok)
-            .count();
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("the thread panicked".into()))
+            })
+            .collect();
+        let started = outcomes.iter().filter(|o| o.is_ok()).count();
+        let mut errors: Vec<String> = outcomes.into_iter().filter_map(Result::err).collect();
+        errors.dedup();
+        errors.truncate(3);
         let seconds = t0.elapsed().as_secs_f64();
         let tasks = ctr(&b, &["task", "ls"])?;
         let running = tasks
@@ -205,6 +211,7 @@ pub fn pod(b: PodBench) -> anyhow::Result<Value> {
             "failed": b.concurrent - started,
             "running": running,
             "seconds": (seconds * 100.0).round() / 100.0,
+            "errors": errors,
         });
     }
     Ok(result)
