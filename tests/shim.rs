@@ -62,6 +62,8 @@ fn with_containerd(script: &str) -> String {
     let setup = r#"set -u
 export PATH=$PWD:$PATH
 sh start-in-node.sh || exit 1
+# The shims' own account of each step, in containerd's log.
+echo 'log_level = "info"' >> /etc/husk/config.toml
 ctr image ls -q
 husk_count() { n=0; for s in /proc/[0-9]*/stat; do case "$(cat "$s" 2>/dev/null)" in *"(husk) "[!Z]*) n=$((n+1)) ;; esac; done; echo $n; }
 # Waits until task $1 stopped (at most 20 s).
@@ -213,7 +215,7 @@ fn create_delete_cycles_leak_nothing() {
         "shim-cycles",
         &format!(
             r#"snapshot() {{
-  procs=0; for p in /proc/[0-9]*; do [ -s $p/cmdline ] && procs=$((procs+1)); done
+  procs=0; for p in /proc/[0-9]*; do [ -n "$(tr -d '\0' < $p/cmdline 2>/dev/null)" ] && procs=$((procs+1)); done
   echo "procs=$procs mounts=$(wc -l < /proc/mounts) files=$(find /run/husk 2>/dev/null | wc -l) containerd_fds=$(ls /proc/$(pidof containerd)/fd | wc -l) links=$(ls /sys/class/net | wc -l)"
 }}
 # One cycle first: containerd opens what it keeps open on its first task.
@@ -222,7 +224,13 @@ sleep 1
 echo "BEFORE $(snapshot)"
 n=0; failed=0
 while [ $n -lt {cycles} ]; do
-  ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} cycle$n sh -c 'echo cycle' > /dev/null || failed=$((failed+1))
+  # A cycle that hangs is a failure with its evidence, not a hung test.
+  if ! timeout 120 ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} cycle$n sh -c 'echo cycle' > cycle.out 2>&1; then
+    failed=$((failed+1))
+    echo "CYCLE $n FAILED:"; cat cycle.out
+    echo "--- its VM's log"; tail -n 40 /run/husk/default/cycle$n/husk.log 2>/dev/null
+    break
+  fi
   n=$((n+1))
 done
 sleep 1

@@ -140,6 +140,16 @@ impl AgentClient {
         }
     }
 
+    /// Bounds how long [`AgentClient::call`] waits for a reply (`None`:
+    /// forever). A call that times out fails with an I/O error, and the
+    /// connection should not be used again (a late reply would answer the
+    /// next request).
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.conn.set_read_timeout(timeout)?;
+        self.conn.set_write_timeout(timeout)?;
+        Ok(())
+    }
+
     /// Sends one request and waits for its reply.
     pub fn call(&mut self, request: Request) -> Result<Response, ClientError> {
         let id = self.next_id;

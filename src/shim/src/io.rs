@@ -36,6 +36,8 @@ pub struct StdioPaths {
 /// The copying threads of one process.
 pub struct ProcessIo {
     outputs: Vec<JoinHandle<()>>,
+    /// The agent's ends of the output streams, to cut at the end.
+    output_streams: Vec<UnixStream>,
     /// The agent's end of the process's stdin (or terminal), to close.
     stdin: Arc<Mutex<Option<UnixStream>>>,
     /// The stdin fifo, to unblock its opener at the end.
@@ -82,11 +84,13 @@ impl ProcessIo {
             })
         };
         let mut outputs = Vec::new();
+        let mut output_streams = Vec::new();
         let stdin_side = if paths.terminal {
             let tty = open(StdioStream::Tty)?;
             if !paths.stdout.is_empty() {
                 let fifo = open_output(&paths.stdout)?;
                 let reader = tty.try_clone()?;
+                output_streams.push(tty.try_clone()?);
                 outputs.push(std::thread::spawn(move || copy(reader, fifo)));
             }
             tty
@@ -100,6 +104,7 @@ impl ProcessIo {
                 }
                 let fifo = open_output(path)?;
                 let s = open(stream)?;
+                output_streams.push(s.try_clone()?);
                 outputs.push(std::thread::spawn(move || copy(s, fifo)));
             }
             let s = open(StdioStream::Stdin)?;
@@ -133,6 +138,7 @@ impl ProcessIo {
         }
         Ok(ProcessIo {
             outputs,
+            output_streams,
             stdin,
             stdin_fifo,
         })
@@ -158,10 +164,17 @@ impl ProcessIo {
         true
     }
 
-    /// Ends the copying: closes stdin and lets a stdin opener still waiting
-    /// for containerd go (by opening the fifo's write end for a moment).
+    /// Ends the copying: closes stdin, lets a stdin opener still waiting
+    /// for containerd go (by opening the fifo's write end for a moment),
+    /// and cuts output streams still open (a background process holding
+    /// them, or a stalled guest), so the output fifos close and
+    /// containerd's copy ends: after an exit was reported, nothing may
+    /// keep the client waiting.
     pub fn finish(&self) {
         self.close_stdin();
+        for s in &self.output_streams {
+            let _ = s.shutdown(Shutdown::Both);
+        }
         if let Some(path) = &self.stdin_fifo {
             let _ = OpenOptions::new()
                 .write(true)

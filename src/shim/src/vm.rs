@@ -122,6 +122,9 @@ pub struct PodVm {
 /// disk the guest accepts and nothing mounts.
 const PLACEHOLDER_BYTES: u64 = 4096;
 
+/// The longest the shim waits for one answer from the agent.
+const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The guest kernel's command line before the configured parameters.
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
 
@@ -271,6 +274,9 @@ impl PodVm {
                 return Err(e.into());
             }
         };
+        // A guest that stops answering fails the call, not the shim's
+        // whole task API (the agent bounds its own steps at 30 s).
+        agent.set_timeout(Some(AGENT_CALL_TIMEOUT))?;
         agent.call(Request::CreateSandbox(Sandbox {
             hostname: spec.hostname.clone(),
             interfaces: spec.network.iter().map(|n| n.interface.clone()).collect(),
