@@ -131,10 +131,6 @@ fn now() -> Timestamp {
     containerd_shim::util::timestamp().unwrap_or_default()
 }
 
-fn exec_key(exec_id: &str) -> &str {
-    exec_id
-}
-
 fn exit_code(status: ExitStatus) -> u32 {
     u32::try_from(status.as_shell_status()).unwrap_or(VM_GONE_STATUS)
 }
@@ -603,7 +599,7 @@ impl Inner {
         let p = st
             .containers
             .get_mut(id)
-            .and_then(|c| c.procs.get_mut(exec_key(exec_id)))
+            .and_then(|c| c.procs.get_mut(exec_id))
             .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {exec_id} of {id}")))?;
         let process = p.exec_spec.take().ok_or_else(|| {
             err(
