@@ -15,7 +15,14 @@
 # 600 s. HUSK_NODE=direct or HUSK_NODE=vm forces either way; HUSK_NODE_IMAGE
 # names an image build.sh made (skips even its cache lookup);
 # HUSK_NODE_LOGLEVEL=N shows the node's whole console, kernel messages up to
-# that level included.
+# that level included. HUSK_NODE_SHELL=PATH puts a root shell of the node on
+# a unix socket at PATH while CMD runs (socat -,raw,echo=0 UNIX-CONNECT:PATH),
+# for looking at a stuck test from inside.
+#
+# A command still running 30 s before the timeout gets the node's own
+# diagnosis first: every process and its wait channel, every husk thread's
+# kernel stack, then SIGTERM to husk (whose vCPUs then log their guest's
+# instruction pointer), all on the console.
 #
 # The node VM: qemu-system-x86_64 -accel tcg -cpu max (emulated AMD SVM),
 # no network, console on ttyS0 streamed live with the \r dropped. CMD and its
@@ -128,13 +135,19 @@ rm -rf "$stage" "$tmp/payload.cpio"
 boot_node() {
   rm -f "$tmp/status" "$tmp/lockup"
   : > "$tmp/console" # exists before tail opens it, whenever qemu starts
+  local extra=() append=""
+  if ((timeout > 60)); then append+=" husk_node.deadline=$((timeout - 30))"; fi
+  if [[ -n ${HUSK_NODE_SHELL:-} ]]; then
+    extra=(-chardev "socket,id=shell,path=$HUSK_NODE_SHELL,server=on,wait=off" -serial chardev:shell)
+    append+=" husk_node.shell=1"
+  fi
   # timeout(1) rather than a watchdog shell: nothing may outlive this script
   # holding its stdout open.
   timeout --kill-after=5 "$timeout" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem" \
     -nodefaults -no-reboot -display none -serial stdio \
-    -kernel "$image/vmlinuz" -initrd "$tmp/initrd.cpio" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=${HUSK_NODE_LOGLEVEL:-1}" \
+    "${extra[@]}" -kernel "$image/vmlinuz" -initrd "$tmp/initrd.cpio" \
+    -append "console=ttyS0 panic=-1 quiet loglevel=${HUSK_NODE_LOGLEVEL:-1}$append" \
     < /dev/null > "$tmp/console" 2>&1 &
   qpid=$!
 

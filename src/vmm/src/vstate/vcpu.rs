@@ -234,6 +234,9 @@ impl Vcpu {
                 }
                 Step::Stop(exit) => {
                     tracing::debug!(%exit, "vCPU stops the VM");
+                    if !exit.is_clean() {
+                        self.log_failure_state(&exit);
+                    }
                     if matches!(exit, VmExit::VcpuFault { .. }) {
                         self.shared.metrics.vcpu.failures.inc();
                     } else {
@@ -246,13 +249,68 @@ impl Vcpu {
         }
         // Stopped from outside (a signal, another vCPU's exit): say where the
         // guest was, which is what one wants to know about a stuck guest.
+        // A signal means someone gave up on this VM (often a timeout):
+        // then it is worth a warning.
+        let killed = matches!(self.shared.exit.reason(), Some(VmExit::Signal(_)));
         match self.fd.get_regs() {
+            Ok(regs) if killed => tracing::warn!(
+                vcpu = self.index,
+                rip = format_args!("{:#x}", regs.rip),
+                rsp = format_args!("{:#x}", regs.rsp),
+                "vCPU stopped by a signal"
+            ),
             Ok(regs) => tracing::info!(
                 rip = format_args!("{:#x}", regs.rip),
                 rsp = format_args!("{:#x}", regs.rsp),
                 "vCPU stopped"
             ),
             Err(e) => tracing::info!(error = %e, "vCPU stopped; registers unreadable"),
+        }
+    }
+
+    /// A guest that died (triple fault, emulation failure, entry failure)
+    /// leaves only this vCPU's state as evidence: log it where it can be
+    /// read after the process is gone.
+    fn log_failure_state(&self, exit: &VmExit) {
+        let regs = self.fd.get_regs();
+        let sregs = self.fd.get_sregs();
+        let events = self.fd.get_vcpu_events();
+        match (regs, sregs) {
+            (Ok(r), Ok(s)) => tracing::error!(
+                %exit,
+                vcpu = self.index,
+                rip = format_args!("{:#x}", r.rip),
+                rsp = format_args!("{:#x}", r.rsp),
+                rflags = format_args!("{:#x}", r.rflags),
+                cs = format_args!("{:#x}", s.cs.selector),
+                cr0 = format_args!("{:#x}", s.cr0),
+                cr2 = format_args!("{:#x}", s.cr2),
+                cr3 = format_args!("{:#x}", s.cr3),
+                cr4 = format_args!("{:#x}", s.cr4),
+                efer = format_args!("{:#x}", s.efer),
+                idt = format_args!("{:#x}/{:#x}", s.idt.base, s.idt.limit),
+                tr = format_args!("{:#x}/{:#x}", s.tr.base, s.tr.limit),
+                "vCPU state at the guest's failure"
+            ),
+            (r, s) => tracing::error!(
+                %exit,
+                regs_error = ?r.err(),
+                sregs_error = ?s.err(),
+                "vCPU state at the guest's failure unreadable"
+            ),
+        }
+        if let Ok(ev) = events {
+            tracing::error!(
+                exception_injected = ev.exception.injected,
+                exception_pending = ev.exception.pending,
+                exception_nr = ev.exception.nr,
+                exception_error_code = format_args!("{:#x}", ev.exception.error_code),
+                nmi_injected = ev.nmi.injected,
+                nmi_pending = ev.nmi.pending,
+                interrupt_injected = ev.interrupt.injected,
+                interrupt_nr = ev.interrupt.nr,
+                "vCPU events at the guest's failure"
+            );
         }
     }
 
