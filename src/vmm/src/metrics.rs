@@ -99,6 +99,9 @@ pub struct NetMetrics {
     pub tx_errors: Counter,
     /// Malformed descriptor chains returned unused.
     pub invalid_chains: Counter,
+    /// Used-ring interrupts raised again by the once-a-second pass (after
+    /// buffers were returned, or while a frame waits for rx buffers).
+    pub interrupts_by_timer: Counter,
 }
 
 /// The virtio-vsock device.

@@ -197,6 +197,8 @@ pub struct Net {
     rx_frame: Vec<u8>,
     /// Length of the frame waiting in `rx_frame`, 0 when none.
     rx_pending: usize,
+    /// Whether buffers went back to the guest since the timer's last pass.
+    returned_since_tick: bool,
     tx_frame: Vec<u8>,
     metrics: std::sync::Arc<crate::metrics::NetMetrics>,
     /// Once a second the event loop serves both queues even without a
@@ -276,6 +278,7 @@ impl Net {
             state: State::Inactive,
             rx_frame: vec![0; MAX_FRAME_LEN],
             rx_pending: 0,
+            returned_since_tick: false,
             tx_frame: vec![0; MAX_FRAME_LEN],
             metrics: Default::default(),
         })
@@ -302,6 +305,22 @@ impl Net {
         }
         self.backend_gone = true;
         self.rx_pending = 0;
+    }
+
+    /// The timer's guard against a lost interrupt: raises the used-ring
+    /// interrupt again if buffers went back to the guest since the last
+    /// pass, or a frame still waits for rx buffers. A driver that missed
+    /// an interrupt would otherwise never look at its rings again (it
+    /// refills rx and reclaims tx buffers only when told); a spurious one
+    /// costs it one look. Returns whether it raised one.
+    pub(super) fn reraise_interrupt(&mut self) -> bool {
+        let due = std::mem::take(&mut self.returned_since_tick) || self.rx_pending != 0;
+        if due && matches!(self.state, State::Active { .. }) && !self.backend_gone {
+            self.metrics.interrupts_by_timer.inc();
+            self.interrupt.trigger(INTERRUPT_USED_RING);
+            return true;
+        }
+        false
     }
 
     fn notify_guest(interrupt: &Interrupt, queue: &mut Queue, mem: &GuestMemoryMmap, id: &str) {
@@ -351,6 +370,7 @@ impl Net {
         }
         if let (true, State::Active { mem, rx, .. }) = (delivered, &mut self.state) {
             Self::notify_guest(&self.interrupt, rx, mem, &self.id);
+            self.returned_since_tick = true;
         }
         outcome
     }
@@ -486,6 +506,7 @@ impl Net {
         }
         if completed > 0 {
             Self::notify_guest(&self.interrupt, tx, mem, &self.id);
+            self.returned_since_tick = true;
         }
         if completed == BUDGET {
             // More may be queued: come back after the other events.

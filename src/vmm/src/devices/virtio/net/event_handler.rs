@@ -1,6 +1,7 @@
 //! Wires a network device into the VMM's event loop: the rx and tx queue
 //! eventfds, the backend (tap) fd, and a one-second timer that serves both
-//! queues even when no notification came.
+//! queues even when no notification came, and raises the used-ring
+//! interrupt again when the guest may have missed one.
 //!
 //! The backend is polled only while its frames can go somewhere: when a
 //! frame waits for rx buffers the guest has not given yet, the backend's
@@ -42,6 +43,9 @@ impl Net {
         }
         let outcome = self.process_rx();
         self.after_rx(outcome, ops);
+        if self.reraise_interrupt() {
+            tracing::trace!(net = %self.id(), "used-ring interrupt raised again by the timer");
+        }
     }
 
     fn after_rx(&mut self, outcome: RxOutcome, ops: &mut EventOps) {
@@ -203,6 +207,40 @@ mod tests {
         assert_eq!(txq.used().idx().load(), 1);
         let mut buf = [0u8; 100];
         assert_eq!(r.peer.recv(&mut buf).unwrap(), 60);
+    }
+
+    #[test]
+    fn the_timer_raises_the_interrupt_again_after_returns_and_while_rx_starves() {
+        let m = mem();
+        let r = rig(None, false);
+        let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
+        let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
+        let mut net = r.net;
+        activate(&mut net, &m, &rxq, &txq, 0);
+        let irq = |net: &Net| net.interrupt().irqfd().read().ok();
+        // Idle since activation: nothing to raise.
+        assert!(!net.reraise_interrupt());
+        assert_eq!(irq(&net), None);
+        // A tx frame completed (and its interrupt perhaps lost): raised
+        // once more by the next pass, not by the one after.
+        txq.add_desc_chains(&[d(0x10_0000, 60, 0, 0)], 0).unwrap();
+        assert!(net.process_tx());
+        assert_eq!(irq(&net), Some(1));
+        assert!(net.reraise_interrupt());
+        assert_eq!(irq(&net), Some(1));
+        assert!(!net.reraise_interrupt());
+        // A frame waits for rx buffers the guest does not give: raised on
+        // every pass until it is delivered.
+        r.peer.send(&frame(100, 0)).unwrap();
+        assert_eq!(net.process_rx(), RxOutcome::NoBuffers);
+        assert!(net.reraise_interrupt());
+        assert!(net.reraise_interrupt());
+        assert_eq!(net.metrics().interrupts_by_timer.get(), 3);
+        rxq.add_desc_chains(&[d(0x10_1000, 2048, WRITE, 0)], 0)
+            .unwrap();
+        assert_eq!(net.process_rx(), RxOutcome::Drained);
+        assert!(net.reraise_interrupt());
+        assert!(!net.reraise_interrupt());
     }
 
     #[test]
