@@ -39,10 +39,19 @@ enum ImageCommand {
     },
     /// Write the bundled busybox OCI image. With OUT_DIR, into OUT_DIR;
     /// without, into the cache (keyed by the busybox version), and print
-    /// the layout's path.
+    /// the layout's path. With OUT_DIR, `--ref` and a command after `--`
+    /// make other images of the same busybox, for example the pod sandbox
+    /// ("pause") image containerd's CRI plugin wants where no registry is
+    /// reachable: `build-busybox DIR --ref husk.local/pause:1 -- sleep 2147483647`.
     BuildBusybox {
         /// Where to write the OCI layout.
         out_dir: Option<PathBuf>,
+        /// The image's name (its org.opencontainers.image.ref.name).
+        #[arg(long, requires = "out_dir", default_value = busybox::REF)]
+        r#ref: String,
+        /// The image's default command (default: sh).
+        #[arg(last = true, requires = "out_dir")]
+        cmd: Vec<String>,
         /// The static busybox binary to package.
         #[arg(long, default_value = busybox::DEFAULT_BUSYBOX)]
         busybox: PathBuf,
@@ -77,12 +86,19 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
         }
         ImageCommand::BuildBusybox {
             out_dir,
+            r#ref,
+            cmd,
             busybox: bin,
             cache_dir,
         } => {
             let path = match out_dir {
                 Some(dir) => {
-                    busybox::write_busybox_layout(&dir, &bin)?;
+                    let cmd = if cmd.is_empty() {
+                        vec!["sh".into()]
+                    } else {
+                        cmd
+                    };
+                    busybox::write_busybox_image(&dir, &bin, &r#ref, cmd)?;
                     dir
                 }
                 None => busybox::default_image(&cache_dir.unwrap_or_else(rootfs::cache_dir), &bin)?,

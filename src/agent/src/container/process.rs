@@ -73,7 +73,8 @@ fn open_ns(path: &std::path::Path) -> Result<OwnedFd, AgentError> {
 }
 
 /// Clones a process for `plan`; `pidns` is a running container's pid
-/// namespace to clone into; `join` the namespaces the child enters (fds,
+/// namespace to clone into (else the one `plan` names by path, if any);
+/// `join` the namespaces the child enters (fds,
 /// CLONE_NEW* types); `maps` the user namespace's uid and gid maps.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
@@ -86,15 +87,17 @@ pub fn spawn(
     maps: Option<(String, String)>,
 ) -> Result<Spawned, AgentError> {
     let mut joined: Vec<(OwnedFd, libc::c_int)> = Vec::new();
+    // A pid namespace named by path (a pod sharing its sandbox's process
+    // namespace) is entered like an exec's: setns applies to children only.
+    let mut pidns_by_path = None;
     for (path, flag) in &plan.join {
         if *flag == libc::CLONE_NEWPID {
-            return Err(AgentError::new(
-                ErrorCode::Unsupported,
-                "joining a pid namespace by path is not supported",
-            ));
+            pidns_by_path = Some(open_ns(path)?);
+        } else {
+            joined.push((open_ns(path)?, *flag));
         }
-        joined.push((open_ns(path)?, *flag));
     }
+    let pidns = pidns.or(pidns_by_path.as_ref());
     let (sync_r, sync_w) = pipe().map_err(|e| sys("pipe", e))?;
     let (go_r, mut go_w) = pipe().map_err(|e| sys("pipe", e))?;
     let start = if plan.init.is_some() {

@@ -126,10 +126,21 @@ pub fn busybox_layer(busybox: &Path) -> Result<Vec<u8>> {
 /// Writes the busybox image as an OCI layout into `out` (ref
 /// `busybox:latest`); returns the manifest descriptor.
 pub fn write_busybox_layout(out: &Path, busybox: &Path) -> Result<Descriptor> {
+    write_busybox_image(out, busybox, REF, vec!["sh".into()])
+}
+
+/// Writes an image of the same busybox layer named `ref_name` whose default
+/// command is `cmd` (a pod's sandbox image, for one).
+pub fn write_busybox_image(
+    out: &Path,
+    busybox: &Path,
+    ref_name: &str,
+    cmd: Vec<String>,
+) -> Result<Descriptor> {
     let tar = busybox_layer(busybox)?;
     let exec = ExecConfig {
         env: Some(vec![PATH_ENV.into()]),
-        cmd: Some(vec!["sh".into()]),
+        cmd: Some(cmd),
         working_dir: Some("/".into()),
         ..ExecConfig::default()
     };
@@ -137,7 +148,7 @@ pub fn write_busybox_layout(out: &Path, busybox: &Path) -> Result<Descriptor> {
         out,
         &[Layer { tar, gzip: true }],
         exec,
-        Some(REF),
+        Some(ref_name),
     )?)
 }
 
@@ -211,6 +222,24 @@ pub fn default_image(cache_dir: &Path, busybox: &Path) -> Result<PathBuf> {
 mod tests {
     use super::*;
     use crate::image::oci::{Layout, Platform};
+
+    #[test]
+    fn an_image_of_the_same_busybox_gets_its_own_name_and_command() {
+        let busybox = Path::new(DEFAULT_BUSYBOX);
+        if !busybox.exists() {
+            eprintln!("skipped: no {DEFAULT_BUSYBOX} (resources/lib.sh installs busybox-static)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cmd = vec!["sleep".to_string(), "2147483647".to_string()];
+        write_busybox_image(dir.path(), busybox, "husk.local/pause:1", cmd.clone()).unwrap();
+        let layout = Layout::open(dir.path()).unwrap();
+        let img = layout
+            .resolve(Some("husk.local/pause:1"), &Platform::host())
+            .unwrap();
+        assert_eq!(img.config.cmd, cmd);
+        assert!(layout.resolve(Some(REF), &Platform::host()).is_err());
+    }
 
     #[test]
     fn busybox_layout_is_reproducible_and_complete() {
