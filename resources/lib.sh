@@ -20,7 +20,10 @@ ensure_packages() {
 
 # Debian packages the build and the tests need.
 husk_install_packages() {
-  ensure_packages build-essential pkg-config cpio busybox-static qemu-system-x86 kmod e2fsprogs curl umoci containerd
+  # protobuf-compiler: the CRI client's gRPC code (k8s-cri) is generated at build
+  # time; containerd, runc and the CNI plugins are the peers of the shim tests.
+  ensure_packages build-essential pkg-config cpio busybox-static qemu-system-x86 kmod e2fsprogs curl umoci \
+    containerd runc containernetworking-plugins protobuf-compiler
   if ! command -v cargo >/dev/null; then
     log "cargo is missing: these machines carry a Rust toolchain through rustup (~/.cargo/bin)"
     return 1

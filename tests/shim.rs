@@ -7,74 +7,15 @@
 //! `delete`; repeated create/delete cycles leak no processes, mounts,
 //! files or descriptors.
 
-use husk_tests::{agent_initrd, artifacts, cargo_binary, host_tool, husk_with_cache, Payload};
+use husk_tests::containerd::{self, IMAGE};
+use husk_tests::{cargo_binary, host_tool, Payload};
 
-/// The image's name in containerd.
-const IMAGE: &str = "busybox:latest";
-
-/// A payload with containerd, ctr, husk, the shim, the guest kernel, the
-/// agent, mke2fs and the bundled busybox image as an OCI archive.
 fn containerd_payload(name: &str) -> Payload {
-    let a = artifacts();
-    let p = Payload::new(name)
-        .add(&a.husk, "husk")
-        .add(
-            &cargo_binary("containerd-shim-husk-v2"),
-            "containerd-shim-husk-v2",
-        )
-        .add(&a.vmlinux, "vmlinux")
-        .add(agent_initrd(), "agent.cpio")
-        .add(&host_tool("containerd"), "containerd")
-        .add(&host_tool("ctr"), "ctr")
-        .add(&host_tool("mke2fs"), "mke2fs")
-        // iproute2 (the shim wires the pod's network with ip and tc).
-        .add(&host_tool("ip"), "ip")
-        .add(&host_tool("tc"), "tc")
-        .add(
-            &husk_tests::repo_root().join("resources/containerd/start-in-node.sh"),
-            "start-in-node.sh",
-        );
-    let layout = p.path().join("busybox-layout");
-    husk_with_cache(
-        &[
-            "image",
-            "build-busybox",
-            layout.to_str().expect("utf-8 path"),
-        ],
-        &p.path().join("cache"),
-    );
-    let st = std::process::Command::new("tar")
-        .arg("-C")
-        .arg(&layout)
-        .arg("-cf")
-        .arg(p.path().join("busybox.tar"))
-        .arg(".")
-        .status()
-        .expect("run tar");
-    assert!(st.success());
-    std::fs::remove_dir_all(&layout).expect("remove the layout");
-    let _ = std::fs::remove_dir_all(p.path().join("cache"));
-    p
+    containerd::payload(name)
 }
 
-/// Starts containerd in the node and imports the image; then `script`.
 fn with_containerd(script: &str) -> String {
-    let setup = r#"set -u
-export PATH=$PWD:$PATH
-sh start-in-node.sh || exit 1
-# The shims' own account of each step, in containerd's log.
-echo 'log_level = "info"' >> /etc/husk/config.toml
-ctr image ls -q
-husk_count() { n=0; for s in /proc/[0-9]*/stat; do case "$(cat "$s" 2>/dev/null)" in *"(husk) "[!Z]*) n=$((n+1)) ;; esac; done; echo $n; }
-# Waits until task $1 stopped (at most 20 s).
-wait_stopped() { i=0; until ctr task ls | grep -q "^$1 .*STOPPED"; do sleep 0.2; i=$((i+1)); [ $i -gt 100 ] && break; done; }
-# Removes stopped task $1 and its container; prints "TASK-RM <status>" when
-# the status was not 0 (ctr warns about it and exits 0).
-remove() { ctr task rm "$1" 2>&1 | sed -n 's/.*exit with non-zero exit code \([0-9]*\).*/TASK-RM \1/p'; ctr container rm "$1"; }
-# The pattern's brackets keep it from matching this script's own shell.
-shim_pids() { for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q "[c]ontainerd-shim-husk-v2 $1" && echo ${p#/proc/}; done; }
-"#;
-    format!("{setup}\n{script}\necho '--- containerd log'; tail -n 40 containerd.log\n")
+    containerd::script("", script)
 }
 
 fn run(name: &str, script: &str) -> husk_tests::RunResult {
@@ -309,21 +250,8 @@ fn a_bad_kernel_fails_create_with_a_clear_error_and_leaves_nothing() {
     let dir = std::env::temp_dir().join(format!("husk-shim-host-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let layout = dir.join("layout");
-    husk_with_cache(
-        &["image", "build-busybox", layout.to_str().unwrap()],
-        &dir.join("cache"),
-    );
+    containerd::busybox_tar(&dir, "busybox.tar", None);
     let tar = dir.join("busybox.tar");
-    assert!(Command::new("tar")
-        .arg("-C")
-        .arg(&layout)
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap()
-        .success());
     let state = dir.join("husk-state");
     let config = dir.join("config.toml");
     std::fs::write(

@@ -7,18 +7,85 @@
 # busybox:latest. Run it from the payload directory with the payload first
 # on PATH; containerd's log goes to ./containerd.log.
 #
-#   sh start-in-node.sh [LOG_LEVEL]
+#   sh start-in-node.sh [--cri] [LOG_LEVEL]
+#
+# --cri also sets up containerd's CRI plugin as a kubelet's node would have
+# it: runtime handlers "husk" (io.containerd.husk.v2) and "runc", the CNI
+# plugins in ./cni with a bridge network (cni0, 10.88.0.0/16, host-local
+# addresses), and in the CRI's k8s.io namespace the sandbox image
+# husk.local/pause:1 from ./pause.tar and busybox as husk.local/busybox:1
+# from ./cri-busybox.tar (the CRI looks images up by their full names).
 set -u
 here=$PWD
-mkdir -p /etc/husk /var/lib/containerd /run/containerd
+cri=""
+if [ "${1:-}" = --cri ]; then cri=1; shift; fi
+mkdir -p /etc/husk /etc/containerd /var/lib/containerd /run/containerd
 mount -t tmpfs tmpfs /var/lib/containerd
 printf 'kernel = "%s/vmlinux"\ninitrd = "%s/agent.cpio"\nhusk_binary = "%s/husk"\ndefault_memory_mib = 128\n' \
   "$here" "$here" "$here" > /etc/husk/config.toml
-containerd --log-level "${1:-warn}" > containerd.log 2>&1 &
+config=""
+if [ -n "$cri" ]; then
+  # containerd pins pod network namespaces under /var/run/netns, and
+  # copies the node's hosts and resolv.conf into each pod.
+  [ -e /var/run ] || { mkdir -p /var && ln -s /run /var/run; }
+  [ -e /etc/hosts ] || printf '127.0.0.1\tlocalhost\n' > /etc/hosts
+  [ -e /etc/resolv.conf ] || : > /etc/resolv.conf
+  mkdir -p /etc/cni/net.d
+  cat > /etc/cni/net.d/10-husk-test.conflist <<'CNI'
+{
+  "cniVersion": "0.4.0",
+  "name": "husk-test",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "cni0",
+      "isGateway": true,
+      "ipMasq": false,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{"subnet": "10.88.0.0/16"}]],
+        "routes": [{"dst": "0.0.0.0/0"}]
+      }
+    }
+  ]
+}
+CNI
+  config=/etc/containerd/config.toml
+  cat > $config <<TOML
+version = 2
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "husk.local/pause:1"
+  # The node's kernel has AppArmor but no profiles loaded or parser.
+  disable_apparmor = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$here/cni"
+    conf_dir = "/etc/cni/net.d"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    snapshotter = "overlayfs"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        BinaryName = "$here/runc"
+        # The node's root is its initramfs, which pivot_root cannot leave.
+        NoPivotRoot = true
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk]
+      runtime_type = "io.containerd.husk.v2"
+      pod_annotations = ["io.husk.*"]
+TOML
+fi
+containerd ${config:+--config "$config"} --log-level "${1:-warn}" > containerd.log 2>&1 &
 i=0
 while [ ! -S /run/containerd/containerd.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
-if ! ctr image import busybox.tar > /dev/null; then
-  echo "start-in-node.sh: cannot import busybox.tar" >&2
-  tail -n 30 containerd.log >&2
-  exit 1
+import() {
+  if ! ctr "$@" > /dev/null; then
+    echo "start-in-node.sh: cannot run ctr $*" >&2
+    tail -n 30 containerd.log >&2
+    exit 1
+  fi
+}
+import image import busybox.tar
+if [ -n "$cri" ]; then
+  import -n k8s.io image import cri-busybox.tar
+  import -n k8s.io image import pause.tar
 fi

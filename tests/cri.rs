@@ -1,0 +1,79 @@
+//! Pods through containerd's CRI plugin, as the kubelet makes them: the
+//! husk-cri client (k8s-cri) runs one pod through RunPodSandbox,
+//! CreateContainer, StartContainer, ContainerStatus, ExecSync, a second
+//! container reaching the first over localhost, the containers' logs, the
+//! pod's IP from the node (Debian's bridge and host-local CNI plugins),
+//! StopContainer, StopPodSandbox and RemovePodSandbox. The same scenario
+//! runs with the runc handler, so that what the test expects is what a
+//! plain container runtime does; with husk the pod runs in a microVM (its
+//! kernel is the guest's) and nothing is left once the pod is removed.
+
+use husk_tests::containerd;
+
+/// Runs the scenario with `handler` in a fresh node VM.
+fn scenario(handler: &str) -> husk_tests::RunResult {
+    let r = containerd::cri_payload(&format!("cri-{handler}")).run(&containerd::script(
+        "--cri",
+        &format!(
+            r#"echo "NODE-KERNEL $(uname -r)"
+husk-cri scenario --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs
+echo "CRI-EXIT $?"
+echo "HUSK-LEFT $(husk_count)"
+echo "STATE-LEFT $(ls /run/husk/k8s.io 2>/dev/null | wc -l)"
+echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
+"#
+        ),
+    ));
+    let expect = [
+        ("CRI-EXIT", "0"),
+        ("CRI-SERVER-STATE", "CONTAINER_RUNNING"),
+        ("CRI-EXEC-CODE", "3"),
+        ("CRI-EXEC-STDOUT", "exec-out"),
+        ("CRI-EXEC-STDERR", "exec-err"),
+        ("CRI-CLIENT-EXIT", "0"),
+        ("CRI-CLIENT-LOG", "stdout pod-says-hi"),
+        ("CRI-NODE-GET", "pod-says-hi"),
+        ("CRI-PODS-LEFT", "0"),
+        ("HUSK-LEFT", "0"),
+        ("STATE-LEFT", "0"),
+        ("NETNS-LEFT", "0"),
+    ];
+    for (key, want) in expect {
+        assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
+    }
+    // Both streams of the server, in the CRI log format.
+    r.assert_contains("CRI-SERVER-LOG stdout hello-from-cri")
+        .assert_contains("CRI-SERVER-LOG stderr to-stderr");
+    let ip = r.value("CRI-POD-IP").unwrap_or_default();
+    assert!(ip.starts_with("10.88."), "pod IP {ip:?}:\n{}", r.output);
+    let stopped = r.value("CRI-SERVER-STOPPED").unwrap_or_default();
+    assert!(
+        stopped.starts_with("CONTAINER_EXITED"),
+        "{stopped}:\n{}",
+        r.output
+    );
+    r
+}
+
+#[test]
+fn a_cri_pod_runs_in_a_microvm() {
+    let r = scenario("husk");
+    let node = r.value("NODE-KERNEL").expect("node kernel");
+    let guest = r.value("CRI-EXEC-KERNEL").expect("container kernel");
+    assert_ne!(
+        node, guest,
+        "the pod ran on the node's kernel:\n{}",
+        r.output
+    );
+}
+
+#[test]
+fn the_same_cri_scenario_passes_with_runc() {
+    let r = scenario("runc");
+    assert_eq!(
+        r.value("CRI-EXEC-KERNEL"),
+        r.value("NODE-KERNEL"),
+        "{}",
+        r.output
+    );
+}

@@ -1,0 +1,126 @@
+//! Debian's containerd in the node VM, for the shim and CRI tests: a
+//! payload with containerd, ctr, husk, the shim, the guest kernel, the
+//! agent and the bundled busybox image, and the script preamble that
+//! starts containerd from it (resources/containerd/start-in-node.sh).
+
+use std::path::Path;
+
+use crate::{agent_initrd, artifacts, cargo_binary, host_tool, husk_with_cache, Payload};
+
+/// The busybox image's name in containerd (ctr's namespace).
+pub const IMAGE: &str = "busybox:latest";
+
+/// Writes the bundled busybox image as an OCI archive `tar` in `dir`;
+/// with `named`, under that name and with that default command.
+pub fn busybox_tar(dir: &Path, tar: &str, named: Option<(&str, &[&str])>) {
+    let layout = dir.join(format!("{tar}.layout"));
+    let mut args = vec![
+        "image",
+        "build-busybox",
+        layout.to_str().expect("utf-8 path"),
+    ];
+    if let Some((name, cmd)) = named {
+        args.extend(["--ref", name, "--"]);
+        args.extend(cmd);
+    }
+    husk_with_cache(&args, &dir.join("cache"));
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(dir.join(tar))
+        .arg(".")
+        .status()
+        .expect("run tar");
+    assert!(st.success());
+    std::fs::remove_dir_all(&layout).expect("remove the layout");
+    let _ = std::fs::remove_dir_all(dir.join("cache"));
+}
+
+/// A payload with containerd, ctr, husk, the shim, the guest kernel, the
+/// agent, mke2fs, iproute2 and the bundled busybox image as an OCI
+/// archive (busybox.tar).
+pub fn payload(name: &str) -> Payload {
+    let a = artifacts();
+    let p = Payload::new(name)
+        .add(&a.husk, "husk")
+        .add(
+            &cargo_binary("containerd-shim-husk-v2"),
+            "containerd-shim-husk-v2",
+        )
+        .add(&a.vmlinux, "vmlinux")
+        .add(agent_initrd(), "agent.cpio")
+        .add(&host_tool("containerd"), "containerd")
+        .add(&host_tool("ctr"), "ctr")
+        .add(&host_tool("mke2fs"), "mke2fs")
+        // iproute2 (the shim wires the pod's network with ip and tc).
+        .add(&host_tool("ip"), "ip")
+        .add(&host_tool("tc"), "tc")
+        .add(
+            &crate::repo_root().join("resources/containerd/start-in-node.sh"),
+            "start-in-node.sh",
+        );
+    busybox_tar(p.path(), "busybox.tar", None);
+    p
+}
+
+/// Debian's CNI plugins (containernetworking-plugins).
+const CNI_DIR: &str = "/usr/lib/cni";
+
+/// [`payload`] plus what containerd's CRI plugin needs: runc and its shim,
+/// the bridge, host-local and loopback CNI plugins under cni/, the pod
+/// sandbox image (pause.tar: busybox sleeping), busybox under a full name
+/// (cri-busybox.tar) and the husk-cri client.
+pub fn cri_payload(name: &str) -> Payload {
+    let mut p = payload(name)
+        .add(&host_tool("runc"), "runc")
+        .add(
+            &host_tool("containerd-shim-runc-v2"),
+            "containerd-shim-runc-v2",
+        )
+        .add(&cargo_binary("husk-cri"), "husk-cri");
+    std::fs::create_dir_all(p.path().join("cni")).expect("mkdir cni");
+    for plugin in ["bridge", "host-local", "loopback"] {
+        let src = Path::new(CNI_DIR).join(plugin);
+        assert!(
+            src.exists(),
+            "{} is missing (resources/test.sh installs containernetworking-plugins)",
+            src.display()
+        );
+        p = p.add(&src, &format!("cni/{plugin}"));
+    }
+    busybox_tar(
+        p.path(),
+        "pause.tar",
+        Some(("husk.local/pause:1", &["sleep", "2147483647"])),
+    );
+    busybox_tar(
+        p.path(),
+        "cri-busybox.tar",
+        Some(("husk.local/busybox:1", &["sh"])),
+    );
+    p
+}
+
+/// The shell functions and set-up every containerd test script starts
+/// with: containerd started (`start-in-node.sh START_ARGS`), the image
+/// imported, the shim's log at info; after `script`, containerd's log tail.
+pub fn script(start_args: &str, script: &str) -> String {
+    let setup = r#"set -u
+export PATH=$PWD:$PATH
+sh start-in-node.sh START_ARGS || exit 1
+# The shims' own account of each step, in containerd's log.
+echo 'log_level = "info"' >> /etc/husk/config.toml
+ctr image ls -q
+husk_count() { n=0; for s in /proc/[0-9]*/stat; do case "$(cat "$s" 2>/dev/null)" in *"(husk) "[!Z]*) n=$((n+1)) ;; esac; done; echo $n; }
+# Waits until task $1 stopped (at most 20 s).
+wait_stopped() { i=0; until ctr task ls | grep -q "^$1 .*STOPPED"; do sleep 0.2; i=$((i+1)); [ $i -gt 100 ] && break; done; }
+# Removes stopped task $1 and its container; prints "TASK-RM <status>" when
+# the status was not 0 (ctr warns about it and exits 0).
+remove() { ctr task rm "$1" 2>&1 | sed -n 's/.*exit with non-zero exit code \([0-9]*\).*/TASK-RM \1/p'; ctr container rm "$1"; }
+# The pattern's brackets keep it from matching this script's own shell.
+shim_pids() { for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q "[c]ontainerd-shim-husk-v2 $1" && echo ${p#/proc/}; done; }
+"#
+    .replace("START_ARGS", start_args);
+    format!("{setup}\n{script}\necho '--- containerd log'; tail -n 40 containerd.log\n")
+}
