@@ -17,6 +17,9 @@
 #   resources/bench.sh pod [--runs N] [--concurrent P]    pods through containerd: husk's shim against
 #                                                        runc's (start latency, memory per pod, P pods
 #                                                        of 128 MiB at once)
+#   resources/bench.sh cri [--runs N]                    pod start through containerd's CRI plugin
+#                                                        (RunPodSandbox to a running container),
+#                                                        handler husk against runc
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=resources/lib.sh
@@ -25,14 +28,14 @@ source "$repo/resources/lib.sh"
 mode=boot runs=10 size_mib="" runtime_s=5 streams=8 firecracker="" concurrent=20
 while (($#)); do
   case $1 in
-    boot|blk|api|net|vsock|run|pod) mode=$1; shift ;;
+    boot|blk|api|net|vsock|run|pod|cri) mode=$1; shift ;;
     --concurrent) concurrent=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     --size-mib) size_mib=$2; shift 2 ;;
     --runtime-s) runtime_s=$2; shift 2 ;;
     --streams) streams=$2; shift 2 ;;
     --firecracker) firecracker=$(realpath "$2"); shift 2 ;;
-    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] | api [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | run [--runs N] | pod [--runs N] [--concurrent P]]" >&2; exit 2 ;;
+    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] | api [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N]]" >&2; exit 2 ;;
   esac
 done
 
@@ -148,5 +151,34 @@ case $mode in
       sh start-in-node.sh error || exit 1
       ./husk-bench pod --runs $runs --concurrent $concurrent --mem-mib 128 --runc-no-pivot ||
         { tail -n 30 containerd.log; exit 1; }"
+    ;;
+  cri)
+    # containerd's CRI plugin in the node VM as tests/cri.rs sets it up
+    # (start-in-node.sh --cri), driven by husk-cri: runc first, then husk.
+    ensure_packages runc containerd containernetworking-plugins protobuf-compiler
+    (cd "$repo" && cargo build --release --locked -j"$(nproc)" -p husk-tests --bin husk-cri >&2)
+    "$repo/resources/agent/build.sh" "$payload/agent.cpio" >&2
+    for image in busybox.tar:busybox:latest:sh cri-busybox.tar:husk.local/busybox:1:sh \
+      "pause.tar:husk.local/pause:1:sleep 2147483647"; do
+      IFS=: read -r tar name tag cmd <<< "$image"
+      layout=$(mktemp -d "${TMPDIR:-/tmp}/husk-bench-layout.XXXXXX")
+      # shellcheck disable=SC2086 # the command's words
+      "$repo/target/release/husk" image build-busybox "$layout/img" --ref "$name:$tag" -- $cmd >&2
+      tar -C "$layout/img" -cf "$payload/$tar" .
+      rm -rf "$layout"
+    done
+    mkdir -p "$payload/cni"
+    cp /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/loopback "$payload/cni/"
+    cp "$repo/target/release/containerd-shim-husk-v2" "$repo/target/release/husk-cri" \
+      "$(command -v containerd)" "$(command -v ctr)" "$(command -v containerd-shim-runc-v2)" \
+      "$(command -v runc)" /usr/sbin/mke2fs /usr/sbin/ip /usr/sbin/tc \
+      "$repo/resources/containerd/start-in-node.sh" "$payload/"
+    "$repo/resources/node/run.sh" --timeout 1800 --payload "$payload" -- sh -c "
+      export PATH=\$PWD:\$PATH
+      sh start-in-node.sh --cri error || exit 1
+      for handler in runc husk; do
+        ./husk-cri bench --handler \$handler --image husk.local/busybox:1 --runs $runs ||
+          { tail -n 30 containerd.log; exit 1; }
+      done"
     ;;
 esac

@@ -254,6 +254,7 @@ impl Pod {
             container_id: id.into(),
             spec: Box::new(spec),
             rootfs,
+            volumes: None,
         }))? {
             Response::Started { pid } => Ok(pid),
             other => panic!("create answered {other:?}"),

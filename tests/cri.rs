@@ -24,12 +24,15 @@ echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
 "#
         ),
     ));
+    let hostname = format!("pod-{handler}");
     let expect = [
         ("CRI-EXIT", "0"),
         ("CRI-SERVER-STATE", "CONTAINER_RUNNING"),
         ("CRI-EXEC-CODE", "3"),
         ("CRI-EXEC-STDOUT", "exec-out"),
         ("CRI-EXEC-STDERR", "exec-err"),
+        // CRI's /etc/hostname bind mount (a volume for husk).
+        ("CRI-EXEC-HOSTNAME", hostname.as_str()),
         ("CRI-CLIENT-EXIT", "0"),
         ("CRI-CLIENT-LOG", "stdout pod-says-hi"),
         ("CRI-NODE-GET", "pod-says-hi"),

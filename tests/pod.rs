@@ -331,6 +331,7 @@ impl Pod {
                 writable_overlay: overlay,
                 size_bytes: None,
             },
+            volumes: None,
         }));
     }
 

@@ -22,14 +22,26 @@ fn run(name: &str, script: &str) -> husk_tests::RunResult {
     containerd_payload(name).run(&with_containerd(script))
 }
 
+/// Also: host bind mounts (a directory read-only, a file read-write) reach
+/// the container as copies on its volumes disk; its writes stay in the VM.
 #[test]
 fn ctr_runs_a_container_in_a_microvm() {
     let r = run(
         "shim-ctr-run",
         &format!(
             r#"echo "NODE-KERNEL $(uname -r)"
-ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} hello sh -c 'echo "GUEST-KERNEL $(uname -r)"; echo hello-from-husk; exit 7'
+mkdir -p vol/sub && echo from-the-host > vol/sub/f && echo one-file > file.txt
+ctr run --rm --runtime io.containerd.husk.v2 \
+  --mount type=bind,src=$PWD/vol,dst=/data,options=rbind:ro \
+  --mount type=bind,src=$PWD/file.txt,dst=/etc/motd,options=rbind:rw \
+  {IMAGE} hello sh -c '
+    echo "GUEST-KERNEL $(uname -r)"; echo hello-from-husk
+    echo "VOL-DIR $(cat /data/sub/f)"; echo "VOL-FILE $(cat /etc/motd)"
+    touch /data/new 2>/dev/null && echo "VOL-RO writable" || echo "VOL-RO refused"
+    echo changed > /etc/motd && echo "VOL-RW $(cat /etc/motd)"
+    exit 7'
 echo "CTR-EXIT $?"
+echo "HOST-FILE $(cat file.txt)"
 echo "HUSK-LEFT $(husk_count)"
 echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
 "#
@@ -37,6 +49,16 @@ echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
     );
     r.assert_contains("hello-from-husk");
     assert_eq!(r.value("CTR-EXIT").as_deref(), Some("7"), "{}", r.output);
+    for (key, want) in [
+        ("VOL-DIR", "from-the-host"),
+        ("VOL-FILE", "one-file"),
+        ("VOL-RO", "refused"),
+        ("VOL-RW", "changed"),
+        // A copy: the container's write stays in the VM.
+        ("HOST-FILE", "one-file"),
+    ] {
+        assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
+    }
     let node = r.value("NODE-KERNEL").expect("node kernel");
     let guest = r.value("GUEST-KERNEL").expect("guest kernel");
     assert_ne!(

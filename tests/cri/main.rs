@@ -354,7 +354,7 @@ async fn scenario_in(
             cmd: [
                 "sh",
                 "-c",
-                "echo exec-out; uname -r; echo exec-err >&2; exit 3",
+                "echo exec-out; uname -r; cat /etc/hostname; echo exec-err >&2; exit 3",
             ]
             .iter()
             .map(|s| s.to_string())
@@ -369,6 +369,8 @@ async fn scenario_in(
     println!("CRI-EXEC-CODE {}", exec.exit_code);
     println!("CRI-EXEC-STDOUT {}", out.next().unwrap_or(""));
     println!("CRI-EXEC-KERNEL {}", out.next().unwrap_or(""));
+    // The pod's hostname file, a bind mount of the host's copy.
+    println!("CRI-EXEC-HOSTNAME {}", out.next().unwrap_or(""));
     println!(
         "CRI-EXEC-STDERR {}",
         String::from_utf8_lossy(&exec.stderr).trim()

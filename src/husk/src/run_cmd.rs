@@ -187,6 +187,7 @@ fn session(
             writable_overlay: true,
             size_bytes: None,
         },
+        volumes: None,
     }))?;
     let mut pumps = Vec::new();
     if tty {

@@ -259,6 +259,32 @@ pub struct CreateContainer {
     pub spec: Box<oci_spec::runtime::Spec>,
     /// The root filesystem.
     pub rootfs: Rootfs,
+    /// The container's volumes: one disk holding a copy of every host path
+    /// the spec bind-mounts, entry N at the disk's top level named `N`. A
+    /// spec mount whose source is [`VOLUME_SOURCE_PREFIX`]`N` binds entry N.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volumes: Option<Rootfs>,
+}
+
+/// The source prefix of a spec mount that names an entry of the
+/// container's volumes disk (see [`CreateContainer::volumes`]).
+pub const VOLUME_SOURCE_PREFIX: &str = "/.husk-volumes/";
+
+/// The source a spec mount of volume entry `n` carries.
+pub fn volume_source(n: usize) -> String {
+    format!("{VOLUME_SOURCE_PREFIX}{n}")
+}
+
+/// The volume entry a spec mount's `source` names, if it names one: `None`
+/// for other sources, `Some(Err(()))` for a malformed entry name.
+pub fn volume_entry(source: &str) -> Option<Result<usize, ()>> {
+    let rest = source.strip_prefix(VOLUME_SOURCE_PREFIX)?;
+    Some(
+        rest.parse::<usize>()
+            .ok()
+            .filter(|n| volume_source(*n) == source)
+            .ok_or(()),
+    )
 }
 
 /// Successful answers.
@@ -399,6 +425,21 @@ pub enum ErrorCode {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn volume_sources_name_entries_exactly() {
+        assert_eq!(volume_source(3), "/.husk-volumes/3");
+        assert_eq!(volume_entry("/.husk-volumes/3"), Some(Ok(3)));
+        assert_eq!(volume_entry("/srv/data"), None);
+        for bad in [
+            "/.husk-volumes/",
+            "/.husk-volumes/x",
+            "/.husk-volumes/03",
+            "/.husk-volumes/1/..",
+        ] {
+            assert_eq!(volume_entry(bad), Some(Err(())), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]
@@ -457,6 +498,7 @@ mod tests {
                 writable_overlay: true,
                 size_bytes: None,
             },
+            volumes: None,
         });
         let json = serde_json::to_string(&req).unwrap();
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);

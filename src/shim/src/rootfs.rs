@@ -213,9 +213,95 @@ pub fn build_image(mounts: &[Mount], bundle_root: &Path, image: &Path) -> Result
     Ok(std::fs::metadata(image).map_err(io_at(image))?.len())
 }
 
+/// Builds `image` (an ext4 file) holding a copy of each host path in
+/// `sources` (directories with everything under them, regular files),
+/// entry N named `N` at the top level, for the container's bind mounts
+/// (volumes). Each source is bind-mounted into `staging` for the copy and
+/// unmounted after; `staging` is removed. Returns the image's size in bytes.
+pub fn build_volumes_image(
+    sources: &[PathBuf],
+    staging: &Path,
+    image: &Path,
+) -> Result<u64, RootfsError> {
+    std::fs::create_dir_all(staging).map_err(io_at(staging))?;
+    let result = (|| {
+        let mut mounted = Mounted(Vec::new());
+        for (n, source) in sources.iter().enumerate() {
+            let target = staging.join(n.to_string());
+            let md = std::fs::metadata(source).map_err(io_at(source))?;
+            if md.is_dir() {
+                std::fs::create_dir(&target).map_err(io_at(&target))?;
+            } else {
+                std::fs::File::create(&target).map_err(io_at(&target))?;
+            }
+            let m = Mount {
+                type_: "bind".into(),
+                source: source.display().to_string(),
+                options: vec!["rbind".into(), "ro".into()],
+                ..Default::default()
+            };
+            mount_one(&m, &target, &staging.join(".links")).map_err(|detail| {
+                RootfsError::Mount {
+                    typ: "bind".into(),
+                    source_path: m.source.clone(),
+                    target: target.clone(),
+                    detail,
+                }
+            })?;
+            mounted.0.push(target);
+        }
+        let usage = disk_usage(staging).map_err(io_at(staging))?;
+        std::fs::File::create(image).map_err(io_at(image))?;
+        let built = make_ext4(staging, image, &usage);
+        drop(mounted);
+        if let Err(e) = built {
+            let _ = std::fs::remove_file(image);
+            return Err(RootfsError::from(e));
+        }
+        Ok(std::fs::metadata(image).map_err(io_at(image))?.len())
+    })();
+    let _ = std::fs::remove_dir_all(staging);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Host directories and files become entries 0, 1, ... of one image;
+    /// nothing stays mounted and the staging directory goes.
+    #[test]
+    fn volumes_are_copied_into_one_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(data.join("sub")).unwrap();
+        std::fs::write(data.join("sub/f"), "in a volume\n").unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        let staging = dir.path().join("staging");
+        let image = dir.path().join("v.ext4");
+        build_volumes_image(&[data.clone(), hosts], &staging, &image).unwrap();
+        let cat = |path: &str| {
+            let out = std::process::Command::new("debugfs")
+                .args(["-R", &format!("cat {path}")])
+                .arg(&image)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(cat("/0/sub/f"), "in a volume\n");
+        assert_eq!(cat("/1"), "127.0.0.1 localhost\n");
+        assert!(!staging.exists());
+        // The sources are untouched.
+        assert!(data.join("sub/f").exists());
+
+        let missing = build_volumes_image(&[dir.path().join("nope")], &staging, &image);
+        assert!(
+            matches!(missing, Err(RootfsError::Io { .. })),
+            "{missing:?}"
+        );
+        assert!(!staging.exists());
+    }
 
     /// A tree with no mounts (the `--rootfs` case) becomes an ext4 image
     /// holding its files; needs mke2fs and debugfs (e2fsprogs).

@@ -79,6 +79,8 @@ struct State {
 struct Container {
     bundle: String,
     image: Option<PathBuf>,
+    /// The volumes disk image, if the container has bind mounts.
+    volumes_image: Option<PathBuf>,
     /// "" is the init process.
     procs: HashMap<String, Proc>,
 }
@@ -366,6 +368,7 @@ impl Inner {
                     }
                 }
                 c.image = None;
+                c.volumes_image = None;
             }
             (st.vm.as_ref().map(|vm| vm.dir.clone()), st.network.take())
         };
@@ -458,36 +461,67 @@ impl Inner {
         } else {
             bundle.join(root)
         };
-        let image = vm.dir.image(&req.id);
-        let size =
-            rootfs::build_image(&req.rootfs, &root, &image).map_err(|e| err(Code::INTERNAL, e))?;
-        let cleanup = |vm: &PodVm| {
-            let _ = vm.detach_disk(&req.id);
-            let _ = std::fs::remove_file(&image);
-        };
-        let drive_id = match vm.attach_disk(&req.id, &image) {
-            Ok(d) => d,
-            Err(e) => {
-                cleanup(&vm);
-                return Err(err(Code::RESOURCE_EXHAUSTED, e));
-            }
-        };
         let sandbox_pid = self.lock().sandbox_pid;
         let adjusted = spec::for_guest(&mut spec, sandbox_pid);
         if !adjusted.dropped_mounts.is_empty() || adjusted.dropped_hooks {
             tracing::warn!(container = %req.id, mounts = ?adjusted.dropped_mounts, hooks = adjusted.dropped_hooks,
-                "host bind mounts and hooks are not carried into the microVM");
+                "bind mounts of special files and hooks are not carried into the microVM");
         }
+        let image = vm.dir.image(&req.id);
+        let volumes_image = vm.dir.volumes_image(&req.id);
+        let volumes_key = volumes_slot_owner(&req.id);
+        let cleanup = |vm: &PodVm| {
+            let _ = vm.detach_disk(&req.id);
+            let _ = vm.detach_disk(&volumes_key);
+            let _ = std::fs::remove_file(&image);
+            let _ = std::fs::remove_file(&volumes_image);
+        };
+        let disk = |size| Rootfs {
+            drive_id: String::new(),
+            fstype: "ext4".into(),
+            read_only: false,
+            writable_overlay: false,
+            size_bytes: Some(size),
+        };
+        let disks = (|| {
+            let size = rootfs::build_image(&req.rootfs, &root, &image)
+                .map_err(|e| err(Code::INTERNAL, e))?;
+            let rootfs = Rootfs {
+                drive_id: vm
+                    .attach_disk(&req.id, &image)
+                    .map_err(|e| err(Code::RESOURCE_EXHAUSTED, e))?,
+                ..disk(size)
+            };
+            if adjusted.volumes.is_empty() {
+                return Ok((rootfs, None));
+            }
+            let size = rootfs::build_volumes_image(
+                &adjusted.volumes,
+                &bundle.join("husk-volumes"),
+                &volumes_image,
+            )
+            .map_err(|e| err(Code::INTERNAL, format!("volumes: {e}")))?;
+            let volumes = Rootfs {
+                drive_id: vm
+                    .attach_disk(&volumes_key, &volumes_image)
+                    .map_err(|e| err(Code::RESOURCE_EXHAUSTED, e))?,
+                ..disk(size)
+            };
+            Ok((rootfs, Some(volumes)))
+        })();
+        let (rootfs, volumes) = match disks {
+            Ok(d) => d,
+            Err(e) => {
+                cleanup(&vm);
+                return Err(e);
+            }
+        };
+        let has_volumes = volumes.is_some();
         let created = vm.call(Request::CreateContainer(CreateContainer {
             container_id: req.id.clone(),
             spec: Box::new(spec),
-            rootfs: Rootfs {
-                drive_id,
-                fstype: "ext4".into(),
-                read_only: false,
-                writable_overlay: false,
-                size_bytes: Some(size),
-            },
+            rootfs,
+            volumes,
         }));
         let pid = match created {
             Ok(Response::Started { pid }) => pid,
@@ -531,6 +565,7 @@ impl Inner {
                 Container {
                     bundle: req.bundle.clone(),
                     image: Some(image.clone()),
+                    volumes_image: has_volumes.then(|| volumes_image.clone()),
                     procs,
                 },
             );
@@ -697,11 +732,13 @@ impl Inner {
             }) {
                 tracing::warn!(container = id, error = %e, "the agent could not remove the container");
             }
-            if let Err(e) = vm.detach_disk(id) {
-                tracing::warn!(container = id, error = %e, "cannot free the container's drive slot");
+            for owner in [id.to_string(), volumes_slot_owner(id)] {
+                if let Err(e) = vm.detach_disk(&owner) {
+                    tracing::warn!(container = id, error = %e, "cannot free the container's drive slot");
+                }
             }
         }
-        if let Some(image) = &c.image {
+        for image in c.image.iter().chain(c.volumes_image.iter()) {
             let _ = std::fs::remove_file(image);
         }
         let (status, at) = init.exit.clone().unwrap_or((VM_GONE_STATUS, now()));
@@ -1148,6 +1185,12 @@ impl Service {
     }
 }
 
+/// The owner of a container's volumes disk slot (its rootfs slot's owner
+/// is the container id).
+fn volumes_slot_owner(container_id: &str) -> String {
+    format!("{container_id}/volumes")
+}
+
 /// What `containerd-shim-husk-v2 delete` does after a shim crash: kill the
 /// pod's husk if it was this container's pod, remove the container's disk
 /// (and the pod's state if it was the pod), unmount the bundle's rootfs.
@@ -1161,6 +1204,7 @@ pub fn cleanup_after_crash(config: &Config, namespace: &str, id: &str, bundle: &
         vm::remove_dir(&dir);
     } else {
         let _ = std::fs::remove_file(dir.image(id));
+        let _ = std::fs::remove_file(dir.volumes_image(id));
     }
     let _ =
         containerd_shim::mount::umount_recursive(bundle.join("rootfs").to_str(), libc::MNT_DETACH);

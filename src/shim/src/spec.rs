@@ -1,16 +1,41 @@
 //! The OCI spec containerd wrote for a container, made fit for the guest:
 //! what names the host (its network namespace, namespace paths, hooks,
 //! host-path bind mounts, the host's cgroup path) is replaced or dropped.
+//! Bind mounts of host directories and regular files become volumes:
+//! copied onto the container's volumes disk, the mount's source then
+//! naming the copy's entry (husk_protocol::volume_source).
 
-use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Spec};
+use std::path::PathBuf;
 
-/// What changed, for the log.
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, MountBuilder, Spec};
+
+/// What changed: the volumes to copy, and what was dropped (for the log).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Adjusted {
-    /// Bind mounts of host paths that were dropped.
+    /// Host paths to copy onto the volumes disk, entry N at index N.
+    pub volumes: Vec<PathBuf>,
+    /// Bind mounts that were dropped (sources that are neither a directory
+    /// nor a regular file: sockets, devices, fifos).
     pub dropped_mounts: Vec<String>,
     /// Whether hooks were dropped.
     pub dropped_hooks: bool,
+}
+
+/// The guest's own /dev/shm for a container whose spec binds the host's
+/// (CRI binds the sandbox's shm directory): a tmpfs of the size runc's
+/// default gives, private to the container.
+fn guest_shm() -> Option<oci_spec::runtime::Mount> {
+    MountBuilder::default()
+        .destination("/dev/shm")
+        .typ("tmpfs")
+        .source("shm")
+        .options(
+            ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]
+                .map(String::from)
+                .to_vec(),
+        )
+        .build()
+        .ok()
 }
 
 /// The annotation naming the pod's sandbox (CRI).
@@ -65,19 +90,39 @@ pub fn for_guest(spec: &mut Spec, sandbox_pid: Option<u32>) -> Adjusted {
         }
     }
     if let Some(mounts) = spec.mounts_mut() {
-        mounts.retain(|m| {
+        let mut kept = Vec::with_capacity(mounts.len());
+        for mut m in mounts.drain(..) {
             let bind = m.typ().as_deref() == Some("bind")
                 || m.options()
                     .iter()
                     .flatten()
                     .any(|o| o == "bind" || o == "rbind");
-            if bind {
+            if !bind {
+                kept.push(m);
+                continue;
+            }
+            if m.destination() == std::path::Path::new("/dev/shm") {
+                kept.extend(guest_shm());
+                continue;
+            }
+            let source = m.source().clone().unwrap_or_default();
+            // A missing source stays a volume: copying it fails with its name.
+            let copyable = std::fs::metadata(&source)
+                .map(|md| md.is_dir() || md.is_file())
+                .unwrap_or(true);
+            if !copyable {
                 adjusted
                     .dropped_mounts
                     .push(m.destination().display().to_string());
+                continue;
             }
-            !bind
-        });
+            m.set_source(Some(
+                husk_protocol::volume_source(adjusted.volumes.len()).into(),
+            ));
+            adjusted.volumes.push(source);
+            kept.push(m);
+        }
+        *mounts = kept;
     }
     adjusted
 }
@@ -160,8 +205,22 @@ mod tests {
         }));
         let a = for_guest(&mut s, Some(7));
         assert!(a.dropped_hooks && s.hooks().is_none());
-        assert_eq!(a.dropped_mounts, vec!["/etc/hosts", "/data"]);
-        assert_eq!(s.mounts().as_ref().unwrap().len(), 1);
+        // Host paths become volume entries, in order; the mounts stay.
+        assert_eq!(
+            a.volumes,
+            vec![
+                PathBuf::from("/var/lib/x/hosts"),
+                PathBuf::from("/srv/data")
+            ]
+        );
+        let mounts = s.mounts().as_ref().unwrap();
+        let sources: Vec<String> = mounts
+            .iter()
+            .map(|m| m.source().as_ref().unwrap().display().to_string())
+            .collect();
+        assert_eq!(sources, ["proc", "/.husk-volumes/0", "/.husk-volumes/1"]);
+        assert_eq!(mounts[1].destination(), std::path::Path::new("/etc/hosts"));
+        assert!(a.dropped_mounts.is_empty());
         let linux = s.linux().as_ref().unwrap();
         assert!(linux.cgroups_path().is_none());
         let ns: Vec<(LinuxNamespaceType, Option<String>)> = linux
@@ -186,6 +245,24 @@ mod tests {
         for_guest(&mut s2, None);
         let n = &s2.linux().as_ref().unwrap().namespaces().as_ref().unwrap()[0];
         assert!(n.path().is_none());
+    }
+
+    #[test]
+    fn the_hosts_shm_becomes_the_guests_and_special_files_are_dropped() {
+        let mut s = spec(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "mounts": [
+                {"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/x/shm", "options": ["rbind", "rw"]},
+                {"destination": "/dev/null-too", "type": "bind", "source": "/dev/null", "options": ["bind"]}
+            ]
+        }));
+        let a = for_guest(&mut s, None);
+        assert!(a.volumes.is_empty());
+        assert_eq!(a.dropped_mounts, vec!["/dev/null-too"]);
+        let mounts = s.mounts().as_ref().unwrap();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].typ().as_deref(), Some("tmpfs"));
+        assert_eq!(mounts[0].destination(), std::path::Path::new("/dev/shm"));
     }
 
     #[test]

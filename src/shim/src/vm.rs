@@ -83,6 +83,11 @@ impl PodDir {
     pub fn image(&self, container_id: &str) -> PathBuf {
         self.0.join(format!("rootfs-{container_id}.ext4"))
     }
+
+    /// A container's volumes disk image.
+    pub fn volumes_image(&self, container_id: &str) -> PathBuf {
+        self.0.join(format!("volumes-{container_id}.ext4"))
+    }
 }
 
 /// The drive id of slot `n` (the disk's serial in the guest).

@@ -21,7 +21,7 @@ mod syscalls;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use husk_protocol::{
@@ -214,6 +214,36 @@ fn open_namespaces(
     Ok((out, Some(pidns)))
 }
 
+/// Points the spec's mounts of volume entries (see
+/// [`husk_protocol::VOLUME_SOURCE_PREFIX`]) at the mounted volumes disk.
+fn bind_volumes(spec: &mut Spec, volumes: Option<&Path>) -> Result<(), AgentError> {
+    for m in spec.mounts_mut().iter_mut().flatten() {
+        let Some(source) = m.source().as_ref().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let n = match husk_protocol::volume_entry(source) {
+            None => continue,
+            Some(Ok(n)) => n,
+            Some(Err(())) => {
+                return Err(AgentError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("mount source {source:?} is not a volume entry"),
+                ))
+            }
+        };
+        let Some(dir) = volumes else {
+            return Err(AgentError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "mount source {source:?} names a volume, but the container has no volumes disk"
+                ),
+            ));
+        };
+        m.set_source(Some(dir.join(n.to_string())));
+    }
+    Ok(())
+}
+
 /// CreateContainer.
 pub fn create(req: CreateContainer) -> Result<Response, AgentError> {
     check_id("container", &req.container_id)?;
@@ -225,7 +255,7 @@ pub fn create(req: CreateContainer) -> Result<Response, AgentError> {
             format!("container {id:?} exists"),
         ));
     }
-    let spec = *req.spec;
+    let mut spec = *req.spec;
     let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
     if let Some(r) = &resources {
         cgroup::check(r)?;
@@ -234,6 +264,11 @@ pub fn create(req: CreateContainer) -> Result<Response, AgentError> {
     let mut rootfs = MountedRootfs::mount(&p.state, &id, &req.rootfs, p.host_mode)?;
     let mut cgroup_made: Option<Cgroup> = None;
     let result = (|| {
+        let volumes = match &req.volumes {
+            Some(v) => Some(rootfs.mount_volumes(v, p.host_mode)?),
+            None => None,
+        };
+        bind_volumes(&mut spec, volumes.as_deref())?;
         let plan = plan::init_plan(&spec, &rootfs.root)?;
         let cgroup = match &p.cgroup_root {
             Some(root) => {
@@ -540,5 +575,52 @@ pub fn kill_all() {
             // SAFETY: kill(2) on our own child.
             unsafe { libc::kill(c.init.pid, libc::SIGKILL) };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with_sources(sources: &[&str]) -> Spec {
+        let mounts: Vec<serde_json::Value> = sources
+            .iter()
+            .enumerate()
+            .map(|(i, s)| serde_json::json!({"destination": format!("/m{i}"), "type": "bind", "source": s, "options": ["rbind"]}))
+            .collect();
+        serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2", "mounts": mounts}))
+            .unwrap()
+    }
+
+    fn sources(spec: &Spec) -> Vec<String> {
+        spec.mounts()
+            .iter()
+            .flatten()
+            .map(|m| m.source().as_ref().unwrap().display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn volume_entries_bind_from_the_mounted_volumes_disk() {
+        let mut s = spec_with_sources(&["/.husk-volumes/1", "/proc", "/.husk-volumes/0"]);
+        bind_volumes(&mut s, Some(Path::new("/run/husk/c/a/volumes"))).unwrap();
+        assert_eq!(
+            sources(&s),
+            [
+                "/run/husk/c/a/volumes/1",
+                "/proc",
+                "/run/husk/c/a/volumes/0"
+            ]
+        );
+        // Without a volumes disk, or with a malformed entry: refused.
+        let mut s = spec_with_sources(&["/.husk-volumes/0"]);
+        let e = bind_volumes(&mut s, None).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        let mut s = spec_with_sources(&["/.husk-volumes/../etc"]);
+        assert!(bind_volumes(&mut s, Some(Path::new("/v"))).is_err());
+        // No volume sources: nothing changes, with or without a disk.
+        let mut s = spec_with_sources(&["/srv"]);
+        bind_volumes(&mut s, None).unwrap();
+        assert_eq!(sources(&s), ["/srv"]);
     }
 }

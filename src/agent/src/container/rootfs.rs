@@ -205,6 +205,32 @@ impl MountedRootfs {
         Ok(())
     }
 
+    /// Mounts the container's volumes disk `v` at `<dir>/volumes`
+    /// (undone with the rootfs); returns that directory.
+    pub fn mount_volumes(&mut self, v: &Rootfs, host_mode: bool) -> Result<PathBuf, AgentError> {
+        if !matches!(v.fstype.as_str(), "ext4" | "ext3" | "ext2") {
+            return Err(AgentError::new(
+                ErrorCode::InvalidArgument,
+                format!("volumes disk of type {:?}: want ext2/3/4", v.fstype),
+            ));
+        }
+        let device = find_drive(&v.drive_id, host_mode)?;
+        if let (Some(want), false) = (v.size_bytes, host_mode) {
+            wait_for_size(&device, want)?;
+        }
+        let target = self.dir.join("volumes");
+        std::fs::create_dir_all(&target).map_err(|e| {
+            AgentError::new(
+                ErrorCode::System,
+                format!("create {}: {e}", target.display()),
+            )
+        })?;
+        let flags = if v.read_only { libc::MS_RDONLY } else { 0 };
+        mount(&device.to_string_lossy(), &target, &v.fstype, flags, "")?;
+        self.mounts.push(target.clone());
+        Ok(target)
+    }
+
     /// Unmounts everything and removes the container's directory.
     pub fn unmount(&mut self) {
         while let Some(m) = self.mounts.pop() {

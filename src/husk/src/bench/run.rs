@@ -197,6 +197,7 @@ fn one_container(agent: &mut AgentClient, id: &str, spec: Spec) -> anyhow::Resul
                 writable_overlay: false,
                 size_bytes: None,
             },
+            volumes: None,
         }),
     )?;
     let mut out: UnixStream = agent
