@@ -2,7 +2,7 @@
 //! run --runtime io.containerd.husk.v2` of a locally imported busybox image
 //! runs the container in a microVM (its kernel is the guest's, not the
 //! node's), prints its output and returns its exit code; exec, pause,
-//! resume, kill, delete; a killed VMM ends the task with a non-zero status
+//! resume, kill, delete, a terminal (`ctr run -t`); a killed VMM ends the task with a non-zero status
 //! and leaves nothing behind; a killed shim is cleaned up by containerd's
 //! `delete`; repeated create/delete cycles leak no processes, mounts,
 //! files or descriptors.
@@ -11,7 +11,7 @@ use husk_tests::containerd::{self, IMAGE};
 use husk_tests::{cargo_binary, host_tool, Payload};
 
 fn containerd_payload(name: &str) -> Payload {
-    containerd::payload(name)
+    containerd::payload(name).add(&cargo_binary("husk-pty"), "husk-pty")
 }
 
 fn with_containerd(script: &str) -> String {
@@ -86,6 +86,12 @@ ctr task exec --exec-id e2 long true; echo "EXEC-AFTER-RESUME $?"
 ctr task kill -s SIGKILL long
 wait_stopped long
 remove long
+# A terminal: ctr run -t (on a 40x120 pty) gets the container's tty, sized
+# by ResizePty, and its exit status.
+timeout 90 ./husk-pty 40x120 ctr run -t --rm $R {IMAGE} tty1 sh -c 'echo "TTY $(tty)"; echo "TTY-SIZE $(stty size)"; exit 5' > tty.raw
+echo "TTY-EXIT $?"
+tr -d '\r' < tty.raw
+ctr task ls | grep tty1 && for p in /proc/[0-9]*; do echo "$(cat $p/comm 2>/dev/null) $(cat $p/wchan 2>/dev/null) $(ls -l $p/fd 2>/dev/null | grep -c pts)"; done | grep -v " 0$"
 sleep 1
 echo "HUSK-LEFT $(husk_count)"
 echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
@@ -101,12 +107,16 @@ echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
         ("EXEC-AFTER-RESUME", "0"),
         // ctr task rm warns about the task's status: SIGKILL.
         ("TASK-RM", "137"),
+        ("TTY-SIZE", "40 120"),
+        ("TTY-EXIT", "5"),
         ("HUSK-LEFT", "0"),
         ("STATE-LEFT", "0"),
     ] {
         assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
     }
     r.assert_contains("exec-says-hi");
+    let tty = r.value("TTY").unwrap_or_default();
+    assert!(tty.starts_with("/dev/"), "tty {tty:?}:\n{}", r.output);
     let pids: u32 = r.value("PIDS").and_then(|p| p.parse().ok()).unwrap_or(0);
     assert!(pids >= 1, "no processes listed:\n{}", r.output);
 }
