@@ -10,8 +10,12 @@
 # need), CMD runs there as root, its output streams to stdout, and run.sh
 # exits with CMD's exit status (125 if the node VM itself failed or timed
 # out; its console's tail then goes to stderr). If the node's own kernel
-# reports a soft lockup before CMD finished, that boot ends at once and the
-# node VM boots again, once (CMD's output so far may then appear twice). Defaults: 2 vCPUs, 4096 MiB,
+# reports a soft lockup before CMD finished, or stops altogether (its init
+# writes a heartbeat to the second serial port every 5 s; 90 s without one
+# means the node's kernel no longer runs user space, seen now and then with
+# nested guests under QEMU's emulated SVM, with nothing on the console),
+# that boot ends at once and the node VM boots again, once (CMD's output so
+# far may then appear twice). Defaults: 2 vCPUs, 4096 MiB,
 # 600 s. HUSK_NODE=direct or HUSK_NODE=vm forces either way; HUSK_NODE_IMAGE
 # names an image build.sh made (skips even its cache lookup);
 # HUSK_NODE_LOGLEVEL=N shows the node's whole console, kernel messages up to
@@ -135,10 +139,12 @@ rm -rf "$stage" "$tmp/payload.cpio"
 boot_node() {
   rm -f "$tmp/status" "$tmp/lockup"
   : > "$tmp/console" # exists before tail opens it, whenever qemu starts
-  local extra=() append=""
+  rm -f "$tmp/heartbeat" "$tmp/hung"
+  # ttyS1: the heartbeat; ttyS2: the optional shell.
+  local extra=(-chardev "file,id=beat,path=$tmp/heartbeat" -serial chardev:beat) append=""
   if ((timeout > 60)); then append+=" husk_node.deadline=$((timeout - 30))"; fi
   if [[ -n ${HUSK_NODE_SHELL:-} ]]; then
-    extra=(-chardev "socket,id=shell,path=$HUSK_NODE_SHELL,server=on,wait=off" -serial chardev:shell)
+    extra+=(-chardev "socket,id=shell,path=$HUSK_NODE_SHELL,server=on,wait=off" -serial chardev:shell)
     append+=" husk_node.shell=1"
   fi
   # timeout(1) rather than a watchdog shell: nothing may outlive this script
@@ -150,6 +156,23 @@ boot_node() {
     -append "console=ttyS0 panic=-1 quiet loglevel=${HUSK_NODE_LOGLEVEL:-1}$append" \
     < /dev/null > "$tmp/console" 2>&1 &
   qpid=$!
+  # The heartbeat's watcher: once the first beat came, 90 s without one
+  # ends the boot (the node's kernel is stuck; nothing else would notice
+  # before the timeout).
+  (
+    last=0 quiet=0
+    while kill -0 "$qpid" 2>/dev/null; do
+      sleep 5
+      size=$(stat -c %s "$tmp/heartbeat" 2>/dev/null || echo 0)
+      if ((size > last)); then last=$size quiet=0; else quiet=$((quiet + 5)); fi
+      if ((last > 0 && quiet >= 90)); then
+        echo "no heartbeat for $quiet s" > "$tmp/hung"
+        kill "$qpid" 2>/dev/null
+        break
+      fi
+    done
+  ) > /dev/null 2>&1 &
+  local watcher=$!
 
   # Show the payload's output (what comes after the start marker) live, and
   # keep the exit status line for ourselves.
@@ -178,12 +201,19 @@ boot_node() {
   qrc=0
   wait "$qpid" 2>/dev/null || qrc=$?
   qpid=""
+  kill "$watcher" 2>/dev/null || true
+  wait "$watcher" 2>/dev/null || true
 }
 
 boot_node
-if [[ -s $tmp/lockup && ! -s $tmp/status ]]; then
+if [[ (-s $tmp/lockup || -s $tmp/hung) && ! -s $tmp/status ]]; then
   # Not the payload's doing: its command had not finished. One more boot.
-  echo "run.sh: the node VM's kernel locked up ($(cat "$tmp/lockup")); booting it again" >&2
+  if [[ -s $tmp/lockup ]]; then
+    echo "run.sh: the node VM's kernel locked up ($(cat "$tmp/lockup")); booting it again" >&2
+  else
+    echo "run.sh: the node VM's kernel stopped ($(cat "$tmp/hung"); its console's tail below); booting it again" >&2
+    tr -d '\r' < "$tmp/console" | tail -n 5 >&2
+  fi
   boot_node
 fi
 
@@ -192,6 +222,8 @@ if [[ -s $tmp/status ]]; then
 fi
 if [[ -s $tmp/lockup ]]; then
   echo "run.sh: the node VM's kernel locked up again; its console:" >&2
+elif [[ -s $tmp/hung ]]; then
+  echo "run.sh: the node VM's kernel stopped again ($(cat "$tmp/hung")); its console:" >&2
 elif ((qrc == 124)); then
   echo "run.sh: the node VM timed out after $timeout s; its console:" >&2
 else
