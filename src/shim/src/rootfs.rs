@@ -186,27 +186,33 @@ pub fn build_image(mounts: &[Mount], bundle_root: &Path, image: &Path) -> Result
     let mut mounted = Mounted(Vec::new());
     for (i, m) in mounts.iter().enumerate() {
         let links = bundle_root.with_extension(format!("layers{i}"));
-        let result = mount_one(m, bundle_root, &links);
+        let result = mount_at(m, bundle_root, &links);
         let _ = std::fs::remove_dir_all(&links);
-        result.map_err(|detail| RootfsError::Mount {
-            typ: m.type_.clone(),
-            source_path: m.source.clone(),
-            target: bundle_root.to_path_buf(),
-            detail,
-        })?;
+        result?;
         mounted.0.push(bundle_root.to_path_buf());
     }
-    let usage = disk_usage(bundle_root).map_err(io_at(bundle_root))?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(image)
-        .map_err(io_at(image))?;
-    drop(file);
-    let result = make_ext4(bundle_root, image, &usage);
+    image_of(bundle_root, image, mounted)
+}
+
+/// [`mount_one`] with its failure as a [`RootfsError`].
+fn mount_at(m: &Mount, target: &Path, links: &Path) -> Result<(), RootfsError> {
+    mount_one(m, target, links).map_err(|detail| RootfsError::Mount {
+        typ: m.type_.clone(),
+        source_path: m.source.clone(),
+        target: target.to_path_buf(),
+        detail,
+    })
+}
+
+/// Copies `tree` into a fresh ext4 file `image` sized for it, then undoes
+/// `mounted` (what makes up the tree); no image is left on failure.
+/// Returns the image's size in bytes.
+fn image_of(tree: &Path, image: &Path, mounted: Mounted) -> Result<u64, RootfsError> {
+    let usage = disk_usage(tree).map_err(io_at(tree))?;
+    std::fs::File::create(image).map_err(io_at(image))?;
+    let built = make_ext4(tree, image, &usage);
     drop(mounted);
-    if let Err(e) = result {
+    if let Err(e) = built {
         let _ = std::fs::remove_file(image);
         return Err(e.into());
     }
@@ -240,25 +246,10 @@ pub fn build_volumes_image(
                 options: vec!["rbind".into(), "ro".into()],
                 ..Default::default()
             };
-            mount_one(&m, &target, &staging.join(".links")).map_err(|detail| {
-                RootfsError::Mount {
-                    typ: "bind".into(),
-                    source_path: m.source.clone(),
-                    target: target.clone(),
-                    detail,
-                }
-            })?;
+            mount_at(&m, &target, &staging.join(".links"))?;
             mounted.0.push(target);
         }
-        let usage = disk_usage(staging).map_err(io_at(staging))?;
-        std::fs::File::create(image).map_err(io_at(image))?;
-        let built = make_ext4(staging, image, &usage);
-        drop(mounted);
-        if let Err(e) = built {
-            let _ = std::fs::remove_file(image);
-            return Err(RootfsError::from(e));
-        }
-        Ok(std::fs::metadata(image).map_err(io_at(image))?.len())
+        image_of(staging, image, mounted)
     })();
     let _ = std::fs::remove_dir_all(staging);
     result
