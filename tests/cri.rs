@@ -1,7 +1,8 @@
 //! Pods through containerd's CRI plugin, as the kubelet makes them: the
 //! husk-cri client (k8s-cri) runs one pod through RunPodSandbox,
 //! CreateContainer, StartContainer, ContainerStatus, ExecSync, a second
-//! container reaching the first over localhost, the containers' logs, the
+//! container reaching the first over localhost, a third sharing the pod's
+//! PID namespace (shareProcessNamespace), the containers' logs, the
 //! pod's IP from the node (Debian's bridge and host-local CNI plugins),
 //! StopContainer, StopPodSandbox and RemovePodSandbox. The same scenario
 //! runs with the runc handler, so that what the test expects is what a
@@ -36,6 +37,7 @@ echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
         ("CRI-CLIENT-EXIT", "0"),
         ("CRI-CLIENT-LOG", "stdout pod-says-hi"),
         ("CRI-NODE-GET", "pod-says-hi"),
+        ("CRI-PEEK-EXIT", "0"),
         ("CRI-PODS-LEFT", "0"),
         ("HUSK-LEFT", "0"),
         ("STATE-LEFT", "0"),
@@ -47,6 +49,16 @@ echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
     // Both streams of the server, in the CRI log format.
     r.assert_contains("CRI-SERVER-LOG stdout hello-from-cri")
         .assert_contains("CRI-SERVER-LOG stderr to-stderr");
+    // shareProcessNamespace: the pause process is PID 1 of the pod's PID
+    // namespace; the server, in a namespace of its own, is not seen.
+    r.assert_contains("CRI-PEEK-LOG stdout proc 1 sleep 2147483647");
+    assert!(
+        !r.output
+            .lines()
+            .any(|l| l.starts_with("CRI-PEEK-LOG") && l.contains("httpd")),
+        "the server's process is visible:\n{}",
+        r.output
+    );
     let ip = r.value("CRI-POD-IP").unwrap_or_default();
     assert!(ip.starts_with("10.88."), "pod IP {ip:?}:\n{}", r.output);
     let stopped = r.value("CRI-SERVER-STOPPED").unwrap_or_default();

@@ -138,6 +138,17 @@ fn pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
 }
 
 fn container_config(name: &str, image: &str, command: &[&str]) -> ContainerConfig {
+    container_config_with(name, image, command, namespaces())
+}
+
+/// A container with its own namespace options (the kubelet's
+/// `shareProcessNamespace: true` gives containers the pod's PID namespace).
+fn container_config_with(
+    name: &str,
+    image: &str,
+    command: &[&str],
+    namespace_options: NamespaceOption,
+) -> ContainerConfig {
     ContainerConfig {
         metadata: Some(ContainerMetadata {
             name: name.into(),
@@ -151,7 +162,7 @@ fn container_config(name: &str, image: &str, command: &[&str]) -> ContainerConfi
         log_path: format!("{name}.log"),
         linux: Some(LinuxContainerConfig {
             security_context: Some(LinuxContainerSecurityContext {
-                namespace_options: Some(namespaces()),
+                namespace_options: Some(namespace_options),
                 ..Default::default()
             }),
             ..Default::default()
@@ -309,6 +320,13 @@ const CLIENT: &[&str] = &[
      i=$((i+1)); [ $i -gt 50 ] && exit 1; sleep 0.2; done",
 ];
 
+/// Lists the processes it sees, one `proc <pid> <command line>` each.
+const PEEK: &[&str] = &[
+    "sh",
+    "-c",
+    "ps -o pid,args | while read pid args; do echo \"proc $pid $args\"; done",
+];
+
 async fn scenario(c: &mut Client, args: &Args) -> Result<()> {
     let version = c
         .version(VersionRequest::default())
@@ -390,6 +408,24 @@ async fn scenario_in(
         println!("CRI-SERVER-LOG {stream} {text}");
     }
 
+    // A container in the pod's PID namespace (shareProcessNamespace) sees
+    // the sandbox's process as PID 1, and not the server, which has a PID
+    // namespace of its own.
+    let shared = NamespaceOption {
+        pid: NamespaceMode::Pod as i32,
+        ..namespaces()
+    };
+    let peek = pod
+        .create(c, container_config_with("peek", &args.image, PEEK, shared))
+        .await?;
+    let code = wait_exited(c, &peek, Duration::from_secs(30))
+        .await
+        .map_err(|e| format!("peek container: {e}"))?;
+    println!("CRI-PEEK-EXIT {code}");
+    for (stream, text) in log_lines(&log_dir.join("peek.log"), 3).await {
+        println!("CRI-PEEK-LOG {stream} {text}");
+    }
+
     let status = c
         .pod_sandbox_status(PodSandboxStatusRequest {
             pod_sandbox_id: pod.id.clone(),
@@ -418,7 +454,7 @@ async fn scenario_in(
     .map_err(status_err("StopContainer"))?;
     let (state, code) = container_state(c, &server).await?;
     println!("CRI-SERVER-STOPPED {} {code}", state.as_str_name());
-    for id in [&server, &client] {
+    for id in [&server, &client, &peek] {
         c.remove_container(RemoveContainerRequest {
             container_id: id.to_string(),
         })
