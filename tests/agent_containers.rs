@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use husk_protocol::frame::{read_frame, write_frame};
 use husk_protocol::{
     Accepted, AgentError, Channel, CreateContainer, ErrorCode, Event, ExitStatus, Hello,
-    ProcessRef, ReplyFrame, Request, RequestFrame, Response, Rootfs, StdioStream, PROTOCOL_VERSION,
+    ProcessRef, ReplyFrame, Request, RequestFrame, Response, Rootfs, StdioStream, WritableLayer,
+    PROTOCOL_VERSION,
 };
 use husk_tests::{cargo_binary, oci_spec as spec};
 use serde_json::json;
@@ -371,6 +372,7 @@ fn rootfs(drive: &str) -> Rootfs {
         fstype: "ext4".into(),
         read_only: false,
         writable_overlay: false,
+        writable_layer: None,
         size_bytes: None,
     }
 }
@@ -757,7 +759,7 @@ fn bad_containers_get_clear_errors() {
 
 #[test]
 fn identity_readonly_root_seccomp_and_overlay() {
-    let Some(mut pod) = Pod::start("ident", &["root5", "root6"]) else {
+    let Some(mut pod) = Pod::start("ident", &["root5", "root6", "layer6"]) else {
         return;
     };
     let mut s = spec(&[
@@ -830,6 +832,55 @@ fn identity_readonly_root_seccomp_and_overlay() {
         .unwrap();
     pod.start_container("ro");
     assert_eq!(pod.wait("ro", None), ExitStatus::Code(1));
+    pod.call(Request::RemoveContainer {
+        container_id: "ro".into(),
+    })
+    .unwrap();
+
+    // The read-only disk again, the overlay's upper layer on a disk of its
+    // own (how the shim shares an image's layers between containers): the
+    // container's writes land on that disk, under `upper`.
+    let mut layered = rootfs("root6");
+    layered.read_only = true;
+    layered.writable_overlay = true;
+    layered.writable_layer = Some(WritableLayer {
+        drive_id: "layer6".into(),
+        fstype: "ext4".into(),
+        size_bytes: None,
+    });
+    let mut no_overlay = layered.clone();
+    no_overlay.writable_overlay = false;
+    let refused = pod
+        .create_rootfs("bad", spec(&["true"]), no_overlay)
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::InvalidArgument, "{refused:?}");
+    pod.create_rootfs(
+        "layered",
+        spec(&["sh", "-c", "test ! -e /new && echo kept > /new && cat /new"]),
+        layered,
+    )
+    .unwrap();
+    pod.start_container("layered");
+    assert_eq!(
+        read_all(pod.stream("layered", None, StdioStream::Stdout)),
+        "kept\n"
+    );
+    assert_eq!(pod.wait("layered", None), ExitStatus::Code(0));
+    pod.call(Request::RemoveContainer {
+        container_id: "layered".into(),
+    })
+    .unwrap();
+    let debugfs = |image: &str, cmd: &str| {
+        sh(&format!(
+            "debugfs -R '{cmd}' {} 2>&1 | grep -v '^debugfs [0-9]'",
+            pod.dir.join(format!("{image}.ext4")).display()
+        ))
+    };
+    assert_eq!(debugfs("layer6", "cat /upper/new"), "kept");
+    assert!(
+        debugfs("root6", "stat /new").contains("File not found"),
+        "the read-only disk was written"
+    );
 }
 
 #[test]

@@ -329,6 +329,7 @@ impl Pod {
                 fstype: "ext4".into(),
                 read_only: true,
                 writable_overlay: overlay,
+                writable_layer: None,
                 size_bytes: None,
             },
             volumes: None,

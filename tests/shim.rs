@@ -24,6 +24,8 @@ fn run(name: &str, script: &str) -> husk_tests::RunResult {
 
 /// Also: host bind mounts (a directory read-only, a file read-write) reach
 /// the container as copies on its volumes disk; its writes stay in the VM.
+/// The image's layers are cached once and shared read-only under each
+/// container's own writable layer; a `--rootfs` directory is copied whole.
 #[test]
 fn ctr_runs_a_container_in_a_microvm() {
     let r = run(
@@ -39,9 +41,23 @@ ctr run --rm --runtime io.containerd.husk.v2 \
     echo "VOL-DIR $(cat /data/sub/f)"; echo "VOL-FILE $(cat /etc/motd)"
     touch /data/new 2>/dev/null && echo "VOL-RO writable" || echo "VOL-RO refused"
     echo changed > /etc/motd && echo "VOL-RW $(cat /etc/motd)"
+    echo "ROOT-FS $(awk "\$2==\"/\" {{print \$3}}" /proc/mounts)"
+    echo kept > /written && echo "ROOT-WRITE $(cat /written)"
     exit 7'
 echo "CTR-EXIT $?"
 echo "HOST-FILE $(cat file.txt)"
+# The image's layers were copied once into the cache; a second container
+# of the image uses that file (not rebuilt) under a fresh writable layer.
+echo "CACHED $(ls /var/lib/husk/images/*.ext4 | wc -l)"
+inode=$(stat -c %i /var/lib/husk/images/*.ext4)
+ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} again sh -c \
+  'test -e /written && echo "FRESH no" || echo "FRESH yes"'
+[ "$(stat -c %i /var/lib/husk/images/*.ext4)" = "$inode" ] && echo "REUSED yes" || echo "REUSED no"
+# A rootfs given as a directory (no mounts) is copied whole instead.
+mkdir -p /tmp/image-root && ctr image mount {IMAGE} /tmp/image-root > /dev/null
+ctr run --rm --runtime io.containerd.husk.v2 --rootfs /tmp/image-root whole sh -c \
+  'echo "WHOLE-FS $(awk "\$2==\"/\" {{print \$3}}" /proc/mounts)"'
+ctr image unmount /tmp/image-root > /dev/null
 echo "HUSK-LEFT $(husk_count)"
 echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
 "#
@@ -56,6 +72,13 @@ echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
         ("VOL-RW", "changed"),
         // A copy: the container's write stays in the VM.
         ("HOST-FILE", "one-file"),
+        // The image's shared layers under the container's writable layer.
+        ("ROOT-FS", "overlay"),
+        ("ROOT-WRITE", "kept"),
+        ("CACHED", "1"),
+        ("FRESH", "yes"),
+        ("REUSED", "yes"),
+        ("WHOLE-FS", "ext4"),
     ] {
         assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
     }
@@ -187,14 +210,17 @@ fn create_delete_cycles_leak_nothing() {
     let r = run(
         "shim-cycles",
         &format!(
-            r#"snapshot() {{
-  procs=0; for p in /proc/[0-9]*; do [ -n "$(tr -d '\0' < $p/cmdline 2>/dev/null)" ] && procs=$((procs+1)); done
-  echo "procs=$procs mounts=$(wc -l < /proc/mounts) files=$(find /run/husk 2>/dev/null | wc -l) containerd_fds=$(ls /proc/$(pidof containerd)/fd | wc -l) links=$(ls /sys/class/net | wc -l)"
+            r#"cmdlines() {{
+  for p in /proc/[0-9]*; do c=$(tr '\0' ' ' < $p/cmdline 2>/dev/null); [ -n "$c" ] && echo "$c"; done | sort
+}}
+snapshot() {{
+  echo "procs=$(cmdlines | wc -l) mounts=$(wc -l < /proc/mounts) files=$(find /run/husk 2>/dev/null | wc -l) containerd_fds=$(ls /proc/$(pidof containerd)/fd | wc -l) links=$(ls /sys/class/net | wc -l)"
 }}
 # One cycle first: containerd opens what it keeps open on its first task.
 ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} warm true
 sleep 1
-echo "BEFORE $(snapshot)"
+before=$(snapshot); cmdlines > procs.before
+echo "BEFORE $before"
 n=0; failed=0
 while [ $n -lt {cycles} ]; do
   # A cycle that hangs is a failure with its evidence, not a hung test.
@@ -206,8 +232,12 @@ while [ $n -lt {cycles} ]; do
   fi
   n=$((n+1))
 done
-sleep 1
+# The last cycle's processes may still be on their way out.
+for i in $(seq 30); do [ "$(snapshot)" = "$before" ] && break; sleep 0.5; done
 echo "AFTER $(snapshot)"
+cmdlines > procs.after
+diff procs.before procs.after | sed 's/^/PROCS-DIFF /'
+
 echo "CYCLES-FAILED $failed"
 "#
         ),

@@ -185,6 +185,7 @@ fn session(
             fstype: "ext4".into(),
             read_only: true,
             writable_overlay: true,
+            writable_layer: None,
             size_bytes: None,
         },
         volumes: None,

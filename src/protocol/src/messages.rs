@@ -235,15 +235,35 @@ pub struct Rootfs {
     /// Mount it read-only.
     #[serde(default)]
     pub read_only: bool,
-    /// Put a writable tmpfs-backed overlay over a read-only rootfs (writes
-    /// are kept in guest memory and lost with the container).
+    /// Put a writable overlay over a read-only rootfs: its upper layer on
+    /// `writable_layer` if given, else on a tmpfs (writes kept in guest
+    /// memory); either way lost with the container.
     #[serde(default)]
     pub writable_overlay: bool,
+    /// The disk that holds the overlay's upper layer (with
+    /// `writable_overlay` only): the rootfs disk can then be an image's
+    /// shared, read-only layers and this one the container's own writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writable_layer: Option<WritableLayer>,
     /// The disk's size in bytes, when the host has just swapped the drive's
     /// backing file on a running VM: the guest's kernel learns the new size
     /// from a config-change interrupt it handles asynchronously, so the
     /// agent waits (a few seconds at most) until the disk has this size
     /// before mounting it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+}
+
+/// A disk for a container's writable layer: the agent mounts it and keeps
+/// the overlay's `upper` and `work` directories at its top.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WritableLayer {
+    /// The virtio-blk drive id (its serial in the guest).
+    pub drive_id: String,
+    /// The filesystem type (ext4).
+    pub fstype: String,
+    /// The disk's size in bytes after a swap (see [`Rootfs::size_bytes`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
 }
@@ -496,6 +516,11 @@ mod tests {
                 fstype: "ext4".into(),
                 read_only: true,
                 writable_overlay: true,
+                writable_layer: Some(WritableLayer {
+                    drive_id: "slot1".into(),
+                    fstype: "ext4".into(),
+                    size_bytes: Some(1 << 30),
+                }),
                 size_bytes: None,
             },
             volumes: None,

@@ -38,6 +38,10 @@ pub enum ConfigError {
     },
 }
 
+/// Drive slots a VM can have: its virtio devices less the net and vsock
+/// devices.
+pub const MAX_SLOTS: u32 = vmm::config::MAX_VIRTIO_DEVICES as u32 - 2;
+
 /// The shim's configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -57,8 +61,20 @@ pub struct Config {
     pub default_memory_mib: u64,
     /// The most vCPUs a pod may get.
     pub max_vcpus: u32,
-    /// Spare drive slots per VM: the most containers a pod can hold.
+    /// Spare writable drive slots per VM: each container takes one for its
+    /// writable layer (or its whole rootfs) and one more if it has volumes.
     pub drive_slots: u32,
+    /// Read-only drive slots per VM for images' shared layers: containers
+    /// of one image share one. 0 turns sharing off (every container's
+    /// rootfs is then a full copy).
+    pub image_slots: u32,
+    /// Where images' layers are kept as read-only ext4 files, built once
+    /// per chain of snapshot layers and shared by every pod.
+    pub image_cache_dir: PathBuf,
+    /// The size of a container's writable layer (MiB): the most its
+    /// processes can write to its root filesystem (a sparse file on the
+    /// host, which uses only what they write).
+    pub writable_layer_mib: u64,
     /// How long the guest may take to boot until its agent answers (s).
     pub boot_timeout_secs: u64,
     /// Per-pod state (API and vsock sockets, console log, disk images).
@@ -80,6 +96,9 @@ impl Default for Config {
             default_memory_mib: 256,
             max_vcpus: 8,
             drive_slots: 8,
+            image_slots: 4,
+            image_cache_dir: PathBuf::from("/var/lib/husk/images"),
+            writable_layer_mib: 1024,
             boot_timeout_secs: 60,
             state_dir: PathBuf::from("/run/husk"),
             seccomp: true,
@@ -126,10 +145,17 @@ impl Config {
                 config.default_memory_mib
             )));
         }
-        if config.drive_slots == 0 || config.drive_slots > 64 {
+        if config.drive_slots == 0 || config.drive_slots + config.image_slots > MAX_SLOTS {
             return Err(invalid(format!(
-                "drive_slots = {} must be between 1 and 64",
-                config.drive_slots
+                "drive_slots = {} must be at least 1 and drive_slots + image_slots ({}) at most {MAX_SLOTS}",
+                config.drive_slots,
+                config.drive_slots.saturating_add(config.image_slots)
+            )));
+        }
+        if !(16..=1 << 20).contains(&config.writable_layer_mib) {
+            return Err(invalid(format!(
+                "writable_layer_mib = {} must be between 16 and 1048576",
+                config.writable_layer_mib
             )));
         }
         if config.boot_timeout_secs == 0 {
@@ -198,6 +224,9 @@ mod tests {
             "default_vcpus = 9",
             "default_memory_mib = 16",
             "drive_slots = 0",
+            "drive_slots = 16",
+            "image_slots = 10",
+            "writable_layer_mib = 1",
             "boot_timeout_secs = 0",
         ] {
             assert!(

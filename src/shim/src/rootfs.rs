@@ -1,15 +1,29 @@
-//! A container's root filesystem as a disk for the guest. containerd hands
-//! the rootfs as mounts (an overlay of the image's snapshot layers and the
-//! container's writable layer); the shim mounts them on the bundle's
-//! `rootfs` directory, copies the merged tree into a fresh ext4 image with
-//! mke2fs -d, and unmounts. The image is the container's from then on:
-//! its writes stay in it and go with it. A container created with a
-//! rootfs path and no mounts (`ctr run --rootfs`) is copied the same way.
+//! A container's root filesystem as disks for the guest. containerd hands
+//! the rootfs as mounts: for a new container, an overlay of the image's
+//! snapshot layers (read-only, committed) and the container's own, empty,
+//! writable layer.
+//!
+//! - **Shared layers** (the usual case): the image's layers, merged, are
+//!   copied once into a read-only ext4 file in the image cache, keyed by
+//!   the chain of snapshot directories; every container of that image, in
+//!   every pod, gets that same file on a read-only drive, and an empty
+//!   ext4 of its own for its writes; the agent puts an overlay of the two
+//!   together in the guest. A container's start then costs one mke2fs of
+//!   an empty file system, whatever the image's size.
+//! - **A full copy** (a rootfs path with no mounts, as `ctr run --rootfs`
+//!   gives; a writable layer that is not empty; any other shape of mounts;
+//!   no read-only slot left): the shim mounts containerd's mounts on the
+//!   bundle's `rootfs` directory, copies the merged tree into a fresh ext4
+//!   image with mke2fs -d, and unmounts. The image is the container's from
+//!   then on: its writes stay in it and go with it.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use containerd_shim::protos::types::mount::Mount;
-use husk::image::rootfs::{disk_usage, make_ext4};
+use husk::image::rootfs::{disk_usage, make_empty_ext4, make_ext4};
+use sha2::{Digest, Sha256};
 
 /// Why the disk could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -255,6 +269,180 @@ pub fn build_volumes_image(
     result
 }
 
+/// The image layers under a new container's rootfs: containerd's mounts
+/// are one overlay whose upper (writable) directory is still empty. The
+/// lower directories, top-most first, as containerd lists them.
+pub fn fresh_layers(mounts: &[Mount]) -> Option<Vec<PathBuf>> {
+    let [m] = mounts else { return None };
+    if m.type_ != "overlay" {
+        return None;
+    }
+    let option = |name: &str| {
+        m.options
+            .iter()
+            .find_map(|o| o.strip_prefix(name)?.strip_prefix('='))
+    };
+    let upper = Path::new(option("upperdir")?);
+    if std::fs::read_dir(upper).ok()?.next().is_some() {
+        return None;
+    }
+    let lowers: Vec<PathBuf> = option("lowerdir")?.split(':').map(PathBuf::from).collect();
+    if lowers.iter().any(|l| !l.is_absolute()) {
+        return None;
+    }
+    Some(lowers)
+}
+
+/// Makes `image` an empty ext4 file system of `bytes` for a container's
+/// writable layer; no image is left on failure.
+pub fn build_writable_layer(image: &Path, bytes: u64) -> Result<u64, RootfsError> {
+    std::fs::File::create(image).map_err(io_at(image))?;
+    if let Err(e) = make_empty_ext4(image, bytes) {
+        let _ = std::fs::remove_file(image);
+        return Err(e.into());
+    }
+    Ok(bytes)
+}
+
+/// Read-only ext4 files of images' merged layers, shared by every
+/// container of the image in every pod: `<key>.ext4`, with `<key>.layers`
+/// naming the snapshot directories it was built from. A snapshot's
+/// directory never changes once committed, and containerd does not reuse
+/// its number; the key also covers each directory's inode and change
+/// time, so a recreated containerd root cannot match an old entry.
+/// Entries whose layers are gone (the image was removed) are swept.
+pub struct ImageCache {
+    dir: PathBuf,
+}
+
+/// Distinguishes concurrent builds of one shim.
+static BUILDS: AtomicU64 = AtomicU64::new(0);
+
+impl ImageCache {
+    /// The cache at `dir` (created when first used).
+    pub fn new(dir: &Path) -> ImageCache {
+        ImageCache {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The cache key of a chain of layer directories.
+    fn key(lowers: &[PathBuf]) -> Result<String, RootfsError> {
+        let mut h = Sha256::new();
+        for l in lowers {
+            let md = std::fs::metadata(l).map_err(io_at(l))?;
+            h.update(l.as_os_str().as_encoded_bytes());
+            h.update([0]);
+            for n in [
+                md.dev(),
+                md.ino(),
+                md.ctime() as u64,
+                md.ctime_nsec() as u64,
+            ] {
+                h.update(n.to_le_bytes());
+            }
+        }
+        Ok(h.finalize()
+            .iter()
+            .take(16)
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
+    /// The image of `lowers` merged (top-most first), built now if the
+    /// cache has none, with `staging` (an empty directory) as the mount
+    /// point for the copy. Returns the file and its size.
+    pub fn layers_image(
+        &self,
+        lowers: &[PathBuf],
+        staging: &Path,
+    ) -> Result<(PathBuf, u64), RootfsError> {
+        std::fs::create_dir_all(&self.dir).map_err(io_at(&self.dir))?;
+        self.sweep();
+        let key = Self::key(lowers)?;
+        let image = self.dir.join(format!("{key}.ext4"));
+        if let Ok(md) = std::fs::metadata(&image) {
+            tracing::debug!(image = %image.display(), "image layers from the cache");
+            return Ok((image, md.len()));
+        }
+        let t0 = std::time::Instant::now();
+        let list = self.dir.join(format!("{key}.layers"));
+        let text: String = lowers
+            .iter()
+            .map(|l| format!("{}\n", l.display()))
+            .collect();
+        std::fs::write(&list, text).map_err(io_at(&list))?;
+        // Built under a name of its own, then renamed: a concurrent build
+        // of the same layers (another pod's shim) is harmless, and no one
+        // sees half an image.
+        let n = BUILDS.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!("{key}.{}-{n}.tmp", std::process::id()));
+        std::fs::create_dir_all(staging).map_err(io_at(staging))?;
+        let m = if let [only] = lowers {
+            Mount {
+                type_: "bind".into(),
+                source: only.display().to_string(),
+                options: vec!["rbind".into(), "ro".into()],
+                ..Default::default()
+            }
+        } else {
+            let joined: Vec<String> = lowers.iter().map(|l| l.display().to_string()).collect();
+            Mount {
+                type_: "overlay".into(),
+                source: "overlay".into(),
+                options: vec!["ro".into(), format!("lowerdir={}", joined.join(":"))],
+                ..Default::default()
+            }
+        };
+        let links = staging.with_extension("layers");
+        let mounted = mount_at(&m, staging, &links);
+        let _ = std::fs::remove_dir_all(&links);
+        mounted?;
+        let size = image_of(staging, &tmp, Mounted(vec![staging.to_path_buf()]))?;
+        std::fs::rename(&tmp, &image).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            RootfsError::Io {
+                path: image.clone(),
+                source: e,
+            }
+        })?;
+        tracing::info!(image = %image.display(), layers = lowers.len(), size, ms = t0.elapsed().as_millis() as u64, "image layers cached");
+        Ok((image, size))
+    }
+
+    /// Removes entries whose layers are gone and builds that died.
+    fn sweep(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(key) = name.strip_suffix(".layers") {
+                let layers = std::fs::read_to_string(&path).unwrap_or_default();
+                if layers.lines().any(|l| !Path::new(l).exists()) {
+                    let _ = std::fs::remove_file(self.dir.join(format!("{key}.ext4")));
+                    let _ = std::fs::remove_file(&path);
+                    tracing::info!(key, "image layers gone: cache entry removed");
+                }
+            } else if let Some(stem) = name.strip_suffix(".tmp") {
+                // <key>.<pid>-<n>.tmp of a shim that is no longer running.
+                let pid = stem
+                    .rsplit_once('.')
+                    .and_then(|(_, p)| p.split_once('-'))
+                    .map(|(pid, _)| pid);
+                if let Some(pid) = pid {
+                    if !Path::new("/proc").join(pid).exists() {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,5 +541,143 @@ mod tests {
         let e = build_image(&[m], &root, &image).unwrap_err();
         assert!(matches!(e, RootfsError::Mount { .. }), "{e}");
         assert!(!image.exists());
+    }
+    fn overlay(options: &[String]) -> Mount {
+        Mount {
+            type_: "overlay".into(),
+            source: "overlay".into(),
+            options: options.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Only a new container's overlay (its upper directory empty) is taken
+    /// apart into layers; anything else is copied whole.
+    #[test]
+    fn fresh_layers_only_of_a_new_containers_overlay() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = |n: &str| {
+            let p = dir.path().join(n);
+            std::fs::create_dir_all(&p).unwrap();
+            p.display().to_string()
+        };
+        let (l1, l2, upper, work) = (d("1/fs"), d("2/fs"), d("3/fs"), d("3/work"));
+        let opts = |upper: &str| {
+            vec![
+                "index=off".to_string(),
+                format!("workdir={work}"),
+                format!("upperdir={upper}"),
+                format!("lowerdir={l2}:{l1}"),
+            ]
+        };
+        assert_eq!(
+            fresh_layers(&[overlay(&opts(&upper))]),
+            Some(vec![PathBuf::from(&l2), PathBuf::from(&l1)])
+        );
+        // Written to already (a restarted container's snapshot).
+        std::fs::write(Path::new(&upper).join("f"), "x").unwrap();
+        assert_eq!(fresh_layers(&[overlay(&opts(&upper))]), None);
+        let empty = d("4/fs");
+        // Two mounts, a bind, no lowerdir, a relative layer: not ours.
+        let m = overlay(&opts(&empty));
+        assert_eq!(fresh_layers(&[m.clone(), m]), None);
+        let bind = Mount {
+            type_: "bind".into(),
+            source: l1.clone(),
+            options: vec!["rbind".into()],
+            ..Default::default()
+        };
+        assert_eq!(fresh_layers(&[bind]), None);
+        assert_eq!(
+            fresh_layers(&[overlay(&[format!("upperdir={empty}")])]),
+            None
+        );
+        let relative = vec![format!("upperdir={empty}"), "lowerdir=a:b".to_string()];
+        assert_eq!(fresh_layers(&[overlay(&relative)]), None);
+        assert_eq!(fresh_layers(&[]), None);
+    }
+
+    /// Layers merged as overlayfs merges them (the top one wins, a
+    /// whiteout hides a file), built once, reused, swept when a layer goes.
+    #[test]
+    fn image_layers_are_merged_cached_and_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("snapshots/1/fs");
+        let top = dir.path().join("snapshots/2/fs");
+        std::fs::create_dir_all(base.join("etc")).unwrap();
+        std::fs::create_dir_all(top.join("etc")).unwrap();
+        std::fs::write(base.join("etc/os"), "base\n").unwrap();
+        std::fs::write(base.join("etc/gone"), "deleted above\n").unwrap();
+        std::fs::write(top.join("etc/os"), "top\n").unwrap();
+        // An overlay whiteout: a 0/0 character device.
+        let gone =
+            std::ffi::CString::new(top.join("etc/gone").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path; mknod only reads it.
+        assert_eq!(unsafe { libc::mknod(gone.as_ptr(), libc::S_IFCHR, 0) }, 0);
+        let cache = ImageCache::new(&dir.path().join("cache"));
+        let staging = dir.path().join("rootfs");
+        let lowers = vec![top.clone(), base.clone()];
+        let (image, size) = cache.layers_image(&lowers, &staging).unwrap();
+        assert_eq!(size, std::fs::metadata(&image).unwrap().len());
+        let debugfs = |cmd: &str| {
+            let out = std::process::Command::new("debugfs")
+                .args(["-R", cmd])
+                .arg(&image)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr)
+        };
+        assert!(debugfs("cat /etc/os").contains("top\n"));
+        assert!(debugfs("stat /etc/gone").contains("File not found"));
+        // Unmounted after the copy.
+        assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 0);
+
+        // The same layers again: the same file, not rebuilt.
+        let inode = std::fs::metadata(&image).unwrap().ino();
+        let (again, _) = cache.layers_image(&lowers, &staging).unwrap();
+        assert_eq!(again, image);
+        assert_eq!(std::fs::metadata(&again).unwrap().ino(), inode);
+        // One layer alone (a bind mount, not an overlay) is another entry.
+        let (alone, _) = cache
+            .layers_image(std::slice::from_ref(&base), &staging)
+            .unwrap();
+        assert_ne!(alone, image);
+
+        // The top layer removed (its image deleted): its entry goes at the
+        // next use of the cache, the other stays.
+        std::fs::remove_dir_all(dir.path().join("snapshots/2")).unwrap();
+        let err = cache.layers_image(&lowers, &staging).unwrap_err();
+        assert!(matches!(err, RootfsError::Io { .. }), "{err}");
+        assert!(!image.exists());
+        assert!(alone.exists());
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("cache"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    /// A writable layer is an empty ext4 of the size asked for, sparse.
+    #[test]
+    fn a_writable_layer_is_an_empty_sparse_ext4() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("w.ext4");
+        assert_eq!(build_writable_layer(&image, 1 << 30).unwrap(), 1 << 30);
+        let md = std::fs::metadata(&image).unwrap();
+        assert_eq!(md.len(), 1 << 30);
+        assert!(
+            md.blocks() * 512 < 4 << 20,
+            "{} bytes written",
+            md.blocks() * 512
+        );
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", "ls -l /"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("lost+found"));
+        let bad = build_writable_layer(&dir.path().join("no/such/dir/w.ext4"), 1 << 30);
+        assert!(matches!(bad, Err(RootfsError::Io { .. })), "{bad:?}");
     }
 }

@@ -26,7 +26,7 @@ use containerd_shim::{ExitSignal, TtrpcContext, TtrpcResult};
 use husk_protocol::client::ClientError;
 use husk_protocol::{
     AgentError, CreateContainer, ErrorCode, Event, ExitStatus, ProcessRef, Request, Response,
-    Rootfs,
+    Rootfs, WritableLayer,
 };
 use oci_spec::runtime::Spec;
 
@@ -34,7 +34,7 @@ use crate::config::Config;
 use crate::io::{ProcessIo, StdioPaths};
 use crate::rootfs;
 use crate::spec;
-use crate::vm::{self, PodDir, PodVm, VmSpec};
+use crate::vm::{self, PodDir, PodVm, VmError, VmSpec};
 
 /// How long a process's output may keep arriving after it exited before
 /// its exit is reported anyway.
@@ -481,16 +481,22 @@ impl Inner {
             fstype: "ext4".into(),
             read_only: false,
             writable_overlay: false,
+            writable_layer: None,
             size_bytes: Some(size),
         };
         let disks = (|| {
-            let size = rootfs::build_image(&req.rootfs, &root, &image)
-                .map_err(|e| err(Code::INTERNAL, e))?;
-            let rootfs = Rootfs {
-                drive_id: vm
-                    .attach_disk(&req.id, &image)
-                    .map_err(|e| err(Code::RESOURCE_EXHAUSTED, e))?,
-                ..disk(size)
+            let rootfs = match self.shared_layers(&vm, &req, &root, &image)? {
+                Some(layered) => layered,
+                None => {
+                    let size = rootfs::build_image(&req.rootfs, &root, &image)
+                        .map_err(|e| err(Code::INTERNAL, e))?;
+                    Rootfs {
+                        drive_id: vm
+                            .attach_disk(&req.id, &image)
+                            .map_err(|e| err(Code::RESOURCE_EXHAUSTED, e))?,
+                        ..disk(size)
+                    }
+                }
             };
             if adjusted.volumes.is_empty() {
                 return Ok((rootfs, None));
@@ -586,6 +592,57 @@ impl Inner {
         });
         tracing::info!(container = %req.id, pod = %pod_id, pid, "container created");
         Ok(pid)
+    }
+
+    /// A new container's rootfs as its image's shared layers (from the
+    /// image cache, on a read-only slot) under an empty writable layer of
+    /// its own (`image`, on a writable slot); `None` when that does not
+    /// apply (see the rootfs module) and the rootfs is to be copied whole.
+    fn shared_layers(
+        &self,
+        vm: &PodVm,
+        req: &api::CreateTaskRequest,
+        root: &Path,
+        image: &Path,
+    ) -> TtrpcResult<Option<Rootfs>> {
+        if self.config.image_slots == 0 {
+            return Ok(None);
+        }
+        let Some(lowers) = rootfs::fresh_layers(&req.rootfs) else {
+            return Ok(None);
+        };
+        let cache = rootfs::ImageCache::new(&self.config.image_cache_dir);
+        let (layers, layers_size) = cache
+            .layers_image(&lowers, root)
+            .map_err(|e| err(Code::INTERNAL, e))?;
+        let layers_slot = match vm.attach_shared(&req.id, &layers) {
+            Ok(slot) => slot,
+            Err(VmError::NoImageSlot(n)) => {
+                tracing::info!(container = %req.id, slots = n, "no image slot free: the rootfs is copied whole");
+                return Ok(None);
+            }
+            Err(e) => return Err(err(Code::INTERNAL, e)),
+        };
+        let writable_size = rootfs::build_writable_layer(
+            image,
+            self.config.writable_layer_mib.saturating_mul(1 << 20),
+        )
+        .map_err(|e| err(Code::INTERNAL, e))?;
+        let writable_slot = vm
+            .attach_disk(&req.id, image)
+            .map_err(|e| err(Code::RESOURCE_EXHAUSTED, e))?;
+        Ok(Some(Rootfs {
+            drive_id: layers_slot,
+            fstype: "ext4".into(),
+            read_only: true,
+            writable_overlay: true,
+            writable_layer: Some(WritableLayer {
+                drive_id: writable_slot,
+                fstype: "ext4".into(),
+                size_bytes: Some(writable_size),
+            }),
+            size_bytes: Some(layers_size),
+        }))
     }
 
     fn start(&self, id: &str, exec_id: &str) -> TtrpcResult<u32> {

@@ -44,9 +44,12 @@ pub enum VmError {
         /// The tail of its log (stderr and the guest console).
         log: String,
     },
-    /// Every drive slot holds a container's root filesystem.
+    /// Every drive slot holds a container's disk.
     #[error("all {0} drive slots are in use (raise drive_slots in /etc/husk/config.toml)")]
     NoSlot(u32),
+    /// Every image slot holds another image's layers.
+    #[error("all {0} image slots hold other images' layers")]
+    NoImageSlot(u32),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
@@ -75,9 +78,9 @@ impl PodDir {
     pub fn pid_file(&self) -> PathBuf {
         self.0.join("husk.pid")
     }
-    /// The placeholder image of drive slot `n`.
-    pub fn slot_placeholder(&self, n: u32) -> PathBuf {
-        self.0.join(format!("slot{n}.empty"))
+    /// The placeholder image of the drive slot `id`.
+    pub fn slot_placeholder(&self, id: &str) -> PathBuf {
+        self.0.join(format!("{id}.empty"))
     }
     /// A container's rootfs image.
     pub fn image(&self, container_id: &str) -> PathBuf {
@@ -93,6 +96,26 @@ impl PodDir {
 /// The drive id of slot `n` (the disk's serial in the guest).
 pub fn slot_id(n: u32) -> String {
     format!("slot{n}")
+}
+
+/// The drive id of read-only image slot `n`.
+pub fn image_slot_id(n: u32) -> String {
+    format!("image{n}")
+}
+
+/// A spare drive of the VM and what it holds.
+#[derive(Debug, Clone)]
+struct Slot {
+    /// Its drive id.
+    id: String,
+    /// Read-only: an image's layers, shareable by several containers.
+    read_only: bool,
+    /// Its image when empty.
+    placeholder: PathBuf,
+    /// The image it holds, if any.
+    image: Option<PathBuf>,
+    /// Who uses it: container ids (or a container's volumes key).
+    owners: Vec<String>,
 }
 
 /// What a VM is sized and named as.
@@ -119,8 +142,8 @@ pub struct PodVm {
     api: ApiClient,
     endpoint: Endpoint,
     agent: Mutex<AgentClient>,
-    /// Which container holds each slot.
-    slots: Mutex<Vec<Option<String>>>,
+    /// The spare drives, writable ones first.
+    slots: Mutex<Vec<Slot>>,
 }
 
 /// Placeholder size of an empty slot: one sector's worth of zeros is a
@@ -232,21 +255,31 @@ impl PodVm {
                 "boot_args": cmdline,
             }),
         )?;
-        for n in 0..config.drive_slots {
-            let placeholder = dir.slot_placeholder(n);
+        let writable = (0..config.drive_slots).map(|n| (slot_id(n), false));
+        let read_only = (0..config.image_slots).map(|n| (image_slot_id(n), true));
+        let mut slots = Vec::new();
+        for (id, read_only) in writable.chain(read_only) {
+            let placeholder = dir.slot_placeholder(&id);
             let f = File::create(&placeholder)
                 .map_err(io(format!("create {}", placeholder.display())))?;
             f.set_len(PLACEHOLDER_BYTES)
                 .map_err(io(format!("size {}", placeholder.display())))?;
             api.put(
-                &format!("/drives/{}", slot_id(n)),
+                &format!("/drives/{id}"),
                 json!({
-                    "drive_id": slot_id(n),
+                    "drive_id": id,
                     "path_on_host": placeholder,
                     "is_root_device": false,
-                    "is_read_only": false,
+                    "is_read_only": read_only,
                 }),
             )?;
+            slots.push(Slot {
+                id,
+                read_only,
+                placeholder,
+                image: None,
+                owners: Vec::new(),
+            });
         }
         if let Some(net) = &spec.network {
             api.put(
@@ -294,7 +327,7 @@ impl PodVm {
             api,
             endpoint,
             agent: Mutex::new(agent),
-            slots: Mutex::new(vec![None; config.drive_slots as usize]),
+            slots: Mutex::new(slots),
         })
     }
 
@@ -311,39 +344,73 @@ impl PodVm {
             .call(request)
     }
 
-    /// Puts `image` into a free drive slot for `container_id`; returns the
-    /// slot's drive id.
-    pub fn attach_disk(&self, container_id: &str, image: &Path) -> Result<String, VmError> {
+    /// Puts `image` into a free writable drive slot for `owner`; returns
+    /// the slot's drive id.
+    pub fn attach_disk(&self, owner: &str, image: &Path) -> Result<String, VmError> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let n = slots
-            .iter()
-            .position(Option::is_none)
-            .ok_or(VmError::NoSlot(slots.len() as u32))?;
-        let id = slot_id(n as u32);
-        self.api.patch(
-            &format!("/drives/{id}"),
-            json!({"drive_id": id, "path_on_host": image}),
-        )?;
-        slots[n] = Some(container_id.to_string());
-        Ok(id)
+        let writable = slots.iter().filter(|s| !s.read_only).count() as u32;
+        let slot = slots
+            .iter_mut()
+            .find(|s| !s.read_only && s.owners.is_empty())
+            .ok_or(VmError::NoSlot(writable))?;
+        self.swap(slot, image)?;
+        slot.owners.push(owner.to_string());
+        Ok(slot.id.clone())
     }
 
-    /// Gives `container_id`'s slot its placeholder back.
-    pub fn detach_disk(&self, container_id: &str) -> Result<(), VmError> {
+    /// Gives `owner` a read-only slot holding `image` (an image's layers):
+    /// the one that holds it already, shared, or a free one; returns the
+    /// slot's drive id.
+    pub fn attach_shared(&self, owner: &str, image: &Path) -> Result<String, VmError> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(n) = slots
-            .iter()
-            .position(|s| s.as_deref() == Some(container_id))
-        else {
-            return Ok(());
-        };
-        let id = slot_id(n as u32);
+        let count = slots.iter().filter(|s| s.read_only).count() as u32;
+        if let Some(slot) = slots
+            .iter_mut()
+            .find(|s| s.read_only && s.image.as_deref() == Some(image))
+        {
+            slot.owners.push(owner.to_string());
+            return Ok(slot.id.clone());
+        }
+        let slot = slots
+            .iter_mut()
+            .find(|s| s.read_only && s.owners.is_empty())
+            .ok_or(VmError::NoImageSlot(count))?;
+        self.swap(slot, image)?;
+        slot.owners.push(owner.to_string());
+        Ok(slot.id.clone())
+    }
+
+    /// Points `slot`'s drive at `image` on the running VM.
+    fn swap(&self, slot: &mut Slot, image: &Path) -> Result<(), VmError> {
         self.api.patch(
-            &format!("/drives/{id}"),
-            json!({"drive_id": id, "path_on_host": self.dir.slot_placeholder(n as u32)}),
+            &format!("/drives/{}", slot.id),
+            json!({"drive_id": slot.id, "path_on_host": image}),
         )?;
-        slots[n] = None;
+        slot.image = Some(image.to_path_buf());
         Ok(())
+    }
+
+    /// Releases every slot `owner` uses; a slot nobody uses any more gets
+    /// its placeholder back.
+    pub fn detach_disk(&self, owner: &str) -> Result<(), VmError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut result = Ok(());
+        for slot in slots.iter_mut() {
+            let before = slot.owners.len();
+            slot.owners.retain(|o| o != owner);
+            if slot.owners.len() == before || !slot.owners.is_empty() {
+                continue;
+            }
+            let placeholder = slot.placeholder.clone();
+            if let Err(e) = self.swap(slot, &placeholder) {
+                // Still holding the image: not handed out again.
+                slot.owners.push(owner.to_string());
+                result = Err(e);
+            } else {
+                slot.image = None;
+            }
+        }
+        result
     }
 
     /// Pauses or resumes the vCPUs.

@@ -1,8 +1,9 @@
 //! A container's root filesystem: the virtio-blk disk whose serial is the
 //! drive id (`/sys/block/vdX/serial`), mounted at
 //! `<state>/c/<id>/rootfs`, read-only if asked; with `writable_overlay` the
-//! disk is mounted read-only underneath and an overlayfs with a tmpfs upper
-//! layer goes on top. Tests name the devices instead through
+//! disk is mounted read-only underneath and an overlayfs goes on top, its
+//! upper layer on the container's writable-layer disk if it has one, else
+//! on a tmpfs. Tests name the devices instead through
 //! `HUSK_AGENT_DRIVES=id=/dev/loop3,...` (test-only: consulted first).
 
 use std::ffi::CString;
@@ -162,9 +163,39 @@ impl MountedRootfs {
             root,
             mounts: Vec::new(),
         };
+        // The writable layer's disk, found (and waited for) before anything
+        // is mounted.
+        let layer = match (&r.writable_layer, r.writable_overlay) {
+            (None, _) => None,
+            (Some(_), false) => {
+                return Err(AgentError::new(
+                    ErrorCode::InvalidArgument,
+                    "a writable layer needs writable_overlay",
+                ))
+            }
+            (Some(l), true) => {
+                if !matches!(
+                    l.fstype.as_str(),
+                    "ext4" | "ext3" | "ext2" | "xfs" | "btrfs"
+                ) {
+                    return Err(AgentError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "writable layer of type {:?}: want a writable disk filesystem",
+                            l.fstype
+                        ),
+                    ));
+                }
+                let device = find_drive(&l.drive_id, host_mode)?;
+                if let (Some(want), false) = (l.size_bytes, host_mode) {
+                    wait_for_size(&device, want)?;
+                }
+                Some((device, l.fstype.as_str()))
+            }
+        };
         let dev = device.to_string_lossy();
         let result = if r.writable_overlay {
-            m.overlay(&dev, &r.fstype)
+            m.overlay(&dev, &r.fstype, layer)
         } else {
             let flags = if r.read_only { libc::MS_RDONLY } else { 0 };
             mount(&dev, &m.root, &r.fstype, flags, "").map(|()| m.mounts.push(m.root.clone()))
@@ -176,7 +207,14 @@ impl MountedRootfs {
         Ok(m)
     }
 
-    fn overlay(&mut self, dev: &str, fstype: &str) -> Result<(), AgentError> {
+    /// The disk `dev` read-only under an overlay whose upper layer is on
+    /// `layer` (a disk) or else on a tmpfs.
+    fn overlay(
+        &mut self,
+        dev: &str,
+        fstype: &str,
+        layer: Option<(PathBuf, &str)>,
+    ) -> Result<(), AgentError> {
         let lower = self.dir.join("lower");
         let rw = self.dir.join("rw");
         for d in [&lower, &rw] {
@@ -186,7 +224,15 @@ impl MountedRootfs {
         }
         mount(dev, &lower, fstype, libc::MS_RDONLY, "")?;
         self.mounts.push(lower.clone());
-        mount("tmpfs", &rw, "tmpfs", 0, "mode=0755")?;
+        match layer {
+            // Fresh from mke2fs: its inode tables read as zeros already, so
+            // the kernel need not write them out in the background.
+            Some((layer, "ext4")) => {
+                mount(&layer.to_string_lossy(), &rw, "ext4", 0, "noinit_itable")?
+            }
+            Some((layer, t)) => mount(&layer.to_string_lossy(), &rw, t, 0, "")?,
+            None => mount("tmpfs", &rw, "tmpfs", 0, "mode=0755")?,
+        }
         self.mounts.push(rw.clone());
         let (upper, work) = (rw.join("upper"), rw.join("work"));
         for d in [&upper, &work] {

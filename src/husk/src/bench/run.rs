@@ -195,6 +195,7 @@ fn one_container(agent: &mut AgentClient, id: &str, spec: Spec) -> anyhow::Resul
                 fstype: "ext4".into(),
                 read_only: true,
                 writable_overlay: false,
+                writable_layer: None,
                 size_bytes: None,
             },
             volumes: None,

@@ -294,21 +294,43 @@ fn find_mke2fs() -> PathBuf {
 
 /// Makes `image` an ext4 file system holding `tree`.
 pub fn make_ext4(tree: &Path, image: &Path, usage: &Usage) -> Result<()> {
+    let mut args: Vec<std::ffi::OsString> = vec!["-L".into(), "rootfs".into(), "-N".into()];
+    args.push(usage.inode_count().to_string().into());
+    args.push("-d".into());
+    args.push(tree.into());
+    mke2fs(image, usage.image_size(), &args)
+}
+
+/// Makes `image` (a sparse file of `bytes`) an empty ext4 file system for
+/// a container's writable layer: no journal (the layer does not outlive
+/// its container, so there is nothing to recover), inode tables left for
+/// the kernel (they read as zeros in a fresh sparse file), so only a few
+/// hundred KiB are written whatever the size.
+pub fn make_empty_ext4(image: &Path, bytes: u64) -> Result<()> {
+    let args = [
+        "-L",
+        "writable",
+        "-O",
+        "^has_journal",
+        "-E",
+        "lazy_itable_init=1",
+    ];
+    mke2fs(image, bytes, &args.map(std::ffi::OsString::from))
+}
+
+/// Sizes the existing file `image` to `bytes` and runs mke2fs on it with
+/// the common options and `args`.
+fn mke2fs(image: &Path, bytes: u64, args: &[std::ffi::OsString]) -> Result<()> {
     let file = fs::OpenOptions::new()
         .write(true)
         .open(image)
         .map_err(io_at(image))?;
-    file.set_len(usage.image_size()).map_err(io_at(image))?;
+    file.set_len(bytes).map_err(io_at(image))?;
     drop(file);
     let mke2fs = find_mke2fs();
     let out = Command::new(&mke2fs)
-        .args([
-            "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", "rootfs",
-        ])
-        .arg("-N")
-        .arg(usage.inode_count().to_string())
-        .arg("-d")
-        .arg(tree)
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0"])
+        .args(args)
         .arg(image)
         .output()
         .map_err(|e| RootfsError::Mke2fs {
