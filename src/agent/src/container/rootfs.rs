@@ -129,6 +129,32 @@ fn wait_for_size(device: &Path, want: u64) -> Result<(), AgentError> {
     }
 }
 
+/// The block device of drive `id` once it has `size` bytes, if `fstype`
+/// is one of `allowed` for `what`.
+fn find_disk(
+    what: &str,
+    id: &str,
+    fstype: &str,
+    allowed: &[&str],
+    size: Option<u64>,
+    host_mode: bool,
+) -> Result<PathBuf, AgentError> {
+    if !allowed.contains(&fstype) {
+        return Err(AgentError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "{what} of type {fstype:?}: the agent mounts {}",
+                allowed.join(", ")
+            ),
+        ));
+    }
+    let device = find_drive(id, host_mode)?;
+    if let (Some(want), false) = (size, host_mode) {
+        wait_for_size(&device, want)?;
+    }
+    Ok(device)
+}
+
 impl MountedRootfs {
     /// Mounts `r` for container `id` under `state`.
     pub fn mount(
@@ -137,22 +163,36 @@ impl MountedRootfs {
         r: &Rootfs,
         host_mode: bool,
     ) -> Result<MountedRootfs, AgentError> {
-        if !matches!(
-            r.fstype.as_str(),
-            "ext4" | "ext3" | "ext2" | "xfs" | "btrfs" | "erofs" | "squashfs"
-        ) {
-            return Err(AgentError::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "filesystem type {:?} is not a disk filesystem the agent mounts",
-                    r.fstype
-                ),
-            ));
-        }
-        let device = find_drive(&r.drive_id, host_mode)?;
-        if let (Some(want), false) = (r.size_bytes, host_mode) {
-            wait_for_size(&device, want)?;
-        }
+        let device = find_disk(
+            "rootfs",
+            &r.drive_id,
+            &r.fstype,
+            &["ext4", "ext3", "ext2", "xfs", "btrfs", "erofs", "squashfs"],
+            r.size_bytes,
+            host_mode,
+        )?;
+        // The writable layer's disk, found (and waited for) before anything
+        // is created or mounted.
+        let layer = match (&r.writable_layer, r.writable_overlay) {
+            (None, _) => None,
+            (Some(_), false) => {
+                return Err(AgentError::new(
+                    ErrorCode::InvalidArgument,
+                    "a writable layer needs writable_overlay",
+                ))
+            }
+            (Some(l), true) => Some((
+                find_disk(
+                    "writable layer",
+                    &l.drive_id,
+                    &l.fstype,
+                    &["ext4", "ext3", "ext2", "xfs", "btrfs"],
+                    l.size_bytes,
+                    host_mode,
+                )?,
+                l.fstype.as_str(),
+            )),
+        };
         let dir = state.join("c").join(id);
         let root = dir.join("rootfs");
         std::fs::create_dir_all(&root).map_err(|e| {
@@ -162,36 +202,6 @@ impl MountedRootfs {
             dir,
             root,
             mounts: Vec::new(),
-        };
-        // The writable layer's disk, found (and waited for) before anything
-        // is mounted.
-        let layer = match (&r.writable_layer, r.writable_overlay) {
-            (None, _) => None,
-            (Some(_), false) => {
-                return Err(AgentError::new(
-                    ErrorCode::InvalidArgument,
-                    "a writable layer needs writable_overlay",
-                ))
-            }
-            (Some(l), true) => {
-                if !matches!(
-                    l.fstype.as_str(),
-                    "ext4" | "ext3" | "ext2" | "xfs" | "btrfs"
-                ) {
-                    return Err(AgentError::new(
-                        ErrorCode::InvalidArgument,
-                        format!(
-                            "writable layer of type {:?}: want a writable disk filesystem",
-                            l.fstype
-                        ),
-                    ));
-                }
-                let device = find_drive(&l.drive_id, host_mode)?;
-                if let (Some(want), false) = (l.size_bytes, host_mode) {
-                    wait_for_size(&device, want)?;
-                }
-                Some((device, l.fstype.as_str()))
-            }
         };
         let dev = device.to_string_lossy();
         let result = if r.writable_overlay {
@@ -254,16 +264,14 @@ impl MountedRootfs {
     /// Mounts the container's volumes disk `v` at `<dir>/volumes`
     /// (undone with the rootfs); returns that directory.
     pub fn mount_volumes(&mut self, v: &Rootfs, host_mode: bool) -> Result<PathBuf, AgentError> {
-        if !matches!(v.fstype.as_str(), "ext4" | "ext3" | "ext2") {
-            return Err(AgentError::new(
-                ErrorCode::InvalidArgument,
-                format!("volumes disk of type {:?}: want ext2/3/4", v.fstype),
-            ));
-        }
-        let device = find_drive(&v.drive_id, host_mode)?;
-        if let (Some(want), false) = (v.size_bytes, host_mode) {
-            wait_for_size(&device, want)?;
-        }
+        let device = find_disk(
+            "volumes disk",
+            &v.drive_id,
+            &v.fstype,
+            &["ext4", "ext3", "ext2"],
+            v.size_bytes,
+            host_mode,
+        )?;
         let target = self.dir.join("volumes");
         std::fs::create_dir_all(&target).map_err(|e| {
             AgentError::new(
