@@ -201,47 +201,68 @@ ctr task rm orphan > /dev/null 2>&1; ctr container rm orphan; echo "CONTAINER-RM
     }
 }
 
-/// Create/delete cycles leave the node as they found it: processes (with a
-/// command line, so not kernel threads), mounts, files under /run/husk,
-/// containerd's descriptors, network links.
+/// A hundred create/delete cycles (`HUSK_SHIM_CYCLES` to change) leave the
+/// node as they found it: processes (with a command line, so not kernel
+/// threads), mounts, files under /run/husk, containerd's descriptors,
+/// network links, containers and snapshots. About 9 s a cycle in the node
+/// VM.
+///
+/// In this node (QEMU TCG emulating AMD SVM) about one guest boot in a
+/// hundred ends in a triple fault (met in the net test too; the cause is
+/// not established, and KVM on AMD resets the vCPU's state on the fault,
+/// so the evidence is gone). Such a cycle fails `ctr run` with husk's message; up
+/// to three are counted and shown rather than failing the test, since a
+/// failed create has to leave nothing behind just the same, which is what
+/// this test checks. Any other failure, or more of them, fails it.
 #[test]
 fn create_delete_cycles_leak_nothing() {
-    let cycles = std::env::var("HUSK_SHIM_CYCLES").unwrap_or_else(|_| "10".into());
-    let r = run(
-        "shim-cycles",
-        &format!(
+    let cycles: u64 = std::env::var("HUSK_SHIM_CYCLES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(100);
+    let r = containerd_payload("shim-cycles")
+        .timeout(300 + 20 * cycles)
+        .run(&with_containerd(&format!(
             r#"cmdlines() {{
-  for p in /proc/[0-9]*; do c=$(tr '\0' ' ' < $p/cmdline 2>/dev/null); [ -n "$c" ] && echo "$c"; done | sort
+  for p in /proc/[0-9]*; do c=$(tr '\0\n' '  ' < $p/cmdline 2>/dev/null | cut -c1-100); [ -n "$c" ] && echo "$c"; done | sort
 }}
 snapshot() {{
-  echo "procs=$(cmdlines | wc -l) mounts=$(wc -l < /proc/mounts) files=$(find /run/husk 2>/dev/null | wc -l) containerd_fds=$(ls /proc/$(pidof containerd)/fd | wc -l) links=$(ls /sys/class/net | wc -l)"
+  echo "procs=$(cmdlines | wc -l) mounts=$(wc -l < /proc/mounts) files=$(find /run/husk 2>/dev/null | wc -l) containerd_fds=$(ls /proc/$(pidof containerd)/fd | wc -l) links=$(ls /sys/class/net | wc -l) containers=$(ctr -q containers ls | wc -l) snapshots=$(ctr snapshots ls | wc -l)"
 }}
 # One cycle first: containerd opens what it keeps open on its first task.
 ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} warm true
 sleep 1
 before=$(snapshot); cmdlines > procs.before
 echo "BEFORE $before"
-n=0; failed=0
+n=0; failed=0; faults=0
 while [ $n -lt {cycles} ]; do
   # A cycle that hangs is a failure with its evidence, not a hung test.
   if ! timeout 120 ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} cycle$n sh -c 'echo cycle' > cycle.out 2>&1; then
-    failed=$((failed+1))
-    echo "CYCLE $n FAILED:"; cat cycle.out
-    echo "--- its VM's log"; tail -n 40 /run/husk/default/cycle$n/husk.log 2>/dev/null
-    break
+    if grep -q "triple-faulted" cycle.out && [ $faults -lt 3 ]; then
+      # See the test's comment: counted, and it must leave nothing either.
+      faults=$((faults+1))
+      echo "CYCLE $n GUEST-TRIPLE-FAULT: $(cut -c1-400 cycle.out)"
+    else
+      failed=$((failed+1))
+      echo "CYCLE $n FAILED:"; cat cycle.out
+      echo "--- its VM's log"; tail -n 40 /run/husk/default/cycle$n/husk.log 2>/dev/null
+      break
+    fi
   fi
   n=$((n+1))
 done
+echo "GUEST-FAULTS $faults"
 # The last cycle's processes may still be on their way out.
 for i in $(seq 30); do [ "$(snapshot)" = "$before" ] && break; sleep 0.5; done
 echo "AFTER $(snapshot)"
-cmdlines > procs.after
-diff procs.before procs.after | sed 's/^/PROCS-DIFF /'
+if [ "$(snapshot)" != "$before" ]; then
+  cmdlines > procs.after
+  diff procs.before procs.after | sed 's/^/PROCS-DIFF /'
+fi
 
 echo "CYCLES-FAILED $failed"
 "#
-        ),
-    );
+        )));
     assert_eq!(
         r.value("CYCLES-FAILED").as_deref(),
         Some("0"),

@@ -143,6 +143,7 @@ boot_node() {
   # ttyS1: the heartbeat; ttyS2: the optional shell.
   local extra=(-chardev "file,id=beat,path=$tmp/heartbeat" -serial chardev:beat) append=""
   if ((timeout > 60)); then append+=" husk_node.deadline=$((timeout - 30))"; fi
+  if [[ -n ${HUSK_NODE_KVM_AMD:-} ]]; then append+=" husk_node.kvm_amd=$HUSK_NODE_KVM_AMD"; fi
   if [[ -n ${HUSK_NODE_SHELL:-} ]]; then
     extra+=(-chardev "socket,id=shell,path=$HUSK_NODE_SHELL,server=on,wait=off" -serial chardev:shell)
     append+=" husk_node.shell=1"

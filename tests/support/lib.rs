@@ -234,6 +234,8 @@ impl RunResult {
 /// A directory of files to hand to a command, removed when dropped.
 pub struct Payload {
     dir: PathBuf,
+    /// run.sh's limit for the whole node VM run (s); its default if None.
+    timeout: Option<u64>,
 }
 
 impl Payload {
@@ -242,7 +244,14 @@ impl Payload {
         let dir = std::env::temp_dir().join(format!("husk-payload-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create payload dir");
-        Payload { dir }
+        Payload { dir, timeout: None }
+    }
+
+    /// Gives the node VM `secs` for the run instead of run.sh's default
+    /// (600 s), for the few tests that run that long by design.
+    pub fn timeout(mut self, secs: u64) -> Self {
+        self.timeout = Some(secs);
+        self
     }
 
     /// The payload directory (the command's working directory).
@@ -288,6 +297,12 @@ impl Payload {
         }
         let out = cmd
             .arg(repo_root().join("resources/node/run.sh"))
+            .args(
+                self.timeout
+                    .map(|t| ["--timeout".to_string(), t.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--payload")
             .arg(&self.dir)
             .args(["--", "sh", "-c", script])

@@ -276,6 +276,16 @@ impl Vcpu {
         let sregs = self.fd.get_sregs();
         let events = self.fd.get_vcpu_events();
         match (regs, sregs) {
+            // KVM on AMD re-initialises the vCPU on a shutdown intercept
+            // (the VMCB is undefined after one), so a triple fault there
+            // leaves the reset vector, not the state that faulted.
+            (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cs.selector == 0xf000 && s.cr0 & 1 == 0 => {
+                tracing::error!(
+                    %exit,
+                    vcpu = self.index,
+                    "vCPU state at the guest's failure: reset by KVM (as on AMD after a triple fault); the faulting state is lost"
+                )
+            }
             (Ok(r), Ok(s)) => tracing::error!(
                 %exit,
                 vcpu = self.index,
