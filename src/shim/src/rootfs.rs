@@ -199,18 +199,23 @@ pub fn build_image(mounts: &[Mount], bundle_root: &Path, image: &Path) -> Result
     std::fs::create_dir_all(bundle_root).map_err(io_at(bundle_root))?;
     let mut mounted = Mounted(Vec::new());
     for (i, m) in mounts.iter().enumerate() {
-        let links = bundle_root.with_extension(format!("layers{i}"));
-        let result = mount_at(m, bundle_root, &links);
-        let _ = std::fs::remove_dir_all(&links);
-        result?;
+        mount_at(
+            m,
+            bundle_root,
+            &bundle_root.with_extension(format!("layers{i}")),
+        )?;
         mounted.0.push(bundle_root.to_path_buf());
     }
     image_of(bundle_root, image, mounted)
 }
 
 /// [`mount_one`] with its failure as a [`RootfsError`].
+/// The overlay's short layer links (under `links`) are needed only while
+/// mount(2) resolves them, so they go right after, whatever the outcome.
 fn mount_at(m: &Mount, target: &Path, links: &Path) -> Result<(), RootfsError> {
-    mount_one(m, target, links).map_err(|detail| RootfsError::Mount {
+    let result = mount_one(m, target, links);
+    let _ = std::fs::remove_dir_all(links);
+    result.map_err(|detail| RootfsError::Mount {
         typ: m.type_.clone(),
         source_path: m.source.clone(),
         target: target.to_path_buf(),
@@ -396,10 +401,7 @@ impl ImageCache {
                 ..Default::default()
             }
         };
-        let links = staging.with_extension("layers");
-        let mounted = mount_at(&m, staging, &links);
-        let _ = std::fs::remove_dir_all(&links);
-        mounted?;
+        mount_at(&m, staging, &staging.with_extension("layers"))?;
         let size = image_of(staging, &tmp, Mounted(vec![staging.to_path_buf()]))?;
         std::fs::rename(&tmp, &image).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
