@@ -76,6 +76,8 @@ fn read_only_drive_and_drive_ids() {
          echo \"VDB $(cat /sys/block/vdb/serial) ro=$(cat /sys/block/vdb/ro)\"
          if echo overwrite | dd of=/dev/vdb conv=fsync 2>/dev/null; then echo RO-WRITE accepted; else echo RO-WRITE refused; fi
          echo \"VDB-READ $(head -c 16 /dev/vdb)\"
+         echo \"VDC $(cat /sys/block/vdc/serial) sectors=$(cat /sys/block/vdc/size)\"
+         echo on-a-block-device | dd of=/dev/vdc bs=512 seek=1 conv=sync,fsync 2>/dev/null
          echo written | dd of=/dev/vda conv=sync,fsync 2>/dev/null",
     );
     let r = Payload::new("ro")
@@ -86,10 +88,16 @@ fn read_only_drive_and_drive_ids() {
             "truncate -s 8M rw.img
              printf 'read-only-content' > ro.img && truncate -s 1M ro.img
              before=$(sha256sum ro.img)
+             # A block device as a backing (as LVM or devmapper would give):
+             # its size comes from seeking to its end, not from stat.
+             truncate -s 3M loop.img && loop=$(losetup -f) && losetup $loop loop.img || exit 12
              timeout 300 ./husk boot --kernel vmlinux --initrd initrd.cpio --cmdline '{CMDLINE}' \
-               --drive id=scratch-1,path=rw.img --drive id=golden,path=ro.img,ro || exit 11
+               --drive id=scratch-1,path=rw.img --drive id=golden,path=ro.img,ro \
+               --drive id=loop,path=$loop || exit 11
+             losetup -d $loop
              [ \"$before\" = \"$(sha256sum ro.img)\" ] && echo RO-IMAGE unchanged
-             echo \"RW-IMAGE $(head -c 7 rw.img)\""
+             echo \"RW-IMAGE $(head -c 7 rw.img)\"
+             echo \"LOOP-IMAGE $(dd if=loop.img bs=512 skip=1 count=1 2>/dev/null | head -c 17)\""
         ));
     r.assert_status(0);
     assert_eq!(
@@ -125,6 +133,18 @@ fn read_only_drive_and_drive_ids() {
     assert_eq!(
         r.value("RW-IMAGE").as_deref(),
         Some("written"),
+        "{}",
+        r.output
+    );
+    assert_eq!(
+        r.value("VDC").as_deref(),
+        Some("loop sectors=6144"),
+        "{}",
+        r.output
+    );
+    assert_eq!(
+        r.value("LOOP-IMAGE").as_deref(),
+        Some("on-a-block-device"),
         "{}",
         r.output
     );

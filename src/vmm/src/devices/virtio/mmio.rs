@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{status, VirtioDevice, INTERRUPT_CONFIG, VIRTIO_F_VERSION_1};
+use super::{status, VirtioDevice, INTERRUPT_CONFIG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::devices::bus::BusDevice;
 
 /// Size of one device's register window.
@@ -188,12 +188,17 @@ impl MmioTransport {
         }
         // The device gets its own copies; the transport keeps answering
         // register reads from the originals.
+        let event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
         let ready: Vec<Queue> = match self
             .queues
             .iter()
             .filter(|q| q.ready())
-            .map(|q| Queue::try_from(q.state()))
-            .collect::<Result<_, _>>()
+            .map(|q| {
+                let mut q = Queue::try_from(q.state())?;
+                q.set_event_idx(event_idx);
+                Ok(q)
+            })
+            .collect::<Result<_, virtio_queue::Error>>()
         {
             Ok(ready) => ready,
             Err(e) => {

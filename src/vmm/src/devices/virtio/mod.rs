@@ -40,6 +40,14 @@ pub mod status {
 /// VIRTIO_F_VERSION_1: husk offers only modern (1.x) devices.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 
+/// VIRTIO_RING_F_EVENT_IDX: driver and device say, in the rings' spare
+/// words, which index they next want to hear about, so a busy queue is
+/// notified once per batch instead of once per buffer. A device that offers
+/// it must re-arm notifications (`enable_notification`) before it waits, or
+/// the driver stops kicking; the transport turns it on in the queues it
+/// hands over when the driver accepted it.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
 /// Interrupt status bit: a used ring was updated.
 pub const INTERRUPT_USED_RING: u32 = 1;
 /// Interrupt status bit: the configuration space changed.
