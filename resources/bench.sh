@@ -6,7 +6,9 @@
 #                                                        boot time, setup time, VMM memory
 #                                                        (and the same for a Firecracker binary
 #                                                        you provide, on the same guest)
-#   resources/bench.sh blk [--size-mib M] [--runtime-s S] virtio-blk against its backing file
+#   resources/bench.sh blk [--size-mib M] [--runtime-s S] [--depths D,D]
+#                                                        virtio-blk against its backing file, at
+#                                                        each queue depth (default 1,16)
 #   resources/bench.sh api [--runs N]                    API latency (GET /, PUT /machine-config),
 #                                                        InstanceStart to the first vCPU entry
 #   resources/bench.sh net [--size-mib M]                 virtio-net TCP throughput guest<->node over a tap
@@ -25,7 +27,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=resources/lib.sh
 source "$repo/resources/lib.sh"
 
-mode=boot runs=10 size_mib="" runtime_s=5 streams=8 firecracker="" concurrent=20
+mode=boot runs=10 size_mib="" runtime_s=5 streams=8 firecracker="" concurrent=20 depths=1,16
 while (($#)); do
   case $1 in
     boot|blk|api|net|vsock|run|pod|cri) mode=$1; shift ;;
@@ -34,8 +36,9 @@ while (($#)); do
     --size-mib) size_mib=$2; shift 2 ;;
     --runtime-s) runtime_s=$2; shift 2 ;;
     --streams) streams=$2; shift 2 ;;
+    --depths) depths=$2; shift 2 ;;
     --firecracker) firecracker=$(realpath "$2"); shift 2 ;;
-    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] | api [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N]]" >&2; exit 2 ;;
+    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N]]" >&2; exit 2 ;;
   esac
 done
 
@@ -72,16 +75,20 @@ case $mode in
     (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
       cargo build --release --locked -j"$(nproc)" -p husk --bin husk-bench --target "$target" >&2)
     script="$payload/io.sh"
-    # shellcheck disable=SC2016  # $(...) expands in the guest, not here
-    printf '#!/bin/sh\necho "HUSK-IO-JSON $(/bin/husk-bench io --path /dev/vda --size-mib %s --runtime-s %s)"\n' \
-      "${size_mib:=128}" "$runtime_s" > "$script"
+    # One husk-bench io per depth husk-bench blk puts on the kernel command line.
+    # shellcheck disable=SC2016  # expands in the guest, not here
+    printf '%s\n' '#!/bin/sh' \
+      'depths=$(sed -n "s/.*husk.io_depths=\([0-9,]*\).*/\1/p" /proc/cmdline)' \
+      'for d in $(echo "$depths" | tr , " "); do' \
+      "  echo \"HUSK-IO-JSON \$(/bin/husk-bench io --path /dev/vda --size-mib ${size_mib:=128} --runtime-s $runtime_s --depth \$d)\"" \
+      'done' > "$script"
     chmod +x "$script"
     "$repo/resources/guest/build-initramfs.sh" "$payload/blk.cpio" "$repo/resources/guest/test-init" \
       "$repo/target/$target/release/husk-bench:/bin/husk-bench" "$script:/husk-test.sh" >/dev/null
     rm "$script"
     "$repo/resources/node/run.sh" --payload "$payload" -- \
       ./husk-bench blk --husk ./husk --kernel vmlinux --initrd blk.cpio \
-      --size-mib "$size_mib" --runtime-s "$runtime_s"
+      --size-mib "$size_mib" --runtime-s "$runtime_s" --depths "$depths"
     ;;
   net)
     # The guest sends husk.net_bytes zeros to the node, then reads as many.

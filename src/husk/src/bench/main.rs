@@ -142,6 +142,9 @@ struct IoArgs {
     /// Seconds per pattern.
     #[arg(long, default_value_t = 5)]
     runtime_s: u64,
+    /// Requests in flight (one thread each).
+    #[arg(long, default_value_t = 1)]
+    depth: usize,
 }
 
 #[derive(clap::Args)]
@@ -153,7 +156,9 @@ struct BlkBench {
     #[arg(long)]
     kernel: PathBuf,
     /// Guest initramfs whose /husk-test.sh runs `husk-bench io` on /dev/vda
-    /// and prints its JSON after `HUSK-IO-JSON ` (resources/bench.sh makes it).
+    /// once per depth listed in `husk.io_depths=` on its kernel command
+    /// line, printing each JSON after `HUSK-IO-JSON ` (resources/bench.sh
+    /// makes it).
     #[arg(long)]
     initrd: PathBuf,
     /// Size of the backing file in MiB (the guest uses it all).
@@ -162,6 +167,9 @@ struct BlkBench {
     /// Seconds per pattern.
     #[arg(long, default_value_t = 5)]
     runtime_s: u64,
+    /// Queue depths to measure, each in the guest and in the node.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
+    depths: Vec<usize>,
 }
 
 /// Which VMM `husk-bench boot` launches.
@@ -393,18 +401,34 @@ fn boot(b: BootBench) -> anyhow::Result<serde_json::Value> {
 }
 
 fn blk(b: BlkBench) -> anyhow::Result<serde_json::Value> {
+    if b.depths.is_empty() || b.depths.contains(&0) {
+        bail!("--depths needs one or more depths of at least 1");
+    }
     let disk = std::env::current_dir()?.join("husk-blk-bench.img");
     std::fs::write(&disk, vec![0x5au8; (b.size_mib << 20) as usize])
         .with_context(|| format!("cannot create {}", disk.display()))?;
     let runtime = std::time::Duration::from_secs(b.runtime_s);
-    let host = io::io(&disk, b.size_mib, runtime)?;
+    let host = b
+        .depths
+        .iter()
+        .map(|&depth| io::io(&disk, b.size_mib, runtime, depth))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let depths = b
+        .depths
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
 
     let out = Command::new(&b.husk)
         .args(["boot", "--mem-mib", "256", "--kernel"])
         .arg(&b.kernel)
         .arg("--initrd")
         .arg(&b.initrd)
-        .args(["--cmdline", "console=ttyS0 reboot=k panic=1 pci=off quiet"])
+        .arg("--cmdline")
+        .arg(format!(
+            "console=ttyS0 reboot=k panic=1 pci=off quiet husk.io_depths={depths}"
+        ))
         .arg("--drive")
         .arg(format!("id=bench,path={}", disk.display()))
         .stdin(Stdio::null())
@@ -419,27 +443,38 @@ fn blk(b: BlkBench) -> anyhow::Result<serde_json::Value> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let guest: serde_json::Value = console
+    let guest = console
         .lines()
-        .find_map(|l| l.trim().strip_prefix("HUSK-IO-JSON "))
-        .context("the guest printed no HUSK-IO-JSON line")
-        .and_then(|j| serde_json::from_str(j).context("the guest's JSON"))?;
+        .filter_map(|l| l.trim().strip_prefix("HUSK-IO-JSON "))
+        .map(|j| serde_json::from_str::<serde_json::Value>(j).context("the guest's JSON"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let mut ratio = serde_json::Map::new();
-    for (k, v) in guest.as_object().into_iter().flatten() {
-        if let (Some(g), Some(h)) = (v["mib_s"].as_f64(), host[k]["mib_s"].as_f64()) {
-            if h > 0.0 {
-                ratio.insert(k.clone(), json!((g / h * 1000.0).round() / 1000.0));
+    let mut runs = Vec::new();
+    for (&depth, host) in b.depths.iter().zip(host) {
+        let guest = guest
+            .iter()
+            .find(|g| g["depth"] == depth)
+            .with_context(|| format!("the guest printed no HUSK-IO-JSON line for depth {depth}"))?;
+        let mut ratio = serde_json::Map::new();
+        for (k, v) in guest.as_object().into_iter().flatten() {
+            if let (Some(g), Some(h)) = (v["mib_s"].as_f64(), host[k]["mib_s"].as_f64()) {
+                if h > 0.0 {
+                    ratio.insert(k.clone(), json!((g / h * 1000.0).round() / 1000.0));
+                }
             }
         }
+        runs.push(json!({
+            "depth": depth,
+            "guest_virtio_blk": guest,
+            "host_same_file": host,
+            "guest_to_host_ratio": ratio,
+        }));
     }
     Ok(json!({
         "benchmark": "virtio-blk",
         "size_mib": b.size_mib,
         "runtime_s_per_pattern": b.runtime_s,
-        "guest_virtio_blk": guest,
-        "host_same_file": host,
-        "guest_to_host_ratio": ratio,
+        "runs": runs,
     }))
 }
 
@@ -477,6 +512,7 @@ fn main() -> anyhow::Result<()> {
                 &a.path,
                 a.size_mib,
                 std::time::Duration::from_secs(a.runtime_s),
+                a.depth,
             )?;
             println!("{v}");
             return Ok(());
