@@ -10,17 +10,19 @@
 # need), CMD runs there as root, its output streams to stdout, and run.sh
 # exits with CMD's exit status (125 if the node VM itself failed or timed
 # out; its console's tail then goes to stderr). If the node's own kernel
-# reports a soft lockup before CMD finished, or stops altogether (its init
+# reports a soft lockup before CMD finished, stops altogether (its init
 # writes a heartbeat to the second serial port every 5 s; 90 s without one
 # means the node's kernel no longer runs user space, seen now and then with
-# nested guests under QEMU's emulated SVM, with nothing on the console),
-# that boot ends at once and the node VM boots again, once (CMD's output so
-# far may then appear twice). Defaults: 2 vCPUs, 4096 MiB,
-# 600 s. HUSK_NODE=direct or HUSK_NODE=vm forces either way; HUSK_NODE_IMAGE
-# names an image build.sh made (skips even its cache lookup);
-# HUSK_NODE_LOGLEVEL=N shows the node's whole console, kernel messages up to
-# that level included. HUSK_NODE_SHELL=PATH puts a root shell of the node on
-# a unix socket at PATH while CMD runs (socat -,raw,echo=0 UNIX-CONNECT:PATH),
+# nested guests under QEMU's emulated SVM, with nothing on the console), or
+# panics (seen there too: a husk vCPU thread overflowing its kernel stack in
+# the node's exception entry), that boot ends at once and the node VM boots
+# again, once (CMD's output so far may then appear twice). Defaults: 2
+# vCPUs, 4096 MiB, 600 s. HUSK_NODE=direct or HUSK_NODE=vm forces either
+# way; HUSK_NODE_IMAGE names an image build.sh made (skips even its cache
+# lookup); HUSK_NODE_LOGLEVEL=N shows the node's whole console, kernel
+# messages up to that level included; HUSK_NODE_CPU replaces QEMU's -cpu
+# model (max); HUSK_NODE_SHELL=PATH puts a root shell of the node on a unix
+# socket at PATH while CMD runs (socat -,raw,echo=0 UNIX-CONNECT:PATH),
 # for looking at a stuck test from inside.
 #
 # A command still running 30 s before the timeout gets the node's own
@@ -151,7 +153,7 @@ boot_node() {
   # timeout(1) rather than a watchdog shell: nothing may outlive this script
   # holding its stdout open.
   timeout --kill-after=5 "$timeout" qemu-system-x86_64 \
-    -accel tcg,thread=multi -cpu max -smp "$cpus" -m "$mem" \
+    -accel tcg,thread=multi -cpu "${HUSK_NODE_CPU:-max}" -smp "$cpus" -m "$mem" \
     -nodefaults -no-reboot -display none -serial stdio \
     "${extra[@]}" -kernel "$image/vmlinuz" -initrd "$tmp/initrd.cpio" \
     -append "console=ttyS0 panic=-1 quiet loglevel=${HUSK_NODE_LOGLEVEL:-1}$append" \
@@ -206,25 +208,36 @@ boot_node() {
   wait "$watcher" 2>/dev/null || true
 }
 
-boot_node
-if [[ (-s $tmp/lockup || -s $tmp/hung) && ! -s $tmp/status ]]; then
-  # Not the payload's doing: its command had not finished. One more boot.
+# Why a boot ended without the command's status, when the node's own kernel
+# is to blame (then one more boot is worth it): a soft lockup, a stop, or a
+# panic (QEMU exits at once: -no-reboot; a panic of a nested guest's kernel
+# would not end the node, so the status would be there).
+node_failure() {
+  [[ -s $tmp/status ]] && return 1
   if [[ -s $tmp/lockup ]]; then
-    echo "run.sh: the node VM's kernel locked up ($(cat "$tmp/lockup")); booting it again" >&2
+    echo "the node VM's kernel locked up ($(cat "$tmp/lockup"))"
+  elif [[ -s $tmp/hung ]]; then
+    echo "the node VM's kernel stopped ($(cat "$tmp/hung"))"
+  elif ((qrc != 124)) && tail -n 100 "$tmp/console" | grep -q "Kernel panic - not syncing"; then
+    echo "the node VM's kernel panicked ($(tail -n 100 "$tmp/console" | tr -d '\r' | grep -m1 -o "Kernel panic - not syncing.*"))"
   else
-    echo "run.sh: the node VM's kernel stopped ($(cat "$tmp/hung"); its console's tail below); booting it again" >&2
-    tr -d '\r' < "$tmp/console" | tail -n 5 >&2
+    return 1
   fi
+}
+
+boot_node
+if why=$(node_failure); then
+  # Not the payload's doing: its command had not finished. One more boot.
+  echo "run.sh: $why; booting it again (the console's tail below)" >&2
+  tr -d '\r' < "$tmp/console" | tail -n 5 >&2
   boot_node
 fi
 
 if [[ -s $tmp/status ]]; then
   exit "$(cat "$tmp/status")"
 fi
-if [[ -s $tmp/lockup ]]; then
-  echo "run.sh: the node VM's kernel locked up again; its console:" >&2
-elif [[ -s $tmp/hung ]]; then
-  echo "run.sh: the node VM's kernel stopped again ($(cat "$tmp/hung")); its console:" >&2
+if why=$(node_failure); then
+  echo "run.sh: again, $why; its console:" >&2
 elif ((qrc == 124)); then
   echo "run.sh: the node VM timed out after $timeout s; its console:" >&2
 else
