@@ -22,7 +22,7 @@ use super::{Backend, MacAddr, MAX_FRAME_LEN, QUEUE_SIZE, TX_QUEUE, TYPE_NET, VNE
 use crate::config::NetConfig;
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_RING,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Frames moved per event before the event loop gets a turn again.
@@ -232,7 +232,7 @@ impl Net {
             id: id.clone(),
             source,
         };
-        let mut avail_features = 1u64 << VIRTIO_F_VERSION_1;
+        let mut avail_features = (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_RING_F_EVENT_IDX);
         if mac.is_some() {
             avail_features |= 1u64 << VIRTIO_NET_F_MAC;
         }
@@ -342,6 +342,13 @@ impl Net {
         }
         let mut delivered = false;
         let mut outcome = RxOutcome::Drained;
+        // The guest's rx kicks matter only once its buffers ran out;
+        // deliver_pending asks for them again then.
+        if let State::Active { mem, rx, .. } = &mut self.state {
+            if let Err(e) = rx.disable_notification(&*mem) {
+                tracing::debug!(net = %self.id, error = %e, "cannot suppress rx notifications");
+            }
+        }
         for _ in 0..BUDGET {
             if self.rx_pending == 0 {
                 match self.backend.read_frame(&mut self.rx_frame) {
@@ -389,7 +396,18 @@ impl Net {
             n.copy_from_slice(&1u16.to_le_bytes());
         }
         loop {
-            let chain = rx.pop_descriptor_chain(&*mem)?;
+            let Some(chain) = rx.pop_descriptor_chain(&*mem) else {
+                // Out of buffers: ask to be notified when more come, and
+                // look once more in case they came meanwhile.
+                match rx.enable_notification(&*mem) {
+                    Ok(true) => continue,
+                    Ok(false) => return None,
+                    Err(e) => {
+                        tracing::debug!(net = %self.id, error = %e, "cannot re-arm rx notifications");
+                        return None;
+                    }
+                }
+            };
             let head = chain.head_index();
             let result = check_chain(chain, mem, true, len as u64).and_then(|bufs| {
                 if bufs.total < len as u64 {
@@ -448,9 +466,27 @@ impl Net {
             return !self.backend_gone;
         };
         let mut completed = 0;
-        while completed < BUDGET {
+        let mut broken = false;
+        // No kicks while the queue is drained; re-armed before waiting
+        // again, and whatever slipped in meanwhile is served first.
+        if let Err(e) = tx.disable_notification(&*mem) {
+            tracing::debug!(net = %self.id, error = %e, "cannot suppress tx notifications");
+        }
+        while completed < BUDGET && !broken {
             let Some(chain) = tx.pop_descriptor_chain(&*mem) else {
-                break;
+                match tx.enable_notification(&*mem) {
+                    Ok(true) => {
+                        if let Err(e) = tx.disable_notification(&*mem) {
+                            tracing::debug!(net = %self.id, error = %e, "cannot suppress tx notifications");
+                        }
+                        continue;
+                    }
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::debug!(net = %self.id, error = %e, "cannot re-arm tx notifications");
+                        break;
+                    }
+                }
             };
             let head = chain.head_index();
             let frame = check_chain(chain, mem, false, MAX_FRAME_LEN as u64 + 1).and_then(|bufs| {
@@ -500,7 +536,8 @@ impl Net {
             }
             if let Err(e) = tx.add_used(&*mem, head, 0) {
                 tracing::warn!(net = %self.id, error = %e, "cannot return a tx buffer");
-                break;
+                broken = true;
+                continue;
             }
             completed += 1;
         }
@@ -509,7 +546,8 @@ impl Net {
             self.returned_since_tick = true;
         }
         if completed == BUDGET {
-            // More may be queued: come back after the other events.
+            // More may be queued (and notifications are still off): come
+            // back after the other events.
             let _ = self.queue_events[TX_QUEUE].write(1);
         }
         !self.backend_gone
@@ -726,6 +764,85 @@ pub(crate) mod tests {
         assert_eq!(used(&rxq).len(), 2);
     }
 
+    /// Activates with EVENT_IDX negotiated on both queues.
+    fn activate_event_idx(
+        net: &mut Net,
+        m: &GuestMemoryMmap,
+        rxq: &MockSplitQueue<GuestMemoryMmap>,
+        txq: &MockSplitQueue<GuestMemoryMmap>,
+    ) {
+        let mut rx: Queue = rxq.create_queue().unwrap();
+        let mut tx: Queue = txq.create_queue().unwrap();
+        rx.set_event_idx(true);
+        tx.set_event_idx(true);
+        net.activate(m.clone(), vec![rx, tx], 1 << VIRTIO_RING_F_EVENT_IDX)
+            .unwrap();
+        for e in net.queue_events() {
+            let _ = e.read();
+        }
+    }
+
+    /// The avail_event a device wrote: after the used ring's 16 entries.
+    fn avail_event(m: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>) -> u16 {
+        m.read_obj(GuestAddress(q.used_addr().0 + 4 + 8 * 16))
+            .unwrap()
+    }
+
+    #[test]
+    fn with_event_idx_rx_asks_for_kicks_only_when_out_of_buffers() {
+        let m = mem();
+        let mut r = rig(None, false);
+        let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
+        let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
+        rxq.add_desc_chains(&[d(BUF, 2048, WRITE, 0), d(BUF2, 2048, WRITE, 0)], 0)
+            .unwrap();
+        activate_event_idx(&mut r.net, &m, &rxq, &txq);
+        // Buffers to spare: the guest need not kick when it adds more.
+        r.peer.send(&frame(60, 1)).unwrap();
+        assert_eq!(r.net.process_rx(), RxOutcome::Drained);
+        assert_eq!(avail_event(&m, &rxq), 0);
+        // Out of buffers with a frame waiting: kick me at the next one.
+        r.peer.send(&frame(60, 2)).unwrap();
+        r.peer.send(&frame(60, 3)).unwrap();
+        assert_eq!(r.net.process_rx(), RxOutcome::NoBuffers);
+        assert_eq!(avail_event(&m, &rxq), 2);
+        assert_eq!(used(&rxq).len(), 2);
+        // A buffer that came while the device looked is found at once.
+        rxq.add_desc_chains(&[d(BUF3, 2048, WRITE, 0)], 2).unwrap();
+        assert_eq!(r.net.process_rx(), RxOutcome::Drained);
+        assert_eq!(used(&rxq).len(), 3);
+    }
+
+    #[test]
+    fn tx_kicks_are_suppressed_only_while_the_queue_is_drained() {
+        let m = mem();
+        let f = frame(100, 4);
+        m.write_slice(&f, GuestAddress(BUF)).unwrap();
+        let chains = [d(BUF, f.len() as u32, 0, 0), d(BUF, f.len() as u32, 0, 0)];
+
+        // Without EVENT_IDX: VRING_USED_F_NO_NOTIFY while draining, cleared
+        // before the device waits again.
+        let mut r = rig(None, false);
+        let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
+        let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
+        txq.add_desc_chains(&chains, 0).unwrap();
+        activate(&mut r.net, &m, &rxq, &txq, 0);
+        assert!(r.net.process_tx());
+        assert_eq!(recv_all(&r.peer).len(), 2);
+        let flags: u16 = m.read_obj(txq.used_addr()).unwrap();
+        assert_eq!(flags, 0, "tx notifications re-enabled");
+
+        // With it: re-armed at the next chain the device will look at.
+        let mut r = rig(None, false);
+        let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
+        let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
+        txq.add_desc_chains(&chains, 0).unwrap();
+        activate_event_idx(&mut r.net, &m, &rxq, &txq);
+        assert!(r.net.process_tx());
+        assert_eq!(recv_all(&r.peer).len(), 2);
+        assert_eq!(avail_event(&m, &txq), 2);
+    }
+
     #[test]
     fn hostile_tx_chains_are_refused() {
         let cases: Vec<(&str, Vec<virtio_queue::desc::RawDescriptor>)> = vec![
@@ -879,7 +996,10 @@ pub(crate) mod tests {
 
         // No MAC, no offloads from a backend that refuses them.
         let r = rig(None, true);
-        assert_eq!(r.net.avail_features(), 1 << VIRTIO_F_VERSION_1);
+        assert_eq!(
+            r.net.avail_features(),
+            (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+        );
 
         // What the driver acknowledged reaches the tap.
         let m = mem();
