@@ -201,10 +201,19 @@ impl Block {
         // full gets a queue's worth per turn, then this comes back through
         // its own notification after the others had theirs.
         let mut budget = usize::from(QUEUE_SIZE);
+        // Passes in a row that served nothing. A driver whose avail index
+        // says there is more while nothing can be popped (an index more
+        // than a queue ahead, which virtio-queue refuses) would otherwise
+        // keep this loop spinning; one empty pass after re-arming covers
+        // the honest race (a request published just as notifications came
+        // back on), a second means the ring is broken and waiting is all
+        // that is left.
+        let mut idle_passes = 0;
         loop {
             if let Err(e) = queue.disable_notification(&*mem) {
                 tracing::warn!(drive = %self.config.id, error = %e, "cannot suppress notifications");
             }
+            let budget_before = budget;
             while budget > 0 {
                 let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
                     break;
@@ -251,8 +260,17 @@ impl Block {
                 let _ = self.queue_events[0].write(1);
                 break;
             }
+            idle_passes = if budget == budget_before {
+                idle_passes + 1
+            } else {
+                0
+            };
             match queue.enable_notification(&*mem) {
-                Ok(true) => continue,
+                Ok(true) if idle_passes < 2 => continue,
+                Ok(true) => {
+                    tracing::debug!(drive = %self.config.id, "avail ring announces requests that cannot be popped");
+                    break;
+                }
                 Ok(false) => break,
                 Err(e) => {
                     // The avail ring is unreadable: the next pop fails the
@@ -806,5 +824,36 @@ mod tests {
         let flags: u16 = m.read_obj(vq.used_addr()).unwrap();
         assert_eq!(flags, 0, "notifications re-enabled");
         assert_ne!(blk.interrupt.status() & INTERRUPT_USED_RING, 0);
+    }
+
+    #[test]
+    fn an_avail_index_more_than_a_queue_ahead_does_not_spin_the_loop() {
+        // The driver claims 40 new requests in a queue of 16: virtio-queue
+        // pops nothing, yet re-arming keeps saying there is more. The
+        // device must give up, not spin the event loop (found by the
+        // virtio_blk_queue fuzz target).
+        for event_idx in [false, true] {
+            let disk = Disk::new(4096);
+            let mut blk = block(&disk, false);
+            let m = mem();
+            m.write_obj(40u16, GuestAddress(0x1000 + 2)).unwrap();
+            let mut q = Queue::new(16).unwrap();
+            q.set_size(16);
+            q.set_desc_table_address(Some(0), Some(0));
+            q.set_avail_ring_address(Some(0x1000), Some(0));
+            q.set_used_ring_address(Some(0x2000), Some(0));
+            q.set_ready(true);
+            q.set_event_idx(event_idx);
+            blk.activate(m, vec![q], 0).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                blk.process_queue();
+                let _ = tx.send(());
+            });
+            assert!(
+                rx.recv_timeout(std::time::Duration::from_secs(10)).is_ok(),
+                "process_queue spins (event_idx {event_idx})"
+            );
+        }
     }
 }

@@ -395,19 +395,27 @@ impl Net {
         if let Some(n) = frame.get_mut(10..VNET_HDR_LEN) {
             n.copy_from_slice(&1u16.to_le_bytes());
         }
+        // Re-armed and found nothing to pop although the avail index says
+        // otherwise: a broken ring (an index more than a queue ahead), not
+        // a race; looking again would spin.
+        let mut rearmed = false;
         loop {
             let Some(chain) = rx.pop_descriptor_chain(&*mem) else {
                 // Out of buffers: ask to be notified when more come, and
                 // look once more in case they came meanwhile.
                 match rx.enable_notification(&*mem) {
-                    Ok(true) => continue,
-                    Ok(false) => return None,
+                    Ok(true) if !rearmed => {
+                        rearmed = true;
+                        continue;
+                    }
+                    Ok(_) => return None,
                     Err(e) => {
                         tracing::debug!(net = %self.id, error = %e, "cannot re-arm rx notifications");
                         return None;
                     }
                 }
             };
+            rearmed = false;
             let head = chain.head_index();
             let result = check_chain(chain, mem, true, len as u64).and_then(|bufs| {
                 if bufs.total < len as u64 {
@@ -472,22 +480,27 @@ impl Net {
         if let Err(e) = tx.disable_notification(&*mem) {
             tracing::debug!(net = %self.id, error = %e, "cannot suppress tx notifications");
         }
+        // As on rx: re-armed with nothing to pop twice in a row is a broken
+        // ring, not a race.
+        let mut rearmed = false;
         while completed < BUDGET && !broken {
             let Some(chain) = tx.pop_descriptor_chain(&*mem) else {
                 match tx.enable_notification(&*mem) {
-                    Ok(true) => {
+                    Ok(true) if !rearmed => {
+                        rearmed = true;
                         if let Err(e) = tx.disable_notification(&*mem) {
                             tracing::debug!(net = %self.id, error = %e, "cannot suppress tx notifications");
                         }
                         continue;
                     }
-                    Ok(false) => break,
+                    Ok(_) => break,
                     Err(e) => {
                         tracing::debug!(net = %self.id, error = %e, "cannot re-arm tx notifications");
                         break;
                     }
                 }
             };
+            rearmed = false;
             let head = chain.head_index();
             let frame = check_chain(chain, mem, false, MAX_FRAME_LEN as u64 + 1).and_then(|bufs| {
                 if bufs.total < VNET_HDR_LEN as u64 {
@@ -841,6 +854,42 @@ pub(crate) mod tests {
         assert!(r.net.process_tx());
         assert_eq!(recv_all(&r.peer).len(), 2);
         assert_eq!(avail_event(&m, &txq), 2);
+    }
+
+    #[test]
+    fn an_avail_index_more_than_a_queue_ahead_does_not_spin_the_loop() {
+        // Both rings claim 40 new chains in queues of 16: virtio-queue pops
+        // nothing while re-arming keeps saying there is more. The device
+        // must give up, not spin the event loop.
+        for event_idx in [false, true] {
+            let m = mem();
+            let mut r = rig(None, false);
+            let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
+            let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
+            if event_idx {
+                activate_event_idx(&mut r.net, &m, &rxq, &txq);
+            } else {
+                activate(&mut r.net, &m, &rxq, &txq, 0);
+            }
+            for q in [&rxq, &txq] {
+                m.write_obj(40u16, GuestAddress(q.avail_addr().0 + 2))
+                    .unwrap();
+            }
+            r.peer.send(&frame(60, 1)).unwrap();
+            let mut net = r.net;
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                net.process_tx();
+                let outcome = net.process_rx();
+                let _ = tx.send(outcome);
+            });
+            let outcome = rx.recv_timeout(std::time::Duration::from_secs(10));
+            assert_eq!(
+                outcome.ok(),
+                Some(RxOutcome::NoBuffers),
+                "the queues spin (event_idx {event_idx})"
+            );
+        }
     }
 
     #[test]
