@@ -30,12 +30,15 @@ CARGO_BUILD_JOBS=$(nproc)
 for crate in src/vmm src/protocol src/husk; do
   cd "$repo/$crate"
   rustup run nightly cargo fuzz build -O >&2
+  # -timeout: an input that runs 20 s is a hang (a device loop spinning on a
+  # broken ring was one), reported with its input, not after libFuzzer's
+  # default 20 minutes.
   for target in $(rustup run nightly cargo fuzz list); do
     work=$(mktemp -d "${TMPDIR:-/tmp}/husk-fuzz-$target.XXXXXX")
     cp -r "fuzz/corpus/$target/." "$work/" 2>/dev/null || true
     log "fuzzing $target for $seconds s"
     if ! rustup run nightly cargo fuzz run -O "$target" "$work" -- \
-        -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 2> "$work.log"; then
+        -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 2> "$work.log"; then
       tail -n 60 "$work.log" >&2
       log "fuzz target $target failed; the crashing input is in $crate/fuzz/artifacts/$target/"
       rm -rf "$work" "$work.log"
