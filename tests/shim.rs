@@ -253,14 +253,7 @@ fn create_delete_cycles_leak_nothing() {
         }
         // A boot that failed may have printed its BEFORE: the last boot's
         // lines are the last ones.
-        let last = |key: &str| {
-            r.output.lines().rev().find_map(|l| {
-                l.trim()
-                    .strip_prefix(key)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .map(|v| v.trim().to_string())
-            })
-        };
+        let last = |key: &str| r.last_value(key);
         assert_eq!(
             last("CYCLES-FAILED").as_deref(),
             Some("0"),

@@ -199,15 +199,23 @@ pub struct RunResult {
     pub output: String,
 }
 
+fn value_of(line: &str, key: &str) -> Option<String> {
+    line.trim()
+        .strip_prefix(key)
+        .and_then(|rest| rest.strip_prefix(' '))
+        .map(|v| v.trim().to_string())
+}
+
 impl RunResult {
     /// The value after `key ` on the first line that starts with `key`.
     pub fn value(&self, key: &str) -> Option<String> {
-        self.output.lines().find_map(|l| {
-            l.trim()
-                .strip_prefix(key)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .map(|v| v.trim().to_string())
-        })
+        self.output.lines().find_map(|l| value_of(l, key))
+    }
+
+    /// The same from the last such line: what the node's last boot said,
+    /// when run.sh booted it twice and both printed.
+    pub fn last_value(&self, key: &str) -> Option<String> {
+        self.output.lines().rev().find_map(|l| value_of(l, key))
     }
 
     /// Panics with the whole output unless the command exited with `status`.

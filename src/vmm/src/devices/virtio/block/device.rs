@@ -745,6 +745,19 @@ mod tests {
             .contains("cannot open drive data backing file /nonexistent/disk.img"));
     }
 
+    /// A ready queue of `size` with its descriptor table at 0 and its rings
+    /// where the test puts them (below 4 GiB).
+    fn hand_laid_queue(size: u16, avail: u64, used: u64, event_idx: bool) -> Queue {
+        let mut q = Queue::new(size).unwrap();
+        q.set_size(size);
+        q.set_desc_table_address(Some(0), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some(used as u32), Some(0));
+        q.set_ready(true);
+        q.set_event_idx(event_idx);
+        q
+    }
+
     /// Three flush requests, served with EVENT_IDX negotiated and the
     /// driver's used_event at `used_event`: returns whether the guest was
     /// interrupted, and the avail_event the device left. (The rings are laid
@@ -770,13 +783,7 @@ mod tests {
         m.write_obj(3u16, GuestAddress(AVAIL + 2)).unwrap();
         m.write_obj(used_event, GuestAddress(AVAIL + 4 + 2 * u64::from(SIZE)))
             .unwrap();
-        let mut q = Queue::new(SIZE).unwrap();
-        q.set_size(SIZE);
-        q.set_desc_table_address(Some(0), Some(0));
-        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-        q.set_used_ring_address(Some(USED as u32), Some(0));
-        q.set_ready(true);
-        q.set_event_idx(true);
+        let q = hand_laid_queue(SIZE, AVAIL, USED, true);
         blk.activate(m.clone(), vec![q], 1 << VIRTIO_RING_F_EVENT_IDX)
             .unwrap();
         blk.process_queue();
@@ -837,13 +844,7 @@ mod tests {
             let mut blk = block(&disk, false);
             let m = mem();
             m.write_obj(40u16, GuestAddress(0x1000 + 2)).unwrap();
-            let mut q = Queue::new(16).unwrap();
-            q.set_size(16);
-            q.set_desc_table_address(Some(0), Some(0));
-            q.set_avail_ring_address(Some(0x1000), Some(0));
-            q.set_used_ring_address(Some(0x2000), Some(0));
-            q.set_ready(true);
-            q.set_event_idx(event_idx);
+            let q = hand_laid_queue(16, 0x1000, 0x2000, event_idx);
             blk.activate(m, vec![q], 0).unwrap();
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {

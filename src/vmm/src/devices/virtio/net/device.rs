@@ -679,8 +679,12 @@ pub(crate) mod tests {
         txq: &MockSplitQueue<GuestMemoryMmap>,
         features: u64,
     ) {
-        let rx: Queue = rxq.create_queue().unwrap();
-        let tx: Queue = txq.create_queue().unwrap();
+        // As the transport does: EVENT_IDX in the queues when acknowledged.
+        let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let mut rx: Queue = rxq.create_queue().unwrap();
+        let mut tx: Queue = txq.create_queue().unwrap();
+        rx.set_event_idx(event_idx);
+        tx.set_event_idx(event_idx);
         net.activate(m.clone(), vec![rx, tx], features).unwrap();
         for e in net.queue_events() {
             let _ = e.read();
@@ -777,24 +781,6 @@ pub(crate) mod tests {
         assert_eq!(used(&rxq).len(), 2);
     }
 
-    /// Activates with EVENT_IDX negotiated on both queues.
-    fn activate_event_idx(
-        net: &mut Net,
-        m: &GuestMemoryMmap,
-        rxq: &MockSplitQueue<GuestMemoryMmap>,
-        txq: &MockSplitQueue<GuestMemoryMmap>,
-    ) {
-        let mut rx: Queue = rxq.create_queue().unwrap();
-        let mut tx: Queue = txq.create_queue().unwrap();
-        rx.set_event_idx(true);
-        tx.set_event_idx(true);
-        net.activate(m.clone(), vec![rx, tx], 1 << VIRTIO_RING_F_EVENT_IDX)
-            .unwrap();
-        for e in net.queue_events() {
-            let _ = e.read();
-        }
-    }
-
     /// The avail_event a device wrote: after the used ring's 16 entries.
     fn avail_event(m: &GuestMemoryMmap, q: &MockSplitQueue<GuestMemoryMmap>) -> u16 {
         m.read_obj(GuestAddress(q.used_addr().0 + 4 + 8 * 16))
@@ -809,7 +795,7 @@ pub(crate) mod tests {
         let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
         rxq.add_desc_chains(&[d(BUF, 2048, WRITE, 0), d(BUF2, 2048, WRITE, 0)], 0)
             .unwrap();
-        activate_event_idx(&mut r.net, &m, &rxq, &txq);
+        activate(&mut r.net, &m, &rxq, &txq, 1 << VIRTIO_RING_F_EVENT_IDX);
         // Buffers to spare: the guest need not kick when it adds more.
         r.peer.send(&frame(60, 1)).unwrap();
         assert_eq!(r.net.process_rx(), RxOutcome::Drained);
@@ -850,7 +836,7 @@ pub(crate) mod tests {
         let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
         let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
         txq.add_desc_chains(&chains, 0).unwrap();
-        activate_event_idx(&mut r.net, &m, &rxq, &txq);
+        activate(&mut r.net, &m, &rxq, &txq, 1 << VIRTIO_RING_F_EVENT_IDX);
         assert!(r.net.process_tx());
         assert_eq!(recv_all(&r.peer).len(), 2);
         assert_eq!(avail_event(&m, &txq), 2);
@@ -867,7 +853,7 @@ pub(crate) mod tests {
             let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
             let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
             if event_idx {
-                activate_event_idx(&mut r.net, &m, &rxq, &txq);
+                activate(&mut r.net, &m, &rxq, &txq, 1 << VIRTIO_RING_F_EVENT_IDX);
             } else {
                 activate(&mut r.net, &m, &rxq, &txq, 0);
             }
