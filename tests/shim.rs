@@ -284,6 +284,23 @@ fn create_delete_cycles_leak_nothing() {
     eprintln!("{cycles} cycles in {boots} node runs, {faults} guest triple faults, nothing leaked");
 }
 
+/// Shell functions for tests that compare the node before and after:
+/// `cmdlines` lists every process with a command line, less what comes and
+/// goes by itself (the tools counting them, the node init's heartbeat and
+/// deadline sleeps, and the subshells of the script and of init, copies of
+/// their command lines); `snapshot` prints one line of everything a pod
+/// could leak (processes, mounts, files under /run/husk, containerd's
+/// descriptors, network links, containers and snapshots).
+const SNAPSHOT_SH: &str = r#"cmdlines() {
+  for p in /proc/[0-9]*; do c=$(tr '\0\n' '  ' < $p/cmdline 2>/dev/null | cut -c1-100); [ -n "$c" ] && echo "$c"; done |
+    grep -v -E '^(tr|cut|sort|wc|ls|find|pidof|ctr|awk|grep|sed|sleep)( |$)' | sort |
+    awk '/^(sh -c |\/bin\/busybox sh \/init)/ { if (seen[$0]++) next } { print }'
+}
+snapshot() {
+  echo "procs=$(cmdlines | wc -l) mounts=$(wc -l < /proc/mounts) files=$(find /run/husk 2>/dev/null | wc -l) containerd_fds=$(ls /proc/$(pidof containerd)/fd | wc -l) links=$(ls /sys/class/net | wc -l) containers=$(ctr containers ls -q | wc -l) snapshots=$(ctr snapshots ls | wc -l)"
+}
+"#;
+
 /// Cycles `first..first + n` in one node VM (run.sh may boot it twice):
 /// prints BEFORE and AFTER (what the cycles could leak), GUEST-FAULTS and
 /// CYCLES-FAILED.
@@ -291,18 +308,7 @@ fn cycle_chunk(first: u64, n: u64) -> husk_tests::RunResult {
     containerd_payload(&format!("shim-cycles-{first}"))
         .timeout(300 + 20 * n)
         .run(&with_containerd(&format!(
-            r#"# Every process with a command line, less what comes and goes by itself:
-# the tools counting them, the node init's heartbeat and deadline sleeps,
-# and the subshells of this script and of init (copies of their command
-# lines).
-cmdlines() {{
-  for p in /proc/[0-9]*; do c=$(tr '\0\n' '  ' < $p/cmdline 2>/dev/null | cut -c1-100); [ -n "$c" ] && echo "$c"; done |
-    grep -v -E '^(tr|cut|sort|wc|ls|find|pidof|ctr|awk|grep|sed|sleep)( |$)' | sort |
-    awk '/^(sh -c |\/bin\/busybox sh \/init)/ {{ if (seen[$0]++) next }} {{ print }}'
-}}
-snapshot() {{
-  echo "procs=$(cmdlines | wc -l) mounts=$(wc -l < /proc/mounts) files=$(find /run/husk 2>/dev/null | wc -l) containerd_fds=$(ls /proc/$(pidof containerd)/fd | wc -l) links=$(ls /sys/class/net | wc -l) containers=$(ctr containers ls -q | wc -l) snapshots=$(ctr snapshots ls | wc -l)"
-}}
+            r#"{SNAPSHOT_SH}
 # One cycle first: containerd opens what it keeps open on its first task.
 ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} warm true
 sleep 1
@@ -338,6 +344,66 @@ echo "CYCLES-FAILED $failed"
 "#,
             end = first + n
         )))
+}
+
+/// The agent stops answering once the pod's VM is up (the cycle test met
+/// it as a guest whose vsock stalled; here the VM is paused through husk's
+/// API while the shim copies the container's volume): Create fails with a
+/// clear error within the configured agent timeout, and the pod's VM,
+/// shim, state and containerd records go with it: the node is as before.
+#[test]
+fn a_create_the_agent_never_answers_fails_and_leaves_nothing() {
+    let r = containerd_payload("shim-agent-silent")
+        .add(&host_tool("curl"), "curl")
+        .run(&with_containerd(&format!(
+            r#"{SNAPSHOT_SH}
+echo 'agent_timeout_secs = 10' >> /etc/husk/config.toml
+ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} warm true
+sleep 1
+before=$(snapshot); cmdlines > procs.before
+# A volume whose copy keeps the shim busy for a while after the VM is up
+# (not zeros: mke2fs would skip those).
+mkdir -p bigvol && for i in 1 2; do yes husk-volume-data | head -c 33554432 > bigvol/f$i; done
+dir=/run/husk/default/silent
+start=$(date +%s)
+ctr run --rm --runtime io.containerd.husk.v2 --mount type=bind,src=$PWD/bigvol,dst=/vol,options=rbind:ro \
+  {IMAGE} silent true > silent.out 2>&1 &
+ctr_pid=$!
+# The container's rootfs image appears once the agent has answered the
+# sandbox's set-up, before the volume is copied and the container created.
+i=0; until [ -e $dir/rootfs-silent.ext4 ]; do sleep 0.02; i=$((i+1)); [ $i -gt 6000 ] && break; done
+echo "PAUSE $(./curl -s -o /dev/null -w '%{{http_code}}' --unix-socket $dir/api.sock -X PATCH \
+  -H 'Content-Type: application/json' -d '{{"state": "Paused"}}' http://localhost/vm)"
+wait $ctr_pid; echo "CTR-EXIT $?"
+echo "CTR-SAYS $(tr '\n' ' ' < silent.out | cut -c1-300)"
+echo "FAILED-AFTER $(( $(date +%s) - start ))"
+for i in $(seq 120); do [ "$(snapshot)" = "$before" ] && break; sleep 0.5; done
+echo "SETTLED-AFTER $(( $(date +%s) - start ))"
+echo "BEFORE $before"
+echo "AFTER $(snapshot)"
+cmdlines > procs.after
+diff procs.before procs.after | sed 's/^/PROCS-DIFF /'
+ls -R /run/husk | sed 's/^/FILE-LEFT /'
+# The shim stopped its VM itself and exited when containerd asked, rather
+# than being cleaned up as a dead shim.
+echo "SHUTDOWN-FAILED $(grep -c 'failed to shutdown shim task' containerd.log)"
+"#
+        )));
+    assert_eq!(r.value("PAUSE").as_deref(), Some("204"), "{}", r.output);
+    assert_ne!(r.value("CTR-EXIT").as_deref(), Some("0"), "{}", r.output);
+    let says = r.value("CTR-SAYS").unwrap_or_default();
+    assert!(
+        says.contains("agent did not answer"),
+        "ctr said {says:?}:\n{}",
+        r.output
+    );
+    assert_eq!(r.value("BEFORE"), r.value("AFTER"), "{}", r.output);
+    assert_eq!(
+        r.value("SHUTDOWN-FAILED").as_deref(),
+        Some("0"),
+        "{}",
+        r.output
+    );
 }
 
 /// A pod network namespace as CNI's bridge plugin leaves it (a veth with

@@ -318,6 +318,11 @@ impl Payload {
             .expect("run resources/node/run.sh");
         let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
         output.push_str(&String::from_utf8_lossy(&out.stderr));
+        // Tests show the node's output when they fail; this shows it always
+        // (with --nocapture), to read what a passing test saw.
+        if std::env::var_os("HUSK_TEST_SHOW_OUTPUT").is_some() {
+            eprintln!("{output}");
+        }
         RunResult {
             status: out.status.code().unwrap_or(-1),
             output,

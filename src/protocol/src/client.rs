@@ -56,23 +56,58 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
+/// How long the VMM's vsock socket may take to answer `CONNECT`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the agent may take to accept a channel.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A failed read or write as the time-out it is, when it is one (the
+/// sockets' timeouts surface as EAGAIN).
+fn timed_out(e: ClientError, after: Duration) -> ClientError {
+    let is_timeout = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )
+    };
+    match &e {
+        ClientError::Io(io) | ClientError::Frame(FrameError::Io(io)) if is_timeout(io) => {
+            ClientError::Timeout(after)
+        }
+        _ => e,
+    }
+}
+
 impl Endpoint {
     /// Opens a connection for `channel`.
     pub fn open(&self, channel: Channel) -> Result<UnixStream, ClientError> {
+        self.open_within(channel, None)
+    }
+
+    /// Opens a connection for `channel`, each step of the handshake taking
+    /// at most `limit` (when shorter than its own default).
+    pub fn open_within(
+        &self,
+        channel: Channel,
+        limit: Option<Duration>,
+    ) -> Result<UnixStream, ClientError> {
+        let bound = |d: Duration| limit.map_or(d, |l| d.min(l));
+        let (connect_timeout, accept_timeout) = (bound(CONNECT_TIMEOUT), bound(ACCEPT_TIMEOUT));
         let mut s = match self {
             Endpoint::Unix(path) => UnixStream::connect(path)?,
             Endpoint::Vsock { uds, port } => {
                 let mut s = UnixStream::connect(uds)?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                s.set_read_timeout(Some(connect_timeout))?;
                 s.write_all(format!("CONNECT {port}\n").as_bytes())?;
-                let line = read_line(&mut s)?;
+                let line = read_line(&mut s).map_err(|e| timed_out(e, connect_timeout))?;
                 if !line.starts_with("OK ") {
                     return Err(ClientError::Handshake(format!("vsock answered {line:?}")));
                 }
                 s
             }
         };
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.set_read_timeout(Some(accept_timeout))?;
         write_frame(
             &mut s,
             &Hello {
@@ -80,7 +115,8 @@ impl Endpoint {
                 channel,
             },
         )?;
-        let accepted: Accepted = read_frame(&mut s)?;
+        let accepted: Accepted =
+            read_frame(&mut s).map_err(|e| timed_out(e.into(), accept_timeout))?;
         if let Some(e) = accepted.error {
             return Err(ClientError::Agent(e));
         }
@@ -111,8 +147,12 @@ fn read_line(s: &mut UnixStream) -> Result<String, ClientError> {
 /// A control channel to the agent.
 pub struct AgentClient {
     endpoint: Endpoint,
-    conn: UnixStream,
+    /// `None` after a call failed on the connection (timed out, broke, or
+    /// got someone else's reply): a late reply would answer the next
+    /// request, so the next call opens a new one.
+    conn: Option<UnixStream>,
     next_id: u64,
+    timeout: Option<Duration>,
 }
 
 impl AgentClient {
@@ -124,8 +164,9 @@ impl AgentClient {
             let attempt = endpoint.open(Channel::Control).and_then(|conn| {
                 let mut c = AgentClient {
                     endpoint: endpoint.clone(),
-                    conn,
+                    conn: Some(conn),
                     next_id: 1,
+                    timeout: None,
                 };
                 c.call(Request::Ping)?;
                 Ok(c)
@@ -141,27 +182,47 @@ impl AgentClient {
     }
 
     /// Bounds how long [`AgentClient::call`] waits for a reply (`None`:
-    /// forever). A call that times out fails with an I/O error, and the
-    /// connection should not be used again (a late reply would answer the
-    /// next request).
-    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), ClientError> {
-        self.conn.set_read_timeout(timeout)?;
-        self.conn.set_write_timeout(timeout)?;
+    /// forever). A call that times out fails with
+    /// [`ClientError::Timeout`]; the next call opens a new connection.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        if let Some(conn) = &self.conn {
+            conn.set_read_timeout(timeout)?;
+            conn.set_write_timeout(timeout)?;
+        }
+        self.timeout = timeout;
         Ok(())
+    }
+
+    /// Whether the last call left the connection unusable (the next call
+    /// reconnects first).
+    pub fn is_broken(&self) -> bool {
+        self.conn.is_none()
     }
 
     /// Sends one request and waits for its reply.
     pub fn call(&mut self, request: Request) -> Result<Response, ClientError> {
+        let mut conn = match self.conn.take() {
+            Some(c) => c,
+            None => {
+                let c = self.endpoint.open_within(Channel::Control, self.timeout)?;
+                c.set_read_timeout(self.timeout)?;
+                c.set_write_timeout(self.timeout)?;
+                c
+            }
+        };
         let id = self.next_id;
         self.next_id += 1;
-        write_frame(&mut self.conn, &RequestFrame { id, request })?;
-        let reply: ReplyFrame = read_frame(&mut self.conn)?;
+        let after = self.timeout.unwrap_or_default();
+        write_frame(&mut conn, &RequestFrame { id, request })
+            .map_err(|e| timed_out(e.into(), after))?;
+        let reply: ReplyFrame = read_frame(&mut conn).map_err(|e| timed_out(e.into(), after))?;
         if reply.id != id {
             return Err(ClientError::WrongReply {
                 want: id,
                 got: reply.id,
             });
         }
+        self.conn = Some(conn);
         Ok(reply.reply?)
     }
 
@@ -177,5 +238,118 @@ impl AgentClient {
             exec_id: exec_id.map(str::to_string),
             stream,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A peer speaking the agent's side of the handshake, then answering
+    /// requests as `answer` says (`None`: never). A stand-in for a guest
+    /// that stops answering, which the real agent cannot be made to do.
+    fn peer(
+        dir: &std::path::Path,
+        answer: impl Fn(usize, &RequestFrame) -> Option<Response> + Send + 'static,
+    ) -> Endpoint {
+        let path = dir.join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for (n, conn) in listener.incoming().enumerate() {
+                let Ok(mut conn) = conn else { return };
+                let _: Hello = read_frame(&mut conn).unwrap();
+                let accepted = Accepted {
+                    version: PROTOCOL_VERSION,
+                    error: None,
+                };
+                write_frame(&mut conn, &accepted).unwrap();
+                let mut silent = Vec::new();
+                while let Ok(req) = read_frame::<_, RequestFrame>(&mut conn) {
+                    match answer(n, &req) {
+                        Some(r) => {
+                            let reply = ReplyFrame {
+                                id: req.id,
+                                reply: Ok(r),
+                            };
+                            write_frame(&mut conn, &reply).unwrap();
+                        }
+                        None => {
+                            // Keep the connection open and silent.
+                            silent.push(conn.try_clone().unwrap());
+                        }
+                    }
+                }
+            }
+        });
+        Endpoint::Unix(path)
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("husk-client-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_silent_agent_times_out_and_the_next_call_reconnects() {
+        let dir = temp_dir("silent");
+        // The first connection answers the Ping, then nothing; the second
+        // answers everything.
+        let endpoint = peer(&dir, |conn, req| {
+            (conn > 0 || req.request == Request::Ping).then_some(Response::Ok)
+        });
+        let mut client = AgentClient::connect(endpoint, Duration::from_secs(5)).unwrap();
+        client
+            .set_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let e = client.call(Request::Shutdown).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Timeout(d) if d == Duration::from_millis(200)),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("did not answer"), "{e}");
+        assert!(client.is_broken());
+        // A late reply on the old connection cannot answer this one.
+        assert_eq!(client.call(Request::Shutdown).unwrap(), Response::Ok);
+        assert!(!client.is_broken());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_agent_error_keeps_the_connection() {
+        let dir = temp_dir("refused");
+        let path = dir.join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let Ok((mut conn, _)) = listener.accept() else {
+                return;
+            };
+            let _: Hello = read_frame(&mut conn).unwrap();
+            let accepted = Accepted {
+                version: PROTOCOL_VERSION,
+                error: None,
+            };
+            write_frame(&mut conn, &accepted).unwrap();
+            while let Ok(req) = read_frame::<_, RequestFrame>(&mut conn) {
+                let reply = if req.request == Request::Ping {
+                    Ok(Response::Ok)
+                } else {
+                    Err(AgentError::new(crate::ErrorCode::NotFound, "no such thing"))
+                };
+                write_frame(&mut conn, &ReplyFrame { id: req.id, reply }).unwrap();
+            }
+        });
+        // Only one connection is ever accepted: a reconnect would hang.
+        let mut client =
+            AgentClient::connect(Endpoint::Unix(path), Duration::from_secs(5)).unwrap();
+        client.set_timeout(Some(Duration::from_secs(5))).unwrap();
+        for _ in 0..2 {
+            let e = client.call(Request::Shutdown).unwrap_err();
+            assert!(matches!(e, ClientError::Agent(_)), "{e:?}");
+            assert!(!client.is_broken());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

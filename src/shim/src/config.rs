@@ -77,6 +77,10 @@ pub struct Config {
     pub writable_layer_mib: u64,
     /// How long the guest may take to boot until its agent answers (s).
     pub boot_timeout_secs: u64,
+    /// The longest the shim waits for the agent's answer to one request
+    /// (s). A guest that stops answering fails that request (and the pod
+    /// is torn down if the request was creating its first container).
+    pub agent_timeout_secs: u64,
     /// Per-pod state (API and vsock sockets, console log, disk images).
     pub state_dir: PathBuf,
     /// Run husk with its seccomp filters (turn off only to debug).
@@ -100,6 +104,7 @@ impl Default for Config {
             image_cache_dir: PathBuf::from("/var/lib/husk/images"),
             writable_layer_mib: 1024,
             boot_timeout_secs: 60,
+            agent_timeout_secs: 60,
             state_dir: PathBuf::from("/run/husk"),
             seccomp: true,
             log_level: "warn".into(),
@@ -160,6 +165,9 @@ impl Config {
         }
         if config.boot_timeout_secs == 0 {
             return Err(invalid("boot_timeout_secs must be at least 1".into()));
+        }
+        if config.agent_timeout_secs == 0 {
+            return Err(invalid("agent_timeout_secs must be at least 1".into()));
         }
         Ok(config)
     }
@@ -228,6 +236,7 @@ mod tests {
             "image_slots = 10",
             "writable_layer_mib = 1",
             "boot_timeout_secs = 0",
+            "agent_timeout_secs = 0",
         ] {
             assert!(
                 matches!(parse(bad), Err(ConfigError::Invalid { .. })),

@@ -40,6 +40,10 @@ use crate::vm::{self, PodDir, PodVm, VmError, VmSpec};
 /// its exit is reported anyway.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
+/// How long the agent may take to answer a shutdown (it answers at once,
+/// then stops what is left and powers the guest off).
+const SHUTDOWN_ANSWER: Duration = Duration::from_secs(5);
+
 /// The exit status reported for processes the VM took with it.
 pub const VM_GONE_STATUS: u32 = 255;
 
@@ -428,7 +432,7 @@ impl Inner {
             ));
         }
         let bundle = PathBuf::from(&req.bundle);
-        let mut spec = Spec::load(bundle.join("config.json")).map_err(|e| {
+        let spec = Spec::load(bundle.join("config.json")).map_err(|e| {
             err(
                 Code::INVALID_ARGUMENT,
                 format!("{}/config.json: {e}", req.bundle),
@@ -450,6 +454,35 @@ impl Inner {
             }
         }
         let vm = self.ensure_vm(&pod_id, &spec)?;
+        let created = self.create_in(&vm, &req, spec, &pod_id);
+        if let Err(e) = &created {
+            let error = match e {
+                ttrpc::Error::RpcStatus(status) => status.message.clone(),
+                other => other.to_string(),
+            };
+            tracing::error!(container = %req.id, pod = %pod_id, error, "cannot create the container");
+            // The VM was booted for this container (or outlived every
+            // other): nobody would stop it.
+            if self.lock().containers.is_empty() {
+                let log = vm::log_tail(&vm.dir.log());
+                tracing::warn!(pod = %pod_id, log, "no container left in the pod's microVM: stopping it");
+                self.stop_vm();
+            }
+        }
+        created
+    }
+
+    /// Create's work once the pod's VM runs: the container's disks, the
+    /// agent's container, its stdio. Whatever fails is undone here but the
+    /// VM.
+    fn create_in(
+        self: &Arc<Self>,
+        vm: &Arc<PodVm>,
+        req: &api::CreateTaskRequest,
+        mut spec: Spec,
+        pod_id: &str,
+    ) -> TtrpcResult<u32> {
+        let bundle = PathBuf::from(&req.bundle);
         // The root filesystem: containerd's mounts, or the bundle's tree.
         let root = spec
             .root()
@@ -485,7 +518,7 @@ impl Inner {
             size_bytes: Some(size),
         };
         let disks = (|| {
-            let rootfs = match self.shared_layers(&vm, &req, &root, &image)? {
+            let rootfs = match self.shared_layers(vm, req, &root, &image)? {
                 Some(layered) => layered,
                 None => {
                     let size = rootfs::build_image(&req.rootfs, &root, &image)
@@ -518,7 +551,7 @@ impl Inner {
         let (rootfs, volumes) = match disks {
             Ok(d) => d,
             Err(e) => {
-                cleanup(&vm);
+                cleanup(vm);
                 return Err(e);
             }
         };
@@ -532,11 +565,11 @@ impl Inner {
         let pid = match created {
             Ok(Response::Started { pid }) => pid,
             Ok(other) => {
-                cleanup(&vm);
+                cleanup(vm);
                 return Err(err(Code::INTERNAL, format!("agent answered {other:?}")));
             }
             Err(e) => {
-                cleanup(&vm);
+                cleanup(vm);
                 return Err(agent_err(e));
             }
         };
@@ -552,7 +585,7 @@ impl Inner {
                 let _ = vm.call(Request::RemoveContainer {
                     container_id: req.id.clone(),
                 });
-                cleanup(&vm);
+                cleanup(vm);
                 return Err(agent_err(e));
             }
         };
@@ -831,14 +864,8 @@ impl Inner {
             }
         };
         if let Some(vm) = &vm {
-            if let Err(e) = vm.call(Request::Shutdown) {
-                tracing::warn!(error = %e, "the agent did not take the shutdown");
-            }
-            if !self.wait_cleaned(Duration::from_secs(10)) {
-                tracing::warn!(
-                    pid = vm.pid,
-                    "husk did not exit after the guest's shutdown; killing it"
-                );
+            if !vm.shutdown_guest(SHUTDOWN_ANSWER) || !self.wait_cleaned(Duration::from_secs(10)) {
+                tracing::warn!(pid = vm.pid, "the guest did not shut down; killing husk");
                 vm::kill_recorded(&vm.dir);
             }
         }

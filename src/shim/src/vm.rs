@@ -150,9 +150,6 @@ pub struct PodVm {
 /// disk the guest accepts and nothing mounts.
 const PLACEHOLDER_BYTES: u64 = 4096;
 
-/// The longest the shim waits for one answer from the agent.
-const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// The guest kernel's command line before the configured parameters.
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
 
@@ -314,7 +311,7 @@ impl PodVm {
         };
         // A guest that stops answering fails the call, not the shim's
         // whole task API (the agent bounds its own steps at 30 s).
-        agent.set_timeout(Some(AGENT_CALL_TIMEOUT))?;
+        agent.set_timeout(Some(Duration::from_secs(config.agent_timeout_secs)))?;
         agent.call(Request::CreateSandbox(Sandbox {
             hostname: spec.hostname.clone(),
             interfaces: spec.network.iter().map(|n| n.interface.clone()).collect(),
@@ -342,6 +339,28 @@ impl PodVm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .call(request)
+    }
+
+    /// Asks the agent to power the guest off, waiting at most `limit` for
+    /// its answer; false if it did not take it. A control connection that
+    /// failed its last request (the guest stopped answering) is not tried
+    /// again: the caller goes straight to killing husk.
+    pub fn shutdown_guest(&self, limit: Duration) -> bool {
+        let mut agent = self.agent.lock().unwrap_or_else(|e| e.into_inner());
+        if agent.is_broken() {
+            tracing::warn!("the agent's connection failed before: not asking it to shut down");
+            return false;
+        }
+        let result = agent
+            .set_timeout(Some(limit))
+            .and_then(|()| agent.call(Request::Shutdown));
+        match result {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "the agent did not take the shutdown");
+                false
+            }
+        }
     }
 
     /// Puts `image` into a free writable drive slot for `owner`; returns
