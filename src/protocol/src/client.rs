@@ -311,7 +311,7 @@ mod tests {
         );
         assert!(e.to_string().contains("did not answer"), "{e}");
         assert!(client.is_broken());
-        // A late reply on the old connection cannot answer this one.
+        // A new connection: the late reply cannot stand in front of this one.
         assert_eq!(client.call(Request::Shutdown).unwrap(), Response::Ok);
         assert!(!client.is_broken());
         let _ = std::fs::remove_dir_all(&dir);

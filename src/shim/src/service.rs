@@ -465,7 +465,12 @@ impl Inner {
             // other): nobody would stop it.
             if self.lock().containers.is_empty() {
                 let log = vm::log_tail(&vm.dir.log());
-                tracing::warn!(pod = %pod_id, log, "no container left in the pod's microVM: stopping it");
+                // Evidence for a guest that stopped answering: is it the
+                // one request, or the whole agent?
+                let agent_answers = vm
+                    .agent_broken()
+                    .then(|| vm.agent_answers(Duration::from_secs(2)));
+                tracing::warn!(pod = %pod_id, ?agent_answers, log, "no container left in the pod's microVM: stopping it");
                 self.stop_vm();
             }
         }

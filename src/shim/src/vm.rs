@@ -341,6 +341,23 @@ impl PodVm {
             .call(request)
     }
 
+    /// Whether the control connection's last request failed (timed out
+    /// or broke): the next one reconnects first.
+    pub fn agent_broken(&self) -> bool {
+        self.agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_broken()
+    }
+
+    /// Whether the agent answers a Ping on a new connection within
+    /// `limit`: after a request went unanswered, tells a request stuck in
+    /// the agent (it answers) from a guest or vsock that stopped (it does
+    /// not).
+    pub fn agent_answers(&self, limit: Duration) -> bool {
+        AgentClient::connect(self.endpoint.clone(), limit).is_ok()
+    }
+
     /// Asks the agent to power the guest off, waiting at most `limit` for
     /// its answer; false if it did not take it. A control connection that
     /// failed its last request (the guest stopped answering) is not tried
