@@ -48,6 +48,45 @@ pub const VIRTIO_F_VERSION_1: u32 = 32;
 /// hands over when the driver accepted it.
 pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
 
+/// What a device does when its queue ran dry: turn the driver's
+/// notifications back on, then look once more, since the driver may have
+/// published buffers just before it saw them on (the honest race).
+///
+/// A driver whose avail index runs more than a queue ahead makes
+/// `enable_notification` report buffers that virtio-queue refuses to pop;
+/// looking again and again would spin the event loop for good. So after
+/// two looks in a row found nothing, the device waits for the next
+/// notification instead (`Ok(false)`), whatever the ring claims.
+#[derive(Debug, Default)]
+pub struct Rearm {
+    empty_looks: u8,
+}
+
+impl Rearm {
+    /// The last look found something: the next empty one is a fresh race.
+    pub fn served(&mut self) {
+        self.empty_looks = 0;
+    }
+
+    /// The last look found nothing: re-arms notifications; `Ok(true)` to
+    /// look once more, `Ok(false)` to wait for the driver's next
+    /// notification.
+    pub fn rearm(
+        &mut self,
+        queue: &mut virtio_queue::Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, virtio_queue::Error> {
+        use virtio_queue::QueueT;
+        self.empty_looks = self.empty_looks.saturating_add(1);
+        let more = queue.enable_notification(mem)?;
+        if more && self.empty_looks >= 2 {
+            tracing::debug!("the avail ring announces buffers that cannot be popped");
+            return Ok(false);
+        }
+        Ok(more)
+    }
+}
+
 /// Interrupt status bit: a used ring was updated.
 pub const INTERRUPT_USED_RING: u32 = 1;
 /// Interrupt status bit: the configuration space changed.
@@ -149,6 +188,31 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rearm_looks_once_more_then_waits_on_a_broken_ring() {
+        use test_utils::{hand_laid_queue, mem};
+        use vm_memory::{Bytes, GuestAddress};
+        for event_idx in [false, true] {
+            let m = mem();
+            let mut q = hand_laid_queue(16, 0x1000, 0x2000, event_idx);
+            let mut rearm = Rearm::default();
+            // An empty, well-formed ring: nothing to look for.
+            assert!(!rearm.rearm(&mut q, &m).unwrap());
+            // The honest race: the driver published a request meanwhile.
+            rearm.served();
+            m.write_obj(1u16, GuestAddress(0x1000 + 2)).unwrap();
+            assert!(rearm.rearm(&mut q, &m).unwrap(), "event_idx {event_idx}");
+            // An index 40 ahead in a queue of 16: nothing can be popped, so
+            // a second empty look in a row waits, whatever the ring says.
+            m.write_obj(40u16, GuestAddress(0x1000 + 2)).unwrap();
+            assert!(!rearm.rearm(&mut q, &m).unwrap(), "event_idx {event_idx}");
+            // Something served in between: the next empty look is a race
+            // again.
+            rearm.served();
+            assert!(rearm.rearm(&mut q, &m).unwrap(), "event_idx {event_idx}");
+        }
+    }
 
     #[test]
     fn interrupt_status_and_ack() {

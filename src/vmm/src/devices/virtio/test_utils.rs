@@ -25,3 +25,19 @@ pub fn mem() -> GuestMemoryMmap {
 pub fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
     RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
 }
+
+/// A ready queue of `size` with its descriptor table at 0 and its rings
+/// where the test puts them (below 4 GiB). (virtio-queue's MockSplitQueue
+/// lays its used ring over the end of its avail ring, where `used_event`
+/// lives, which EVENT_IDX tests cannot have.)
+pub fn hand_laid_queue(size: u16, avail: u64, used: u64, event_idx: bool) -> virtio_queue::Queue {
+    use virtio_queue::QueueT;
+    let mut q = virtio_queue::Queue::new(size).expect("queue");
+    q.set_size(size);
+    q.set_desc_table_address(Some(0), Some(0));
+    q.set_avail_ring_address(Some(avail as u32), Some(0));
+    q.set_used_ring_address(Some(used as u32), Some(0));
+    q.set_ready(true);
+    q.set_event_idx(event_idx);
+    q
+}

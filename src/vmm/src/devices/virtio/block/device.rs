@@ -20,7 +20,7 @@ use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, TYPE_BLOCK};
 /// scattered guest pages becomes many small requests.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_RING,
+    read_config_bytes, ActivateError, Interrupt, Rearm, VirtioDevice, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::metrics::BlockMetrics;
@@ -201,14 +201,7 @@ impl Block {
         // full gets a queue's worth per turn, then this comes back through
         // its own notification after the others had theirs.
         let mut budget = usize::from(QUEUE_SIZE);
-        // Passes in a row that served nothing. A driver whose avail index
-        // says there is more while nothing can be popped (an index more
-        // than a queue ahead, which virtio-queue refuses) would otherwise
-        // keep this loop spinning; one empty pass after re-arming covers
-        // the honest race (a request published just as notifications came
-        // back on), a second means the ring is broken and waiting is all
-        // that is left.
-        let mut idle_passes = 0;
+        let mut rearm = Rearm::default();
         loop {
             if let Err(e) = queue.disable_notification(&*mem) {
                 tracing::warn!(drive = %self.config.id, error = %e, "cannot suppress notifications");
@@ -260,17 +253,11 @@ impl Block {
                 let _ = self.queue_events[0].write(1);
                 break;
             }
-            idle_passes = if budget == budget_before {
-                idle_passes + 1
-            } else {
-                0
-            };
-            match queue.enable_notification(&*mem) {
-                Ok(true) if idle_passes < 2 => continue,
-                Ok(true) => {
-                    tracing::debug!(drive = %self.config.id, "avail ring announces requests that cannot be popped");
-                    break;
-                }
+            if budget != budget_before {
+                rearm.served();
+            }
+            match rearm.rearm(queue, mem) {
+                Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
                     // The avail ring is unreadable: the next pop fails the
@@ -355,7 +342,7 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::{d, mem, NEXT, WRITE};
+    use crate::devices::virtio::test_utils::{d, hand_laid_queue, mem, NEXT, WRITE};
     use std::io::{Read, Seek, SeekFrom, Write};
     use virtio_bindings::virtio_blk::*;
     use virtio_queue::desc::RawDescriptor;
@@ -743,19 +730,6 @@ mod tests {
         assert!(err
             .to_string()
             .contains("cannot open drive data backing file /nonexistent/disk.img"));
-    }
-
-    /// A ready queue of `size` with its descriptor table at 0 and its rings
-    /// where the test puts them (below 4 GiB).
-    fn hand_laid_queue(size: u16, avail: u64, used: u64, event_idx: bool) -> Queue {
-        let mut q = Queue::new(size).unwrap();
-        q.set_size(size);
-        q.set_desc_table_address(Some(0), Some(0));
-        q.set_avail_ring_address(Some(avail as u32), Some(0));
-        q.set_used_ring_address(Some(used as u32), Some(0));
-        q.set_ready(true);
-        q.set_event_idx(event_idx);
-        q
     }
 
     /// Three flush requests, served with EVENT_IDX negotiated and the

@@ -21,7 +21,7 @@ use super::tap::{Tap, TapError};
 use super::{Backend, MacAddr, MAX_FRAME_LEN, QUEUE_SIZE, TX_QUEUE, TYPE_NET, VNET_HDR_LEN};
 use crate::config::NetConfig;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_RING,
+    read_config_bytes, ActivateError, Interrupt, Rearm, VirtioDevice, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -395,27 +395,21 @@ impl Net {
         if let Some(n) = frame.get_mut(10..VNET_HDR_LEN) {
             n.copy_from_slice(&1u16.to_le_bytes());
         }
-        // Re-armed and found nothing to pop although the avail index says
-        // otherwise: a broken ring (an index more than a queue ahead), not
-        // a race; looking again would spin.
-        let mut rearmed = false;
+        let mut rearm = Rearm::default();
         loop {
             let Some(chain) = rx.pop_descriptor_chain(&*mem) else {
                 // Out of buffers: ask to be notified when more come, and
                 // look once more in case they came meanwhile.
-                match rx.enable_notification(&*mem) {
-                    Ok(true) if !rearmed => {
-                        rearmed = true;
-                        continue;
-                    }
-                    Ok(_) => return None,
+                match rearm.rearm(rx, mem) {
+                    Ok(true) => continue,
+                    Ok(false) => return None,
                     Err(e) => {
                         tracing::debug!(net = %self.id, error = %e, "cannot re-arm rx notifications");
                         return None;
                     }
                 }
             };
-            rearmed = false;
+            rearm.served();
             let head = chain.head_index();
             let result = check_chain(chain, mem, true, len as u64).and_then(|bufs| {
                 if bufs.total < len as u64 {
@@ -480,27 +474,24 @@ impl Net {
         if let Err(e) = tx.disable_notification(&*mem) {
             tracing::debug!(net = %self.id, error = %e, "cannot suppress tx notifications");
         }
-        // As on rx: re-armed with nothing to pop twice in a row is a broken
-        // ring, not a race.
-        let mut rearmed = false;
+        let mut rearm = Rearm::default();
         while completed < BUDGET && !broken {
             let Some(chain) = tx.pop_descriptor_chain(&*mem) else {
-                match tx.enable_notification(&*mem) {
-                    Ok(true) if !rearmed => {
-                        rearmed = true;
+                match rearm.rearm(tx, mem) {
+                    Ok(true) => {
                         if let Err(e) = tx.disable_notification(&*mem) {
                             tracing::debug!(net = %self.id, error = %e, "cannot suppress tx notifications");
                         }
                         continue;
                     }
-                    Ok(_) => break,
+                    Ok(false) => break,
                     Err(e) => {
                         tracing::debug!(net = %self.id, error = %e, "cannot re-arm tx notifications");
                         break;
                     }
                 }
             };
-            rearmed = false;
+            rearm.served();
             let head = chain.head_index();
             let frame = check_chain(chain, mem, false, MAX_FRAME_LEN as u64 + 1).and_then(|bufs| {
                 if bufs.total < VNET_HDR_LEN as u64 {
