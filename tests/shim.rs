@@ -414,7 +414,8 @@ echo "SHUTDOWN-FAILED $(grep -c 'failed to shutdown shim task' containerd.log)"
 /// the pod's address, a default route through the node's end), handed to
 /// the shim with `ctr run --with-ns`: the pod's IP answers from the node,
 /// and the container reaches the node, through the tap the shim joined
-/// with the veth.
+/// with the veth. The tap and the redirect go with the pod, and with a
+/// pod whose husk was killed before its task is reported exited.
 #[test]
 fn the_pod_network_reaches_the_guest() {
     let r = run(
@@ -444,6 +445,16 @@ remove web > /dev/null
 sleep 1
 echo "TAP-AFTER $($IP -n pod1 -o link | grep -c husktap0)"
 echo "QDISC-AFTER $($TC -n pod1 qdisc show dev eth0 | grep -c ingress)"
+# The same namespace for a pod whose husk is killed: the shim unwires it
+# before it reports the task exited.
+ctr run -d --runtime io.containerd.husk.v2 --with-ns network:/run/netns/pod1 {IMAGE} doomed sleep 600
+echo "RUN-D2 $?"
+echo "TAP-BEFORE-KILL $($IP -n pod1 -o link | grep -c husktap0)"
+kill -9 "$(cat /run/husk/default/doomed/husk.pid)"
+wait_stopped doomed
+echo "TAP-AFTER-KILL $($IP -n pod1 -o link | grep -c husktap0)"
+echo "QDISC-AFTER-KILL $($TC -n pod1 qdisc show dev eth0 | grep -c ingress)"
+remove doomed
 "#
         ),
     );
@@ -455,6 +466,11 @@ echo "QDISC-AFTER $($TC -n pod1 qdisc show dev eth0 | grep -c ingress)"
         ("TAP-BEFORE", "1"),
         ("TAP-AFTER", "0"),
         ("QDISC-AFTER", "0"),
+        ("RUN-D2", "0"),
+        ("TAP-BEFORE-KILL", "1"),
+        ("TAP-AFTER-KILL", "0"),
+        ("QDISC-AFTER-KILL", "0"),
+        ("TASK-RM", "255"),
     ] {
         assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
     }
