@@ -288,7 +288,8 @@ fn create_delete_cycles_leak_nothing() {
     eprintln!("{cycles} cycles in {boots} node runs, {faults} guest failures, nothing leaked");
 }
 
-/// Shell functions for tests that compare the node before and after:
+/// Shell functions for tests that compare the node before and after
+/// (`warm_up IMAGE` prints BEFORE, `settle N` AFTER):
 /// `cmdlines` lists every process with a command line, less what comes and
 /// goes by itself (the tools counting them, the node init's heartbeat and
 /// deadline sleeps, and the subshells of the script and of init, copies of
@@ -303,6 +304,27 @@ const SNAPSHOT_SH: &str = r#"cmdlines() {
 snapshot() {
   echo "procs=$(cmdlines | wc -l) mounts=$(wc -l < /proc/mounts) files=$(find /run/husk 2>/dev/null | wc -l) containerd_fds=$(ls /proc/$(pidof containerd)/fd | wc -l) links=$(ls /sys/class/net | wc -l) containers=$(ctr containers ls -q | wc -l) snapshots=$(ctr snapshots ls | wc -l)"
 }
+# One container of image $1 first (containerd opens what it keeps open on
+# its first task), then BEFORE.
+warm_up() {
+  ctr run --rm --runtime io.containerd.husk.v2 "$1" warm true
+  sleep 1
+  before=$(snapshot); cmdlines > procs.before
+  echo "BEFORE $before"
+}
+# Waits up to $1 half-seconds for the node to be as BEFORE (what went last
+# may still be on its way out), then prints AFTER and, if it differs, the
+# processes and files that do.
+settle() {
+  for i in $(seq $1); do [ "$(snapshot)" = "$before" ] && break; sleep 0.5; done
+  after=$(snapshot)
+  echo "AFTER $after"
+  if [ "$after" != "$before" ]; then
+    cmdlines > procs.after
+    diff procs.before procs.after | sed 's/^/PROCS-DIFF /'
+    find /run/husk | sed 's/^/FILE-LEFT /'
+  fi
+}
 "#;
 
 /// Cycles `first..first + n` in one node VM (run.sh may boot it twice):
@@ -313,11 +335,7 @@ fn cycle_chunk(first: u64, n: u64) -> husk_tests::RunResult {
         .timeout(300 + 20 * n)
         .run(&with_containerd(&format!(
             r#"{SNAPSHOT_SH}
-# One cycle first: containerd opens what it keeps open on its first task.
-ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} warm true
-sleep 1
-before=$(snapshot); cmdlines > procs.before
-echo "BEFORE $before"
+warm_up {IMAGE}
 n={first}; failed=0; faults=0
 while [ $n -lt {end} ]; do
   # A cycle that hangs is a failure with its evidence, not a hung test.
@@ -336,14 +354,7 @@ while [ $n -lt {end} ]; do
   n=$((n+1))
 done
 echo "GUEST-FAILURES $faults"
-# The last cycle's processes may still be on their way out.
-for i in $(seq 30); do [ "$(snapshot)" = "$before" ] && break; sleep 0.5; done
-echo "AFTER $(snapshot)"
-if [ "$(snapshot)" != "$before" ]; then
-  cmdlines > procs.after
-  diff procs.before procs.after | sed 's/^/PROCS-DIFF /'
-fi
-
+settle 30
 echo "CYCLES-FAILED $failed"
 "#,
             end = first + n
@@ -362,9 +373,7 @@ fn a_create_the_agent_never_answers_fails_and_leaves_nothing() {
         .run(&with_containerd(&format!(
             r#"{SNAPSHOT_SH}
 echo 'agent_timeout_secs = 10' >> /etc/husk/config.toml
-ctr run --rm --runtime io.containerd.husk.v2 {IMAGE} warm true
-sleep 1
-before=$(snapshot); cmdlines > procs.before
+warm_up {IMAGE}
 # A volume whose copy keeps the shim busy for a while after the VM is up
 # (not zeros: mke2fs would skip those).
 mkdir -p bigvol && for i in 1 2; do yes husk-volume-data | head -c 33554432 > bigvol/f$i; done
@@ -381,13 +390,8 @@ echo "PAUSE $(./curl -s -o /dev/null -w '%{{http_code}}' --unix-socket $dir/api.
 wait $ctr_pid; echo "CTR-EXIT $?"
 echo "CTR-SAYS $(tr '\n' ' ' < silent.out | cut -c1-300)"
 echo "FAILED-AFTER $(( $(date +%s) - start ))"
-for i in $(seq 120); do [ "$(snapshot)" = "$before" ] && break; sleep 0.5; done
+settle 120
 echo "SETTLED-AFTER $(( $(date +%s) - start ))"
-echo "BEFORE $before"
-echo "AFTER $(snapshot)"
-cmdlines > procs.after
-diff procs.before procs.after | sed 's/^/PROCS-DIFF /'
-ls -R /run/husk | sed 's/^/FILE-LEFT /'
 # The shim stopped its VM itself and exited when containerd asked, rather
 # than being cleaned up as a dead shim.
 echo "SHUTDOWN-FAILED $(grep -c 'failed to shutdown shim task' containerd.log)"

@@ -247,11 +247,12 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     /// A peer speaking the agent's side of the handshake, then answering
-    /// requests as `answer` says (`None`: never). A stand-in for a guest
-    /// that stops answering, which the real agent cannot be made to do.
+    /// the requests of its `n`th connection as `answer(n, request)` says
+    /// (`None`: never). A stand-in for a guest that stops answering, which
+    /// the real agent cannot be made to do.
     fn peer(
         dir: &std::path::Path,
-        answer: impl Fn(usize, &RequestFrame) -> Option<Response> + Send + 'static,
+        answer: impl Fn(usize, &RequestFrame) -> Option<Result<Response, AgentError>> + Send + 'static,
     ) -> Endpoint {
         let path = dir.join("agent.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -264,20 +265,9 @@ mod tests {
                     error: None,
                 };
                 write_frame(&mut conn, &accepted).unwrap();
-                let mut silent = Vec::new();
                 while let Ok(req) = read_frame::<_, RequestFrame>(&mut conn) {
-                    match answer(n, &req) {
-                        Some(r) => {
-                            let reply = ReplyFrame {
-                                id: req.id,
-                                reply: Ok(r),
-                            };
-                            write_frame(&mut conn, &reply).unwrap();
-                        }
-                        None => {
-                            // Keep the connection open and silent.
-                            silent.push(conn.try_clone().unwrap());
-                        }
+                    if let Some(reply) = answer(n, &req) {
+                        write_frame(&mut conn, &ReplyFrame { id: req.id, reply }).unwrap();
                     }
                 }
             }
@@ -298,7 +288,7 @@ mod tests {
         // The first connection answers the Ping, then nothing; the second
         // answers everything.
         let endpoint = peer(&dir, |conn, req| {
-            (conn > 0 || req.request == Request::Ping).then_some(Response::Ok)
+            (conn > 0 || req.request == Request::Ping).then_some(Ok(Response::Ok))
         });
         let mut client = AgentClient::connect(endpoint, Duration::from_secs(5)).unwrap();
         client
@@ -320,30 +310,17 @@ mod tests {
     #[test]
     fn an_agent_error_keeps_the_connection() {
         let dir = temp_dir("refused");
-        let path = dir.join("agent.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        std::thread::spawn(move || {
-            let Ok((mut conn, _)) = listener.accept() else {
-                return;
-            };
-            let _: Hello = read_frame(&mut conn).unwrap();
-            let accepted = Accepted {
-                version: PROTOCOL_VERSION,
-                error: None,
-            };
-            write_frame(&mut conn, &accepted).unwrap();
-            while let Ok(req) = read_frame::<_, RequestFrame>(&mut conn) {
-                let reply = if req.request == Request::Ping {
-                    Ok(Response::Ok)
-                } else {
-                    Err(AgentError::new(crate::ErrorCode::NotFound, "no such thing"))
-                };
-                write_frame(&mut conn, &ReplyFrame { id: req.id, reply }).unwrap();
-            }
+        // Refusals on the first connection; a second one, which a
+        // reconnect would open, never answers.
+        let endpoint = peer(&dir, |conn, req| match (conn, &req.request) {
+            (0, Request::Ping) => Some(Ok(Response::Ok)),
+            (0, _) => Some(Err(AgentError::new(
+                crate::ErrorCode::NotFound,
+                "no such thing",
+            ))),
+            _ => None,
         });
-        // Only one connection is ever accepted: a reconnect would hang.
-        let mut client =
-            AgentClient::connect(Endpoint::Unix(path), Duration::from_secs(5)).unwrap();
+        let mut client = AgentClient::connect(endpoint, Duration::from_secs(5)).unwrap();
         client.set_timeout(Some(Duration::from_secs(5))).unwrap();
         for _ in 0..2 {
             let e = client.call(Request::Shutdown).unwrap_err();

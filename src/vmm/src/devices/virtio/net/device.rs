@@ -843,11 +843,8 @@ pub(crate) mod tests {
             let mut r = rig(None, false);
             let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
             let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
-            if event_idx {
-                activate(&mut r.net, &m, &rxq, &txq, 1 << VIRTIO_RING_F_EVENT_IDX);
-            } else {
-                activate(&mut r.net, &m, &rxq, &txq, 0);
-            }
+            let features = u64::from(event_idx) << VIRTIO_RING_F_EVENT_IDX;
+            activate(&mut r.net, &m, &rxq, &txq, features);
             for q in [&rxq, &txq] {
                 m.write_obj(40u16, GuestAddress(q.avail_addr().0 + 2))
                     .unwrap();
