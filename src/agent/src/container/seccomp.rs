@@ -21,9 +21,6 @@ pub enum SeccompError {
     /// Argument index beyond the six a system call has.
     #[error("seccomp argument index {0} is out of range (0..6)")]
     ArgIndex(usize),
-    /// MASKED_EQ without the expected value.
-    #[error("seccomp SCMP_CMP_MASKED_EQ needs valueTwo")]
-    MaskedEq,
     /// The kernel takes at most 4096 instructions.
     #[error("the seccomp profile compiles to {0} BPF instructions, more than 4096")]
     TooLong(usize),
@@ -116,7 +113,10 @@ fn condition(block: &mut Vec<Insn>, c: &LinuxSeccompArg) -> Result<(), SeccompEr
             jump(JEQ, vlo, fail, ok),
         ]),
         LinuxSeccompOperator::ScmpCmpMaskedEq => {
-            let want = c.value_two().ok_or(SeccompError::MaskedEq)?;
+            // `(arg & value) == valueTwo`; the OCI spec lets valueTwo be
+            // left out, meaning 0, and containerd's RuntimeDefault profile
+            // leaves it out (Go's omitempty) in its clone rule.
+            let want = c.value_two().unwrap_or(0);
             let (whi, wlo) = ((want >> 32) as u32, want as u32);
             block.extend([
                 stmt(LD_ABS, hi_off),
@@ -324,6 +324,35 @@ mod tests {
                 let low = libc::syscall(libc::SYS_personality, 0xffff_ffffu64);
                 match (big, big_errno, query >= 0, blocked, blocked_errno, low >= 0) {
                     (-1, libc::EACCES, true, -1, libc::EPERM, true) => 0,
+                    _ => 1,
+                }
+            }
+        });
+        assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn masked_equality_without_value_two_compares_with_zero() {
+        // containerd's RuntimeDefault shape: no valueTwo, so the rule
+        // matches when none of the mask's bits are set. Here the rule
+        // blocks personality() calls with no bit of 0x0004_0000 set.
+        let p = profile(serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [
+                {"names": ["personality"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13,
+                 "args": [{"index": 0, "value": 0x0004_0000u64, "op": "SCMP_CMP_MASKED_EQ"}]},
+            ]
+        }));
+        let prog = compile(&p).unwrap();
+        let code = run_filtered(&prog, || {
+            // SAFETY: personality with a query (all ones) and PER_LINUX32,
+            // in a child that exits right after.
+            unsafe {
+                let set = libc::syscall(libc::SYS_personality, 0x0008u64);
+                let set_errno = errno();
+                let query = libc::syscall(libc::SYS_personality, 0xffff_ffffu64);
+                match (set, set_errno, query >= 0) {
+                    (-1, libc::EACCES, true) => 0,
                     _ => 1,
                 }
             }
