@@ -44,7 +44,7 @@ done
 
 husk_install_packages
 husk_build_images "$repo"
-(cd "$repo" && cargo build --release --locked -j"$(nproc)" -p husk -p containerd-shim-husk-v2 --bins >&2)
+(cd "$repo" && cargo build --release --locked -j"$(nproc)" -p husk -p husk-bench -p containerd-shim-husk-v2 --bins >&2)
 
 payload=$(mktemp -d "${TMPDIR:-/tmp}/husk-bench.XXXXXX")
 trap 'rm -rf "$payload"' EXIT
@@ -73,7 +73,7 @@ case $mode in
     # The guest runs a static husk-bench (no libraries in the guest).
     target=x86_64-unknown-linux-gnu
     (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
-      cargo build --release --locked -j"$(nproc)" -p husk --bin husk-bench --target "$target" >&2)
+      cargo build --release --locked -j"$(nproc)" -p husk-bench --bin husk-bench --target "$target" >&2)
     script="$payload/io.sh"
     # One husk-bench io per depth husk-bench blk puts on the kernel command line.
     # shellcheck disable=SC2016  # expands in the guest, not here
@@ -111,7 +111,7 @@ case $mode in
     # connects through husk's unix socket.
     target=x86_64-unknown-linux-gnu
     (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
-      cargo build --release --locked -j"$(nproc)" -p husk --bin husk-bench --target "$target" >&2)
+      cargo build --release --locked -j"$(nproc)" -p husk-bench --bin husk-bench --target "$target" >&2)
     script="$payload/serve.sh"
     printf '#!/bin/sh\n/bin/husk-bench vsock-serve --listen vsock:5201\n' > "$script"
     chmod +x "$script"

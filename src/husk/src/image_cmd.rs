@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use husk::image::{busybox, oci::Platform, rootfs, RootfsOptions};
+use husk_image::{busybox, oci::Platform, rootfs, RootfsOptions};
 
 /// Flags of `husk image`.
 #[derive(Args, Debug)]
@@ -80,7 +80,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
             if let Some(d) = cache_dir {
                 opts.cache_dir = d;
             }
-            let built = husk::image::rootfs_for(image.as_deref(), &opts)
+            let built = husk_image::rootfs_for(image.as_deref(), &opts)
                 .with_context(|| format!("image {}", image.as_deref().unwrap_or("busybox")))?;
             println!("{}", serde_json::to_string(&built)?);
         }

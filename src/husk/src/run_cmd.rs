@@ -20,7 +20,7 @@ use husk_protocol::{
 use vmm::seccomp::SeccompFilters;
 use vmm::{BlockConfig, BootSource, DriveConfig, SerialOutput, VmConfig, Vmm, VsockConfig};
 
-use husk::image;
+use husk_image as image;
 
 /// Flags of `husk run`.
 #[derive(Args, Debug)]
@@ -280,7 +280,7 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         .console
         .clone()
         .unwrap_or_else(|| dir.0.join("console.log"));
-    let mut cmdline = "console=ttyS0 reboot=k panic=1 pci=off quiet".to_string();
+    let mut cmdline = husk_protocol::AGENT_KERNEL_CMDLINE.to_string();
     if tracing::enabled!(tracing::Level::DEBUG) {
         cmdline.push_str(" husk.agent_debug");
     }
@@ -303,7 +303,7 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         }],
         net: Vec::new(),
         vsock: Some(VsockConfig {
-            guest_cid: 3,
+            guest_cid: husk_protocol::AGENT_GUEST_CID,
             uds_path: uds.clone(),
         }),
     };

@@ -9,6 +9,8 @@
 //! ([`frame`]); frames are capped at [`MAX_FRAME`]. Both sides share these
 //! types, so nothing is stringly typed on either side.
 
+#![deny(missing_docs)]
+
 pub mod client;
 pub mod frame;
 pub mod messages;
@@ -26,3 +28,14 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The vsock port the agent listens on unless the kernel command line says
 /// `husk.agent_port=N`.
 pub const DEFAULT_AGENT_PORT: u32 = 1024;
+
+/// The guest kernel's command line of a VM that runs the agent (`husk
+/// run`, the shim's pods), before what the user configures is appended:
+/// the serial console, a reset through the i8042 on reboot (so the VMM
+/// exits cleanly), a reboot on panic, no PCI probing, a quiet console.
+pub const AGENT_KERNEL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
+
+/// The vsock context id of a VM that runs the agent. Each VM has a vsock
+/// device of its own, reached through its own host socket, so one number
+/// serves every VM.
+pub const AGENT_GUEST_CID: u32 = 3;

@@ -1,10 +1,18 @@
 //! A client for husk's REST API on its unix socket: one request per
-//! connection, JSON bodies, and the `fault_message` of a refusal passed on.
+//! connection, the bodies typed by `husk-api-types` (the ones the VMM
+//! parses), and the `fault_message` of a refusal passed on.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use husk_api_types::{
+    Action, ActionType, BootSourceConfig, Drive, DriveUpdate, Fault, InstanceInfo, MachineConfig,
+    NetworkInterface, VmState, VmStateRequest, Vsock,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 /// Why an API call failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,17 +69,12 @@ impl ApiClient {
     }
 
     /// Sends `method uri` with an optional JSON body; returns the response
-    /// body (a JSON value, or Null for an empty body) of a 2xx answer.
-    pub fn call(
-        &self,
-        method: &str,
-        uri: &str,
-        body: Option<&serde_json::Value>,
-    ) -> Result<serde_json::Value, ApiError> {
+    /// body of a 2xx answer (empty for 204).
+    fn call(&self, method: &str, uri: &str, body: Option<String>) -> Result<Vec<u8>, ApiError> {
         let mut s = UnixStream::connect(&self.socket).map_err(self.io())?;
         s.set_read_timeout(Some(CALL_TIMEOUT)).map_err(self.io())?;
         s.set_write_timeout(Some(CALL_TIMEOUT)).map_err(self.io())?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let body = body.unwrap_or_default();
         let mut request = format!("{method} {uri} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n");
         if !body.is_empty() {
             request.push_str("Content-Type: application/json\r\n");
@@ -85,19 +88,10 @@ impl ApiClient {
             },
             ReadError::Malformed(m) => ApiError::Malformed(m),
         })?;
-        let value = if body.is_empty() {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_slice(&body).unwrap_or_else(|_| {
-                serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
-            })
-        };
         if !(200..300).contains(&status) {
-            let fault = value
-                .get("fault_message")
-                .and_then(|f| f.as_str())
-                .map(str::to_string)
-                .unwrap_or_else(|| value.to_string());
+            let fault = serde_json::from_slice::<Fault>(&body)
+                .map(|f| f.fault_message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
             return Err(ApiError::Refused {
                 method: method.into(),
                 uri: uri.into(),
@@ -105,17 +99,67 @@ impl ApiClient {
                 fault,
             });
         }
-        Ok(value)
+        Ok(body)
     }
 
-    /// PUT with a JSON body.
-    pub fn put(&self, uri: &str, body: serde_json::Value) -> Result<(), ApiError> {
-        self.call("PUT", uri, Some(&body)).map(drop)
+    fn send<B: Serialize>(&self, method: &str, uri: &str, body: &B) -> Result<(), ApiError> {
+        let body = serde_json::to_string(body)
+            .map_err(|e| ApiError::Malformed(format!("cannot encode the request: {e}")))?;
+        self.call(method, uri, Some(body)).map(drop)
     }
 
-    /// PATCH with a JSON body.
-    pub fn patch(&self, uri: &str, body: serde_json::Value) -> Result<(), ApiError> {
-        self.call("PATCH", uri, Some(&body)).map(drop)
+    fn get<T: DeserializeOwned>(&self, uri: &str) -> Result<T, ApiError> {
+        let body = self.call("GET", uri, None)?;
+        serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("GET {uri}: {e}")))
+    }
+
+    /// `GET /`: the instance's id and state (it answers once husk serves).
+    pub fn instance_info(&self) -> Result<InstanceInfo, ApiError> {
+        self.get("/")
+    }
+
+    /// `PUT /machine-config`.
+    pub fn put_machine_config(&self, config: &MachineConfig) -> Result<(), ApiError> {
+        self.send("PUT", "/machine-config", config)
+    }
+
+    /// `PUT /boot-source`.
+    pub fn put_boot_source(&self, boot: &BootSourceConfig) -> Result<(), ApiError> {
+        self.send("PUT", "/boot-source", boot)
+    }
+
+    /// `PUT /drives/{drive_id}`.
+    pub fn put_drive(&self, drive: &Drive) -> Result<(), ApiError> {
+        self.send("PUT", &format!("/drives/{}", drive.drive_id), drive)
+    }
+
+    /// `PATCH /drives/{drive_id}`: a running VM's drive gets a new backing file.
+    pub fn patch_drive(&self, update: &DriveUpdate) -> Result<(), ApiError> {
+        self.send("PATCH", &format!("/drives/{}", update.drive_id), update)
+    }
+
+    /// `PUT /network-interfaces/{iface_id}`.
+    pub fn put_network_interface(&self, iface: &NetworkInterface) -> Result<(), ApiError> {
+        self.send(
+            "PUT",
+            &format!("/network-interfaces/{}", iface.iface_id),
+            iface,
+        )
+    }
+
+    /// `PUT /vsock`.
+    pub fn put_vsock(&self, vsock: &Vsock) -> Result<(), ApiError> {
+        self.send("PUT", "/vsock", vsock)
+    }
+
+    /// `PUT /actions`.
+    pub fn action(&self, action_type: ActionType) -> Result<(), ApiError> {
+        self.send("PUT", "/actions", &Action { action_type })
+    }
+
+    /// `PATCH /vm`: pause or resume the vCPUs.
+    pub fn set_vm_state(&self, state: VmStateRequest) -> Result<(), ApiError> {
+        self.send("PATCH", "/vm", &VmState { state })
     }
 }
 
@@ -229,7 +273,11 @@ mod tests {
             req
         });
         let e = ApiClient::new(&sock)
-            .patch("/drives/slot0", serde_json::json!({"drive_id": "slot0"}))
+            .patch_drive(&DriveUpdate {
+                drive_id: "slot0".into(),
+                path_on_host: None,
+                rate_limiter: None,
+            })
             .unwrap_err();
         let req = server.join().unwrap();
         assert!(req.starts_with("PATCH /drives/slot0 HTTP/1.1\r\n"), "{req}");

@@ -40,7 +40,7 @@ pub enum ConfigError {
 
 /// Drive slots a VM can have: its virtio devices less the net and vsock
 /// devices.
-pub const MAX_SLOTS: u32 = vmm::config::MAX_VIRTIO_DEVICES as u32 - 2;
+pub const MAX_SLOTS: u32 = husk_api_types::MAX_VIRTIO_DEVICES as u32 - 2;
 
 /// The shim's configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

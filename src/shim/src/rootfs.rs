@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use containerd_shim::protos::types::mount::Mount;
-use husk::image::rootfs::{disk_usage, make_empty_ext4, make_ext4};
+use husk_image::rootfs::{disk_usage, make_empty_ext4, make_ext4};
 use sha2::{Digest, Sha256};
 
 /// Why the disk could not be made.
@@ -50,7 +50,7 @@ pub enum RootfsError {
     },
     /// mke2fs failed.
     #[error("cannot build the rootfs image: {0}")]
-    Image(#[from] husk::image::rootfs::RootfsError),
+    Image(#[from] husk_image::rootfs::RootfsError),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError + '_ {

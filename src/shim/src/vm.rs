@@ -11,9 +11,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use husk_api_types::{
+    ActionType, BootSourceConfig, Drive, DriveUpdate, MachineConfig, NetworkInterface,
+    VmStateRequest, Vsock,
+};
 use husk_protocol::client::{AgentClient, ClientError, Endpoint};
-use husk_protocol::{Request, Response, Sandbox, DEFAULT_AGENT_PORT};
-use serde_json::json;
+use husk_protocol::{
+    Request, Response, Sandbox, AGENT_GUEST_CID, AGENT_KERNEL_CMDLINE, DEFAULT_AGENT_PORT,
+};
 
 use crate::api_client::{ApiClient, ApiError};
 use crate::config::Config;
@@ -150,9 +155,6 @@ pub struct PodVm {
 /// disk the guest accepts and nothing mounts.
 const PLACEHOLDER_BYTES: u64 = 4096;
 
-/// The guest kernel's command line before the configured parameters.
-const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
-
 impl PodVm {
     /// Starts husk, configures and boots the VM, and waits for the agent.
     /// Returns the VM and husk's process (for the caller to wait on).
@@ -223,7 +225,7 @@ impl PodVm {
         // husk serves the API once the socket accepts (it exists a moment
         // before husk listens on it).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while let Err(e) = api.call("GET", "/", None) {
+        while let Err(e) = api.instance_info() {
             if let Some(status) = child.try_wait().map_err(io("wait for husk"))? {
                 return Err(VmError::Exited {
                     status: status.to_string(),
@@ -235,23 +237,21 @@ impl PodVm {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        api.put(
-            "/machine-config",
-            json!({"vcpu_count": spec.vcpus, "mem_size_mib": spec.mem_mib}),
-        )?;
-        let mut cmdline = BASE_CMDLINE.to_string();
+        api.put_machine_config(&MachineConfig {
+            vcpu_count: u8::try_from(spec.vcpus).unwrap_or(u8::MAX),
+            mem_size_mib: spec.mem_mib,
+            ..Default::default()
+        })?;
+        let mut cmdline = AGENT_KERNEL_CMDLINE.to_string();
         if !config.kernel_params.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(&config.kernel_params);
         }
-        api.put(
-            "/boot-source",
-            json!({
-                "kernel_image_path": config.kernel,
-                "initrd_path": config.initrd,
-                "boot_args": cmdline,
-            }),
-        )?;
+        api.put_boot_source(&BootSourceConfig {
+            kernel_image_path: config.kernel.clone(),
+            initrd_path: Some(config.initrd.clone()),
+            boot_args: Some(cmdline),
+        })?;
         let writable = (0..config.drive_slots).map(|n| (slot_id(n), false));
         let read_only = (0..config.image_slots).map(|n| (image_slot_id(n), true));
         let mut slots = Vec::new();
@@ -261,15 +261,7 @@ impl PodVm {
                 .map_err(io(format!("create {}", placeholder.display())))?;
             f.set_len(PLACEHOLDER_BYTES)
                 .map_err(io(format!("size {}", placeholder.display())))?;
-            api.put(
-                &format!("/drives/{id}"),
-                json!({
-                    "drive_id": id,
-                    "path_on_host": placeholder,
-                    "is_root_device": false,
-                    "is_read_only": read_only,
-                }),
-            )?;
+            api.put_drive(&Drive::new(&id, &placeholder, read_only))?;
             slots.push(Slot {
                 id,
                 read_only,
@@ -279,17 +271,20 @@ impl PodVm {
             });
         }
         if let Some(net) = &spec.network {
-            api.put(
-                "/network-interfaces/eth0",
-                json!({
-                    "iface_id": "eth0",
-                    "host_dev_name": network::TAP,
-                    "guest_mac": net.interface.mac,
-                }),
-            )?;
+            api.put_network_interface(&NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: network::TAP.into(),
+                guest_mac: Some(net.interface.mac.clone()),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })?;
         }
-        api.put("/vsock", json!({"guest_cid": 3, "uds_path": dir.vsock()}))?;
-        api.put("/actions", json!({"action_type": "InstanceStart"}))?;
+        api.put_vsock(&Vsock {
+            guest_cid: u64::from(AGENT_GUEST_CID),
+            uds_path: dir.vsock(),
+            vsock_id: None,
+        })?;
+        api.action(ActionType::InstanceStart)?;
         let endpoint = Endpoint::Vsock {
             uds: dir.vsock(),
             port: DEFAULT_AGENT_PORT,
@@ -418,10 +413,11 @@ impl PodVm {
 
     /// Points `slot`'s drive at `image` on the running VM.
     fn swap(&self, slot: &mut Slot, image: &Path) -> Result<(), VmError> {
-        self.api.patch(
-            &format!("/drives/{}", slot.id),
-            json!({"drive_id": slot.id, "path_on_host": image}),
-        )?;
+        self.api.patch_drive(&DriveUpdate {
+            drive_id: slot.id.clone(),
+            path_on_host: Some(image.to_path_buf()),
+            rate_limiter: None,
+        })?;
         slot.image = Some(image.to_path_buf());
         Ok(())
     }
@@ -451,8 +447,11 @@ impl PodVm {
 
     /// Pauses or resumes the vCPUs.
     pub fn set_paused(&self, paused: bool) -> Result<(), VmError> {
-        let state = if paused { "Paused" } else { "Resumed" };
-        self.api.patch("/vm", json!({ "state": state }))?;
+        self.api.set_vm_state(if paused {
+            VmStateRequest::Paused
+        } else {
+            VmStateRequest::Resumed
+        })?;
         Ok(())
     }
 }

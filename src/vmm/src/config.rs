@@ -90,8 +90,9 @@ pub struct DriveConfig {
     pub is_root: bool,
 }
 
-/// Most virtio devices one VM can have: one IOAPIC pin each, from GSI 5.
-pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Most virtio devices one VM can have: one IOAPIC pin each, from GSI 5
+/// (the API's documented limit).
+pub use husk_api_types::MAX_VIRTIO_DEVICES;
 
 /// Checks drive ids, root flags and count; returns the drives in device
 /// order (the root drive first).

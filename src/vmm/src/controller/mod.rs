@@ -10,81 +10,21 @@ pub mod resources;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::{SerialOutput, VmConfig};
 use crate::metrics::{Metrics, MetricsError, MetricsSink};
 use crate::seccomp::SeccompFilters;
 use crate::vmm::{Vmm, VmmError};
 use crate::BootSource;
+pub use husk_api_types::{
+    Action, ActionType, InstanceInfo, InstanceState, VmState, VmStateRequest,
+};
 pub use resources::{
     BootSourceConfig, Drive, DriveUpdate, Logger, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetworkInterface, ResourceError, VmResources, Vsock,
+    MetricsConfig, NetworkInterface, ResourceError, Validate, ValidateAt, VmResources, Vsock,
 };
 
 /// How often metrics are written without being asked.
 pub const METRICS_PERIOD: Duration = Duration::from_secs(60);
-
-/// `PUT /actions` action types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ActionType {
-    /// Build and boot the configured VM.
-    InstanceStart,
-    /// Press Ctrl+Alt+Del on the guest's i8042 keyboard.
-    SendCtrlAltDel,
-    /// Write one metrics line now.
-    FlushMetrics,
-}
-
-/// `PUT /actions` body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Action {
-    /// What to do.
-    pub action_type: ActionType,
-}
-
-/// `PATCH /vm` states.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum VmStateRequest {
-    /// Stop the vCPUs.
-    Paused,
-    /// Let them run again.
-    Resumed,
-}
-
-/// `PATCH /vm` body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmState {
-    /// The wanted state.
-    pub state: VmStateRequest,
-}
-
-/// The VM's state as `GET /` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub enum InstanceState {
-    /// Configurable; no guest yet.
-    #[serde(rename = "Not started")]
-    NotStarted,
-    /// The guest runs.
-    Running,
-    /// The vCPUs are stopped.
-    Paused,
-}
-
-/// `GET /` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct InstanceInfo {
-    /// The instance id (`--id`).
-    pub id: String,
-    /// Its state.
-    pub state: InstanceState,
-    /// husk's version.
-    pub vmm_version: String,
-    /// "husk".
-    pub app_name: String,
-}
 
 /// Something asked of the VM.
 #[derive(Debug, Clone, PartialEq)]
@@ -258,7 +198,7 @@ impl Controller {
             }
             Request::PutDrive(id, d) => {
                 d.validate(&id)?;
-                r.put_drive(d)?;
+                resources::put_drive(r, d)?;
                 Response::Empty
             }
             Request::PatchDrive(id, patch) => {
@@ -275,12 +215,12 @@ impl Controller {
             }
             Request::PutNetworkInterface(id, i) => {
                 i.validate(&id)?;
-                r.put_network_interface(i)?;
+                resources::put_network_interface(r, i)?;
                 Response::Empty
             }
             Request::PutVsock(v) => {
                 v.validate()?;
-                r.put_vsock(v)?;
+                resources::put_vsock(r, v)?;
                 Response::Empty
             }
             Request::PutLogger(l) => {
@@ -350,13 +290,13 @@ impl Controller {
                     .unwrap_or_else(|| resources::DEFAULT_BOOT_ARGS.to_string()),
             },
             serial: self.serial.clone(),
-            drives: r.drives.iter().map(Drive::to_drive_config).collect(),
+            drives: r.drives.iter().map(resources::drive_config).collect(),
             net: r
                 .network_interfaces
                 .iter()
-                .map(NetworkInterface::to_net_config)
+                .map(resources::net_config)
                 .collect::<Result<_, _>>()?,
-            vsock: r.vsock.as_ref().map(Vsock::to_vsock_config).transpose()?,
+            vsock: r.vsock.as_ref().map(resources::vsock_config).transpose()?,
         })
     }
 
@@ -459,7 +399,7 @@ impl Controller {
     }
 }
 
-fn json<T: Serialize>(value: &T) -> Response {
+fn json<T: serde::Serialize>(value: &T) -> Response {
     Response::Json(serde_json::to_value(value).unwrap_or(serde_json::Value::Null))
 }
 

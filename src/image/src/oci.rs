@@ -750,9 +750,9 @@ mod tests {
     use std::fs;
 
     use super::*;
-    use crate::image::layers::unpack;
-    use crate::image::test_utils::{listing, write_image};
-    use crate::image::writer::LayerBuilder;
+    use crate::layers::unpack;
+    use crate::test_utils::{listing, write_image};
+    use crate::writer::LayerBuilder;
 
     fn two_layer_image(dir: &Path) -> Descriptor {
         let mut l1 = LayerBuilder::new();
@@ -770,7 +770,7 @@ mod tests {
         b.append_dir_all(".", dir).unwrap();
         let mut data = b.into_inner().unwrap();
         if gzip {
-            data = crate::image::writer::gzip(&data).unwrap();
+            data = crate::writer::gzip(&data).unwrap();
         }
         let f = tempfile::NamedTempFile::new().unwrap();
         fs::write(f.path(), data).unwrap();

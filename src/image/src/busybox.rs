@@ -221,7 +221,7 @@ pub fn default_image(cache_dir: &Path, busybox: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::oci::{Layout, Platform};
+    use crate::oci::{Layout, Platform};
 
     #[test]
     fn an_image_of_the_same_busybox_gets_its_own_name_and_command() {
@@ -259,7 +259,7 @@ mod tests {
         assert_eq!(img.config.cmd, ["sh"]);
         assert!(img.config.env[0].starts_with("PATH="));
         let root = tempfile::tempdir().unwrap();
-        crate::image::layers::unpack(&layout, &img.manifest.layers, root.path()).unwrap();
+        crate::layers::unpack(&layout, &img.manifest.layers, root.path()).unwrap();
         let r = root.path();
         assert!(r.join("bin/busybox").is_file());
         assert_eq!(

@@ -353,8 +353,8 @@ fn mke2fs(image: &Path, bytes: u64, args: &[std::ffi::OsString]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::test_utils::write_image;
-    use crate::image::writer::LayerBuilder;
+    use crate::test_utils::write_image;
+    use crate::writer::LayerBuilder;
 
     /// Runs a debugfs request against an ext4 image.
     pub(crate) fn debugfs(image: &Path, request: &str) -> String {

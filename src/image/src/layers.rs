@@ -610,9 +610,9 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     use super::*;
-    use crate::image::oci::Platform;
-    use crate::image::test_utils::{listing, write_image};
-    use crate::image::writer::LayerBuilder;
+    use crate::oci::Platform;
+    use crate::test_utils::{listing, write_image};
+    use crate::writer::LayerBuilder;
 
     /// A tar entry with a raw (unchecked) name and link name: what a hostile
     /// image can contain, which the tar crate's builder refuses to write.
@@ -690,7 +690,7 @@ mod tests {
         assert!(!listing(r).iter().any(|l| l.contains(".wh.")));
         let m = fs::metadata(r.join("app")).unwrap();
         assert_eq!(m.mode() & 0o7777, 0o750);
-        assert_eq!(m.mtime() as u64, crate::image::writer::FIXED_MTIME);
+        assert_eq!(m.mtime() as u64, crate::writer::FIXED_MTIME);
     }
 
     #[test]
@@ -980,7 +980,7 @@ mod tests {
 
     /// Stores `data` as a blob of the layout in `dir`; its descriptor.
     fn raw_blob(dir: &Path, data: &[u8], media_type: &str) -> Descriptor {
-        let digest = crate::image::oci::sha256_digest(data);
+        let digest = crate::oci::sha256_digest(data);
         fs::write(dir.join("blobs/sha256").join(&digest[7..]), data).unwrap();
         Descriptor {
             media_type: media_type.into(),
@@ -1003,9 +1003,9 @@ mod tests {
         // Split mid-entry into two gzip members, as pigz or a concatenation
         // could write.
         let (first, second) = tar.split_at(1000);
-        let mut gz = crate::image::writer::gzip(first).unwrap();
-        gz.extend(crate::image::writer::gzip(second).unwrap());
-        let desc = raw_blob(img.path(), &gz, crate::image::oci::media::OCI_LAYER_GZIP);
+        let mut gz = crate::writer::gzip(first).unwrap();
+        gz.extend(crate::writer::gzip(second).unwrap());
+        let desc = raw_blob(img.path(), &gz, crate::oci::media::OCI_LAYER_GZIP);
         let root = tempfile::tempdir().unwrap();
         unpack(&layout, &[desc], root.path()).unwrap();
         assert_eq!(fs::read(root.path().join("b")).unwrap(), b"b");
@@ -1013,11 +1013,7 @@ mod tests {
 
         // A blob whose digest is right but whose tar is garbage.
         let garbage = vec![0x55u8; 2048];
-        let desc = raw_blob(
-            img.path(),
-            &garbage,
-            crate::image::oci::media::OCI_LAYER_TAR,
-        );
+        let desc = raw_blob(img.path(), &garbage, crate::oci::media::OCI_LAYER_TAR);
         let r = unpack(&layout, std::slice::from_ref(&desc), root.path());
         match r {
             Err(LayerError::Read { digest, .. }) => assert_eq!(digest, desc.digest),
@@ -1033,7 +1029,7 @@ mod tests {
         let layout = Layout::open(img.path()).unwrap();
         let zstd = [0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0];
         let path = img.path().join("blobs/sha256");
-        let digest = crate::image::oci::sha256_digest(&zstd);
+        let digest = crate::oci::sha256_digest(&zstd);
         fs::write(path.join(&digest[7..]), zstd).unwrap();
         desc.digest = digest;
         desc.size = zstd.len() as u64;

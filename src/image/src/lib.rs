@@ -4,7 +4,8 @@
 //! layers (whiteouts, opaque directories, no escapes from the target),
 //! [`rootfs`] makes and caches the ext4 image, [`writer`] writes layouts
 //! (the bundled image and tests), [`busybox`] is the bundled default image.
-//! `husk image ...` (image_cmd.rs) is the command-line face of all this.
+//! `husk image ...` (the husk binary's image_cmd.rs) is the command-line
+//! face of all this; the containerd shim uses [`rootfs`] to make disks.
 
 pub mod busybox;
 pub mod layers;

@@ -1,0 +1,408 @@
+//! The bodies of husk's REST API, in the shapes of Firecracker's (the same
+//! field names, so its users, scripts and SDKs work unchanged). The VMM
+//! deserializes and checks them (`vmm::controller`), and the containerd
+//! shim builds and serializes them, so both sides of the socket agree at
+//! compile time. Nothing here knows about KVM or checks a value against the
+//! host: that is the VMM's job. The same bodies, gathered in one document
+//! ([`VmResources`]), are the `--config-file` format and what `GET
+//! /vm/config` returns.
+
+#![deny(missing_docs)]
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The most virtio devices (drives, network interfaces and the vsock
+/// together) a VM can have: one IOAPIC pin each, after the legacy devices.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+/// `PUT /machine-config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs.
+    pub vcpu_count: u8,
+    /// Guest memory in MiB.
+    pub mem_size_mib: u64,
+    /// Simultaneous multithreading (two threads per core).
+    #[serde(default)]
+    pub smt: bool,
+    /// Dirty page tracking (for snapshots; husk has none).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// CPU template ("None" only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// Huge pages ("None" only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            cpu_template: None,
+            huge_pages: None,
+        }
+    }
+}
+
+/// `PATCH /machine-config`: any subset of the fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    /// Number of vCPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_count: Option<u8>,
+    /// Guest memory in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_size_mib: Option<u64>,
+    /// Simultaneous multithreading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smt: Option<bool>,
+    /// Dirty page tracking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// CPU template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// Huge pages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl MachineConfigUpdate {
+    /// `base` with the given fields replaced.
+    pub fn apply(&self, base: &MachineConfig) -> MachineConfig {
+        MachineConfig {
+            vcpu_count: self.vcpu_count.unwrap_or(base.vcpu_count),
+            mem_size_mib: self.mem_size_mib.unwrap_or(base.mem_size_mib),
+            smt: self.smt.unwrap_or(base.smt),
+            track_dirty_pages: self.track_dirty_pages.unwrap_or(base.track_dirty_pages),
+            cpu_template: self.cpu_template.clone().or(base.cpu_template.clone()),
+            huge_pages: self.huge_pages.clone().or(base.huge_pages.clone()),
+        }
+    }
+}
+
+/// `PUT /boot-source`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSourceConfig {
+    /// The guest kernel (ELF vmlinux or bzImage).
+    pub kernel_image_path: PathBuf,
+    /// An initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<PathBuf>,
+    /// The kernel command line (the VMM's default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+}
+
+/// Firecracker's rate limiter object; husk accepts only its absence.
+pub type RateLimiter = Option<serde_json::Value>;
+
+/// `PUT /drives/{drive_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// The id (also the virtio-blk serial the guest sees).
+    pub drive_id: String,
+    /// The backing file.
+    pub path_on_host: PathBuf,
+    /// Boot from it (/dev/vda, `root=/dev/vda`).
+    pub is_root_device: bool,
+    /// Open it read-only and offer VIRTIO_BLK_F_RO.
+    #[serde(default)]
+    pub is_read_only: bool,
+    /// Root by partition UUID (unsupported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// "Unsafe" (default; flushes are honoured either way) or "Writeback".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    /// "Sync" only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    /// Unsupported; null or absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: RateLimiter,
+}
+
+impl Drive {
+    /// A drive with Firecracker's defaults for everything but its id, its
+    /// backing file and whether it is read-only.
+    pub fn new(
+        drive_id: impl Into<String>,
+        path_on_host: impl Into<PathBuf>,
+        read_only: bool,
+    ) -> Self {
+        Drive {
+            drive_id: drive_id.into(),
+            path_on_host: path_on_host.into(),
+            is_root_device: false,
+            is_read_only: read_only,
+            partuuid: None,
+            cache_type: None,
+            io_engine: None,
+            rate_limiter: None,
+        }
+    }
+}
+
+/// `PATCH /drives/{drive_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveUpdate {
+    /// The id.
+    pub drive_id: String,
+    /// The new backing file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<PathBuf>,
+    /// Unsupported; null or absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: RateLimiter,
+}
+
+/// `PUT /network-interfaces/{iface_id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// The id.
+    pub iface_id: String,
+    /// The tap device on the host (it must exist).
+    pub host_dev_name: String,
+    /// The guest's MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Unsupported; null or absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: RateLimiter,
+    /// Unsupported; null or absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: RateLimiter,
+}
+
+/// `PUT /vsock`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// The guest's context id (3 and up).
+    pub guest_cid: u64,
+    /// The host-side unix socket.
+    pub uds_path: PathBuf,
+    /// Deprecated in Firecracker; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+/// `PUT /logger`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    /// Where log lines go (appended); stderr when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<PathBuf>,
+    /// Error, Warning, Info, Debug, Trace or Off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// Print the level on each line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Print the source file and line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+    /// Only log from this module path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// `PUT /metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// The file (or FIFO) JSON lines are appended to.
+    pub metrics_path: PathBuf,
+}
+
+/// Everything put so far; `--config-file` and `GET /vm/config`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmResources {
+    /// `PUT /boot-source`.
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub boot_source: Option<BootSourceConfig>,
+    /// `PUT /drives/{id}`, in the order they were first put.
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    /// `PUT /machine-config` (defaults: 1 vCPU, 128 MiB).
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: MachineConfig,
+    /// `PUT /network-interfaces/{id}`.
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+    /// `PUT /vsock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Vsock>,
+    /// `PUT /logger`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<Logger>,
+    /// `PUT /metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `PUT /actions` action types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActionType {
+    /// Build and boot the configured VM.
+    InstanceStart,
+    /// Press Ctrl+Alt+Del on the guest's i8042 keyboard.
+    SendCtrlAltDel,
+    /// Write one metrics line now.
+    FlushMetrics,
+}
+
+/// `PUT /actions` body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    /// What to do.
+    pub action_type: ActionType,
+}
+
+/// `PATCH /vm` states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmStateRequest {
+    /// Stop the vCPUs.
+    Paused,
+    /// Let them run again.
+    Resumed,
+}
+
+/// `PATCH /vm` body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    /// The wanted state.
+    pub state: VmStateRequest,
+}
+
+/// The VM's state as `GET /` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    /// Configurable; no guest yet.
+    #[serde(rename = "Not started")]
+    NotStarted,
+    /// The guest runs.
+    Running,
+    /// The vCPUs are stopped.
+    Paused,
+}
+
+/// `GET /` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    /// The instance id (`--id`).
+    pub id: String,
+    /// Its state.
+    pub state: InstanceState,
+    /// husk's version.
+    pub vmm_version: String,
+    /// "husk".
+    pub app_name: String,
+}
+
+/// The body of every refusal (4xx and 5xx).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    /// What went wrong, for a person.
+    pub fault_message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_reject_unknown_and_missing_fields() {
+        assert!(serde_json::from_str::<MachineConfig>(r#"{"vcpu_count":1}"#).is_err());
+        assert!(serde_json::from_str::<MachineConfig>(
+            r#"{"vcpu_count":1,"mem_size_mib":64,"bogus":1}"#
+        )
+        .is_err());
+        assert!(
+            serde_json::from_str::<MachineConfig>(r#"{"vcpu_count":300,"mem_size_mib":64}"#)
+                .is_err()
+        );
+        let d: Drive = serde_json::from_str(
+            r#"{"drive_id":"rootfs","path_on_host":"/x","is_root_device":true}"#,
+        )
+        .unwrap();
+        assert!(!d.is_read_only);
+        assert!(serde_json::from_str::<VmResources>(r#"{"machine_config":{}}"#).is_err());
+    }
+
+    #[test]
+    fn what_a_client_sends_is_what_the_server_reads() {
+        // The shim's bodies, as Firecracker documents them.
+        let d = Drive::new("slot0", "/run/x.ext4", true);
+        assert_eq!(
+            serde_json::to_value(&d).unwrap(),
+            serde_json::json!({"drive_id": "slot0", "path_on_host": "/run/x.ext4",
+                               "is_root_device": false, "is_read_only": true})
+        );
+        let a = Action {
+            action_type: ActionType::InstanceStart,
+        };
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            r#"{"action_type":"InstanceStart"}"#
+        );
+        let p = DriveUpdate {
+            drive_id: "slot0".into(),
+            path_on_host: Some("/y".into()),
+            rate_limiter: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"drive_id":"slot0","path_on_host":"/y"}"#
+        );
+        let s = VmState {
+            state: VmStateRequest::Paused,
+        };
+        assert_eq!(serde_json::to_string(&s).unwrap(), r#"{"state":"Paused"}"#);
+        let info: InstanceInfo = serde_json::from_str(
+            r#"{"id":"p","state":"Not started","vmm_version":"0.1.0","app_name":"husk"}"#,
+        )
+        .unwrap();
+        assert_eq!(info.state, InstanceState::NotStarted);
+    }
+
+    #[test]
+    fn a_patch_replaces_only_what_it_names() {
+        let base = MachineConfig {
+            mem_size_mib: 256,
+            ..Default::default()
+        };
+        let patched = MachineConfigUpdate {
+            smt: Some(false),
+            vcpu_count: Some(4),
+            ..Default::default()
+        }
+        .apply(&base);
+        assert_eq!(
+            (patched.vcpu_count, patched.mem_size_mib, patched.smt),
+            (4, 256, false)
+        );
+    }
+}
