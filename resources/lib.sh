@@ -23,7 +23,7 @@ husk_install_packages() {
   # protobuf-compiler: the CRI client's gRPC code (k8s-cri) is generated at build
   # time; containerd, runc and the CNI plugins are the peers of the shim tests.
   ensure_packages build-essential pkg-config cpio busybox-static qemu-system-x86 kmod e2fsprogs curl umoci \
-    containerd runc containernetworking-plugins protobuf-compiler
+    containerd runc containernetworking-plugins protobuf-compiler shellcheck
   if ! command -v cargo >/dev/null; then
     log "cargo is missing: these machines carry a Rust toolchain through rustup (~/.cargo/bin)"
     return 1
@@ -40,4 +40,13 @@ husk_build_images() {
     HUSK_NODE_IMAGE=$("$repo/resources/node/build.sh")
     export HUSK_NODE_IMAGE
   fi
+}
+
+# Every shell script of the project through shellcheck: the entry points
+# and helpers (bash), and the inits that run in guests and in the node VM
+# (each names its dialect in a directive).
+husk_shellcheck() {
+  local repo=$1
+  (cd "$repo" && shellcheck -x resources/*.sh resources/*/*.sh guest-kernel-config/build.sh .ci/run \
+    resources/guest/test-init resources/guest/demo-init resources/node/init)
 }

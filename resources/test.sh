@@ -15,6 +15,8 @@ jobs=$(nproc)
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
+log "shellcheck"
+husk_shellcheck "$repo"
 log "cargo clippy"
 cargo clippy --locked -j"$jobs" --workspace --all-targets -- -D warnings
 log "building"

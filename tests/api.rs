@@ -546,10 +546,8 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitS
 fn sigterm_before_start_exits_and_removes_the_socket() {
     let mut api = Api::start("sigterm");
     // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(
-        unsafe { libc::kill(api.child.id() as i32, libc::SIGTERM) },
-        0
-    );
+    let rc = unsafe { libc::kill(api.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
     let status = wait_exit(&mut api.child, Duration::from_secs(5)).expect("husk exits on SIGTERM");
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
     assert!(!api.sock.exists());

@@ -120,6 +120,7 @@ mod tests {
             // SAFETY: the child only calls _exit.
             let pid = unsafe { libc::fork() };
             if pid == 0 {
+                // SAFETY: _exit(2) in the forked child, which touches nothing else.
                 unsafe { libc::_exit(code) };
             }
             pids.push(pid);

@@ -15,6 +15,8 @@
 //!        Vmm::run    ──► event loop until the guest resets or dies
 //! ```
 
+#![deny(missing_docs)]
+
 pub mod arch;
 pub mod boot;
 pub mod config;

@@ -43,9 +43,8 @@ impl TerminationFd {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: signalfd returned a new fd that nothing else owns.
-        Ok(TerminationFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(TerminationFd { fd })
     }
 
     /// The next pending signal, if any.

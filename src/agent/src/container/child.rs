@@ -4,6 +4,10 @@
 //! [`super::plan`] prepared and makes system calls, reporting a failure as
 //! (step, item, errno) on the close-on-exec pipe and exiting.
 
+// The per-call unsafe blocks this lint asks for come with the agent's
+// restructuring (issue 15); until then the child's unsafe fns are whole.
+#![allow(unsafe_op_in_unsafe_fn)]
+
 use std::ffi::CString;
 use std::os::fd::RawFd;
 
