@@ -258,5 +258,6 @@ fn handle(request: Request, pid1: bool) -> Result<Response, AgentError> {
             resources,
         } => container::update(&container_id, &resources),
         Request::RemoveContainer { container_id } => container::remove(&container_id),
+        Request::ListProcessStates => Ok(container::process_states()),
     }
 }

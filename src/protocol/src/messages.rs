@@ -155,6 +155,10 @@ pub enum Request {
         /// The container.
         container_id: String,
     },
+    /// Every process of every container not yet removed, with its exit
+    /// status once it has exited: what a host that lost its event stream
+    /// reads after reconnecting, to learn the exits it missed.
+    ListProcessStates,
     /// Stop every container, sync, and reset the guest (the VMM exits).
     Shutdown,
 }
@@ -334,6 +338,25 @@ pub enum Response {
         /// Guest pids.
         pids: Vec<u32>,
     },
+    /// ListProcessStates' answer.
+    ProcessStates {
+        /// One entry per process, containers' init processes and execs.
+        processes: Vec<ProcessState>,
+    },
+}
+
+/// One process the agent started, as ListProcessStates reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessState {
+    /// The process.
+    #[serde(flatten)]
+    pub process: ProcessRef,
+    /// Its pid in the guest.
+    pub pid: u32,
+    /// How it ended, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitStatus>,
 }
 
 /// How a process ended.
@@ -347,11 +370,12 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
-    /// The shell convention: the code, or 128 + the signal.
+    /// The shell convention: the code, or 128 + the signal (saturating:
+    /// the values come from the guest, which may send anything).
     pub fn as_shell_status(&self) -> i32 {
         match *self {
             ExitStatus::Code(c) => c,
-            ExitStatus::Signal(s) => 128 + s,
+            ExitStatus::Signal(s) => 128i32.saturating_add(s),
         }
     }
 }
@@ -538,5 +562,27 @@ mod tests {
         .is_err());
         assert!(serde_json::from_str::<Request>(r#"{"type":"start_container"}"#).is_err());
         assert_eq!(ExitStatus::Signal(9).as_shell_status(), 137);
+        assert_eq!(ExitStatus::Signal(i32::MAX).as_shell_status(), i32::MAX);
+    }
+
+    #[test]
+    fn process_states_travel_flat() {
+        let r = Response::ProcessStates {
+            processes: vec![ProcessState {
+                process: ProcessRef {
+                    container_id: "c1".into(),
+                    exec_id: Some("e1".into()),
+                },
+                pid: 42,
+                exit: Some(ExitStatus::Code(3)),
+            }],
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type": "process_states", "processes": [
+                {"container_id": "c1", "exec_id": "e1", "pid": 42, "exit": {"code": 3}}]})
+        );
+        assert_eq!(serde_json::from_value::<Response>(v).unwrap(), r);
     }
 }

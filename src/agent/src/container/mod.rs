@@ -565,6 +565,27 @@ pub fn remove(id: &str) -> Result<Response, AgentError> {
     Ok(Response::Ok)
 }
 
+/// ListProcessStates: every process of every container, init first.
+pub fn process_states() -> Response {
+    let state = |container_id: &str, exec_id: Option<&str>, p: &Proc| husk_protocol::ProcessState {
+        process: ProcessRef {
+            container_id: container_id.to_string(),
+            exec_id: exec_id.map(str::to_string),
+        },
+        pid: p.pid as u32,
+        exit: p.exit.status(),
+    };
+    let processes = table()
+        .iter()
+        .flat_map(|(id, c)| {
+            std::iter::once(state(id, None, &c.init))
+                .chain(c.execs.iter().map(|(e, p)| state(id, Some(e), p)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Response::ProcessStates { processes }
+}
+
 /// Kills every container's processes (Shutdown).
 pub fn kill_all() {
     for c in table().values() {
