@@ -23,6 +23,7 @@ pub mod config;
 pub mod controller;
 pub mod devices;
 pub mod exit;
+pub mod host_file;
 pub mod metrics;
 pub mod seccomp;
 pub mod signal;

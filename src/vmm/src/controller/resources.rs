@@ -12,6 +12,7 @@ pub use husk_api_types::{
 use crate::config::{DriveConfig, NetConfig, VsockConfig, MAX_VIRTIO_DEVICES, MIN_MEM_MIB};
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::net::MacAddr;
+use crate::host_file::Accept;
 
 /// The most vCPUs a VM can have (the MP table's limit).
 pub const MAX_VCPU_COUNT: u8 = crate::arch::x86_64::mptable::MAX_VCPUS;
@@ -125,26 +126,24 @@ impl Validate for MachineConfig {
     }
 }
 
-fn readable_file(what: &'static str, path: &Path) -> Result<(), ResourceError> {
-    let err = |reason: String| ResourceError::File {
+/// Checks that `path` can be opened for reading and names something `accept`
+/// takes: opened non-blocking and its type checked first, so a FIFO, a
+/// socket or a device is a clear refusal, never a hung VMM thread.
+fn readable_file(what: &'static str, path: &Path, accept: Accept) -> Result<(), ResourceError> {
+    crate::host_file::open(path, false, accept).map_err(|e| ResourceError::File {
         what,
         path: path.to_path_buf(),
-        reason,
-    };
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-    if meta.is_dir() {
-        return Err(err("is a directory".into()));
-    }
-    std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+        reason: e.to_string(),
+    })?;
     Ok(())
 }
 
 impl Validate for BootSourceConfig {
     /// The files exist and the command line fits.
     fn validate(&self) -> Result<(), ResourceError> {
-        readable_file("kernel image", &self.kernel_image_path)?;
+        readable_file("kernel image", &self.kernel_image_path, Accept::RegularFile)?;
         if let Some(initrd) = &self.initrd_path {
-            readable_file("initrd", initrd)?;
+            readable_file("initrd", initrd, Accept::RegularFile)?;
         }
         if let Some(args) = &self.boot_args {
             // Room is left for the devices husk appends.
@@ -191,7 +190,7 @@ impl ValidateAt for Drive {
     fn validate(&self, path_id: &str) -> Result<(), ResourceError> {
         same_id("drive", path_id, &self.drive_id)?;
         check_id("drive", &self.drive_id)?;
-        readable_file("drive", &self.path_on_host)?;
+        readable_file("drive", &self.path_on_host, Accept::FileOrBlockDevice)?;
         if self.partuuid.is_some() {
             return Err(ResourceError::Unsupported("partuuid"));
         }
@@ -225,7 +224,7 @@ impl ValidateAt for DriveUpdate {
         same_id("drive", path_id, &self.drive_id)?;
         check_id("drive", &self.drive_id)?;
         if let Some(p) = &self.path_on_host {
-            readable_file("drive", p)?;
+            readable_file("drive", p, Accept::FileOrBlockDevice)?;
         }
         no_rate_limiter(&self.rate_limiter)
     }

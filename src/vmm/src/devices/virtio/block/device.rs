@@ -1,7 +1,7 @@
 //! The virtio-blk device: a raw file as a disk, read-only or writable, with
 //! flush and GET_ID.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +23,7 @@ use crate::devices::virtio::{
     read_config_bytes, ActivateError, Interrupt, Rearm, VirtioDevice, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::host_file::Accept;
 use crate::metrics::BlockMetrics;
 
 /// A drive as configured.
@@ -80,9 +81,10 @@ pub struct Block {
 
 /// Opens a drive's backing: a regular file or a block device (an LVM
 /// volume, a devmapper thin device, a loop device), whose size only a seek
-/// to its end tells (its metadata says 0).
+/// to its end tells (its metadata says 0). Anything else (a FIFO, a
+/// socket, a character device) is refused without blocking.
 fn open_backing(path: &Path, read_only: bool) -> std::io::Result<(File, u64)> {
-    let mut file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+    let mut file = crate::host_file::open(path, !read_only, Accept::FileOrBlockDevice)?;
     let len = file.seek(SeekFrom::End(0))?;
     Ok((file, len))
 }
