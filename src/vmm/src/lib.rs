@@ -24,6 +24,7 @@ pub mod controller;
 pub mod devices;
 pub mod exit;
 pub mod host_file;
+pub mod log_limit;
 pub mod metrics;
 pub mod seccomp;
 pub mod signal;
