@@ -89,7 +89,8 @@ pub struct NetMetrics {
     pub rx_frames: Counter,
     /// Bytes delivered to the guest (virtio-net header included).
     pub rx_bytes: Counter,
-    /// Frames from the tap dropped (too large for the guest's buffer, runts).
+    /// Frames from the tap dropped (too large for the guest's buffer or the
+    /// device's, runts).
     pub rx_dropped: Counter,
     /// Frames the guest sent to the tap.
     pub tx_frames: Counter,

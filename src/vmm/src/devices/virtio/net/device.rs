@@ -354,6 +354,14 @@ impl Net {
                 match self.backend.read_frame(&mut self.rx_frame) {
                     Ok(n) if n < VNET_HDR_LEN => {
                         tracing::debug!(net = %self.id, len = n, "runt frame from the tap dropped");
+                        self.metrics.rx_dropped.inc();
+                        continue;
+                    }
+                    Ok(n) if n > self.rx_frame.len() => {
+                        // A tap reports the whole length of a frame it cut
+                        // to the buffer: what arrived is not the frame.
+                        tracing::debug!(net = %self.id, len = n, "frame larger than the device's buffer dropped");
+                        self.metrics.rx_dropped.inc();
                         continue;
                     }
                     Ok(n) => self.rx_pending = n,
@@ -1040,6 +1048,31 @@ pub(crate) mod tests {
             0,
             "TSO needs CSUM"
         );
+    }
+
+    #[test]
+    fn a_frame_longer_than_the_device_buffer_is_dropped_and_receive_goes_on() {
+        // A tap that cut a frame to the buffer reports its whole length
+        // (the socket-pair backend does the same): that frame is dropped
+        // and counted, the next ones arrive.
+        let m = mem();
+        let mut r = rig(None, false);
+        let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
+        let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
+        rxq.add_desc_chains(&[d(BUF, 2048, WRITE, 0), d(BUF2, 2048, WRITE, 0)], 0)
+            .unwrap();
+        activate(&mut r.net, &m, &rxq, &txq, 0);
+        r.peer
+            .send(&frame(MAX_FRAME_LEN - VNET_HDR_LEN + 100, 1))
+            .unwrap();
+        r.peer.send(&frame(100, 2)).unwrap();
+        assert_eq!(r.net.process_rx(), RxOutcome::Drained);
+        assert_eq!(used(&rxq), vec![(0, 112)]);
+        assert_eq!(r.net.metrics().rx_dropped.get(), 1);
+        // Receive is not wedged: a later frame gets the next buffer.
+        r.peer.send(&frame(60, 3)).unwrap();
+        assert_eq!(r.net.process_rx(), RxOutcome::Drained);
+        assert_eq!(used(&rxq), vec![(0, 112), (1, 72)]);
     }
 
     #[test]
