@@ -121,6 +121,9 @@ pub struct VsockMetrics {
     /// Times the once-a-second pass over the tx queue found packets there
     /// (under load usually ones whose notification was still to come).
     pub tx_found_by_timer: Counter,
+    /// Passes over the tx queue that stopped at the per-turn budget (a
+    /// queue's worth) with the guest still adding packets.
+    pub tx_budget_spent: Counter,
 }
 
 /// How long starting the VM took, set once per VM.
