@@ -11,6 +11,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 pub mod containerd;
+mod rerun;
+
+pub use rerun::{in_rerun, Rerun};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -328,6 +331,27 @@ impl Payload {
             output,
         }
     }
+}
+
+/// The running test's name: libtest runs each test on a thread named
+/// after it (`module::name` for tests in a module).
+pub fn test_name() -> String {
+    match std::thread::current().name() {
+        Some(name) if name != "main" => name.to_string(),
+        _ => panic!("test_name() called outside a test's own thread"),
+    }
+}
+
+/// Panics unless this process runs as root: for the tests marked
+/// `#[ignore = "needs root..."]`, which `--include-ignored` (resources/test.sh,
+/// as root) runs; run without root they fail rather than pass unseen.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (it is #[ignore]d for that reason; run it as root with --include-ignored)"
+    );
 }
 
 impl Drop for Payload {
