@@ -94,9 +94,9 @@ husk_test_summary() {
     $4 == "gave up" { gave_up++; next }
     { again++; by[$2]++ }
     END {
-      printf "; node VM booted again %d times (soft lockup: %d, panic: %d, silent stop: %d)", \
-        again, by["soft lockup"], by["panic"], by["silent stop"]
-      if (gave_up) printf ", failed on its second boot too %d times", gave_up
+      printf "; node VM booted again %d time%s (soft lockup: %d, panic: %d, silent stop: %d)", \
+        again, again == 1 ? "" : "s", by["soft lockup"], by["panic"], by["silent stop"]
+      if (gave_up) printf ", failed on its second boot too %d time%s", gave_up, gave_up == 1 ? "" : "s"
       printf "\n"
     }' "${failures:-/dev/null}"
 }
