@@ -478,8 +478,20 @@ fn blk(b: BlkBench) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-fn main() -> anyhow::Result<()> {
-    let out = match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    match dispatch(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The error and its causes, once each, on one line.
+            eprintln!("husk-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command; what it measured goes to stdout.
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let out = match cli.command {
         Bench::Boot(b) => boot(b)?,
         Bench::Blk(b) => blk(b)?,
         Bench::Api(b) => api::run(&b)?,

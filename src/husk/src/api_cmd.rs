@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use vmm::controller::{ActionType, Controller, Request, VmResources};
+use vmm::error::Chain;
 use vmm::metrics::Metrics;
 use vmm::seccomp::SeccompFilters;
 use vmm::signal::TerminationFd;
@@ -22,7 +23,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::api::{self, Call, VmmLink};
+use crate::api::{self, Call, Refusal, VmmLink};
 
 /// Flags of the API-driven VMM (no subcommand).
 #[derive(Args, Debug, Default)]
@@ -90,11 +91,12 @@ pub fn run(args: ApiArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         let resources: VmResources = serde_json::from_str(&text)
             .with_context(|| format!("invalid config file {}", file.display()))?;
         if let Some(logger) = &resources.logger {
-            crate::logger::configure(logger).context("config file logger")?;
+            crate::logger::configure(logger)
+                .with_context(|| format!("cannot set up logging from {}", file.display()))?;
         }
         controller
             .load(resources)
-            .with_context(|| format!("config file {}", file.display()))?;
+            .with_context(|| format!("cannot use the config file {}", file.display()))?;
     }
 
     let (calls_tx, calls) = mpsc::channel::<Call>();
@@ -155,21 +157,21 @@ fn wait_for_start(
     term: &TerminationFd,
 ) -> anyhow::Result<Started> {
     use std::os::fd::AsRawFd;
-    let epoll = Epoll::new().context("epoll")?;
+    let epoll = Epoll::new().context("cannot watch for API calls and signals")?;
     epoll
         .ctl(
             ControlOperation::Add,
             wake.as_raw_fd(),
             EpollEvent::new(EventSet::IN, WAKE),
         )
-        .context("epoll")?;
+        .context("cannot watch for API calls and signals")?;
     epoll
         .ctl(
             ControlOperation::Add,
             term.as_raw_fd(),
             EpollEvent::new(EventSet::IN, SIGNAL),
         )
-        .context("epoll")?;
+        .context("cannot watch for API calls and signals")?;
     let mut events = [EpollEvent::default(); 2];
     loop {
         let timeout = controller.periodic_metrics();
@@ -179,7 +181,7 @@ fn wait_for_start(
         match epoll.wait(ms, &mut events) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).context("epoll"),
+            Err(e) => return Err(e).context("cannot wait for API calls and signals"),
         }
         if let Some(sig) = term.read() {
             return Ok(Started::Signal(sig));
@@ -197,7 +199,8 @@ fn wait_for_start(
             // GET /vm/config. (After start the controller refuses it.)
             if let Request::PutLogger(cfg) = &call.request {
                 if let Err(e) = crate::logger::configure(cfg) {
-                    let _ = call.reply.send(Err(e.to_string()));
+                    tracing::debug!(error = %Chain(&e), "API request refused");
+                    let _ = call.reply.send(Err(Refusal::Logger(e)));
                     continue;
                 }
             }
@@ -209,8 +212,8 @@ fn wait_for_start(
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "API request refused");
-                    let _ = call.reply.send(Err(e.to_string()));
+                    tracing::debug!(error = %Chain(&e), "API request refused");
+                    let _ = call.reply.send(Err(Refusal::Action(e)));
                 }
             }
         }
@@ -240,14 +243,14 @@ fn run_vm(
         while let Ok(call) = calls.try_recv() {
             let reply = controller
                 .handle_running(vmm, call.request)
-                .map_err(|e| e.to_string());
+                .map_err(Refusal::Action);
             let _ = call.reply.send(reply);
         }
         controller.periodic_metrics();
     })?;
     if controller.resources().metrics.is_some() {
         if let Err(e) = controller.flush_metrics() {
-            tracing::warn!(error = %e, "final metrics");
+            tracing::warn!(error = %Chain(&e), "cannot write the final metrics");
         }
     }
     tracing::info!(%exit, "microVM ended");

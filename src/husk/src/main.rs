@@ -66,23 +66,6 @@ fn parse_thread_kind(s: &str) -> Result<ThreadKind, String> {
     ThreadKind::from_name(s).ok_or_else(|| format!("'{s}' is not a thread kind (vmm, api, vcpu)"))
 }
 
-/// The error and its causes on one line, skipping causes whose text an outer
-/// error already quotes (many of ours name their source in their message).
-fn render(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if msg.contains(&text) {
-            continue;
-        }
-        if !msg.is_empty() {
-            msg.push_str(": ");
-        }
-        msg.push_str(&text);
-    }
-    msg
-}
-
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
@@ -122,22 +105,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("husk: error: {}", render(&e));
+            // The error and its causes, once each: "cannot build the
+            // microVM: cannot read kernel /k: No such file or directory".
+            eprintln!("husk: error: {e:#}");
             ExitCode::from(1)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn render_skips_quoted_causes() {
-        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
-        let e = anyhow::Error::new(io)
-            .context("cannot read kernel /x: gone")
-            .context("cannot build");
-        assert_eq!(render(&e), "cannot build: cannot read kernel /x: gone");
     }
 }

@@ -28,7 +28,7 @@ use super::oci::{Descriptor, Layout, OciError};
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
     /// A file system operation in the target failed.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Io {
         /// The path in the target.
         path: PathBuf,
@@ -36,7 +36,7 @@ pub enum LayerError {
         source: io::Error,
     },
     /// The layer's tar stream is corrupt, or its blob fails verification.
-    #[error("cannot read layer {digest}: {source}")]
+    #[error("cannot read layer {digest}")]
     Read {
         /// The layer.
         digest: String,

@@ -25,10 +25,8 @@ pub const DEVICES: [(&str, u32); 3] = [
 ];
 
 fn cstr(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::Path {
-        step: "path has a NUL byte",
-        path: path.to_path_buf(),
-        source: io::Error::from(io::ErrorKind::InvalidInput),
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::NulByte {
+        what: format!("the path {}", path.display()),
     })
 }
 

@@ -22,6 +22,7 @@ pub mod boot;
 pub mod config;
 pub mod controller;
 pub mod devices;
+pub mod error;
 pub mod exit;
 pub mod metrics;
 pub mod seccomp;

@@ -30,6 +30,7 @@ use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::VirtioDevice;
+use crate::error::Flat;
 use crate::exit::{ExitNotifier, ResetTrigger, StopHandle, VmExit};
 use crate::metrics::Metrics;
 use crate::seccomp::{SeccompError, SeccompFilters, ThreadKind};
@@ -60,7 +61,7 @@ pub enum VmmError {
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
     /// The boot page tables or GDT could not be written.
-    #[error("cannot write the boot tables: {0}")]
+    #[error(transparent)]
     BootTables(#[from] regs::RegsError),
     /// The MP table could not be written.
     #[error(transparent)]
@@ -78,13 +79,13 @@ pub enum VmmError {
     #[error("no drive with id {0:?}")]
     NoSuchDrive(String),
     /// Two devices claim the same addresses.
-    #[error("device layout: {0}")]
+    #[error("cannot place a device on its bus")]
     Bus(#[from] BusError),
     /// KVM_GET_SUPPORTED_CPUID failed.
-    #[error("cannot read the CPUID KVM supports: {0}")]
-    SupportedCpuid(kvm_ioctls::Error),
+    #[error("cannot read the CPUID KVM supports")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
     /// The serial output file could not be opened.
-    #[error("cannot open serial output {path}: {source}")]
+    #[error("cannot open serial output {path}")]
     SerialOutput {
         /// The file.
         path: std::path::PathBuf,
@@ -92,7 +93,7 @@ pub enum VmmError {
         source: std::io::Error,
     },
     /// An eventfd, signal handler, thread or epoll operation failed.
-    #[error("{what}: {source}")]
+    #[error("cannot {what}")]
     Os {
         /// What was being done.
         what: &'static str,
@@ -100,8 +101,8 @@ pub enum VmmError {
         source: std::io::Error,
     },
     /// The event loop failed.
-    #[error("event loop: {0:?}")]
-    EventLoop(event_manager::Error),
+    #[error("the event loop failed")]
+    EventLoop(#[source] Flat<event_manager::Error>),
     /// Not every vCPU stopped for a pause in time; the VM keeps running.
     #[error("the vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
@@ -356,7 +357,8 @@ impl Vmm {
         )));
         pio.insert(i8042.clone(), i8042::I8042_BASE, i8042::I8042_PORTS)?;
 
-        let mut event_manager = EventManager::<Subscriber>::new().map_err(VmmError::EventLoop)?;
+        let mut event_manager =
+            EventManager::<Subscriber>::new().map_err(|e| VmmError::EventLoop(Flat(e)))?;
         let mut mmio = Bus::new();
         let mut slots = MmioSlots::new();
         let mut device_cmdline = String::new();
@@ -578,7 +580,9 @@ impl Vmm {
             if let Some(exit) = self.shared.exit.reason() {
                 break exit;
             }
-            self.event_manager.run().map_err(VmmError::EventLoop)?;
+            self.event_manager
+                .run()
+                .map_err(|e| VmmError::EventLoop(Flat(e)))?;
             on_wake(self);
         };
         self.stop_vcpus();

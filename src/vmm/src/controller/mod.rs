@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{SerialOutput, VmConfig};
+use crate::error::Chain;
 use crate::metrics::{Metrics, MetricsError, MetricsSink};
 use crate::seccomp::SeccompFilters;
 use crate::vmm::{Vmm, VmmError};
@@ -91,10 +92,10 @@ pub enum ActionError {
     #[error("the microVM is already {0}")]
     AlreadyInState(&'static str),
     /// The VM could not be built or started.
-    #[error("cannot start the microVM: {0}")]
-    Start(VmmError),
+    #[error("cannot start the microVM")]
+    Start(#[source] VmmError),
     /// A running VM refused an operation.
-    #[error("{0}")]
+    #[error(transparent)]
     Vmm(VmmError),
     /// Metrics could not be set up or written.
     #[error(transparent)]
@@ -391,7 +392,7 @@ impl Controller {
     pub fn periodic_metrics(&mut self) -> Duration {
         if self.sink.is_some() && self.last_flush.elapsed() >= METRICS_PERIOD {
             if let Err(e) = self.flush_metrics() {
-                tracing::warn!(error = %e, "periodic metrics");
+                tracing::warn!(error = %Chain(&e), "cannot write the periodic metrics");
                 self.last_flush = Instant::now();
             }
         }

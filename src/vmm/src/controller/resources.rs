@@ -20,7 +20,7 @@ pub const MAX_VCPU_COUNT: u8 = crate::arch::x86_64::mptable::MAX_VCPUS;
 pub const DEFAULT_BOOT_ARGS: &str = crate::config::DEFAULT_CMDLINE;
 
 /// A body or a value that cannot be accepted; the API answers 400.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ResourceError {
     /// vcpu_count out of range.
     #[error("vcpu_count must be between 1 and {MAX_VCPU_COUNT}, not {0}")]
@@ -49,15 +49,24 @@ pub enum ResourceError {
         /// From the body.
         body: String,
     },
-    /// A file the VM needs is not there.
-    #[error("{what} {path}: {reason}")]
+    /// A file the VM needs is not there or cannot be opened.
+    #[error("cannot read {what} {path}")]
     File {
         /// kernel image, initrd, drive.
         what: &'static str,
         /// The path.
         path: PathBuf,
         /// Why it cannot be used.
-        reason: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file the VM needs is a directory.
+    #[error("{what} {path} is a directory")]
+    Directory {
+        /// kernel image, initrd, drive.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
     },
     /// A second root drive.
     #[error("drive {0:?} cannot be the root device: another drive already is")]
@@ -126,16 +135,19 @@ impl Validate for MachineConfig {
 }
 
 fn readable_file(what: &'static str, path: &Path) -> Result<(), ResourceError> {
-    let err = |reason: String| ResourceError::File {
+    let err = |source| ResourceError::File {
         what,
         path: path.to_path_buf(),
-        reason,
+        source,
     };
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    let meta = std::fs::metadata(path).map_err(err)?;
     if meta.is_dir() {
-        return Err(err("is a directory".into()));
+        return Err(ResourceError::Directory {
+            what,
+            path: path.to_path_buf(),
+        });
     }
-    std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    std::fs::File::open(path).map_err(err)?;
     Ok(())
 }
 
@@ -387,13 +399,16 @@ mod tests {
         let mut m = MachineConfig::default();
         assert!(m.validate().is_ok());
         m.vcpu_count = 0;
-        assert_eq!(m.validate(), Err(ResourceError::VcpuCount(0)));
+        assert!(matches!(m.validate(), Err(ResourceError::VcpuCount(0))));
         m.vcpu_count = 2;
         m.mem_size_mib = 8;
-        assert_eq!(m.validate(), Err(ResourceError::MemSize(8)));
+        assert!(matches!(m.validate(), Err(ResourceError::MemSize(8))));
         m.mem_size_mib = 256;
         m.smt = true;
-        assert_eq!(m.validate(), Err(ResourceError::Unsupported("smt")));
+        assert!(matches!(
+            m.validate(),
+            Err(ResourceError::Unsupported("smt"))
+        ));
     }
 
     #[test]
@@ -422,38 +437,44 @@ mod tests {
         missing.path_on_host = "/nonexistent/husk".into();
         assert!(matches!(
             missing.validate("d"),
-            Err(ResourceError::File { .. })
+            Err(ResourceError::File { source, .. }) if source.kind() == std::io::ErrorKind::NotFound
+        ));
+        let mut directory = drive("d", false);
+        directory.path_on_host = std::env::temp_dir();
+        assert!(matches!(
+            directory.validate("d"),
+            Err(ResourceError::Directory { .. })
         ));
         let mut limited = drive("d", false);
         limited.rate_limiter = Some(serde_json::json!({"bandwidth": {}}));
-        assert_eq!(
+        assert!(matches!(
             limited.validate("d"),
             Err(ResourceError::Unsupported("rate limiting"))
-        );
+        ));
 
         let mut r = VmResources::default();
         put_drive(&mut r, drive("a", true)).unwrap();
-        assert_eq!(
+        assert!(matches!(
             put_drive(&mut r, drive("b", true)),
-            Err(ResourceError::SecondRoot("a".into()))
-        );
+            Err(ResourceError::SecondRoot(id)) if id == "a"
+        ));
         // Replacing the root drive itself is fine.
         put_drive(&mut r, drive("a", true)).unwrap();
         for i in 0..18 {
             put_drive(&mut r, drive(&format!("d{i}"), false)).unwrap();
         }
-        assert_eq!(
+        assert!(matches!(
             put_drive(&mut r, drive("one-more", false)),
             Err(ResourceError::TooManyDevices)
-        );
+        ));
         std::fs::remove_file(f).unwrap();
     }
 
     #[test]
     fn macs_taps_and_cids() {
         assert_eq!(
-            parse_mac("06:00:AC:10:00:02").map(|m| m.0),
-            Ok([6, 0, 0xac, 0x10, 0, 2])
+            parse_mac("06:00:AC:10:00:02").map(|m| m.0).ok(),
+            Some([6, 0, 0xac, 0x10, 0, 2])
         );
         for bad in [
             "",
@@ -480,7 +501,10 @@ mod tests {
             vsock_id: None,
         };
         assert!(vsock(3).validate().is_ok());
-        assert_eq!(vsock(2).validate(), Err(ResourceError::GuestCid(2)));
+        assert!(matches!(
+            vsock(2).validate(),
+            Err(ResourceError::GuestCid(2))
+        ));
     }
 
     #[test]

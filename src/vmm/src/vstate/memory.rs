@@ -4,6 +4,7 @@
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::layout::ram_regions;
+use crate::error::Flat;
 
 /// Errors while allocating guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -12,12 +13,12 @@ pub enum MemoryError {
     #[error("guest memory of {0} bytes does not fit the host's address space")]
     TooLarge(u64),
     /// mmap refused.
-    #[error("cannot map {size} bytes of guest memory: {source}")]
+    #[error("cannot map {size} bytes of guest memory")]
     Map {
         /// Requested size.
         size: u64,
-        /// The mapping error.
-        source: vm_memory::mmap::FromRangesError,
+        /// The mapping error (vm-memory's message names its cause).
+        source: Flat<vm_memory::mmap::FromRangesError>,
     },
 }
 
@@ -33,7 +34,7 @@ pub fn create(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .collect::<Result<Vec<_>, _>>()?;
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map {
         size: mem_size,
-        source,
+        source: Flat(source),
     })
 }
 

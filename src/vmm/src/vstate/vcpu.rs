@@ -16,6 +16,7 @@ use vm_memory::GuestAddress;
 
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::bus::Bus;
+use crate::error::Chain;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::metrics::Metrics;
 
@@ -23,7 +24,7 @@ use crate::metrics::Metrics;
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// KVM_CREATE_VCPU failed.
-    #[error("cannot create vCPU {index}: {source}")]
+    #[error("cannot create vCPU {index}")]
     Create {
         /// The vCPU index.
         index: u8,
@@ -31,7 +32,7 @@ pub enum VcpuError {
         source: kvm_ioctls::Error,
     },
     /// CPUID could not be built.
-    #[error("vCPU {index} CPUID: {source}")]
+    #[error("cannot build the CPUID of vCPU {index}")]
     Cpuid {
         /// The vCPU index.
         index: u8,
@@ -39,7 +40,7 @@ pub enum VcpuError {
         source: cpuid::CpuidError,
     },
     /// KVM_SET_CPUID2 failed.
-    #[error("cannot set vCPU {index} CPUID: {source}")]
+    #[error("cannot set vCPU {index} CPUID")]
     SetCpuid {
         /// The vCPU index.
         index: u8,
@@ -47,7 +48,7 @@ pub enum VcpuError {
         source: kvm_ioctls::Error,
     },
     /// MSR setup failed.
-    #[error("vCPU {index} MSRs: {source}")]
+    #[error("cannot set up the MSRs of vCPU {index}")]
     Msrs {
         /// The vCPU index.
         index: u8,
@@ -55,7 +56,7 @@ pub enum VcpuError {
         source: msr::MsrError,
     },
     /// Register setup failed.
-    #[error("vCPU {index} registers: {source}")]
+    #[error("cannot set up the registers of vCPU {index}")]
     Regs {
         /// The vCPU index.
         index: u8,
@@ -63,7 +64,7 @@ pub enum VcpuError {
         source: regs::RegsError,
     },
     /// LAPIC setup failed.
-    #[error("vCPU {index} local APIC: {source}")]
+    #[error("cannot set up the local APIC of vCPU {index}")]
     Lapic {
         /// The vCPU index.
         index: u8,
@@ -264,7 +265,7 @@ impl Vcpu {
                 rsp = format_args!("{:#x}", regs.rsp),
                 "vCPU stopped"
             ),
-            Err(e) => tracing::info!(error = %e, "vCPU stopped; registers unreadable"),
+            Err(e) => tracing::info!(error = %Chain(&e), "vCPU stopped; registers unreadable"),
         }
     }
 

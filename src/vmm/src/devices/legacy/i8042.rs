@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
+use crate::error::Chain;
 use crate::exit::ResetTrigger;
 
 /// Base port (data register 0x60; command/status at 0x64).
@@ -99,7 +100,7 @@ impl I8042 {
         }
         if let Some(irq) = &self.irq {
             if let Err(e) = irq.write(1) {
-                tracing::warn!(error = %e, "cannot raise the keyboard interrupt");
+                tracing::warn!(error = %Chain(&e), "cannot raise the keyboard interrupt");
             }
         }
     }

@@ -16,6 +16,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{status, VirtioDevice, INTERRUPT_CONFIG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::devices::bus::BusDevice;
+use crate::error::Chain;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -51,7 +52,7 @@ fn new_queues(sizes: &[u16]) -> Vec<Queue> {
         .filter_map(|max| match Queue::new(*max) {
             Ok(q) => Some(q),
             Err(e) => {
-                tracing::error!(max, error = %e, "invalid queue size; queue dropped");
+                tracing::error!(max, error = %Chain(&e), "invalid queue size; queue dropped");
                 None
             }
         })
@@ -135,8 +136,14 @@ impl MmioTransport {
         self.device().interrupt().ack(interrupt_bits);
     }
 
-    fn fail(&mut self, why: &str) {
-        tracing::warn!(why, "virtio device needs a reset");
+    /// Sets DEVICE_NEEDS_RESET and tells the driver; `why` (and the error
+    /// behind it, if any) goes to the log.
+    fn fail(&mut self, why: &str, error: Option<&dyn std::error::Error>) {
+        tracing::warn!(
+            why,
+            error = error.map(|e| tracing::field::display(Chain(e))),
+            "virtio device needs a reset"
+        );
         self.device_status |= status::DEVICE_NEEDS_RESET;
         self.device().interrupt().trigger(INTERRUPT_CONFIG);
     }
@@ -173,7 +180,7 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         if !self.has(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK) {
-            self.fail("DRIVER_OK before feature negotiation");
+            self.fail("DRIVER_OK before feature negotiation", None);
             return;
         }
         let expected = self.queues.len();
@@ -183,7 +190,7 @@ impl MmioTransport {
             .zip(&self.bad_size)
             .position(|(q, bad_size)| q.ready() && (*bad_size || !q.is_valid(&self.mem)))
         {
-            self.fail(&format!("queue {bad} is not valid for guest memory"));
+            self.fail(&format!("queue {bad} is not valid for guest memory"), None);
             return;
         }
         // The device gets its own copies; the transport keeps answering
@@ -202,12 +209,12 @@ impl MmioTransport {
         {
             Ok(ready) => ready,
             Err(e) => {
-                self.fail(&format!("cannot copy a queue: {e}"));
+                self.fail("cannot copy a queue", Some(&e));
                 return;
             }
         };
         if ready.len() != expected {
-            self.fail(&format!("{} of {expected} queues ready", ready.len()));
+            self.fail(&format!("{} of {expected} queues ready", ready.len()), None);
             return;
         }
         let mem = self.mem.clone();
@@ -215,7 +222,7 @@ impl MmioTransport {
         let result = self.device().activate(mem, ready, features);
         match result {
             Ok(()) => self.activated = true,
-            Err(e) => self.fail(&e.to_string()),
+            Err(e) => self.fail("the device cannot be activated", Some(&e)),
         }
     }
 

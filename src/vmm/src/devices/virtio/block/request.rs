@@ -18,6 +18,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{ID_BYTES, SECTOR_SIZE};
+use crate::error::Chain;
 
 /// Why a chain is not a valid request.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -242,7 +243,7 @@ impl Request {
                 Ok(()) if self.kind == RequestType::In => (VIRTIO_BLK_S_OK, len as u32),
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
-                    tracing::warn!(error = %e, "virtio-blk I/O failed");
+                    tracing::warn!(error = %Chain(&e), "virtio-blk I/O failed");
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
             };
@@ -260,7 +261,7 @@ impl Request {
                 mem.write_all_volatile_to(*addr, file, n)
             };
             if let Err(e) = r {
-                tracing::warn!(error = %e, "virtio-blk I/O failed");
+                tracing::warn!(error = %Chain(&e), "virtio-blk I/O failed");
                 return (VIRTIO_BLK_S_IOERR, written);
             }
             if self.kind == RequestType::In {

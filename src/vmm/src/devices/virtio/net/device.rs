@@ -24,6 +24,7 @@ use crate::devices::virtio::{
     read_config_bytes, ActivateError, Interrupt, Rearm, VirtioDevice, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::error::Chain;
 
 /// Frames moved per event before the event loop gets a turn again.
 const BUDGET: usize = QUEUE_SIZE as usize;
@@ -32,7 +33,7 @@ const BUDGET: usize = QUEUE_SIZE as usize;
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     /// The tap cannot be used.
-    #[error("network interface {id}: {source}")]
+    #[error("cannot set up network interface {id}")]
     Tap {
         /// Interface id.
         id: String,
@@ -40,7 +41,7 @@ pub enum NetError {
         source: TapError,
     },
     /// An eventfd could not be created.
-    #[error("cannot create network interface {id} eventfds: {source}")]
+    #[error("cannot create network interface {id} eventfds")]
     EventFd {
         /// Interface id.
         id: String,
@@ -301,7 +302,7 @@ impl Net {
 
     fn lose_backend(&mut self, e: &std::io::Error) {
         if !self.backend_gone {
-            tracing::error!(net = %self.id, error = %e, "the tap failed; the interface stops passing traffic");
+            tracing::error!(net = %self.id, error = %Chain(&e), "the tap failed; the interface stops passing traffic");
         }
         self.backend_gone = true;
         self.rx_pending = 0;
@@ -328,7 +329,7 @@ impl Net {
             Ok(true) => interrupt.trigger(INTERRUPT_USED_RING),
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(net = %id, error = %e, "used ring unreadable");
+                tracing::warn!(net = %id, error = %Chain(&e), "used ring unreadable");
                 interrupt.trigger(INTERRUPT_USED_RING);
             }
         }
@@ -346,7 +347,7 @@ impl Net {
         // deliver_pending asks for them again then.
         if let State::Active { mem, rx, .. } = &mut self.state {
             if let Err(e) = rx.disable_notification(&*mem) {
-                tracing::debug!(net = %self.id, error = %e, "cannot suppress rx notifications");
+                tracing::debug!(net = %self.id, error = %Chain(&e), "cannot suppress rx notifications");
             }
         }
         for _ in 0..BUDGET {
@@ -404,7 +405,7 @@ impl Net {
                     Ok(true) => continue,
                     Ok(false) => return None,
                     Err(e) => {
-                        tracing::debug!(net = %self.id, error = %e, "cannot re-arm rx notifications");
+                        tracing::debug!(net = %self.id, error = %Chain(&e), "cannot re-arm rx notifications");
                         return None;
                     }
                 }
@@ -435,7 +436,7 @@ impl Net {
                     self.metrics.rx_bytes.add(len as u64);
                     // len <= MAX_FRAME_LEN fits in u32.
                     if let Err(e) = rx.add_used(&*mem, head, len as u32) {
-                        tracing::warn!(net = %self.id, error = %e, "cannot return an rx buffer");
+                        tracing::warn!(net = %self.id, error = %Chain(&e), "cannot return an rx buffer");
                     }
                     return Some(true);
                 }
@@ -449,10 +450,10 @@ impl Net {
                     return Some(false);
                 }
                 Err(e) => {
-                    tracing::debug!(net = %self.id, error = %e, "bad rx chain refused");
+                    tracing::debug!(net = %self.id, error = %Chain(&e), "bad rx chain refused");
                     self.metrics.invalid_chains.inc();
                     if let Err(e) = rx.add_used(&*mem, head, 0) {
-                        tracing::warn!(net = %self.id, error = %e, "cannot return an rx buffer");
+                        tracing::warn!(net = %self.id, error = %Chain(&e), "cannot return an rx buffer");
                         return None;
                     }
                 }
@@ -472,7 +473,7 @@ impl Net {
         // No kicks while the queue is drained; re-armed before waiting
         // again, and whatever slipped in meanwhile is served first.
         if let Err(e) = tx.disable_notification(&*mem) {
-            tracing::debug!(net = %self.id, error = %e, "cannot suppress tx notifications");
+            tracing::debug!(net = %self.id, error = %Chain(&e), "cannot suppress tx notifications");
         }
         let mut rearm = Rearm::default();
         while completed < BUDGET && !broken {
@@ -480,13 +481,13 @@ impl Net {
                 match rearm.rearm(tx, mem) {
                     Ok(true) => {
                         if let Err(e) = tx.disable_notification(&*mem) {
-                            tracing::debug!(net = %self.id, error = %e, "cannot suppress tx notifications");
+                            tracing::debug!(net = %self.id, error = %Chain(&e), "cannot suppress tx notifications");
                         }
                         continue;
                     }
                     Ok(false) => break,
                     Err(e) => {
-                        tracing::debug!(net = %self.id, error = %e, "cannot re-arm tx notifications");
+                        tracing::debug!(net = %self.id, error = %Chain(&e), "cannot re-arm tx notifications");
                         break;
                     }
                 }
@@ -521,25 +522,25 @@ impl Net {
                         }
                         Err(e) if is_fatal_write_error(&e) => {
                             if !self.backend_gone {
-                                tracing::error!(net = %self.id, error = %e, "the tap failed; the interface stops passing traffic");
+                                tracing::error!(net = %self.id, error = %Chain(&e), "the tap failed; the interface stops passing traffic");
                             }
                             self.backend_gone = true;
                             self.rx_pending = 0;
                         }
                         Err(e) => {
                             self.metrics.tx_errors.inc();
-                            tracing::debug!(net = %self.id, error = %e, "tx frame dropped");
+                            tracing::debug!(net = %self.id, error = %Chain(&e), "tx frame dropped");
                         }
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
                     self.metrics.invalid_chains.inc();
-                    tracing::debug!(net = %self.id, error = %e, "bad tx chain refused");
+                    tracing::debug!(net = %self.id, error = %Chain(&e), "bad tx chain refused");
                 }
             }
             if let Err(e) = tx.add_used(&*mem, head, 0) {
-                tracing::warn!(net = %self.id, error = %e, "cannot return a tx buffer");
+                tracing::warn!(net = %self.id, error = %Chain(&e), "cannot return a tx buffer");
                 broken = true;
                 continue;
             }
@@ -603,7 +604,7 @@ impl VirtioDevice for Net {
         let offloads = tun_offloads(acked_features);
         if let Err(e) = self.backend.set_offload(offloads) {
             // The tap then checksums and segments itself: slower, still right.
-            tracing::warn!(net = %self.id, error = %e, offloads, "the tap refused the negotiated offloads");
+            tracing::warn!(net = %self.id, error = %Chain(&e), offloads, "the tap refused the negotiated offloads");
         }
         self.state = State::Active { mem, rx, tx };
         // Let the event loop look at both queues (and resume polling the

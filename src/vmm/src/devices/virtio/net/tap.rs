@@ -27,10 +27,10 @@ pub enum TapError {
     #[error("tap {0} does not exist (create it first, e.g. `ip tuntap add {0} mode tap`)")]
     NotFound(String),
     /// /dev/net/tun cannot be opened.
-    #[error("cannot open /dev/net/tun: {0}")]
-    OpenTun(std::io::Error),
+    #[error("cannot open /dev/net/tun")]
+    OpenTun(#[source] std::io::Error),
     /// An ioctl on the tap failed.
-    #[error("tap {name}: {what} failed: {source}")]
+    #[error("tap {name}: {what} failed")]
     Ioctl {
         /// The interface.
         name: String,

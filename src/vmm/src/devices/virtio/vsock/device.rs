@@ -23,6 +23,7 @@ use crate::devices::virtio::{
 };
 
 pub use crate::config::VsockConfig;
+use crate::error::Chain;
 
 /// Errors setting up the device.
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +38,8 @@ pub enum VsockError {
     #[error("vsock socket path {0} exists and is not a socket")]
     NotASocket(PathBuf),
     /// An eventfd or the timer could not be created.
-    #[error("cannot create vsock eventfds: {0}")]
-    EventFd(std::io::Error),
+    #[error("cannot create vsock eventfds")]
+    EventFd(#[source] std::io::Error),
 }
 
 struct Active {
@@ -192,11 +193,11 @@ impl Vsock {
                 }
                 Err(e) => {
                     self.metrics.invalid_chains.inc();
-                    tracing::debug!(error = %e, "bad vsock tx chain");
+                    tracing::debug!(error = %Chain(&e), "bad vsock tx chain");
                 }
             }
             if let Err(e) = a.tx.add_used(&a.mem, head, 0) {
-                tracing::warn!(error = %e, "cannot return a vsock tx buffer");
+                tracing::warn!(error = %Chain(&e), "cannot return a vsock tx buffer");
                 break;
             }
             served += 1;
@@ -228,7 +229,7 @@ impl Vsock {
                     let n = b
                         .write_packet(&a.mem, &hdr, self.muxer.payload(hdr.len))
                         .unwrap_or_else(|e| {
-                            tracing::debug!(error = %e, "vsock rx write failed");
+                            tracing::debug!(error = %Chain(&e), "vsock rx write failed");
                             0
                         });
                     self.metrics.rx_packets.inc();
@@ -242,12 +243,12 @@ impl Vsock {
                 }
                 Err(e) => {
                     self.metrics.invalid_chains.inc();
-                    tracing::debug!(error = %e, "bad vsock rx chain");
+                    tracing::debug!(error = %Chain(&e), "bad vsock rx chain");
                     0
                 }
             };
             if let Err(e) = a.rx.add_used(&a.mem, head, written) {
-                tracing::warn!(error = %e, "cannot return a vsock rx buffer");
+                tracing::warn!(error = %Chain(&e), "cannot return a vsock rx buffer");
                 break;
             }
             used = true;
