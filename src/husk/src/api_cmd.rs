@@ -66,8 +66,17 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
             path.display()
         );
     }
-    UnixListener::bind(path)
-        .with_context(|| format!("cannot bind the API socket {}", path.display()))
+    // Bound (and listening) under a temporary name in the same directory,
+    // then renamed into place: a client that sees the path can connect.
+    let tmp = path.with_file_name(format!(".husk-api-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)
+        .with_context(|| format!("cannot bind the API socket {}", tmp.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot move the API socket to {}", path.display()));
+    }
+    Ok(listener)
 }
 
 /// Runs the VMM until its guest ends; returns the exit status.
