@@ -1,37 +1,99 @@
 //! Serving the host: one thread per connection. The first frame of a
 //! connection ([`Hello`]) names its channel; a control channel then carries
-//! requests and replies until it closes. Nothing a host sends can end the
-//! agent: a malformed frame gets an error reply (or, when the stream cannot
-//! be resynchronised, the connection is closed), never a panic.
+//! requests and replies until it closes, a stdio channel one stream of one
+//! process, an event channel is handed to the event publisher
+//! ([`crate::events`]). Nothing a host sends can end the agent: a malformed
+//! frame gets an error reply (or, when the stream cannot be
+//! resynchronised, the connection is closed), never a panic.
+//!
+//! The server knows the rest of the agent only through [`Agent`], one
+//! method per request, and the host only through
+//! [`crate::transport::Stream`]; its unit tests put fakes behind both.
 
-use std::io::Write;
-use std::sync::Mutex;
+use std::io::Read;
+use std::sync::Arc;
 
 use husk_protocol::frame::{self, FrameError};
 use husk_protocol::{
-    Accepted, AgentError, Channel, ErrorCode, Hello, ReplyFrame, Request, RequestFrame, Response,
+    Accepted, AgentError, Channel, CreateContainer, ErrorCode, ExitStatus, Hello, ProcessRef,
+    ProcessState, ReplyFrame, Request, RequestFrame, Response, Sandbox, Stats, StdioStream,
     PROTOCOL_VERSION,
 };
+use oci_spec::runtime::{LinuxResources, Process};
 
-use crate::container;
+use crate::config::Listen;
+use crate::container::stdio::Attachment;
+use crate::events::Events;
 use crate::transport::{Listener, Stream};
-use crate::{log, Options};
+use crate::{error, log};
 
-/// Event-stream subscribers.
-static EVENT_SINKS: Mutex<Vec<Box<dyn Stream>>> = Mutex::new(Vec::new());
+/// What the server asks of the agent: one method per request. The real
+/// one is [`crate::runtime::Runtime`].
+pub trait Agent: Send + Sync {
+    /// CreateSandbox.
+    fn create_sandbox(&self, sandbox: &Sandbox) -> Result<(), AgentError>;
+    /// CreateContainer: the init's pid.
+    fn create_container(&self, request: CreateContainer) -> Result<u32, AgentError>;
+    /// StartContainer.
+    fn start_container(&self, id: &str) -> Result<(), AgentError>;
+    /// ExecProcess: the new process's pid.
+    fn exec_process(&self, id: &str, exec_id: &str, process: &Process) -> Result<u32, AgentError>;
+    /// WaitProcess (blocks until the process has exited).
+    fn wait_process(&self, process: &ProcessRef) -> Result<ExitStatus, AgentError>;
+    /// SignalProcess.
+    fn signal_process(
+        &self,
+        process: &ProcessRef,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), AgentError>;
+    /// ResizeTty.
+    fn resize_tty(&self, process: &ProcessRef, rows: u16, cols: u16) -> Result<(), AgentError>;
+    /// CloseStdin.
+    fn close_stdin(&self, process: &ProcessRef) -> Result<(), AgentError>;
+    /// StatsContainer.
+    fn stats(&self, id: &str) -> Result<Stats, AgentError>;
+    /// ListProcesses: the container's pids.
+    fn list_processes(&self, id: &str) -> Result<Vec<u32>, AgentError>;
+    /// UpdateContainer.
+    fn update_container(&self, id: &str, resources: &LinuxResources) -> Result<(), AgentError>;
+    /// RemoveContainer.
+    fn remove_container(&self, id: &str) -> Result<(), AgentError>;
+    /// ListProcessStates.
+    fn process_states(&self) -> Vec<ProcessState>;
+    /// A stdio channel's stream of one process.
+    fn attach(&self, process: &ProcessRef, stream: StdioStream) -> Result<Attachment, AgentError>;
+    /// Shutdown, after its reply went out: stop the containers and end the
+    /// guest (the real agent does not return).
+    fn shutdown(&self);
+}
 
-/// Accepts connections until the listener fails.
-pub fn serve(opts: &Options) -> std::io::Result<()> {
-    let listener = match &opts.unix {
-        Some(path) => Listener::unix(path)?,
-        None => Listener::vsock(opts.port)?,
+/// Why the agent cannot serve the host.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listening socket could not be made.
+    #[error("cannot listen on {at}")]
+    Listen {
+        /// Where.
+        at: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Listens where `listen` says and serves every connection on a thread of
+/// its own; returns only if it cannot listen.
+pub fn serve(listen: &Listen, agent: Arc<dyn Agent>, events: Events) -> Result<(), ServeError> {
+    let (listener, at) = match listen {
+        Listen::Unix(path) => (Listener::unix(path), path.display().to_string()),
+        Listen::Vsock(port) => (Listener::vsock(*port), format!("vsock port {port}")),
     };
-    match &opts.unix {
-        Some(p) => log::info(&format!("listening on {}", p.display())),
-        None => log::info(&format!("listening on vsock port {}", opts.port)),
-    }
-    let pid1 = opts.pid1;
-    container::init(pid1);
+    let listener = listener.map_err(|source| ServeError::Listen {
+        at: at.clone(),
+        source,
+    })?;
+    log::info(&format!("listening on {at}"));
     loop {
         let conn = match listener.accept() {
             Ok(c) => c,
@@ -42,9 +104,10 @@ pub fn serve(opts: &Options) -> std::io::Result<()> {
                 continue;
             }
         };
+        let (agent, events) = (agent.clone(), events.clone());
         let spawned = std::thread::Builder::new()
             .name("husk-agent-conn".into())
-            .spawn(move || connection(conn, pid1));
+            .spawn(move || connection(conn, &*agent, &events));
         if let Err(e) = spawned {
             log::warn(&format!("cannot start a connection thread: {e}"));
         }
@@ -61,16 +124,15 @@ fn accept_reply(mut conn: &mut dyn Stream, error: Option<AgentError>) -> Result<
     )
 }
 
-fn connection(mut conn: Box<dyn Stream>, pid1: bool) {
+/// Serves one connection until it closes.
+pub fn connection(mut conn: Box<dyn Stream>, agent: &dyn Agent, events: &Events) {
     let hello: Hello = match frame::read_frame(&mut conn) {
         Ok(h) => h,
         Err(FrameError::Closed) => return,
         Err(e) => {
-            log::debug(&format!("bad hello: {e}"));
-            let _ = accept_reply(
-                &mut *conn,
-                Some(AgentError::new(ErrorCode::InvalidMessage, e.to_string())),
-            );
+            let error = error::reply_from(ErrorCode::InvalidMessage, &e);
+            log::debug(&format!("bad hello: {}", error.message));
+            let _ = accept_reply(&mut *conn, Some(error));
             return;
         }
     };
@@ -90,82 +152,61 @@ fn connection(mut conn: Box<dyn Stream>, pid1: bool) {
     match hello.channel {
         Channel::Control => {
             if accept_reply(&mut *conn, None).is_ok() {
-                control(conn, pid1);
+                control(conn, agent);
             }
         }
-        Channel::Events => {
-            if accept_reply(&mut *conn, None).is_ok() {
-                events(conn);
-            }
-        }
+        Channel::Events => subscribe(conn, events),
         Channel::Stdio {
             container_id,
             exec_id,
             stream,
-        } => match crate::container::attach(&container_id, exec_id.as_deref(), stream) {
-            Ok(attachment) => {
-                if accept_reply(&mut *conn, None).is_ok() {
-                    attachment.run(conn);
+        } => {
+            let process = ProcessRef {
+                container_id,
+                exec_id,
+            };
+            match agent.attach(&process, stream) {
+                Ok(attachment) => {
+                    if accept_reply(&mut *conn, None).is_ok() {
+                        attachment.run(conn);
+                    }
+                }
+                Err(e) => {
+                    let _ = accept_reply(&mut *conn, Some(e));
                 }
             }
-            Err(e) => {
-                let _ = accept_reply(&mut *conn, Some(e));
-            }
-        },
+        }
     }
 }
 
-/// Sends `event` to every subscriber; one that cannot take it is dropped.
-pub fn publish(event: &husk_protocol::Event) {
-    let Ok(bytes) = frame::encode(event) else {
-        return;
-    };
-    EVENT_SINKS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain_mut(|s| s.write_all(&bytes).is_ok());
-}
-
-/// Keeps an event subscriber until it hangs up.
-fn events(conn: Box<dyn Stream>) {
+/// An event channel: the publisher answers the Hello and owns the
+/// connection's writing; this thread only notices the host hanging up (or
+/// the publisher shutting the connection down) and then unsubscribes.
+fn subscribe(conn: Box<dyn Stream>, events: &Events) {
     let mut reader = match conn.try_clone_stream() {
         Ok(r) => r,
         Err(e) => {
-            log::warn(&format!("event stream: {e}"));
+            let mut conn = conn;
+            let _ = accept_reply(
+                &mut *conn,
+                Some(error::reply(
+                    ErrorCode::System,
+                    "cannot keep the event connection",
+                    &e,
+                )),
+            );
             return;
         }
     };
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&*conn);
-    // Events are written from the reaper's thread: a host that stops
-    // reading must not hold up reaping for long (it is dropped instead).
-    let timeout = libc::timeval {
-        tv_sec: 1,
-        tv_usec: 0,
-    };
-    // SAFETY: SO_SNDTIMEO with a timeval of the size passed.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    EVENT_SINKS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(conn);
-    // The host sends nothing on this channel; EOF means it went away.
+    let id = events.subscribe(conn);
+    // The host sends nothing on this channel; end of file means it went
+    // away, or the publisher closed the connection.
     let mut buf = [0u8; 64];
     while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
-    EVENT_SINKS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|s| std::os::fd::AsRawFd::as_raw_fd(&**s) != fd);
+    events.unsubscribe(id);
 }
 
-fn control(mut conn: Box<dyn Stream>, pid1: bool) {
+fn control(mut conn: Box<dyn Stream>, agent: &dyn Agent) {
     loop {
         let raw = match frame::read_raw(&mut conn) {
             Ok(Some(raw)) => raw,
@@ -177,7 +218,7 @@ fn control(mut conn: Box<dyn Stream>, pid1: bool) {
                     &mut conn,
                     &ReplyFrame {
                         id: 0,
-                        reply: Err(AgentError::new(ErrorCode::InvalidMessage, e.to_string())),
+                        reply: Err(error::reply_from(ErrorCode::InvalidMessage, &e)),
                     },
                 );
                 return;
@@ -186,7 +227,7 @@ fn control(mut conn: Box<dyn Stream>, pid1: bool) {
         let (id, reply, shutdown) = match serde_json::from_slice::<RequestFrame>(&raw) {
             Ok(RequestFrame { id, request }) => {
                 let shutdown = matches!(request, Request::Shutdown);
-                (id, handle(request, pid1), shutdown)
+                (id, handle(agent, request), shutdown)
             }
             Err(e) => {
                 // Keep the id if the frame has one, so the host can match it.
@@ -196,7 +237,7 @@ fn control(mut conn: Box<dyn Stream>, pid1: bool) {
                     .unwrap_or(0);
                 (
                     id,
-                    Err(AgentError::new(ErrorCode::InvalidMessage, e.to_string())),
+                    Err(error::reply_from(ErrorCode::InvalidMessage, &e)),
                     false,
                 )
             }
@@ -206,58 +247,66 @@ fn control(mut conn: Box<dyn Stream>, pid1: bool) {
             return;
         }
         if shutdown && ok {
-            crate::container::kill_all();
-            crate::init::shutdown(pid1);
+            agent.shutdown();
+            return;
         }
     }
 }
 
-fn handle(request: Request, pid1: bool) -> Result<Response, AgentError> {
+/// Routes one request to the agent and shapes its reply.
+pub fn handle(agent: &dyn Agent, request: Request) -> Result<Response, AgentError> {
     log::debug(&format!("request {request:?}"));
     match request {
         Request::Ping => Ok(Response::Pong {
             version: PROTOCOL_VERSION,
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         }),
-        Request::CreateSandbox(s) => {
-            let root = if pid1 {
-                std::path::PathBuf::from("/")
-            } else {
-                // Host-side: files go under a scratch root, the system is
-                // left alone.
-                std::env::var_os("HUSK_AGENT_ROOT")
-                    .map(Into::into)
-                    .unwrap_or_else(|| std::env::temp_dir().join("husk-agent-root"))
-            };
-            crate::sandbox::apply(&s, &root, pid1).map(|()| Response::Ok)
-        }
+        Request::CreateSandbox(s) => agent.create_sandbox(&s).map(|()| Response::Ok),
         Request::Shutdown => Ok(Response::Ok),
-        Request::CreateContainer(c) => container::create(c),
-        Request::StartContainer { container_id } => container::start(&container_id),
+        Request::CreateContainer(c) => agent
+            .create_container(c)
+            .map(|pid| Response::Started { pid }),
+        Request::StartContainer { container_id } => {
+            agent.start_container(&container_id).map(|()| Response::Ok)
+        }
         Request::ExecProcess {
             container_id,
             exec_id,
             process,
-        } => container::exec(&container_id, &exec_id, &process),
-        Request::WaitProcess(p) => container::wait(&p),
+        } => agent
+            .exec_process(&container_id, &exec_id, &process)
+            .map(|pid| Response::Started { pid }),
+        Request::WaitProcess(p) => agent.wait_process(&p).map(Response::Exited),
         Request::SignalProcess {
             process,
             signal,
             all,
-        } => container::signal(&process, signal, all),
+        } => agent
+            .signal_process(&process, signal, all)
+            .map(|()| Response::Ok),
         Request::ResizeTty {
             process,
             rows,
             cols,
-        } => container::resize(&process, rows, cols),
-        Request::CloseStdin(p) => container::close_stdin(&p),
-        Request::StatsContainer { container_id } => container::stats(&container_id),
-        Request::ListProcesses { container_id } => container::list(&container_id),
+        } => agent
+            .resize_tty(&process, rows, cols)
+            .map(|()| Response::Ok),
+        Request::CloseStdin(p) => agent.close_stdin(&p).map(|()| Response::Ok),
+        Request::StatsContainer { container_id } => agent.stats(&container_id).map(Response::Stats),
+        Request::ListProcesses { container_id } => agent
+            .list_processes(&container_id)
+            .map(|pids| Response::Processes { pids }),
         Request::UpdateContainer {
             container_id,
             resources,
-        } => container::update(&container_id, &resources),
-        Request::RemoveContainer { container_id } => container::remove(&container_id),
-        Request::ListProcessStates => Ok(container::process_states()),
+        } => agent
+            .update_container(&container_id, &resources)
+            .map(|()| Response::Ok),
+        Request::RemoveContainer { container_id } => {
+            agent.remove_container(&container_id).map(|()| Response::Ok)
+        }
+        Request::ListProcessStates => Ok(Response::ProcessStates {
+            processes: agent.process_states(),
+        }),
     }
 }

@@ -30,7 +30,7 @@ use husk_protocol::{AgentError, ErrorCode, ProcessRef};
 use super::cgroup::Cgroup;
 use super::child::{child, ChildFds, Step, STEPS};
 use super::plan::Plan;
-use crate::reaper::{self, Exit};
+use crate::reaper::{Exit, Reaper};
 
 /// The fds a child gets for its stdio (the agent keeps the other ends).
 pub enum ChildStdio {
@@ -72,12 +72,13 @@ fn open_ns(path: &std::path::Path) -> Result<OwnedFd, AgentError> {
     })
 }
 
-/// Clones a process for `plan`; `pidns` is a running container's pid
+/// Clones a process for `plan`, registered with `reaper`; `pidns` is a running container's pid
 /// namespace to clone into (else the one `plan` names by path, if any);
 /// `join` the namespaces the child enters (fds,
 /// CLONE_NEW* types); `maps` the user namespace's uid and gid maps.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
+    reaper: &Reaper,
     plan: &Plan,
     who: ProcessRef,
     stdio: ChildStdio,
@@ -138,7 +139,7 @@ pub fn spawn(
         keep: &keep,
     };
 
-    let table = reaper::lock();
+    let table = reaper.lock();
     let own_pidns = match pidns {
         Some(target) => {
             let own = File::open("/proc/thread-self/ns/pid")
