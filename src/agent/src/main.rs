@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     let signals = match signals::block() {
         Ok(fd) => Some(fd),
         Err(e) => {
-            log::error(&format!("cannot read signals: {e}"));
+            log::error(&format!("cannot read signals ({e}): reaping once a second"));
             None
         }
     };
