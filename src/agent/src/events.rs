@@ -155,6 +155,12 @@ impl Publisher {
             Message::Unsubscribe(id) => self.subscribers.retain(|(s, _)| *s != id),
         }
     }
+
+    /// How many subscribers are left.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.subscribers.len()
+    }
 }
 
 /// Writes one frame; on failure shuts the connection down (both ways, for
@@ -170,5 +176,88 @@ fn deliver(id: SubscriberId, conn: &mut dyn Stream, bytes: &[u8]) -> bool {
             let _ = conn.shutdown();
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::fake::{self, Host};
+    use husk_protocol::{ExitStatus, ProcessRef};
+
+    fn exit(code: i32) -> Event {
+        Event::ProcessExited {
+            process: ProcessRef {
+                container_id: "c1".into(),
+                exec_id: None,
+            },
+            status: ExitStatus::Code(code),
+        }
+    }
+
+    fn subscriber(p: &mut Publisher, id: u64) -> Host {
+        let (conn, host) = fake::pair();
+        p.handle(Message::Subscribe(SubscriberId(id), Box::new(conn)));
+        host
+    }
+
+    fn exits(host: &Host) -> Vec<Event> {
+        host.frames()
+            .into_iter()
+            .skip(1) // Accepted
+            .map(|v| serde_json::from_value(v).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_subscriber_is_accepted_then_gets_every_event() {
+        let mut p = Publisher::new(WRITE_TIMEOUT);
+        let host = subscriber(&mut p, 1);
+        assert_eq!(host.write_timeout(), Some(WRITE_TIMEOUT));
+        let accepted: Accepted = serde_json::from_value(host.frames()[0].clone()).unwrap();
+        assert_eq!(accepted.version, PROTOCOL_VERSION);
+        assert!(accepted.error.is_none());
+        p.handle(Message::Event(exit(1)));
+        p.handle(Message::Event(exit(2)));
+        assert_eq!(exits(&host), [exit(1), exit(2)]);
+    }
+
+    #[test]
+    fn a_subscriber_that_stops_reading_is_shut_down_and_the_others_keep_theirs() {
+        let mut p = Publisher::new(WRITE_TIMEOUT);
+        let slow = subscriber(&mut p, 1);
+        let fine = subscriber(&mut p, 2);
+        slow.stop_reading();
+        p.handle(Message::Event(exit(3)));
+        assert!(slow.is_shut_down());
+        assert!(!slow.blocked_for_ever());
+        assert_eq!(p.len(), 1);
+        p.handle(Message::Event(exit(4)));
+        assert_eq!(exits(&fine), [exit(3), exit(4)]);
+        assert!(exits(&slow).is_empty());
+    }
+
+    #[test]
+    fn a_late_removal_of_a_dropped_subscriber_leaves_the_newer_one() {
+        // The old subscriber is dropped for not reading, a new one comes,
+        // and only then does the old connection's thread report its end.
+        let mut p = Publisher::new(WRITE_TIMEOUT);
+        let old = subscriber(&mut p, 1);
+        old.stop_reading();
+        p.handle(Message::Event(exit(1)));
+        let new = subscriber(&mut p, 2);
+        p.handle(Message::Unsubscribe(SubscriberId(1)));
+        p.handle(Message::Event(exit(2)));
+        assert_eq!(exits(&new), [exit(2)]);
+        // Removing the new one removes just it.
+        p.handle(Message::Unsubscribe(SubscriberId(2)));
+        assert_eq!(p.len(), 0);
+    }
+
+    #[test]
+    fn publishing_with_no_publisher_left_does_not_block_or_panic() {
+        let (events, rx) = Events::channel();
+        drop(rx);
+        events.publish(exit(0));
     }
 }

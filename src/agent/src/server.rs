@@ -310,3 +310,516 @@ pub fn handle(agent: &dyn Agent, request: Request) -> Result<Response, AgentErro
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use husk_protocol::Event;
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::events::WRITE_TIMEOUT;
+    use crate::reaper::{Reaper, FORK_TESTS};
+    use crate::transport::fake::{self, Host};
+
+    /// Stands in for the runtime: records each call as a line and answers
+    /// with fixed values, so a reply shows which method it came from.
+    #[derive(Default)]
+    struct FakeAgent {
+        calls: Mutex<Vec<String>>,
+    }
+
+    impl FakeAgent {
+        fn called(&self, call: String) {
+            self.calls.lock().unwrap().push(call);
+        }
+
+        fn calls(&self) -> Vec<String> {
+            self.calls.lock().unwrap().clone()
+        }
+    }
+
+    fn name(p: &ProcessRef) -> String {
+        format!("{}/{}", p.container_id, p.exec_id.as_deref().unwrap_or("-"))
+    }
+
+    impl Agent for FakeAgent {
+        fn create_sandbox(&self, s: &Sandbox) -> Result<(), AgentError> {
+            self.called(format!("create_sandbox {:?}", s.hostname));
+            Ok(())
+        }
+        fn create_container(&self, r: CreateContainer) -> Result<u32, AgentError> {
+            self.called(format!(
+                "create_container {} {}",
+                r.container_id, r.rootfs.drive_id
+            ));
+            Ok(41)
+        }
+        fn start_container(&self, id: &str) -> Result<(), AgentError> {
+            self.called(format!("start_container {id}"));
+            Ok(())
+        }
+        fn exec_process(&self, id: &str, exec_id: &str, p: &Process) -> Result<u32, AgentError> {
+            self.called(format!("exec_process {id}/{exec_id} {:?}", p.args()));
+            Ok(42)
+        }
+        fn wait_process(&self, p: &ProcessRef) -> Result<ExitStatus, AgentError> {
+            self.called(format!("wait_process {}", name(p)));
+            Ok(ExitStatus::Signal(9))
+        }
+        fn signal_process(&self, p: &ProcessRef, sig: i32, all: bool) -> Result<(), AgentError> {
+            self.called(format!("signal_process {} {sig} {all}", name(p)));
+            Ok(())
+        }
+        fn resize_tty(&self, p: &ProcessRef, rows: u16, cols: u16) -> Result<(), AgentError> {
+            self.called(format!("resize_tty {} {rows}x{cols}", name(p)));
+            Ok(())
+        }
+        fn close_stdin(&self, p: &ProcessRef) -> Result<(), AgentError> {
+            self.called(format!("close_stdin {}", name(p)));
+            Ok(())
+        }
+        fn stats(&self, id: &str) -> Result<Stats, AgentError> {
+            self.called(format!("stats {id}"));
+            Ok(Stats {
+                pids: 3,
+                ..Stats::default()
+            })
+        }
+        fn list_processes(&self, id: &str) -> Result<Vec<u32>, AgentError> {
+            self.called(format!("list_processes {id}"));
+            Ok(vec![7, 8])
+        }
+        fn update_container(&self, id: &str, r: &LinuxResources) -> Result<(), AgentError> {
+            let limit = r.pids().as_ref().map(|p| p.limit());
+            self.called(format!("update_container {id} {limit:?}"));
+            Ok(())
+        }
+        fn remove_container(&self, id: &str) -> Result<(), AgentError> {
+            self.called(format!("remove_container {id}"));
+            Err(AgentError::new(ErrorCode::FailedPrecondition, "it runs"))
+        }
+        fn process_states(&self) -> Vec<ProcessState> {
+            self.called("process_states".into());
+            vec![ProcessState {
+                process: ProcessRef {
+                    container_id: "c1".into(),
+                    exec_id: None,
+                },
+                pid: 41,
+                exit: Some(ExitStatus::Code(0)),
+            }]
+        }
+        fn attach(&self, p: &ProcessRef, stream: StdioStream) -> Result<Attachment, AgentError> {
+            self.called(format!("attach {} {stream:?}", name(p)));
+            if p.container_id != "c1" {
+                return Err(AgentError::new(ErrorCode::NotFound, "no such container"));
+            }
+            // The process's output, already written and complete.
+            let path =
+                std::env::temp_dir().join(format!("husk-agent-server-test-{}", std::process::id()));
+            std::fs::write(&path, b"hello\n").unwrap();
+            let out = File::open(&path).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            Ok(Attachment::Out(out))
+        }
+        fn shutdown(&self) {
+            self.called("shutdown".into());
+        }
+    }
+
+    fn hello(channel: Value) -> Value {
+        json!({"version": PROTOCOL_VERSION, "channel": channel})
+    }
+
+    fn request(id: u64, request: Value) -> Value {
+        json!({"id": id, "request": request})
+    }
+
+    /// Serves one fake connection on which the host has already sent
+    /// `frames` (and then hung up, if `hang_up`) to its end; returns what
+    /// the agent wrote.
+    fn serve_frames(agent: &FakeAgent, frames: &[Value], hang_up: bool) -> Vec<Value> {
+        let (conn, host) = fake::pair();
+        for f in frames {
+            host.send_frame(f);
+        }
+        if hang_up {
+            host.hang_up();
+        }
+        let (events, _published) = Events::channel();
+        connection(Box::new(conn), agent, &events);
+        host.frames()
+    }
+
+    fn accepted(frame: &Value) -> Accepted {
+        serde_json::from_value(frame.clone()).unwrap()
+    }
+
+    fn reply(frame: &Value) -> ReplyFrame {
+        serde_json::from_value(frame.clone()).unwrap()
+    }
+
+    #[test]
+    fn every_request_reaches_its_handler_and_is_answered_in_order_with_its_id() {
+        let process = ProcessRef {
+            container_id: "c1".into(),
+            exec_id: Some("e1".into()),
+        };
+        let cases: Vec<(Value, Option<&str>, Result<Response, ErrorCode>)> = vec![
+            (
+                json!({"type": "ping"}),
+                None,
+                Ok(Response::Pong {
+                    version: PROTOCOL_VERSION,
+                    agent_version: env!("CARGO_PKG_VERSION").into(),
+                }),
+            ),
+            (
+                json!({"type": "create_sandbox", "hostname": "pod"}),
+                Some("create_sandbox Some(\"pod\")"),
+                Ok(Response::Ok),
+            ),
+            (
+                json!({"type": "create_container", "container_id": "c1",
+                       "spec": {"ociVersion": "1.0.2"},
+                       "rootfs": {"drive_id": "r1", "fstype": "ext4"}}),
+                Some("create_container c1 r1"),
+                Ok(Response::Started { pid: 41 }),
+            ),
+            (
+                json!({"type": "start_container", "container_id": "c1"}),
+                Some("start_container c1"),
+                Ok(Response::Ok),
+            ),
+            (
+                json!({"type": "exec_process", "container_id": "c1", "exec_id": "e1",
+                       "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}}}),
+                Some("exec_process c1/e1 Some([\"sh\"])"),
+                Ok(Response::Started { pid: 42 }),
+            ),
+            (
+                json!({"type": "wait_process", "container_id": "c1", "exec_id": "e1"}),
+                Some("wait_process c1/e1"),
+                Ok(Response::Exited(ExitStatus::Signal(9))),
+            ),
+            (
+                json!({"type": "signal_process", "container_id": "c1", "signal": 15, "all": true}),
+                Some("signal_process c1/- 15 true"),
+                Ok(Response::Ok),
+            ),
+            (
+                json!({"type": "resize_tty", "container_id": "c1", "exec_id": "e1",
+                       "rows": 24, "cols": 80}),
+                Some("resize_tty c1/e1 24x80"),
+                Ok(Response::Ok),
+            ),
+            (
+                serde_json::to_value(Request::CloseStdin(process.clone())).unwrap(),
+                Some("close_stdin c1/e1"),
+                Ok(Response::Ok),
+            ),
+            (
+                json!({"type": "stats_container", "container_id": "c1"}),
+                Some("stats c1"),
+                Ok(Response::Stats(Stats {
+                    pids: 3,
+                    ..Stats::default()
+                })),
+            ),
+            (
+                json!({"type": "list_processes", "container_id": "c1"}),
+                Some("list_processes c1"),
+                Ok(Response::Processes { pids: vec![7, 8] }),
+            ),
+            (
+                json!({"type": "update_container", "container_id": "c1",
+                       "resources": {"pids": {"limit": 5}}}),
+                Some("update_container c1 Some(5)"),
+                Ok(Response::Ok),
+            ),
+            (
+                json!({"type": "remove_container", "container_id": "c1"}),
+                Some("remove_container c1"),
+                Err(ErrorCode::FailedPrecondition),
+            ),
+            (
+                json!({"type": "list_process_states"}),
+                Some("process_states"),
+                Ok(Response::ProcessStates {
+                    processes: vec![ProcessState {
+                        process: ProcessRef {
+                            container_id: "c1".into(),
+                            exec_id: None,
+                        },
+                        pid: 41,
+                        exit: Some(ExitStatus::Code(0)),
+                    }],
+                }),
+            ),
+            (json!({"type": "shutdown"}), None, Ok(Response::Ok)),
+        ];
+        let mut frames = vec![hello(json!({"kind": "control"}))];
+        for (i, (req, _, _)) in cases.iter().enumerate() {
+            frames.push(request(100 + i as u64, req.clone()));
+        }
+        // After Shutdown nothing more is served.
+        frames.push(request(999, json!({"type": "ping"})));
+        let agent = FakeAgent::default();
+        // The host does not hang up: the connection ends after Shutdown.
+        let out = serve_frames(&agent, &frames, false);
+        assert!(accepted(&out[0]).error.is_none());
+        assert_eq!(out.len(), 1 + cases.len(), "{out:#?}");
+        for (i, (frame, (req, _, want))) in out[1..].iter().zip(&cases).enumerate() {
+            let r = reply(frame);
+            assert_eq!(r.id, 100 + i as u64, "{req}");
+            match (r.reply, want) {
+                (Ok(got), Ok(want)) => assert_eq!(&got, want, "{req}"),
+                (Err(got), Err(want)) => assert_eq!(&got.code, want, "{req}"),
+                (got, want) => panic!("{req}: {got:?}, want {want:?}"),
+            }
+        }
+        let mut want: Vec<String> = cases
+            .iter()
+            .filter_map(|(_, call, _)| call.map(str::to_string))
+            .collect();
+        want.push("shutdown".into());
+        assert_eq!(agent.calls(), want);
+    }
+
+    #[test]
+    fn a_malformed_request_gets_invalid_message_and_the_connection_stays_usable() {
+        let (conn, host) = fake::pair();
+        host.send_frame(&hello(json!({"kind": "control"})));
+        host.send_frame(&request(5, json!({"type": "no_such_request"})));
+        host.send_frame(&json!(["not", "a", "request"]));
+        let mut not_json = 3u32.to_be_bytes().to_vec();
+        not_json.extend_from_slice(b"{{{");
+        host.send(&not_json);
+        host.send_frame(&request(6, json!({"type": "ping"})));
+        host.hang_up();
+        let (events, _published) = Events::channel();
+        let agent = FakeAgent::default();
+        connection(Box::new(conn), &agent, &events);
+        let out = host.frames();
+        assert_eq!(out.len(), 5, "{out:#?}");
+        for (frame, id) in out[1..4].iter().zip([5, 0, 0]) {
+            let r = reply(frame);
+            assert_eq!(r.id, id);
+            assert_eq!(r.reply.unwrap_err().code, ErrorCode::InvalidMessage);
+        }
+        assert!(matches!(reply(&out[4]).reply, Ok(Response::Pong { .. })));
+        assert!(agent.calls().is_empty());
+    }
+
+    #[test]
+    fn an_oversized_or_truncated_frame_is_refused_and_the_connection_closed() {
+        let too_big = (frame::MAX_FRAME as u32 + 1).to_be_bytes();
+        let mut truncated = 100u32.to_be_bytes().to_vec();
+        truncated.extend_from_slice(b"{\"id\": 1");
+        for bad in [&too_big[..], &truncated[..]] {
+            let (conn, host) = fake::pair();
+            host.send_frame(&hello(json!({"kind": "control"})));
+            host.send(bad);
+            if bad.len() == 4 {
+                // Never read: the connection is closed after the error.
+                host.send_frame(&request(2, json!({"type": "ping"})));
+            } else {
+                host.hang_up();
+            }
+            let (events, _published) = Events::channel();
+            connection(Box::new(conn), &FakeAgent::default(), &events);
+            let out = host.frames();
+            assert_eq!(out.len(), 2, "{out:#?}");
+            let r = reply(&out[1]);
+            assert_eq!(r.id, 0);
+            assert_eq!(r.reply.unwrap_err().code, ErrorCode::InvalidMessage);
+        }
+    }
+
+    #[test]
+    fn a_bad_hello_or_another_version_is_refused_and_closed() {
+        let agent = FakeAgent::default();
+        let out = serve_frames(&agent, &[json!({"version": 1})], false);
+        assert_eq!(out.len(), 1);
+        let a = accepted(&out[0]);
+        assert_eq!(a.error.unwrap().code, ErrorCode::InvalidMessage);
+
+        let out = serve_frames(
+            &agent,
+            &[
+                json!({"version": PROTOCOL_VERSION + 1, "channel": {"kind": "control"}}),
+                request(1, json!({"type": "ping"})),
+            ],
+            false,
+        );
+        assert_eq!(out.len(), 1, "nothing is served after the refusal");
+        let a = accepted(&out[0]);
+        assert_eq!(a.version, PROTOCOL_VERSION);
+        assert_eq!(a.error.unwrap().code, ErrorCode::UnsupportedVersion);
+
+        // A host that leaves before saying hello gets nothing.
+        assert!(serve_frames(&agent, &[], true).is_empty());
+        assert!(agent.calls().is_empty());
+    }
+
+    #[test]
+    fn a_stdio_channel_is_accepted_and_copies_or_refused_with_the_reason() {
+        let agent = FakeAgent::default();
+        let (conn, host) = fake::pair();
+        host.send_frame(&hello(
+            json!({"kind": "stdio", "container_id": "c1", "stream": "stdout"}),
+        ));
+        let (events, _published) = Events::channel();
+        connection(Box::new(conn), &agent, &events);
+        assert!(accepted(&host.frames()[0]).error.is_none());
+        let accepted_len = frame::encode(&Accepted {
+            version: PROTOCOL_VERSION,
+            error: None,
+        })
+        .unwrap()
+        .len();
+        assert_eq!(&host.written()[accepted_len..], b"hello\n");
+
+        let out = serve_frames(
+            &agent,
+            &[hello(
+                json!({"kind": "stdio", "container_id": "c9", "exec_id": "e", "stream": "stdin"}),
+            )],
+            false,
+        );
+        assert_eq!(accepted(&out[0]).error.unwrap().code, ErrorCode::NotFound);
+        assert_eq!(agent.calls(), ["attach c1/- Stdout", "attach c9/e Stdin"]);
+    }
+
+    /// An event subscriber served on its own thread, as the server does.
+    fn subscriber(events: &Events) -> (Host, std::thread::JoinHandle<()>) {
+        let (conn, host) = fake::pair();
+        host.send_frame(&hello(json!({"kind": "events"})));
+        let events = events.clone();
+        let thread =
+            std::thread::spawn(move || connection(Box::new(conn), &FakeAgent::default(), &events));
+        let out = host.wait_for_frames(1);
+        assert!(accepted(&out[0]).error.is_none());
+        (host, thread)
+    }
+
+    fn exit(code: i32) -> Event {
+        Event::ProcessExited {
+            process: ProcessRef {
+                container_id: "c1".into(),
+                exec_id: None,
+            },
+            status: ExitStatus::Code(code),
+        }
+    }
+
+    fn event(frame: &Value) -> Event {
+        serde_json::from_value(frame.clone()).unwrap()
+    }
+
+    #[test]
+    fn an_event_subscriber_that_stops_reading_is_dropped_and_shut_down() {
+        let events = Events::start(WRITE_TIMEOUT).unwrap();
+        let (slow, slow_thread) = subscriber(&events);
+        let (fine, fine_thread) = subscriber(&events);
+        slow.stop_reading();
+        events.publish(exit(1));
+        slow.wait_for_shutdown();
+        assert!(!slow.blocked_for_ever(), "the write had no timeout");
+        // Shut down both ways: the agent's thread reading it ends too.
+        slow_thread.join().unwrap();
+        events.publish(exit(2));
+        let out = fine.wait_for_frames(3);
+        assert_eq!(event(&out[1]), exit(1));
+        assert_eq!(event(&out[2]), exit(2));
+        assert!(!fine.is_shut_down());
+        fine.hang_up();
+        fine_thread.join().unwrap();
+    }
+
+    #[test]
+    fn two_subscribers_both_get_an_exit_the_reaper_reaps() {
+        let _serial = FORK_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let events = Events::start(WRITE_TIMEOUT).unwrap();
+        let reaper = Reaper::new(events.clone());
+        let (a, a_thread) = subscriber(&events);
+        let (b, b_thread) = subscriber(&events);
+        let guard = reaper.lock();
+        // SAFETY: the child only calls _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: _exit(2) in the forked child, which touches nothing else.
+            unsafe { libc::_exit(3) };
+        }
+        let who = ProcessRef {
+            container_id: "c1".into(),
+            exec_id: None,
+        };
+        let exited = guard.register(pid, who);
+        while exited.status().is_none() {
+            reaper.reap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for host in [&a, &b] {
+            let out = host.wait_for_frames(2);
+            assert_eq!(event(&out[1]), exit(3));
+        }
+        for (host, thread) in [(a, a_thread), (b, b_thread)] {
+            host.hang_up();
+            thread.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_subscriber_that_hangs_up_is_removed_and_the_newer_one_stays() {
+        let events = Events::start(WRITE_TIMEOUT).unwrap();
+        let (old, old_thread) = subscriber(&events);
+        let (new, new_thread) = subscriber(&events);
+        old.hang_up();
+        // Its thread has unsubscribed it when it ends.
+        old_thread.join().unwrap();
+        events.publish(exit(5));
+        let out = new.wait_for_frames(2);
+        assert_eq!(event(&out[1]), exit(5));
+        assert_eq!(old.frames().len(), 1, "only Accepted");
+        new.hang_up();
+        new_thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_host_that_stops_reading_a_real_socket_then_reads_end_of_file() {
+        // The bug this guards against: the agent dropped its writing handle
+        // but the reading duplicate kept the socket open, so the host saw
+        // neither events nor end of file.
+        use std::io::Read;
+        let (agent_end, mut host_end) = UnixStream::pair().unwrap();
+        let events = Events::start(Duration::from_millis(50)).unwrap();
+        let thread = {
+            let events = events.clone();
+            std::thread::spawn(move || {
+                connection(Box::new(agent_end), &FakeAgent::default(), &events)
+            })
+        };
+        frame::write_frame(&mut host_end, &hello(json!({"kind": "events"}))).unwrap();
+        let a: Accepted = frame::read_frame(&mut host_end).unwrap();
+        assert!(a.error.is_none());
+        // The host reads nothing while the socket's buffers fill up.
+        for code in 0..100_000 {
+            events.publish(exit(code));
+        }
+        // A bound on a hang, not a timing assertion.
+        host_end
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut rest = Vec::new();
+        host_end
+            .read_to_end(&mut rest)
+            .expect("end of file, not a timeout");
+        thread.join().unwrap();
+    }
+}

@@ -1,6 +1,7 @@
 //! Where the host reaches the agent: a vsock listener in the guest
 //! (AF_VSOCK, any CID, the agent port), or a unix socket for host-side tests.
-//! Connections are plain byte streams either way, behind [`Stream`].
+//! Connections are plain byte streams either way, behind [`Stream`], which
+//! is also the seam the server's unit tests use ([`fake`]).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -9,6 +10,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
+
+#[cfg(test)]
+pub mod fake;
 
 /// A connection from the host.
 pub trait Stream: Read + Write + Send {
