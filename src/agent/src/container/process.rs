@@ -60,7 +60,7 @@ fn pipe() -> std::io::Result<(File, File)> {
 }
 
 fn sys(what: &str, e: std::io::Error) -> AgentError {
-    AgentError::new(ErrorCode::System, format!("{what}: {e}"))
+    crate::error::reply(ErrorCode::System, what, &e)
 }
 
 fn open_ns(path: &std::path::Path) -> Result<OwnedFd, AgentError> {
