@@ -81,7 +81,12 @@ impl Events {
     /// host's Hello with `Accepted` and then sends events.
     pub fn subscribe(&self, conn: Box<dyn Stream>) -> SubscriberId {
         let id = SubscriberId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let _ = self.tx.send(Message::Subscribe(id, conn));
+        if let Err(mpsc::SendError(Message::Subscribe(_, conn))) =
+            self.tx.send(Message::Subscribe(id, conn))
+        {
+            // No publisher: the host must not wait for an Accepted.
+            let _ = conn.shutdown();
+        }
         id
     }
 
@@ -255,9 +260,12 @@ mod tests {
     }
 
     #[test]
-    fn publishing_with_no_publisher_left_does_not_block_or_panic() {
+    fn without_a_publisher_publishing_returns_and_a_subscriber_is_closed() {
         let (events, rx) = Events::channel();
         drop(rx);
         events.publish(exit(0));
+        let (conn, host) = fake::pair();
+        events.subscribe(Box::new(conn));
+        assert!(host.is_shut_down());
     }
 }

@@ -72,9 +72,9 @@ fn open_ns(path: &std::path::Path) -> Result<OwnedFd, AgentError> {
     })
 }
 
-/// Clones a process for `plan`, registered with `reaper`; `pidns` is a running container's pid
-/// namespace to clone into (else the one `plan` names by path, if any);
-/// `join` the namespaces the child enters (fds,
+/// Clones a process for `plan`, registered with `reaper`; `pidns` is a
+/// running container's pid namespace to clone into (else the one `plan`
+/// names by path, if any); `join` the namespaces the child enters (fds,
 /// CLONE_NEW* types); `maps` the user namespace's uid and gid maps.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
