@@ -31,6 +31,16 @@ impl Exit {
         }
     }
 
+    /// Blocks until the process has exited or `timeout` has passed.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<ExitStatus> {
+        let s = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let (s, _) = self
+            .cv
+            .wait_timeout_while(s, timeout, |s| s.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        *s
+    }
+
     /// The status if it has exited.
     pub fn status(&self) -> Option<ExitStatus> {
         *self.status.lock().unwrap_or_else(|e| e.into_inner())
@@ -124,6 +134,24 @@ pub static FORK_TESTS: Mutex<()> = Mutex::new(());
 mod tests {
     use super::*;
     use crate::events::Message;
+
+    #[test]
+    fn a_bounded_wait_ends_without_an_exit_and_returns_one_that_came() {
+        let (events, _published) = Events::channel();
+        let reaper = Reaper::new(events);
+        let who = ProcessRef {
+            container_id: "c".into(),
+            exec_id: None,
+        };
+        // A pid no process has: nothing will ever reap it.
+        let exit = reaper.lock().register(-2, who);
+        assert_eq!(exit.wait_timeout(std::time::Duration::from_millis(1)), None);
+        exit.set(ExitStatus::Signal(9));
+        assert_eq!(
+            exit.wait_timeout(std::time::Duration::from_secs(10)),
+            Some(ExitStatus::Signal(9))
+        );
+    }
 
     #[test]
     fn exited_children_are_reaped_and_a_registered_exit_is_published() {

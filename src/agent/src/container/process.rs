@@ -184,9 +184,15 @@ pub fn spawn(
         drop(r);
         w
     });
+    // A child that failed is gone (reaped) before its error is answered,
+    // so nothing of it shows in the container's cgroup afterwards; a child
+    // stuck in the kernel is not waited for longer than GONE_WAIT.
     let kill = |e: AgentError| {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(pid, libc::SIGKILL) };
+        if exit.wait_timeout(GONE_WAIT).is_none() {
+            crate::log::warn(&format!("process {pid} outlived SIGKILL by {GONE_WAIT:?}"));
+        }
         e
     };
     if let Some((uid_map, gid_map)) = maps {
@@ -281,6 +287,10 @@ enum Report {
 /// How long a child may take to set up or to exec before the agent gives
 /// up on it (a mount that hangs must not hold the container table forever).
 const CHILD_TIMEOUT_MS: libc::c_int = 30_000;
+
+/// How long a failed child killed with SIGKILL may take to be reaped
+/// before its error is answered anyway.
+const GONE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn read_report(r: &mut File) -> Report {
     let mut buf = [0u8; 12];
