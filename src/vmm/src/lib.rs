@@ -24,6 +24,7 @@ pub mod controller;
 pub mod devices;
 pub mod exit;
 pub mod metrics;
+pub mod persist;
 pub mod seccomp;
 pub mod signal;
 #[cfg(any(test, feature = "test-utils"))]
