@@ -646,6 +646,48 @@ impl Vmm {
     }
 }
 
+/// A VM's machine and devices as they are (for a restored VM's
+/// configuration report).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDescription {
+    /// Number of vCPUs.
+    pub vcpu_count: u8,
+    /// Guest memory in MiB.
+    pub mem_size_mib: u64,
+    /// Drives, in slot order.
+    pub drives: Vec<crate::config::DriveConfig>,
+    /// Network interfaces, in slot order.
+    pub net: Vec<crate::config::NetConfig>,
+    /// The vsock device.
+    pub vsock: Option<crate::config::VsockConfig>,
+}
+
+impl Vmm {
+    /// The VM's machine and devices.
+    pub fn describe(&self) -> VmDescription {
+        let mut d = VmDescription {
+            vcpu_count: (self.vcpus.len() + self.vcpu_threads.len()) as u8,
+            mem_size_mib: memory::file_size(&memory::region_states(&self.mem)) >> 20,
+            drives: Vec::new(),
+            net: Vec::new(),
+            vsock: None,
+        };
+        for slot in &self.virtio {
+            match &slot.device {
+                AttachedDevice::Block { device, is_root } => {
+                    d.drives.push(crate::config::DriveConfig {
+                        block: lock(device).config().clone(),
+                        is_root: *is_root,
+                    })
+                }
+                AttachedDevice::Net { config, .. } => d.net.push(config.clone()),
+                AttachedDevice::Vsock { config, .. } => d.vsock = Some(config.clone()),
+            }
+        }
+        d
+    }
+}
+
 /// Reads and decodes a state file (without checking it against the host).
 pub fn read_state(path: &Path) -> Result<MicrovmState, RestoreError> {
     let read_err = |source| RestoreError::Read {
