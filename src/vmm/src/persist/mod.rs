@@ -486,6 +486,7 @@ impl Vmm {
         let mut unused_cmdline = String::new();
         let mut virtio = Vec::with_capacity(state.devices.len());
         let mut drives = Vec::new();
+        let mut resized = Vec::new();
         for dev in &state.devices {
             slots.next = dev.slot;
             let id;
@@ -583,17 +584,11 @@ impl Vmm {
                     id: id.clone(),
                     source,
                 })?;
-            match &attached {
-                AttachedDevice::Block { device, .. } => {
-                    if saved_capacity.is_some_and(|c| c != lock(device).capacity()) {
-                        tracing::info!(drive = %id, "the drive's size changed since the snapshot; the guest is told");
-                        lock(&transport).notify_config_change();
-                    }
+            if let AttachedDevice::Block { device, .. } = &attached {
+                if saved_capacity.is_some_and(|c| c != lock(device).capacity()) {
+                    tracing::info!(drive = %id, "the drive's size changed since the snapshot; the guest is told");
+                    resized.push(virtio.len());
                 }
-                AttachedDevice::Vsock { device, .. } => {
-                    lock(device).send_transport_reset();
-                }
-                AttachedDevice::Net { .. } => {}
             }
             virtio.push(VirtioSlot {
                 slot: dev.slot,
@@ -620,6 +615,17 @@ impl Vmm {
             let vcpu = Vcpu::new(vm.fd(), vs.index, shared.clone()).map_err(VmmError::Vcpu)?;
             vcpu.restore(vs).map_err(VmmError::Vcpu)?;
             vcpus.push(vcpu);
+        }
+        // Interrupts only now: KVM delivers them into the local APICs,
+        // which the vCPU state above has just overwritten.
+        for (slot, dev) in virtio.iter().zip(&state.devices) {
+            lock(&slot.transport).raise_interrupt(dev.transport.interrupt_status);
+            if let AttachedDevice::Vsock { device, .. } = &slot.device {
+                lock(device).send_transport_reset();
+            }
+        }
+        for i in resized {
+            lock(&virtio[i].transport).notify_config_change();
         }
         event_manager.add_subscriber(Arc::new(Mutex::new(crate::vmm::ExitWatcher(exit))));
         tracing::info!(

@@ -215,13 +215,18 @@ impl MmioTransport {
                 .map_err(TransportRestoreError::Activate)?;
             self.activated = true;
         }
-        // The interrupt the driver has not acknowledged yet: raised once
-        // more, in case the snapshot caught it between the device and the
-        // guest (a spurious one costs the driver a look at its rings).
-        if state.interrupt_status != 0 {
-            self.device().interrupt().trigger(state.interrupt_status);
-        }
         Ok(())
+    }
+
+    /// Raises the device's interrupt with `bits` in its status. After a
+    /// restore, the interrupt the driver had not acknowledged is raised
+    /// once more this way (a spurious one costs the driver a look at its
+    /// rings), but only once the vCPUs' local APICs are restored: an
+    /// interrupt delivered before that would be overwritten.
+    pub fn raise_interrupt(&self, bits: u32) {
+        if bits != 0 {
+            self.device().interrupt().trigger(bits);
+        }
     }
 }
 
@@ -257,6 +262,7 @@ mod tests {
         let mut t2 = MmioTransport::new(mem(), d2.clone());
         t2.restore_state(&state, &running).unwrap();
         assert!(t2.is_activated());
+        t2.raise_interrupt(state.interrupt_status);
         assert_eq!(t2.save_state(), state);
         assert_eq!(
             d2.lock().unwrap().activated_with,
