@@ -94,8 +94,9 @@ fn assert_api(r: &RunResult, tag: &str, status: u16, needle: &str) {
     );
 }
 
-/// The TICK lines of one VM's console (printed by the node between
-/// `--- NAME` and `--- end NAME`): (count, rest of the line).
+/// The whole TICK lines of one VM's console (printed by the node between
+/// `--- NAME` and `--- end NAME`): (count, rest of the line). The last
+/// line of a VM stopped while it printed is cut short, and left out.
 fn ticks(r: &RunResult, name: &str) -> Vec<(u64, String)> {
     let start = format!("--- {name}");
     let end = format!("--- end {name}");
@@ -104,6 +105,7 @@ fn ticks(r: &RunResult, name: &str) -> Vec<(u64, String)> {
         .skip_while(|l| l.trim() != start)
         .take_while(|l| l.trim() != end)
         .filter_map(|l| l.trim().strip_prefix("TICK "))
+        .filter(|l| l.ends_with("old=none") || l.ends_with('}'))
         .filter_map(|l| {
             let (n, rest) = l.split_once(' ')?;
             Some((n.parse().ok()?, rest.to_string()))
@@ -177,9 +179,9 @@ echo "B-ECHO $(./husk-bench vsock-client --connect uds:$PWD/b.sock:5000 --mode e
 sleep 3
 kill -0 $a && kill -0 $b && echo BOTH-RUNNING
 kill $a $b; wait $a; echo "A-EXIT $?"; wait $b; echo "B-EXIT $?"
-echo "--- src"; cat src-serial.txt; echo "--- end src"
-echo "--- a"; cat a-serial.txt; echo "--- end a"
-echo "--- b"; cat b-serial.txt; echo "--- end b"
+echo "--- src"; cat src-serial.txt; echo; echo "--- end src"
+echo "--- a"; cat a-serial.txt; echo; echo "--- end a"
+echo "--- b"; cat b-serial.txt; echo; echo "--- end b"
 echo "--- logs"; cat src.log a.log b.log
 "#,
         boot = boot_and_snapshot()
@@ -345,6 +347,7 @@ api both opts.api PUT /snapshot/load '{{"snapshot_path": "snap.state", "mem_file
 api no-such-iface opts.api PUT /snapshot/load '{{"snapshot_path": "snap.state", "mem_backend": {{"backend_type": "File", "backend_path": "snap.mem"}}, "network_overrides": [{{"iface_id": "eth7", "host_dev_name": "tap0"}}]}}'
 api opts-info opts.api GET /
 kill $pid; wait $pid
+echo NODE-DONE
 "#,
             boot = boot_and_snapshot()
         ));
