@@ -567,6 +567,53 @@ mod tests {
     }
 
     #[test]
+    fn snapshots_follow_firecrackers_state_rules() {
+        use snapshot::{SnapshotCreateParams, SnapshotLoadParams, SnapshotType};
+        let mut c = controller();
+        assert!(matches!(
+            c.handle(Request::CreateSnapshot(SnapshotCreateParams {
+                snapshot_type: SnapshotType::Full,
+                snapshot_path: "/s".into(),
+                mem_file_path: "/m".into(),
+            })),
+            Err(ActionError::BeforeStart(_))
+        ));
+        // The logger and metrics may come first; a load then fails on the
+        // missing file, and the controller stays configurable.
+        c.handle(Request::PutLogger(Logger::default())).unwrap();
+        let load = SnapshotLoadParams::new("/nonexistent/husk.state", "/nonexistent/husk.mem");
+        let err = c.handle(Request::LoadSnapshot(load.clone())).err().unwrap();
+        assert!(matches!(err, ActionError::LoadSnapshot(_)), "{err}");
+        assert!(
+            err.report()
+                .contains("cannot read the snapshot file /nonexistent/husk.state"),
+            "{}",
+            err.report()
+        );
+        // Anything a boot needs closes the door.
+        c.handle(Request::PutMachineConfig(MachineConfig::default()))
+            .unwrap();
+        assert!(matches!(
+            c.handle(Request::LoadSnapshot(load.clone())),
+            Err(ActionError::LoadNotAllowed)
+        ));
+        // A config file with a load and a machine: refused as a whole.
+        let mut fresh = controller();
+        let resources = VmResources {
+            machine_config: MachineConfig {
+                vcpu_count: 2,
+                ..Default::default()
+            },
+            snapshot_load: Some(load),
+            ..Default::default()
+        };
+        assert!(matches!(
+            fresh.load(resources),
+            Err(ActionError::LoadNotAllowed)
+        ));
+    }
+
+    #[test]
     fn a_patch_keeps_what_it_does_not_name() {
         let mut c = controller();
         c.handle(Request::PutMachineConfig(MachineConfig {
