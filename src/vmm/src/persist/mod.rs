@@ -310,7 +310,20 @@ pub struct SnapshotStats {
     pub mem_written: u64,
 }
 
+/// Creates `path` afresh. An existing file is unlinked first, never
+/// truncated: VMs restored from it map it, and a page they have not read
+/// yet must still be there (its inode lives on until they are gone).
 fn create_file(path: &Path) -> Result<File, SnapshotError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(SnapshotError::Write {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    }
     OpenOptions::new()
         .read(true)
         .write(true)
