@@ -25,6 +25,7 @@ pub mod devices;
 pub mod error;
 pub mod exit;
 pub mod metrics;
+pub mod persist;
 pub mod seccomp;
 pub mod signal;
 #[cfg(any(test, feature = "test-utils"))]

@@ -92,6 +92,15 @@ pub enum ResourceError {
     /// A patch of something that was never put.
     #[error("no drive {0:?} to update (PUT it first)")]
     NoSuchDrive(String),
+    /// A snapshot's two files are missing or the same file.
+    #[error("snapshot_path and mem_file_path must be two different files")]
+    SnapshotPaths,
+    /// Not exactly one memory backend in a snapshot load.
+    #[error("give the memory file as mem_backend (backend_type File) or mem_file_path, not both or neither")]
+    MemBackend,
+    /// Two overrides for one interface.
+    #[error("network interface {0:?} is overridden twice")]
+    DuplicateOverride(String),
     /// PATCH /machine-config before PUT.
     #[error("machine configuration can only be patched after it was put")]
     NoMachineConfig,

@@ -31,19 +31,19 @@ const VENDOR_ID: u32 = 0;
 
 /// The transport for one device.
 pub struct MmioTransport {
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    mem: GuestMemoryMmap,
-    features_select: u32,
-    acked_features_select: u32,
-    acked_features: u64,
-    queue_select: u32,
-    queues: Vec<Queue>,
+    pub(super) device: Arc<Mutex<dyn VirtioDevice>>,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) features_select: u32,
+    pub(super) acked_features_select: u32,
+    pub(super) acked_features: u64,
+    pub(super) queue_select: u32,
+    pub(super) queues: Vec<Queue>,
     /// Queues the driver gave a size the device cannot use (virtio-queue
     /// keeps the previous size in that case; the transport must not).
-    bad_size: Vec<bool>,
-    device_status: u32,
-    config_generation: u32,
-    activated: bool,
+    pub(super) bad_size: Vec<bool>,
+    pub(super) device_status: u32,
+    pub(super) config_generation: u32,
+    pub(super) activated: bool,
 }
 
 fn new_queues(sizes: &[u16]) -> Vec<Queue> {
@@ -84,7 +84,7 @@ impl MmioTransport {
         }
     }
 
-    fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+    pub(super) fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
         self.device.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -12,6 +12,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod vsock;

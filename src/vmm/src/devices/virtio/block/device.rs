@@ -60,7 +60,7 @@ pub enum BlockError {
     },
 }
 
-enum State {
+pub(super) enum State {
     Inactive,
     Active { mem: GuestMemoryMmap, queue: Queue },
 }
@@ -75,7 +75,7 @@ pub struct Block {
     queue_sizes: [u16; 1],
     queue_events: [EventFd; 1],
     interrupt: Interrupt,
-    state: State,
+    pub(super) state: State,
     metrics: Arc<BlockMetrics>,
 }
 

@@ -162,7 +162,7 @@ fn is_fatal_write_error(e: &std::io::Error) -> bool {
     )
 }
 
-enum State {
+pub(super) enum State {
     Inactive,
     Active {
         mem: GuestMemoryMmap,
@@ -194,7 +194,7 @@ pub struct Net {
     queue_sizes: [u16; 2],
     queue_events: [EventFd; 2],
     interrupt: Interrupt,
-    state: State,
+    pub(super) state: State,
     rx_frame: Vec<u8>,
     /// Length of the frame waiting in `rx_frame`, 0 when none.
     rx_pending: usize,

@@ -42,12 +42,13 @@ pub enum VsockError {
     EventFd(#[source] std::io::Error),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    rx: Queue,
-    tx: Queue,
-    // Held so the driver's buffers stay accounted for; husk never posts events.
-    _event: Queue,
+pub(super) struct Active {
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) rx: Queue,
+    pub(super) tx: Queue,
+    // The driver's event buffers: husk posts one event, the transport
+    // reset after a restore (see persist.rs).
+    pub(super) event: Queue,
 }
 
 /// A virtio-vsock device.
@@ -55,12 +56,12 @@ pub struct Vsock {
     cid: u64,
     queue_sizes: [u16; 3],
     queue_events: [EventFd; 3],
-    interrupt: Interrupt,
+    pub(super) interrupt: Interrupt,
     wake: EventFd,
     /// Ticks once a second, to expire unanswered REQUESTs.
     timer: vmm_sys_util::timerfd::TimerFd,
     pub(super) muxer: Muxer,
-    active: Option<Active>,
+    pub(super) active: Option<Active>,
     tx_payload: Vec<u8>,
     metrics: std::sync::Arc<crate::metrics::VsockMetrics>,
 }
@@ -301,12 +302,7 @@ impl VirtioDevice for Vsock {
             return Err(ActivateError::QueueCount { expected: 3, got });
         };
         let _ = (RX_QUEUE, TX_QUEUE, EVENT_QUEUE);
-        self.active = Some(Active {
-            mem,
-            rx,
-            tx,
-            _event: event,
-        });
+        self.active = Some(Active { mem, rx, tx, event });
         // Host connections that waited for the driver are served from the
         // event loop, not from this vCPU thread.
         let _ = self.wake.write(1);
