@@ -50,3 +50,53 @@ husk_shellcheck() {
   (cd "$repo" && shellcheck -x resources/*.sh resources/*/*.sh guest-kernel-config/build.sh .ci/run \
     resources/guest/test-init resources/guest/demo-init resources/node/init)
 }
+
+# The test command's closing lines, from cargo test's output ($1) and the
+# node VM's failures run.sh recorded ($2, see its HUSK_NODE_RETRIES): each
+# failure of the node (which test, the cause, the evidence), then
+#   tests: N passed, M failed, I ignored; node VM booted again K times (soft lockup: a, panic: b, silent stop: c)
+# K counts run.sh's second boots; a node that failed on its second boot
+# too is counted after it ("gave up"), and its test then failed unless it
+# ran the command once more itself. A test binary that ended without its
+# result line (it crashed) counts as one failed test.
+husk_test_summary() {
+  local results=$1 failures=$2
+  if [[ -s $failures ]]; then
+    awk -F'\t' '{
+      what = ($4 == "gave up") ? "failed on its second boot too, run.sh gave up" : "booted again"
+      printf "node VM %s (%s) in %s: %s\n", what, $2, $1, $3
+    }' "$failures"
+  fi
+  # The counts of each test binary are on the last "test result:" line of
+  # its part of the output: one before it may be a second run's, shown in
+  # a failing test's output.
+  awk '
+    function close_section() {
+      if (!open) return
+      if (result == "") { f += 1; printf "test binary ended without a result: %s\n", section }
+      else {
+        n = split(result, w, " ")
+        for (i = 2; i <= n; i++) {
+          if (w[i] ~ /^passed;?$/) p += w[i - 1]
+          if (w[i] ~ /^failed;?$/) f += w[i - 1]
+          if (w[i] ~ /^ignored;?$/) ig += w[i - 1]
+        }
+      }
+      open = 0; result = ""
+    }
+    /^ *(Running|Doc-tests) / { close_section(); open = 1; section = $0; sub(/^ +/, "", section); next }
+    open && /^test result:/ { result = $0 }
+    END {
+      close_section()
+      printf "tests: %d passed, %d failed, %d ignored", p, f, ig
+    }' "$results"
+  awk -F'\t' '
+    $4 == "gave up" { gave_up++; next }
+    { again++; by[$2]++ }
+    END {
+      printf "; node VM booted again %d time%s (soft lockup: %d, panic: %d, silent stop: %d)", \
+        again, again == 1 ? "" : "s", by["soft lockup"], by["panic"], by["silent stop"]
+      if (gave_up) printf ", failed on its second boot too %d time%s", gave_up, gave_up == 1 ? "" : "s"
+      printf "\n"
+    }' "${failures:-/dev/null}"
+}

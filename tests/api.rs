@@ -386,11 +386,8 @@ fn every_error_class_is_a_4xx_with_a_fault_message() {
     );
     assert_eq!(api.req("GET", "/", None).1["state"], "Not started");
     // Unknown paths and wrong methods.
-    assert_fault(
-        api.req("GET", "/snapshot/create", None),
-        404,
-        "no such resource",
-    );
+    assert_fault(api.req("GET", "/balloon", None), 404, "no such resource");
+    assert_fault(api.req("GET", "/snapshot/create", None), 405, "use PUT");
     assert_fault(
         api.req("DELETE", "/drives/rootfs", None),
         405,

@@ -1,5 +1,7 @@
 //! husk-jailer tests. The refusals run on this host directly: they happen
 //! before the jailer mounts, mknods or changes anything (and need no KVM).
+//! Most need root, as the jailer does: they are `#[ignore]`d, and
+//! resources/test.sh runs them as root with `--include-ignored`.
 //! The boots run in the node VM (see support/lib.rs): husk started by the
 //! jailer as uid 1000, chrooted, in a cgroup with a memory limit, boots a
 //! guest to user space.
@@ -34,11 +36,6 @@ fn scratch_base(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch base");
     dir
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// The common arguments, with `base` as the chroot base.
@@ -148,11 +145,9 @@ fn existing_jail(name: &str, spoil: impl FnOnce(&Path)) -> (PathBuf, RunResult) 
 }
 
 #[test]
+#[ignore = "needs root: to chown, and the jailer runs only as root"]
 fn a_root_dir_owned_by_someone_else_is_refused() {
-    if !is_root() {
-        eprintln!("skipped: needs root (to chown)");
-        return;
-    }
+    husk_tests::require_root();
     let (base, r) = existing_jail("foreign-owner", |id_dir| {
         std::os::unix::fs::chown(id_dir.join("root"), Some(4321), Some(4321)).expect("chown");
     });
@@ -165,11 +160,9 @@ fn a_root_dir_owned_by_someone_else_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root: the jailer makes this check after its root check"]
 fn a_symlinked_id_dir_is_refused() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    husk_tests::require_root();
     let (base, r) = existing_jail("symlink", |id_dir| {
         let elsewhere = id_dir.with_file_name("elsewhere");
         std::fs::rename(id_dir, &elsewhere).expect("move the id dir away");
@@ -186,11 +179,9 @@ fn a_symlinked_id_dir_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root: the jailer makes this check after its root check"]
 fn a_world_writable_root_dir_is_refused() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    husk_tests::require_root();
     use std::os::unix::fs::PermissionsExt;
     let (_base, r) = existing_jail("writable", |id_dir| {
         std::fs::set_permissions(id_dir.join("root"), std::fs::Permissions::from_mode(0o777))
@@ -201,14 +192,22 @@ fn a_world_writable_root_dir_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root: to start the jailer as another uid"]
 fn refuses_without_root() {
-    if !is_root() {
-        return;
-    }
-    // The jailer started by uid 65534 (the child drops its uid before exec).
+    husk_tests::require_root();
+    // The jailer started by uid 65534 (the child drops its uid before exec),
+    // from a copy in a directory anyone may enter: the build's own directory
+    // may be closed to others.
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     let husk = cargo_binary("husk");
-    let out = Command::new(cargo_binary("husk-jailer"))
+    let dir = std::env::temp_dir().join(format!("husk-jailer-nobody-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).expect("create a directory for the jailer's copy");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let jailer = dir.join("husk-jailer");
+    std::fs::copy(cargo_binary("husk-jailer"), &jailer).expect("copy husk-jailer");
+    let out = Command::new(&jailer)
         .args([
             "--id",
             "vm1",
@@ -222,13 +221,8 @@ fn refuses_without_root() {
         .uid(65534)
         .gid(65534)
         .output();
-    let out = match out {
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            eprintln!("skipped: uid 65534 cannot reach the jailer binary ({e})");
-            return;
-        }
-        r => r.expect("run husk-jailer"),
-    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out.expect("run husk-jailer as uid 65534");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("the jailer must run as root"), "{err}");
@@ -438,14 +432,12 @@ fn with_a_new_pid_namespace_husk_is_its_pid_1_in_the_given_netns() {
 /// host's real root file system the jailer's pivot_root path runs; with
 /// cgroup v1 hierarchies (as here) the v1 path does.
 #[test]
+#[ignore = "needs root: the jailer runs only as root"]
 fn a_jailed_program_on_this_host_sees_only_its_jail() {
     use std::io::{BufRead, BufReader};
     use std::os::unix::process::CommandExt;
     use std::process::Stdio;
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    husk_tests::require_root();
     let base = scratch_base("host");
     let kept = base.join("kept");
     std::fs::write(&kept, "kept-fd-contents\n").expect("write");
@@ -566,12 +558,9 @@ fn a_jailed_program_on_this_host_sees_only_its_jail() {
 /// symlink names; the jail must then get that file, not the link (which
 /// inside the jail would name whatever the jail holds at its target path).
 #[test]
+#[ignore = "needs root: to chown, and the jailer runs only as root"]
 fn an_exec_file_behind_a_symlink_is_installed_as_the_file_it_names() {
     use std::os::unix::fs::PermissionsExt;
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
     let base = scratch_base("exec-link");
     let real = base.join("real/busybox");
     std::fs::create_dir_all(real.parent().expect("parent")).expect("mkdir");
@@ -617,11 +606,9 @@ fn an_exec_file_behind_a_symlink_is_installed_as_the_file_it_names() {
 }
 
 #[test]
+#[ignore = "needs root: the jailer makes this check after its root check"]
 fn a_world_writable_chroot_base_is_refused() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    husk_tests::require_root();
     use std::os::unix::fs::PermissionsExt;
     let base = scratch_base("writable-base");
     std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
@@ -637,11 +624,9 @@ fn a_world_writable_chroot_base_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root: the jailer makes this check after its root check"]
 fn a_keep_fd_that_is_not_open_is_refused() {
-    if !is_root() {
-        eprintln!("skipped: needs root (the check follows the root check)");
-        return;
-    }
+    husk_tests::require_root();
     let base = scratch_base("keep-fd");
     let husk = cargo_binary("husk");
     let mut a = vec!["--keep-fd", "250"];
@@ -661,13 +646,11 @@ fn a_keep_fd_that_is_not_open_is_refused() {
 /// the process it started still gets a clean stop; the jailer exits with
 /// the program's status.
 #[test]
+#[ignore = "needs root: the jailer runs only as root"]
 fn sigterm_to_the_jailer_reaches_pid_1_of_the_new_namespace() {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    husk_tests::require_root();
     let base = scratch_base("sigterm");
     let busybox = husk_tests::host_tool("busybox");
     let mut child = Command::new(cargo_binary("husk-jailer"))

@@ -1,8 +1,8 @@
 //! A pod in a real guest: husk boots a microVM with husk-agent as its
 //! init, a busybox root filesystem on a virtio-blk drive and a vsock, and
-//! this test (run a second time inside the node VM, as the pod's client)
-//! drives the agent over the vsock's unix socket the way a runtime shim
-//! does. In one VM: two containers of the pod talking over localhost TCP,
+//! this test (run a second time inside the node VM, as the pod's client,
+//! by `husk_tests::Rerun`) drives the agent over the vsock's unix socket
+//! the way a runtime shim does. In one VM: two containers of the pod talking over localhost TCP,
 //! an exec into a running container, SIGKILL reported as a signal, an
 //! exit code, a read-only root refusing writes, a pids limit, and a memory
 //! limit ending in an OOM kill and its event. In another: the pod's
@@ -24,43 +24,43 @@ use husk_protocol::{
 use husk_tests::{agent_initrd, artifacts, busybox_rootfs, husk_bench_binary, oci_spec, Payload};
 use serde_json::json;
 
-/// Set inside the node VM: the vsock socket of the running microVM.
-const UDS_ENV: &str = "HUSK_POD_UDS";
+/// The running microVM's vsock socket, in the node VM (the payload is the
+/// working directory of both the script and the test's second run).
+const UDS: &str = "v.sock";
 
 /// Boots the pod's microVM in the node VM (after `setup`, with `flags`
-/// added to `husk boot`) and runs test `name` of this binary there as its
-/// client; returns the node's output.
+/// added to `husk boot`) and runs the calling test a second time there, as
+/// its client; returns the node's output.
 fn pod_vm(name: &str, setup: &str, flags: &str) -> husk_tests::RunResult {
     let a = artifacts();
     let p = Payload::new(name)
         .add(&a.husk, "husk")
         .add(&a.vmlinux, "vmlinux")
         .add(agent_initrd(), "agent.cpio")
-        .add(&husk_bench_binary(), "husk-bench")
-        .add(&std::env::current_exe().unwrap(), "pod");
+        .add(&husk_bench_binary(), "husk-bench");
     let rootfs = busybox_rootfs(p.path());
-    let p = p.add(&rootfs, "rootfs.ext4");
-    let r = p.run(&format!(
-        "{setup}
-         ./husk boot --kernel vmlinux --initrd agent.cpio --vcpus 2 --mem-mib 256 \
-           --cmdline 'console=ttyS0 reboot=k panic=1 pci=off quiet' \
-           --drive id=rootfs,path=rootfs.ext4,ro --vsock cid=3,uds=v.sock {flags} > console.txt 2>&1 &
-         vmm=$!
-         HUSK_POD_UDS=v.sock timeout 300 ./pod --exact {name} --nocapture --test-threads 1
-         echo \"POD-STATUS $?\"
-         wait $vmm
-         echo \"HUSK-EXIT $?\"
-         echo '--- console'; tail -n 30 console.txt"
-    ));
-    assert_eq!(r.value("POD-STATUS").as_deref(), Some("0"), "{}", r.output);
-    r
+    p.add(&rootfs, "rootfs.ext4")
+        .rerun_this_test()
+        .before(&format!(
+            "{setup}
+             ./husk boot --kernel vmlinux --initrd agent.cpio --vcpus 2 --mem-mib 256 \
+               --cmdline 'console=ttyS0 reboot=k panic=1 pci=off quiet' \
+               --drive id=rootfs,path=rootfs.ext4,ro --vsock cid=3,uds={UDS} {flags} > console.txt 2>&1 &
+             vmm=$!"
+        ))
+        .time_limit(300)
+        .after(
+            "wait $vmm
+             echo \"HUSK-EXIT $?\"
+             echo '--- console'; tail -n 30 console.txt",
+        )
+        .run()
 }
 
 #[test]
 fn a_pod_in_a_real_guest() {
-    if let Some(uds) = std::env::var_os(UDS_ENV) {
-        client(Path::new(&uds));
-        return;
+    if husk_tests::in_rerun() {
+        return client(Path::new(UDS));
     }
     let r = pod_vm("a_pod_in_a_real_guest", "", "");
     // The client's Shutdown ends the guest, and with it husk, cleanly.
@@ -80,9 +80,8 @@ fn a_pod_in_a_real_guest() {
 
 #[test]
 fn a_pod_on_the_network_over_ipv4_and_ipv6() {
-    if let Some(uds) = std::env::var_os(UDS_ENV) {
-        network_client(Path::new(&uds));
-        return;
+    if husk_tests::in_rerun() {
+        return network_client(Path::new(UDS));
     }
     // The node's end of the pod's tap: 10.0.0.1 and fd00::1 on the link,
     // and one address of each family beyond it (on lo) that the pod can

@@ -16,7 +16,13 @@
 # nested guests under QEMU's emulated SVM, with nothing on the console), or
 # panics (seen there too: a husk vCPU thread overflowing its kernel stack in
 # the node's exception entry), that boot ends at once and the node VM boots
-# again, once (CMD's output so far may then appear twice). Defaults: 2
+# again, once (CMD's output so far may then appear twice; the second boot's
+# kernel command line has husk_node.boot=2). Each such failure is said on
+# stderr and, when HUSK_NODE_RETRIES names a file (resources/test.sh sets
+# it), appended to it as one line, tab-separated: HUSK_NODE_LABEL (the
+# test's name; else the command), the cause (soft lockup, panic, silent
+# stop), the evidence, and what followed ("booted again", or "gave up"
+# after a second failure). Defaults: 2
 # vCPUs, 4096 MiB, 600 s. HUSK_NODE=direct or HUSK_NODE=vm forces either
 # way; HUSK_NODE_IMAGE names an image build.sh made (skips even its cache
 # lookup); HUSK_NODE_LOGLEVEL=N shows the node's whole console, kernel
@@ -54,6 +60,7 @@ while (($#)); do
   esac
 done
 (($#)) || { echo "run.sh: no command given" >&2; usage; }
+command_line="$*"
 for n in "$mem" "$cpus" "$timeout"; do
   [[ $n =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: not a positive number: $n" >&2; exit 2; }
 done
@@ -133,17 +140,17 @@ done < <(find "$stage/payload" -type f -perm -u+x -print0)
 cat "$image/node.cpio" "$tmp/payload.cpio" > "$tmp/initrd.cpio"
 rm -rf "$stage" "$tmp/payload.cpio"
 
-# One boot of the node VM running the command; sets qrc. A soft lockup of
-# the node's own kernel (its watchdog reports it; seen now and then under
-# QEMU's multi-threaded emulation, with both CPUs stuck in kernel code
-# before the payload did anything of note) ends the boot at once and leaves
-# $tmp/lockup behind.
+# Boot $1 (1 or 2) of the node VM running the command; sets qrc. A soft
+# lockup of the node's own kernel (its watchdog reports it; seen now and
+# then under QEMU's multi-threaded emulation, with both CPUs stuck in kernel
+# code before the payload did anything of note) ends the boot at once and
+# leaves $tmp/lockup behind.
 boot_node() {
   rm -f "$tmp/status" "$tmp/lockup"
   : > "$tmp/console" # exists before tail opens it, whenever qemu starts
   rm -f "$tmp/heartbeat" "$tmp/hung"
   # ttyS1: the heartbeat; ttyS2: the optional shell.
-  local extra=(-chardev "file,id=beat,path=$tmp/heartbeat" -serial chardev:beat) append=""
+  local extra=(-chardev "file,id=beat,path=$tmp/heartbeat" -serial chardev:beat) append=" husk_node.boot=$1"
   if ((timeout > 60)); then append+=" husk_node.deadline=$((timeout - 30))"; fi
   if [[ -n ${HUSK_NODE_KVM_AMD:-} ]]; then append+=" husk_node.kvm_amd=$HUSK_NODE_KVM_AMD"; fi
   if [[ -n ${HUSK_NODE_SHELL:-} ]]; then
@@ -211,32 +218,47 @@ boot_node() {
 # Why a boot ended without the command's status, when the node's own kernel
 # is to blame (then one more boot is worth it): a soft lockup, a stop, or a
 # panic (QEMU exits at once: -no-reboot; a panic of a nested guest's kernel
-# would not end the node, so the status would be there).
+# would not end the node, so the status would be there). Sets cause (as
+# counted in the test command's summary) and why (with the evidence).
 node_failure() {
+  cause="" why=""
   [[ -s $tmp/status ]] && return 1
+  local panic
   if [[ -s $tmp/lockup ]]; then
-    echo "the node VM's kernel locked up ($(cat "$tmp/lockup"))"
+    cause="soft lockup" why="the node VM's kernel locked up ($(cat "$tmp/lockup"))"
   elif [[ -s $tmp/hung ]]; then
-    echo "the node VM's kernel stopped ($(cat "$tmp/hung"))"
-  elif ((qrc != 124)) && tail -n 100 "$tmp/console" | grep -q "Kernel panic - not syncing"; then
-    echo "the node VM's kernel panicked ($(tail -n 100 "$tmp/console" | tr -d '\r' | grep -m1 -o "Kernel panic - not syncing.*"))"
+    cause="silent stop" why="the node VM's kernel stopped ($(cat "$tmp/hung"))"
+  elif ((qrc != 124)) &&
+    panic=$(tail -n 100 "$tmp/console" | tr -d '\r' | grep -m1 -o "Kernel panic - not syncing.*"); then
+    cause="panic" why="the node VM's kernel panicked ($panic)"
   else
     return 1
   fi
 }
 
-boot_node
-if why=$(node_failure); then
+# Appends the failure node_failure found to $HUSK_NODE_RETRIES, if set:
+# label, cause, evidence, and $1 (what follows).
+record_failure() {
+  [[ -n ${HUSK_NODE_RETRIES:-} ]] || return 0
+  local label=${HUSK_NODE_LABEL:-${command_line:0:200}} evidence=$why
+  label=${label//[$'\t\n']/ } evidence=${evidence//[$'\t\n']/ }
+  printf '%s\t%s\t%s\t%s\n' "$label" "$cause" "$evidence" "$1" >> "$HUSK_NODE_RETRIES"
+}
+
+boot_node 1
+if node_failure; then
   # Not the payload's doing: its command had not finished. One more boot.
+  record_failure "booted again"
   echo "run.sh: $why; booting it again (the console's tail below)" >&2
   tr -d '\r' < "$tmp/console" | tail -n 5 >&2
-  boot_node
+  boot_node 2
 fi
 
 if [[ -s $tmp/status ]]; then
   exit "$(cat "$tmp/status")"
 fi
-if why=$(node_failure); then
+if node_failure; then
+  record_failure "gave up"
   echo "run.sh: again, $why; its console:" >&2
 elif ((qrc == 124)); then
   echo "run.sh: the node VM timed out after $timeout s; its console:" >&2

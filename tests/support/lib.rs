@@ -11,6 +11,9 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 pub mod containerd;
+mod rerun;
+
+pub use rerun::{in_rerun, Rerun};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -244,6 +247,11 @@ pub struct Payload {
     dir: PathBuf,
     /// run.sh's limit for the whole node VM run (s); its default if None.
     timeout: Option<u64>,
+    /// Where run.sh records the node's failures instead of the suite's
+    /// `HUSK_NODE_RETRIES` (for the test of that record itself).
+    retries: Option<PathBuf>,
+    /// In the node VM even where guests could run on this host.
+    node_vm: bool,
 }
 
 impl Payload {
@@ -252,13 +260,33 @@ impl Payload {
         let dir = std::env::temp_dir().join(format!("husk-payload-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create payload dir");
-        Payload { dir, timeout: None }
+        Payload {
+            dir,
+            timeout: None,
+            retries: None,
+            node_vm: false,
+        }
     }
 
     /// Gives the node VM `secs` for the run instead of run.sh's default
     /// (600 s), for the few tests that run that long by design.
     pub fn timeout(mut self, secs: u64) -> Self {
         self.timeout = Some(secs);
+        self
+    }
+
+    /// Has run.sh append the node's failures to `file` rather than to the
+    /// file the suite names in `HUSK_NODE_RETRIES`: for a test that makes
+    /// the node fail on purpose, so the suite's count stays the truth.
+    pub fn record_node_failures_in(mut self, file: &Path) -> Self {
+        self.retries = Some(file.to_path_buf());
+        self
+    }
+
+    /// Runs the command in the node VM even on a host whose /dev/kvm
+    /// could run guests itself (`HUSK_NODE=vm`): for tests of the node VM.
+    pub fn in_the_node_vm(mut self) -> Self {
+        self.node_vm = true;
         self
     }
 
@@ -303,6 +331,15 @@ impl Payload {
         if let Some(image) = node_image() {
             cmd.env("HUSK_NODE_IMAGE", image);
         }
+        // The name run.sh gives this run where it records a failure of
+        // the node (resources/test.sh lists them in its summary).
+        cmd.env("HUSK_NODE_LABEL", test_label());
+        if let Some(file) = &self.retries {
+            cmd.env("HUSK_NODE_RETRIES", file);
+        }
+        if self.node_vm {
+            cmd.env("HUSK_NODE", "vm");
+        }
         let out = cmd
             .arg(repo_root().join("resources/node/run.sh"))
             .args(
@@ -323,11 +360,72 @@ impl Payload {
         if std::env::var_os("HUSK_TEST_SHOW_OUTPUT").is_some() {
             eprintln!("{output}");
         }
+        // A test that makes the node fail on purpose keeps its own record.
+        if self.retries.is_none() {
+            report_node_failures(&output);
+        }
         RunResult {
             status: out.status.code().unwrap_or(-1),
             output,
         }
     }
+}
+
+/// Says on the terminal, even for a test that passes, that run.sh had to
+/// boot the node VM again (or gave up on it): written to stderr itself,
+/// which the test harness does not capture, so a second boot is never
+/// hidden in a pass. resources/test.sh counts them in its closing line.
+fn report_node_failures(output: &str) {
+    use std::io::Write;
+    for line in output.lines().filter(|l| {
+        l.starts_with("run.sh: ")
+            && (l.contains("; booting it again") || l.starts_with("run.sh: again, "))
+    }) {
+        let _ = writeln!(std::io::stderr(), "husk-tests: {}: {line}", test_label());
+    }
+}
+
+/// The running test's name: libtest runs each test on a thread named
+/// after it (`module::name` for tests in a module).
+pub fn test_name() -> String {
+    match std::thread::current().name() {
+        Some(name) if name != "main" => name.to_string(),
+        _ => panic!("test_name() called outside a test's own thread"),
+    }
+}
+
+/// `<test binary>::<test>` (`shim::create_delete_cycles_leak_nothing`), or
+/// the binary's name alone off a test's thread.
+pub fn test_label() -> String {
+    let exe = std::env::current_exe().ok();
+    let stem = exe
+        .as_deref()
+        .and_then(Path::file_name)
+        .and_then(|n| n.to_str())
+        .unwrap_or("test");
+    // cargo names test binaries <name>-<16 hex digits>.
+    let binary = match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            name
+        }
+        _ => stem,
+    };
+    match std::thread::current().name() {
+        Some(name) if name != "main" => format!("{binary}::{name}"),
+        _ => binary.to_string(),
+    }
+}
+
+/// Panics unless this process runs as root: for the tests marked
+/// `#[ignore = "needs root..."]`, which `--include-ignored` (resources/test.sh,
+/// as root) runs; run without root they fail rather than pass unseen.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (it is #[ignore]d for that reason; run it as root with --include-ignored)"
+    );
 }
 
 impl Drop for Payload {

@@ -1,12 +1,13 @@
-//! PID 1 duties: mount proc, sysfs, devtmpfs, /dev/pts, /dev/shm, /run and
-//! cgroup2; read the agent's settings from the kernel command line; reap
-//! every orphan; turn SIGTERM into an orderly shutdown; and end the guest by
-//! syncing and resetting it (with `reboot=k` the VMM sees the reset and
-//! exits cleanly). PID 1 must never exit: that panics the kernel.
+//! PID 1 duties: leave the initramfs; mount proc, sysfs, devtmpfs,
+//! /dev/pts, /dev/shm, /run and cgroup2; and end the guest by syncing and
+//! resetting it (with `reboot=k` the VMM sees the reset and exits cleanly).
+//! PID 1 must never exit: that panics the kernel. (Reaping every orphan and
+//! turning SIGTERM into an orderly shutdown are [`crate::signals`]'.)
 
 use std::ffi::CString;
 
-use crate::{log, server, Options};
+use crate::config::SWITCHED;
+use crate::log;
 
 fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: Option<&str>) {
     let _ = std::fs::create_dir_all(target);
@@ -78,79 +79,14 @@ fn mount_basics() {
     let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
 }
 
-/// Reads `husk.agent_port=N` and `husk.agent_debug` from /proc/cmdline.
-fn read_cmdline(opts: &mut Options) {
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    for word in cmdline.split_whitespace() {
-        if let Some(port) = word.strip_prefix("husk.agent_port=") {
-            match port.parse() {
-                Ok(p) => opts.port = p,
-                Err(_) => log::warn(&format!("ignoring {word}: not a port number")),
-            }
-        } else if word == "husk.agent_debug" {
-            log::enable_debug();
-        }
-    }
-}
-
-/// A thread that reaps children on SIGCHLD and shuts down on SIGTERM or
-/// SIGINT, reading them from a signalfd (they are blocked in every thread).
-pub fn start_signal_thread(pid1: bool) {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointers to `set`; constant signal numbers.
-    unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGCHLD);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
-    // SAFETY: a new signalfd for an initialised set.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC) };
-    if fd < 0 {
-        log::error(&format!("signalfd: {}", std::io::Error::last_os_error()));
-        return;
-    }
-    let spawned = std::thread::Builder::new()
-        .name("husk-agent-signals".into())
-        .spawn(move || loop {
-            // SAFETY: signalfd_siginfo is plain data.
-            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-            let size = std::mem::size_of::<libc::signalfd_siginfo>();
-            // SAFETY: reading one signalfd_siginfo into a buffer of its size.
-            let n =
-                unsafe { libc::read(fd, (&mut info as *mut libc::signalfd_siginfo).cast(), size) };
-            if n != size as isize {
-                continue;
-            }
-            match info.ssi_signo as libc::c_int {
-                libc::SIGCHLD => {
-                    crate::reaper::reap();
-                }
-                sig => {
-                    log::info(&format!("signal {sig}: shutting down"));
-                    crate::container::kill_all();
-                    shutdown(pid1);
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        log::error(&format!("cannot start the signal thread: {e}"));
-    }
-}
-
-/// Set in the agent's environment once it has left the initramfs.
-const SWITCHED: &str = "HUSK_AGENT_SWITCHED";
-
 /// pivot_root(2) refuses to move away from the initial rootfs (EINVAL), so
 /// containers could not pivot while the agent runs from the initramfs.
 /// Like switch_root: copy the agent into a tmpfs, move that tmpfs over /,
 /// chroot into it and re-exec; the initramfs copy is deleted to free its
 /// memory. On failure the agent carries on from the initramfs (containers
 /// then fail with a clear pivot_root error).
-fn leave_initramfs() {
-    if std::env::var_os(SWITCHED).is_some() {
+fn leave_initramfs(switched: bool) {
+    if switched {
         return;
     }
     if let Err(e) = switch_root() {
@@ -222,22 +158,16 @@ fn switch_root() -> std::io::Result<()> {
     Err(last())
 }
 
-/// Runs the agent as the guest's init; never returns.
-pub fn run_as_init(opts: &mut Options) -> ! {
-    leave_initramfs();
+/// Makes this process the guest's init, before any thread is started:
+/// leaves the initramfs (re-executing from a tmpfs unless `switched` says
+/// that happened), mounts the basics and sets PATH.
+pub fn prepare(switched: bool) {
+    leave_initramfs(switched);
     mount_basics();
-    read_cmdline(opts);
-    start_signal_thread(true);
     std::env::set_var(
         "PATH",
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     );
-    log::info(&format!("husk-agent {} started", env!("CARGO_PKG_VERSION")));
-    if let Err(e) = server::serve(opts) {
-        log::error(&format!("cannot serve the host: {e}"));
-    }
-    // Without a way to reach the host the guest is useless: end it.
-    shutdown(true)
 }
 
 /// Ends the guest (as init: sync, then reset through the kernel's reboot

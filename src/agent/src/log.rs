@@ -1,14 +1,16 @@
 //! Log lines on the console (the guest's serial port, which is the VMM's
 //! stdout or log): `husk-agent: LEVEL message`. The agent is quiet unless
 //! something goes wrong or `husk.agent_debug` is on the kernel command line.
+//! Whether debug lines show is set once, in `main`, from the configuration
+//! (a process-wide setting, as a logger's level is; it never changes after).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
-static DEBUG: AtomicBool = AtomicBool::new(false);
+static DEBUG: OnceLock<bool> = OnceLock::new();
 
-/// Turns debug lines on.
-pub fn enable_debug() {
-    DEBUG.store(true, Ordering::Relaxed);
+/// Sets whether debug lines show (the first call wins).
+pub fn init(debug: bool) {
+    let _ = DEBUG.set(debug);
 }
 
 /// Something the operator must see.
@@ -28,7 +30,7 @@ pub fn info(msg: &str) {
 
 /// Details for debugging.
 pub fn debug(msg: &str) {
-    if DEBUG.load(Ordering::Relaxed) {
+    if DEBUG.get().copied().unwrap_or(false) {
         eprintln!("husk-agent: debug: {msg}");
     }
 }

@@ -7,78 +7,86 @@
 //!
 //! Outside a guest (`--unix PATH`, not PID 1) it serves the same protocol on
 //! a unix socket and leaves the system alone, for host-side tests.
+//!
+//! `main` reads the configuration (arguments, `HUSK_AGENT_*` variables,
+//! kernel command line) once, builds the one [`runtime::Runtime`] from it
+//! and hands that to the signal thread and the server.
 
+mod config;
 mod container;
+mod error;
+mod events;
 mod init;
 mod log;
 mod reaper;
+mod runtime;
 mod sandbox;
 mod server;
+mod signals;
 mod transport;
 
 use std::process::ExitCode;
 
-/// How the agent was started.
-pub struct Options {
-    /// Serve on this unix socket instead of vsock.
-    pub unix: Option<std::path::PathBuf>,
-    /// The vsock port.
-    pub port: u32,
-    /// Running as the guest's init (PID 1).
-    pub pid1: bool,
-}
-
-fn parse_args() -> Result<Options, String> {
-    let pid1 = std::process::id() == 1;
-    let mut opts = Options {
-        unix: None,
-        port: husk_protocol::DEFAULT_AGENT_PORT,
-        pid1,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--unix" => opts.unix = Some(args.next().ok_or("--unix needs a path")?.into()),
-            "--port" => {
-                opts.port = args
-                    .next()
-                    .and_then(|p| p.parse().ok())
-                    .ok_or("--port needs a number")?
-            }
-            // The kernel passes unknown command-line words to init.
-            _ if pid1 => {}
-            other => {
-                return Err(format!(
-                    "unknown argument {other:?} (want --unix PATH, --port N)"
-                ))
-            }
-        }
-    }
-    Ok(opts)
-}
+use config::{Config, Environment, KernelCmdline, Options};
 
 fn main() -> ExitCode {
-    let mut opts = match parse_args() {
+    let pid1 = std::process::id() == 1;
+    let opts = match Options::parse(pid1, std::env::args().skip(1)) {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("husk-agent: {e}");
+            eprintln!("husk-agent: {}", error::chain(&e));
             return ExitCode::from(2);
         }
     };
-    if opts.pid1 {
-        // Never returns: PID 1 exiting panics the kernel.
-        init::run_as_init(&mut opts);
+    let env = Environment::capture();
+    let cmdline = if pid1 {
+        // May re-execute the agent from a tmpfs (then main starts again).
+        init::prepare(env.switched);
+        KernelCmdline::read()
+    } else {
+        KernelCmdline::default()
+    };
+    let config = Config::new(opts, env, &cmdline);
+    log::init(config.debug);
+    for word in &cmdline.ignored {
+        log::warn(&format!("ignoring {word}: not a port number"));
     }
-    // Outside a guest: still reap the containers' processes (and adopt
-    // their orphans), and turn SIGTERM into an exit.
-    init::start_signal_thread(false);
-    // SAFETY: prctl with integer arguments.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    match server::serve(&opts) {
-        Ok(()) => ExitCode::SUCCESS,
+    // Before any thread exists, so that every thread inherits the mask.
+    let signals = match signals::block() {
+        Ok(fd) => Some(fd),
         Err(e) => {
-            log::error(&format!("{e}"));
-            ExitCode::FAILURE
+            log::error(&format!("cannot read signals ({e}): reaping once a second"));
+            None
         }
+    };
+    if pid1 {
+        log::info(&format!("husk-agent {} started", env!("CARGO_PKG_VERSION")));
     }
+    let runtime = match runtime::Runtime::start(config) {
+        Ok(r) => r,
+        Err(e) => return stop(pid1, &e),
+    };
+    signals::spawn(signals, runtime.clone());
+    if !pid1 {
+        // Outside a guest: still reap the containers' processes (and adopt
+        // their orphans).
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    }
+    let listen = runtime.config().listen.clone();
+    let events = runtime.events().clone();
+    match server::serve(&listen, runtime, events) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => stop(pid1, &e),
+    }
+}
+
+/// The agent cannot serve: says why, then ends the guest (useless without
+/// a way to reach the host) or, outside one, fails.
+fn stop(pid1: bool, e: &dyn std::error::Error) -> ExitCode {
+    log::error(&error::chain(e));
+    if pid1 {
+        init::shutdown(true)
+    }
+    ExitCode::FAILURE
 }

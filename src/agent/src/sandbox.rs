@@ -16,7 +16,7 @@ fn invalid(msg: impl Into<String>) -> AgentError {
 }
 
 fn system(what: &str, e: std::io::Error) -> AgentError {
-    AgentError::new(ErrorCode::System, format!("{what}: {e}"))
+    crate::error::reply(ErrorCode::System, what, &e)
 }
 
 /// Applies `s` to this guest. `root` is where /etc and /proc live ("/" in a

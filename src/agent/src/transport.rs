@@ -1,22 +1,44 @@
 //! Where the host reaches the agent: a vsock listener in the guest
 //! (AF_VSOCK, any CID, the agent port), or a unix socket for host-side tests.
-//! Connections are plain byte streams either way.
+//! Connections are plain byte streams either way, behind [`Stream`], which
+//! is also the seam the server's unit tests use ([`fake`]).
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::time::Duration;
+
+#[cfg(test)]
+pub mod fake;
 
 /// A connection from the host.
-pub trait Stream: Read + Write + Send + AsRawFd {
+pub trait Stream: Read + Write + Send {
     /// A second handle on the same connection (for a writer thread).
     fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>>;
+
+    /// Bounds how long a write may wait for the host to read (the
+    /// connection's every handle: it is a property of the socket).
+    fn set_write_timeout(&self, timeout: Duration) -> std::io::Result<()>;
+
+    /// Shuts the connection down both ways, for every handle on it: the
+    /// host reads end of file, and a read blocked here returns 0.
+    fn shutdown(&self) -> std::io::Result<()>;
 }
 
 impl Stream for UnixStream {
     fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>> {
         Ok(Box::new(self.try_clone()?))
+    }
+
+    fn set_write_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        UnixStream::set_write_timeout(self, Some(timeout))
+    }
+
+    fn shutdown(&self) -> std::io::Result<()> {
+        UnixStream::shutdown(self, Shutdown::Both)
     }
 }
 
@@ -47,6 +69,36 @@ impl AsRawFd for VsockStream {
 impl Stream for VsockStream {
     fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>> {
         Ok(Box::new(VsockStream(self.0.try_clone()?)))
+    }
+
+    fn set_write_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX),
+            tv_usec: timeout.subsec_micros().into(),
+        };
+        // SAFETY: SO_SNDTIMEO on our socket reads a timeval of the size
+        // passed, which outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn shutdown(&self) -> std::io::Result<()> {
+        // SAFETY: shutdown(2) on our socket; it touches no memory.
+        if unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_RDWR) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 

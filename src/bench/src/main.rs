@@ -32,6 +32,7 @@ mod io;
 mod net;
 mod pod;
 mod run;
+mod snapshot;
 mod stats;
 mod vsock;
 
@@ -76,6 +77,9 @@ enum Bench {
     /// Pods through containerd: husk's shim against runc's (start latency,
     /// memory per pod, many pods at once).
     Pod(pod::PodBench),
+    /// Snapshots: create time, file sizes, and restore time (load request to
+    /// the guest answering through vsock), for husk and optionally Firecracker.
+    Snapshot(snapshot::SnapshotBench),
     /// Serve vsock test streams (echo, upload, download) until told to quit.
     VsockServe(VsockServeArgs),
     /// Open concurrent vsock test streams and check every byte.
@@ -96,7 +100,8 @@ struct VsockClientArgs {
     connect: vsock::Target,
     /// echo, upload, download, flood (upload of zeros the server counts
     /// but does not check: as fast as the transport goes), probe (one
-    /// connect attempt, timed) or quit.
+    /// connect attempt, timed), hold (one stream kept open until it ends;
+    /// says how) or quit.
     #[arg(long, default_value = "echo")]
     mode: String,
     /// Concurrent streams.
@@ -480,13 +485,26 @@ fn blk(b: BlkBench) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
-fn main() -> anyhow::Result<()> {
-    let out = match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    match dispatch(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The error and its causes, once each, on one line.
+            eprintln!("husk-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command; what it measured goes to stdout.
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let out = match cli.command {
         Bench::Boot(b) => boot(b)?,
         Bench::Blk(b) => blk(b)?,
         Bench::Api(b) => api::run(&b)?,
         Bench::Run(b) => run::run(b)?,
         Bench::Pod(b) => pod::pod(b)?,
+        Bench::Snapshot(b) => snapshot::snapshot(b)?,
         Bench::Net(b) => net::net(b)?,
         Bench::Tap(a) => return net::tap(a),
         Bench::Vsock(b) => {

@@ -180,7 +180,7 @@ pub fn pod(b: PodBench) -> anyhow::Result<Value> {
                         concurrent: 0,
                         runc_no_pivot: false,
                     };
-                    start(&bench, HUSK, &format!("bench-many-{i}")).map_err(|e| e.to_string())
+                    start(&bench, HUSK, &format!("bench-many-{i}")).map_err(|e| format!("{e:#}"))
                 })
             })
             .collect();

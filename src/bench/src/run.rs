@@ -176,9 +176,7 @@ impl Drop for Guest {
 }
 
 fn call(agent: &mut AgentClient, request: Request) -> anyhow::Result<Response> {
-    agent
-        .call(request)
-        .map_err(|e| anyhow::anyhow!("agent: {e}"))
+    agent.call(request).context("the agent request failed")
 }
 
 /// One container's life as a shim drives it; returns ms from
@@ -203,7 +201,7 @@ fn one_container(agent: &mut AgentClient, id: &str, spec: Spec) -> anyhow::Resul
     )?;
     let mut out: UnixStream = agent
         .open_stdio(id, None, StdioStream::Stdout)
-        .map_err(|e| anyhow::anyhow!("stdout of {id}: {e}"))?;
+        .with_context(|| format!("cannot open the stdout of {id}"))?;
     call(
         agent,
         Request::StartContainer {
@@ -268,7 +266,7 @@ fn in_guest(b: &RunBench) -> anyhow::Result<Value> {
         port: DEFAULT_AGENT_PORT,
     };
     let mut agent = AgentClient::connect(endpoint, Duration::from_secs(120))
-        .map_err(|e| anyhow::anyhow!("the agent did not answer: {e}"))?;
+        .context("the agent did not answer")?;
     call(&mut agent, Request::CreateSandbox(Sandbox::default()))?;
     let mut starts = Vec::with_capacity(b.runs);
     for i in 0..b.runs {

@@ -10,7 +10,9 @@
 //! and a seed (u64 LE). `E` echoes `size` bytes back, `U` reads `size` bytes
 //! and answers their checksum, `D` sends `size` bytes made from the seed,
 //! `F` reads until EOF and answers the byte count (a flood of zeros, for
-//! load, checked by count only), `Q` makes the server exit. The data is a counter-based pseudo-random
+//! load, checked by count only), `H` holds the stream open until the
+//! client closes it (a connection that outlives a snapshot), `Q` makes the
+//! server exit. The data is a counter-based pseudo-random
 //! stream, so both ends can check every byte through a checksum. `uds:`
 //! speaks husk's `CONNECT <port>` handshake on the VMM's unix socket.
 
@@ -302,6 +304,9 @@ fn serve_one(mut s: Sock) -> anyhow::Result<()> {
             }
             s.write_all(&got.to_le_bytes())?;
         }
+        b'H' => {
+            recv_stream(&mut s, u64::MAX)?;
+        }
         b'Q' => {
             eprintln!("husk-bench vsock-serve: quit");
             std::process::exit(0);
@@ -502,6 +507,49 @@ fn run_stream(t: &Target, mode: u8, size: u64, seed: u64, retry: Duration) -> an
     Ok(())
 }
 
+/// How long a held stream waits for its end.
+const HOLD_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// `--mode hold`: one stream that sends nothing and waits until it ends;
+/// says how (`eof`, `reset`, `timeout`, `error`). A stream the guest holds
+/// across a snapshot ends with `reset` once the restored VM's transport
+/// reset reaches it.
+fn hold(t: &Target, retry: Duration) -> Value {
+    let start = Instant::now();
+    let outcome = connect_retrying(t, retry).and_then(|mut s| {
+        request(&mut s, b'H', 0, 0)?;
+        s.set_timeouts(HOLD_TIMEOUT);
+        eprintln!("husk-bench vsock-client: holding a stream");
+        let mut b = [0u8; 64];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return Ok("eof"),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    });
+    let (ended, error) = match outcome {
+        Ok(how) => (how, None),
+        Err(e) => {
+            let io = e.downcast_ref::<std::io::Error>();
+            let how = match io.map(std::io::Error::kind) {
+                Some(std::io::ErrorKind::ConnectionReset) => "reset",
+                Some(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => "timeout",
+                _ => "error",
+            };
+            (how, Some(format!("{e:#}")))
+        }
+    };
+    json!({
+        "mode": "hold",
+        "ended": ended,
+        "error": error,
+        "seconds": (start.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+    })
+}
+
 /// `vsock-client`: `streams` concurrent streams of `mode`, `total` bytes in all.
 pub fn client(
     t: &Target,
@@ -526,7 +574,8 @@ pub fn client(
                 "ms": start.elapsed().as_secs_f64() * 1e3,
             }));
         }
-        _ => bail!("--mode wants echo, upload, download, flood, probe or quit"),
+        "hold" => return Ok(hold(t, retry)),
+        _ => bail!("--mode wants echo, upload, download, flood, probe, hold or quit"),
     };
     let streams = streams.max(1);
     let per = total / streams as u64;

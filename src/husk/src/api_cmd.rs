@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use vmm::controller::{ActionType, Controller, Request, VmResources};
+use vmm::error::Chain;
 use vmm::metrics::Metrics;
 use vmm::seccomp::SeccompFilters;
 use vmm::signal::TerminationFd;
@@ -22,7 +23,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::api::{self, Call, VmmLink};
+use crate::api::{self, Call, Refusal, VmmLink};
 
 /// Flags of the API-driven VMM (no subcommand).
 #[derive(Args, Debug, Default)]
@@ -40,12 +41,30 @@ pub struct ApiArgs {
     /// The instance id reported by GET /.
     #[arg(long, default_value = "anonymous-instance")]
     id: String,
+    /// A snapshot to load at start (`husk restore` fills it in).
+    #[arg(skip)]
+    pub restore: Option<vmm::controller::snapshot::SnapshotLoadParams>,
 }
 
 impl ApiArgs {
     /// True when any of these flags was given.
     pub fn given(&self) -> bool {
         self.api_sock.is_some() || self.config_file.is_some() || self.no_api
+    }
+
+    /// The flags `husk restore` runs the VMM with.
+    pub fn for_restore(
+        api_sock: Option<PathBuf>,
+        id: String,
+        load: vmm::controller::snapshot::SnapshotLoadParams,
+    ) -> Self {
+        ApiArgs {
+            no_api: api_sock.is_none(),
+            api_sock,
+            config_file: None,
+            id,
+            restore: Some(load),
+        }
     }
 }
 
@@ -65,15 +84,24 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
             path.display()
         );
     }
-    UnixListener::bind(path)
-        .with_context(|| format!("cannot bind the API socket {}", path.display()))
+    // Bound (and listening) under a temporary name in the same directory,
+    // then renamed into place: a client that sees the path can connect.
+    let tmp = path.with_file_name(format!(".husk-api-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)
+        .with_context(|| format!("cannot bind the API socket {}", tmp.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot move the API socket to {}", path.display()));
+    }
+    Ok(listener)
 }
 
 /// Runs the VMM until its guest ends; returns the exit status.
 pub fn run(args: ApiArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
     match (&args.api_sock, args.no_api, &args.config_file) {
         (Some(_), true, _) => bail!("--api-sock and --no-api exclude each other"),
-        (None, true, None) => bail!("--no-api needs --config-file"),
+        (None, true, None) if args.restore.is_none() => bail!("--no-api needs --config-file"),
         (None, false, _) => bail!("give --api-sock PATH (or --no-api with --config-file)"),
         _ => {}
     }
@@ -84,17 +112,22 @@ pub fn run(args: ApiArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
     let mut controller = Controller::new(args.id.clone(), SerialOutput::Stdout, metrics.clone());
     controller.set_seccomp(seccomp.clone());
 
+    let mut snapshot_load = args.restore.clone();
     if let Some(file) = &args.config_file {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read the config file {}", file.display()))?;
         let resources: VmResources = serde_json::from_str(&text)
             .with_context(|| format!("invalid config file {}", file.display()))?;
         if let Some(logger) = &resources.logger {
-            crate::logger::configure(logger).context("config file logger")?;
+            crate::logger::configure(logger)
+                .with_context(|| format!("cannot set up logging from {}", file.display()))?;
+        }
+        if let Some(load) = &resources.snapshot_load {
+            snapshot_load = Some(load.clone());
         }
         controller
             .load(resources)
-            .with_context(|| format!("config file {}", file.display()))?;
+            .with_context(|| format!("cannot use the config file {}", file.display()))?;
     }
 
     let (calls_tx, calls) = mpsc::channel::<Call>();
@@ -117,7 +150,13 @@ pub fn run(args: ApiArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         None => None,
     };
 
-    let vmm = if args.config_file.is_some() {
+    let vmm = if let Some(load) = snapshot_load {
+        match controller.handle(Request::LoadSnapshot(load)) {
+            Ok((_, Some(vmm))) => vmm,
+            Ok((_, None)) => bail!("the microVM was not restored"),
+            Err(e) => return Err(anyhow::Error::new(e)),
+        }
+    } else if args.config_file.is_some() {
         match controller.handle(Request::Action(ActionType::InstanceStart)) {
             Ok((_, Some(vmm))) => vmm,
             Ok((_, None)) => bail!("the microVM did not start"),
@@ -155,21 +194,21 @@ fn wait_for_start(
     term: &TerminationFd,
 ) -> anyhow::Result<Started> {
     use std::os::fd::AsRawFd;
-    let epoll = Epoll::new().context("epoll")?;
+    let epoll = Epoll::new().context("cannot watch for API calls and signals")?;
     epoll
         .ctl(
             ControlOperation::Add,
             wake.as_raw_fd(),
             EpollEvent::new(EventSet::IN, WAKE),
         )
-        .context("epoll")?;
+        .context("cannot watch for API calls and signals")?;
     epoll
         .ctl(
             ControlOperation::Add,
             term.as_raw_fd(),
             EpollEvent::new(EventSet::IN, SIGNAL),
         )
-        .context("epoll")?;
+        .context("cannot watch for API calls and signals")?;
     let mut events = [EpollEvent::default(); 2];
     loop {
         let timeout = controller.periodic_metrics();
@@ -179,7 +218,7 @@ fn wait_for_start(
         match epoll.wait(ms, &mut events) {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).context("epoll"),
+            Err(e) => return Err(e).context("cannot wait for API calls and signals"),
         }
         if let Some(sig) = term.read() {
             return Ok(Started::Signal(sig));
@@ -197,7 +236,8 @@ fn wait_for_start(
             // GET /vm/config. (After start the controller refuses it.)
             if let Request::PutLogger(cfg) = &call.request {
                 if let Err(e) = crate::logger::configure(cfg) {
-                    let _ = call.reply.send(Err(e.to_string()));
+                    tracing::debug!(error = %Chain(&e), "API request refused");
+                    let _ = call.reply.send(Err(Refusal::Logger(e)));
                     continue;
                 }
             }
@@ -209,8 +249,8 @@ fn wait_for_start(
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "API request refused");
-                    let _ = call.reply.send(Err(e.to_string()));
+                    tracing::debug!(error = %Chain(&e), "API request refused");
+                    let _ = call.reply.send(Err(Refusal::Action(e)));
                 }
             }
         }
@@ -240,14 +280,14 @@ fn run_vm(
         while let Ok(call) = calls.try_recv() {
             let reply = controller
                 .handle_running(vmm, call.request)
-                .map_err(|e| e.to_string());
+                .map_err(Refusal::Action);
             let _ = call.reply.send(reply);
         }
         controller.periodic_metrics();
     })?;
     if controller.resources().metrics.is_some() {
         if let Err(e) = controller.flush_metrics() {
-            tracing::warn!(error = %e, "final metrics");
+            tracing::warn!(error = %Chain(&e), "cannot write the final metrics");
         }
     }
     tracing::info!(%exit, "microVM ended");

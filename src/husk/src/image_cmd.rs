@@ -80,8 +80,12 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
             if let Some(d) = cache_dir {
                 opts.cache_dir = d;
             }
-            let built = husk_image::rootfs_for(image.as_deref(), &opts)
-                .with_context(|| format!("image {}", image.as_deref().unwrap_or("busybox")))?;
+            let built = husk_image::rootfs_for(image.as_deref(), &opts).with_context(|| {
+                format!(
+                    "cannot build the root filesystem of image {}",
+                    image.as_deref().unwrap_or("busybox")
+                )
+            })?;
             println!("{}", serde_json::to_string(&built)?);
         }
         ImageCommand::BuildBusybox {

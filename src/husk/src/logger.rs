@@ -24,7 +24,7 @@ pub enum LoggerError {
     #[error("invalid module filter {0:?}")]
     Module(String),
     /// The log file could not be opened.
-    #[error("cannot open the log file {path}: {source}")]
+    #[error("cannot open the log file {path}")]
     Open {
         /// The file.
         path: std::path::PathBuf,
@@ -35,8 +35,8 @@ pub enum LoggerError {
     #[error("logging is not initialised")]
     NotInitialised,
     /// The subscriber refused the change.
-    #[error("cannot reconfigure logging: {0}")]
-    Reload(String),
+    #[error("cannot reconfigure logging")]
+    Reload(#[source] reload::Error),
 }
 
 /// Where formatted lines go: stderr until a log file is configured.
@@ -63,7 +63,7 @@ impl<'a> MakeWriter<'a> for Destination {
 
 type FmtLayer = fmt::Layer<Registry, fmt::format::DefaultFields, fmt::format::Format, Destination>;
 
-type ReloadFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+type ReloadFilter = Box<dyn Fn(EnvFilter) -> Result<(), reload::Error> + Send + Sync>;
 
 struct Control {
     filter: ReloadFilter,
@@ -125,7 +125,7 @@ pub fn init(level: &str) {
         .with(filter)
         .try_init();
     let _ = CONTROL.set(Control {
-        filter: Box::new(move |f| filter_handle.reload(f).map_err(|e| e.to_string())),
+        filter: Box::new(move |f| filter_handle.reload(f)),
         format: format_handle,
         destination,
     });
@@ -184,7 +184,7 @@ pub fn configure(cfg: &vmm::controller::Logger) -> Result<(), LoggerError> {
     control
         .format
         .modify(|layer| *layer = fmt_layer(dest, ansi, show_level, show_origin))
-        .map_err(|e| LoggerError::Reload(e.to_string()))?;
+        .map_err(LoggerError::Reload)?;
     if let Some(filter) = filter {
         (control.filter)(filter).map_err(LoggerError::Reload)?;
     }

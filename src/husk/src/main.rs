@@ -18,6 +18,7 @@ mod boot_cmd;
 mod image_cmd;
 mod logger;
 mod run_cmd;
+mod snapshot_cmd;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -60,27 +61,15 @@ enum Command {
     /// Run a command in a container inside a fresh microVM (the bundled
     /// busybox image unless IMAGE is given); exits with its status.
     Run(run_cmd::RunArgs),
+    /// Write a full snapshot of a running husk's microVM (through its API
+    /// socket): pause, snapshot, resume.
+    Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Run a microVM restored from a snapshot until the guest ends.
+    Restore(snapshot_cmd::RestoreArgs),
 }
 
 fn parse_thread_kind(s: &str) -> Result<ThreadKind, String> {
     ThreadKind::from_name(s).ok_or_else(|| format!("'{s}' is not a thread kind (vmm, api, vcpu)"))
-}
-
-/// The error and its causes on one line, skipping causes whose text an outer
-/// error already quotes (many of ours name their source in their message).
-fn render(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if msg.contains(&text) {
-            continue;
-        }
-        if !msg.is_empty() {
-            msg.push_str(": ");
-        }
-        msg.push_str(&text);
-    }
-    msg
 }
 
 fn main() -> ExitCode {
@@ -112,6 +101,8 @@ fn main() -> ExitCode {
         Some(Command::Boot(args)) => boot_cmd::run(args, started, &seccomp),
         Some(Command::Image(args)) => image_cmd::run(args),
         Some(Command::Run(args)) => run_cmd::run(args, &seccomp),
+        Some(Command::Snapshot(args)) => snapshot_cmd::snapshot(args),
+        Some(Command::Restore(args)) => snapshot_cmd::restore(args, &seccomp),
         None if cli.api.given() => api_cmd::run(cli.api, &seccomp),
         None => {
             use clap::CommandFactory;
@@ -122,22 +113,10 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("husk: error: {}", render(&e));
+            // The error and its causes, once each: "cannot build the
+            // microVM: cannot read kernel /k: No such file or directory".
+            eprintln!("husk: error: {e:#}");
             ExitCode::from(1)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn render_skips_quoted_causes() {
-        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
-        let e = anyhow::Error::new(io)
-            .context("cannot read kernel /x: gone")
-            .context("cannot build");
-        assert_eq!(render(&e), "cannot build: cannot read kernel /x: gone");
     }
 }

@@ -17,6 +17,7 @@ use husk_protocol::{
     CreateContainer, ExitStatus, ProcessRef, Request, Response, Rootfs, Sandbox, StdioStream,
     DEFAULT_AGENT_PORT,
 };
+use vmm::error::Chain;
 use vmm::seccomp::SeccompFilters;
 use vmm::{BlockConfig, BootSource, DriveConfig, SerialOutput, VmConfig, Vmm, VsockConfig};
 
@@ -237,7 +238,7 @@ fn session(
         tracing::debug!("output streams still open after the container exited");
     }
     if let Err(e) = agent.call(Request::Shutdown) {
-        tracing::warn!(error = %e, "the agent did not acknowledge the shutdown");
+        tracing::warn!(error = %Chain(&e), "the agent did not acknowledge the shutdown");
     }
     Ok(status)
 }

@@ -23,19 +23,35 @@ pub const REF: &str = "busybox:latest";
 /// Errors building the busybox image.
 #[derive(Debug, thiserror::Error)]
 pub enum BusyboxError {
-    /// The busybox binary could not be read or run.
-    #[error("cannot use busybox {path}: {detail}")]
-    Busybox {
+    /// The busybox binary could not be read.
+    #[error("cannot read busybox {path}")]
+    Read {
         /// The binary.
         path: PathBuf,
-        /// What went wrong.
-        detail: String,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The busybox binary could not be run.
+    #[error("cannot run busybox {path}")]
+    Run {
+        /// The binary.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// `busybox --list-full` failed.
+    #[error("busybox {path} --list-full failed: {status}")]
+    List {
+        /// The binary.
+        path: PathBuf,
+        /// How it ended.
+        status: std::process::ExitStatus,
     },
     /// Writing the layout failed.
     #[error(transparent)]
     Writer(#[from] WriterError),
     /// A cache directory could not be made.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Io {
         /// The path.
         path: PathBuf,
@@ -62,14 +78,14 @@ fn applets(busybox: &Path) -> Result<Vec<String>> {
     let out = Command::new(busybox)
         .arg("--list-full")
         .output()
-        .map_err(|e| BusyboxError::Busybox {
+        .map_err(|source| BusyboxError::Run {
             path: busybox.into(),
-            detail: e.to_string(),
+            source,
         })?;
     if !out.status.success() {
-        return Err(BusyboxError::Busybox {
+        return Err(BusyboxError::List {
             path: busybox.into(),
-            detail: format!("--list-full: {}", out.status),
+            status: out.status,
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout)
@@ -83,9 +99,9 @@ fn applets(busybox: &Path) -> Result<Vec<String>> {
 
 /// The layer tar: deterministic (sorted entries, fixed mtime, uid 0).
 pub fn busybox_layer(busybox: &Path) -> Result<Vec<u8>> {
-    let binary = fs::read(busybox).map_err(|e| BusyboxError::Busybox {
+    let binary = fs::read(busybox).map_err(|source| BusyboxError::Read {
         path: busybox.into(),
-        detail: e.to_string(),
+        source,
     })?;
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
     for d in [
@@ -165,9 +181,9 @@ fn version_key(busybox: &Path) -> Result<String> {
     let key = match version {
         Some(v) if busybox == Path::new(DEFAULT_BUSYBOX) => v,
         _ => {
-            let data = fs::read(busybox).map_err(|e| BusyboxError::Busybox {
+            let data = fs::read(busybox).map_err(|source| BusyboxError::Read {
                 path: busybox.into(),
-                detail: e.to_string(),
+                source,
             })?;
             sha256_digest(&data)
                 .trim_start_matches("sha256:")
@@ -226,10 +242,10 @@ mod tests {
     #[test]
     fn an_image_of_the_same_busybox_gets_its_own_name_and_command() {
         let busybox = Path::new(DEFAULT_BUSYBOX);
-        if !busybox.exists() {
-            eprintln!("skipped: no {DEFAULT_BUSYBOX} (resources/lib.sh installs busybox-static)");
-            return;
-        }
+        assert!(
+            busybox.exists(),
+            "no {DEFAULT_BUSYBOX}: install busybox-static (resources/lib.sh does)"
+        );
         let dir = tempfile::tempdir().unwrap();
         let cmd = vec!["sleep".to_string(), "2147483647".to_string()];
         write_busybox_image(dir.path(), busybox, "husk.local/pause:1", cmd.clone()).unwrap();
@@ -244,10 +260,10 @@ mod tests {
     #[test]
     fn busybox_layout_is_reproducible_and_complete() {
         let busybox = Path::new(DEFAULT_BUSYBOX);
-        if !busybox.exists() {
-            eprintln!("skipped: no {DEFAULT_BUSYBOX} (resources/lib.sh installs busybox-static)");
-            return;
-        }
+        assert!(
+            busybox.exists(),
+            "no {DEFAULT_BUSYBOX}: install busybox-static (resources/lib.sh does)"
+        );
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let da = write_busybox_layout(a.path(), busybox).unwrap();
         let db = write_busybox_layout(b.path(), busybox).unwrap();

@@ -28,7 +28,7 @@ use super::oci::{Descriptor, Layout, OciError};
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
     /// A file system operation in the target failed.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Io {
         /// The path in the target.
         path: PathBuf,
@@ -36,7 +36,7 @@ pub enum LayerError {
         source: io::Error,
     },
     /// The layer's tar stream is corrupt, or its blob fails verification.
-    #[error("cannot read layer {digest}: {source}")]
+    #[error("cannot read layer {digest}")]
     Read {
         /// The layer.
         digest: String,
@@ -887,10 +887,13 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let probe = root.path().join("probe");
         fs::write(&probe, b"").unwrap();
-        if lsetxattr(&probe, b"user.probe", b"1").is_err() {
-            eprintln!("skipped: no user xattrs on {}", root.path().display());
-            return;
-        }
+        // The suite's hosts keep their temporary directory on ext4, which
+        // has user xattrs; a host without them cannot run this test.
+        assert!(
+            lsetxattr(&probe, b"user.probe", b"1").is_ok(),
+            "this test needs user xattrs on {}",
+            root.path().display()
+        );
         let mut l = LayerBuilder::new();
         l.xattr("user.husk", b"yes").unwrap();
         l.file("f", 0o644, b"data").unwrap();

@@ -49,7 +49,7 @@ const MAX_INDEX_DEPTH: usize = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
     /// I/O on a file of the layout failed.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -63,7 +63,7 @@ pub enum OciError {
     #[error("unsupported imageLayoutVersion {0:?} (want 1.x)")]
     LayoutVersion(String),
     /// A JSON document does not parse.
-    #[error("invalid {what}: {source}")]
+    #[error("invalid {what}")]
     Json {
         /// Which document.
         what: String,

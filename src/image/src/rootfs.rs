@@ -29,7 +29,7 @@ pub enum RootfsError {
     #[error(transparent)]
     Layer(#[from] LayerError),
     /// A file or directory of the cache or the output could not be made.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Io {
         /// The path.
         path: PathBuf,
@@ -39,13 +39,25 @@ pub enum RootfsError {
     /// The bundled busybox image could not be built.
     #[error(transparent)]
     Busybox(#[from] super::busybox::BusyboxError),
-    /// mke2fs could not be run or failed.
-    #[error("mke2fs failed for {path}: {detail}")]
+    /// mke2fs could not be started.
+    #[error("cannot run {program} for {path}")]
+    Mke2fsRun {
+        /// The mke2fs binary.
+        program: PathBuf,
+        /// The image being made.
+        path: PathBuf,
+        /// Why it did not start.
+        source: io::Error,
+    },
+    /// mke2fs failed.
+    #[error("mke2fs failed for {path}: {status}: {stderr}")]
     Mke2fs {
         /// The image being made.
         path: PathBuf,
-        /// Its exit status and stderr, or why it did not start.
-        detail: String,
+        /// How it ended.
+        status: std::process::ExitStatus,
+        /// What it said.
+        stderr: String,
     },
 }
 
@@ -333,18 +345,16 @@ fn mke2fs(image: &Path, bytes: u64, args: &[std::ffi::OsString]) -> Result<()> {
         .args(args)
         .arg(image)
         .output()
-        .map_err(|e| RootfsError::Mke2fs {
+        .map_err(|source| RootfsError::Mke2fsRun {
+            program: mke2fs.clone(),
             path: image.to_path_buf(),
-            detail: format!("cannot run {}: {e}", mke2fs.display()),
+            source,
         })?;
     if !out.status.success() {
         return Err(RootfsError::Mke2fs {
             path: image.to_path_buf(),
-            detail: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
     Ok(())

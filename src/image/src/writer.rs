@@ -19,7 +19,7 @@ use super::oci::{
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
     /// Writing a file of the layout failed.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -27,7 +27,7 @@ pub enum WriterError {
         source: io::Error,
     },
     /// Building a layer tar failed.
-    #[error("cannot build layer entry {path}: {source}")]
+    #[error("cannot build layer entry {path}")]
     Tar {
         /// The entry.
         path: String,

@@ -50,9 +50,9 @@ pub enum Error {
         why: String,
     },
     /// A system call in a named step failed on a path.
-    #[error("{step} {path}: {source}")]
+    #[error("cannot {step} {path}")]
     Path {
-        /// The step, as a short phrase ("create directory", "mknod").
+        /// The step, as a short imperative ("create directory", "mknod").
         step: &'static str,
         /// The path it worked on.
         path: PathBuf,
@@ -60,12 +60,18 @@ pub enum Error {
         source: io::Error,
     },
     /// A system call in a named step failed (no path involved).
-    #[error("{step}: {source}")]
+    #[error("cannot {step}")]
     Step {
-        /// The step, as a short phrase.
+        /// The step, as a short imperative.
         step: &'static str,
         /// The underlying error.
         source: io::Error,
+    },
+    /// A path, argument or environment entry that the kernel cannot take.
+    #[error("{what} has a NUL byte")]
+    NulByte {
+        /// Which string ("the exec path", "an argument", ...).
+        what: String,
     },
     /// A cgroup controller the settings need is not available.
     #[error("cgroup controller {controller:?} is not available ({why})")]

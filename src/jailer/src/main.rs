@@ -63,6 +63,8 @@ fn run(cfg: Config) -> Result<Infallible> {
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
     let Err(err) = cli.validate().and_then(run);
-    eprintln!("husk-jailer: {err}");
+    // The error and its causes, once each: "cannot create directory /srv/
+    // jail/husk: Permission denied (os error 13)".
+    eprintln!("husk-jailer: {:#}", anyhow::Error::new(err));
     ExitCode::FAILURE
 }

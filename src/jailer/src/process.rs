@@ -251,27 +251,21 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<()> {
 }
 
 fn cstring(s: &[u8], what: &'static str) -> Result<CString> {
-    CString::new(s).map_err(|_| Error::Step {
-        step: what,
-        source: io::Error::from(io::ErrorKind::InvalidInput),
-    })
+    CString::new(s).map_err(|_| Error::NulByte { what: what.into() })
 }
 
 /// Replaces this process with `exec` (a path inside the jail), argv[0] its
 /// file name, with only `env` in the environment. Returns only on failure.
 pub fn exec(exec: &Path, args: &[String], env: &[(String, String)]) -> Error {
     let run = || -> Result<()> {
-        let path = cstring(exec.as_os_str().as_bytes(), "exec path has a NUL byte")?;
+        let path = cstring(exec.as_os_str().as_bytes(), "the exec path")?;
         let argv0 = exec.file_name().map_or(&b"husk"[..], |n| n.as_bytes());
-        let argv: Vec<CString> = std::iter::once(cstring(argv0, "argument has a NUL byte"))
-            .chain(
-                args.iter()
-                    .map(|a| cstring(a.as_bytes(), "argument has a NUL byte")),
-            )
+        let argv: Vec<CString> = std::iter::once(cstring(argv0, "an argument"))
+            .chain(args.iter().map(|a| cstring(a.as_bytes(), "an argument")))
             .collect::<Result<_>>()?;
         let envp: Vec<CString> = env
             .iter()
-            .map(|(k, v)| cstring(format!("{k}={v}").as_bytes(), "environment has a NUL byte"))
+            .map(|(k, v)| cstring(format!("{k}={v}").as_bytes(), "an environment entry"))
             .collect::<Result<_>>()?;
         let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
         argv_p.push(std::ptr::null());

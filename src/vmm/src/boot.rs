@@ -11,6 +11,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 
 use crate::arch::x86_64::bootparams::{self, InitrdPlacement};
 use crate::arch::x86_64::layout::{low_mem_end, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
+use crate::error::Flat;
 use crate::host_file::{self, Accept};
 
 /// Offset of the 64-bit entry point from a bzImage's load address.
@@ -25,7 +26,7 @@ const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// A file could not be opened or read.
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("cannot read {what} {path}")]
     Io {
         /// "kernel" or "initrd".
         what: &'static str,
@@ -41,24 +42,24 @@ pub enum BootError {
     #[error("bzImage {0} has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64)")]
     Not64Bit(PathBuf),
     /// linux-loader refused the kernel.
-    #[error("cannot load kernel {path} into {mem_mib} MiB of guest memory: {source}")]
+    #[error("cannot load kernel {path} into {mem_mib} MiB of guest memory")]
     Load {
         /// The kernel file.
         path: PathBuf,
         /// Guest memory size.
         mem_mib: u64,
-        /// The loader's error.
-        source: loader::Error,
+        /// The loader's error (whose message names its own cause).
+        source: Flat<loader::Error>,
     },
     /// The kernel's entry point is outside the identity-mapped first GiB.
     #[error("kernel entry point {0:#x} lies outside the first GiB")]
     EntryOutOfRange(u64),
     /// The command line is too long or has invalid characters.
-    #[error("invalid kernel command line: {0}")]
-    Cmdline(linux_loader::cmdline::Error),
+    #[error("invalid kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
     /// Writing the command line failed.
-    #[error("cannot write the kernel command line: {0}")]
-    WriteCmdline(loader::Error),
+    #[error("cannot write the kernel command line")]
+    WriteCmdline(#[source] Flat<loader::Error>),
     /// The initrd does not fit between the kernel and the end of low memory.
     #[error(
         "initrd {path} ({size} bytes) does not fit in guest memory: {available} bytes free \
@@ -129,7 +130,7 @@ pub fn load(
     let load_err = |source| BootError::Load {
         path: kpath.to_path_buf(),
         mem_mib: mem_size >> 20,
-        source,
+        source: Flat(source),
     };
     let himem = Some(GuestAddress(HIMEM_START));
     let (entry, header, kernel_end) = if is_elf {
@@ -169,7 +170,7 @@ pub fn load(
     };
     let cmdline = Cmdline::try_from(&source.cmdline, max_cmdline).map_err(BootError::Cmdline)?;
     loader::load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
-        .map_err(BootError::WriteCmdline)?;
+        .map_err(|e| BootError::WriteCmdline(Flat(e)))?;
 
     let initrd = match &source.initrd {
         Some(path) => Some(load_initrd(

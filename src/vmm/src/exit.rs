@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::error::Chain;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Why the VM stopped.
@@ -139,7 +140,7 @@ impl ExitNotifier {
             }
         }
         if let Err(e) = self.event.write(1) {
-            tracing::error!(error = %e, "cannot signal the VM exit to the event loop");
+            tracing::error!(error = %Chain(&e), "cannot signal the VM exit to the event loop");
         }
     }
 

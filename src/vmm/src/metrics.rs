@@ -236,7 +236,7 @@ impl Metrics {
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     /// The metrics file could not be opened.
-    #[error("cannot open the metrics file {path}: {source}")]
+    #[error("cannot open the metrics file {path}")]
     Open {
         /// The file.
         path: PathBuf,
@@ -244,8 +244,8 @@ pub enum MetricsError {
         source: std::io::Error,
     },
     /// A snapshot could not be written.
-    #[error("cannot write metrics: {0}")]
-    Write(std::io::Error),
+    #[error("cannot write metrics")]
+    Write(#[source] std::io::Error),
     /// FlushMetrics before a metrics file was configured.
     #[error("no metrics file is configured (PUT /metrics first)")]
     NotConfigured,

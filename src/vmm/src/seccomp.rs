@@ -19,6 +19,8 @@ use std::sync::Once;
 
 use seccompiler::sock_filter;
 
+use crate::error::Flat;
+
 /// One BPF instruction as build.rs writes it: (code, jt, jf, k).
 type Insn = (u16, u8, u8, u32);
 
@@ -38,16 +40,16 @@ pub enum SeccompError {
     #[error("no seccomp policy for {0} threads in this build (run with --no-seccomp to go on unconfined)")]
     NoPolicy(&'static str),
     /// The SIGSYS handler could not be installed.
-    #[error("cannot install the SIGSYS handler: {0}")]
+    #[error("cannot install the SIGSYS handler")]
     Handler(#[source] std::io::Error),
     /// The kernel refused the filter.
-    #[error("cannot install the seccomp filter for {kind} threads: {source}")]
+    #[error("cannot install the seccomp filter for {kind} threads")]
     Install {
         /// The thread kind.
         kind: &'static str,
-        /// What the kernel said.
+        /// What the kernel said (seccompiler's message names its cause).
         #[source]
-        source: seccompiler::Error,
+        source: Flat<seccompiler::Error>,
     },
 }
 
@@ -133,7 +135,7 @@ impl SeccompFilters {
         remember_thread(kind);
         seccompiler::apply_filter(&program).map_err(|source| SeccompError::Install {
             kind: kind.name(),
-            source,
+            source: Flat(source),
         })?;
         tracing::debug!(
             thread = kind.name(),

@@ -26,7 +26,7 @@ fn invalid(msg: String) -> AgentError {
 }
 
 fn system(what: String, e: std::io::Error) -> AgentError {
-    AgentError::new(ErrorCode::System, format!("{what}: {e}"))
+    crate::error::reply(ErrorCode::System, what, &e)
 }
 
 /// Enables `CONTROLLERS` (those available) for the children of `dir`.

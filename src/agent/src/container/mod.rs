@@ -21,11 +21,12 @@ mod syscalls;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use husk_protocol::{
-    AgentError, CreateContainer, ErrorCode, Event, ProcessRef, Response, StdioStream,
+    AgentError, CreateContainer, ErrorCode, Event, ExitStatus, ProcessRef, ProcessState, Stats,
+    StdioStream,
 };
 use oci_spec::runtime::{LinuxResources, Spec};
 
@@ -34,52 +35,14 @@ use self::plan::Plan;
 use self::process::Spawned;
 use self::rootfs::MountedRootfs;
 use self::stdio::{Attachment, ProcStdio};
-
-/// Where the runtime keeps its things.
-pub struct Paths {
-    /// Mount points and scratch space (`<state>/c/<id>`).
-    pub state: PathBuf,
-    /// The cgroup v2 mount the containers' cgroups go under (`None`: no
-    /// cgroups, host-side tests without a cgroup2 mount).
-    pub cgroup_root: Option<PathBuf>,
-    /// Drive ids come from HUSK_AGENT_DRIVES, not /sys/block (tests).
-    pub host_mode: bool,
-}
-
-static PATHS: OnceLock<Paths> = OnceLock::new();
-
-/// Sets where the runtime works (once, at start).
-pub fn init(pid1: bool) {
-    let paths = if pid1 {
-        Paths {
-            state: PathBuf::from("/run/husk"),
-            cgroup_root: Some(PathBuf::from("/sys/fs/cgroup")),
-            host_mode: false,
-        }
-    } else {
-        Paths {
-            state: std::env::var_os("HUSK_AGENT_STATE")
-                .map(Into::into)
-                .unwrap_or_else(|| std::env::temp_dir().join("husk-agent-state")),
-            cgroup_root: std::env::var_os("HUSK_AGENT_CGROUP_ROOT").map(Into::into),
-            host_mode: true,
-        }
-    };
-    let _ = PATHS.set(paths);
-}
-
-fn paths() -> &'static Paths {
-    PATHS.get_or_init(|| Paths {
-        state: std::env::temp_dir().join("husk-agent-state"),
-        cgroup_root: None,
-        host_mode: true,
-    })
-}
+use crate::config::{Drives, Paths};
+use crate::events::Events;
+use crate::reaper::{Exit, Reaper};
 
 /// One process the agent started.
 struct Proc {
     pid: i32,
-    exit: Arc<crate::reaper::Exit>,
+    exit: Arc<Exit>,
     stdio: Arc<ProcStdio>,
 }
 
@@ -115,10 +78,14 @@ impl Container {
     }
 }
 
-static CONTAINERS: Mutex<BTreeMap<String, Container>> = Mutex::new(BTreeMap::new());
-
-fn table() -> MutexGuard<'static, BTreeMap<String, Container>> {
-    CONTAINERS.lock().unwrap_or_else(|e| e.into_inner())
+/// The pod's containers and what creating them needs: the one owner of
+/// the container table.
+pub struct Containers {
+    table: Mutex<BTreeMap<String, Container>>,
+    paths: Paths,
+    drives: Drives,
+    reaper: Arc<Reaper>,
+    events: Events,
 }
 
 fn not_found(id: &str) -> AgentError {
@@ -244,357 +211,368 @@ fn bind_volumes(spec: &mut Spec, volumes: Option<&Path>) -> Result<(), AgentErro
     Ok(())
 }
 
-/// CreateContainer.
-pub fn create(req: CreateContainer) -> Result<Response, AgentError> {
-    check_id("container", &req.container_id)?;
-    let id = req.container_id.clone();
-    let mut containers = table();
-    if containers.contains_key(&id) {
-        return Err(AgentError::new(
-            ErrorCode::AlreadyExists,
-            format!("container {id:?} exists"),
-        ));
+impl Containers {
+    /// No containers yet. `paths` says where they go, `drives` how their
+    /// disks are found; their processes are registered with `reaper`, and
+    /// OOM kills go to `events`.
+    pub fn new(paths: Paths, drives: Drives, reaper: Arc<Reaper>, events: Events) -> Self {
+        Containers {
+            table: Mutex::new(BTreeMap::new()),
+            paths,
+            drives,
+            reaper,
+            events,
+        }
     }
-    let mut spec = *req.spec;
-    let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-    if let Some(r) = &resources {
-        cgroup::check(r)?;
+
+    fn table(&self) -> MutexGuard<'_, BTreeMap<String, Container>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
-    let p = paths();
-    let mut rootfs = MountedRootfs::mount(&p.state, &id, &req.rootfs, p.host_mode)?;
-    let mut cgroup_made: Option<Cgroup> = None;
-    let result = (|| {
-        let volumes = match &req.volumes {
-            Some(v) => Some(rootfs.mount_volumes(v, p.host_mode)?),
-            None => None,
-        };
-        bind_volumes(&mut spec, volumes.as_deref())?;
-        let plan = plan::init_plan(&spec, &rootfs.root)?;
-        let cgroup = match &p.cgroup_root {
-            Some(root) => {
-                let cg = Cgroup::create(root, &id)?;
-                cgroup_made = Some(Cgroup {
-                    path: cg.path.clone(),
-                });
-                if let Some(r) = &resources {
-                    cg.apply(r)?;
+
+    /// CreateContainer: the init's pid.
+    pub fn create(&self, req: CreateContainer) -> Result<u32, AgentError> {
+        check_id("container", &req.container_id)?;
+        let id = req.container_id.clone();
+        let mut containers = self.table();
+        if containers.contains_key(&id) {
+            return Err(AgentError::new(
+                ErrorCode::AlreadyExists,
+                format!("container {id:?} exists"),
+            ));
+        }
+        let mut spec = *req.spec;
+        let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+        if let Some(r) = &resources {
+            cgroup::check(r)?;
+        }
+        let mut rootfs = MountedRootfs::mount(&self.paths.state, &id, &req.rootfs, &self.drives)?;
+        let mut cgroup_made: Option<Cgroup> = None;
+        let result = (|| {
+            let volumes = match &req.volumes {
+                Some(v) => Some(rootfs.mount_volumes(v, &self.drives)?),
+                None => None,
+            };
+            bind_volumes(&mut spec, volumes.as_deref())?;
+            let plan = plan::init_plan(&spec, &rootfs.root)?;
+            let cgroup = match &self.paths.cgroup_root {
+                Some(root) => {
+                    let cg = Cgroup::create(root, &id)?;
+                    cgroup_made = Some(Cgroup {
+                        path: cg.path.clone(),
+                    });
+                    if let Some(r) = &resources {
+                        cg.apply(r)?;
+                    }
+                    Some(cg)
                 }
-                Some(cg)
-            }
-            None if resources.is_some() => {
-                return Err(AgentError::new(
-                    ErrorCode::Unsupported,
-                    "resource limits need cgroup v2, which this agent has not found",
-                ))
-            }
-            None => None,
-        };
-        let (stdio, child_stdio) = ProcStdio::new(plan.proc.terminal)?;
-        let who = ProcessRef {
-            container_id: id.clone(),
-            exec_id: None,
-        };
-        let spawned = process::spawn(
-            &plan,
-            who,
-            child_stdio,
-            cgroup.as_ref(),
-            None,
-            &[],
-            id_maps(&spec),
-        )?;
-        let (ns, pidns) = match open_namespaces(spawned.pid, plan.clone_flags) {
-            Ok(n) => n,
+                None if resources.is_some() => {
+                    return Err(AgentError::new(
+                        ErrorCode::Unsupported,
+                        "resource limits need cgroup v2, which this agent has not found",
+                    ))
+                }
+                None => None,
+            };
+            let (stdio, child_stdio) = ProcStdio::new(plan.proc.terminal)?;
+            let who = ProcessRef {
+                container_id: id.clone(),
+                exec_id: None,
+            };
+            let spawned = process::spawn(
+                &self.reaper,
+                &plan,
+                who,
+                child_stdio,
+                cgroup.as_ref(),
+                None,
+                &[],
+                id_maps(&spec),
+            )?;
+            let (ns, pidns) = match open_namespaces(spawned.pid, plan.clone_flags) {
+                Ok(n) => n,
+                Err(e) => {
+                    // SAFETY: kill(2) on our own child.
+                    unsafe { libc::kill(spawned.pid, libc::SIGKILL) };
+                    return Err(e);
+                }
+            };
+            Ok((plan, cgroup, stdio, spawned, ns, pidns))
+        })();
+        let (plan, cgroup, stdio, spawned, ns, pidns) = match result {
+            Ok(v) => v,
             Err(e) => {
-                // SAFETY: kill(2) on our own child.
-                unsafe { libc::kill(spawned.pid, libc::SIGKILL) };
+                if let Some(cg) = cgroup_made {
+                    cg.destroy();
+                }
+                rootfs.unmount();
                 return Err(e);
             }
         };
-        Ok((plan, cgroup, stdio, spawned, ns, pidns))
-    })();
-    let (plan, cgroup, stdio, spawned, ns, pidns) = match result {
-        Ok(v) => v,
-        Err(e) => {
-            if let Some(cg) = cgroup_made {
-                cg.destroy();
-            }
-            rootfs.unmount();
-            return Err(e);
+        if let Some(cg) = &cgroup {
+            let events = self.events.clone();
+            let container_id = id.clone();
+            cg.watch_oom(move || {
+                events.publish(Event::Oom {
+                    container_id: container_id.clone(),
+                })
+            });
         }
-    };
-    if let Some(cg) = &cgroup {
-        let oom_id = id.clone();
-        cg.watch_oom(move || {
-            crate::server::publish(&Event::Oom {
-                container_id: oom_id.clone(),
-            })
-        });
+        let pid = spawned.pid;
+        containers.insert(
+            id,
+            Container {
+                rootfs,
+                cgroup,
+                plan,
+                spec,
+                init: Proc {
+                    pid,
+                    exit: spawned.exit.clone(),
+                    stdio: Arc::new(stdio),
+                },
+                spawned,
+                started: false,
+                execs: HashMap::new(),
+                ns,
+                pidns,
+            },
+        );
+        Ok(pid as u32)
     }
-    let pid = spawned.pid;
-    containers.insert(
-        id,
-        Container {
-            rootfs,
-            cgroup,
-            plan,
-            spec,
-            init: Proc {
-                pid,
+
+    /// StartContainer.
+    pub fn start(&self, id: &str) -> Result<(), AgentError> {
+        let mut containers = self.table();
+        let c = containers.get_mut(id).ok_or_else(|| not_found(id))?;
+        if c.started {
+            return Err(precondition(format!(
+                "container {id:?} was already started"
+            )));
+        }
+        if c.stopped() {
+            return Err(precondition(format!("container {id:?} has stopped")));
+        }
+        c.started = true;
+        c.spawned.start(&c.plan)
+    }
+
+    /// ExecProcess: the new process's pid.
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: &oci_spec::runtime::Process,
+    ) -> Result<u32, AgentError> {
+        check_id("exec", exec_id)?;
+        let mut containers = self.table();
+        let c = containers.get_mut(id).ok_or_else(|| not_found(id))?;
+        if !c.started || c.stopped() {
+            return Err(precondition(format!("container {id:?} is not running")));
+        }
+        if c.execs.contains_key(exec_id) {
+            return Err(AgentError::new(
+                ErrorCode::AlreadyExists,
+                format!("process {exec_id:?} exists in container {id:?}"),
+            ));
+        }
+        let seccomp = plan::seccomp_of(&c.spec)?;
+        let plan = Plan {
+            clone_flags: 0,
+            join: Vec::new(),
+            init: None,
+            proc: plan::proc_plan(process, &c.rootfs.root, seccomp)?,
+        };
+        let (stdio, child_stdio) = ProcStdio::new(plan.proc.terminal)?;
+        let who = ProcessRef {
+            container_id: id.to_string(),
+            exec_id: Some(exec_id.to_string()),
+        };
+        let spawned = process::spawn(
+            &self.reaper,
+            &plan,
+            who,
+            child_stdio,
+            c.cgroup.as_ref(),
+            c.pidns.as_ref(),
+            &c.ns,
+            None,
+        )?;
+        c.execs.insert(
+            exec_id.to_string(),
+            Proc {
+                pid: spawned.pid,
                 exit: spawned.exit.clone(),
                 stdio: Arc::new(stdio),
             },
-            spawned,
-            started: false,
-            execs: HashMap::new(),
-            ns,
-            pidns,
-        },
-    );
-    Ok(Response::Started { pid: pid as u32 })
-}
+        );
+        Ok(spawned.pid as u32)
+    }
 
-/// StartContainer.
-pub fn start(id: &str) -> Result<Response, AgentError> {
-    let mut containers = table();
-    let c = containers.get_mut(id).ok_or_else(|| not_found(id))?;
-    if c.started {
-        return Err(precondition(format!(
-            "container {id:?} was already started"
-        )));
+    /// WaitProcess: blocks the calling connection only (the table is not
+    /// held while waiting).
+    pub fn wait(&self, p: &ProcessRef) -> Result<ExitStatus, AgentError> {
+        let exit = {
+            let containers = self.table();
+            let c = containers
+                .get(&p.container_id)
+                .ok_or_else(|| not_found(&p.container_id))?;
+            c.process(p.exec_id.as_deref())?.exit.clone()
+        };
+        Ok(exit.wait())
     }
-    if c.stopped() {
-        return Err(precondition(format!("container {id:?} has stopped")));
-    }
-    c.started = true;
-    c.spawned.start(&c.plan)?;
-    Ok(Response::Ok)
-}
 
-/// ExecProcess.
-pub fn exec(
-    id: &str,
-    exec_id: &str,
-    process: &oci_spec::runtime::Process,
-) -> Result<Response, AgentError> {
-    check_id("exec", exec_id)?;
-    let mut containers = table();
-    let c = containers.get_mut(id).ok_or_else(|| not_found(id))?;
-    if !c.started || c.stopped() {
-        return Err(precondition(format!("container {id:?} is not running")));
-    }
-    if c.execs.contains_key(exec_id) {
-        return Err(AgentError::new(
-            ErrorCode::AlreadyExists,
-            format!("process {exec_id:?} exists in container {id:?}"),
-        ));
-    }
-    let seccomp = plan::seccomp_of(&c.spec)?;
-    let plan = Plan {
-        clone_flags: 0,
-        join: Vec::new(),
-        init: None,
-        proc: plan::proc_plan(process, &c.rootfs.root, seccomp)?,
-    };
-    let (stdio, child_stdio) = ProcStdio::new(plan.proc.terminal)?;
-    let who = ProcessRef {
-        container_id: id.to_string(),
-        exec_id: Some(exec_id.to_string()),
-    };
-    let spawned = process::spawn(
-        &plan,
-        who,
-        child_stdio,
-        c.cgroup.as_ref(),
-        c.pidns.as_ref(),
-        &c.ns,
-        None,
-    )?;
-    c.execs.insert(
-        exec_id.to_string(),
-        Proc {
-            pid: spawned.pid,
-            exit: spawned.exit.clone(),
-            stdio: Arc::new(stdio),
-        },
-    );
-    Ok(Response::Started {
-        pid: spawned.pid as u32,
-    })
-}
-
-/// WaitProcess: blocks this connection only.
-pub fn wait(p: &ProcessRef) -> Result<Response, AgentError> {
-    let exit = {
-        let containers = table();
+    /// SignalProcess.
+    pub fn signal(&self, p: &ProcessRef, sig: i32, all: bool) -> Result<(), AgentError> {
+        if !(1..=64).contains(&sig) {
+            return Err(AgentError::new(
+                ErrorCode::InvalidArgument,
+                format!("signal {sig} is not 1..=64"),
+            ));
+        }
+        let containers = self.table();
         let c = containers
             .get(&p.container_id)
             .ok_or_else(|| not_found(&p.container_id))?;
-        c.process(p.exec_id.as_deref())?.exit.clone()
-    };
-    Ok(Response::Exited(exit.wait()))
-}
-
-/// SignalProcess.
-pub fn signal(p: &ProcessRef, sig: i32, all: bool) -> Result<Response, AgentError> {
-    if !(1..=64).contains(&sig) {
-        return Err(AgentError::new(
-            ErrorCode::InvalidArgument,
-            format!("signal {sig} is not 1..=64"),
-        ));
-    }
-    let containers = table();
-    let c = containers
-        .get(&p.container_id)
-        .ok_or_else(|| not_found(&p.container_id))?;
-    let proc = c.process(p.exec_id.as_deref())?;
-    let pids: Vec<i32> = match (&c.cgroup, all) {
-        (Some(cg), true) => cg.pids().into_iter().map(|p| p as i32).collect(),
-        _ => {
-            if proc.exit.status().is_some() {
-                return Err(precondition("the process has exited"));
+        let proc = c.process(p.exec_id.as_deref())?;
+        let pids: Vec<i32> = match (&c.cgroup, all) {
+            (Some(cg), true) => cg.pids().into_iter().map(|p| p as i32).collect(),
+            _ => {
+                if proc.exit.status().is_some() {
+                    return Err(precondition("the process has exited"));
+                }
+                vec![proc.pid]
             }
-            vec![proc.pid]
-        }
-    };
-    for pid in pids {
-        // SAFETY: kill(2) with a checked signal number.
-        if unsafe { libc::kill(pid, sig) } < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::ESRCH) {
-                return Err(AgentError::new(
-                    ErrorCode::System,
-                    format!("kill {pid}: {e}"),
-                ));
+        };
+        for pid in pids {
+            // SAFETY: kill(2) with a checked signal number.
+            if unsafe { libc::kill(pid, sig) } < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    return Err(AgentError::new(
+                        ErrorCode::System,
+                        format!("kill {pid}: {e}"),
+                    ));
+                }
             }
         }
-    }
-    Ok(Response::Ok)
-}
-
-fn with_stdio<T>(
-    p: &ProcessRef,
-    f: impl FnOnce(&ProcStdio) -> Result<T, AgentError>,
-) -> Result<T, AgentError> {
-    let stdio = {
-        let containers = table();
-        let c = containers
-            .get(&p.container_id)
-            .ok_or_else(|| not_found(&p.container_id))?;
-        c.process(p.exec_id.as_deref())?.stdio.clone()
-    };
-    f(&stdio)
-}
-
-/// ResizeTty.
-pub fn resize(p: &ProcessRef, rows: u16, cols: u16) -> Result<Response, AgentError> {
-    with_stdio(p, |s| s.resize(rows, cols)).map(|()| Response::Ok)
-}
-
-/// CloseStdin.
-pub fn close_stdin(p: &ProcessRef) -> Result<Response, AgentError> {
-    with_stdio(p, |s| {
-        s.close_stdin();
         Ok(())
-    })
-    .map(|()| Response::Ok)
-}
-
-/// A Stdio channel's stream.
-pub fn attach(
-    container_id: &str,
-    exec_id: Option<&str>,
-    stream: StdioStream,
-) -> Result<Attachment, AgentError> {
-    let p = ProcessRef {
-        container_id: container_id.to_string(),
-        exec_id: exec_id.map(str::to_string),
-    };
-    with_stdio(&p, |s| s.attach(stream))
-}
-
-fn with_cgroup<T>(id: &str, f: impl FnOnce(&Cgroup) -> T) -> Result<T, AgentError> {
-    let containers = table();
-    let c = containers.get(id).ok_or_else(|| not_found(id))?;
-    let cg = c.cgroup.as_ref().ok_or_else(|| {
-        AgentError::new(ErrorCode::Unsupported, "the agent runs without cgroup v2")
-    })?;
-    Ok(f(cg))
-}
-
-/// StatsContainer.
-pub fn stats(id: &str) -> Result<Response, AgentError> {
-    with_cgroup(id, |cg| Response::Stats(cg.stats()))
-}
-
-/// ListProcesses.
-pub fn list(id: &str) -> Result<Response, AgentError> {
-    with_cgroup(id, |cg| Response::Processes { pids: cg.pids() })
-}
-
-/// UpdateContainer.
-pub fn update(id: &str, r: &LinuxResources) -> Result<Response, AgentError> {
-    with_cgroup(id, |cg| cg.apply(r))?.map(|()| Response::Ok)
-}
-
-/// RemoveContainer: a created or stopped container.
-pub fn remove(id: &str) -> Result<Response, AgentError> {
-    let mut containers = table();
-    let c = containers.get(id).ok_or_else(|| not_found(id))?;
-    if c.started && !c.stopped() {
-        return Err(precondition(format!(
-            "container {id:?} is running: stop it first"
-        )));
     }
-    let Some(mut c) = containers.remove(id) else {
-        return Err(not_found(id));
-    };
-    drop(containers);
-    if !c.stopped() {
-        // Created, never started: end the waiting init.
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(c.init.pid, libc::SIGKILL) };
-        c.init.exit.wait();
-    }
-    c.ns.clear();
-    c.pidns = None;
-    if let Some(cg) = &c.cgroup {
-        cg.destroy();
-    }
-    c.rootfs.unmount();
-    Ok(Response::Ok)
-}
 
-/// ListProcessStates: every process of every container, init first.
-pub fn process_states() -> Response {
-    let state = |container_id: &str, exec_id: Option<&str>, p: &Proc| husk_protocol::ProcessState {
-        process: ProcessRef {
-            container_id: container_id.to_string(),
-            exec_id: exec_id.map(str::to_string),
-        },
-        pid: p.pid as u32,
-        exit: p.exit.status(),
-    };
-    let processes = table()
-        .iter()
-        .flat_map(|(id, c)| {
-            std::iter::once(state(id, None, &c.init))
-                .chain(c.execs.iter().map(|(e, p)| state(id, Some(e), p)))
-                .collect::<Vec<_>>()
+    fn with_stdio<T>(
+        &self,
+        p: &ProcessRef,
+        f: impl FnOnce(&ProcStdio) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
+        let stdio = {
+            let containers = self.table();
+            let c = containers
+                .get(&p.container_id)
+                .ok_or_else(|| not_found(&p.container_id))?;
+            c.process(p.exec_id.as_deref())?.stdio.clone()
+        };
+        f(&stdio)
+    }
+
+    /// ResizeTty.
+    pub fn resize(&self, p: &ProcessRef, rows: u16, cols: u16) -> Result<(), AgentError> {
+        self.with_stdio(p, |s| s.resize(rows, cols))
+    }
+
+    /// CloseStdin.
+    pub fn close_stdin(&self, p: &ProcessRef) -> Result<(), AgentError> {
+        self.with_stdio(p, |s| {
+            s.close_stdin();
+            Ok(())
         })
-        .collect();
-    Response::ProcessStates { processes }
-}
+    }
 
-/// Kills every container's processes (Shutdown).
-pub fn kill_all() {
-    for c in table().values() {
+    /// A Stdio channel's stream.
+    pub fn attach(&self, p: &ProcessRef, stream: StdioStream) -> Result<Attachment, AgentError> {
+        self.with_stdio(p, |s| s.attach(stream))
+    }
+
+    fn with_cgroup<T>(&self, id: &str, f: impl FnOnce(&Cgroup) -> T) -> Result<T, AgentError> {
+        let containers = self.table();
+        let c = containers.get(id).ok_or_else(|| not_found(id))?;
+        let cg = c.cgroup.as_ref().ok_or_else(|| {
+            AgentError::new(ErrorCode::Unsupported, "the agent runs without cgroup v2")
+        })?;
+        Ok(f(cg))
+    }
+
+    /// StatsContainer.
+    pub fn stats(&self, id: &str) -> Result<Stats, AgentError> {
+        self.with_cgroup(id, |cg| cg.stats())
+    }
+
+    /// ListProcesses.
+    pub fn list(&self, id: &str) -> Result<Vec<u32>, AgentError> {
+        self.with_cgroup(id, |cg| cg.pids())
+    }
+
+    /// UpdateContainer.
+    pub fn update(&self, id: &str, r: &LinuxResources) -> Result<(), AgentError> {
+        self.with_cgroup(id, |cg| cg.apply(r))?
+    }
+
+    /// RemoveContainer: a created or stopped container.
+    pub fn remove(&self, id: &str) -> Result<(), AgentError> {
+        let mut containers = self.table();
+        let c = containers.get(id).ok_or_else(|| not_found(id))?;
+        if c.started && !c.stopped() {
+            return Err(precondition(format!(
+                "container {id:?} is running: stop it first"
+            )));
+        }
+        let Some(mut c) = containers.remove(id) else {
+            return Err(not_found(id));
+        };
+        drop(containers);
+        if !c.stopped() {
+            // Created, never started: end the waiting init.
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(c.init.pid, libc::SIGKILL) };
+            c.init.exit.wait();
+        }
+        c.ns.clear();
+        c.pidns = None;
         if let Some(cg) = &c.cgroup {
             cg.destroy();
         }
-        if c.init.exit.status().is_none() {
-            // SAFETY: kill(2) on our own child.
-            unsafe { libc::kill(c.init.pid, libc::SIGKILL) };
+        c.rootfs.unmount();
+        Ok(())
+    }
+
+    /// ListProcessStates: every process of every container, init first.
+    pub fn process_states(&self) -> Vec<ProcessState> {
+        let state = |container_id: &str, exec_id: Option<&str>, p: &Proc| ProcessState {
+            process: ProcessRef {
+                container_id: container_id.to_string(),
+                exec_id: exec_id.map(str::to_string),
+            },
+            pid: p.pid as u32,
+            exit: p.exit.status(),
+        };
+        self.table()
+            .iter()
+            .flat_map(|(id, c)| {
+                std::iter::once(state(id, None, &c.init))
+                    .chain(c.execs.iter().map(|(e, p)| state(id, Some(e), p)))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Kills every container's processes (Shutdown).
+    pub fn kill_all(&self) {
+        for c in self.table().values() {
+            if let Some(cg) = &c.cgroup {
+                cg.destroy();
+            }
+            if c.init.exit.status().is_none() {
+                // SAFETY: kill(2) on our own child.
+                unsafe { libc::kill(c.init.pid, libc::SIGKILL) };
+            }
         }
     }
 }

@@ -341,7 +341,10 @@ pub fn proc_plan(
         groups.extend(extra);
     }
     let caps = match p.capabilities() {
-        Some(c) => Some(Caps::from_spec(c).map_err(|e| invalid(e.to_string()))?),
+        Some(c) => Some(
+            Caps::from_spec(c)
+                .map_err(|e| crate::error::reply_from(ErrorCode::InvalidArgument, &e))?,
+        ),
         None => None,
     };
     let mut rlimits = Vec::new();
@@ -396,7 +399,7 @@ pub fn seccomp_of(spec: &Spec) -> Result<Option<Vec<libc::sock_filter>>, AgentEr
         None => Ok(None),
         Some(s) => super::seccomp::compile(s)
             .map(Some)
-            .map_err(|e| AgentError::new(ErrorCode::Unsupported, e.to_string())),
+            .map_err(|e| crate::error::reply_from(ErrorCode::Unsupported, &e)),
     }
 }
 

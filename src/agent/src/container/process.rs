@@ -30,7 +30,7 @@ use husk_protocol::{AgentError, ErrorCode, ProcessRef};
 use super::cgroup::Cgroup;
 use super::child::{child, ChildFds, Step, STEPS};
 use super::plan::Plan;
-use crate::reaper::{self, Exit};
+use crate::reaper::{Exit, Reaper};
 
 /// The fds a child gets for its stdio (the agent keeps the other ends).
 pub enum ChildStdio {
@@ -60,7 +60,7 @@ fn pipe() -> std::io::Result<(File, File)> {
 }
 
 fn sys(what: &str, e: std::io::Error) -> AgentError {
-    AgentError::new(ErrorCode::System, format!("{what}: {e}"))
+    crate::error::reply(ErrorCode::System, what, &e)
 }
 
 fn open_ns(path: &std::path::Path) -> Result<OwnedFd, AgentError> {
@@ -72,12 +72,13 @@ fn open_ns(path: &std::path::Path) -> Result<OwnedFd, AgentError> {
     })
 }
 
-/// Clones a process for `plan`; `pidns` is a running container's pid
-/// namespace to clone into (else the one `plan` names by path, if any);
-/// `join` the namespaces the child enters (fds,
+/// Clones a process for `plan`, registered with `reaper`; `pidns` is a
+/// running container's pid namespace to clone into (else the one `plan`
+/// names by path, if any); `join` the namespaces the child enters (fds,
 /// CLONE_NEW* types); `maps` the user namespace's uid and gid maps.
 #[allow(clippy::too_many_arguments)]
 pub fn spawn(
+    reaper: &Reaper,
     plan: &Plan,
     who: ProcessRef,
     stdio: ChildStdio,
@@ -138,7 +139,7 @@ pub fn spawn(
         keep: &keep,
     };
 
-    let table = reaper::lock();
+    let table = reaper.lock();
     let own_pidns = match pidns {
         Some(target) => {
             let own = File::open("/proc/thread-self/ns/pid")
@@ -183,9 +184,15 @@ pub fn spawn(
         drop(r);
         w
     });
+    // A child that failed is gone (reaped) before its error is answered,
+    // so nothing of it shows in the container's cgroup afterwards; a child
+    // stuck in the kernel is not waited for longer than GONE_WAIT.
     let kill = |e: AgentError| {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(pid, libc::SIGKILL) };
+        if exit.wait_timeout(GONE_WAIT).is_none() {
+            crate::log::warn(&format!("process {pid} outlived SIGKILL by {GONE_WAIT:?}"));
+        }
         e
     };
     if let Some((uid_map, gid_map)) = maps {
@@ -280,6 +287,10 @@ enum Report {
 /// How long a child may take to set up or to exec before the agent gives
 /// up on it (a mount that hangs must not hold the container table forever).
 const CHILD_TIMEOUT_MS: libc::c_int = 30_000;
+
+/// How long a failed child killed with SIGKILL may take to be reaped
+/// before its error is answered anyway.
+const GONE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn read_report(r: &mut File) -> Report {
     let mut buf = [0u8; 12];

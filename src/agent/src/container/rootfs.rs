@@ -4,12 +4,15 @@
 //! disk is mounted read-only underneath and an overlayfs goes on top, its
 //! upper layer on the container's writable-layer disk if it has one, else
 //! on a tmpfs. Tests name the devices instead through
-//! `HUSK_AGENT_DRIVES=id=/dev/loop3,...` (test-only: consulted first).
+//! `HUSK_AGENT_DRIVES=id=/dev/loop3,...` (test-only: consulted first; read
+//! at start into [`Drives`]).
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 use husk_protocol::{AgentError, ErrorCode, Rootfs};
+
+use crate::config::Drives;
 
 /// A mounted root filesystem.
 #[derive(Debug)]
@@ -69,17 +72,12 @@ pub fn umount(target: &Path) {
 }
 
 /// The block device that holds drive `id`.
-fn find_drive(id: &str, host_mode: bool) -> Result<PathBuf, AgentError> {
+fn find_drive(id: &str, drives: &Drives) -> Result<PathBuf, AgentError> {
     // Test-only: a map from drive ids to devices (loop devices on a host).
-    let map = std::env::var("HUSK_AGENT_DRIVES").unwrap_or_default();
-    for pair in map.split(',') {
-        if let Some((k, v)) = pair.split_once('=') {
-            if k == id {
-                return Ok(PathBuf::from(v));
-            }
-        }
+    if let Some((_, dev)) = drives.map.iter().find(|(k, _)| k == id) {
+        return Ok(dev.clone());
     }
-    if host_mode {
+    if !drives.guest_disks {
         // Outside a guest the disks' serials mean nothing.
     } else if let Ok(dir) = std::fs::read_dir("/sys/block") {
         for entry in dir.flatten() {
@@ -137,7 +135,7 @@ fn find_disk(
     fstype: &str,
     allowed: &[&str],
     size: Option<u64>,
-    host_mode: bool,
+    drives: &Drives,
 ) -> Result<PathBuf, AgentError> {
     if !allowed.contains(&fstype) {
         return Err(AgentError::new(
@@ -148,8 +146,8 @@ fn find_disk(
             ),
         ));
     }
-    let device = find_drive(id, host_mode)?;
-    if let (Some(want), false) = (size, host_mode) {
+    let device = find_drive(id, drives)?;
+    if let (Some(want), true) = (size, drives.guest_disks) {
         wait_for_size(&device, want)?;
     }
     Ok(device)
@@ -161,7 +159,7 @@ impl MountedRootfs {
         state: &Path,
         id: &str,
         r: &Rootfs,
-        host_mode: bool,
+        drives: &Drives,
     ) -> Result<MountedRootfs, AgentError> {
         let device = find_disk(
             "rootfs",
@@ -169,7 +167,7 @@ impl MountedRootfs {
             &r.fstype,
             &["ext4", "ext3", "ext2", "xfs", "btrfs", "erofs", "squashfs"],
             r.size_bytes,
-            host_mode,
+            drives,
         )?;
         // The writable layer's disk, found (and waited for) before anything
         // is created or mounted.
@@ -188,7 +186,7 @@ impl MountedRootfs {
                     &l.fstype,
                     &["ext4", "ext3", "ext2", "xfs", "btrfs"],
                     l.size_bytes,
-                    host_mode,
+                    drives,
                 )?,
                 l.fstype.as_str(),
             )),
@@ -263,14 +261,14 @@ impl MountedRootfs {
 
     /// Mounts the container's volumes disk `v` at `<dir>/volumes`
     /// (undone with the rootfs); returns that directory.
-    pub fn mount_volumes(&mut self, v: &Rootfs, host_mode: bool) -> Result<PathBuf, AgentError> {
+    pub fn mount_volumes(&mut self, v: &Rootfs, drives: &Drives) -> Result<PathBuf, AgentError> {
         let device = find_disk(
             "volumes disk",
             &v.drive_id,
             &v.fstype,
             &["ext4", "ext3", "ext2"],
             v.size_bytes,
-            host_mode,
+            drives,
         )?;
         let target = self.dir.join("volumes");
         std::fs::create_dir_all(&target).map_err(|e| {

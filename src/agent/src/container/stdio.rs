@@ -26,10 +26,7 @@ pub struct ProcStdio {
 }
 
 fn sys(what: &str) -> AgentError {
-    AgentError::new(
-        ErrorCode::System,
-        format!("{what}: {}", std::io::Error::last_os_error()),
-    )
+    crate::error::reply(ErrorCode::System, what, &std::io::Error::last_os_error())
 }
 
 fn pipe() -> Result<(File, File), AgentError> {

@@ -18,12 +18,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmm::controller::{Request, Response as VmmResponse};
+use vmm::controller::{ActionError, Request, Response as VmmResponse};
+use vmm::error::{chain, Chain};
 use vmm::metrics::Metrics;
 use vmm::seccomp::{SeccompError, SeccompFilters, ThreadKind};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::logger::LoggerError;
 use http::{Parsed, Response};
 
 /// Connections served at once; a new one beyond this closes the one idle
@@ -36,7 +38,52 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 const LISTENER: u64 = u64::MAX;
 
 /// The VMM thread's answer: a response, or why the request was refused.
-pub type Reply = Result<VmmResponse, String>;
+pub type Reply = Result<VmmResponse, Refusal>;
+
+/// Why the VMM thread refused a request. It stays typed until
+/// [`refusal_response`] picks the status and writes the whole chain as the
+/// fault message.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The controller refused it (a bad body, the wrong state, a VM that
+    /// could not start or do what was asked).
+    #[error(transparent)]
+    Action(#[from] ActionError),
+    /// `PUT /logger` could not be applied (the binary owns logging).
+    #[error(transparent)]
+    Logger(#[from] LoggerError),
+}
+
+/// The HTTP answer to a refusal: its status, and `{"fault_message": ...}`
+/// with the error and its causes joined on one line. The match names every
+/// kind of refusal, so a new one gets its status decided here.
+fn refusal_response(refusal: &Refusal) -> Response {
+    let status = match refusal {
+        // The request was wrong: its body, or the VM's state.
+        Refusal::Logger(_)
+        | Refusal::Action(
+            ActionError::Resource(_)
+            | ActionError::AfterStart(_)
+            | ActionError::BeforeStart(_)
+            | ActionError::NoBootSource
+            | ActionError::AlreadyStarted
+            | ActionError::AlreadyInState(_)
+            | ActionError::LoadNotAllowed
+            | ActionError::LoadAfterStart,
+        ) => 400,
+        // The host could not do it (a kernel that does not load, a file
+        // that cannot be opened) and the VMM is as it was, to be asked
+        // again: Firecracker answers these 400 too.
+        Refusal::Action(
+            ActionError::Start(_)
+            | ActionError::Vmm(_)
+            | ActionError::Metrics(_)
+            | ActionError::CreateSnapshot(_)
+            | ActionError::LoadSnapshot(_),
+        ) => 400,
+    };
+    Response::fault(status, chain(refusal))
+}
 
 /// A request handed to the VMM thread.
 pub struct Call {
@@ -61,12 +108,12 @@ impl VmmLink {
             return Response::fault(503, "the microVM has ended");
         }
         if let Err(e) = self.wake.write(1) {
-            tracing::error!(error = %e, "cannot wake the VMM thread");
+            tracing::error!(error = %Chain(&e), "cannot wake the VMM thread");
         }
         match rx.recv() {
             Ok(Ok(VmmResponse::Empty)) => Response::no_content(),
             Ok(Ok(VmmResponse::Json(v))) => Response::json(&v),
-            Ok(Err(message)) => Response::fault(400, message),
+            Ok(Err(refusal)) => refusal_response(&refusal),
             Err(_) => Response::fault(503, "the microVM has ended"),
         }
     }
@@ -154,7 +201,7 @@ impl Server {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::error!(error = %e, "API epoll failed; the API stops");
+                    tracing::error!(error = %Chain(&e), "API epoll failed; the API stops");
                     return;
                 }
             };
@@ -177,14 +224,14 @@ impl Server {
                         self.close_oldest();
                     }
                     if let Err(e) = self.add(stream) {
-                        tracing::warn!(error = %e, "cannot serve an API connection");
+                        tracing::warn!(error = %Chain(&e), "cannot serve an API connection");
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // EMFILE and friends: back off until the next round.
-                    tracing::warn!(error = %e, "cannot accept an API connection");
+                    tracing::warn!(error = %Chain(&e), "cannot accept an API connection");
                     return;
                 }
             }
@@ -376,4 +423,65 @@ fn dispatch(link: &VmmLink, request: &http::Request) -> Response {
     let response = link.call(routed);
     tracing::debug!(method = %request.method, path = %request.path, status = response.status, "API request");
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+    use vmm::boot::BootError;
+    use vmm::controller::ResourceError;
+    use vmm::VmmError;
+
+    fn fault(r: &Response) -> (u16, String) {
+        let body: serde_json::Value =
+            serde_json::from_slice(r.body.as_deref().unwrap_or_default()).unwrap();
+        (
+            r.status,
+            body["fault_message"].as_str().unwrap().to_string(),
+        )
+    }
+
+    #[test]
+    fn a_refused_body_is_a_400_whose_message_ends_with_its_cause() {
+        let refusal = Refusal::Action(ActionError::Resource(ResourceError::File {
+            what: "kernel image",
+            path: "/k".into(),
+            source: io::Error::new(io::ErrorKind::NotFound, "No such file or directory"),
+        }));
+        assert_eq!(
+            fault(&refusal_response(&refusal)),
+            (
+                400,
+                "cannot read kernel image /k: No such file or directory".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn a_failed_start_is_a_400_with_every_cause_once() {
+        let refusal = Refusal::Action(ActionError::Start(VmmError::Boot(BootError::Io {
+            what: "kernel",
+            path: "/k".into(),
+            source: io::Error::new(io::ErrorKind::PermissionDenied, "Permission denied"),
+        })));
+        assert_eq!(
+            fault(&refusal_response(&refusal)),
+            (
+                400,
+                "cannot start the microVM: cannot read kernel /k: Permission denied".to_string()
+            )
+        );
+    }
+
+    #[test]
+    fn a_refused_logger_is_a_400() {
+        let refusal = Refusal::Logger(LoggerError::Level("Loud".into()));
+        let (status, message) = fault(&refusal_response(&refusal));
+        assert_eq!(status, 400);
+        assert!(
+            message.starts_with("unknown log level \"Loud\""),
+            "{message}"
+        );
+    }
 }

@@ -21,7 +21,7 @@ pub const MAX_VCPU_COUNT: u8 = crate::arch::x86_64::mptable::MAX_VCPUS;
 pub const DEFAULT_BOOT_ARGS: &str = crate::config::DEFAULT_CMDLINE;
 
 /// A body or a value that cannot be accepted; the API answers 400.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum ResourceError {
     /// vcpu_count out of range.
     #[error("vcpu_count must be between 1 and {MAX_VCPU_COUNT}, not {0}")]
@@ -50,15 +50,16 @@ pub enum ResourceError {
         /// From the body.
         body: String,
     },
-    /// A file the VM needs is not there.
-    #[error("{what} {path}: {reason}")]
+    /// A file the VM needs is not there or cannot be opened.
+    #[error("cannot read {what} {path}")]
     File {
         /// kernel image, initrd, drive.
         what: &'static str,
         /// The path.
         path: PathBuf,
         /// Why it cannot be used.
-        reason: String,
+        #[source]
+        source: std::io::Error,
     },
     /// A second root drive.
     #[error("drive {0:?} cannot be the root device: another drive already is")]
@@ -84,6 +85,15 @@ pub enum ResourceError {
     /// A patch of something that was never put.
     #[error("no drive {0:?} to update (PUT it first)")]
     NoSuchDrive(String),
+    /// A snapshot's two files are missing or the same file.
+    #[error("snapshot_path and mem_file_path must be two different files")]
+    SnapshotPaths,
+    /// Not exactly one memory backend in a snapshot load.
+    #[error("give the memory file as mem_backend (backend_type File) or mem_file_path, not both or neither")]
+    MemBackend,
+    /// Two overrides for one interface.
+    #[error("network interface {0:?} is overridden twice")]
+    DuplicateOverride(String),
     /// PATCH /machine-config before PUT.
     #[error("machine configuration can only be patched after it was put")]
     NoMachineConfig,
@@ -130,10 +140,10 @@ impl Validate for MachineConfig {
 /// takes: opened non-blocking and its type checked first, so a FIFO, a
 /// socket or a device is a clear refusal, never a hung VMM thread.
 fn readable_file(what: &'static str, path: &Path, accept: Accept) -> Result<(), ResourceError> {
-    crate::host_file::open(path, false, accept).map_err(|e| ResourceError::File {
+    crate::host_file::open(path, false, accept).map_err(|source| ResourceError::File {
         what,
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        source,
     })?;
     Ok(())
 }
@@ -386,13 +396,16 @@ mod tests {
         let mut m = MachineConfig::default();
         assert!(m.validate().is_ok());
         m.vcpu_count = 0;
-        assert_eq!(m.validate(), Err(ResourceError::VcpuCount(0)));
+        assert!(matches!(m.validate(), Err(ResourceError::VcpuCount(0))));
         m.vcpu_count = 2;
         m.mem_size_mib = 8;
-        assert_eq!(m.validate(), Err(ResourceError::MemSize(8)));
+        assert!(matches!(m.validate(), Err(ResourceError::MemSize(8))));
         m.mem_size_mib = 256;
         m.smt = true;
-        assert_eq!(m.validate(), Err(ResourceError::Unsupported("smt")));
+        assert!(matches!(
+            m.validate(),
+            Err(ResourceError::Unsupported("smt"))
+        ));
     }
 
     #[test]
@@ -421,38 +434,50 @@ mod tests {
         missing.path_on_host = "/nonexistent/husk".into();
         assert!(matches!(
             missing.validate("d"),
-            Err(ResourceError::File { .. })
+            Err(ResourceError::File { source, .. }) if source.kind() == std::io::ErrorKind::NotFound
         ));
+        let mut directory = drive("d", false);
+        directory.path_on_host = std::env::temp_dir();
+        let err = directory.validate("d").unwrap_err();
+        assert!(
+            matches!(&err, ResourceError::File { source, .. } if source.kind() == std::io::ErrorKind::InvalidInput),
+            "{err:?}"
+        );
+        assert!(
+            crate::error::chain(&err).contains("a directory"),
+            "{}",
+            crate::error::chain(&err)
+        );
         let mut limited = drive("d", false);
         limited.rate_limiter = Some(serde_json::json!({"bandwidth": {}}));
-        assert_eq!(
+        assert!(matches!(
             limited.validate("d"),
             Err(ResourceError::Unsupported("rate limiting"))
-        );
+        ));
 
         let mut r = VmResources::default();
         put_drive(&mut r, drive("a", true)).unwrap();
-        assert_eq!(
+        assert!(matches!(
             put_drive(&mut r, drive("b", true)),
-            Err(ResourceError::SecondRoot("a".into()))
-        );
+            Err(ResourceError::SecondRoot(id)) if id == "a"
+        ));
         // Replacing the root drive itself is fine.
         put_drive(&mut r, drive("a", true)).unwrap();
         for i in 0..18 {
             put_drive(&mut r, drive(&format!("d{i}"), false)).unwrap();
         }
-        assert_eq!(
+        assert!(matches!(
             put_drive(&mut r, drive("one-more", false)),
             Err(ResourceError::TooManyDevices)
-        );
+        ));
         std::fs::remove_file(f).unwrap();
     }
 
     #[test]
     fn macs_taps_and_cids() {
         assert_eq!(
-            parse_mac("06:00:AC:10:00:02").map(|m| m.0),
-            Ok([6, 0, 0xac, 0x10, 0, 2])
+            parse_mac("06:00:AC:10:00:02").map(|m| m.0).ok(),
+            Some([6, 0, 0xac, 0x10, 0, 2])
         );
         for bad in [
             "",
@@ -479,7 +504,10 @@ mod tests {
             vsock_id: None,
         };
         assert!(vsock(3).validate().is_ok());
-        assert_eq!(vsock(2).validate(), Err(ResourceError::GuestCid(2)));
+        assert!(matches!(
+            vsock(2).validate(),
+            Err(ResourceError::GuestCid(2))
+        ));
     }
 
     #[test]

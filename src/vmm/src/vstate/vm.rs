@@ -26,8 +26,8 @@ const REQUIRED_CAPS: [(Cap, &str); 7] = [
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// /dev/kvm could not be opened.
-    #[error("cannot open /dev/kvm: {0}")]
-    OpenKvm(kvm_ioctls::Error),
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
     /// The kernel speaks another KVM API.
     #[error("KVM API version {0} is not supported (want {KVM_API_VERSION})")]
     ApiVersion(i32),
@@ -38,7 +38,7 @@ pub enum VmError {
     #[error("guest memory region at {0:#x} has no host mapping")]
     NoHostMapping(u64),
     /// A VM ioctl failed.
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}")]
     Ioctl {
         /// What was being done.
         what: &'static str,

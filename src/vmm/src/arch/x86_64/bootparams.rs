@@ -21,7 +21,7 @@ pub enum BootParamsError {
     #[error("too many E820 entries")]
     E820Full,
     /// Guest memory could not be written.
-    #[error("cannot write the zero page into guest memory: {0}")]
+    #[error("cannot write the zero page into guest memory")]
     Write(#[from] vm_memory::GuestMemoryError),
 }
 

@@ -9,8 +9,8 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 #[derive(Debug, thiserror::Error)]
 pub enum CpuidError {
     /// The entry list could not be grown.
-    #[error("cannot add a CPUID entry: {0}")]
-    Push(vmm_sys_util::fam::Error),
+    #[error("cannot add a CPUID entry")]
+    Push(#[source] vmm_sys_util::fam::Error),
 }
 
 /// The CPU vendor, as far as topology leaves are concerned.

@@ -13,7 +13,7 @@ const APIC_MODE_EXTINT: u32 = 0x7;
 #[derive(Debug, thiserror::Error)]
 pub enum InterruptError {
     /// KVM_GET_LAPIC or KVM_SET_LAPIC failed.
-    #[error("cannot {what} the local APIC: {source}")]
+    #[error("cannot {what} the local APIC")]
     Lapic {
         /// get or set.
         what: &'static str,

@@ -41,7 +41,7 @@ pub enum MptableError {
     #[error("the MP table needs {0} bytes, more than its area holds")]
     TooLarge(usize),
     /// Guest memory could not be written.
-    #[error("cannot write the MP table into guest memory: {0}")]
+    #[error("cannot write the MP table into guest memory")]
     Write(#[from] vm_memory::GuestMemoryError),
 }
 

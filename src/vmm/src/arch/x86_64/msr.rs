@@ -24,11 +24,11 @@ const MTRR_MEM_TYPE_WB: u64 = 6;
 #[derive(Debug, thiserror::Error)]
 pub enum MsrError {
     /// The MSR list could not be built.
-    #[error("cannot build the MSR list: {0}")]
-    Build(vmm_sys_util::fam::Error),
+    #[error("cannot build the MSR list")]
+    Build(#[source] vmm_sys_util::fam::Error),
     /// KVM_SET_MSRS failed.
-    #[error("KVM_SET_MSRS failed: {0}")]
-    Set(kvm_ioctls::Error),
+    #[error("KVM_SET_MSRS failed")]
+    Set(#[source] kvm_ioctls::Error),
     /// KVM accepted only some of the MSRs.
     #[error("KVM set only {set} of {wanted} boot MSRs (first refused: {refused:#x})")]
     Partial {

@@ -22,10 +22,10 @@ const EFER_LMA: u64 = 0x400;
 #[derive(Debug, thiserror::Error)]
 pub enum RegsError {
     /// Writing the GDT, IDT or page tables into guest memory failed.
-    #[error("cannot write boot tables into guest memory: {0}")]
+    #[error("cannot write boot tables into guest memory")]
     WriteTables(#[from] vm_memory::GuestMemoryError),
     /// A register ioctl failed.
-    #[error("cannot {what} the vCPU registers: {source}")]
+    #[error("cannot {what} the vCPU registers")]
     Ioctl {
         /// Which ioctl.
         what: &'static str,

@@ -16,6 +16,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{status, VirtioDevice, INTERRUPT_CONFIG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::devices::bus::BusDevice;
+use crate::error::Chain;
 use crate::log_limit::LogLimiter;
 
 /// Size of one device's register window.
@@ -31,19 +32,19 @@ const VENDOR_ID: u32 = 0;
 
 /// The transport for one device.
 pub struct MmioTransport {
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    mem: GuestMemoryMmap,
-    features_select: u32,
-    acked_features_select: u32,
-    acked_features: u64,
-    queue_select: u32,
-    queues: Vec<Queue>,
+    pub(super) device: Arc<Mutex<dyn VirtioDevice>>,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) features_select: u32,
+    pub(super) acked_features_select: u32,
+    pub(super) acked_features: u64,
+    pub(super) queue_select: u32,
+    pub(super) queues: Vec<Queue>,
     /// Queues the driver gave a size the device cannot use (virtio-queue
     /// keeps the previous size in that case; the transport must not).
-    bad_size: Vec<bool>,
-    device_status: u32,
-    config_generation: u32,
-    activated: bool,
+    pub(super) bad_size: Vec<bool>,
+    pub(super) device_status: u32,
+    pub(super) config_generation: u32,
+    pub(super) activated: bool,
     fail_log: LogLimiter,
 }
 
@@ -53,7 +54,7 @@ fn new_queues(sizes: &[u16]) -> Vec<Queue> {
         .filter_map(|max| match Queue::new(*max) {
             Ok(q) => Some(q),
             Err(e) => {
-                tracing::error!(max, error = %e, "invalid queue size; queue dropped");
+                tracing::error!(max, error = %Chain(&e), "invalid queue size; queue dropped");
                 None
             }
         })
@@ -86,7 +87,7 @@ impl MmioTransport {
         }
     }
 
-    fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+    pub(super) fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
         self.device.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -138,10 +139,18 @@ impl MmioTransport {
         self.device().interrupt().ack(interrupt_bits);
     }
 
-    fn fail(&mut self, why: &str) {
-        // A driver can fail activation in a loop (write 0, then DRIVER_OK),
-        // one line per pair of register writes if each were logged.
-        crate::limited!(self.fail_log, warn, why, "virtio device needs a reset");
+    /// Sets DEVICE_NEEDS_RESET and tells the driver; `why` (and the error
+    /// behind it, if any) goes to the log, rate-limited: a driver can fail
+    /// activation in a loop (write 0, then DRIVER_OK), one line per pair of
+    /// register writes if each were logged.
+    fn fail(&mut self, why: &str, error: Option<&dyn std::error::Error>) {
+        crate::limited!(
+            self.fail_log,
+            warn,
+            why,
+            error = error.map(|e| tracing::field::display(Chain(e))),
+            "virtio device needs a reset"
+        );
         self.device_status |= status::DEVICE_NEEDS_RESET;
         self.device().interrupt().trigger(INTERRUPT_CONFIG);
     }
@@ -178,7 +187,7 @@ impl MmioTransport {
 
     fn activate(&mut self) {
         if !self.has(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK) {
-            self.fail("DRIVER_OK before feature negotiation");
+            self.fail("DRIVER_OK before feature negotiation", None);
             return;
         }
         let expected = self.queues.len();
@@ -188,7 +197,7 @@ impl MmioTransport {
             .zip(&self.bad_size)
             .position(|(q, bad_size)| q.ready() && (*bad_size || !q.is_valid(&self.mem)))
         {
-            self.fail(&format!("queue {bad} is not valid for guest memory"));
+            self.fail(&format!("queue {bad} is not valid for guest memory"), None);
             return;
         }
         // The device gets its own copies; the transport keeps answering
@@ -207,12 +216,12 @@ impl MmioTransport {
         {
             Ok(ready) => ready,
             Err(e) => {
-                self.fail(&format!("cannot copy a queue: {e}"));
+                self.fail("cannot copy a queue", Some(&e));
                 return;
             }
         };
         if ready.len() != expected {
-            self.fail(&format!("{} of {expected} queues ready", ready.len()));
+            self.fail(&format!("{} of {expected} queues ready", ready.len()), None);
             return;
         }
         let mem = self.mem.clone();
@@ -220,7 +229,7 @@ impl MmioTransport {
         let result = self.device().activate(mem, ready, features);
         match result {
             Ok(()) => self.activated = true,
-            Err(e) => self.fail(&e.to_string()),
+            Err(e) => self.fail("the device cannot be activated", Some(&e)),
         }
     }
 

@@ -13,12 +13,14 @@ pub mod block;
 pub mod chain;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::error::Chain;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -114,7 +116,7 @@ impl Interrupt {
     pub fn trigger(&self, kind: u32) {
         self.status.fetch_or(kind, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
-            tracing::error!(error = %e, "cannot raise a virtio interrupt");
+            tracing::error!(error = %Chain(&e), "cannot raise a virtio interrupt");
         }
     }
 

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::request::{Request, RequestType};
 use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, TYPE_BLOCK};
+use crate::error::Chain;
 
 /// Data buffers per request the driver may use (VIRTIO_BLK_F_SEG_MAX): all
 /// the descriptors a chain can have but the header and the status. Without
@@ -43,7 +44,7 @@ pub struct BlockConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     /// The backing file cannot be opened.
-    #[error("cannot open drive {id} backing file {path}: {source}")]
+    #[error("cannot open drive {id} backing file {path}")]
     Open {
         /// Drive id.
         id: String,
@@ -53,7 +54,7 @@ pub enum BlockError {
         source: std::io::Error,
     },
     /// An eventfd could not be created.
-    #[error("cannot create drive {id} eventfds: {source}")]
+    #[error("cannot create drive {id} eventfds")]
     EventFd {
         /// Drive id.
         id: String,
@@ -62,7 +63,7 @@ pub enum BlockError {
     },
 }
 
-enum State {
+pub(super) enum State {
     Inactive,
     Active { mem: GuestMemoryMmap, queue: Queue },
 }
@@ -77,7 +78,7 @@ pub struct Block {
     queue_sizes: [u16; 1],
     queue_events: [EventFd; 1],
     interrupt: Interrupt,
-    state: State,
+    pub(super) state: State,
     metrics: Arc<BlockMetrics>,
     /// Warnings the guest can cause at will (a bad used-ring entry).
     guest_log: LogLimiter,
@@ -214,7 +215,7 @@ impl Block {
         let mut rearm = Rearm::default();
         loop {
             if let Err(e) = queue.disable_notification(&*mem) {
-                tracing::warn!(drive = %self.config.id, error = %e, "cannot suppress notifications");
+                tracing::warn!(drive = %self.config.id, error = %Chain(&e), "cannot suppress notifications");
             }
             let budget_before = budget;
             while budget > 0 {
@@ -238,7 +239,7 @@ impl Block {
                     }
                     Err((e, status_addr)) => {
                         self.metrics.invalid_requests.inc();
-                        tracing::debug!(drive = %self.config.id, error = %e, "bad virtio-blk request");
+                        tracing::debug!(drive = %self.config.id, error = %Chain(&e), "bad virtio-blk request");
                         // Tell the guest if it left room to be told.
                         status_addr
                             .map(|a| {
@@ -251,7 +252,7 @@ impl Block {
                 tracing::trace!(drive = %self.config.id, head, used_len, "virtio-blk request done");
                 if let Err(e) = queue.add_used(&*mem, head, used_len) {
                     // A head index outside the queue: the guest's doing.
-                    crate::limited!(self.guest_log, warn, drive = %self.config.id, error = %e, "cannot return a virtio-blk request");
+                    crate::limited!(self.guest_log, warn, drive = %self.config.id, error = %Chain(&e), "cannot return a virtio-blk request");
                     broken = true;
                     break;
                 }
@@ -275,7 +276,7 @@ impl Block {
                     // The avail ring is unreadable: the next pop fails the
                     // same way, so waiting for a notification is all that
                     // is left.
-                    tracing::warn!(drive = %self.config.id, error = %e, "cannot re-arm notifications");
+                    tracing::warn!(drive = %self.config.id, error = %Chain(&e), "cannot re-arm notifications");
                     break;
                 }
             }
@@ -285,7 +286,7 @@ impl Block {
                 Ok(true) => self.interrupt.trigger(INTERRUPT_USED_RING),
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(drive = %self.config.id, error = %e, "used ring unreadable");
+                    tracing::warn!(drive = %self.config.id, error = %Chain(&e), "used ring unreadable");
                     self.interrupt.trigger(INTERRUPT_USED_RING);
                 }
             }

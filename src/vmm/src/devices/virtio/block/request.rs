@@ -250,7 +250,7 @@ impl Request {
                 Ok(()) if self.kind == RequestType::In => (VIRTIO_BLK_S_OK, len as u32),
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
-                    crate::limited!(io_log, warn, error = %e, "virtio-blk I/O failed");
+                    crate::limited!(io_log, warn, error = %crate::error::Chain(&e), "virtio-blk I/O failed");
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
             };
@@ -268,7 +268,7 @@ impl Request {
                 mem.write_all_volatile_to(*addr, file, n)
             };
             if let Err(e) = r {
-                crate::limited!(io_log, warn, error = %e, "virtio-blk I/O failed");
+                crate::limited!(io_log, warn, error = %crate::error::Chain(&e), "virtio-blk I/O failed");
                 return (VIRTIO_BLK_S_IOERR, written);
             }
             if self.kind == RequestType::In {

@@ -34,7 +34,7 @@ const BUDGET: usize = QUEUE_SIZE as usize;
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     /// The tap cannot be used.
-    #[error("network interface {id}: {source}")]
+    #[error("cannot set up network interface {id}")]
     Tap {
         /// Interface id.
         id: String,
@@ -42,7 +42,7 @@ pub enum NetError {
         source: TapError,
     },
     /// An eventfd could not be created.
-    #[error("cannot create network interface {id} eventfds: {source}")]
+    #[error("cannot create network interface {id} eventfds")]
     EventFd {
         /// Interface id.
         id: String,
@@ -164,7 +164,7 @@ fn is_fatal_write_error(e: &std::io::Error) -> bool {
     )
 }
 
-enum State {
+pub(super) enum State {
     Inactive,
     Active {
         mem: GuestMemoryMmap,
@@ -196,7 +196,7 @@ pub struct Net {
     queue_sizes: [u16; 2],
     queue_events: [EventFd; 2],
     interrupt: Interrupt,
-    state: State,
+    pub(super) state: State,
     rx_frame: Vec<u8>,
     /// Length of the frame waiting in `rx_frame`, 0 when none.
     rx_pending: usize,
@@ -307,7 +307,7 @@ impl Net {
 
     fn lose_backend(&mut self, e: &std::io::Error) {
         if !self.backend_gone {
-            tracing::error!(net = %self.id, error = %e, "the tap failed; the interface stops passing traffic");
+            tracing::error!(net = %self.id, error = %crate::error::Chain(&e), "the tap failed; the interface stops passing traffic");
         }
         self.backend_gone = true;
         self.rx_pending = 0;
@@ -334,7 +334,7 @@ impl Net {
             Ok(true) => interrupt.trigger(INTERRUPT_USED_RING),
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(net = %id, error = %e, "used ring unreadable");
+                tracing::warn!(net = %id, error = %crate::error::Chain(&e), "used ring unreadable");
                 interrupt.trigger(INTERRUPT_USED_RING);
             }
         }
@@ -352,7 +352,7 @@ impl Net {
         // deliver_pending asks for them again then.
         if let State::Active { mem, rx, .. } = &mut self.state {
             if let Err(e) = rx.disable_notification(&*mem) {
-                tracing::debug!(net = %self.id, error = %e, "cannot suppress rx notifications");
+                tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "cannot suppress rx notifications");
             }
         }
         for _ in 0..BUDGET {
@@ -418,7 +418,7 @@ impl Net {
                     Ok(true) => continue,
                     Ok(false) => return None,
                     Err(e) => {
-                        tracing::debug!(net = %self.id, error = %e, "cannot re-arm rx notifications");
+                        tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "cannot re-arm rx notifications");
                         return None;
                     }
                 }
@@ -449,7 +449,7 @@ impl Net {
                     self.metrics.rx_bytes.add(len as u64);
                     // len <= MAX_FRAME_LEN fits in u32.
                     if let Err(e) = rx.add_used(&*mem, head, len as u32) {
-                        crate::limited!(self.guest_log, warn, net = %self.id, error = %e, "cannot return an rx buffer");
+                        crate::limited!(self.guest_log, warn, net = %self.id, error = %crate::error::Chain(&e), "cannot return an rx buffer");
                     }
                     return Some(true);
                 }
@@ -463,10 +463,10 @@ impl Net {
                     return Some(false);
                 }
                 Err(e) => {
-                    tracing::debug!(net = %self.id, error = %e, "bad rx chain refused");
+                    tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "bad rx chain refused");
                     self.metrics.invalid_chains.inc();
                     if let Err(e) = rx.add_used(&*mem, head, 0) {
-                        crate::limited!(self.guest_log, warn, net = %self.id, error = %e, "cannot return an rx buffer");
+                        crate::limited!(self.guest_log, warn, net = %self.id, error = %crate::error::Chain(&e), "cannot return an rx buffer");
                         return None;
                     }
                 }
@@ -486,7 +486,7 @@ impl Net {
         // No kicks while the queue is drained; re-armed before waiting
         // again, and whatever slipped in meanwhile is served first.
         if let Err(e) = tx.disable_notification(&*mem) {
-            tracing::debug!(net = %self.id, error = %e, "cannot suppress tx notifications");
+            tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "cannot suppress tx notifications");
         }
         let mut rearm = Rearm::default();
         while completed < BUDGET && !broken {
@@ -494,13 +494,13 @@ impl Net {
                 match rearm.rearm(tx, mem) {
                     Ok(true) => {
                         if let Err(e) = tx.disable_notification(&*mem) {
-                            tracing::debug!(net = %self.id, error = %e, "cannot suppress tx notifications");
+                            tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "cannot suppress tx notifications");
                         }
                         continue;
                     }
                     Ok(false) => break,
                     Err(e) => {
-                        tracing::debug!(net = %self.id, error = %e, "cannot re-arm tx notifications");
+                        tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "cannot re-arm tx notifications");
                         break;
                     }
                 }
@@ -535,25 +535,25 @@ impl Net {
                         }
                         Err(e) if is_fatal_write_error(&e) => {
                             if !self.backend_gone {
-                                tracing::error!(net = %self.id, error = %e, "the tap failed; the interface stops passing traffic");
+                                tracing::error!(net = %self.id, error = %crate::error::Chain(&e), "the tap failed; the interface stops passing traffic");
                             }
                             self.backend_gone = true;
                             self.rx_pending = 0;
                         }
                         Err(e) => {
                             self.metrics.tx_errors.inc();
-                            tracing::debug!(net = %self.id, error = %e, "tx frame dropped");
+                            tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "tx frame dropped");
                         }
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
                     self.metrics.invalid_chains.inc();
-                    tracing::debug!(net = %self.id, error = %e, "bad tx chain refused");
+                    tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "bad tx chain refused");
                 }
             }
             if let Err(e) = tx.add_used(&*mem, head, 0) {
-                crate::limited!(self.guest_log, warn, net = %self.id, error = %e, "cannot return a tx buffer");
+                crate::limited!(self.guest_log, warn, net = %self.id, error = %crate::error::Chain(&e), "cannot return a tx buffer");
                 broken = true;
                 continue;
             }
@@ -618,7 +618,7 @@ impl VirtioDevice for Net {
         if let Err(e) = self.backend.set_offload(offloads) {
             // The tap then checksums and segments itself: slower, still right.
             // (Once per activation, which the driver can repeat at will.)
-            crate::limited!(self.guest_log, warn, net = %self.id, error = %e, offloads, "the tap refused the negotiated offloads");
+            crate::limited!(self.guest_log, warn, net = %self.id, error = %crate::error::Chain(&e), offloads, "the tap refused the negotiated offloads");
         }
         self.state = State::Active { mem, rx, tx };
         // Let the event loop look at both queues (and resume polling the

@@ -27,10 +27,10 @@ pub enum TapError {
     #[error("tap {0} does not exist (create it first, e.g. `ip tuntap add {0} mode tap`)")]
     NotFound(String),
     /// /dev/net/tun cannot be opened.
-    #[error("cannot open /dev/net/tun: {0}")]
-    OpenTun(std::io::Error),
+    #[error("cannot open /dev/net/tun")]
+    OpenTun(#[source] std::io::Error),
     /// An ioctl on the tap failed.
-    #[error("tap {name}: {what} failed: {source}")]
+    #[error("tap {name}: {what} failed")]
     Ioctl {
         /// The interface.
         name: String,
@@ -200,17 +200,16 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    /// Real taps need /dev/net/tun, root and iproute2; tests skip without.
-    fn can_make_taps() -> bool {
+    /// Real taps need /dev/net/tun, root and iproute2: the tests that make
+    /// them are #[ignore]d for plain users and fail loudly when run without.
+    fn require_taps() {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
-        let ok = root
-            && std::path::Path::new("/dev/net/tun").exists()
-            && Command::new("ip").arg("-V").output().is_ok();
-        if !ok {
-            eprintln!("skipped: needs root, /dev/net/tun and ip");
-        }
-        ok
+        assert!(
+            root && std::path::Path::new("/dev/net/tun").exists()
+                && Command::new("ip").arg("-V").output().is_ok(),
+            "this test needs root, /dev/net/tun and iproute2's ip"
+        );
     }
 
     /// A persistent tap, deleted when dropped.
@@ -349,10 +348,9 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs root, /dev/net/tun and iproute2"]
     fn frames_cross_a_real_tap_both_ways_until_it_is_deleted() {
-        if !can_make_taps() {
-            return;
-        }
+        require_taps();
         let t = TestTap::new("x");
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", t.0), "1");
         t.ip(&["link", "set", &t.0, "up"]);

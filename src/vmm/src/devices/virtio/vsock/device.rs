@@ -32,6 +32,7 @@ use crate::log_limit::LogLimiter;
 pub const BUDGET: usize = QUEUE_SIZE as usize;
 
 pub use crate::config::VsockConfig;
+use crate::error::Chain;
 
 /// Errors setting up the device.
 #[derive(Debug, thiserror::Error)]
@@ -46,16 +47,17 @@ pub enum VsockError {
     #[error("vsock socket path {0} exists and is not a socket")]
     NotASocket(PathBuf),
     /// An eventfd or the timer could not be created.
-    #[error("cannot create vsock eventfds: {0}")]
-    EventFd(std::io::Error),
+    #[error("cannot create vsock eventfds")]
+    EventFd(#[source] std::io::Error),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    rx: Queue,
-    tx: Queue,
-    // Held so the driver's buffers stay accounted for; husk never posts events.
-    _event: Queue,
+pub(super) struct Active {
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) rx: Queue,
+    pub(super) tx: Queue,
+    // The driver's event buffers: husk posts one event, the transport
+    // reset after a restore (see persist.rs).
+    pub(super) event: Queue,
 }
 
 /// A virtio-vsock device.
@@ -63,12 +65,12 @@ pub struct Vsock {
     cid: u64,
     queue_sizes: [u16; 3],
     queue_events: [EventFd; 3],
-    interrupt: Interrupt,
+    pub(super) interrupt: Interrupt,
     wake: EventFd,
     /// Ticks once a second, to expire unanswered REQUESTs.
     timer: vmm_sys_util::timerfd::TimerFd,
     pub(super) muxer: Muxer,
-    active: Option<Active>,
+    pub(super) active: Option<Active>,
     tx_payload: Vec<u8>,
     metrics: std::sync::Arc<crate::metrics::VsockMetrics>,
     /// Warnings the guest can cause at will (a bad used-ring entry).
@@ -236,14 +238,14 @@ impl Vsock {
                 }
                 Err(e) => {
                     self.metrics.invalid_chains.inc();
-                    tracing::debug!(error = %e, "bad vsock tx chain");
+                    tracing::debug!(error = %Chain(&e), "bad vsock tx chain");
                 }
             }
             match a.tx.add_used(&a.mem, head, 0) {
                 Ok(()) => returned = true,
                 // A head index outside the queue: the guest's doing.
                 Err(e) => {
-                    crate::limited!(self.guest_log, warn, error = %e, "cannot return a vsock tx buffer")
+                    crate::limited!(self.guest_log, warn, error = %Chain(&e), "cannot return a vsock tx buffer")
                 }
             }
         }
@@ -282,7 +284,7 @@ impl Vsock {
                     let n = b
                         .write_packet(&a.mem, &hdr, self.muxer.payload(hdr.len))
                         .unwrap_or_else(|e| {
-                            tracing::debug!(error = %e, "vsock rx write failed");
+                            tracing::debug!(error = %Chain(&e), "vsock rx write failed");
                             0
                         });
                     self.metrics.rx_packets.inc();
@@ -296,12 +298,12 @@ impl Vsock {
                 }
                 Err(e) => {
                     self.metrics.invalid_chains.inc();
-                    tracing::debug!(error = %e, "bad vsock rx chain");
+                    tracing::debug!(error = %Chain(&e), "bad vsock rx chain");
                     0
                 }
             };
             if let Err(e) = a.rx.add_used(&a.mem, head, written) {
-                crate::limited!(self.guest_log, warn, error = %e, "cannot return a vsock rx buffer");
+                crate::limited!(self.guest_log, warn, error = %Chain(&e), "cannot return a vsock rx buffer");
                 break;
             }
             used = true;
@@ -354,12 +356,7 @@ impl VirtioDevice for Vsock {
             return Err(ActivateError::QueueCount { expected: 3, got });
         };
         let _ = (RX_QUEUE, TX_QUEUE, EVENT_QUEUE);
-        self.active = Some(Active {
-            mem,
-            rx,
-            tx,
-            _event: event,
-        });
+        self.active = Some(Active { mem, rx, tx, event });
         // Host connections that waited for the driver are served from the
         // event loop, not from this vCPU thread.
         let _ = self.wake.write(1);

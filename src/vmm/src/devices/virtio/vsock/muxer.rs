@@ -30,6 +30,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::connection::{Connection, RxPacket, Verdict, BUF_ALLOC};
 use super::packet::{op, Header, MAX_PAYLOAD, TYPE_STREAM};
 use super::HOST_CID;
+use crate::error::Chain;
 
 /// The first port handed to host-initiated streams.
 pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -49,7 +50,7 @@ pub const FIRST_SOCKET_TOKEN: u32 = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum MuxerError {
     /// The listening socket cannot be created.
-    #[error("cannot listen on vsock socket {path}: {source}")]
+    #[error("cannot listen on vsock socket {path}")]
     Bind {
         /// The socket path.
         path: PathBuf,
@@ -298,7 +299,7 @@ impl Muxer {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, "vsock accept failed");
+                    tracing::warn!(error = %Chain(&e), "vsock accept failed");
                     if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
                         self.refuse_without_fds();
                     }
@@ -377,7 +378,7 @@ impl Muxer {
                 self.schedule(key);
             }
             Err(e) => {
-                tracing::debug!(error = %e, "bad vsock CONNECT line, closing");
+                tracing::debug!(error = %Chain(&e), "bad vsock CONNECT line, closing");
                 self.doomed.push((token, hs.stream));
             }
         }
@@ -461,7 +462,7 @@ impl Muxer {
                 self.schedule(key);
             }
             Err(e) => {
-                tracing::debug!(port, path = %path.display(), error = %e, "nobody listens on the host port");
+                tracing::debug!(port, path = %path.display(), error = %Chain(&e), "nobody listens on the host port");
                 self.rst_for(port, peer);
             }
         }
