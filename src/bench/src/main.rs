@@ -98,8 +98,10 @@ struct VsockClientArgs {
     /// vsock:CID:PORT (in a guest) or uds:PATH:PORT (husk's socket, on the host).
     #[arg(long)]
     connect: vsock::Target,
-    /// echo, upload, download, probe (one connect attempt, timed), hold
-    /// (one stream kept open until it ends; says how) or quit.
+    /// echo, upload, download, flood (upload of zeros the server counts
+    /// but does not check: as fast as the transport goes), probe (one
+    /// connect attempt, timed), hold (one stream kept open until it ends;
+    /// says how) or quit.
     #[arg(long, default_value = "echo")]
     mode: String,
     /// Concurrent streams.

@@ -24,6 +24,8 @@ pub mod controller;
 pub mod devices;
 pub mod error;
 pub mod exit;
+pub mod host_file;
+pub mod log_limit;
 pub mod metrics;
 pub mod persist;
 pub mod seccomp;

@@ -3,7 +3,6 @@
 //! epoll event loop on the calling thread until the guest ends. Everything
 //! outside this crate drives a VM through here and nowhere else.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
@@ -184,14 +183,11 @@ pub(crate) fn serial_output(serial: &SerialOutput) -> Result<Box<dyn Write + Sen
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::Sink => Box::new(std::io::sink()),
         SerialOutput::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| VmmError::SerialOutput {
-                    path: path.clone(),
-                    source,
-                })?,
+            // Never waits for a FIFO's reader.
+            crate::host_file::open_append(path).map_err(|source| VmmError::SerialOutput {
+                path: path.clone(),
+                source,
+            })?,
         ),
     })
 }

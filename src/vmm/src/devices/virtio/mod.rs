@@ -10,6 +10,7 @@
 //! subscriber on the VMM's event loop) processes them from then on.
 
 pub mod block;
+pub mod chain;
 pub mod mmio;
 pub mod net;
 pub mod persist;
