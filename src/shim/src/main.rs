@@ -7,6 +7,7 @@
 
 mod api_client;
 mod config;
+mod error;
 mod io;
 mod network;
 mod rootfs;
@@ -70,7 +71,7 @@ impl containerd_shim::Shim for Shim {
     type T = Service;
 
     fn new(_runtime_id: &str, args: &Flags, _config: &mut containerd_shim::Config) -> Self {
-        let config = Config::load(&config_path()).map_err(|e| e.to_string());
+        let config = Config::load(&config_path()).map_err(|e| error::Chain(&e).to_string());
         if args.action.is_empty() {
             let level = config
                 .as_ref()

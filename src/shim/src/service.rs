@@ -31,6 +31,7 @@ use husk_protocol::{
 use oci_spec::runtime::Spec;
 
 use crate::config::Config;
+use crate::error::Chain;
 use crate::io::{ProcessIo, StdioPaths};
 use crate::rootfs;
 use crate::spec;
@@ -127,9 +128,9 @@ fn agent_err(e: ClientError) -> ttrpc::Error {
                 ErrorCode::Unsupported | ErrorCode::UnsupportedVersion => Code::UNIMPLEMENTED,
                 ErrorCode::System => Code::INTERNAL,
             };
-            err(c, e)
+            err(c, Chain(&e))
         }
-        _ => err(Code::UNAVAILABLE, e),
+        _ => err(Code::UNAVAILABLE, Chain(&e)),
     }
 }
 
@@ -177,7 +178,7 @@ impl Inner {
         let topic = event.topic();
         let Some(p) = &self.publisher else { return };
         if let Err(e) = p.publish(Context::default(), &topic, &self.namespace, Box::new(event)) {
-            tracing::warn!(topic, error = %e, "cannot publish an event to containerd");
+            tracing::warn!(topic, error = %Chain(&e), "cannot publish an event to containerd");
         }
     }
 
@@ -211,10 +212,10 @@ impl Inner {
         );
         let network = match crate::network::netns_path(spec) {
             Some(netns) => crate::network::setup(&netns).map_err(|e| {
-                tracing::error!(pod = pod_id, error = %e, "cannot wire the pod's network");
+                tracing::error!(pod = pod_id, error = %Chain(&e), "cannot wire the pod's network");
                 err(
                     Code::INTERNAL,
-                    format!("cannot wire the pod's network: {e}"),
+                    format!("cannot wire the pod's network: {}", Chain(&e)),
                 )
             })?,
             None => None,
@@ -229,13 +230,13 @@ impl Inner {
         let dir = pod_dir(&self.config, &self.namespace, pod_id);
         tracing::info!(pod = pod_id, vcpus, mem_mib, dir = %dir.0.display(), "booting the pod's microVM");
         let (vm, child) = PodVm::boot(&self.config, dir, &vm_spec).map_err(|e| {
-            tracing::error!(pod = pod_id, error = %e, "cannot boot the pod's microVM");
+            tracing::error!(pod = pod_id, error = %Chain(&e), "cannot boot the pod's microVM");
             if let Some(net) = &network {
                 crate::network::teardown(net);
             }
             err(
                 Code::INTERNAL,
-                format!("cannot boot the pod's microVM: {e}"),
+                format!("cannot boot the pod's microVM: {}", Chain(&e)),
             )
         })?;
         let vm = Arc::new(vm);
@@ -270,7 +271,7 @@ impl Inner {
             let mut conn = match endpoint.open(husk_protocol::Channel::Events) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot open the agent's event stream");
+                    tracing::error!(error = %Chain(&e), "cannot open the agent's event stream");
                     return;
                 }
             };
@@ -527,11 +528,11 @@ impl Inner {
                 Some(layered) => layered,
                 None => {
                     let size = rootfs::build_image(&req.rootfs, &root, &image)
-                        .map_err(|e| err(Code::INTERNAL, e))?;
+                        .map_err(|e| err(Code::INTERNAL, Chain(&e)))?;
                     Rootfs {
                         drive_id: vm
                             .attach_disk(&req.id, &image)
-                            .map_err(|e| err(Code::RESOURCE_EXHAUSTED, e))?,
+                            .map_err(|e| err(Code::RESOURCE_EXHAUSTED, Chain(&e)))?,
                         ..disk(size)
                     }
                 }
@@ -544,11 +545,11 @@ impl Inner {
                 &bundle.join("husk-volumes"),
                 &volumes_image,
             )
-            .map_err(|e| err(Code::INTERNAL, format!("volumes: {e}")))?;
+            .map_err(|e| err(Code::INTERNAL, format!("volumes: {}", Chain(&e))))?;
             let volumes = Rootfs {
                 drive_id: vm
                     .attach_disk(&volumes_key, &volumes_image)
-                    .map_err(|e| err(Code::RESOURCE_EXHAUSTED, e))?,
+                    .map_err(|e| err(Code::RESOURCE_EXHAUSTED, Chain(&e)))?,
                 ..disk(size)
             };
             Ok((rootfs, Some(volumes)))
@@ -652,23 +653,23 @@ impl Inner {
         let cache = rootfs::ImageCache::new(&self.config.image_cache_dir);
         let (layers, layers_size) = cache
             .layers_image(&lowers, root)
-            .map_err(|e| err(Code::INTERNAL, e))?;
+            .map_err(|e| err(Code::INTERNAL, Chain(&e)))?;
         let layers_slot = match vm.attach_shared(&req.id, &layers) {
             Ok(slot) => slot,
             Err(VmError::NoImageSlot(n)) => {
                 tracing::info!(container = %req.id, slots = n, "no image slot free: the rootfs is copied whole");
                 return Ok(None);
             }
-            Err(e) => return Err(err(Code::INTERNAL, e)),
+            Err(e) => return Err(err(Code::INTERNAL, Chain(&e))),
         };
         let writable_size = rootfs::build_writable_layer(
             image,
             self.config.writable_layer_mib.saturating_mul(1 << 20),
         )
-        .map_err(|e| err(Code::INTERNAL, e))?;
+        .map_err(|e| err(Code::INTERNAL, Chain(&e)))?;
         let writable_slot = vm
             .attach_disk(&req.id, image)
-            .map_err(|e| err(Code::RESOURCE_EXHAUSTED, e))?;
+            .map_err(|e| err(Code::RESOURCE_EXHAUSTED, Chain(&e)))?;
         Ok(Some(Rootfs {
             drive_id: layers_slot,
             fstype: "ext4".into(),
@@ -825,11 +826,11 @@ impl Inner {
             if let Err(e) = vm.call(Request::RemoveContainer {
                 container_id: id.to_string(),
             }) {
-                tracing::warn!(container = id, error = %e, "the agent could not remove the container");
+                tracing::warn!(container = id, error = %Chain(&e), "the agent could not remove the container");
             }
             for owner in [id.to_string(), volumes_slot_owner(id)] {
                 if let Err(e) = vm.detach_disk(&owner) {
-                    tracing::warn!(container = id, error = %e, "cannot free the container's drive slot");
+                    tracing::warn!(container = id, error = %Chain(&e), "cannot free the container's drive slot");
                 }
             }
         }
@@ -1187,7 +1188,7 @@ impl containerd_shim::Task for Service {
         };
         let value = metrics
             .write_to_bytes()
-            .map_err(|e| err(Code::INTERNAL, e))?;
+            .map_err(|e| err(Code::INTERNAL, Chain(&e)))?;
         Ok(api::StatsResponse {
             stats: MessageField::some(
                 containerd_shim::protos::protobuf::well_known_types::any::Any {
@@ -1247,7 +1248,8 @@ impl Service {
             ));
         }
         let vm = self.inner.vm()?;
-        vm.set_paused(pause).map_err(|e| err(Code::INTERNAL, e))?;
+        vm.set_paused(pause)
+            .map_err(|e| err(Code::INTERNAL, Chain(&e)))?;
         let want = if pause {
             Status::PAUSED
         } else {

@@ -28,18 +28,19 @@ use crate::network::{self, PodNetwork};
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// A file or process operation failed.
-    #[error("{what}: {source}")]
+    #[error("cannot {what}")]
     Io {
         /// What was being done.
         what: String,
         /// Why.
+        #[source]
         source: std::io::Error,
     },
     /// husk's API refused or failed.
     #[error(transparent)]
     Api(#[from] ApiError),
     /// The agent could not be reached or refused.
-    #[error("agent: {0}")]
+    #[error("the agent did not set up the pod")]
     Agent(#[from] ClientError),
     /// husk exited during start.
     #[error("husk exited during start ({status}); its log: {log}")]
@@ -369,7 +370,7 @@ impl PodVm {
         match result {
             Ok(_) => true,
             Err(e) => {
-                tracing::warn!(error = %e, "the agent did not take the shutdown");
+                tracing::warn!(error = %crate::error::Chain(&e), "the agent did not take the shutdown");
                 false
             }
         }
