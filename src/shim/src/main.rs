@@ -10,8 +10,10 @@ mod config;
 mod error;
 mod io;
 mod network;
+mod pod;
 mod rootfs;
 mod service;
+mod slots;
 mod spec;
 mod vm;
 
@@ -121,11 +123,16 @@ impl containerd_shim::Shim for Shim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let config = self.config.clone().unwrap_or_default();
         Service::new(
             &self.namespace,
-            self.config.clone().unwrap_or_default(),
+            config.clone(),
             self.exit.clone(),
-            Some(publisher),
+            Box::new(vm::Husk::new(config)),
+            Box::new(pod::Containerd {
+                publisher,
+                namespace: self.namespace.clone(),
+            }),
         )
     }
 }
