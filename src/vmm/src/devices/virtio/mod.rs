@@ -10,6 +10,7 @@
 //! subscriber on the VMM's event loop) processes them from then on.
 
 pub mod block;
+pub mod mem;
 pub mod mmio;
 pub mod net;
 #[cfg(test)]
@@ -149,7 +150,7 @@ pub enum ActivateError {
 
 /// A virtio device, seen from its transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device id (2: block, 1: net, 19: vsock).
+    /// The virtio device id (2: block, 1: net, 19: vsock, 24: memory).
     fn device_type(&self) -> u32;
     /// The maximum size of each queue.
     fn queue_max_sizes(&self) -> &[u16];
