@@ -24,6 +24,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/machine-config"),
     ("PUT", "/metrics"),
     ("PUT", "/network-interfaces/{iface_id}"),
+    ("PUT", "/snapshot/create"),
+    ("PUT", "/snapshot/load"),
     ("PATCH", "/vm"),
     ("GET", "/vm/config"),
     ("PUT", "/vsock"),
@@ -110,6 +112,8 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Request, Response
         ("GET", "/hotplug/memory") => Request::GetMemoryHotplug,
         ("PUT", "/hotplug/memory") => Request::PutMemoryHotplug(body(bytes)?),
         ("PATCH", "/hotplug/memory") => Request::PatchMemoryHotplug(body(bytes)?),
+        ("PUT", "/snapshot/create") => Request::CreateSnapshot(body(bytes)?),
+        ("PUT", "/snapshot/load") => Request::LoadSnapshot(body(bytes)?),
         _ => {
             return Err(Response::fault(
                 500,

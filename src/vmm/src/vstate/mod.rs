@@ -2,6 +2,7 @@
 //! This is the only place that talks to kvm-ioctls' VM and vCPU fds.
 
 pub mod memory;
+pub mod persist;
 pub mod slots;
 pub mod vcpu;
 pub mod vm;
