@@ -29,6 +29,7 @@ use crate::devices::virtio::{
     VIRTIO_F_VERSION_1,
 };
 use crate::error::Chain;
+use crate::log_limit::LogLimiter;
 use crate::vstate::memory;
 
 /// Where the hot-pluggable memory is and how it is cut.
@@ -164,6 +165,9 @@ struct Blocks {
     /// Guest memory with the region in it, to give unplugged blocks back.
     guest: GuestMemoryMmap,
     metrics: Arc<MemMetrics>,
+    /// Lines a guest can set off by repeating a request or breaking its
+    /// queue are rate-limited.
+    guest_log: LogLimiter,
 }
 
 /// A virtio-mem device.
@@ -208,6 +212,7 @@ impl Mem {
                 mapper,
                 guest,
                 metrics: Arc::new(MemMetrics::default()),
+                guest_log: LogLimiter::default(),
             },
             queue_sizes: [QUEUE_SIZE],
             queue_events: [EventFd::new(EFD_NONBLOCK).map_err(MemError::EventFd)?],
@@ -256,11 +261,11 @@ impl Mem {
         let mut rearm = Rearm::default();
         'serve: loop {
             if let Err(e) = queue.disable_notification(&*mem) {
-                tracing::warn!(error = %Chain(&e), "cannot suppress virtio-mem notifications");
+                crate::limited!(blocks.guest_log, warn, error = %Chain(&e), "cannot suppress virtio-mem notifications");
             }
             let before = budget;
             while budget > 0 {
-                let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                let Some(chain) = crate::devices::virtio::chain::pop(queue, mem) else {
                     break;
                 };
                 budget -= 1;
@@ -287,7 +292,7 @@ impl Mem {
                     }
                 };
                 if let Err(e) = queue.add_used(&*mem, head, used) {
-                    tracing::warn!(error = %Chain(&e), "cannot return a virtio-mem request");
+                    crate::limited!(blocks.guest_log, warn, error = %Chain(&e), "cannot return a virtio-mem request");
                     break 'serve;
                 }
                 completed = true;
@@ -304,7 +309,7 @@ impl Mem {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    tracing::warn!(error = %Chain(&e), "cannot re-arm virtio-mem notifications");
+                    crate::limited!(blocks.guest_log, warn, error = %Chain(&e), "cannot re-arm virtio-mem notifications");
                     break;
                 }
             }
@@ -424,7 +429,7 @@ impl Blocks {
                     mapped_now.push(slot);
                 }
                 Err(e) => {
-                    tracing::error!(slot, error = %Chain(&e), "cannot map a slot of hot-pluggable memory");
+                    crate::limited!(self.guest_log, error, slot, error = %Chain(&e), "cannot map a slot of hot-pluggable memory");
                     self.metrics.host_failures.inc();
                     for slot in mapped_now {
                         self.unmap_slot(slot);
@@ -452,7 +457,7 @@ impl Blocks {
             Err(e) => {
                 // Left mapped: the guest keeps access to a slot it should
                 // not use; its pages still go back to the host.
-                tracing::error!(slot, error = %Chain(&e), "cannot unmap a slot of hot-pluggable memory");
+                crate::limited!(self.guest_log, error, slot, error = %Chain(&e), "cannot unmap a slot of hot-pluggable memory");
                 self.metrics.host_failures.inc();
             }
         }
@@ -460,7 +465,7 @@ impl Blocks {
 
     fn release(&mut self, addr: u64, len: u64) {
         if let Err(e) = memory::discard(&self.guest, GuestAddress(addr), len) {
-            tracing::error!(addr, len, error = %Chain(&e), "cannot give unplugged memory back to the host");
+            crate::limited!(self.guest_log, error, addr, len, error = %Chain(&e), "cannot give unplugged memory back to the host");
             self.metrics.host_failures.inc();
         }
     }

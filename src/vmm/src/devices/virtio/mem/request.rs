@@ -8,12 +8,16 @@
 //! and inside guest memory. A chain whose response buffer cannot be used is
 //! returned to the guest unanswered; any other fault (a short request, a
 //! readable buffer after the response buffer) is answered with
-//! `VIRTIO_MEM_RESP_ERROR`. What the request asks for is checked against
-//! the device's state by the device, not here.
+//! `VIRTIO_MEM_RESP_ERROR`. The chain is walked with
+//! [`Chain`](crate::devices::virtio::chain::Chain): an indirect descriptor,
+//! a feature the device does not offer, makes the whole chain unanswerable.
+//! What the request asks for is checked against the device's state by the
+//! device, not here.
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::devices::virtio::chain::{Chain, ChainError};
 
 /// VIRTIO_MEM_REQ_PLUG.
 pub const REQ_PLUG: u16 = 0;
@@ -65,6 +69,9 @@ pub enum RequestError {
     /// A device-readable buffer after a device-writable one.
     #[error("a device-readable buffer follows the response buffer")]
     ReadableAfterWritable,
+    /// The chain could not be walked (an indirect descriptor).
+    #[error("unusable descriptor chain")]
+    Chain(#[source] ChainError),
 }
 
 /// A request, as the guest sent it (its range not yet checked).
@@ -179,18 +186,16 @@ fn check_range(mem: &GuestMemoryMmap, d: &Descriptor) -> Result<(), RequestError
 }
 
 /// Takes `chain` apart. `Err` means there is nowhere to answer: the chain
-/// goes back to the guest with nothing written.
-pub fn parse<M>(chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> Result<Parsed, RequestError>
-where
-    M: std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
+/// goes back to the guest with nothing written (an indirect descriptor is
+/// such a chain: its response buffer would lie past it).
+pub fn parse(chain: Chain<'_>, mem: &GuestMemoryMmap) -> Result<Parsed, RequestError> {
     let mut bytes = [0u8; REQUEST_LEN];
     let mut have = 0usize;
     let mut fault: Option<RequestError> = None;
     let mut response: Option<GuestAddress> = None;
-    // virtio-queue ends a chain at the queue size, so this is bounded.
+    // Chain ends a walk at the queue size, so this is bounded.
     for d in chain {
+        let d = d.map_err(RequestError::Chain)?;
         if d.is_write_only() {
             if response.is_none() {
                 if check_range(mem, &d).is_err() || (d.len() as usize) < RESPONSE_LEN {
@@ -229,10 +234,9 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::{d, mem, NEXT, WRITE};
+    use crate::devices::virtio::test_utils::{d, mem, write_table, INDIRECT, NEXT, WRITE};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::QueueT;
 
     const REQ: u64 = 0x10_0000;
     const RESP: u64 = 0x10_1000;
@@ -241,7 +245,7 @@ mod tests {
         let vq = MockSplitQueue::new(m, 16);
         vq.add_desc_chains(descs, 0).unwrap();
         let mut q: virtio_queue::Queue = vq.create_queue().unwrap();
-        let chain = q.pop_descriptor_chain(m).expect("a chain");
+        let chain = crate::devices::virtio::chain::pop(&mut q, m).expect("a chain");
         parse(chain, m)
     }
 
@@ -298,6 +302,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.request, Ok(req));
+    }
+
+    #[test]
+    fn an_indirect_descriptor_is_not_followed_and_the_chain_not_answered() {
+        let m = mem();
+        // A well-formed request behind an indirect table: it would parse if
+        // husk followed the descriptor it never offered.
+        let table = 0x20_0000;
+        let len = write_table(&m, table, &[d(REQ, 24, NEXT, 1), d(RESP, 10, WRITE, 0)]);
+        assert_eq!(
+            parse_chain(&m, &[d(table, len, INDIRECT, 0)]),
+            Err(RequestError::Chain(ChainError::IndirectNotNegotiated))
+        );
     }
 
     #[test]
