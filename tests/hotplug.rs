@@ -5,8 +5,8 @@
 //! and a snapshot (husk does not save virtio-mem state) get their 400 with
 //! a fault_message and change nothing; then 256 MiB are plugged through
 //! `PATCH /hotplug/memory` and the guest's MemTotal grows by that much
-//! while `GET /hotplug/memory` reports it plugged. The guest onlines its
-//! parked vCPU through sysfs.
+//! while `GET /hotplug/memory` reports it plugged; asked for 0 again, the
+//! guest unplugs it all. The guest onlines its parked vCPU through sysfs.
 
 use husk_tests::{artifacts, host_tool, initrd_with_script, Payload, RunResult};
 
@@ -14,7 +14,8 @@ const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet husk.hold=60
 
 /// The guest: reports its MemTotal and present CPUs, waits (without a
 /// deadline of its own: the node's wait_for has one) until MemTotal has
-/// grown by at least 200 MiB, reports it, then brings cpu1 online.
+/// grown by at least 200 MiB, reports it, brings cpu1 online, then waits
+/// until MemTotal is back where it began.
 const GUEST: &str = r#"
 kb() { awk '/^MemTotal:/ { print $2 }' /proc/meminfo; }
 base=$(kb)
@@ -24,6 +25,8 @@ until [ "$(kb)" -ge $((base + 200 * 1024)) ]; do sleep 0.2; done
 echo "HOTPLUG-GREW-KB $(kb)"
 echo 1 > /sys/devices/system/cpu/cpu1/online
 echo "HOTPLUG-CPUS $(grep -c '^processor' /proc/cpuinfo)"
+until [ "$(kb)" -le $((base + 1024)) ]; do sleep 0.2; done
+echo "HOTPLUG-SHRANK-KB $(kb)"
 "#;
 
 /// Node-side: `api TAG METHOD PATH [BODY]` prints `API-TAG <status>
@@ -103,6 +106,14 @@ api plug PATCH /hotplug/memory '{{"requested_size_mib": 256}}'
 wait_for HOTPLUG-GREW-KB || {{ cat husk.log; exit 12; }}
 api after-plug GET /hotplug/memory
 wait_for HOTPLUG-CPUS || {{ cat husk.log; exit 13; }}
+api unplug PATCH /hotplug/memory '{{"requested_size_mib": 0}}'
+wait_for HOTPLUG-SHRANK-KB || {{ cat husk.log; exit 14; }}
+# The driver offlines a block before it asks the device to unplug it.
+i=0
+until ./curl -s --unix-socket api.sock http://localhost/hotplug/memory | grep -q '"plugged_size_mib":0[,}}]'; do
+  i=$((i + 1)); [ $i -gt 600 ] && break; sleep 0.1
+done
+api after-unplug GET /hotplug/memory
 kill -TERM $vmm
 wait $vmm
 echo "VMM-EXIT $?"
@@ -116,7 +127,7 @@ echo --- serial; cat serial.txt; echo --- end serial
         .add(&host_tool("curl"), "curl")
         .run(&script);
     r.assert_status(0);
-    for tag in ["machine", "boot", "region", "start", "plug"] {
+    for tag in ["machine", "boot", "region", "start", "plug", "unplug"] {
         assert_api(&r, tag, 204, "");
     }
 
@@ -144,6 +155,17 @@ echo --- serial; cat serial.txt; echo --- end serial
     let after = status_json(&r, "after-plug");
     assert_eq!(after["requested_size_mib"], 256, "{after}");
     assert_eq!(after["plugged_size_mib"], 256, "{after}");
+
+    // Asked for nothing, the guest gives it all back.
+    let shrank = kib(&r, "HOTPLUG-SHRANK-KB");
+    assert_eq!(
+        shrank, base,
+        "MemTotal {grown} kB -> {shrank} kB\n{}",
+        r.output
+    );
+    let after = status_json(&r, "after-unplug");
+    assert_eq!(after["requested_size_mib"], 0, "{after}");
+    assert_eq!(after["plugged_size_mib"], 0, "{after}");
 
     // Booted with one vCPU online of two, the guest onlines the other.
     assert_eq!(
