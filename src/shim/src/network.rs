@@ -222,28 +222,52 @@ pub fn setup(netns: &Path) -> Result<Option<PodNetwork>, NetError> {
             ],
         ),
     ];
-    for (program, args) in steps {
+    for (done, (program, args)) in steps.into_iter().enumerate() {
         if let Err(e) = run_in(netns, program, &args) {
-            teardown(&net);
+            undo(&net, done);
             return Err(e);
         }
     }
     Ok(Some(net))
 }
 
-/// Undoes [`setup`]: the tap and the device's ingress qdisc (with its
-/// filter). Errors are only logged: the namespace may be gone already.
+/// Undoes [`setup`]: the tap (with its qdisc and filter) and the device's
+/// ingress qdisc (with its filter). Errors are only logged: the namespace
+/// may be gone already.
 pub fn teardown(net: &PodNetwork) {
-    for (program, args) in [
-        ("ip", vec!["link", "del", TAP]),
-        (
+    undo(net, usize::MAX);
+}
+
+/// Undoes the first `done` steps of [`setup`], and only those: a device
+/// that had an ingress qdisc before (setup's third step failed on it)
+/// keeps it.
+fn undo(net: &PodNetwork, done: usize) {
+    let mut steps = Vec::new();
+    if done > 0 {
+        steps.push(("ip", vec!["link", "del", TAP]));
+    }
+    if done > 2 {
+        steps.push((
             "tc",
             vec!["qdisc", "del", "dev", net.device.as_str(), "ingress"],
-        ),
-    ] {
+        ));
+    }
+    for (program, args) in steps {
         if let Err(e) = run_in(&net.netns, program, &args) {
             tracing::warn!(error = %crate::error::Chain(&e), "cannot undo the pod's network wiring");
         }
+    }
+}
+
+/// Whether `netns` is the network namespace the shim runs in: the node's
+/// (a spec naming `/proc/1/ns/net`, say). Wiring it would redirect the
+/// node's own NIC into the guest.
+pub fn is_the_nodes(netns: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    match (id(netns), id(Path::new("/proc/self/ns/net"))) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
     }
 }
 
@@ -262,6 +286,14 @@ pub fn netns_path(spec: &oci_spec::runtime::Spec) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shims_own_network_namespace_is_the_nodes() {
+        assert!(is_the_nodes(Path::new("/proc/self/ns/net")));
+        assert!(is_the_nodes(Path::new("/proc/thread-self/ns/net")));
+        assert!(!is_the_nodes(Path::new("/proc/self/ns/uts")));
+        assert!(!is_the_nodes(Path::new("/nonexistent/netns")));
+    }
 
     #[test]
     fn the_guest_gets_the_devices_mac_addresses_and_gateway_routes() {

@@ -45,6 +45,53 @@ pub const VCPUS_ANNOTATION: &str = "io.husk.vcpus";
 /// The pod's guest memory in MiB, overriding the default and the limit.
 pub const MEMORY_ANNOTATION: &str = "io.husk.memory-mib";
 
+/// Whether `id` can name a pod: its state directory under the shim's
+/// state dir and husk's `--id`. The VMM API's rule: 1 to 64 of A-Z a-z
+/// 0-9 _ -. containerd checks its own ids, but the sandbox-id annotation
+/// is whatever string the client put there (`..`, `/etc`, ...).
+pub fn valid_pod_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+}
+
+/// Whether `id` can name a container's files in the pod's directory:
+/// containerd's identifier rule (alphanumeric runs joined by single
+/// `.`, `_` or `-`, at most 76 bytes), so never `..` nor a `/`.
+pub fn valid_container_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    let joiner = |c: u8| matches!(c, b'.' | b'_' | b'-');
+    !b.is_empty()
+        && b.len() <= 76
+        && b.iter().all(|&c| c.is_ascii_alphanumeric() || joiner(c))
+        && !joiner(b[0])
+        && !joiner(b[b.len() - 1])
+        && !b.windows(2).any(|w| joiner(w[0]) && joiner(w[1]))
+}
+
+/// The node's namespaces a pod's spec asks to share (Kubernetes'
+/// hostNetwork, hostIPC, hostPID leave the namespace out of the sandbox's
+/// spec): a pod in a microVM has its own kernel, so it cannot have them.
+pub fn host_namespaces(spec: &Spec) -> Vec<&'static str> {
+    let own = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .map(|ns| ns.iter().map(|n| n.typ()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    [
+        (LinuxNamespaceType::Network, "network"),
+        (LinuxNamespaceType::Ipc, "IPC"),
+        (LinuxNamespaceType::Pid, "PID"),
+    ]
+    .into_iter()
+    .filter(|(t, _)| !own.contains(t))
+    .map(|(_, name)| name)
+    .collect()
+}
+
 /// The pod a container belongs to: its sandbox id, or its own id.
 pub fn sandbox_id(spec: &Spec, id: &str) -> String {
     spec.annotations()
@@ -286,5 +333,59 @@ mod tests {
             "io.kubernetes.cri.sandbox-id": "pod1"
         }}));
         assert_eq!(sandbox_id(&member, "c1"), "pod1");
+    }
+
+    #[test]
+    fn a_spec_without_a_namespace_shares_the_nodes() {
+        let own = spec(
+            serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": [
+            {"type": "pid"}, {"type": "network", "path": "/var/run/netns/cni-1"},
+            {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]}}),
+        );
+        assert!(host_namespaces(&own).is_empty());
+        let host_net = spec(
+            serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": [
+            {"type": "pid"}, {"type": "ipc"}, {"type": "mount"}]}}),
+        );
+        assert_eq!(host_namespaces(&host_net), ["network"]);
+        let host_all = spec(
+            serde_json::json!({"ociVersion": "1.0.2", "linux": {"namespaces": [
+            {"type": "mount"}]}}),
+        );
+        assert_eq!(host_namespaces(&host_all), ["network", "IPC", "PID"]);
+        let none = spec(serde_json::json!({"ociVersion": "1.0.2"}));
+        assert_eq!(host_namespaces(&none), ["network", "IPC", "PID"]);
+    }
+
+    #[test]
+    fn ids_that_could_leave_the_state_directory_are_invalid() {
+        let cri = "8f1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+        for ok in [cri, "pod", "my_pod-1"] {
+            assert!(valid_pod_id(ok), "{ok}");
+            assert!(valid_container_id(ok), "{ok}");
+        }
+        assert!(valid_container_id("web.1"));
+        assert!(!valid_pod_id("web.1"), "husk's --id has no dots");
+        let long = "x".repeat(77);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../../../var/lib/kubelet",
+            "/etc",
+            "a/b",
+            "a..b",
+            ".hidden",
+            "nul\0",
+            "space d",
+            "\u{e9}t\u{e9}",
+            long.as_str(),
+        ] {
+            assert!(!valid_pod_id(bad), "{bad:?}");
+            assert!(!valid_container_id(bad), "{bad:?}");
+        }
+        assert!(valid_pod_id("trailing-") && !valid_container_id("trailing-"));
+        assert!(!valid_pod_id(&"x".repeat(65)));
+        assert!(valid_container_id(&"x".repeat(76)));
     }
 }

@@ -45,6 +45,13 @@ impl Inner {
         if req.id.is_empty() {
             return Err(TaskError::InvalidArgument("no container id".into()));
         }
+        if !spec::valid_container_id(&req.id) {
+            return Err(TaskError::InvalidId {
+                what: "the container",
+                id: req.id.clone(),
+                rule: "alphanumeric runs joined by single '.', '_' or '-', at most 76 bytes",
+            });
+        }
         if !req.checkpoint.is_empty() {
             return Err(TaskError::Unsupported("checkpoint/restore"));
         }
@@ -87,6 +94,14 @@ impl Inner {
         let path = Path::new(&req.bundle).join("config.json");
         let spec = Spec::load(&path).map_err(|source| TaskError::Spec { path, source })?;
         let pod_id = spec::sandbox_id(&spec, &req.id);
+        if !spec::valid_pod_id(&pod_id) {
+            // Before it names a directory, a file or husk's --id.
+            return Err(TaskError::InvalidId {
+                what: "the pod (annotation io.kubernetes.cri.sandbox-id, or the container's own)",
+                id: pod_id,
+                rule: "1 to 64 of A-Z a-z 0-9 _ -",
+            });
+        }
         if let Some(p) = &self.lock().pod_id {
             if *p != pod_id {
                 return Err(TaskError::OtherPod {

@@ -20,6 +20,24 @@ pub enum TaskError {
     /// A field of the request is missing or unusable.
     #[error("{0}")]
     InvalidArgument(String),
+    /// An id that cannot name the pod's or the container's files.
+    #[error("{what} id {id:?} is not valid: {rule}")]
+    InvalidId {
+        /// Whose id, and where it came from.
+        what: &'static str,
+        /// The id.
+        id: String,
+        /// What an id may be.
+        rule: &'static str,
+    },
+    /// The pod asks for the node's namespaces.
+    #[error(
+        "the pod asks for the node's {} namespace (hostNetwork, hostIPC or hostPID): \
+         a pod in a microVM has its own kernel and cannot share the node's; \
+         run it with runc",
+        .0.join(", ")
+    )]
+    HostNamespaces(Vec<&'static str>),
     /// A JSON field of the request does not parse.
     #[error("the {what} in the request is not valid")]
     Malformed {
@@ -165,6 +183,8 @@ impl TaskError {
     pub fn code(&self) -> Code {
         match self {
             TaskError::InvalidArgument(_)
+            | TaskError::InvalidId { .. }
+            | TaskError::HostNamespaces(_)
             | TaskError::Malformed { .. }
             | TaskError::Spec { .. } => Code::INVALID_ARGUMENT,
             TaskError::NoContainer(_)

@@ -98,7 +98,17 @@ impl Inner {
             self.config.default_memory_mib,
             self.config.max_vcpus,
         );
-        let network = match network::netns_path(spec) {
+        // Refused before anything is made: never a pod that runs and
+        // silently lacks what it asked for.
+        let mut shared = spec::host_namespaces(spec);
+        let netns = network::netns_path(spec);
+        if netns.as_deref().is_some_and(network::is_the_nodes) {
+            shared.insert(0, "network");
+        }
+        if !shared.is_empty() {
+            return Err(TaskError::HostNamespaces(shared));
+        }
+        let network = match netns {
             Some(netns) => network::setup(&netns).map_err(|e| TaskError::Network(Box::new(e)))?,
             None => None,
         };
@@ -295,8 +305,12 @@ pub fn cleanup_after_crash(config: &Config, namespace: &str, id: &str, bundle: &
     let pod_id = Spec::load(bundle.join("config.json"))
         .map(|s| spec::sandbox_id(&s, id))
         .unwrap_or_else(|_| id.to_string());
+    // Ids create refused never had files; they name none here either.
+    let valid = spec::valid_pod_id(&pod_id) && spec::valid_container_id(id);
     let dir = pod_dir(config, namespace, &pod_id);
-    if pod_id == id {
+    if !valid {
+        tracing::warn!(pod = %pod_id, container = id, "invalid ids: no state to remove");
+    } else if pod_id == id {
         vm::kill_recorded(&dir);
         vm::remove_dir(&dir);
     } else {

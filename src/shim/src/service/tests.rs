@@ -76,12 +76,28 @@ fn code(e: TaskError) -> Code {
 impl Pod {
     /// A bundle for container `id` of the pod, its rootfs an empty tree.
     fn bundle(&self, id: &str) -> String {
+        self.bundle_in(id, POD)
+    }
+
+    /// A bundle for container `id` whose spec names `pod` as its sandbox.
+    fn bundle_in(&self, id: &str, pod: &str) -> String {
+        self.bundle_with(id, pod, |_| {})
+    }
+
+    /// As [`Pod::bundle_in`], the spec changed by `f`.
+    fn bundle_with(
+        &self,
+        id: &str,
+        pod: &str,
+        f: impl FnOnce(&mut oci_spec::runtime::Spec),
+    ) -> String {
         let bundle = self.dir.path().join("bundles").join(id);
         std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
         let mut spec = oci_spec::runtime::Spec::default();
         spec.set_annotations(Some(
-            [(crate::spec::SANDBOX_ID.to_string(), POD.to_string())].into(),
+            [(crate::spec::SANDBOX_ID.to_string(), pod.to_string())].into(),
         ));
+        f(&mut spec);
         spec.save(bundle.join("config.json")).unwrap();
         bundle.display().to_string()
     }
@@ -659,4 +675,109 @@ fn pausing_one_container_of_several_is_refused() {
         Code::UNIMPLEMENTED
     );
     assert!(!p.vm.journal().iter().any(|j| j.starts_with("paused")));
+}
+
+#[test]
+fn ids_that_would_name_paths_outside_the_state_directory_are_refused() {
+    let p = pod();
+    let outside = p.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    // The state dir is DIR/state/test/POD: four levels up is DIR.
+    for pod_id in ["../../../outside", "/etc", "..", "a/b", "web.1"] {
+        let bundle = p.bundle_in("c1", pod_id);
+        let r = p.svc.create(&CreateTaskRequest {
+            id: "c1".into(),
+            bundle,
+            ..Default::default()
+        });
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{pod_id}: {e}");
+        let message = ttrpc_message(e);
+        assert!(
+            message.contains("io.kubernetes.cri.sandbox-id") && message.contains(pod_id),
+            "{message}"
+        );
+    }
+    for id in ["../c1", "c1/x", ".."] {
+        let e = p
+            .svc
+            .create(&CreateTaskRequest {
+                id: id.into(),
+                bundle: p.bundle_in("c2", POD),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{id}: {e}");
+    }
+    // Nothing booted for them, nothing written anywhere, nothing kept.
+    assert!(p.vm.journal().is_empty(), "{:?}", p.vm.journal());
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    assert!(!p.dir.path().join("state").exists());
+    assert!(p.svc.lock().table.is_empty());
+    assert!(p.events.topics().is_empty());
+}
+
+#[test]
+fn a_pod_asking_for_the_nodes_namespaces_is_refused_before_it_boots() {
+    use oci_spec::runtime::LinuxNamespaceType as T;
+    let p = pod();
+    let keep_only = |types: &'static [T]| {
+        move |spec: &mut oci_spec::runtime::Spec| {
+            let linux = spec.linux_mut().as_mut().unwrap();
+            let ns = linux.namespaces().clone().unwrap_or_default();
+            linux.set_namespaces(Some(
+                ns.into_iter()
+                    .filter(|n| types.contains(&n.typ()))
+                    .collect(),
+            ));
+        }
+    };
+    for (types, named) in [
+        (&[T::Pid, T::Ipc, T::Mount][..], "network"),
+        (&[T::Pid, T::Network, T::Mount][..], "IPC"),
+        (&[T::Ipc, T::Network, T::Mount][..], "PID"),
+    ] {
+        let bundle = p.bundle_with(POD, POD, keep_only(types));
+        let e = p
+            .svc
+            .create(&CreateTaskRequest {
+                id: POD.into(),
+                bundle,
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
+        let message = ttrpc_message(e);
+        assert!(
+            message.contains(&format!("the node's {named} namespace")) && message.contains("runc"),
+            "{message}"
+        );
+    }
+    // The node's own namespace named by path is the node's too.
+    let bundle = p.bundle_with(POD, POD, |spec| {
+        let linux = spec.linux_mut().as_mut().unwrap();
+        let ns = linux.namespaces().clone().unwrap_or_default();
+        linux.set_namespaces(Some(
+            ns.into_iter()
+                .map(|mut n| {
+                    if n.typ() == T::Network {
+                        n.set_path(Some("/proc/self/ns/net".into()));
+                    }
+                    n
+                })
+                .collect(),
+        ));
+    });
+    let e = p
+        .svc
+        .create(&CreateTaskRequest {
+            id: POD.into(),
+            bundle,
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(ttrpc_message(e).contains("the node's network namespace"));
+    assert!(p.vm.journal().is_empty(), "{:?}", p.vm.journal());
+    assert!(!p.pod_dir().exists());
+    assert!(p.svc.lock().table.is_empty());
 }
