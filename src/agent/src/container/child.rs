@@ -419,6 +419,10 @@ unsafe fn setup_root(fds: &ChildFds, p: &InitPlan) {
         }
     }
     for (i, d) in p.devices.iter().enumerate() {
+        for dir in &d.mkdirs {
+            // SAFETY: see the top of the function.
+            unsafe { check(fds, mkdir_ok(dir), Step::Device, i) };
+        }
         if mknod(&d.target, d.mode, d.dev) == 0 {
             chown(&d.target, d.uid, d.gid);
             continue;
