@@ -13,6 +13,10 @@
 #                                                        InstanceStart to the first vCPU entry
 #   resources/bench.sh net [--size-mib M]                 virtio-net TCP throughput guest<->node over a tap
 #   resources/bench.sh vsock [--size-mib M] [--streams N] virtio-vsock throughput, both directions
+#   resources/bench.sh snapshot [--runs N] [--firecracker PATH]
+#                                                        snapshot create time and file sizes, restore
+#                                                        time (load request to the guest answering
+#                                                        through vsock), and Firecracker's on the same guest
 #   resources/bench.sh run [--runs N]                    husk run to the container's first output
 #                                                        byte against runc run of the same image;
 #                                                        the agent's container start and RSS in a guest
@@ -30,7 +34,7 @@ source "$repo/resources/lib.sh"
 mode=boot runs=10 size_mib="" runtime_s=5 streams=8 firecracker="" concurrent=20 depths=1,16
 while (($#)); do
   case $1 in
-    boot|blk|api|net|vsock|run|pod|cri) mode=$1; shift ;;
+    boot|blk|api|net|vsock|snapshot|run|pod|cri) mode=$1; shift ;;
     --concurrent) concurrent=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     --size-mib) size_mib=$2; shift 2 ;;
@@ -38,7 +42,7 @@ while (($#)); do
     --streams) streams=$2; shift 2 ;;
     --depths) depths=$2; shift 2 ;;
     --firecracker) firecracker=$(realpath "$2"); shift 2 ;;
-    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N]]" >&2; exit 2 ;;
+    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | snapshot [--runs N] [--firecracker PATH] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N]]" >&2; exit 2 ;;
   esac
 done
 
@@ -105,6 +109,27 @@ case $mode in
     rm "$script"
     "$repo/resources/node/run.sh" --payload "$payload" -- \
       ./husk-bench net --husk ./husk --kernel vmlinux --initrd net.cpio --size-mib "${size_mib:-100}"
+    ;;
+  snapshot)
+    # The guest serves vsock echoes with a static husk-bench; each restored
+    # VM is timed until one comes back through the VMM's socket.
+    target=x86_64-unknown-linux-gnu
+    (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
+      cargo build --release --locked -j"$(nproc)" -p husk-bench --bin husk-bench --target "$target" >&2)
+    script="$payload/serve.sh"
+    printf '#!/bin/sh\n/bin/husk-bench vsock-serve --listen vsock:5201\n' > "$script"
+    chmod +x "$script"
+    "$repo/resources/guest/build-initramfs.sh" "$payload/vsock.cpio" "$repo/resources/guest/test-init" \
+      "$repo/target/$target/release/husk-bench:/bin/husk-bench" "$script:/husk-test.sh" >/dev/null
+    rm "$script"
+    fc_args=()
+    if [[ -n $firecracker ]]; then
+      cp "$firecracker" "$payload/firecracker"
+      fc_args=(--firecracker ./firecracker)
+    fi
+    "$repo/resources/node/run.sh" --payload "$payload" -- \
+      ./husk-bench snapshot --husk ./husk --kernel vmlinux --initrd vsock.cpio \
+      --port 5201 --runs "$runs" "${fc_args[@]}"
     ;;
   vsock)
     # The guest serves with a static husk-bench; the node's husk-bench

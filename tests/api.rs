@@ -386,11 +386,8 @@ fn every_error_class_is_a_4xx_with_a_fault_message() {
     );
     assert_eq!(api.req("GET", "/", None).1["state"], "Not started");
     // Unknown paths and wrong methods.
-    assert_fault(
-        api.req("GET", "/snapshot/create", None),
-        404,
-        "no such resource",
-    );
+    assert_fault(api.req("GET", "/balloon", None), 404, "no such resource");
+    assert_fault(api.req("GET", "/snapshot/create", None), 405, "use PUT");
     assert_fault(
         api.req("DELETE", "/drives/rootfs", None),
         405,
@@ -527,6 +524,104 @@ fn metrics_and_logger_files() {
         logged.contains("DEBUG") && logged.contains("/nothing-here"),
         "{logged}"
     );
+}
+
+/// A block device node this process can open for reading (husk, run by
+/// the same user, can then too).
+fn readable_block_device() -> PathBuf {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::read_dir("/sys/block")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| Path::new("/dev").join(e.file_name()))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+                && std::fs::File::open(p).is_ok()
+        })
+        .expect("this test needs a block device it can open (as root: any /dev/loopN, /dev/vda)")
+}
+
+#[test]
+fn a_path_naming_a_fifo_socket_or_device_is_a_400_not_a_hung_vmm() {
+    let api = Api::start("fifo");
+    let kernel = api.file("vmlinux", b"x");
+    let disk = api.file("disk.img", &[0u8; 4096]);
+    let fifo = api.dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: c is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let sock = api.dir.join("a.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    // Each answer must come within read_response's 10 s: opening the FIFO
+    // the way a regular file is opened would wait for a writer for ever.
+    for (path, found) in [
+        (fifo.clone(), "a FIFO"),
+        (sock.clone(), "a socket"),
+        (PathBuf::from("/dev/null"), "a character device"),
+        (api.dir.clone(), "a directory"),
+    ] {
+        let p = path.display();
+        assert_fault(
+            api.req(
+                "PUT",
+                "/boot-source",
+                Some(&json!({"kernel_image_path": path}).to_string()),
+            ),
+            400,
+            &format!("kernel image {p}: it is {found}, not a regular file"),
+        );
+        assert_fault(
+            api.req(
+                "PUT",
+                "/boot-source",
+                Some(&json!({"kernel_image_path": kernel, "initrd_path": path}).to_string()),
+            ),
+            400,
+            &format!("initrd {p}: it is {found}, not a regular file"),
+        );
+        assert_fault(
+            api.req(
+                "PUT",
+                "/drives/d",
+                Some(
+                    &json!({"drive_id": "d", "path_on_host": path, "is_root_device": false, "is_read_only": true})
+                        .to_string(),
+                ),
+            ),
+            400,
+            &format!("drive {p}: it is {found}, not a regular file or a block device"),
+        );
+    }
+    // PATCH /drives names a file the same way.
+    let put_drive = |id: &str, path: &Path| {
+        api.req(
+            "PUT",
+            &format!("/drives/{id}"),
+            Some(
+                &json!({"drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": true})
+                    .to_string(),
+            ),
+        )
+    };
+    assert_eq!(put_drive("d", &disk).0, 204);
+    assert_fault(
+        api.req(
+            "PATCH",
+            "/drives/d",
+            Some(&json!({"drive_id": "d", "path_on_host": fifo}).to_string()),
+        ),
+        400,
+        "it is a FIFO, not a regular file or a block device",
+    );
+    // A block device is a drive (an LVM volume, a loop device).
+    let block = readable_block_device();
+    let r = put_drive("blk", &block);
+    assert_eq!(r.0, 204, "{}: {:?}", block.display(), r.1);
+    // And the VMM is still there for everyone.
+    assert_eq!(api.req("GET", "/", None).0, 200);
+    let config = api.req("GET", "/vm/config", None).1;
+    assert_eq!(config["drives"][0]["path_on_host"], json!(disk));
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {

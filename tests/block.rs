@@ -163,6 +163,54 @@ fn missing_drive_file_is_refused() {
         .assert_contains("cannot open drive data backing file /nonexistent/disk.img");
 }
 
+/// husk boot on this host under `timeout`: a husk that hangs ends with
+/// status 124 instead of hanging the test.
+fn husk_within_30s(args: &[&str]) -> husk_tests::RunResult {
+    let out = std::process::Command::new("timeout")
+        .arg("30")
+        .arg(husk_tests::husk_binary())
+        .args(args)
+        .output()
+        .expect("run timeout husk");
+    let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+    output.push_str(&String::from_utf8_lossy(&out.stderr));
+    husk_tests::RunResult {
+        status: out.status.code().unwrap_or(-1),
+        output,
+    }
+}
+
+#[test]
+fn a_fifo_or_a_device_as_drive_kernel_or_console_is_refused_without_hanging() {
+    let dir = std::env::temp_dir().join(format!("husk-block-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: c is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let fifo = fifo.to_str().unwrap();
+    let k = artifacts().vmlinux.to_str().unwrap();
+    // Read-only: opened for reading alone, a FIFO waits for a writer.
+    for (spec, found) in [(fifo, "a FIFO"), ("/dev/null", "a character device")] {
+        husk_within_30s(&["boot", "--kernel", k, "--drive", &format!("id=data,path={spec},ro")])
+            .assert_status(1)
+            .assert_contains(&format!(
+                "cannot open drive data backing file {spec}: it is {found}, not a regular file or a block device"
+            ));
+    }
+    husk_within_30s(&["boot", "--kernel", fifo])
+        .assert_status(1)
+        .assert_contains(&format!(
+            "cannot read kernel {fifo}: it is a FIFO, not a regular file"
+        ));
+    // A console FIFO nobody reads: refused at once (ENXIO), not waited on.
+    husk_within_30s(&["boot", "--kernel", k, "--serial", &format!("file:{fifo}")])
+        .assert_status(1)
+        .assert_contains(&format!("cannot open serial output {fifo}"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn bad_drive_specs_are_refused() {
     let k = artifacts().vmlinux.to_str().unwrap();

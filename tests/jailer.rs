@@ -554,6 +554,57 @@ fn a_jailed_program_on_this_host_sees_only_its_jail() {
     assert!(!stderr.contains("chrooted instead"), "{report}");
 }
 
+/// The jailer checks the owner and mode of the file an `--exec-file`
+/// symlink names; the jail must then get that file, not the link (which
+/// inside the jail would name whatever the jail holds at its target path).
+#[test]
+#[ignore = "needs root: to chown, and the jailer runs only as root"]
+fn an_exec_file_behind_a_symlink_is_installed_as_the_file_it_names() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = scratch_base("exec-link");
+    let real = base.join("real/busybox");
+    std::fs::create_dir_all(real.parent().expect("parent")).expect("mkdir");
+    std::fs::copy(husk_tests::host_tool("busybox"), &real).expect("copy busybox");
+    std::os::unix::fs::chown(&real, Some(0), Some(0)).expect("chown");
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let link = base.join("links/busybox");
+    std::fs::create_dir_all(link.parent().expect("parent")).expect("mkdir");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    let chroot_base = base.join("jails");
+    let id = format!("exec-link-{}", std::process::id());
+    let r = jailer(&[
+        "--id",
+        &id,
+        "--uid",
+        "1000",
+        "--gid",
+        "1000",
+        "--exec-file",
+        link.to_str().expect("utf-8"),
+        "--chroot-base-dir",
+        chroot_base.to_str().expect("utf-8"),
+        "--",
+        "sh",
+        "-c",
+        "echo JAILED-EXEC-RAN",
+    ]);
+    let installed = chroot_base.join("busybox").join(&id).join("root/busybox");
+    let seen = std::fs::symlink_metadata(&installed);
+    let real_ino = std::fs::metadata(&real).expect("stat").ino();
+    // On a cgroup v2 host the jailer made <parent>/<id>; empty now.
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup/husk").join(&id));
+    let _ = std::fs::remove_dir_all(&base);
+    let m = seen.unwrap_or_else(|e| panic!("nothing installed ({e}):\n{}", r.output));
+    assert!(
+        m.file_type().is_file(),
+        "the jail got a {:?}, not the file\n{}",
+        m.file_type(),
+        r.output
+    );
+    assert_eq!(m.ino(), real_ino, "not a hard link of the checked file");
+    r.assert_status(0).assert_contains("JAILED-EXEC-RAN");
+}
+
 #[test]
 #[ignore = "needs root: the jailer makes this check after its root check"]
 fn a_world_writable_chroot_base_is_refused() {

@@ -791,6 +791,45 @@ mod tests {
         new_thread.join().unwrap();
     }
 
+    /// A real socket that tells the test when the agent shut it down, so
+    /// the host can stay away from it until then however slow the machine.
+    struct Watched {
+        socket: UnixStream,
+        shut: std::sync::mpsc::Sender<()>,
+    }
+
+    impl std::io::Read for Watched {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.socket.read(buf)
+        }
+    }
+
+    impl std::io::Write for Watched {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.socket.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.socket.flush()
+        }
+    }
+
+    impl Stream for Watched {
+        fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>> {
+            Ok(Box::new(Watched {
+                socket: self.socket.try_clone()?,
+                shut: self.shut.clone(),
+            }))
+        }
+        fn set_write_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+            Stream::set_write_timeout(&self.socket, timeout)
+        }
+        fn shutdown(&self) -> std::io::Result<()> {
+            let result = Stream::shutdown(&self.socket);
+            let _ = self.shut.send(());
+            result
+        }
+    }
+
     #[test]
     fn a_host_that_stops_reading_a_real_socket_then_reads_end_of_file() {
         // The bug this guards against: the agent dropped its writing handle
@@ -798,6 +837,11 @@ mod tests {
         // neither events nor end of file.
         use std::io::Read;
         let (agent_end, mut host_end) = UnixStream::pair().unwrap();
+        let (shut, was_shut) = std::sync::mpsc::channel();
+        let agent_end = Watched {
+            socket: agent_end,
+            shut,
+        };
         let events = Events::start(Duration::from_millis(50)).unwrap();
         let thread = {
             let events = events.clone();
@@ -812,6 +856,11 @@ mod tests {
         for code in 0..100_000 {
             events.publish(exit(code));
         }
+        // Reading before the publisher gave up would drain the buffers and
+        // let every event through; wait (bounded) for the shutdown instead.
+        was_shut
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the publisher shuts down a subscriber that stopped reading");
         // A bound on a hang, not a timing assertion.
         host_end
             .set_read_timeout(Some(Duration::from_secs(30)))

@@ -259,6 +259,137 @@ pub struct VmResources {
     /// `PUT /metrics`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// Config file only: restore this snapshot instead of booting (no
+    /// boot source, machine configuration or devices may be given with
+    /// it). `GET /vm/config` never returns it.
+    #[serde(
+        rename = "snapshot-load",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub snapshot_load: Option<SnapshotLoadParams>,
+}
+
+/// `PUT /snapshot/create` snapshot types.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    /// All of guest memory (the only type husk writes).
+    #[default]
+    Full,
+    /// Only the memory dirtied since the last snapshot (unsupported).
+    Diff,
+}
+
+/// `PUT /snapshot/create` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Full (the default) or Diff.
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    /// Where the VM state file goes (replaced if it exists).
+    pub snapshot_path: PathBuf,
+    /// Where the guest memory file goes (replaced if it exists).
+    pub mem_file_path: PathBuf,
+}
+
+/// `mem_backend.backend_type` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemBackendType {
+    /// A memory file, mapped private and copy-on-write.
+    File,
+    /// A userfaultfd handler's socket (unsupported).
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// File (Uffd is refused).
+    pub backend_type: MemBackendType,
+    /// The memory file.
+    pub backend_path: PathBuf,
+}
+
+/// A network interface's new tap for a restored VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface's id in the snapshot.
+    pub iface_id: String,
+    /// The tap to attach it to.
+    pub host_dev_name: String,
+    /// husk only: the MAC its configuration space reports from now on
+    /// (the running guest driver keeps the one it read until it probes the
+    /// device again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+}
+
+/// The vsock device's new host socket for a restored VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The unix socket to listen on.
+    pub uds_path: PathBuf,
+}
+
+/// `PUT /snapshot/load` body (and `"snapshot-load"` in a config file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The VM state file.
+    pub snapshot_path: PathBuf,
+    /// The memory file (exactly one of this and `mem_file_path`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemBackend>,
+    /// Deprecated in Firecracker: the memory file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<PathBuf>,
+    /// Resume the VM once loaded (otherwise it is Paused).
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// Taps to use instead of the snapshot's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// A socket to use instead of the snapshot's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+    /// Dirty page tracking (only false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// Deprecated name of `track_dirty_pages` (only false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_diff_snapshots: Option<bool>,
+    /// Advance kvmclock by the real time elapsed (only false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_realtime: Option<bool>,
+    /// Huge pages ("Snapshot" or "None" only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl SnapshotLoadParams {
+    /// A load of `snapshot_path` with its memory in `mem_file`, everything
+    /// else as Firecracker defaults it.
+    pub fn new(snapshot_path: impl Into<PathBuf>, mem_file: impl Into<PathBuf>) -> Self {
+        SnapshotLoadParams {
+            snapshot_path: snapshot_path.into(),
+            mem_backend: Some(MemBackend {
+                backend_type: MemBackendType::File,
+                backend_path: mem_file.into(),
+            }),
+            mem_file_path: None,
+            resume_vm: false,
+            network_overrides: Vec::new(),
+            vsock_override: None,
+            track_dirty_pages: None,
+            enable_diff_snapshots: None,
+            clock_realtime: None,
+            huge_pages: None,
+        }
+    }
 }
 
 /// `PUT /actions` action types.
@@ -386,6 +517,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(info.state, InstanceState::NotStarted);
+    }
+
+    #[test]
+    fn snapshot_bodies_take_firecrackers_shapes() {
+        let c: SnapshotCreateParams =
+            serde_json::from_str(r#"{"snapshot_path":"/s","mem_file_path":"/m"}"#).unwrap();
+        assert_eq!(c.snapshot_type, SnapshotType::Full);
+        assert!(serde_json::from_str::<SnapshotCreateParams>(r#"{"snapshot_path":"/s"}"#).is_err());
+        let l: SnapshotLoadParams = serde_json::from_str(
+            r#"{"snapshot_path":"/s","mem_backend":{"backend_type":"File","backend_path":"/m"},
+                "resume_vm":true,"network_overrides":[{"iface_id":"eth0","host_dev_name":"tap1"}],
+                "vsock_override":{"uds_path":"/v.sock"}}"#,
+        )
+        .unwrap();
+        assert!(l.resume_vm);
+        assert_eq!(l.network_overrides[0].host_dev_name, "tap1");
+        assert_eq!(l.vsock_override.unwrap().uds_path, PathBuf::from("/v.sock"));
+        let bare = SnapshotLoadParams::new("/s", "/m");
+        assert_eq!(
+            serde_json::to_value(&bare).unwrap(),
+            serde_json::json!({"snapshot_path": "/s", "resume_vm": false,
+                               "mem_backend": {"backend_type": "File", "backend_path": "/m"}})
+        );
+        assert!(serde_json::from_str::<SnapshotLoadParams>(
+            r#"{"snapshot_path":"/s","mem_backend":{"backend_type":"Disk","backend_path":"/m"}}"#
+        )
+        .is_err());
     }
 
     #[test]

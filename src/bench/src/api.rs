@@ -38,25 +38,34 @@ pub struct ApiBench {
     runs: usize,
 }
 
-struct Vmm {
-    child: Child,
-    dir: PathBuf,
+/// A VMM process driven over its API socket (husk, or Firecracker for
+/// comparisons), in a scratch directory of its own.
+pub(crate) struct Vmm {
+    pub(crate) child: Child,
+    pub(crate) dir: PathBuf,
     conn: UnixStream,
 }
 
 impl Vmm {
     fn spawn(husk: &Path, tag: &str) -> anyhow::Result<Vmm> {
+        Self::spawn_program(husk, &[], tag)
+    }
+
+    /// Starts `program --api-sock <dir>/api.sock <extra...>` and connects.
+    pub(crate) fn spawn_program(program: &Path, extra: &[&str], tag: &str) -> anyhow::Result<Vmm> {
         let dir = std::env::temp_dir().join(format!("husk-bench-api-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let sock = dir.join("api.sock");
-        let child = Command::new(husk)
+        let child = Command::new(program)
             .arg("--api-sock")
             .arg(&sock)
+            .args(extra)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .with_context(|| format!("cannot run {}", husk.display()))?;
+            .with_context(|| format!("cannot run {}", program.display()))?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !sock.exists() {
             if Instant::now() > deadline {
@@ -70,7 +79,7 @@ impl Vmm {
     }
 
     /// One request; returns (status, body).
-    fn call(
+    pub(crate) fn call(
         &mut self,
         method: &str,
         path: &str,
@@ -106,7 +115,7 @@ impl Vmm {
         Ok((status, body))
     }
 
-    fn expect(
+    pub(crate) fn expect(
         &mut self,
         method: &str,
         path: &str,

@@ -32,6 +32,7 @@ mod io;
 mod net;
 mod pod;
 mod run;
+mod snapshot;
 mod stats;
 mod vsock;
 
@@ -76,6 +77,9 @@ enum Bench {
     /// Pods through containerd: husk's shim against runc's (start latency,
     /// memory per pod, many pods at once).
     Pod(pod::PodBench),
+    /// Snapshots: create time, file sizes, and restore time (load request to
+    /// the guest answering through vsock), for husk and optionally Firecracker.
+    Snapshot(snapshot::SnapshotBench),
     /// Serve vsock test streams (echo, upload, download) until told to quit.
     VsockServe(VsockServeArgs),
     /// Open concurrent vsock test streams and check every byte.
@@ -94,7 +98,10 @@ struct VsockClientArgs {
     /// vsock:CID:PORT (in a guest) or uds:PATH:PORT (husk's socket, on the host).
     #[arg(long)]
     connect: vsock::Target,
-    /// echo, upload, download, probe (one connect attempt, timed) or quit.
+    /// echo, upload, download, flood (upload of zeros the server counts
+    /// but does not check: as fast as the transport goes), probe (one
+    /// connect attempt, timed), hold (one stream kept open until it ends;
+    /// says how) or quit.
     #[arg(long, default_value = "echo")]
     mode: String,
     /// Concurrent streams.
@@ -497,6 +504,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Bench::Api(b) => api::run(&b)?,
         Bench::Run(b) => run::run(b)?,
         Bench::Pod(b) => pod::pod(b)?,
+        Bench::Snapshot(b) => snapshot::snapshot(b)?,
         Bench::Net(b) => net::net(b)?,
         Bench::Tap(a) => return net::tap(a),
         Bench::Vsock(b) => {

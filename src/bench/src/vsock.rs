@@ -9,7 +9,10 @@
 //! A stream starts with a 17-byte request: a mode byte, the size (u64 LE)
 //! and a seed (u64 LE). `E` echoes `size` bytes back, `U` reads `size` bytes
 //! and answers their checksum, `D` sends `size` bytes made from the seed,
-//! `Q` makes the server exit. The data is a counter-based pseudo-random
+//! `F` reads until EOF and answers the byte count (a flood of zeros, for
+//! load, checked by count only), `H` holds the stream open until the
+//! client closes it (a connection that outlives a snapshot), `Q` makes the
+//! server exit. The data is a counter-based pseudo-random
 //! stream, so both ends can check every byte through a checksum. `uds:`
 //! speaks husk's `CONNECT <port>` handshake on the VMM's unix socket.
 
@@ -287,6 +290,23 @@ fn serve_one(mut s: Sock) -> anyhow::Result<()> {
         b'D' => {
             send_stream(&mut s, seed, size)?;
         }
+        b'F' => {
+            // A sink: count, do not check (the checksum would be the
+            // bottleneck under emulation, not the transport).
+            let mut buf = vec![0u8; CHUNK];
+            let mut got = 0u64;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+            }
+            s.write_all(&got.to_le_bytes())?;
+        }
+        b'H' => {
+            recv_stream(&mut s, u64::MAX)?;
+        }
         b'Q' => {
             eprintln!("husk-bench vsock-serve: quit");
             std::process::exit(0);
@@ -461,10 +481,73 @@ fn run_stream(t: &Target, mode: u8, size: u64, seed: u64, retry: Duration) -> an
                 bail!("download mismatch: {got} of {size} bytes");
             }
         }
+        b'F' => {
+            // As fast as the transport takes it: zeros, counted by the
+            // server, no checksum on either side.
+            let buf = vec![0u8; CHUNK];
+            let mut off = 0u64;
+            while off < size {
+                let n = (size - off).min(CHUNK as u64) as usize;
+                s.write_all(&buf[..n])?;
+                off += n as u64;
+            }
+            s.shutdown_write();
+            let mut r = [0u8; 8];
+            s.read_exact(&mut r).context("byte count answer")?;
+            if u64::from_le_bytes(r) != size {
+                bail!(
+                    "flood: the server counted {} of {size} bytes",
+                    u64::from_le_bytes(r)
+                );
+            }
+        }
         b'Q' => {}
         m => bail!("unknown mode {m}"),
     }
     Ok(())
+}
+
+/// How long a held stream waits for its end.
+const HOLD_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// `--mode hold`: one stream that sends nothing and waits until it ends;
+/// says how (`eof`, `reset`, `timeout`, `error`). A stream the guest holds
+/// across a snapshot ends with `reset` once the restored VM's transport
+/// reset reaches it.
+fn hold(t: &Target, retry: Duration) -> Value {
+    let start = Instant::now();
+    let outcome = connect_retrying(t, retry).and_then(|mut s| {
+        request(&mut s, b'H', 0, 0)?;
+        s.set_timeouts(HOLD_TIMEOUT);
+        eprintln!("husk-bench vsock-client: holding a stream");
+        let mut b = [0u8; 64];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return Ok("eof"),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    });
+    let (ended, error) = match outcome {
+        Ok(how) => (how, None),
+        Err(e) => {
+            let io = e.downcast_ref::<std::io::Error>();
+            let how = match io.map(std::io::Error::kind) {
+                Some(std::io::ErrorKind::ConnectionReset) => "reset",
+                Some(std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => "timeout",
+                _ => "error",
+            };
+            (how, Some(format!("{e:#}")))
+        }
+    };
+    json!({
+        "mode": "hold",
+        "ended": ended,
+        "error": error,
+        "seconds": (start.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+    })
 }
 
 /// `vsock-client`: `streams` concurrent streams of `mode`, `total` bytes in all.
@@ -479,6 +562,7 @@ pub fn client(
         "echo" => b'E',
         "upload" => b'U',
         "download" => b'D',
+        "flood" => b'F',
         "quit" => b'Q',
         "probe" => {
             let start = Instant::now();
@@ -490,7 +574,8 @@ pub fn client(
                 "ms": start.elapsed().as_secs_f64() * 1e3,
             }));
         }
-        _ => bail!("--mode wants echo, upload, download, probe or quit"),
+        "hold" => return Ok(hold(t, retry)),
+        _ => bail!("--mode wants echo, upload, download, flood, probe, hold or quit"),
     };
     let streams = streams.max(1);
     let per = total / streams as u64;

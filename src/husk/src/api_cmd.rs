@@ -41,12 +41,30 @@ pub struct ApiArgs {
     /// The instance id reported by GET /.
     #[arg(long, default_value = "anonymous-instance")]
     id: String,
+    /// A snapshot to load at start (`husk restore` fills it in).
+    #[arg(skip)]
+    pub restore: Option<vmm::controller::snapshot::SnapshotLoadParams>,
 }
 
 impl ApiArgs {
     /// True when any of these flags was given.
     pub fn given(&self) -> bool {
         self.api_sock.is_some() || self.config_file.is_some() || self.no_api
+    }
+
+    /// The flags `husk restore` runs the VMM with.
+    pub fn for_restore(
+        api_sock: Option<PathBuf>,
+        id: String,
+        load: vmm::controller::snapshot::SnapshotLoadParams,
+    ) -> Self {
+        ApiArgs {
+            no_api: api_sock.is_none(),
+            api_sock,
+            config_file: None,
+            id,
+            restore: Some(load),
+        }
     }
 }
 
@@ -83,7 +101,7 @@ fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 pub fn run(args: ApiArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
     match (&args.api_sock, args.no_api, &args.config_file) {
         (Some(_), true, _) => bail!("--api-sock and --no-api exclude each other"),
-        (None, true, None) => bail!("--no-api needs --config-file"),
+        (None, true, None) if args.restore.is_none() => bail!("--no-api needs --config-file"),
         (None, false, _) => bail!("give --api-sock PATH (or --no-api with --config-file)"),
         _ => {}
     }
@@ -94,6 +112,7 @@ pub fn run(args: ApiArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
     let mut controller = Controller::new(args.id.clone(), SerialOutput::Stdout, metrics.clone());
     controller.set_seccomp(seccomp.clone());
 
+    let mut snapshot_load = args.restore.clone();
     if let Some(file) = &args.config_file {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read the config file {}", file.display()))?;
@@ -102,6 +121,9 @@ pub fn run(args: ApiArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         if let Some(logger) = &resources.logger {
             crate::logger::configure(logger)
                 .with_context(|| format!("cannot set up logging from {}", file.display()))?;
+        }
+        if let Some(load) = &resources.snapshot_load {
+            snapshot_load = Some(load.clone());
         }
         controller
             .load(resources)
@@ -128,7 +150,13 @@ pub fn run(args: ApiArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         None => None,
     };
 
-    let vmm = if args.config_file.is_some() {
+    let vmm = if let Some(load) = snapshot_load {
+        match controller.handle(Request::LoadSnapshot(load)) {
+            Ok((_, Some(vmm))) => vmm,
+            Ok((_, None)) => bail!("the microVM was not restored"),
+            Err(e) => return Err(anyhow::Error::new(e)),
+        }
+    } else if args.config_file.is_some() {
         match controller.handle(Request::Action(ActionType::InstanceStart)) {
             Ok((_, Some(vmm))) => vmm,
             Ok((_, None)) => bail!("the microVM did not start"),

@@ -83,12 +83,36 @@ fn fmt_layer(dest: Destination, ansi: bool, level: bool, origin: bool) -> FmtLay
         .with_line_number(origin)
 }
 
+/// Crates whose own log lines a guest can set off at will, silenced unless
+/// a filter names them. virtio-queue logs an error for each malformed ring
+/// it meets (a misaligned queue address written to the transport, a used
+/// entry out of range, an avail index too far ahead): one host log line
+/// per guest register write or notification. husk reports each of those
+/// itself, through a rate limit (`vmm::log_limit`).
+const GUEST_TRIGGERED_TARGETS: &[&str] = &["virtio_queue"];
+
+/// `filter` with the [`GUEST_TRIGGERED_TARGETS`] its `spec` does not name
+/// turned off.
+fn quiet_guest_triggered(mut filter: EnvFilter, spec: &str) -> EnvFilter {
+    for target in GUEST_TRIGGERED_TARGETS {
+        if !spec.contains(target) {
+            if let Ok(directive) = format!("{target}=off").parse() {
+                filter = filter.add_directive(directive);
+            }
+        }
+    }
+    filter
+}
+
 /// Sets up logging to stderr with `level` (a tracing filter; `HUSK_LOG`
 /// wins when set).
 pub fn init(level: &str) {
-    let filter = EnvFilter::try_from_env("HUSK_LOG")
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("warn"));
+    let parse = |spec: &str| EnvFilter::try_new(spec).map(|f| quiet_guest_triggered(f, spec));
+    let filter = std::env::var("HUSK_LOG")
+        .map_err(|_| ())
+        .and_then(|spec| parse(&spec).map_err(|_| ()))
+        .or_else(|_| parse(level))
+        .unwrap_or_else(|_| quiet_guest_triggered(EnvFilter::new("warn"), ""));
     let destination = Destination(Arc::new(Mutex::new(Box::new(std::io::stderr()))));
     let ansi = std::io::stderr().is_terminal();
     // The format layer is reloaded before the filter is: its subscriber
@@ -132,12 +156,13 @@ pub fn configure(cfg: &vmm::controller::Logger) -> Result<(), LoggerError> {
             if !valid {
                 return Err(LoggerError::Module(module.clone()));
             }
-            Some(
-                EnvFilter::try_new(format!("off,{module}={}", level.unwrap_or("info")))
-                    .map_err(|_| LoggerError::Module(module.clone()))?,
-            )
+            let spec = format!("off,{module}={}", level.unwrap_or("info"));
+            Some(quiet_guest_triggered(
+                EnvFilter::try_new(&spec).map_err(|_| LoggerError::Module(module.clone()))?,
+                &spec,
+            ))
         }
-        (None, Some(level)) => Some(EnvFilter::new(level)),
+        (None, Some(level)) => Some(quiet_guest_triggered(EnvFilter::new(level), level)),
         (None, None) => None,
     };
     let file: Option<Box<dyn Write + Send>> = match &cfg.log_path {
@@ -183,6 +208,15 @@ fn open_log(path: &Path) -> Result<std::fs::File, LoggerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_triggered_crates_are_off_unless_named() {
+        let f = quiet_guest_triggered(EnvFilter::new("info"), "info");
+        assert!(f.to_string().contains("virtio_queue=off"), "{f}");
+        let spec = "warn,virtio_queue=debug";
+        let f = quiet_guest_triggered(EnvFilter::new(spec), spec);
+        assert!(!f.to_string().contains("virtio_queue=off"), "{f}");
+    }
 
     #[test]
     fn level_names() {

@@ -18,6 +18,7 @@ mod boot_cmd;
 mod image_cmd;
 mod logger;
 mod run_cmd;
+mod snapshot_cmd;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -60,6 +61,11 @@ enum Command {
     /// Run a command in a container inside a fresh microVM (the bundled
     /// busybox image unless IMAGE is given); exits with its status.
     Run(run_cmd::RunArgs),
+    /// Write a full snapshot of a running husk's microVM (through its API
+    /// socket): pause, snapshot, resume.
+    Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Run a microVM restored from a snapshot until the guest ends.
+    Restore(snapshot_cmd::RestoreArgs),
 }
 
 fn parse_thread_kind(s: &str) -> Result<ThreadKind, String> {
@@ -95,6 +101,8 @@ fn main() -> ExitCode {
         Some(Command::Boot(args)) => boot_cmd::run(args, started, &seccomp),
         Some(Command::Image(args)) => image_cmd::run(args),
         Some(Command::Run(args)) => run_cmd::run(args, &seccomp),
+        Some(Command::Snapshot(args)) => snapshot_cmd::snapshot(args),
+        Some(Command::Restore(args)) => snapshot_cmd::restore(args, &seccomp),
         None if cli.api.given() => api_cmd::run(cli.api, &seccomp),
         None => {
             use clap::CommandFactory;

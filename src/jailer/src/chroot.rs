@@ -6,7 +6,9 @@
 //! Every directory the jailer is responsible for is checked with lstat
 //! (never following a link): it must be a real directory, owned by root and
 //! writable by nobody else. So nothing an unprivileged user controls can
-//! redirect where the jailer creates nodes or copies files.
+//! redirect where the jailer creates nodes or copies files. The exec file
+//! is checked and installed through one open descriptor, so the file in
+//! the jail is the one that was checked.
 
 use std::ffi::CString;
 use std::fs;
@@ -135,8 +137,25 @@ fn remove_non_dir(path: &Path) -> Result<()> {
 /// Puts the exec file into the jail as `/<exec name>`: a hard link when it
 /// is on the same file system, root-owned and not writable by others, else a
 /// copy with mode 0755 owned by root. Either way husk's uid cannot modify it.
+///
+/// The exec file is opened once (a symbolic link is followed to the file
+/// it names) and the checks, the link and the copy all work on that open
+/// file, never on the path again: what lands in the jail is the file whose
+/// owner and mode were checked, not a link to it (which inside the jail
+/// would name whatever the jail has at its target) and not a file swapped
+/// in after the check.
 pub fn install_exec(jail: &Jail, exec_file: &Path) -> Result<()> {
-    let m = fs::metadata(exec_file).map_err(Error::path("stat exec file", exec_file))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: a FIFO at that path must not hang the jailer (it is
+    // refused below, as anything that is not a regular file).
+    let src = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(exec_file)
+        .map_err(Error::path("open exec file", exec_file))?;
+    let m = src
+        .metadata()
+        .map_err(Error::path("stat exec file", exec_file))?;
     if !m.is_file() {
         return Err(Error::InvalidExecFile(exec_file.to_path_buf()));
     }
@@ -147,12 +166,49 @@ pub fn install_exec(jail: &Jail, exec_file: &Path) -> Result<()> {
     let dst = jail.root.join(rel);
     remove_non_dir(&dst)?;
     let linkable = m.uid() == 0 && m.mode() & 0o022 == 0;
-    if linkable && fs::hard_link(exec_file, &dst).is_ok() {
+    if linkable && link_open_file(&src, &dst).is_ok() {
         return Ok(());
     }
-    fs::copy(exec_file, &dst).map_err(Error::path("copy exec file to", &dst))?;
-    std::os::unix::fs::chown(&dst, Some(0), Some(0)).map_err(Error::path("chown", &dst))?;
-    fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).map_err(Error::path("chmod", &dst))
+    copy_open_file(src, &dst)
+}
+
+/// Hard-links the open `src` itself at `dst` (`linkat` with
+/// `AT_EMPTY_PATH`, which root may do), so no path is resolved again.
+fn link_open_file(src: &fs::File, dst: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let c = cstr(dst)?;
+    // SAFETY: src is an open descriptor, "" and c are valid NUL-terminated
+    // strings; linkat reads them only.
+    let rc = unsafe {
+        libc::linkat(
+            src.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::last_os_path("hard-link exec file to", dst));
+    }
+    Ok(())
+}
+
+/// Copies the open `src` to a new `dst` (never following a link there),
+/// root-owned, mode 0755.
+fn copy_open_file(mut src: fs::File, dst: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut out = fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o700)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dst)
+        .map_err(Error::path("create exec file copy", dst))?;
+    io::copy(&mut src, &mut out).map_err(Error::path("copy exec file to", dst))?;
+    std::os::unix::fs::fchown(&out, Some(0), Some(0)).map_err(Error::path("chown", dst))?;
+    out.set_permissions(fs::Permissions::from_mode(0o755))
+        .map_err(Error::path("chmod", dst))
 }
 
 /// Makes /dev/kvm, /dev/net/tun and /dev/urandom in the jail with the host

@@ -2,6 +2,12 @@
 //! VMM's vsock unix socket (`CONNECT <port>\n`, answered `OK <port>\n`) or,
 //! for tests, the agent's own unix socket; opens control and stdio channels;
 //! sends requests and matches replies by id.
+//!
+//! The guest is not trusted to answer at any pace: opening a channel and
+//! each request on a control channel have one deadline each, which every
+//! read and write is held to (a reply sent a byte at a time fails at the
+//! deadline, as a silent one does), and a reply is at most
+//! [`MAX_FRAME`](crate::MAX_FRAME) bytes.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -18,16 +24,16 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket failed.
-    #[error("agent connection: {0}")]
+    #[error("the connection to the agent failed")]
     Io(#[from] std::io::Error),
     /// The vsock handshake or the agent's Hello answer went wrong.
     #[error("agent handshake: {0}")]
     Handshake(String),
     /// A frame could not be read or written.
-    #[error("agent protocol: {0}")]
+    #[error("the agent's connection broke the protocol")]
     Frame(#[from] FrameError),
     /// The agent refused the request.
-    #[error("the agent refused: {0}")]
+    #[error("the agent refused")]
     Agent(#[from] AgentError),
     /// A reply to another request arrived.
     #[error("reply {got} arrived for request {want}")]
@@ -56,15 +62,54 @@ pub enum Endpoint {
     Unix(PathBuf),
 }
 
-/// How long the VMM's vsock socket may take to answer `CONNECT`.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long opening a channel may take unless the caller says otherwise:
+/// the VMM's `CONNECT` handshake, the agent's `Hello` and its answer.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long the agent may take to accept a channel.
-const ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A socket whose reads and writes all end by one instant: before each
+/// one, the socket's timeout is set to what is left, so a peer that
+/// trickles bytes cannot stretch an exchange past the deadline.
+struct Bounded<'a> {
+    stream: &'a UnixStream,
+    deadline: Option<Instant>,
+}
 
-/// A failed read or write as the time-out it is, when it is one (the
-/// sockets' timeouts surface as EAGAIN).
-fn timed_out(e: ClientError, after: Duration) -> ClientError {
+impl Bounded<'_> {
+    /// What is left until the deadline (`None`: no deadline); an error
+    /// once it has passed.
+    fn left(&self) -> std::io::Result<Option<Duration>> {
+        let Some(deadline) = self.deadline else {
+            return Ok(None);
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        Ok(Some(left))
+    }
+}
+
+impl Read for Bounded<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.set_read_timeout(self.left()?)?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
+impl Write for Bounded<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.set_write_timeout(self.left()?)?;
+        (&mut &*self.stream).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A failed exchange as the time-out it is, when it is one (the sockets'
+/// timeouts surface as EAGAIN, a passed deadline as TimedOut).
+fn timed_out(e: ClientError, limit: Duration) -> ClientError {
     let is_timeout = |e: &std::io::Error| {
         matches!(
             e.kind(),
@@ -73,61 +118,72 @@ fn timed_out(e: ClientError, after: Duration) -> ClientError {
     };
     match &e {
         ClientError::Io(io) | ClientError::Frame(FrameError::Io(io)) if is_timeout(io) => {
-            ClientError::Timeout(after)
+            ClientError::Timeout(limit)
         }
         _ => e,
     }
 }
 
 impl Endpoint {
-    /// Opens a connection for `channel`.
+    /// Opens a connection for `channel`, the whole handshake within 30 s.
     pub fn open(&self, channel: Channel) -> Result<UnixStream, ClientError> {
-        self.open_within(channel, None)
+        self.open_within(channel, OPEN_TIMEOUT)
     }
 
-    /// Opens a connection for `channel`, each step of the handshake taking
-    /// at most `limit` (when shorter than its own default).
+    /// Opens a connection for `channel`, the whole handshake (the VMM's
+    /// `CONNECT`, the agent's `Hello` and its answer) within `limit`. The
+    /// stream returned has no timeouts set.
     pub fn open_within(
         &self,
         channel: Channel,
-        limit: Option<Duration>,
+        limit: Duration,
     ) -> Result<UnixStream, ClientError> {
-        let bound = |d: Duration| limit.map_or(d, |l| d.min(l));
-        let (connect_timeout, accept_timeout) = (bound(CONNECT_TIMEOUT), bound(ACCEPT_TIMEOUT));
-        let mut s = match self {
+        let deadline = Instant::now() + limit;
+        self.open_by(channel, deadline)
+            .map_err(|e| timed_out(e, limit))
+    }
+
+    fn open_by(&self, channel: Channel, deadline: Instant) -> Result<UnixStream, ClientError> {
+        let s = match self {
             Endpoint::Unix(path) => UnixStream::connect(path)?,
             Endpoint::Vsock { uds, port } => {
-                let mut s = UnixStream::connect(uds)?;
-                s.set_read_timeout(Some(connect_timeout))?;
-                s.write_all(format!("CONNECT {port}\n").as_bytes())?;
-                let line = read_line(&mut s).map_err(|e| timed_out(e, connect_timeout))?;
+                let s = UnixStream::connect(uds)?;
+                let mut b = Bounded {
+                    stream: &s,
+                    deadline: Some(deadline),
+                };
+                b.write_all(format!("CONNECT {port}\n").as_bytes())?;
+                let line = read_line(&mut b)?;
                 if !line.starts_with("OK ") {
                     return Err(ClientError::Handshake(format!("vsock answered {line:?}")));
                 }
                 s
             }
         };
-        s.set_read_timeout(Some(accept_timeout))?;
+        let mut b = Bounded {
+            stream: &s,
+            deadline: Some(deadline),
+        };
         write_frame(
-            &mut s,
+            &mut b,
             &Hello {
                 version: PROTOCOL_VERSION,
                 channel,
             },
         )?;
-        let accepted: Accepted =
-            read_frame(&mut s).map_err(|e| timed_out(e.into(), accept_timeout))?;
+        let accepted: Accepted = read_frame(&mut b)?;
         if let Some(e) = accepted.error {
             return Err(ClientError::Agent(e));
         }
         s.set_read_timeout(None)?;
+        s.set_write_timeout(None)?;
         Ok(s)
     }
 }
 
 /// Reads one `\n`-terminated line (at most 64 bytes) byte by byte, so
 /// nothing after it is consumed.
-fn read_line(s: &mut UnixStream) -> Result<String, ClientError> {
+fn read_line(s: &mut impl Read) -> Result<String, ClientError> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < 64 {
@@ -152,27 +208,37 @@ pub struct AgentClient {
     /// request, so the next call opens a new one.
     conn: Option<UnixStream>,
     next_id: u64,
+    /// Each call's deadline, from its start (`None`: none).
     timeout: Option<Duration>,
 }
 
 impl AgentClient {
+    /// A client that connects at its first call, each call (its
+    /// connection included) bounded by `timeout`.
+    pub fn new(endpoint: Endpoint, timeout: Option<Duration>) -> Self {
+        AgentClient {
+            endpoint,
+            conn: None,
+            next_id: 1,
+            timeout,
+        }
+    }
+
     /// Connects, retrying until the agent answers a Ping or `timeout`
-    /// passes (the guest may still be booting).
+    /// passes (the guest may still be booting). Every attempt ends by then
+    /// too.
     pub fn connect(endpoint: Endpoint, timeout: Duration) -> Result<Self, ClientError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let attempt = endpoint.open(Channel::Control).and_then(|conn| {
-                let mut c = AgentClient {
-                    endpoint: endpoint.clone(),
-                    conn: Some(conn),
-                    next_id: 1,
-                    timeout: None,
-                };
-                c.call(Request::Ping)?;
-                Ok(c)
-            });
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut c = AgentClient::new(endpoint.clone(), None);
+            let attempt = if left.is_zero() {
+                Err(ClientError::Timeout(timeout))
+            } else {
+                c.call_within(Request::Ping, left)
+            };
             match attempt {
-                Ok(c) => return Ok(c),
+                Ok(_) => return Ok(c),
                 Err(ClientError::Agent(e)) => return Err(ClientError::Agent(e)),
                 Err(_) if Instant::now() >= deadline => return Err(ClientError::Timeout(timeout)),
                 // Not listening yet (the guest is booting): try again.
@@ -181,14 +247,10 @@ impl AgentClient {
         }
     }
 
-    /// Bounds how long [`AgentClient::call`] waits for a reply (`None`:
-    /// forever). A call that times out fails with
+    /// Bounds each [`AgentClient::call`], from its start to its reply
+    /// (`None`: no bound). A call that does not end in time fails with
     /// [`ClientError::Timeout`]; the next call opens a new connection.
     pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
-        if let Some(conn) = &self.conn {
-            conn.set_read_timeout(timeout)?;
-            conn.set_write_timeout(timeout)?;
-        }
         self.timeout = timeout;
         Ok(())
     }
@@ -199,23 +261,48 @@ impl AgentClient {
         self.conn.is_none()
     }
 
-    /// Sends one request and waits for its reply.
+    /// Sends one request and waits for its reply, within the client's
+    /// timeout.
     pub fn call(&mut self, request: Request) -> Result<Response, ClientError> {
-        let mut conn = match self.conn.take() {
+        match self.timeout {
+            Some(limit) => self.call_within(request, limit),
+            None => self.exchange(request, None),
+        }
+    }
+
+    /// Sends one request and waits for its reply: connecting (if the last
+    /// call broke the connection), writing and reading all end within
+    /// `limit`.
+    pub fn call_within(
+        &mut self,
+        request: Request,
+        limit: Duration,
+    ) -> Result<Response, ClientError> {
+        let deadline = Instant::now() + limit;
+        self.exchange(request, Some(deadline))
+            .map_err(|e| timed_out(e, limit))
+    }
+
+    fn exchange(
+        &mut self,
+        request: Request,
+        deadline: Option<Instant>,
+    ) -> Result<Response, ClientError> {
+        let conn = match self.conn.take() {
             Some(c) => c,
             None => {
-                let c = self.endpoint.open_within(Channel::Control, self.timeout)?;
-                c.set_read_timeout(self.timeout)?;
-                c.set_write_timeout(self.timeout)?;
-                c
+                let deadline = deadline.unwrap_or_else(|| Instant::now() + OPEN_TIMEOUT);
+                self.endpoint.open_by(Channel::Control, deadline)?
             }
         };
         let id = self.next_id;
         self.next_id += 1;
-        let after = self.timeout.unwrap_or_default();
-        write_frame(&mut conn, &RequestFrame { id, request })
-            .map_err(|e| timed_out(e.into(), after))?;
-        let reply: ReplyFrame = read_frame(&mut conn).map_err(|e| timed_out(e.into(), after))?;
+        let mut b = Bounded {
+            stream: &conn,
+            deadline,
+        };
+        write_frame(&mut b, &RequestFrame { id, request })?;
+        let reply: ReplyFrame = read_frame(&mut b)?;
         if reply.id != id {
             return Err(ClientError::WrongReply {
                 want: id,
@@ -328,5 +415,118 @@ mod tests {
             assert!(!client.is_broken());
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A peer that takes the handshake, then answers each request by
+    /// writing whatever `reply` writes: a stand-in for a hostile guest.
+    fn raw_peer(
+        dir: &std::path::Path,
+        reply: impl Fn(&RequestFrame, &mut UnixStream) + Send + 'static,
+    ) -> Endpoint {
+        let path = dir.join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let _: Hello = read_frame(&mut conn).unwrap();
+                let accepted = Accepted {
+                    version: PROTOCOL_VERSION,
+                    error: None,
+                };
+                write_frame(&mut conn, &accepted).unwrap();
+                while let Ok(req) = read_frame::<_, RequestFrame>(&mut conn) {
+                    reply(&req, &mut conn);
+                }
+            }
+        });
+        Endpoint::Unix(path)
+    }
+
+    /// Writes `bytes` one at a time, 20 ms apart, until the reader goes.
+    fn trickle(conn: &mut UnixStream, bytes: &[u8]) {
+        for b in bytes {
+            if conn.write_all(std::slice::from_ref(b)).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_reply_sent_a_byte_at_a_time_fails_at_the_deadline() {
+        let dir = temp_dir("trickle");
+        // Every byte comes well within 300 ms of the one before; the whole
+        // reply would take more than a second.
+        let endpoint = raw_peer(&dir, |req, conn| {
+            let reply = ReplyFrame {
+                id: req.id,
+                reply: Ok(Response::Pong {
+                    version: PROTOCOL_VERSION,
+                    agent_version: "x".repeat(40),
+                }),
+            };
+            trickle(conn, &crate::frame::encode(&reply).unwrap());
+        });
+        let mut client = AgentClient::new(endpoint, Some(Duration::from_millis(300)));
+        let e = client.call(Request::Ping).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Timeout(d) if d == Duration::from_millis(300)),
+            "{e:?}"
+        );
+        assert!(client.is_broken());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_oversized_reply_is_refused_before_it_is_read() {
+        let dir = temp_dir("oversized");
+        let endpoint = raw_peer(&dir, |_, conn| {
+            let _ = conn.write_all(&(crate::MAX_FRAME as u32 + 1).to_be_bytes());
+        });
+        let mut client = AgentClient::new(endpoint, Some(Duration::from_secs(5)));
+        let e = client.call(Request::Ping).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Frame(FrameError::TooLarge(_))),
+            "{e:?}"
+        );
+        assert!(client.is_broken());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_channel_accepted_a_byte_at_a_time_fails_at_the_deadline() {
+        let dir = temp_dir("slow-accept");
+        let path = dir.join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let Ok((mut conn, _)) = listener.accept() else {
+                return;
+            };
+            let _: Hello = read_frame(&mut conn).unwrap();
+            let accepted = Accepted {
+                version: PROTOCOL_VERSION,
+                error: None,
+            };
+            trickle(&mut conn, &crate::frame::encode(&accepted).unwrap());
+        });
+        let e = Endpoint::Unix(path)
+            .open_within(Channel::Events, Duration::from_millis(200))
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Timeout(_)), "{e:?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn messages_leave_the_cause_to_the_source() {
+        use std::error::Error;
+        let errors = [
+            ClientError::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe)),
+            ClientError::from(FrameError::Closed),
+            ClientError::from(AgentError::new(crate::ErrorCode::NotFound, "no such thing")),
+        ];
+        for e in errors {
+            let cause = e.source().expect("a source").to_string();
+            assert!(!e.to_string().contains(&cause), "{e} repeats {cause}");
+        }
     }
 }

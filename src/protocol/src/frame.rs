@@ -15,7 +15,7 @@ pub const MAX_FRAME: usize = 1 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     /// The connection failed or closed mid-frame.
-    #[error("connection: {0}")]
+    #[error("the connection failed")]
     Io(#[from] std::io::Error),
     /// The peer closed the connection between frames.
     #[error("the peer closed the connection")]
@@ -24,7 +24,7 @@ pub enum FrameError {
     #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
     TooLarge(usize),
     /// The frame is not the JSON expected.
-    #[error("invalid message: {0}")]
+    #[error("invalid message")]
     Json(#[from] serde_json::Error),
 }
 
@@ -120,5 +120,16 @@ mod tests {
             read_frame::<_, serde_json::Value>(&mut &garbage[..]),
             Err(FrameError::Json(_))
         ));
+    }
+
+    #[test]
+    fn messages_leave_the_cause_to_the_source() {
+        use std::error::Error;
+        let io = FrameError::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        let json = FrameError::from(serde_json::from_str::<u32>("x").unwrap_err());
+        for e in [io, json] {
+            let cause = e.source().expect("a source").to_string();
+            assert!(!e.to_string().contains(&cause), "{e} repeats {cause}");
+        }
     }
 }

@@ -18,11 +18,12 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The socket failed.
-    #[error("husk API {path}: {source}")]
+    #[error("cannot talk to husk's API on {}", path.display())]
     Io {
         /// The socket.
         path: PathBuf,
         /// Why.
+        #[source]
         source: std::io::Error,
     },
     /// The answer was not HTTP.
@@ -104,13 +105,14 @@ impl ApiClient {
 
     fn send<B: Serialize>(&self, method: &str, uri: &str, body: &B) -> Result<(), ApiError> {
         let body = serde_json::to_string(body)
-            .map_err(|e| ApiError::Malformed(format!("cannot encode the request: {e}")))?;
+            .map_err(|e| ApiError::Malformed(format!("cannot encode the request ({e})")))?;
         self.call(method, uri, Some(body)).map(drop)
     }
 
     fn get<T: DeserializeOwned>(&self, uri: &str) -> Result<T, ApiError> {
         let body = self.call("GET", uri, None)?;
-        serde_json::from_slice(&body).map_err(|e| ApiError::Malformed(format!("GET {uri}: {e}")))
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::Malformed(format!("GET {uri} answered {e}")))
     }
 
     /// `GET /`: the instance's id and state (it answers once husk serves).

@@ -13,7 +13,7 @@ pub const DEFAULT_PATH: &str = "/etc/husk/config.toml";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file exists but cannot be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
@@ -21,7 +21,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML or has unknown keys or wrong types.
-    #[error("{path}: {message}")]
+    #[error("{}: {message}", path.display())]
     Parse {
         /// The file.
         path: PathBuf,
@@ -29,7 +29,7 @@ pub enum ConfigError {
         message: String,
     },
     /// A value is out of range.
-    #[error("{path}: {message}")]
+    #[error("{}: {message}", path.display())]
     Invalid {
         /// The file.
         path: PathBuf,

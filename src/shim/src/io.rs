@@ -15,10 +15,12 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use husk_protocol::client::{ClientError, Endpoint};
 use husk_protocol::{Channel, StdioStream};
+
+use crate::pod::ProcessStdio;
 
 /// The fifo paths containerd gave a process (empty: not wanted).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,6 +54,14 @@ fn open_output(path: &str) -> std::io::Result<File> {
         .open(path)
 }
 
+/// Starts a copying thread; a thread the system cannot give is an error,
+/// not an abort.
+fn spawn(stream: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, ClientError> {
+    Ok(std::thread::Builder::new()
+        .name(format!("shim-io-{stream}"))
+        .spawn(f)?)
+}
+
 /// Copies until EOF on `from` or an error on `to`.
 fn copy(mut from: impl Read, mut to: impl Write) {
     let mut buf = vec![0u8; 32 * 1024];
@@ -69,29 +79,52 @@ fn copy(mut from: impl Read, mut to: impl Write) {
 }
 
 impl ProcessIo {
-    /// Attaches the process `container_id`/`exec_id` to `paths`.
+    /// Attaches the process `container_id`/`exec_id` to `paths`, each
+    /// stream's channel opened within `limit`.
     pub fn attach(
         endpoint: &Endpoint,
+        limit: Duration,
         container_id: &str,
         exec_id: Option<&str>,
         paths: &StdioPaths,
     ) -> Result<ProcessIo, ClientError> {
         let open = |stream| {
-            endpoint.open(Channel::Stdio {
-                container_id: container_id.to_string(),
-                exec_id: exec_id.map(str::to_string),
-                stream,
-            })
+            endpoint.open_within(
+                Channel::Stdio {
+                    container_id: container_id.to_string(),
+                    exec_id: exec_id.map(str::to_string),
+                    stream,
+                },
+                limit,
+            )
         };
-        let mut outputs = Vec::new();
-        let mut output_streams = Vec::new();
+        let mut io = ProcessIo {
+            outputs: Vec::new(),
+            output_streams: Vec::new(),
+            stdin: Arc::new(Mutex::new(None)),
+            stdin_fifo: None,
+        };
+        // Whatever was set up before a step failed is cut again.
+        if let Err(e) = io.connect(&open, paths) {
+            io.finish();
+            return Err(e);
+        }
+        Ok(io)
+    }
+
+    fn connect(
+        &mut self,
+        open: &dyn Fn(StdioStream) -> Result<UnixStream, ClientError>,
+        paths: &StdioPaths,
+    ) -> Result<(), ClientError> {
         let stdin_side = if paths.terminal {
             let tty = open(StdioStream::Tty)?;
             if !paths.stdout.is_empty() {
                 let fifo = open_output(&paths.stdout)?;
                 let reader = tty.try_clone()?;
-                output_streams.push(tty.try_clone()?);
-                outputs.push(std::thread::spawn(move || copy(reader, fifo)));
+                self.output_streams.push(tty.try_clone()?);
+                self.outputs
+                    .push(spawn("stdout", move || copy(reader, fifo))?);
             }
             tty
         } else {
@@ -104,8 +137,8 @@ impl ProcessIo {
                 }
                 let fifo = open_output(path)?;
                 let s = open(stream)?;
-                output_streams.push(s.try_clone()?);
-                outputs.push(std::thread::spawn(move || copy(s, fifo)));
+                self.output_streams.push(s.try_clone()?);
+                self.outputs.push(spawn("output", move || copy(s, fifo))?);
             }
             let s = open(StdioStream::Stdin)?;
             if paths.stdin.is_empty() {
@@ -114,14 +147,13 @@ impl ProcessIo {
             }
             s
         };
-        let stdin = Arc::new(Mutex::new(Some(stdin_side)));
-        let mut stdin_fifo = None;
+        *self.stdin.lock().unwrap_or_else(|e| e.into_inner()) = Some(stdin_side);
         if !paths.stdin.is_empty() {
             let path = PathBuf::from(&paths.stdin);
-            stdin_fifo = Some(path.clone());
-            let stdin = stdin.clone();
+            self.stdin_fifo = Some(path.clone());
+            let stdin = self.stdin.clone();
             let terminal = paths.terminal;
-            std::thread::spawn(move || {
+            spawn("stdin", move || {
                 // Blocks until containerd opens its end.
                 let Ok(fifo) = File::open(&path) else { return };
                 let writer = {
@@ -134,43 +166,32 @@ impl ProcessIo {
                         let _ = w.shutdown(Shutdown::Write);
                     }
                 }
-            });
+            })?;
         }
-        Ok(ProcessIo {
-            outputs,
-            output_streams,
-            stdin,
-            stdin_fifo,
-        })
+        Ok(())
     }
+}
 
-    /// Closes the process's stdin (CloseIO).
-    pub fn close_stdin(&self) {
+impl ProcessStdio for ProcessIo {
+    fn close_stdin(&self) {
         if let Some(s) = self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = s.shutdown(Shutdown::Write);
         }
     }
 
-    /// Waits until the output streams ended, at most `limit`: a background
-    /// process may hold them open after the one waited for exited.
-    pub fn drain(&self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while self.outputs.iter().any(|t| !t.is_finished()) {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        true
+    /// A background process may hold the output open after the one waited
+    /// for exited: the caller decides how long to wait for this.
+    fn output_done(&self) -> bool {
+        self.outputs.iter().all(|t| t.is_finished())
     }
 
-    /// Ends the copying: closes stdin, lets a stdin opener still waiting
-    /// for containerd go (by opening the fifo's write end for a moment),
-    /// and cuts output streams still open (a background process holding
-    /// them, or a stalled guest), so the output fifos close and
-    /// containerd's copy ends: after an exit was reported, nothing may
-    /// keep the client waiting.
-    pub fn finish(&self) {
+    /// Closes stdin, lets a stdin opener still waiting for containerd go
+    /// (by opening the fifo's write end for a moment), and cuts output
+    /// streams still open (a background process holding them, or a
+    /// stalled guest), so the output fifos close and containerd's copy
+    /// ends: after an exit was reported, nothing may keep the client
+    /// waiting.
+    fn finish(&self) {
         self.close_stdin();
         for s in &self.output_streams {
             let _ = s.shutdown(Shutdown::Both);

@@ -7,10 +7,13 @@
 
 mod api_client;
 mod config;
+mod error;
 mod io;
 mod network;
+mod pod;
 mod rootfs;
 mod service;
+mod slots;
 mod spec;
 mod vm;
 
@@ -70,7 +73,7 @@ impl containerd_shim::Shim for Shim {
     type T = Service;
 
     fn new(_runtime_id: &str, args: &Flags, _config: &mut containerd_shim::Config) -> Self {
-        let config = Config::load(&config_path()).map_err(|e| e.to_string());
+        let config = Config::load(&config_path()).map_err(|e| error::Chain(&e).to_string());
         if args.action.is_empty() {
             let level = config
                 .as_ref()
@@ -120,11 +123,16 @@ impl containerd_shim::Shim for Shim {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let config = self.config.clone().unwrap_or_default();
         Service::new(
             &self.namespace,
-            self.config.clone().unwrap_or_default(),
+            config.clone(),
             self.exit.clone(),
-            Some(publisher),
+            Box::new(vm::Husk::new(config)),
+            Box::new(pod::Containerd {
+                publisher,
+                namespace: self.namespace.clone(),
+            }),
         )
     }
 }

@@ -27,11 +27,12 @@ const GUEST_IFACE: &str = "eth0";
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     /// The namespace could not be opened.
-    #[error("network namespace {path}: {source}")]
+    #[error("cannot open the network namespace {}", path.display())]
     Netns {
         /// Its path.
         path: PathBuf,
         /// Why.
+        #[source]
         source: std::io::Error,
     },
     /// A command failed.
@@ -241,7 +242,7 @@ pub fn teardown(net: &PodNetwork) {
         ),
     ] {
         if let Err(e) = run_in(&net.netns, program, &args) {
-            tracing::warn!(error = %e, "cannot undo the pod's network wiring");
+            tracing::warn!(error = %crate::error::Chain(&e), "cannot undo the pod's network wiring");
         }
     }
 }

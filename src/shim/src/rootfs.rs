@@ -41,15 +41,16 @@ pub enum RootfsError {
         detail: String,
     },
     /// A file operation failed.
-    #[error("{path}: {source}")]
+    #[error("{}", path.display())]
     Io {
         /// The path.
         path: PathBuf,
         /// Why.
+        #[source]
         source: std::io::Error,
     },
     /// mke2fs failed.
-    #[error("cannot build the rootfs image: {0}")]
+    #[error("cannot build the ext4 image")]
     Image(#[from] husk_image::rootfs::RootfsError),
 }
 

@@ -2,7 +2,6 @@
 //! magic), the command line, the initrd at the top of low memory, and the
 //! zero page that points the kernel at all of them.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
@@ -13,6 +12,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 use crate::arch::x86_64::bootparams::{self, InitrdPlacement};
 use crate::arch::x86_64::layout::{low_mem_end, CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 use crate::error::Flat;
+use crate::host_file::{self, Accept};
 
 /// Offset of the 64-bit entry point from a bzImage's load address.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
@@ -117,7 +117,8 @@ pub fn load(
     source: &BootSource,
 ) -> Result<LoadedKernel, BootError> {
     let kpath = source.kernel.as_path();
-    let mut kernel = File::open(kpath).map_err(io_err("kernel", kpath))?;
+    let mut kernel =
+        host_file::open(kpath, false, Accept::RegularFile).map_err(io_err("kernel", kpath))?;
     let mut magic = [0u8; 4];
     let is_elf = match kernel.read_exact(&mut magic) {
         Ok(()) => magic == *b"\x7fELF",
@@ -194,7 +195,8 @@ fn load_initrd(
     lowest: u64,
     addr_max: Option<u64>,
 ) -> Result<InitrdPlacement, BootError> {
-    let mut file = File::open(path).map_err(io_err("initrd", path))?;
+    let mut file =
+        host_file::open(path, false, Accept::RegularFile).map_err(io_err("initrd", path))?;
     let size = file
         .seek(SeekFrom::End(0))
         .map_err(io_err("initrd", path))?;
@@ -237,6 +239,7 @@ mod tests {
     use super::*;
     use crate::test_utils::tiny_elf;
     use crate::vstate::memory;
+    use std::fs::File;
     use std::io::Write;
 
     fn tmpfile(bytes: &[u8]) -> (tempdir::Dir, PathBuf) {

@@ -24,7 +24,10 @@ pub mod controller;
 pub mod devices;
 pub mod error;
 pub mod exit;
+pub mod host_file;
+pub mod log_limit;
 pub mod metrics;
+pub mod persist;
 pub mod seccomp;
 pub mod signal;
 #[cfg(any(test, feature = "test-utils"))]

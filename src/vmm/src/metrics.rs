@@ -89,7 +89,8 @@ pub struct NetMetrics {
     pub rx_frames: Counter,
     /// Bytes delivered to the guest (virtio-net header included).
     pub rx_bytes: Counter,
-    /// Frames from the tap dropped (too large for the guest's buffer, runts).
+    /// Frames from the tap dropped (too large for the guest's buffer or the
+    /// device's, runts).
     pub rx_dropped: Counter,
     /// Frames the guest sent to the tap.
     pub tx_frames: Counter,
@@ -120,6 +121,9 @@ pub struct VsockMetrics {
     /// Times the once-a-second pass over the tx queue found packets there
     /// (under load usually ones whose notification was still to come).
     pub tx_found_by_timer: Counter,
+    /// Passes over the tx queue that stopped at the per-turn budget (a
+    /// queue's worth) with the guest still adding packets.
+    pub tx_budget_spent: Counter,
 }
 
 /// How long starting the VM took, set once per VM.

@@ -3,7 +3,6 @@
 //! epoll event loop on the calling thread until the guest ends. Everything
 //! outside this crate drives a VM through here and nowhere else.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
@@ -143,7 +142,7 @@ impl MutEventSubscriber for SignalWatcher {
 }
 
 /// Wakes the event loop when the VM exits.
-struct ExitWatcher(Arc<ExitNotifier>);
+pub(crate) struct ExitWatcher(pub(crate) Arc<ExitNotifier>);
 
 impl MutEventSubscriber for ExitWatcher {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
@@ -158,7 +157,7 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+pub(crate) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// A file descriptor that only wakes the event loop (see [`Vmm::run_with`]).
 struct WakeSource<F> {
@@ -178,6 +177,21 @@ impl<F: std::os::fd::AsRawFd + Send> MutEventSubscriber for WakeSource<F> {
     }
 }
 
+/// Opens where the guest's console goes.
+pub(crate) fn serial_output(serial: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match serial {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::Sink => Box::new(std::io::sink()),
+        SerialOutput::File(path) => Box::new(
+            // Never waits for a FIFO's reader.
+            crate::host_file::open_append(path).map_err(|source| VmmError::SerialOutput {
+                path: path.clone(),
+                source,
+            })?,
+        ),
+    })
+}
+
 /// The physical memory of this host, in MiB (from /proc/meminfo).
 fn host_mem_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -192,24 +206,24 @@ fn host_mem_mib() -> u64 {
 }
 
 /// The first GSI handed to virtio devices (4 is the serial port).
-const FIRST_VIRTIO_GSI: u32 = 5;
+pub(crate) const FIRST_VIRTIO_GSI: u32 = 5;
 
 /// Hands out virtio-mmio windows and their GSIs, one per device, in order:
 /// drives first (the root drive in the first slot, so it is /dev/vda), then
 /// network interfaces, then vsock.
-struct MmioSlots {
-    next: u32,
+pub(crate) struct MmioSlots {
+    pub(crate) next: u32,
 }
 
 impl MmioSlots {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         MmioSlots { next: 0 }
     }
 
     /// Puts `device` on the MMIO bus in the next free window, wires its queue
     /// notifications (ioeventfd) and interrupt (irqfd) into KVM, registers it
     /// with the event loop, and appends its announcement to `cmdline`.
-    fn attach<D>(
+    pub(crate) fn attach<D>(
         &mut self,
         vm: &Vm,
         mem: &GuestMemoryMmap,
@@ -249,6 +263,8 @@ pub struct AttachedDrive {
     pub block: Arc<Mutex<Block>>,
     /// Its transport, for configuration-change notifications.
     pub transport: Arc<Mutex<MmioTransport>>,
+    /// Whether it is the root device.
+    pub is_root: bool,
 }
 
 /// Attaches the drives (root first) and returns them; `root=` goes on the
@@ -271,25 +287,69 @@ fn attach_drives(
             cmdline.push_str(&format!(" root=/dev/vda {mode}"));
         }
         tracing::debug!(drive = %drive.block.id, "virtio-blk attached");
-        attached.push(AttachedDrive { block, transport });
+        attached.push(AttachedDrive {
+            block,
+            transport,
+            is_root: drive.is_root,
+        });
     }
     Ok(attached)
 }
 
+/// A virtio device attached to the VM, as a snapshot needs to see it.
+pub(crate) enum AttachedDevice {
+    /// A drive (also in `Vmm::drives`).
+    Block {
+        /// The device.
+        device: Arc<Mutex<crate::devices::virtio::block::Block>>,
+        /// Whether it is /dev/vda.
+        is_root: bool,
+    },
+    /// A network interface.
+    Net {
+        /// The device.
+        device: Arc<Mutex<Net>>,
+        /// What it was attached with.
+        config: crate::config::NetConfig,
+    },
+    /// The vsock device.
+    Vsock {
+        /// The device.
+        device: Arc<Mutex<crate::devices::virtio::vsock::Vsock>>,
+        /// What it was built with.
+        config: crate::config::VsockConfig,
+    },
+}
+
+/// A virtio device in its MMIO slot.
+pub(crate) struct VirtioSlot {
+    /// The slot (window and GSI) index.
+    pub(crate) slot: u32,
+    /// Its transport.
+    pub(crate) transport: Arc<Mutex<MmioTransport>>,
+    /// The device.
+    pub(crate) device: AttachedDevice,
+}
+
 /// A built (and possibly running) microVM.
 pub struct Vmm {
-    vcpus: Vec<Vcpu>,
-    vcpu_threads: Vec<JoinHandle<()>>,
-    shared: VcpuShared,
-    event_manager: EventManager<Subscriber>,
-    image_load: Duration,
-    drives: Vec<AttachedDrive>,
-    i8042: Arc<Mutex<I8042>>,
-    metrics: Arc<Metrics>,
-    // Held, not read: they must outlive the vCPUs and devices above, and the
-    // VM fd (with its memory slots) must go before the memory it maps.
-    _vm: Vm,
-    _mem: GuestMemoryMmap,
+    pub(crate) vcpus: Vec<Vcpu>,
+    pub(crate) vcpu_threads: Vec<JoinHandle<()>>,
+    pub(crate) shared: VcpuShared,
+    pub(crate) event_manager: EventManager<Subscriber>,
+    pub(crate) image_load: Duration,
+    pub(crate) drives: Vec<AttachedDrive>,
+    pub(crate) i8042: Arc<Mutex<I8042>>,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    /// Every virtio device, in slot order (for snapshots).
+    pub(crate) virtio: Vec<VirtioSlot>,
+    /// What a snapshot records and a restore checks about this host.
+    pub(crate) host: crate::persist::HostInfo,
+    pub(crate) metrics: Arc<Metrics>,
+    // They must outlive the vCPUs and devices above, and the VM fd (with
+    // its memory slots) must go before the memory it maps.
+    pub(crate) vm: Vm,
+    pub(crate) mem: GuestMemoryMmap,
 }
 
 impl Vmm {
@@ -312,6 +372,7 @@ impl Vmm {
             host_mem_mib: host_mem_mib(),
         };
         let vcpu_count = check_vcpus(config.vcpus, &limits)?;
+        let host = crate::persist::HostInfo::read(&kvm, &host_cpuid)?;
         let mem_size = check_memory(config.mem_mib, &limits)?;
         let drives = check_drives(&config.drives)?;
         check_net(&config.net)?;
@@ -330,25 +391,9 @@ impl Vmm {
         let mut pio = Bus::new();
         let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(os("create the serial irqfd"))?;
         vm.register_irqfd(&serial_irq, serial::COM1_IRQ)?;
-        let out: Box<dyn Write + Send> = match &config.serial {
-            SerialOutput::Stdout => Box::new(std::io::stdout()),
-            SerialOutput::Sink => Box::new(std::io::sink()),
-            SerialOutput::File(path) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| VmmError::SerialOutput {
-                        path: path.clone(),
-                        source,
-                    })?,
-            ),
-        };
-        pio.insert(
-            Arc::new(Mutex::new(Serial::new(serial_irq, out))),
-            serial::COM1_BASE,
-            serial::UART_REGS,
-        )?;
+        let out = serial_output(&config.serial)?;
+        let serial = Arc::new(Mutex::new(Serial::new(serial_irq, out)));
+        pio.insert(serial.clone(), serial::COM1_BASE, serial::UART_REGS)?;
         let kbd_irq = EventFd::new(EFD_NONBLOCK).map_err(os("create the keyboard irqfd"))?;
         vm.register_irqfd(&kbd_irq, i8042::KBD_IRQ)?;
         let i8042 = Arc::new(Mutex::new(I8042::new(
@@ -371,22 +416,40 @@ impl Vmm {
             &drives,
             &mut device_cmdline,
         )?;
-        for drive in &drives {
+        let mut virtio = Vec::new();
+        for (slot, drive) in drives.iter().enumerate() {
             let block = drive.block.lock().unwrap_or_else(|e| e.into_inner());
             metrics.register_device("block", &block.config().id, block.metrics());
+            virtio.push(VirtioSlot {
+                slot: slot as u32,
+                transport: drive.transport.clone(),
+                device: AttachedDevice::Block {
+                    device: drive.block.clone(),
+                    is_root: drive.is_root,
+                },
+            });
         }
         for nic in &config.net {
             let net = Net::new(nic)?;
             metrics.register_device("net", &nic.id, net.metrics());
             let net = Arc::new(Mutex::new(net));
-            slots.attach(
+            let slot = slots.next;
+            let transport = slots.attach(
                 &vm,
                 &mem,
                 &mut mmio,
                 &mut event_manager,
-                net,
+                net.clone(),
                 &mut device_cmdline,
             )?;
+            virtio.push(VirtioSlot {
+                slot,
+                transport,
+                device: AttachedDevice::Net {
+                    device: net,
+                    config: nic.clone(),
+                },
+            });
             tracing::debug!(net = %nic.id, tap = %nic.host_dev_name, "virtio-net attached");
         }
         if let Some(vsock) = &config.vsock {
@@ -394,14 +457,23 @@ impl Vmm {
             let dev = crate::devices::virtio::vsock::Vsock::new(vsock)?;
             metrics.register_device("vsock", "vsock", dev.metrics());
             let dev = Arc::new(Mutex::new(dev));
-            slots.attach(
+            let slot = slots.next;
+            let transport = slots.attach(
                 &vm,
                 &mem,
                 &mut mmio,
                 &mut event_manager,
-                dev,
+                dev.clone(),
                 &mut device_cmdline,
             )?;
+            virtio.push(VirtioSlot {
+                slot,
+                transport,
+                device: AttachedDevice::Vsock {
+                    device: dev,
+                    config: vsock.clone(),
+                },
+            });
             tracing::debug!(cid = vsock.guest_cid, "virtio-vsock attached");
         }
         let mut boot_source = config.boot.clone();
@@ -448,9 +520,12 @@ impl Vmm {
             image_load,
             drives,
             i8042,
+            serial,
+            virtio,
+            host,
             metrics,
-            _vm: vm,
-            _mem: mem,
+            vm,
+            mem,
         })
     }
 

@@ -67,14 +67,20 @@ fn refusal_response(refusal: &Refusal) -> Response {
             | ActionError::BeforeStart(_)
             | ActionError::NoBootSource
             | ActionError::AlreadyStarted
-            | ActionError::AlreadyInState(_),
+            | ActionError::AlreadyInState(_)
+            | ActionError::LoadNotAllowed
+            | ActionError::LoadAfterStart,
         ) => 400,
         // The host could not do it (a kernel that does not load, a file
         // that cannot be opened) and the VMM is as it was, to be asked
         // again: Firecracker answers these 400 too.
-        Refusal::Action(ActionError::Start(_) | ActionError::Vmm(_) | ActionError::Metrics(_)) => {
-            400
-        }
+        Refusal::Action(
+            ActionError::Start(_)
+            | ActionError::Vmm(_)
+            | ActionError::Metrics(_)
+            | ActionError::CreateSnapshot(_)
+            | ActionError::LoadSnapshot(_),
+        ) => 400,
     };
     Response::fault(status, chain(refusal))
 }

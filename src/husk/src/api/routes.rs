@@ -21,6 +21,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/machine-config"),
     ("PUT", "/metrics"),
     ("PUT", "/network-interfaces/{iface_id}"),
+    ("PUT", "/snapshot/create"),
+    ("PUT", "/snapshot/load"),
     ("PATCH", "/vm"),
     ("GET", "/vm/config"),
     ("PUT", "/vsock"),
@@ -104,6 +106,8 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Request, Response
         ("PATCH", "/vm") => Request::PatchVm(body::<VmState>(bytes)?.state),
         ("PUT", "/logger") => Request::PutLogger(body(bytes)?),
         ("PUT", "/metrics") => Request::PutMetrics(body(bytes)?),
+        ("PUT", "/snapshot/create") => Request::CreateSnapshot(body(bytes)?),
+        ("PUT", "/snapshot/load") => Request::LoadSnapshot(body(bytes)?),
         _ => {
             return Err(Response::fault(
                 500,

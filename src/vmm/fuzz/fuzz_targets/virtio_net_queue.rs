@@ -22,7 +22,9 @@ fn queue(data: &[u8], at: usize, mem: &vm_memory::GuestMemoryMmap) -> Option<Que
 
 fuzz_target!(|data: &[u8]| {
     // Header: two queues (16 bytes each), the acked features, then the
-    // number and sizes of frames waiting on the backend; the rest is memory.
+    // number and sizes of frames waiting on the backend (bit 3 of the count
+    // byte doubles the sizes, past the device's largest frame, which a tap
+    // reports whole when it cut one); the rest is memory.
     if data.len() < 40 {
         return;
     }
@@ -38,8 +40,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let frames = data[36] & 7;
+    let scale = 1 + usize::from((data[36] >> 3) & 1);
     for i in 0..frames {
-        let len = usize::from(u16::from_le_bytes([data[37], data[38]])) >> i;
+        let len = (usize::from(u16::from_le_bytes([data[37], data[38]])) * scale) >> i;
         let _ = peer.send(&vec![data[39]; len]);
     }
     if net.activate(mem.clone(), vec![rx, tx], features).is_ok() {

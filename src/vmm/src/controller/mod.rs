@@ -6,6 +6,7 @@
 //! It never speaks HTTP, and the API never reaches KVM except through it.
 
 pub mod resources;
+pub mod snapshot;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +60,10 @@ pub enum Request {
     PutMetrics(MetricsConfig),
     /// `GET /vm/config`.
     GetVmConfig,
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(snapshot::SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(snapshot::SnapshotLoadParams),
 }
 
 /// What a request returns.
@@ -100,6 +105,18 @@ pub enum ActionError {
     /// Metrics could not be set up or written.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// A snapshot load after something was configured for a boot.
+    #[error("a snapshot can only be loaded into a fresh microVM: nothing but the logger and metrics may be configured before PUT /snapshot/load")]
+    LoadNotAllowed,
+    /// A snapshot load into a running VM.
+    #[error("the microVM is already running: a snapshot can only be loaded before InstanceStart")]
+    LoadAfterStart,
+    /// The snapshot could not be written.
+    #[error("cannot create the snapshot")]
+    CreateSnapshot(#[source] crate::persist::SnapshotError),
+    /// The snapshot could not be loaded; nothing ran.
+    #[error("cannot load the snapshot")]
+    LoadSnapshot(#[source] crate::persist::RestoreError),
 }
 
 /// The state machine behind the API.
@@ -110,6 +127,9 @@ pub struct Controller {
     sink: Option<MetricsSink>,
     last_flush: Instant,
     started: bool,
+    /// Something a boot needs was configured: a snapshot load is refused
+    /// from then on, as Firecracker does.
+    boot_path: bool,
     /// When InstanceStart arrived, until the first vCPU entry is recorded.
     start_requested: Option<Instant>,
     serial: SerialOutput,
@@ -127,6 +147,7 @@ impl Controller {
             sink: None,
             last_flush: Instant::now(),
             started: false,
+            boot_path: false,
             start_requested: None,
             serial,
             seccomp: SeccompFilters::builtin(),
@@ -153,6 +174,15 @@ impl Controller {
     /// of its parts had been put in turn.
     pub fn load(&mut self, resources: VmResources) -> Result<(), ActionError> {
         resources.validate()?;
+        let boots = resources.boot_source.is_some()
+            || resources.machine_config != MachineConfig::default()
+            || !resources.drives.is_empty()
+            || !resources.network_interfaces.is_empty()
+            || resources.vsock.is_some();
+        if resources.snapshot_load.is_some() && boots {
+            return Err(ActionError::LoadNotAllowed);
+        }
+        self.boot_path = boots;
         if let Some(m) = &resources.metrics {
             self.sink = Some(MetricsSink::open(&m.metrics_path)?);
         }
@@ -175,6 +205,18 @@ impl Controller {
     pub fn handle(&mut self, request: Request) -> Result<(Response, Option<Vmm>), ActionError> {
         if self.started {
             return Err(ActionError::AlreadyStarted);
+        }
+        if matches!(
+            request,
+            Request::PutMachineConfig(_)
+                | Request::PatchMachineConfig(_)
+                | Request::PutBootSource(_)
+                | Request::PutDrive(..)
+                | Request::PatchDrive(..)
+                | Request::PutNetworkInterface(..)
+                | Request::PutVsock(_)
+        ) {
+            self.boot_path = true;
         }
         let r = &mut self.resources;
         let response = match request {
@@ -244,8 +286,44 @@ impl Controller {
                 let vmm = self.start()?;
                 return Ok((Response::Empty, Some(vmm)));
             }
+            Request::CreateSnapshot(_) => {
+                return Err(ActionError::BeforeStart("creating a snapshot"))
+            }
+            Request::LoadSnapshot(params) => {
+                let vmm = self.load_snapshot(&params)?;
+                return Ok((Response::Empty, Some(vmm)));
+            }
         };
         Ok((response, None))
+    }
+
+    /// Builds the VM from a snapshot, starts its (paused) vCPUs, and
+    /// resumes them if asked. A refusal leaves the controller as it was.
+    fn load_snapshot(&mut self, params: &snapshot::SnapshotLoadParams) -> Result<Vmm, ActionError> {
+        if self.boot_path {
+            return Err(ActionError::LoadNotAllowed);
+        }
+        let load = snapshot::load_params(params, self.serial.clone())?;
+        let t0 = Instant::now();
+        let mut vmm =
+            Vmm::restore(&load, self.metrics.clone()).map_err(ActionError::LoadSnapshot)?;
+        vmm.start(&self.seccomp).map_err(ActionError::Start)?;
+        if params.resume_vm {
+            vmm.resume();
+        }
+        self.started = true;
+        self.resources = snapshot::restored_resources(&vmm, &self.resources);
+        self.metrics
+            .boot
+            .build_us
+            .add(t0.elapsed().as_micros() as u64);
+        tracing::info!(
+            id = %self.id,
+            load_us = t0.elapsed().as_micros() as u64,
+            resumed = params.resume_vm,
+            "microVM loaded from a snapshot"
+        );
+        Ok(vmm)
     }
 
     fn put_metrics(&mut self, m: MetricsConfig) -> Result<(), ActionError> {
@@ -352,6 +430,15 @@ impl Controller {
                 Response::Empty
             }
             Request::Action(ActionType::InstanceStart) => return Err(ActionError::AlreadyStarted),
+            Request::CreateSnapshot(params) => {
+                snapshot::check_create(&params)?;
+                let stats = vmm
+                    .snapshot(&params.snapshot_path, &params.mem_file_path)
+                    .map_err(ActionError::CreateSnapshot)?;
+                tracing::debug!(?stats, "snapshot created");
+                Response::Empty
+            }
+            Request::LoadSnapshot(_) => return Err(ActionError::LoadAfterStart),
             Request::Action(ActionType::SendCtrlAltDel) => {
                 vmm.send_ctrl_alt_del();
                 Response::Empty
@@ -459,6 +546,53 @@ mod tests {
                 }
             )),
             Err(ActionError::Resource(ResourceError::NoSuchDrive(_)))
+        ));
+    }
+
+    #[test]
+    fn snapshots_follow_firecrackers_state_rules() {
+        use snapshot::{SnapshotCreateParams, SnapshotLoadParams, SnapshotType};
+        let mut c = controller();
+        assert!(matches!(
+            c.handle(Request::CreateSnapshot(SnapshotCreateParams {
+                snapshot_type: SnapshotType::Full,
+                snapshot_path: "/s".into(),
+                mem_file_path: "/m".into(),
+            })),
+            Err(ActionError::BeforeStart(_))
+        ));
+        // The logger and metrics may come first; a load then fails on the
+        // missing file, and the controller stays configurable.
+        c.handle(Request::PutLogger(Logger::default())).unwrap();
+        let load = SnapshotLoadParams::new("/nonexistent/husk.state", "/nonexistent/husk.mem");
+        let err = c.handle(Request::LoadSnapshot(load.clone())).err().unwrap();
+        assert!(matches!(err, ActionError::LoadSnapshot(_)), "{err}");
+        assert!(
+            crate::error::chain(&err)
+                .contains("cannot read the snapshot file /nonexistent/husk.state"),
+            "{}",
+            crate::error::chain(&err)
+        );
+        // Anything a boot needs closes the door.
+        c.handle(Request::PutMachineConfig(MachineConfig::default()))
+            .unwrap();
+        assert!(matches!(
+            c.handle(Request::LoadSnapshot(load.clone())),
+            Err(ActionError::LoadNotAllowed)
+        ));
+        // A config file with a load and a machine: refused as a whole.
+        let mut fresh = controller();
+        let resources = VmResources {
+            machine_config: MachineConfig {
+                vcpu_count: 2,
+                ..Default::default()
+            },
+            snapshot_load: Some(load),
+            ..Default::default()
+        };
+        assert!(matches!(
+            fresh.load(resources),
+            Err(ActionError::LoadNotAllowed)
         ));
     }
 

@@ -12,6 +12,7 @@ pub use husk_api_types::{
 use crate::config::{DriveConfig, NetConfig, VsockConfig, MAX_VIRTIO_DEVICES, MIN_MEM_MIB};
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::net::MacAddr;
+use crate::host_file::Accept;
 
 /// The most vCPUs a VM can have (the MP table's limit).
 pub const MAX_VCPU_COUNT: u8 = crate::arch::x86_64::mptable::MAX_VCPUS;
@@ -60,14 +61,6 @@ pub enum ResourceError {
         #[source]
         source: std::io::Error,
     },
-    /// A file the VM needs is a directory.
-    #[error("{what} {path} is a directory")]
-    Directory {
-        /// kernel image, initrd, drive.
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-    },
     /// A second root drive.
     #[error("drive {0:?} cannot be the root device: another drive already is")]
     SecondRoot(String),
@@ -92,6 +85,15 @@ pub enum ResourceError {
     /// A patch of something that was never put.
     #[error("no drive {0:?} to update (PUT it first)")]
     NoSuchDrive(String),
+    /// A snapshot's two files are missing or the same file.
+    #[error("snapshot_path and mem_file_path must be two different files")]
+    SnapshotPaths,
+    /// Not exactly one memory backend in a snapshot load.
+    #[error("give the memory file as mem_backend (backend_type File) or mem_file_path, not both or neither")]
+    MemBackend,
+    /// Two overrides for one interface.
+    #[error("network interface {0:?} is overridden twice")]
+    DuplicateOverride(String),
     /// PATCH /machine-config before PUT.
     #[error("machine configuration can only be patched after it was put")]
     NoMachineConfig,
@@ -134,29 +136,24 @@ impl Validate for MachineConfig {
     }
 }
 
-fn readable_file(what: &'static str, path: &Path) -> Result<(), ResourceError> {
-    let err = |source| ResourceError::File {
+/// Checks that `path` can be opened for reading and names something `accept`
+/// takes: opened non-blocking and its type checked first, so a FIFO, a
+/// socket or a device is a clear refusal, never a hung VMM thread.
+fn readable_file(what: &'static str, path: &Path, accept: Accept) -> Result<(), ResourceError> {
+    crate::host_file::open(path, false, accept).map_err(|source| ResourceError::File {
         what,
         path: path.to_path_buf(),
         source,
-    };
-    let meta = std::fs::metadata(path).map_err(err)?;
-    if meta.is_dir() {
-        return Err(ResourceError::Directory {
-            what,
-            path: path.to_path_buf(),
-        });
-    }
-    std::fs::File::open(path).map_err(err)?;
+    })?;
     Ok(())
 }
 
 impl Validate for BootSourceConfig {
     /// The files exist and the command line fits.
     fn validate(&self) -> Result<(), ResourceError> {
-        readable_file("kernel image", &self.kernel_image_path)?;
+        readable_file("kernel image", &self.kernel_image_path, Accept::RegularFile)?;
         if let Some(initrd) = &self.initrd_path {
-            readable_file("initrd", initrd)?;
+            readable_file("initrd", initrd, Accept::RegularFile)?;
         }
         if let Some(args) = &self.boot_args {
             // Room is left for the devices husk appends.
@@ -203,7 +200,7 @@ impl ValidateAt for Drive {
     fn validate(&self, path_id: &str) -> Result<(), ResourceError> {
         same_id("drive", path_id, &self.drive_id)?;
         check_id("drive", &self.drive_id)?;
-        readable_file("drive", &self.path_on_host)?;
+        readable_file("drive", &self.path_on_host, Accept::FileOrBlockDevice)?;
         if self.partuuid.is_some() {
             return Err(ResourceError::Unsupported("partuuid"));
         }
@@ -237,7 +234,7 @@ impl ValidateAt for DriveUpdate {
         same_id("drive", path_id, &self.drive_id)?;
         check_id("drive", &self.drive_id)?;
         if let Some(p) = &self.path_on_host {
-            readable_file("drive", p)?;
+            readable_file("drive", p, Accept::FileOrBlockDevice)?;
         }
         no_rate_limiter(&self.rate_limiter)
     }
@@ -441,10 +438,16 @@ mod tests {
         ));
         let mut directory = drive("d", false);
         directory.path_on_host = std::env::temp_dir();
-        assert!(matches!(
-            directory.validate("d"),
-            Err(ResourceError::Directory { .. })
-        ));
+        let err = directory.validate("d").unwrap_err();
+        assert!(
+            matches!(&err, ResourceError::File { source, .. } if source.kind() == std::io::ErrorKind::InvalidInput),
+            "{err:?}"
+        );
+        assert!(
+            crate::error::chain(&err).contains("a directory"),
+            "{}",
+            crate::error::chain(&err)
+        );
         let mut limited = drive("d", false);
         limited.rate_limiter = Some(serde_json::json!({"bandwidth": {}}));
         assert!(matches!(

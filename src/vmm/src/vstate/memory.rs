@@ -38,6 +38,152 @@ pub fn create(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     })
 }
 
+/// One region of guest memory as a snapshot records it: where it sits in
+/// the guest and where its bytes are in the memory file (the regions lie
+/// end to end there, in guest address order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RegionState {
+    /// Guest physical address of the region's first byte.
+    pub guest_base: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Where it starts in the memory file.
+    pub file_offset: u64,
+}
+
+/// Errors while writing or mapping a memory file.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    /// The memory file could not be written.
+    #[error("cannot write the memory file")]
+    Write(#[source] std::io::Error),
+    /// Guest memory could not be read.
+    #[error("cannot read guest memory at {0:#x}")]
+    Read(u64),
+    /// The memory file's size is not the sum of the regions'.
+    #[error("the memory file is {found} bytes; the snapshot's guest memory is {expected} bytes")]
+    Size {
+        /// Bytes the snapshot's regions add up to.
+        expected: u64,
+        /// Bytes in the file.
+        found: u64,
+    },
+    /// The regions recorded in the snapshot do not describe guest memory.
+    #[error("the snapshot's memory regions are not a valid guest memory layout")]
+    Layout,
+    /// The memory file could not be inspected or mapped.
+    #[error("cannot map the memory file")]
+    Map(#[source] std::io::Error),
+}
+
+/// Where each region of `mem` goes in a memory file.
+pub fn region_states(mem: &GuestMemoryMmap) -> Vec<RegionState> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut offset = 0;
+    mem.iter()
+        .map(|r| {
+            let state = RegionState {
+                guest_base: r.start_addr().0,
+                size: r.len(),
+                file_offset: offset,
+            };
+            offset += r.len();
+            state
+        })
+        .collect()
+}
+
+/// Bytes the memory file holds for these regions.
+pub fn file_size(regions: &[RegionState]) -> u64 {
+    regions.iter().map(|r| r.size).sum()
+}
+
+/// Writes all of guest memory to `file`, region after region. Pages that
+/// are all zeroes are not written: the file is sized first, so they are
+/// holes that read as zeroes and take no disk space (most of a freshly
+/// booted guest's memory was never touched).
+pub fn dump(mem: &GuestMemoryMmap, file: &std::fs::File) -> Result<u64, MemoryFileError> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::Bytes;
+    const PAGE: usize = 4096;
+    const CHUNK: usize = 1 << 20;
+    static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+    let regions = region_states(mem);
+    file.set_len(file_size(&regions))
+        .map_err(MemoryFileError::Write)?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut written = 0u64;
+    for r in &regions {
+        let mut done = 0u64;
+        while done < r.size {
+            let len = (r.size - done).min(CHUNK as u64) as usize;
+            let chunk = &mut buf[..len];
+            let addr = r.guest_base + done;
+            mem.read_slice(chunk, GuestAddress(addr))
+                .map_err(|_| MemoryFileError::Read(addr))?;
+            // Runs of non-zero pages, each written with one call. A page
+            // is compared with a zero page (a memcmp, fast in any build).
+            let mut page = 0;
+            let is_zero = |p: &[u8]| p == &ZERO_PAGE[..p.len()];
+            while page < len {
+                let start = page;
+                while page < len && !is_zero(&chunk[page..(page + PAGE).min(len)]) {
+                    page += PAGE;
+                }
+                let end = page.min(len);
+                if end > start {
+                    file.write_all_at(&chunk[start..end], r.file_offset + done + start as u64)
+                        .map_err(MemoryFileError::Write)?;
+                    written += (end - start) as u64;
+                }
+                page += PAGE;
+            }
+            done += len as u64;
+        }
+    }
+    Ok(written)
+}
+
+/// Maps a memory file as guest memory, private and copy-on-write: nothing
+/// is read until the guest touches a page, the pages it only reads stay in
+/// the host's page cache (shared with every other VM restored from the
+/// same file), and its writes go to private copies, never to the file.
+pub fn from_file(
+    file: &std::fs::File,
+    regions: &[RegionState],
+) -> Result<GuestMemoryMmap, MemoryFileError> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let expected = file_size(regions);
+    let found = file.metadata().map_err(MemoryFileError::Map)?.len();
+    if found != expected {
+        return Err(MemoryFileError::Size { expected, found });
+    }
+    let mut mapped = Vec::with_capacity(regions.len());
+    for r in regions {
+        let size = usize::try_from(r.size).map_err(|_| MemoryFileError::Layout)?;
+        if size == 0
+            || r.file_offset
+                .checked_add(r.size)
+                .is_none_or(|end| end > expected)
+        {
+            return Err(MemoryFileError::Layout);
+        }
+        let fd = file.try_clone().map_err(MemoryFileError::Map)?;
+        let region = MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::new(fd, r.file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryFileError::Map(std::io::Error::other(e.to_string())))?;
+        mapped.push(
+            GuestRegionMmap::new(region, GuestAddress(r.guest_base))
+                .ok_or(MemoryFileError::Layout)?,
+        );
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(|_| MemoryFileError::Layout)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +206,59 @@ mod tests {
         );
         assert!(!m.address_in_range(GuestAddress(MMIO_GAP_START)));
         assert!(m.address_in_range(GuestAddress(MMIO_GAP_END)));
+    }
+
+    fn tmp(name: &str) -> (std::path::PathBuf, std::fs::File) {
+        let p = std::env::temp_dir().join(format!("husk-mem-{}-{name}", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        (p, f)
+    }
+
+    #[test]
+    fn a_dump_maps_back_with_the_same_bytes_and_writes_stay_private() {
+        use vm_memory::Bytes;
+        let m = create(64 << 20).unwrap();
+        m.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0x1000))
+            .unwrap();
+        m.write_slice(b"last page", GuestAddress((64 << 20) - 9))
+            .unwrap();
+        let (path, file) = tmp("dump");
+        let written = dump(&m, &file).unwrap();
+        assert_eq!(written, 2 * 4096, "only the two touched pages");
+        assert_eq!(file.metadata().unwrap().len(), 64 << 20);
+        let regions = region_states(&m);
+        let back = from_file(&file, &regions).unwrap();
+        let v: u64 = back.read_obj(GuestAddress(0x1000)).unwrap();
+        assert_eq!(v, 0x1122_3344_5566_7788);
+        let mut tail = [0u8; 9];
+        back.read_slice(&mut tail, GuestAddress((64 << 20) - 9))
+            .unwrap();
+        assert_eq!(&tail, b"last page");
+        // Copy-on-write: the restored guest's writes never reach the file.
+        back.write_obj(0u64, GuestAddress(0x1000)).unwrap();
+        let again = from_file(&file, &regions).unwrap();
+        let v: u64 = again.read_obj(GuestAddress(0x1000)).unwrap();
+        assert_eq!(v, 0x1122_3344_5566_7788);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_memory_file_of_the_wrong_size_is_refused() {
+        let m = create(32 << 20).unwrap();
+        let (path, file) = tmp("size");
+        dump(&m, &file).unwrap();
+        file.set_len((32 << 20) - 4096).unwrap();
+        assert!(matches!(
+            from_file(&file, &region_states(&m)),
+            Err(MemoryFileError::Size { expected, found })
+                if expected == 32 << 20 && found == (32 << 20) - 4096
+        ));
+        std::fs::remove_file(path).unwrap();
     }
 }

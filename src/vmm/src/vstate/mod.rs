@@ -2,5 +2,6 @@
 //! This is the only place that talks to kvm-ioctls' VM and vCPU fds.
 
 pub mod memory;
+pub mod persist;
 pub mod vcpu;
 pub mod vm;

@@ -5,7 +5,7 @@
 //! [`vcpu_kick_signal`] and stops once the VM's stop flag is set.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
@@ -19,6 +19,7 @@ use crate::devices::bus::Bus;
 use crate::error::Chain;
 use crate::exit::{ExitNotifier, VmExit};
 use crate::metrics::Metrics;
+use crate::vstate::persist::{StateError, VcpuState};
 
 /// Errors while creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,15 @@ pub enum VcpuError {
         index: u8,
         /// What went wrong.
         source: regs::RegsError,
+    },
+    /// A snapshot's state could not be written into the vCPU.
+    #[error("cannot restore vCPU {index}")]
+    Restore {
+        /// The vCPU index.
+        index: u8,
+        /// The KVM error.
+        #[source]
+        source: StateError,
     },
     /// LAPIC setup failed.
     #[error("cannot set up the local APIC of vCPU {index}")]
@@ -111,6 +121,22 @@ pub struct PauseGate {
     requested: AtomicBool,
     parked: Mutex<usize>,
     cond: Condvar,
+    /// A snapshot's request for every parked vCPU's state (see
+    /// [`PauseGate::request_state`]).
+    state_request: Mutex<Option<StateRequest>>,
+}
+
+/// What a parked vCPU answers a state request with.
+pub type StateReply = (u8, Result<VcpuState, StateError>);
+
+/// A request for the state of every vCPU, served by each vCPU thread while
+/// it is parked: the thread owns its vCPU fd, and only it knows whether
+/// the last exit's I/O has been completed.
+#[derive(Debug, Clone)]
+struct StateRequest {
+    generation: u64,
+    msrs: Arc<Vec<u32>>,
+    reply: mpsc::Sender<StateReply>,
 }
 
 impl PauseGate {
@@ -153,8 +179,49 @@ impl PauseGate {
         *guard >= count
     }
 
-    /// Called by a vCPU thread between KVM_RUNs: parks while paused.
-    fn park_if_requested(&self, stop: &AtomicBool) {
+    /// Asks every parked vCPU for its state (the MSRs in `msrs`); the
+    /// answers arrive on the returned channel, one per vCPU. Call it only
+    /// while the VM is paused.
+    pub fn request_state(&self, msrs: Arc<Vec<u32>>) -> mpsc::Receiver<StateReply> {
+        let (reply, answers) = mpsc::channel();
+        {
+            let mut slot = self.state_request.lock().unwrap_or_else(|e| e.into_inner());
+            let generation = slot.as_ref().map_or(1, |r| r.generation + 1);
+            *slot = Some(StateRequest {
+                generation,
+                msrs,
+                reply,
+            });
+        }
+        // Under the lock the parked vCPUs check for requests with: none
+        // can miss this wake-up between its check and its wait.
+        let _guard = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        self.cond.notify_all();
+        answers
+    }
+
+    /// Drops the request once answered, so its channel closes.
+    pub fn clear_state_request(&self) {
+        *self.state_request.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn pending_state_request(&self, served: u64) -> Option<StateRequest> {
+        self.state_request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|r| r.generation > served)
+            .cloned()
+    }
+
+    /// Called by a vCPU thread between KVM_RUNs: parks while paused, and
+    /// serves state requests (through `serve`) while parked.
+    fn park_if_requested(
+        &self,
+        stop: &AtomicBool,
+        served: &mut u64,
+        mut serve: impl FnMut(&StateRequest),
+    ) {
         if !self.requested.load(Ordering::Acquire) {
             return;
         }
@@ -162,6 +229,13 @@ impl PauseGate {
         *parked += 1;
         self.cond.notify_all();
         while self.requested.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+            if let Some(request) = self.pending_state_request(*served) {
+                drop(parked);
+                serve(&request);
+                *served = request.generation;
+                parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
             parked = self.cond.wait(parked).unwrap_or_else(|e| e.into_inner());
         }
         *parked -= 1;
@@ -173,6 +247,41 @@ pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
     shared: VcpuShared,
+    /// The last state request this vCPU answered.
+    state_served: u64,
+}
+
+/// Finishes the instruction the vCPU last exited for. KVM completes a port
+/// or MMIO read only on the next KVM_RUN (it puts the data where the
+/// instruction wants it and moves past it); state read before that would
+/// replay the instruction on restore. An entry with `immediate_exit` set
+/// completes it and returns at once, without running the guest; a string
+/// instruction may need a few such rounds.
+fn complete_pending_io(fd: &mut VcpuFd, shared: &VcpuShared) {
+    fd.set_kvm_immediate_exit(1);
+    for _ in 0..64 {
+        match fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !shared.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                shared.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !shared.mmio.read(addr, data) {
+                    data.fill(0);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                shared.mmio.write(addr, data);
+            }
+            // EINTR: done. Anything else is left for the next real entry.
+            _ => break,
+        }
+    }
+    fd.set_kvm_immediate_exit(0);
 }
 
 /// What a single KVM_RUN exit means for the run loop.
@@ -187,7 +296,12 @@ impl Vcpu {
         let fd = vm
             .create_vcpu(u64::from(index))
             .map_err(|source| VcpuError::Create { index, source })?;
-        Ok(Vcpu { index, fd, shared })
+        Ok(Vcpu {
+            index,
+            fd,
+            shared,
+            state_served: 0,
+        })
     }
 
     /// The vCPU index (and APIC id).
@@ -229,10 +343,14 @@ impl Vcpu {
             let _ = self.shared.first_entry.set(Instant::now());
         }
         while !self.shared.stop.load(Ordering::Acquire) {
+            // Before every entry, the first included: a restored VM may
+            // start paused.
+            self.park_if_paused();
+            if self.shared.stop.load(Ordering::Acquire) {
+                break;
+            }
             match self.run_once() {
-                Step::Continue => {
-                    self.shared.pause.park_if_requested(&self.shared.stop);
-                }
+                Step::Continue => {}
                 Step::Stop(exit) => {
                     tracing::debug!(%exit, "vCPU stops the VM");
                     if !exit.is_clean() {
@@ -267,6 +385,34 @@ impl Vcpu {
             ),
             Err(e) => tracing::info!(error = %Chain(&e), "vCPU stopped; registers unreadable"),
         }
+    }
+
+    /// Parks while the VM is paused, answering state requests meanwhile.
+    fn park_if_paused(&mut self) {
+        let Vcpu {
+            index,
+            fd,
+            shared,
+            state_served,
+        } = self;
+        shared
+            .pause
+            .park_if_requested(&shared.stop, state_served, |request| {
+                complete_pending_io(fd, shared);
+                let state = VcpuState::save(fd, *index, &request.msrs);
+                let _ = request.reply.send((*index, state));
+            });
+    }
+
+    /// Writes a snapshot's state into this (new) vCPU instead of the boot
+    /// configuration.
+    pub fn restore(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        state
+            .restore(&self.fd)
+            .map_err(|source| VcpuError::Restore {
+                index: self.index,
+                source,
+            })
     }
 
     /// A guest that died (triple fault, emulation failure, entry failure)

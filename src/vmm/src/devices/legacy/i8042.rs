@@ -64,11 +64,11 @@ const CTRL_ALT_DEL: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
 pub struct I8042 {
     reset: ResetTrigger,
     irq: Option<EventFd>,
-    command_byte: u8,
-    status: u8,
+    pub(super) command_byte: u8,
+    pub(super) status: u8,
     /// A controller command that takes a data byte next.
-    pending: Option<u8>,
-    out: VecDeque<u8>,
+    pub(super) pending: Option<u8>,
+    pub(super) out: VecDeque<u8>,
 }
 
 impl I8042 {

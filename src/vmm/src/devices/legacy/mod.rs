@@ -2,6 +2,7 @@
 //! guest console, and the i8042 whose reset command ends the VM.
 
 pub mod i8042;
+pub mod persist;
 pub mod serial;
 
 pub use i8042::I8042;

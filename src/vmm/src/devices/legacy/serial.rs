@@ -30,7 +30,7 @@ impl Trigger for EventFdTrigger {
 
 /// The UART as a bus device.
 pub struct Serial {
-    uart: vm_superio::Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+    pub(super) uart: vm_superio::Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
 }
 
 impl Serial {

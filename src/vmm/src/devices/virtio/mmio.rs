@@ -17,6 +17,7 @@ use vm_memory::GuestMemoryMmap;
 use super::{status, VirtioDevice, INTERRUPT_CONFIG, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::devices::bus::BusDevice;
 use crate::error::Chain;
+use crate::log_limit::LogLimiter;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000;
@@ -31,19 +32,20 @@ const VENDOR_ID: u32 = 0;
 
 /// The transport for one device.
 pub struct MmioTransport {
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    mem: GuestMemoryMmap,
-    features_select: u32,
-    acked_features_select: u32,
-    acked_features: u64,
-    queue_select: u32,
-    queues: Vec<Queue>,
+    pub(super) device: Arc<Mutex<dyn VirtioDevice>>,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) features_select: u32,
+    pub(super) acked_features_select: u32,
+    pub(super) acked_features: u64,
+    pub(super) queue_select: u32,
+    pub(super) queues: Vec<Queue>,
     /// Queues the driver gave a size the device cannot use (virtio-queue
     /// keeps the previous size in that case; the transport must not).
-    bad_size: Vec<bool>,
-    device_status: u32,
-    config_generation: u32,
-    activated: bool,
+    pub(super) bad_size: Vec<bool>,
+    pub(super) device_status: u32,
+    pub(super) config_generation: u32,
+    pub(super) activated: bool,
+    fail_log: LogLimiter,
 }
 
 fn new_queues(sizes: &[u16]) -> Vec<Queue> {
@@ -81,10 +83,11 @@ impl MmioTransport {
             device_status: 0,
             config_generation: 0,
             activated: false,
+            fail_log: LogLimiter::default(),
         }
     }
 
-    fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+    pub(super) fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
         self.device.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -137,9 +140,13 @@ impl MmioTransport {
     }
 
     /// Sets DEVICE_NEEDS_RESET and tells the driver; `why` (and the error
-    /// behind it, if any) goes to the log.
+    /// behind it, if any) goes to the log, rate-limited: a driver can fail
+    /// activation in a loop (write 0, then DRIVER_OK), one line per pair of
+    /// register writes if each were logged.
     fn fail(&mut self, why: &str, error: Option<&dyn std::error::Error>) {
-        tracing::warn!(
+        crate::limited!(
+            self.fail_log,
+            warn,
             why,
             error = error.map(|e| tracing::field::display(Chain(e))),
             "virtio device needs a reset"
@@ -614,6 +621,21 @@ pub(crate) mod tests {
         assert_eq!(rd(&mut t, 0x70), status::ACKNOWLEDGE | status::DRIVER);
         // Notifying a queue that does not exist does nothing.
         wr(&mut t, 0x50, 99);
+    }
+
+    #[test]
+    fn a_driver_failing_activation_in_a_loop_gets_a_few_warnings_not_one_each() {
+        // Alternating 0 and DRIVER_OK: every DRIVER_OK fails (no
+        // negotiation), once per pair of register writes.
+        let (mut t, _) = transport(1);
+        let warnings = crate::log_limit::test_support::warnings_during(|| {
+            for _ in 0..1000 {
+                wr(&mut t, 0x70, 0);
+                wr(&mut t, 0x70, status::DRIVER_OK);
+            }
+        });
+        assert_ne!(t.device_status() & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(warnings, crate::log_limit::GUEST_BURST as usize);
     }
 
     #[test]

@@ -10,8 +10,10 @@
 //! subscriber on the VMM's event loop) processes them from then on.
 
 pub mod block;
+pub mod chain;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod vsock;

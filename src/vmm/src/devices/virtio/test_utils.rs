@@ -8,6 +8,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 pub const NEXT: u16 = 1;
 /// VRING_DESC_F_WRITE: the device writes the buffer.
 pub const WRITE: u16 = 2;
+/// VRING_DESC_F_INDIRECT: the buffer is a table of descriptors.
+pub const INDIRECT: u16 = 4;
 /// Size of [`mem`].
 pub const MEM_SIZE: usize = 0x40_0000;
 
@@ -40,4 +42,15 @@ pub fn hand_laid_queue(size: u16, avail: u64, used: u64, event_idx: bool) -> vir
     q.set_ready(true);
     q.set_event_idx(event_idx);
     q
+}
+
+/// Writes `descs` as a descriptor table at `addr`; returns its length in
+/// bytes (what an indirect descriptor pointing at it carries).
+pub fn write_table(m: &GuestMemoryMmap, addr: u64, descs: &[RawDescriptor]) -> u32 {
+    use vm_memory::Bytes;
+    for (i, desc) in descs.iter().enumerate() {
+        m.write_obj(*desc, GuestAddress(addr + 16 * i as u64))
+            .expect("descriptor table inside guest memory");
+    }
+    (descs.len() * 16) as u32
 }

@@ -1,7 +1,7 @@
 //! The virtio-blk device: a raw file as a disk, read-only or writable, with
 //! flush and GET_ID.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,10 +20,13 @@ use crate::error::Chain;
 /// it Linux sends one buffer per request, so a large transfer from
 /// scattered guest pages becomes many small requests.
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+use crate::devices::virtio::chain;
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Interrupt, Rearm, VirtioDevice, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::host_file::Accept;
+use crate::log_limit::LogLimiter;
 use crate::metrics::BlockMetrics;
 
 /// A drive as configured.
@@ -60,7 +63,7 @@ pub enum BlockError {
     },
 }
 
-enum State {
+pub(super) enum State {
     Inactive,
     Active { mem: GuestMemoryMmap, queue: Queue },
 }
@@ -75,15 +78,20 @@ pub struct Block {
     queue_sizes: [u16; 1],
     queue_events: [EventFd; 1],
     interrupt: Interrupt,
-    state: State,
+    pub(super) state: State,
     metrics: Arc<BlockMetrics>,
+    /// Warnings the guest can cause at will (a bad used-ring entry).
+    guest_log: LogLimiter,
+    /// Host I/O errors, which a guest can repeat at will (a full disk).
+    io_log: LogLimiter,
 }
 
 /// Opens a drive's backing: a regular file or a block device (an LVM
 /// volume, a devmapper thin device, a loop device), whose size only a seek
-/// to its end tells (its metadata says 0).
+/// to its end tells (its metadata says 0). Anything else (a FIFO, a
+/// socket, a character device) is refused without blocking.
 fn open_backing(path: &Path, read_only: bool) -> std::io::Result<(File, u64)> {
-    let mut file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+    let mut file = crate::host_file::open(path, !read_only, Accept::FileOrBlockDevice)?;
     let len = file.seek(SeekFrom::End(0))?;
     Ok((file, len))
 }
@@ -122,6 +130,8 @@ impl Block {
             interrupt: Interrupt::new().map_err(evt_err)?,
             state: State::Inactive,
             metrics: Arc::new(BlockMetrics::default()),
+            guest_log: LogLimiter::default(),
+            io_log: LogLimiter::default(),
             config,
         })
     }
@@ -209,7 +219,7 @@ impl Block {
             }
             let budget_before = budget;
             while budget > 0 {
-                let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                let Some(chain) = chain::pop(queue, mem) else {
                     break;
                 };
                 budget -= 1;
@@ -222,6 +232,7 @@ impl Block {
                             self.capacity,
                             self.config.read_only,
                             &self.id_bytes,
+                            &mut self.io_log,
                         );
                         Self::count(&self.metrics, &req, done.status);
                         done.used_len
@@ -240,7 +251,8 @@ impl Block {
                 };
                 tracing::trace!(drive = %self.config.id, head, used_len, "virtio-blk request done");
                 if let Err(e) = queue.add_used(&*mem, head, used_len) {
-                    tracing::warn!(drive = %self.config.id, error = %Chain(&e), "cannot return a virtio-blk request");
+                    // A head index outside the queue: the guest's doing.
+                    crate::limited!(self.guest_log, warn, drive = %self.config.id, error = %Chain(&e), "cannot return a virtio-blk request");
                     broken = true;
                     break;
                 }
@@ -659,6 +671,49 @@ mod tests {
         blk.activate(m.clone(), vec![q], 0).unwrap();
         blk.process_queue();
         assert_eq!(vq.used().idx().load(), 1);
+    }
+
+    #[test]
+    fn an_indirect_descriptor_is_refused_and_its_table_never_read() {
+        // VIRTIO_RING_F_INDIRECT_DESC is not offered, so the driver cannot
+        // have negotiated it: the chain is completed with nothing written
+        // and counted, as any malformed chain, whether the whole request or
+        // only its tail sits in the table.
+        use crate::devices::virtio::test_utils::{write_table, INDIRECT};
+        use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+        const TABLE: u64 = 0x20_0000;
+        let disk = Disk::new(4096);
+        std::fs::write(&disk.path, [7u8; 4096]).unwrap();
+        assert_eq!(
+            block(&disk, false).avail_features() & (1 << VIRTIO_RING_F_INDIRECT_DESC),
+            0
+        );
+        let whole = [
+            d(HDR, 16, NEXT, 1),
+            d(DATA, 512, WRITE | NEXT, 2),
+            d(STATUS, 1, WRITE, 0),
+        ];
+        let tail = [d(DATA, 512, WRITE | NEXT, 1), d(STATUS, 1, WRITE, 0)];
+        for (what, table, head) in [
+            ("whole request", &whole[..], vec![]),
+            ("tail", &tail[..], vec![d(HDR, 16, NEXT, 1)]),
+        ] {
+            let m = mem();
+            header(&m, VIRTIO_BLK_T_IN, 0);
+            let len = write_table(&m, TABLE, table);
+            let mut chain = head;
+            chain.push(d(TABLE, len, INDIRECT, 0));
+            let mut blk = block(&disk, false);
+            let (_, used, status) = serve(&mut blk, &m, &chain);
+            assert_eq!((used, status), (0, 0xff), "{what}");
+            let data: u8 = m.read_obj(GuestAddress(DATA)).unwrap();
+            assert_eq!(
+                data, 0,
+                "{what}: the sector was read into the table's buffer"
+            );
+            assert_eq!(blk.metrics().invalid_requests.get(), 1, "{what}");
+            assert_eq!(blk.metrics().read_count.get(), 0, "{what}");
+        }
     }
 
     #[test]

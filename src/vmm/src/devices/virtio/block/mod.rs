@@ -9,6 +9,7 @@
 
 pub mod device;
 pub mod event_handler;
+pub mod persist;
 pub mod request;
 
 pub use device::{Block, BlockConfig, BlockError};

@@ -14,11 +14,11 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::{ID_BYTES, SECTOR_SIZE};
-use crate::error::Chain;
+use crate::devices::virtio::chain::{Chain, ChainError};
+use crate::log_limit::LogLimiter;
 
 /// Why a chain is not a valid request.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -46,6 +46,9 @@ pub enum RequestError {
     /// Reading or writing guest memory failed.
     #[error("guest memory access failed")]
     Memory,
+    /// The chain could not be walked (an indirect descriptor).
+    #[error("unusable descriptor chain")]
+    Chain(#[source] ChainError),
 }
 
 /// The request types husk serves.
@@ -110,16 +113,16 @@ fn check_range(mem: &GuestMemoryMmap, d: &Descriptor) -> Result<(), RequestError
 
 impl Request {
     /// Parses `chain`. On error, the status address is returned too when it
-    /// could be found, so the guest can still be told.
-    pub fn parse<M>(
-        chain: DescriptorChain<M>,
+    /// could be found, so the guest can still be told. A chain with an
+    /// indirect descriptor is refused whole: its status byte, if any, lies
+    /// past the descriptor that was not followed.
+    pub fn parse(
+        chain: Chain<'_>,
         mem: &GuestMemoryMmap,
-    ) -> Result<Request, (RequestError, Option<GuestAddress>)>
-    where
-        M: std::ops::Deref,
-        M::Target: vm_memory::GuestMemory,
-    {
-        let descs: Vec<Descriptor> = chain.collect();
+    ) -> Result<Request, (RequestError, Option<GuestAddress>)> {
+        let descs: Vec<Descriptor> = chain
+            .collect::<Result<_, ChainError>>()
+            .map_err(|e| (RequestError::Chain(e), None))?;
         let (status, rest) = descs
             .split_last()
             .ok_or((RequestError::ChainTooShort, None))?;
@@ -178,6 +181,8 @@ impl Request {
 
     /// Performs the request on `file` (of `capacity` bytes) and writes the
     /// status byte. Never fails: every problem becomes a status for the guest.
+    /// Host I/O errors are logged through `io_log`: a guest can repeat the
+    /// request that meets them (a write to a full disk) as often as it likes.
     pub fn execute(
         &self,
         mem: &GuestMemoryMmap,
@@ -185,9 +190,10 @@ impl Request {
         capacity: u64,
         read_only: bool,
         id: &[u8; ID_BYTES],
+        io_log: &mut LogLimiter,
     ) -> Completion {
         let (status, written) = match self.kind {
-            RequestType::In | RequestType::Out => self.rw(mem, file, capacity, read_only),
+            RequestType::In | RequestType::Out => self.rw(mem, file, capacity, read_only, io_log),
             RequestType::Flush => {
                 let ok = read_only || file.sync_data().is_ok();
                 (
@@ -219,6 +225,7 @@ impl Request {
         file: &mut File,
         capacity: u64,
         read_only: bool,
+        io_log: &mut LogLimiter,
     ) -> (u32, u32) {
         let len = self.data_len();
         let in_bounds = self
@@ -243,7 +250,7 @@ impl Request {
                 Ok(()) if self.kind == RequestType::In => (VIRTIO_BLK_S_OK, len as u32),
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
-                    tracing::warn!(error = %Chain(&e), "virtio-blk I/O failed");
+                    crate::limited!(io_log, warn, error = %crate::error::Chain(&e), "virtio-blk I/O failed");
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
             };
@@ -261,7 +268,7 @@ impl Request {
                 mem.write_all_volatile_to(*addr, file, n)
             };
             if let Err(e) = r {
-                tracing::warn!(error = %Chain(&e), "virtio-blk I/O failed");
+                crate::limited!(io_log, warn, error = %crate::error::Chain(&e), "virtio-blk I/O failed");
                 return (VIRTIO_BLK_S_IOERR, written);
             }
             if self.kind == RequestType::In {

@@ -13,18 +13,19 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::tap::{Tap, TapError};
 use super::{Backend, MacAddr, MAX_FRAME_LEN, QUEUE_SIZE, TX_QUEUE, TYPE_NET, VNET_HDR_LEN};
 use crate::config::NetConfig;
+use crate::devices::virtio::chain::{self, Chain};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Interrupt, Rearm, VirtioDevice, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
-use crate::error::Chain;
+use crate::log_limit::LogLimiter;
 
 /// Frames moved per event before the event loop gets a turn again.
 const BUDGET: usize = QUEUE_SIZE as usize;
@@ -79,6 +80,9 @@ pub enum ChainError {
     /// Guest memory could not be read or written.
     #[error("guest memory access failed")]
     Memory,
+    /// The chain could not be walked (an indirect descriptor).
+    #[error("unusable descriptor chain")]
+    Walk(#[source] chain::ChainError),
 }
 
 /// The checked buffers of one chain, in order.
@@ -89,21 +93,19 @@ struct Buffers {
 
 /// Checks the descriptors of `chain` until they hold `enough` bytes (the
 /// rest are not used): all device-writable (`write`) or all device-readable,
-/// non-empty, inside guest memory, not overlapping. Stopping there bounds
-/// the work a long (indirect) chain can cause.
-fn check_chain<M>(
-    chain: DescriptorChain<M>,
+/// non-empty, inside guest memory, not overlapping, and no indirect
+/// descriptor among them. Stopping there bounds the work a long chain can
+/// cause.
+fn check_chain(
+    chain: Chain<'_>,
     mem: &GuestMemoryMmap,
     write: bool,
     enough: u64,
-) -> Result<Buffers, ChainError>
-where
-    M: std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
+) -> Result<Buffers, ChainError> {
     let mut list = Vec::new();
     let mut total = 0u64;
     for d in chain {
+        let d = d.map_err(ChainError::Walk)?;
         if d.is_write_only() != write {
             return Err(ChainError::WrongDirection);
         }
@@ -162,7 +164,7 @@ fn is_fatal_write_error(e: &std::io::Error) -> bool {
     )
 }
 
-enum State {
+pub(super) enum State {
     Inactive,
     Active {
         mem: GuestMemoryMmap,
@@ -194,7 +196,7 @@ pub struct Net {
     queue_sizes: [u16; 2],
     queue_events: [EventFd; 2],
     interrupt: Interrupt,
-    state: State,
+    pub(super) state: State,
     rx_frame: Vec<u8>,
     /// Length of the frame waiting in `rx_frame`, 0 when none.
     rx_pending: usize,
@@ -205,6 +207,8 @@ pub struct Net {
     /// Once a second the event loop serves both queues even without a
     /// notification (see `event_handler`).
     pub(super) timer: vmm_sys_util::timerfd::TimerFd,
+    /// Warnings the guest can cause at will.
+    guest_log: LogLimiter,
 }
 
 impl Net {
@@ -282,6 +286,7 @@ impl Net {
             returned_since_tick: false,
             tx_frame: vec![0; MAX_FRAME_LEN],
             metrics: Default::default(),
+            guest_log: LogLimiter::default(),
         })
     }
 
@@ -302,7 +307,7 @@ impl Net {
 
     fn lose_backend(&mut self, e: &std::io::Error) {
         if !self.backend_gone {
-            tracing::error!(net = %self.id, error = %Chain(&e), "the tap failed; the interface stops passing traffic");
+            tracing::error!(net = %self.id, error = %crate::error::Chain(&e), "the tap failed; the interface stops passing traffic");
         }
         self.backend_gone = true;
         self.rx_pending = 0;
@@ -329,7 +334,7 @@ impl Net {
             Ok(true) => interrupt.trigger(INTERRUPT_USED_RING),
             Ok(false) => {}
             Err(e) => {
-                tracing::warn!(net = %id, error = %Chain(&e), "used ring unreadable");
+                tracing::warn!(net = %id, error = %crate::error::Chain(&e), "used ring unreadable");
                 interrupt.trigger(INTERRUPT_USED_RING);
             }
         }
@@ -347,7 +352,7 @@ impl Net {
         // deliver_pending asks for them again then.
         if let State::Active { mem, rx, .. } = &mut self.state {
             if let Err(e) = rx.disable_notification(&*mem) {
-                tracing::debug!(net = %self.id, error = %Chain(&e), "cannot suppress rx notifications");
+                tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "cannot suppress rx notifications");
             }
         }
         for _ in 0..BUDGET {
@@ -355,6 +360,14 @@ impl Net {
                 match self.backend.read_frame(&mut self.rx_frame) {
                     Ok(n) if n < VNET_HDR_LEN => {
                         tracing::debug!(net = %self.id, len = n, "runt frame from the tap dropped");
+                        self.metrics.rx_dropped.inc();
+                        continue;
+                    }
+                    Ok(n) if n > self.rx_frame.len() => {
+                        // A tap reports the whole length of a frame it cut
+                        // to the buffer: what arrived is not the frame.
+                        tracing::debug!(net = %self.id, len = n, "frame larger than the device's buffer dropped");
+                        self.metrics.rx_dropped.inc();
                         continue;
                     }
                     Ok(n) => self.rx_pending = n,
@@ -398,14 +411,14 @@ impl Net {
         }
         let mut rearm = Rearm::default();
         loop {
-            let Some(chain) = rx.pop_descriptor_chain(&*mem) else {
+            let Some(chain) = chain::pop(rx, mem) else {
                 // Out of buffers: ask to be notified when more come, and
                 // look once more in case they came meanwhile.
                 match rearm.rearm(rx, mem) {
                     Ok(true) => continue,
                     Ok(false) => return None,
                     Err(e) => {
-                        tracing::debug!(net = %self.id, error = %Chain(&e), "cannot re-arm rx notifications");
+                        tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "cannot re-arm rx notifications");
                         return None;
                     }
                 }
@@ -436,7 +449,7 @@ impl Net {
                     self.metrics.rx_bytes.add(len as u64);
                     // len <= MAX_FRAME_LEN fits in u32.
                     if let Err(e) = rx.add_used(&*mem, head, len as u32) {
-                        tracing::warn!(net = %self.id, error = %Chain(&e), "cannot return an rx buffer");
+                        crate::limited!(self.guest_log, warn, net = %self.id, error = %crate::error::Chain(&e), "cannot return an rx buffer");
                     }
                     return Some(true);
                 }
@@ -450,10 +463,10 @@ impl Net {
                     return Some(false);
                 }
                 Err(e) => {
-                    tracing::debug!(net = %self.id, error = %Chain(&e), "bad rx chain refused");
+                    tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "bad rx chain refused");
                     self.metrics.invalid_chains.inc();
                     if let Err(e) = rx.add_used(&*mem, head, 0) {
-                        tracing::warn!(net = %self.id, error = %Chain(&e), "cannot return an rx buffer");
+                        crate::limited!(self.guest_log, warn, net = %self.id, error = %crate::error::Chain(&e), "cannot return an rx buffer");
                         return None;
                     }
                 }
@@ -473,21 +486,21 @@ impl Net {
         // No kicks while the queue is drained; re-armed before waiting
         // again, and whatever slipped in meanwhile is served first.
         if let Err(e) = tx.disable_notification(&*mem) {
-            tracing::debug!(net = %self.id, error = %Chain(&e), "cannot suppress tx notifications");
+            tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "cannot suppress tx notifications");
         }
         let mut rearm = Rearm::default();
         while completed < BUDGET && !broken {
-            let Some(chain) = tx.pop_descriptor_chain(&*mem) else {
+            let Some(chain) = chain::pop(tx, mem) else {
                 match rearm.rearm(tx, mem) {
                     Ok(true) => {
                         if let Err(e) = tx.disable_notification(&*mem) {
-                            tracing::debug!(net = %self.id, error = %Chain(&e), "cannot suppress tx notifications");
+                            tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "cannot suppress tx notifications");
                         }
                         continue;
                     }
                     Ok(false) => break,
                     Err(e) => {
-                        tracing::debug!(net = %self.id, error = %Chain(&e), "cannot re-arm tx notifications");
+                        tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "cannot re-arm tx notifications");
                         break;
                     }
                 }
@@ -522,25 +535,25 @@ impl Net {
                         }
                         Err(e) if is_fatal_write_error(&e) => {
                             if !self.backend_gone {
-                                tracing::error!(net = %self.id, error = %Chain(&e), "the tap failed; the interface stops passing traffic");
+                                tracing::error!(net = %self.id, error = %crate::error::Chain(&e), "the tap failed; the interface stops passing traffic");
                             }
                             self.backend_gone = true;
                             self.rx_pending = 0;
                         }
                         Err(e) => {
                             self.metrics.tx_errors.inc();
-                            tracing::debug!(net = %self.id, error = %Chain(&e), "tx frame dropped");
+                            tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "tx frame dropped");
                         }
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
                     self.metrics.invalid_chains.inc();
-                    tracing::debug!(net = %self.id, error = %Chain(&e), "bad tx chain refused");
+                    tracing::debug!(net = %self.id, error = %crate::error::Chain(&e), "bad tx chain refused");
                 }
             }
             if let Err(e) = tx.add_used(&*mem, head, 0) {
-                tracing::warn!(net = %self.id, error = %Chain(&e), "cannot return a tx buffer");
+                crate::limited!(self.guest_log, warn, net = %self.id, error = %crate::error::Chain(&e), "cannot return a tx buffer");
                 broken = true;
                 continue;
             }
@@ -604,7 +617,8 @@ impl VirtioDevice for Net {
         let offloads = tun_offloads(acked_features);
         if let Err(e) = self.backend.set_offload(offloads) {
             // The tap then checksums and segments itself: slower, still right.
-            tracing::warn!(net = %self.id, error = %Chain(&e), offloads, "the tap refused the negotiated offloads");
+            // (Once per activation, which the driver can repeat at will.)
+            crate::limited!(self.guest_log, warn, net = %self.id, error = %crate::error::Chain(&e), offloads, "the tap refused the negotiated offloads");
         }
         self.state = State::Active { mem, rx, tx };
         // Let the event loop look at both queues (and resume polling the
@@ -969,6 +983,49 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn indirect_descriptors_are_refused_and_their_tables_never_read() {
+        // Not offered, so never negotiated: an indirect chain is malformed.
+        use crate::devices::virtio::test_utils::{write_table, INDIRECT};
+        use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+        const TABLE: u64 = 0x30_0000;
+        let m = mem();
+        let mut r = rig(None, false);
+        assert_eq!(
+            r.net.avail_features() & (1 << VIRTIO_RING_F_INDIRECT_DESC),
+            0
+        );
+        let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
+        let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
+        // tx: a whole frame in the table is not sent.
+        let f = frame(100, 5);
+        m.write_slice(&f, GuestAddress(BUF)).unwrap();
+        let len = write_table(&m, TABLE, &[d(BUF, f.len() as u32, 0, 0)]);
+        txq.add_desc_chains(&[d(TABLE, len, INDIRECT, 0)], 0)
+            .unwrap();
+        // rx: a buffer in a table is returned unused, the frame goes to
+        // the next chain.
+        let len = write_table(&m, TABLE + 0x100, &[d(BUF2, 2048, WRITE, 0)]);
+        rxq.add_desc_chains(&[d(TABLE + 0x100, len, INDIRECT, 0)], 0)
+            .unwrap();
+        rxq.add_desc_chains(&[d(BUF3, 2048, WRITE, 0)], 1).unwrap();
+        activate(&mut r.net, &m, &rxq, &txq, 0);
+        assert!(r.net.process_tx());
+        assert!(
+            recv_all(&r.peer).is_empty(),
+            "the frame in the table was sent"
+        );
+        assert_eq!(used(&txq), vec![(0, 0)]);
+        let g = frame(300, 6);
+        r.peer.send(&g).unwrap();
+        assert_eq!(r.net.process_rx(), RxOutcome::Drained);
+        assert_eq!(used(&rxq), vec![(0, 0), (1, g.len() as u32)]);
+        let untouched: u8 = m.read_obj(GuestAddress(BUF2 + 12)).unwrap();
+        assert_eq!(untouched, 0, "the frame went into the table's buffer");
+        assert_eq!(r.net.metrics().invalid_chains.get(), 2);
+        assert_eq!(r.net.metrics().tx_frames.get(), 0);
+    }
+
+    #[test]
     fn rx_chains_are_read_only_as_far_as_the_frame_needs() {
         let m = mem();
         let mut r = rig(None, false);
@@ -995,6 +1052,31 @@ pub(crate) mod tests {
         r.peer.send(&frame(100, 2)).unwrap();
         assert_eq!(r.net.process_rx(), RxOutcome::Drained);
         assert_eq!(used(&rxq), vec![(0, 112)]);
+    }
+
+    #[test]
+    fn a_frame_longer_than_the_device_buffer_is_dropped_and_receive_goes_on() {
+        // A tap that cut a frame to the buffer reports its whole length
+        // (the socket-pair backend does the same): that frame is dropped
+        // and counted, the next ones arrive.
+        let m = mem();
+        let mut r = rig(None, false);
+        let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
+        let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
+        rxq.add_desc_chains(&[d(BUF, 2048, WRITE, 0), d(BUF2, 2048, WRITE, 0)], 0)
+            .unwrap();
+        activate(&mut r.net, &m, &rxq, &txq, 0);
+        r.peer
+            .send(&frame(MAX_FRAME_LEN - VNET_HDR_LEN + 100, 1))
+            .unwrap();
+        r.peer.send(&frame(100, 2)).unwrap();
+        assert_eq!(r.net.process_rx(), RxOutcome::Drained);
+        assert_eq!(used(&rxq), vec![(0, 112)]);
+        assert_eq!(r.net.metrics().rx_dropped.get(), 1);
+        // Receive is not wedged: a later frame gets the next buffer.
+        r.peer.send(&frame(60, 3)).unwrap();
+        assert_eq!(r.net.process_rx(), RxOutcome::Drained);
+        assert_eq!(used(&rxq), vec![(0, 112), (1, 72)]);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod device;
 pub mod event_handler;
+pub mod persist;
 pub mod tap;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

@@ -1,5 +1,7 @@
 //! A socket-pair backend for tests and fuzzing: what the device writes, the
-//! peer reads as one datagram per frame, and the other way round.
+//! peer reads as one datagram per frame, and the other way round. It stands
+//! in for a tap, down to reading: a frame longer than the buffer is cut, and
+//! its whole length reported.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
@@ -51,9 +53,21 @@ impl AsRawFd for SocketBackend {
 }
 
 impl Backend for SocketBackend {
+    /// Like a tap, reports a frame's whole length even when only the part
+    /// that fits `buf` was copied (MSG_TRUNC).
     fn read_frame(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.check()?;
-        self.sock.recv(buf)
+        // SAFETY: `buf` is valid for writes of its length, which is what
+        // the kernel is told; the socket is ours.
+        let n = unsafe {
+            libc::recv(
+                self.sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_TRUNC,
+            )
+        };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
     }
 
     fn write_frame(&mut self, frame: &[u8]) -> std::io::Result<usize> {

@@ -6,7 +6,10 @@
 //! returned at once (used length 0); a chain that fails the checks is
 //! returned unread. Rx chains are only taken from the ring when the muxer
 //! has a packet for them, so a guest without rx buffers simply stops host
-//! reads until it posts some (its notification wakes the device).
+//! reads until it posts some (its notification wakes the device). Each
+//! pass takes at most [`BUDGET`] chains from a queue, so a guest that keeps
+//! its ring topped up cannot hold the event loop (and with it the API and
+//! the other devices) for more than a queue's worth at a time.
 
 use std::path::PathBuf;
 
@@ -17,10 +20,16 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::muxer::{Muxer, MuxerError};
 use super::packet::{op, Buffers, HDR_SIZE, MAX_PAYLOAD, MAX_TX_CHAIN};
 use super::{EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, TYPE_VSOCK};
+use crate::devices::virtio::chain;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_USED_RING,
+    read_config_bytes, ActivateError, Interrupt, Rearm, VirtioDevice, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1,
 };
+use crate::log_limit::LogLimiter;
+
+/// Chains taken from a queue per call: a queue's worth per turn of the
+/// event loop, as for virtio-blk and virtio-net.
+pub const BUDGET: usize = QUEUE_SIZE as usize;
 
 pub use crate::config::VsockConfig;
 use crate::error::Chain;
@@ -42,12 +51,13 @@ pub enum VsockError {
     EventFd(#[source] std::io::Error),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    rx: Queue,
-    tx: Queue,
-    // Held so the driver's buffers stay accounted for; husk never posts events.
-    _event: Queue,
+pub(super) struct Active {
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) rx: Queue,
+    pub(super) tx: Queue,
+    // The driver's event buffers: husk posts one event, the transport
+    // reset after a restore (see persist.rs).
+    pub(super) event: Queue,
 }
 
 /// A virtio-vsock device.
@@ -55,14 +65,16 @@ pub struct Vsock {
     cid: u64,
     queue_sizes: [u16; 3],
     queue_events: [EventFd; 3],
-    interrupt: Interrupt,
+    pub(super) interrupt: Interrupt,
     wake: EventFd,
     /// Ticks once a second, to expire unanswered REQUESTs.
     timer: vmm_sys_util::timerfd::TimerFd,
     pub(super) muxer: Muxer,
-    active: Option<Active>,
+    pub(super) active: Option<Active>,
     tx_payload: Vec<u8>,
     metrics: std::sync::Arc<crate::metrics::VsockMetrics>,
+    /// Warnings the guest can cause at will (a bad used-ring entry).
+    guest_log: LogLimiter,
 }
 
 /// Removes a socket file left behind by a VMM that is gone; refuses any
@@ -110,6 +122,7 @@ impl Vsock {
             active: None,
             tx_payload: vec![0u8; MAX_PAYLOAD],
             metrics: Default::default(),
+            guest_log: LogLimiter::default(),
         })
     }
 
@@ -161,28 +174,60 @@ impl Vsock {
         }
     }
 
-    /// Serves every packet the guest has queued for sending; returns how
-    /// many there were.
+    /// Serves the packets the guest has queued for sending, at most
+    /// [`BUDGET`] chains: a guest that keeps its ring topped up gets a
+    /// queue's worth per turn of the event loop, then the device notifies
+    /// itself and the API and the other devices have their turn first.
+    /// While it drains the queue the driver is asked not to notify;
+    /// notifications are re-armed before it waits again, and what slipped
+    /// in meanwhile is served first. Returns how many chains it took.
     pub fn process_tx(&mut self) -> usize {
         let Some(a) = &mut self.active else { return 0 };
-        let mut served = 0;
-        while let Some(chain) = a.tx.pop_descriptor_chain(&a.mem) {
+        let mut taken = 0;
+        let mut returned = false;
+        let mut rearm = Rearm::default();
+        if let Err(e) = a.tx.disable_notification(&a.mem) {
+            tracing::debug!(error = %e, "cannot suppress vsock tx notifications");
+        }
+        loop {
+            if taken == BUDGET {
+                // Notifications stay off; this brings the loop back.
+                let _ = self.queue_events[TX_QUEUE].write(1);
+                self.metrics.tx_budget_spent.inc();
+                break;
+            }
+            let Some(chain) = chain::pop(&mut a.tx, &a.mem) else {
+                match rearm.rearm(&mut a.tx, &a.mem) {
+                    Ok(true) => {
+                        if let Err(e) = a.tx.disable_notification(&a.mem) {
+                            tracing::debug!(error = %e, "cannot suppress vsock tx notifications");
+                        }
+                        continue;
+                    }
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot re-arm vsock tx notifications");
+                        break;
+                    }
+                }
+            };
+            rearm.served();
+            taken += 1;
             let head = chain.head_index();
-            let packet =
-                Buffers::from_descriptors(chain, &a.mem, false, MAX_TX_CHAIN).and_then(|b| {
-                    let hdr = b.tx_header(&a.mem)?;
-                    let len = if hdr.op == op::RW {
-                        hdr.len as usize
-                    } else {
-                        0
-                    };
-                    let payload = self
-                        .tx_payload
-                        .get_mut(..len)
-                        .ok_or(super::packet::PacketError::PayloadTooLarge(hdr.len))?;
-                    b.read_at(&a.mem, HDR_SIZE, payload)?;
-                    Ok((hdr, len))
-                });
+            let packet = Buffers::from_chain(chain, &a.mem, false, MAX_TX_CHAIN).and_then(|b| {
+                let hdr = b.tx_header(&a.mem)?;
+                let len = if hdr.op == op::RW {
+                    hdr.len as usize
+                } else {
+                    0
+                };
+                let payload = self
+                    .tx_payload
+                    .get_mut(..len)
+                    .ok_or(super::packet::PacketError::PayloadTooLarge(hdr.len))?;
+                b.read_at(&a.mem, HDR_SIZE, payload)?;
+                Ok((hdr, len))
+            });
             match packet {
                 Ok((hdr, len)) => {
                     tracing::trace!(?hdr, "vsock tx");
@@ -196,28 +241,38 @@ impl Vsock {
                     tracing::debug!(error = %Chain(&e), "bad vsock tx chain");
                 }
             }
-            if let Err(e) = a.tx.add_used(&a.mem, head, 0) {
-                tracing::warn!(error = %Chain(&e), "cannot return a vsock tx buffer");
-                break;
+            match a.tx.add_used(&a.mem, head, 0) {
+                Ok(()) => returned = true,
+                // A head index outside the queue: the guest's doing.
+                Err(e) => {
+                    crate::limited!(self.guest_log, warn, error = %Chain(&e), "cannot return a vsock tx buffer")
+                }
             }
-            served += 1;
         }
-        if served > 0 {
+        if returned {
             Self::notify(&mut a.tx, &a.mem, &self.interrupt);
         }
-        served
+        taken
     }
 
-    /// Fills the guest's rx buffers with what the muxer has for it.
+    /// Fills the guest's rx buffers with what the muxer has for it, at most
+    /// [`BUDGET`] of them per call (the rest on the loop's next turn, which
+    /// the wake eventfd brings).
     pub fn process_rx(&mut self) {
         let Some(a) = &mut self.active else { return };
         let mut used = false;
+        let mut taken = 0;
         while self.muxer.has_rx_work() {
-            let Some(chain) = a.rx.pop_descriptor_chain(&a.mem) else {
+            if taken == BUDGET {
+                let _ = self.wake.write(1);
+                break;
+            }
+            let Some(chain) = chain::pop(&mut a.rx, &a.mem) else {
                 break;
             };
+            taken += 1;
             let head = chain.head_index();
-            let written = match Buffers::from_descriptors(chain, &a.mem, true, u32::MAX) {
+            let written = match Buffers::from_chain(chain, &a.mem, true, u32::MAX) {
                 Ok(b) if b.len() as usize >= HDR_SIZE => {
                     let room = b.len() as usize - HDR_SIZE;
                     let Some(hdr) = self.muxer.next_rx(room) else {
@@ -248,7 +303,7 @@ impl Vsock {
                 }
             };
             if let Err(e) = a.rx.add_used(&a.mem, head, written) {
-                tracing::warn!(error = %Chain(&e), "cannot return a vsock rx buffer");
+                crate::limited!(self.guest_log, warn, error = %Chain(&e), "cannot return a vsock rx buffer");
                 break;
             }
             used = true;
@@ -301,12 +356,7 @@ impl VirtioDevice for Vsock {
             return Err(ActivateError::QueueCount { expected: 3, got });
         };
         let _ = (RX_QUEUE, TX_QUEUE, EVENT_QUEUE);
-        self.active = Some(Active {
-            mem,
-            rx,
-            tx,
-            _event: event,
-        });
+        self.active = Some(Active { mem, rx, tx, event });
         // Host connections that waited for the driver are served from the
         // event loop, not from this vCPU thread.
         let _ = self.wake.write(1);

@@ -14,6 +14,7 @@ pub mod device;
 pub mod event_handler;
 pub mod muxer;
 pub mod packet;
+pub mod persist;
 
 pub use device::{Vsock, VsockConfig, VsockError};
 
@@ -27,7 +28,7 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
 /// The guest's transmit queue.
 pub const TX_QUEUE: usize = 1;
-/// Only used to announce a transport reset; husk never does.
+/// Only used to announce a transport reset, after a restore (see `persist`).
 pub const EVENT_QUEUE: usize = 2;
 
 #[cfg(test)]

@@ -1,13 +1,17 @@
 //! vsock packets as they cross the virtqueues: the 44-byte little-endian
 //! `virtio_vsock_hdr` and the guest buffers of one descriptor chain.
 //!
-//! A chain is checked as a whole before a byte of it is used: every
-//! descriptor must go the expected way (device-readable on the tx queue,
-//! device-writable on the rx queue), be non-empty, lie inside guest memory
-//! and not overlap another descriptor of the same chain; the total is
-//! bounded. Only then are the header and payload copied, through vm-memory.
+//! A chain is checked as a whole before a byte of it is used: no
+//! descriptor may be indirect, and every one must go the expected way
+//! (device-readable on the tx queue, device-writable on the rx queue), be
+//! non-empty, lie inside guest memory and not overlap another descriptor of
+//! the same chain; the total is bounded. Only then are the header and
+//! payload copied, through vm-memory.
 
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use crate::devices::virtio::chain::{Chain, ChainError};
 
 /// Size of `struct virtio_vsock_hdr`.
 pub const HDR_SIZE: usize = 44;
@@ -85,6 +89,9 @@ pub enum PacketError {
     /// Reading or writing guest memory failed.
     #[error("guest memory access failed")]
     Memory,
+    /// The chain could not be walked (an indirect descriptor).
+    #[error("unusable descriptor chain")]
+    Chain(#[source] ChainError),
 }
 
 /// `struct virtio_vsock_hdr`.
@@ -165,6 +172,17 @@ pub struct Buffers {
 }
 
 impl Buffers {
+    /// Checks the descriptors of a chain popped from a queue, as
+    /// [`Buffers::from_descriptors`] does; an indirect descriptor fails it.
+    pub fn from_chain(
+        chain: Chain<'_>,
+        mem: &GuestMemoryMmap,
+        writable: bool,
+        limit: u32,
+    ) -> Result<Self, PacketError> {
+        Self::check(chain, mem, writable, limit)
+    }
+
     /// Checks the descriptors of a chain: all `writable` (or all readable),
     /// non-empty, inside `mem`, not overlapping, `limit` bytes at most.
     pub fn from_descriptors<I>(
@@ -174,11 +192,24 @@ impl Buffers {
         limit: u32,
     ) -> Result<Self, PacketError>
     where
-        I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
+        I: IntoIterator<Item = Descriptor>,
+    {
+        Self::check(descs.into_iter().map(Ok), mem, writable, limit)
+    }
+
+    fn check<I>(
+        descs: I,
+        mem: &GuestMemoryMmap,
+        writable: bool,
+        limit: u32,
+    ) -> Result<Self, PacketError>
+    where
+        I: IntoIterator<Item = Result<Descriptor, ChainError>>,
     {
         let mut regions = Vec::new();
         let mut total = 0u32;
         for d in descs {
+            let d = d.map_err(PacketError::Chain)?;
             if d.is_write_only() != writable {
                 return Err(PacketError::WrongDirection);
             }
@@ -325,7 +356,6 @@ impl Buffers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_queue::desc::split::Descriptor;
 
     const WRITE: u16 = 2;
 

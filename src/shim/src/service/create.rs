@@ -1,0 +1,355 @@
+//! Create: the pod's VM booted if this is its first container, the
+//! container's disks built on the host and put into drive slots, the
+//! container created in the guest and its stdio attached. Whatever fails
+//! is undone; a create that fails in a VM no container uses any more
+//! stops that VM, so nothing is left.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_shim::api;
+use containerd_shim::protos::events::task::{TaskCreate, TaskIO};
+use containerd_shim::protos::protobuf::MessageField;
+use husk_protocol::{CreateContainer, Request, Response, Rootfs, WritableLayer};
+use oci_spec::runtime::Spec;
+
+use super::state::{Container, ProcState, Process, RunningPod};
+use super::{process_ref, Inner, TaskError};
+use crate::error::Chain;
+use crate::io::StdioPaths;
+use crate::rootfs;
+use crate::slots::SlotError;
+use crate::spec;
+
+/// The owner of a container's volumes disk slot (its rootfs slot's owner
+/// is the container id).
+pub fn volumes_slot_owner(container_id: &str) -> String {
+    format!("{container_id}/volumes")
+}
+
+/// A writable disk of `size` bytes, its drive id to be filled in.
+fn disk(size: u64) -> Rootfs {
+    Rootfs {
+        drive_id: String::new(),
+        fstype: "ext4".into(),
+        read_only: false,
+        writable_overlay: false,
+        writable_layer: None,
+        size_bytes: Some(size),
+    }
+}
+
+impl Inner {
+    pub(super) fn create(self: &Arc<Self>, req: &api::CreateTaskRequest) -> Result<u32, TaskError> {
+        if req.id.is_empty() {
+            return Err(TaskError::InvalidArgument("no container id".into()));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(TaskError::Unsupported("checkpoint/restore"));
+        }
+        {
+            let mut st = self.lock();
+            if st.table.has(&req.id) {
+                return Err(TaskError::Exists(format!("container {}", req.id)));
+            }
+            st.table.creating.insert(req.id.clone());
+        }
+        let created = self.create_reserved(req);
+        if let Err(e) = &created {
+            let (unused, pod) = {
+                let mut st = self.lock();
+                st.table.creating.remove(&req.id);
+                (st.table.is_empty(), st.vm.running().cloned())
+            };
+            tracing::error!(container = %req.id, error = %Chain(e), "cannot create the container");
+            // The VM was booted for this container (or outlived every
+            // other): nobody would stop it.
+            if let (true, Some(pod)) = (unused, pod) {
+                // Evidence for a guest that stopped answering: is it the
+                // one request, or the whole agent?
+                let agent_answers = pod.vm.probe_agent(Duration::from_secs(2));
+                let log = pod.vm.log_tail();
+                drop(pod);
+                tracing::warn!(
+                    ?agent_answers,
+                    log,
+                    "no container left in the pod's microVM: stopping it"
+                );
+                self.stop_vm();
+            }
+        }
+        created
+    }
+
+    /// Create once the id is reserved.
+    fn create_reserved(self: &Arc<Self>, req: &api::CreateTaskRequest) -> Result<u32, TaskError> {
+        let path = Path::new(&req.bundle).join("config.json");
+        let spec = Spec::load(&path).map_err(|source| TaskError::Spec { path, source })?;
+        let pod_id = spec::sandbox_id(&spec, &req.id);
+        if let Some(p) = &self.lock().pod_id {
+            if *p != pod_id {
+                return Err(TaskError::OtherPod {
+                    id: req.id.clone(),
+                    pod: pod_id,
+                    serves: p.clone(),
+                });
+            }
+        }
+        let pod = self.ensure_vm(&pod_id, &spec)?;
+        self.create_in(&pod, req, spec, &pod_id)
+    }
+
+    /// Create's work once the pod's VM runs: the container's disks, the
+    /// agent's container, its stdio. Whatever fails is undone here but
+    /// the VM.
+    fn create_in(
+        &self,
+        pod: &RunningPod,
+        req: &api::CreateTaskRequest,
+        mut spec: Spec,
+        pod_id: &str,
+    ) -> Result<u32, TaskError> {
+        let id = req.id.as_str();
+        let bundle = PathBuf::from(&req.bundle);
+        // The root filesystem: containerd's mounts, or the bundle's tree.
+        let root = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_else(|| PathBuf::from("rootfs"));
+        let root = if root.is_absolute() {
+            root
+        } else {
+            bundle.join(root)
+        };
+        let sandbox_pid = self.lock().sandbox_pid;
+        let adjusted = spec::for_guest(&mut spec, sandbox_pid);
+        if !adjusted.dropped_mounts.is_empty() || adjusted.dropped_hooks {
+            tracing::warn!(container = id, mounts = ?adjusted.dropped_mounts, hooks = adjusted.dropped_hooks,
+                "bind mounts of special files and hooks are not carried into the microVM");
+        }
+        let image = pod.dir.image(id);
+        let volumes_image = pod.dir.volumes_image(id);
+        let undo = || {
+            for owner in [id.to_string(), volumes_slot_owner(id)] {
+                if let Err(e) = pod.detach(&owner) {
+                    tracing::warn!(container = id, error = %Chain(&e), "cannot free a drive slot");
+                }
+            }
+            let _ = std::fs::remove_file(&image);
+            let _ = std::fs::remove_file(&volumes_image);
+        };
+        let disks = self.disks(pod, req, &root, &image, &adjusted.volumes, &volumes_image);
+        let (rootfs, volumes) = match disks {
+            Ok(d) => d,
+            Err(e) => {
+                undo();
+                return Err(e);
+            }
+        };
+        let has_volumes = volumes.is_some();
+        let created = pod.vm.call(Request::CreateContainer(CreateContainer {
+            container_id: id.to_string(),
+            spec: Box::new(spec),
+            rootfs,
+            volumes,
+        }));
+        let pid = match created {
+            Ok(Response::Started { pid }) if pid > 0 => pid,
+            Ok(other) => {
+                undo();
+                return Err(TaskError::UnexpectedReply {
+                    request: "CreateContainer",
+                    reply: format!("{other:?}"),
+                });
+            }
+            Err(e) => {
+                undo();
+                return Err(TaskError::agent(format!("create container {id}"))(e));
+            }
+        };
+        let paths = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let io = match pod.vm.attach_stdio(&process_ref(id, ""), &paths) {
+            Ok(io) => io,
+            Err(e) => {
+                let _ = pod.vm.call(Request::RemoveContainer {
+                    container_id: id.to_string(),
+                });
+                undo();
+                return Err(TaskError::agent(format!(
+                    "attach the stdio of container {id}"
+                ))(e));
+            }
+        };
+        {
+            let mut st = self.lock();
+            st.table.creating.remove(id);
+            if id == pod_id {
+                st.sandbox_pid = Some(pid);
+            }
+            st.table.containers.insert(
+                id.to_string(),
+                Container {
+                    bundle: req.bundle.clone(),
+                    image: Some(image.clone()),
+                    volumes_image: has_volumes.then(|| volumes_image.clone()),
+                    deleting: false,
+                    init: Process {
+                        paths,
+                        state: ProcState::Created { pid, io },
+                    },
+                    execs: Default::default(),
+                },
+            );
+        }
+        self.publish(TaskCreate {
+            container_id: id.to_string(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            pid,
+            ..Default::default()
+        });
+        tracing::info!(container = id, pod = pod_id, pid, "container created");
+        Ok(pid)
+    }
+
+    /// The container's disks, built and in their slots: its root
+    /// filesystem, and its volumes if it has any.
+    fn disks(
+        &self,
+        pod: &RunningPod,
+        req: &api::CreateTaskRequest,
+        root: &Path,
+        image: &Path,
+        volumes: &[PathBuf],
+        volumes_image: &Path,
+    ) -> Result<(Rootfs, Option<Rootfs>), TaskError> {
+        let id = req.id.as_str();
+        let disk_error = |what| {
+            move |source| TaskError::Disk {
+                what,
+                id: id.to_string(),
+                source: Box::new(source),
+            }
+        };
+        let slot_error = |what| {
+            move |source| TaskError::Slot {
+                what,
+                id: id.to_string(),
+                source: Box::new(source),
+            }
+        };
+        let rootfs = match self.shared_layers(pod, req, root, image)? {
+            Some(layered) => layered,
+            None => {
+                let size = rootfs::build_image(&req.rootfs, root, image)
+                    .map_err(disk_error("root filesystem"))?;
+                Rootfs {
+                    drive_id: pod
+                        .attach(id, image)
+                        .map_err(slot_error("root filesystem"))?,
+                    ..disk(size)
+                }
+            }
+        };
+        if volumes.is_empty() {
+            return Ok((rootfs, None));
+        }
+        let staging = Path::new(&req.bundle).join("husk-volumes");
+        let size = rootfs::build_volumes_image(volumes, &staging, volumes_image)
+            .map_err(disk_error("volumes disk"))?;
+        let volumes = Rootfs {
+            drive_id: pod
+                .attach(&volumes_slot_owner(id), volumes_image)
+                .map_err(slot_error("volumes disk"))?,
+            ..disk(size)
+        };
+        Ok((rootfs, Some(volumes)))
+    }
+
+    /// A new container's rootfs as its image's shared layers (from the
+    /// image cache, on a read-only slot) under an empty writable layer of
+    /// its own (`image`, on a writable slot); `None` when that does not
+    /// apply (see the rootfs module) and the rootfs is to be copied whole.
+    fn shared_layers(
+        &self,
+        pod: &RunningPod,
+        req: &api::CreateTaskRequest,
+        root: &Path,
+        image: &Path,
+    ) -> Result<Option<Rootfs>, TaskError> {
+        if self.config.image_slots == 0 {
+            return Ok(None);
+        }
+        let Some(lowers) = rootfs::fresh_layers(&req.rootfs) else {
+            return Ok(None);
+        };
+        let id = req.id.as_str();
+        let cache = rootfs::ImageCache::new(&self.config.image_cache_dir);
+        let (layers, layers_size) =
+            cache
+                .layers_image(&lowers, root)
+                .map_err(|source| TaskError::Disk {
+                    what: "image layers",
+                    id: id.to_string(),
+                    source: Box::new(source),
+                })?;
+        let layers_slot = match pod.attach_shared(id, &layers) {
+            Ok(slot) => slot,
+            Err(SlotError::NoImageSlot(n)) => {
+                tracing::info!(
+                    container = id,
+                    slots = n,
+                    "no image slot free: the rootfs is copied whole"
+                );
+                return Ok(None);
+            }
+            Err(source) => {
+                return Err(TaskError::Slot {
+                    what: "image layers",
+                    id: id.to_string(),
+                    source: Box::new(source),
+                })
+            }
+        };
+        let writable_size = rootfs::build_writable_layer(
+            image,
+            self.config.writable_layer_mib.saturating_mul(1 << 20),
+        )
+        .map_err(|source| TaskError::Disk {
+            what: "writable layer",
+            id: id.to_string(),
+            source: Box::new(source),
+        })?;
+        let writable_slot = pod.attach(id, image).map_err(|source| TaskError::Slot {
+            what: "writable layer",
+            id: id.to_string(),
+            source: Box::new(source),
+        })?;
+        Ok(Some(Rootfs {
+            drive_id: layers_slot,
+            fstype: "ext4".into(),
+            read_only: true,
+            writable_overlay: true,
+            writable_layer: Some(WritableLayer {
+                drive_id: writable_slot,
+                fstype: "ext4".into(),
+                size_bytes: Some(writable_size),
+            }),
+            size_bytes: Some(layers_size),
+        }))
+    }
+}

@@ -1,0 +1,308 @@
+//! The pod's VM from boot to end. The first create boots it (others wait
+//! on the Booting state, not on a lock); three threads then serve it: one
+//! waits for husk to exit, one reads the agent's event stream, one turns
+//! events into task events (`events.rs`). husk's end ends every process
+//! (status 255), undoes the pod's network and removes its files; a stop
+//! asks the agent to power the guest off and kills husk if it does not.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use containerd_shim::protos::events::task::TaskExit;
+use containerd_shim::protos::protobuf::MessageField;
+use oci_spec::runtime::Spec;
+
+use super::events::{self, Job, QUEUE};
+use super::state::{RunningPod, VmState};
+use super::{now, pod_dir, Inner, TaskError, VM_GONE_STATUS};
+use crate::config::Config;
+use crate::error::Chain;
+use crate::pod::{EventStream, VmSpec};
+use crate::slots::{self, Slots};
+use crate::{network, spec, vm};
+
+/// How long the agent may take to answer a shutdown (it answers at once,
+/// then stops what is left and powers the guest off).
+const SHUTDOWN_ANSWER: Duration = Duration::from_secs(5);
+
+/// How long husk may take to exit after the guest was asked to power off
+/// (or after it was killed), and its files to go.
+const CLEANUP: Duration = Duration::from_secs(10);
+
+/// Starts a named thread; a thread the system cannot give is an error.
+fn spawn(name: &'static str, f: impl FnOnce() + Send + 'static) -> Result<(), TaskError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(drop)
+        .map_err(|source| TaskError::Thread { what: name, source })
+}
+
+/// A VM just booted, before its threads run.
+struct Booted {
+    pod: Arc<RunningPod>,
+    /// The event worker's end of the queue.
+    jobs: Receiver<Job>,
+    /// The agent's event stream, if it opened.
+    stream: Option<Box<dyn EventStream>>,
+}
+
+impl Inner {
+    /// The running VM, booted first if no create has.
+    pub(super) fn ensure_vm(
+        self: &Arc<Self>,
+        pod_id: &str,
+        spec: &Spec,
+    ) -> Result<Arc<RunningPod>, TaskError> {
+        {
+            let mut st = self.lock();
+            loop {
+                match &st.vm {
+                    VmState::Running { pod, .. } => return Ok(pod.clone()),
+                    VmState::Booting => {
+                        st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                    }
+                    VmState::Gone | VmState::Cleaned => return Err(TaskError::VmExited),
+                    VmState::NotBooted => break,
+                }
+            }
+            st.vm = VmState::Booting;
+            st.pod_id = Some(pod_id.to_string());
+        }
+        let booted = self.boot(pod_id, spec);
+        let Booted { pod, jobs, stream } = match booted {
+            Ok(b) => b,
+            Err(e) => {
+                self.lock().vm = VmState::NotBooted;
+                self.changed.notify_all();
+                return Err(e);
+            }
+        };
+        self.lock().vm = VmState::Running {
+            pod: pod.clone(),
+            paused: false,
+        };
+        self.changed.notify_all();
+        self.serve(&pod, jobs, stream)?;
+        Ok(pod)
+    }
+
+    /// Boots the VM: the pod's network wired first, husk in it.
+    fn boot(&self, pod_id: &str, spec: &Spec) -> Result<Booted, TaskError> {
+        let (vcpus, mem_mib) = spec::vm_size(
+            spec,
+            self.config.default_vcpus,
+            self.config.default_memory_mib,
+            self.config.max_vcpus,
+        );
+        let network = match network::netns_path(spec) {
+            Some(netns) => network::setup(&netns).map_err(|e| TaskError::Network(Box::new(e)))?,
+            None => None,
+        };
+        let vm_spec = VmSpec {
+            id: pod_id.to_string(),
+            vcpus,
+            mem_mib,
+            hostname: spec.hostname().clone(),
+            network: network.clone(),
+        };
+        let dir = self.pod_dir(pod_id);
+        let slot_specs = slots::layout(&self.config, &dir);
+        tracing::info!(pod = pod_id, vcpus, mem_mib, dir = %dir.0.display(), "booting the pod's microVM");
+        let vm = match self.launcher.boot(&dir, &vm_spec, &slot_specs) {
+            Ok(vm) => vm,
+            Err(e) => {
+                if let Some(net) = &network {
+                    network::teardown(net);
+                }
+                return Err(TaskError::Boot(Box::new(e)));
+            }
+        };
+        // Subscribed before any container exists, so no exit can be missed.
+        let stream = match vm.events() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %Chain(&e), "cannot open the agent's event stream yet");
+                None
+            }
+        };
+        let (events, jobs) = sync_channel(QUEUE);
+        let pod = Arc::new(RunningPod {
+            vm,
+            dir,
+            slots: Mutex::new(Slots::new(&slot_specs)),
+            network,
+            events,
+        });
+        Ok(Booted { pod, jobs, stream })
+    }
+
+    /// Starts the running VM's threads. If one cannot start, husk is
+    /// killed and its end handled as any other.
+    fn serve(
+        self: &Arc<Self>,
+        pod: &Arc<RunningPod>,
+        jobs: Receiver<Job>,
+        stream: Option<Box<dyn EventStream>>,
+    ) -> Result<(), TaskError> {
+        let me = Arc::downgrade(self);
+        let vm = pod.vm.clone();
+        let watched = spawn("shim-vm-watch", move || {
+            let how = vm.wait_exit();
+            if let Some(me) = me.upgrade() {
+                me.vm_exited(&how);
+            }
+        });
+        if let Err(e) = watched {
+            pod.vm.kill();
+            let how = pod.vm.wait_exit();
+            self.vm_exited(&how);
+            return Err(e);
+        }
+        let me = Arc::downgrade(self);
+        let others = spawn("shim-exits", move || events::worker(me, jobs)).and_then(|()| {
+            let (me, vm, queue) = (Arc::downgrade(self), pod.vm.clone(), pod.events.clone());
+            spawn("shim-events", move || events::reader(me, vm, queue, stream))
+        });
+        if others.is_err() {
+            pod.vm.kill();
+        }
+        others
+    }
+
+    /// husk exited: every process still running is reported exited, and
+    /// the VM's network and files go.
+    pub(super) fn vm_exited(&self, how: &str) {
+        let exited_at = now();
+        let mut exits = Vec::new();
+        let mut ios = Vec::new();
+        let pod = {
+            let mut st = self.lock();
+            let pod = match std::mem::replace(&mut st.vm, VmState::Gone) {
+                VmState::Running { pod, .. } => pod,
+                other => {
+                    st.vm = other;
+                    return;
+                }
+            };
+            for (cid, c) in st.table.containers.iter_mut() {
+                for (exec, p) in c.processes_mut() {
+                    if let Some(io) = p.end(VM_GONE_STATUS, exited_at.clone()) {
+                        ios.extend(io);
+                        let id = if exec.is_empty() { cid } else { exec };
+                        exits.push((cid.clone(), id.to_string(), p.pid()));
+                    }
+                }
+                // Its files go with the pod's directory.
+                c.image = None;
+                c.volumes_image = None;
+            }
+            pod
+        };
+        self.changed.notify_all();
+        if let Some(net) = &pod.network {
+            network::teardown(net);
+        }
+        if exits.is_empty() {
+            tracing::info!(how, "the pod's microVM exited");
+        } else {
+            tracing::error!(
+                how,
+                processes = exits.len(),
+                log = pod.vm.log_tail(),
+                "the pod's microVM exited under running processes"
+            );
+        }
+        for io in ios {
+            io.finish();
+        }
+        for (container_id, id, pid) in exits {
+            self.publish(TaskExit {
+                container_id,
+                id,
+                pid,
+                exit_status: VM_GONE_STATUS,
+                exited_at: MessageField::some(exited_at.clone()),
+                ..Default::default()
+            });
+        }
+        // Sockets, disk images, the log: nothing of the VM stays.
+        vm::remove_dir(&pod.dir);
+        tracing::debug!(
+            rejected_events = self.rejected.load(Ordering::Relaxed),
+            "the pod's microVM is cleaned up"
+        );
+        drop(pod);
+        self.lock().vm = VmState::Cleaned;
+        self.changed.notify_all();
+    }
+
+    /// Shuts the guest down (the agent stops what is left and resets it)
+    /// and waits for husk to exit and its end to be handled; kills husk
+    /// if the guest does not go.
+    pub(super) fn stop_vm(&self) {
+        let pod = self.lock().vm.running().cloned();
+        if let Some(pod) = pod {
+            if !pod.vm.shutdown_guest(SHUTDOWN_ANSWER) || !self.wait_cleaned(CLEANUP) {
+                tracing::warn!(
+                    pid = pod.vm.pid(),
+                    "the guest did not shut down; killing husk"
+                );
+                pod.vm.kill();
+            }
+        }
+        // The VM's end is handled on its watcher thread: wait for the
+        // files and the network to be gone, so the shim never exits
+        // half-way through.
+        let booted = matches!(self.lock().vm, VmState::Running { .. } | VmState::Gone);
+        if booted && !self.wait_cleaned(CLEANUP) {
+            tracing::warn!("the pod's microVM was not cleaned up in time");
+        }
+    }
+
+    /// Waits until the VM's end is fully handled; false on timeout.
+    pub(super) fn wait_cleaned(&self, limit: Duration) -> bool {
+        let st = self.lock();
+        let (_st, timeout) = self
+            .changed
+            .wait_timeout_while(st, limit, |s| !matches!(s.vm, VmState::Cleaned))
+            .unwrap_or_else(|e| e.into_inner());
+        !timeout.timed_out()
+    }
+
+    /// Shutdown: once no container is left, the VM goes and the shim
+    /// exits.
+    pub(super) fn shutdown(&self) {
+        if !self.lock().table.is_empty() {
+            return;
+        }
+        self.stop_vm();
+        let pod_id = self.lock().pod_id.clone();
+        if let Some(pod_id) = pod_id {
+            vm::remove_dir(&self.pod_dir(&pod_id));
+        }
+        self.exit.signal();
+    }
+}
+
+/// What `containerd-shim-husk-v2 delete` does after a shim crash: kill the
+/// pod's husk if it was this container's pod, remove the container's disk
+/// (and the pod's state if it was the pod), unmount the bundle's rootfs.
+pub fn cleanup_after_crash(config: &Config, namespace: &str, id: &str, bundle: &Path) {
+    let pod_id = Spec::load(bundle.join("config.json"))
+        .map(|s| spec::sandbox_id(&s, id))
+        .unwrap_or_else(|_| id.to_string());
+    let dir = pod_dir(config, namespace, &pod_id);
+    if pod_id == id {
+        vm::kill_recorded(&dir);
+        vm::remove_dir(&dir);
+    } else {
+        let _ = std::fs::remove_file(dir.image(id));
+        let _ = std::fs::remove_file(dir.volumes_image(id));
+    }
+    let _ =
+        containerd_shim::mount::umount_recursive(bundle.join("rootfs").to_str(), libc::MNT_DETACH);
+}

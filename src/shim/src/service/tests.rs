@@ -1,0 +1,662 @@
+//! The task service against fakes of the VM, its agent and containerd
+//! (`fake.rs`): each test drives the handlers as containerd would and
+//! checks what the guest was asked, what containerd was told, and what is
+//! left, in milliseconds. Disk images are built for real (mke2fs of an
+//! empty tree).
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use containerd_shim::api::{CreateTaskRequest, ExecProcessRequest, Status};
+use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExecStarted};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use containerd_shim::protos::ttrpc::Code;
+use containerd_shim::ExitSignal;
+use husk_protocol::client::{ClientError, Endpoint};
+use husk_protocol::{AgentError, ErrorCode, Event, ExitStatus, ProcessRef, Request, Response};
+
+use super::fake::{Events, FakeVm, Launcher};
+use super::state::VmState;
+use super::{Inner, Service, TaskError};
+use crate::config::Config;
+
+/// A pod's shim with a fake VM; the VM dies with it.
+struct Pod {
+    svc: Arc<Inner>,
+    vm: Arc<FakeVm>,
+    events: Arc<Events>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.vm.die("the test is over");
+    }
+}
+
+/// The pod every test container belongs to; its sandbox has this id.
+const POD: &str = "pod";
+
+fn pod_with(configure: impl FnOnce(&mut Config)) -> Pod {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        state_dir: dir.path().join("state"),
+        image_cache_dir: dir.path().join("images"),
+        ..Config::default()
+    };
+    configure(&mut config);
+    let vm = FakeVm::new();
+    let events = Arc::new(Events::default());
+    let service = Service::new(
+        "test",
+        config,
+        Arc::new(ExitSignal::default()),
+        Box::new(Launcher::new(&vm)),
+        Box::new(events.clone()),
+    );
+    Pod {
+        svc: service.inner,
+        vm,
+        events,
+        dir,
+    }
+}
+
+fn pod() -> Pod {
+    pod_with(|_| {})
+}
+
+fn code(e: TaskError) -> Code {
+    e.code()
+}
+
+impl Pod {
+    /// A bundle for container `id` of the pod, its rootfs an empty tree.
+    fn bundle(&self, id: &str) -> String {
+        let bundle = self.dir.path().join("bundles").join(id);
+        std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        let mut spec = oci_spec::runtime::Spec::default();
+        spec.set_annotations(Some(
+            [(crate::spec::SANDBOX_ID.to_string(), POD.to_string())].into(),
+        ));
+        spec.save(bundle.join("config.json")).unwrap();
+        bundle.display().to_string()
+    }
+
+    fn create(&self, id: &str) -> Result<u32, TaskError> {
+        self.svc.create(&CreateTaskRequest {
+            id: id.into(),
+            bundle: self.bundle(id),
+            ..Default::default()
+        })
+    }
+
+    fn exec(&self, id: &str, exec_id: &str) -> Result<(), TaskError> {
+        let spec = serde_json::to_vec(&oci_spec::runtime::Process::default()).unwrap();
+        self.svc.exec(&ExecProcessRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            spec: Some(Any {
+                value: spec,
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        })
+    }
+
+    fn status(&self, id: &str, exec_id: &str) -> Result<Status, TaskError> {
+        let s = self.svc.state(id, exec_id)?;
+        Ok(s.status.enum_value_or_default())
+    }
+
+    fn pod_dir(&self) -> PathBuf {
+        self.dir.path().join("state/test").join(POD)
+    }
+
+    /// The pod's sandbox, created and started.
+    fn running(&self) -> u32 {
+        self.create(POD).unwrap();
+        self.svc.start(POD, "").unwrap()
+    }
+
+    fn cleaned(&self) -> bool {
+        matches!(self.svc.lock().vm, VmState::Cleaned)
+    }
+}
+
+/// Runs `f` on a thread; its result, or `None` if it did not return
+/// within 10 s (it hangs: the test fails rather than stalls).
+fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(10)).ok()
+}
+
+#[test]
+fn a_container_is_created_started_waited_for_and_deleted() {
+    let p = pod();
+    let pid = p.create(POD).unwrap();
+    assert_eq!(p.status(POD, "").unwrap(), Status::CREATED);
+    assert_eq!(p.svc.start(POD, "").unwrap(), pid);
+    assert_eq!(p.status(POD, "").unwrap(), Status::RUNNING);
+    p.vm.end_process(POD, None, ExitStatus::Code(3), true);
+    let svc = p.svc.clone();
+    let waited = within(move || svc.wait(POD, "")).expect("wait returned");
+    assert_eq!(waited.unwrap().exit_status, 3);
+    assert_eq!(p.status(POD, "").unwrap(), Status::STOPPED);
+    let deleted = p.svc.delete(POD, "").unwrap();
+    assert_eq!((deleted.pid, deleted.exit_status), (pid, 3));
+    assert_eq!(code(p.svc.state(POD, "").unwrap_err()), Code::NOT_FOUND);
+    assert_eq!(
+        p.events.topics(),
+        [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete"
+        ]
+    );
+    // The pod's last container went, and its VM with it.
+    assert!(p.vm.is_dead() && p.cleaned());
+    assert!(!p.pod_dir().exists());
+}
+
+#[test]
+fn requests_in_the_wrong_state_are_failed_precondition() {
+    let p = pod();
+    p.running();
+    fn precondition<T: std::fmt::Debug>(r: Result<T, TaskError>) -> Code {
+        code(r.unwrap_err())
+    }
+    assert_eq!(
+        precondition(p.svc.start(POD, "")),
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        precondition(p.svc.delete(POD, "")),
+        Code::FAILED_PRECONDITION
+    );
+    p.exec(POD, "e1").unwrap();
+    assert_eq!(code(p.exec(POD, "e1").unwrap_err()), Code::ALREADY_EXISTS);
+    assert_eq!(
+        precondition(p.svc.kill(POD, "e1", 9, false)),
+        Code::FAILED_PRECONDITION
+    );
+    p.svc.start(POD, "e1").unwrap();
+    assert_eq!(
+        precondition(p.svc.start(POD, "e1")),
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        precondition(p.svc.delete(POD, "e1")),
+        Code::FAILED_PRECONDITION
+    );
+    p.svc.pause_or_resume(POD, true).unwrap();
+    assert_eq!(p.status(POD, "").unwrap(), Status::PAUSED);
+    assert_eq!(
+        precondition(p.svc.pause_or_resume(POD, true)),
+        Code::FAILED_PRECONDITION
+    );
+    p.svc.pause_or_resume(POD, false).unwrap();
+    assert_eq!(
+        precondition(p.svc.pause_or_resume(POD, false)),
+        Code::FAILED_PRECONDITION
+    );
+    // Killed: gone from the guest, then in the table.
+    p.svc.kill(POD, "", 9, true).unwrap();
+    let svc = p.svc.clone();
+    assert_eq!(
+        within(move || svc.wait(POD, ""))
+            .unwrap()
+            .unwrap()
+            .exit_status,
+        137
+    );
+    // As runc-based shims answer: a finished process is not found.
+    assert_eq!(
+        code(p.svc.kill(POD, "", 9, false).unwrap_err()),
+        Code::NOT_FOUND
+    );
+    assert_eq!(
+        code(p.exec(POD, "e2").unwrap_err()),
+        Code::FAILED_PRECONDITION
+    );
+    assert_eq!(
+        precondition(p.svc.start(POD, "")),
+        Code::FAILED_PRECONDITION
+    );
+    let message = p.svc.start(POD, "").unwrap_err().to_string();
+    assert_eq!(message, "cannot start container pod: it is stopped");
+}
+
+#[test]
+fn a_create_that_fails_after_the_vm_booted_leaves_nothing() {
+    let p = pod();
+    p.vm.hook(|r| {
+        matches!(r, Request::CreateContainer(_)).then(|| {
+            Err(ClientError::Agent(AgentError::new(
+                ErrorCode::System,
+                "no space left on the guest",
+            )))
+        })
+    });
+    let e = p.create(POD).unwrap_err();
+    let message = ttrpc_message(e);
+    assert!(
+        message.starts_with("cannot create container pod in the guest: the agent refused"),
+        "{message}"
+    );
+    assert_eq!(message.matches("no space left").count(), 1, "{message}");
+    // The disk went into a slot and came out; the guest was shut down.
+    assert_eq!(
+        p.vm.journal(),
+        [
+            "swap slot0 rootfs-pod.ext4",
+            "call create_container",
+            "swap slot0 slot0.empty",
+            "call shutdown",
+        ]
+    );
+    assert!(p.vm.is_dead() && p.cleaned());
+    assert!(!p.pod_dir().exists(), "the pod's files are left");
+    assert!(p.events.topics().is_empty(), "{:?}", p.events.topics());
+    assert!(p.svc.lock().table.is_empty());
+}
+
+fn ttrpc_message(e: TaskError) -> String {
+    match containerd_shim::protos::ttrpc::Error::from(e) {
+        containerd_shim::protos::ttrpc::Error::RpcStatus(s) => s.message,
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn delete_kills_removes_frees_the_slots_and_then_stops_the_vm() {
+    let p = pod();
+    p.create(POD).unwrap();
+    p.create("c2").unwrap();
+    let image = p.pod_dir().join("rootfs-c2.ext4");
+    assert!(image.exists());
+    let before = p.vm.journal().len();
+    // A member, created and never started: its waiting init is killed.
+    p.svc.delete("c2", "").unwrap();
+    assert_eq!(
+        p.vm.journal()[before..],
+        [
+            "call signal_process",
+            "call remove_container",
+            "swap slot1 slot1.empty",
+        ]
+    );
+    assert!(!image.exists());
+    assert!(!p.vm.is_dead(), "a member's delete stopped the pod");
+    // The sandbox: the same, then the VM goes, then containerd hears.
+    let before = p.vm.journal().len();
+    let deleted = p.svc.delete(POD, "").unwrap();
+    assert_eq!(deleted.exit_status, super::VM_GONE_STATUS);
+    assert_eq!(
+        p.vm.journal()[before..],
+        [
+            "call signal_process",
+            "call remove_container",
+            "swap slot0 slot0.empty",
+            "call shutdown",
+        ]
+    );
+    assert!(p.cleaned() && !p.pod_dir().exists());
+    assert_eq!(
+        p.events.topics().last().map(String::as_str),
+        Some("/tasks/delete")
+    );
+    let deleted: Vec<String> = p
+        .events
+        .of::<TaskDelete>()
+        .into_iter()
+        .map(|d| d.container_id)
+        .collect();
+    assert_eq!(deleted, ["c2", POD]);
+    // The kills' exits came while the containers were being deleted:
+    // expected, not reported, not refused.
+    assert!(p.events.exits().is_empty());
+    assert_eq!(p.svc.rejected.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn wait_returns_when_the_vm_dies() {
+    let p = pod();
+    p.running();
+    p.exec(POD, "e1").unwrap();
+    p.svc.start(POD, "e1").unwrap();
+    let (svc, svc2) = (p.svc.clone(), p.svc.clone());
+    let init = std::thread::spawn(move || svc.wait(POD, ""));
+    let exec = std::thread::spawn(move || svc2.wait(POD, "e1"));
+    p.vm.die("killed by the test");
+    let init = within(move || init.join().unwrap()).expect("wait returned");
+    assert_eq!(init.unwrap().exit_status, super::VM_GONE_STATUS);
+    let exec = within(move || exec.join().unwrap()).expect("wait returned");
+    assert_eq!(exec.unwrap().exit_status, super::VM_GONE_STATUS);
+    assert!(p.events.wait_for(|e| e.exits().len() == 2));
+    let svc = p.svc.clone();
+    assert!(within(move || svc.wait_cleaned(Duration::from_secs(10))).unwrap());
+    assert!(!p.pod_dir().exists());
+    // Nothing more is created in a VM that is gone.
+    assert_eq!(code(p.create("c2").unwrap_err()), Code::UNAVAILABLE);
+}
+
+#[test]
+fn a_stalled_exec_start_does_not_hold_up_other_tasks() {
+    let p = pod();
+    p.running();
+    p.create("c2").unwrap();
+    p.exec(POD, "e1").unwrap();
+    let (entered, release) = (channel(), channel::<()>());
+    let (entered_tx, release_rx) = (Mutex::new(entered.0), Mutex::new(release.1));
+    p.vm.hook(move |r| {
+        if matches!(r, Request::ExecProcess { .. }) {
+            let _ = entered_tx.lock().unwrap().send(());
+            // A guest that takes its time to answer.
+            let _ = release_rx.lock().unwrap().recv();
+        }
+        None
+    });
+    let svc = p.svc.clone();
+    let start = std::thread::spawn(move || svc.start(POD, "e1"));
+    entered.1.recv().unwrap();
+    // While the guest sits on the exec: state, start, kill, wait and
+    // delete of other tasks go through.
+    let svc = p.svc.clone();
+    let others = within(move || {
+        let state = svc
+            .state("c2", "")
+            .map(|s| s.status.enum_value_or_default());
+        let starting = svc
+            .state(POD, "e1")
+            .map(|s| s.status.enum_value_or_default());
+        svc.start("c2", "").unwrap();
+        svc.kill("c2", "", 9, false).unwrap();
+        let waited = svc.wait("c2", "").map(|w| w.exit_status);
+        svc.delete("c2", "").unwrap();
+        (state.unwrap(), starting.unwrap(), waited.unwrap())
+    });
+    assert_eq!(others, Some((Status::CREATED, Status::CREATED, 137)));
+    release.0.send(()).unwrap();
+    let pid = within(move || start.join().unwrap()).expect("start returned");
+    assert!(pid.unwrap() > 0);
+    assert_eq!(p.status(POD, "e1").unwrap(), Status::RUNNING);
+}
+
+#[test]
+fn drive_slots_are_handed_out_and_come_back() {
+    let p = pod_with(|c| c.drive_slots = 2);
+    p.create(POD).unwrap();
+    p.create("c2").unwrap();
+    let full = p.create("c3").unwrap_err();
+    assert_eq!(code(full), Code::RESOURCE_EXHAUSTED);
+    // The failed create left no image and the VM runs on.
+    assert!(!p.pod_dir().join("rootfs-c3.ext4").exists());
+    assert!(!p.vm.is_dead());
+    p.svc.delete("c2", "").unwrap();
+    p.create("c3").unwrap();
+    let journal = p.vm.journal();
+    let swaps: Vec<&str> = journal
+        .iter()
+        .filter(|j| j.starts_with("swap"))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        swaps,
+        [
+            "swap slot0 rootfs-pod.ext4",
+            "swap slot1 rootfs-c2.ext4",
+            "swap slot1 slot1.empty",
+            "swap slot1 rootfs-c3.ext4",
+        ]
+    );
+}
+
+#[test]
+fn an_agent_reply_sent_a_byte_at_a_time_fails_at_its_deadline_and_the_pod_still_deletes() {
+    // The real client (with its one deadline per call) against a guest
+    // that answers every request a byte at a time, for ever.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let _: husk_protocol::Hello = husk_protocol::read_frame(&mut conn).unwrap();
+                let accepted = husk_protocol::Accepted {
+                    version: husk_protocol::PROTOCOL_VERSION,
+                    error: None,
+                };
+                husk_protocol::write_frame(&mut conn, &accepted).unwrap();
+                let _: husk_protocol::RequestFrame = husk_protocol::read_frame(&mut conn).unwrap();
+                // A length prefix, then a reply that never ends.
+                let _ = conn.write_all(&(1u32 << 20).to_be_bytes());
+                while conn.write_all(b" ").is_ok() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+        }
+    });
+    let agent = crate::vm::AgentPool::new(Endpoint::Unix(path), Duration::from_millis(200), None);
+    let p = pod();
+    p.create(POD).unwrap();
+    p.vm.hook(move |r| match r {
+        Request::SignalProcess { .. } | Request::RemoveContainer { .. } | Request::Shutdown => {
+            Some(agent.call(r.clone()))
+        }
+        _ => None,
+    });
+    let svc = p.svc.clone();
+    let deleted = within(move || svc.delete(POD, "")).expect("delete returned");
+    assert!(deleted.is_ok(), "{deleted:?}");
+    // Each call failed at its deadline; the guest was not waited for but
+    // killed, and nothing is left.
+    assert_eq!(
+        p.vm.journal()[2..],
+        [
+            "call signal_process",
+            "call remove_container",
+            "swap slot0 slot0.empty",
+            "call shutdown",
+            "kill",
+        ]
+    );
+    assert!(p.cleaned() && !p.pod_dir().exists());
+}
+
+/// Threads of this process.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
+
+#[test]
+fn ten_thousand_exit_events_leave_the_thread_count_bounded() {
+    const EXECS: usize = 200;
+    let p = pod();
+    p.running();
+    // Processes whose output stays open, as with a background child: an
+    // exit then waits for it (up to two seconds).
+    p.vm.output_lingers.store(true, Ordering::Relaxed);
+    for n in 0..EXECS {
+        p.exec(POD, &format!("e{n}")).unwrap();
+        p.svc.start(POD, &format!("e{n}")).unwrap();
+    }
+    let before = threads();
+    let mut most = before;
+    for n in 0..10_000 {
+        let exec_id = format!("e{}", n % (EXECS * 2));
+        // Half of them name execs the pod does not have, the rest come
+        // twice or more.
+        p.vm.send(Event::ProcessExited {
+            process: ProcessRef {
+                container_id: POD.into(),
+                exec_id: Some(exec_id),
+            },
+            status: ExitStatus::Code(1),
+        });
+        if n % 100 == 0 {
+            most = most.max(threads());
+        }
+    }
+    // Every real exit is held for its output, none reported yet.
+    let refused = (10_000 / (EXECS * 2) * EXECS) as u64;
+    let svc = p.svc.clone();
+    assert!(p
+        .events
+        .wait_for(|_| svc.rejected.load(Ordering::Relaxed) == refused));
+    most = most.max(threads());
+    assert!(
+        most <= before + 16,
+        "{most} threads during the flood, {before} before"
+    );
+    assert!(p.events.exits().is_empty());
+    // The output ends: every exit is reported, once.
+    for io in p.vm.stdio() {
+        io.finished.store(true, Ordering::Relaxed);
+    }
+    assert!(p.events.wait_for(|e| e.exits().len() == EXECS));
+    assert_eq!(p.svc.rejected.load(Ordering::Relaxed), refused);
+}
+
+#[test]
+fn events_for_other_containers_or_impossible_statuses_are_refused() {
+    let p = pod();
+    p.running();
+    let exit = |id: &str, exec_id: Option<&str>, status| Event::ProcessExited {
+        process: ProcessRef {
+            container_id: id.into(),
+            exec_id: exec_id.map(Into::into),
+        },
+        status,
+    };
+    p.vm.send(Event::Oom {
+        container_id: "another-pods-container".into(),
+    });
+    p.vm.send(exit("another-pods-container", None, ExitStatus::Code(0)));
+    p.vm.send(exit(POD, Some("no-such-exec"), ExitStatus::Code(0)));
+    p.vm.send(exit(POD, None, ExitStatus::Signal(i32::MAX)));
+    p.vm.send(exit(POD, None, ExitStatus::Code(-1)));
+    // One of its own, after them on the same queue.
+    p.vm.send(Event::Oom {
+        container_id: POD.into(),
+    });
+    assert!(p.events.wait_for(|e| !e.ooms().is_empty()));
+    let ooms: Vec<String> = p
+        .events
+        .ooms()
+        .into_iter()
+        .map(|o| o.container_id)
+        .collect();
+    assert_eq!(ooms, [POD]);
+    assert_eq!(p.svc.rejected.load(Ordering::Relaxed), 5);
+    assert!(p.events.exits().is_empty());
+    assert_eq!(p.status(POD, "").unwrap(), Status::RUNNING);
+}
+
+#[test]
+fn a_lost_event_stream_is_reopened_and_the_missed_exit_delivered() {
+    let p = pod();
+    p.running();
+    // The exit goes to a stream the agent dropped: never seen.
+    p.vm.end_process(POD, None, ExitStatus::Code(7), false);
+    p.vm.cut_stream();
+    let svc = p.svc.clone();
+    let waited = within(move || svc.wait(POD, "")).expect("wait returned");
+    assert_eq!(waited.unwrap().exit_status, 7);
+    assert_eq!(p.vm.streams.load(Ordering::Relaxed), 2);
+    assert!(p
+        .vm
+        .journal()
+        .contains(&"call list_process_states".to_string()));
+    assert_eq!(p.events.exits().len(), 1);
+    // Events flow on the new stream.
+    p.vm.send(Event::Oom {
+        container_id: POD.into(),
+    });
+    assert!(p.events.wait_for(|e| e.ooms().len() == 1));
+}
+
+#[test]
+fn an_exit_during_an_exec_start_is_reported_after_the_start() {
+    let p = pod();
+    p.running();
+    p.exec(POD, "e1").unwrap();
+    let vm = Arc::downgrade(&p.vm);
+    p.vm.hook(move |r| {
+        let Request::ExecProcess { .. } = r else {
+            return None;
+        };
+        // The process is quick: its exit is on the stream before the
+        // reply to its start.
+        let vm = vm.upgrade()?;
+        vm.send(Event::ProcessExited {
+            process: ProcessRef {
+                container_id: POD.into(),
+                exec_id: Some("e1".into()),
+            },
+            status: ExitStatus::Code(5),
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        Some(Ok(Response::Started { pid: 77 }))
+    });
+    assert_eq!(p.svc.start(POD, "e1").unwrap(), 77);
+    let svc = p.svc.clone();
+    let waited = within(move || svc.wait(POD, "e1")).expect("wait returned");
+    assert_eq!(waited.unwrap().exit_status, 5);
+    let topics = p.events.topics();
+    let started = topics.iter().position(|t| t == "/tasks/exec-started");
+    let exited = topics.iter().position(|t| t == "/tasks/exit");
+    assert!(started < exited && started.is_some(), "{topics:?}");
+    assert_eq!(p.events.of::<TaskExecStarted>()[0].pid, 77);
+    assert_eq!(p.svc.rejected.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_second_create_waits_for_the_boot_and_the_vm_boots_once() {
+    let p = pod();
+    let created = {
+        let (a, b) = (p.svc.clone(), p.svc.clone());
+        let (ba, bb) = (p.bundle(POD), p.bundle("c2"));
+        let one = std::thread::spawn(move || {
+            a.create(&CreateTaskRequest {
+                id: POD.into(),
+                bundle: ba,
+                ..Default::default()
+            })
+        });
+        let two = std::thread::spawn(move || {
+            b.create(&CreateTaskRequest {
+                id: "c2".into(),
+                bundle: bb,
+                ..Default::default()
+            })
+        });
+        one.join().unwrap().unwrap();
+        two.join().unwrap().unwrap();
+        p.events.of::<TaskCreate>().len()
+    };
+    assert_eq!(created, 2);
+    assert_eq!(p.vm.streams.load(Ordering::Relaxed), 1, "booted twice");
+}
+
+#[test]
+fn pausing_one_container_of_several_is_refused() {
+    let p = pod();
+    p.running();
+    p.create("c2").unwrap();
+    assert_eq!(
+        code(p.svc.pause_or_resume(POD, true).unwrap_err()),
+        Code::UNIMPLEMENTED
+    );
+    assert!(!p.vm.journal().iter().any(|j| j.starts_with("paused")));
+}
