@@ -342,8 +342,7 @@ mod tests {
         );
         let dir = tempfile::tempdir().unwrap();
         let cmd = vec!["sleep".to_string(), "2147483647".to_string()];
-        write_busybox_image(dir.path(), busybox, &[], "husk.local/pause:1", cmd.clone())
-            .unwrap();
+        write_busybox_image(dir.path(), busybox, &[], "husk.local/pause:1", cmd.clone()).unwrap();
         let layout = Layout::open(dir.path()).unwrap();
         let img = layout
             .resolve(Some("husk.local/pause:1"), &Platform::host())
