@@ -107,10 +107,11 @@ pub fn all_devices_allowed(spec: &Spec) -> bool {
                 d.allow()
                     && d.major().is_none()
                     && d.minor().is_none()
-                    && d
-                        .typ()
+                    && d.typ()
                         .is_none_or(|t| t == oci_spec::runtime::LinuxDeviceType::A)
-                    && d.access().as_deref().is_none_or(|a| a.contains('r') && a.contains('w'))
+                    && d.access()
+                        .as_deref()
+                        .is_none_or(|a| a.contains('r') && a.contains('w'))
             })
         })
 }
@@ -143,13 +144,24 @@ mod tests {
             std::fs::write(p.join("uevent"), uevent).unwrap();
         };
         put("char", "10:200", "MAJOR=10\nMINOR=200\nDEVNAME=net/tun\n");
-        put("char", "1:3", "MAJOR=1\nMINOR=3\nDEVNAME=null\nDEVMODE=0666\n");
-        put("block", "254:0", "MAJOR=254\nMINOR=0\nDEVNAME=vda\nDEVTYPE=disk\n");
+        put(
+            "char",
+            "1:3",
+            "MAJOR=1\nMINOR=3\nDEVNAME=null\nDEVMODE=0666\n",
+        );
+        put(
+            "block",
+            "254:0",
+            "MAJOR=254\nMINOR=0\nDEVNAME=vda\nDEVTYPE=disk\n",
+        );
         put("char", "4:64", "MAJOR=4\nMINOR=64\n");
         put("char", "10:1", "DEVNAME=../etc/passwd\n");
         put("char", "garbage", "DEVNAME=x\n");
         let k = KernelDevices::scan(&d);
-        assert_eq!(k.get((Kind::Char, 10, 200)), Some(Path::new("/dev/net/tun")));
+        assert_eq!(
+            k.get((Kind::Char, 10, 200)),
+            Some(Path::new("/dev/net/tun"))
+        );
         assert_eq!(k.get((Kind::Block, 254, 0)), Some(Path::new("/dev/vda")));
         assert_eq!(k.get((Kind::Char, 254, 0)), None);
         assert_eq!(k.get((Kind::Char, 4, 64)), None);
@@ -177,20 +189,30 @@ mod tests {
 
     #[test]
     fn a_device_cgroup_that_allows_everything_is_privileged() {
-        let all = spec(serde_json::json!({"ociVersion": "1.0.2", "linux": {"resources": {
-            "devices": [{"allow": false, "access": "rwm"}, {"allow": true, "access": "rwm"}]}}}));
+        let all = spec(
+            serde_json::json!({"ociVersion": "1.0.2", "linux": {"resources": {
+            "devices": [{"allow": false, "access": "rwm"}, {"allow": true, "access": "rwm"}]}}}),
+        );
         assert!(all_devices_allowed(&all));
-        let typed_all = spec(serde_json::json!({"ociVersion": "1.0.2", "linux": {"resources": {
-            "devices": [{"allow": true, "type": "a", "access": "rwm"}]}}}));
+        let typed_all = spec(
+            serde_json::json!({"ociVersion": "1.0.2", "linux": {"resources": {
+            "devices": [{"allow": true, "type": "a", "access": "rwm"}]}}}),
+        );
         assert!(all_devices_allowed(&typed_all));
-        let default = spec(serde_json::json!({"ociVersion": "1.0.2", "linux": {"resources": {
+        let default = spec(
+            serde_json::json!({"ociVersion": "1.0.2", "linux": {"resources": {
             "devices": [{"allow": false, "access": "rwm"},
-                        {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"}]}}}));
+                        {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"}]}}}),
+        );
         assert!(!all_devices_allowed(&default));
-        let read_only = spec(serde_json::json!({"ociVersion": "1.0.2", "linux": {"resources": {
-            "devices": [{"allow": true, "access": "r"}]}}}));
+        let read_only = spec(
+            serde_json::json!({"ociVersion": "1.0.2", "linux": {"resources": {
+            "devices": [{"allow": true, "access": "r"}]}}}),
+        );
         assert!(!all_devices_allowed(&read_only));
-        assert!(!all_devices_allowed(&spec(serde_json::json!({"ociVersion": "1.0.2"}))));
+        assert!(!all_devices_allowed(&spec(
+            serde_json::json!({"ociVersion": "1.0.2"})
+        )));
     }
 
     #[test]

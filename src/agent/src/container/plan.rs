@@ -451,7 +451,11 @@ fn spec_devices(
     if devices::all_devices_allowed(spec) {
         let mut missing = Vec::new();
         for d in linux.devices().iter().flatten() {
-            let kind = if d.typ().as_str() == "b" { Kind::Block } else { Kind::Char };
+            let kind = if d.typ().as_str() == "b" {
+                Kind::Block
+            } else {
+                Kind::Char
+            };
             let num = (kind, d.major() as u32, d.minor() as u32);
             if d.major() < 0 || d.minor() < 0 || kernel.get(num).is_none() {
                 missing.push(d.path().display().to_string());
