@@ -11,6 +11,77 @@
 
 use husk_tests::containerd;
 
+/// Where the node's Localhost seccomp profile is written (the path
+/// `husk-cri behaviours` names).
+const LOCALHOST_PROFILE: &str = "/tmp/husk-cri-deny-mkdir.json";
+
+/// What `husk-cri behaviours` must print for each behaviour, whichever the
+/// handler: Kubernetes promises these of a pod, VM or not.
+const BEHAVIOURS: &[(&str, &[&str])] = &[
+    // Mode 2 is a filter; RuntimeDefault refuses unshare(2) to a container
+    // without CAP_SYS_ADMIN.
+    (
+        "seccomp-runtime-default",
+        &["seccomp-mode 2", "unshare-refused"],
+    ),
+    ("seccomp-unconfined", &["seccomp-mode 0", "unshare-allowed"]),
+    ("seccomp-localhost", &["seccomp-mode 2", "mkdir-refused"]),
+    // containerd asks for /sys read-only even for a privileged container
+    // in a pod with its own network; /dev/fuse is not on this node (no
+    // fuse module loaded), so only the guest's is checked, in GUEST_ONLY.
+    (
+        "privileged",
+        &["tun-present", "all-capabilities", "sys-mount ro"],
+    ),
+    // Without privileged, no /dev/net/tun: no tap, whichever the runtime.
+    ("net-admin", &["bridge-created"]),
+    (
+        "dynamic-image",
+        &["dynamic-loader", "pidof-works", "ipcs-works"],
+    ),
+];
+
+/// What only the husk handler's guest shows: its kernel has the dummy
+/// link type and FUSE built in, and a privileged container gets the
+/// guest's disks (the node's kernel loads neither module here).
+const GUEST_ONLY: &[(&str, &[&str])] = &[
+    ("privileged", &["fuse-present", "block-device /dev/vda"]),
+    ("net-admin", &["dummy-created"]),
+];
+
+/// Checks the `CRI-B` lines of `husk-cri behaviours` against [`BEHAVIOURS`]
+/// (and [`GUEST_ONLY`] for husk).
+fn behaviours(r: &husk_tests::RunResult, handler: &str) {
+    assert_eq!(
+        r.value("CRI-BEHAVIOURS-EXIT").as_deref(),
+        Some("0"),
+        "{}",
+        r.output
+    );
+    let guest: &[(&str, &[&str])] = if handler == "husk" { GUEST_ONLY } else { &[] };
+    for (name, want) in BEHAVIOURS.iter().chain(guest) {
+        let prefix = format!("CRI-B {name} ");
+        let lines: Vec<&str> = r
+            .output
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .collect();
+        assert!(
+            lines.contains(&"exit 0"),
+            "{name} did not exit 0: {lines:?}\n{}",
+            r.output
+        );
+        for w in *want {
+            let line = format!("stdout {w}");
+            assert!(
+                lines.contains(&line.as_str()),
+                "{name}: no {w:?} in {lines:?}\n{}",
+                r.output
+            );
+        }
+    }
+}
+
 /// Runs the scenario with `handler` in a fresh node VM.
 fn scenario(handler: &str) -> husk_tests::RunResult {
     let r = containerd::cri_payload(&format!("cri-{handler}")).run(&containerd::script(
@@ -19,12 +90,19 @@ fn scenario(handler: &str) -> husk_tests::RunResult {
             r#"echo "NODE-KERNEL $(uname -r)"
 husk-cri scenario --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs
 echo "CRI-EXIT $?"
+# A Localhost seccomp profile that refuses mkdir with EACCES.
+echo '{{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}}]}}' > {profile}
+husk-cri behaviours --handler {handler} --image husk.local/busybox:1 --dynamic-image {dynamic} --log-dir /tmp/cri-logs
+echo "CRI-BEHAVIOURS-EXIT $?"
 echo "HUSK-LEFT $(husk_count)"
 echo "STATE-LEFT $(ls /run/husk/k8s.io 2>/dev/null | wc -l)"
 echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
-"#
+"#,
+            profile = LOCALHOST_PROFILE,
+            dynamic = containerd::DYNAMIC_IMAGE,
         ),
     ));
+    behaviours(&r, handler);
     let hostname = format!("pod-{handler}");
     let expect = [
         ("CRI-EXIT", "0"),
