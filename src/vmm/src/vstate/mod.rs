@@ -3,5 +3,6 @@
 
 pub mod memory;
 pub mod persist;
+pub mod slots;
 pub mod vcpu;
 pub mod vm;
