@@ -49,8 +49,18 @@ const GUEST_ONLY: &[(&str, &[&str])] = &[
     ("net-admin", &["dummy-created"]),
 ];
 
+/// The pods that ask for the node's namespaces: runc shares them (the
+/// line the container prints, `{}` standing for the node's own value, from
+/// the script's `NODE-<KEY>` line); husk refuses each at RunPodSandbox,
+/// naming the namespace (docs/getting-started.md, "Failures", says why).
+const HOST_NAMESPACES: &[(&str, &str, &str, &str)] = &[
+    ("host-network", "HOSTNAME", "hostname {}", "network"),
+    ("host-ipc", "SHMID", "shm-id {}", "IPC"),
+    ("host-pid", "", "node-processes-visible", "PID"),
+];
+
 /// Checks the `CRI-B` lines of `husk-cri behaviours` against [`BEHAVIOURS`]
-/// (and [`GUEST_ONLY`] for husk).
+/// (and [`GUEST_ONLY`] for husk, [`HOST_NAMESPACES`] for each).
 fn behaviours(r: &husk_tests::RunResult, handler: &str) {
     assert_eq!(
         r.value("CRI-BEHAVIOURS-EXIT").as_deref(),
@@ -80,6 +90,37 @@ fn behaviours(r: &husk_tests::RunResult, handler: &str) {
             );
         }
     }
+    for (name, key, shared, namespace) in HOST_NAMESPACES {
+        let prefix = format!("CRI-B {name} ");
+        let lines: Vec<&str> = r
+            .output
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .collect();
+        if handler == "husk" {
+            let refused = format!("the node's {namespace} namespace");
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.starts_with("failed ") && l.contains(&refused)),
+                "{name} was not refused naming {namespace}: {lines:?}\n{}",
+                r.output
+            );
+        } else {
+            let node = if key.is_empty() {
+                String::new()
+            } else {
+                r.value(&format!("NODE-{key}"))
+                    .unwrap_or_else(|| panic!("no NODE-{key} line\n{}", r.output))
+            };
+            let line = format!("stdout {}", shared.replace("{}", &node));
+            assert!(
+                lines.contains(&"exit 0") && lines.contains(&line.as_str()),
+                "{name}: no {line:?} in {lines:?}\n{}",
+                r.output
+            );
+        }
+    }
 }
 
 /// Runs the scenario with `handler` in a fresh node VM.
@@ -92,6 +133,10 @@ husk-cri scenario --handler {handler} --image husk.local/busybox:1 --log-dir /tm
 echo "CRI-EXIT $?"
 # A Localhost seccomp profile that refuses mkdir with EACCES.
 echo '{{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}}]}}' > {profile}
+# What the host-namespace pods would share: the node's hostname and one
+# shared-memory segment of its own.
+echo "NODE-HOSTNAME $(hostname)"
+echo "NODE-SHMID $(ipcmk -M 4096 | awk '{{print $NF}}')"
 husk-cri behaviours --handler {handler} --image husk.local/busybox:1 --dynamic-image {dynamic} --log-dir /tmp/cri-logs
 echo "CRI-BEHAVIOURS-EXIT $?"
 echo "HUSK-LEFT $(husk_count)"

@@ -12,7 +12,7 @@ use std::time::Duration;
 use k8s_cri::v1::security_profile::ProfileType;
 use k8s_cri::v1::{
     Capability, ContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, PodSandboxConfig, SecurityProfile,
+    LinuxSandboxSecurityContext, NamespaceMode, NamespaceOption, PodSandboxConfig, SecurityProfile,
 };
 
 use crate::{
@@ -44,6 +44,14 @@ struct Behaviour {
 
 fn nothing_pod(_: &mut LinuxSandboxSecurityContext) {}
 fn nothing_container(_: &mut LinuxContainerSecurityContext) {}
+
+/// The node's network, IPC or PID namespace for the pod and its
+/// container, as the kubelet asks for hostNetwork, hostIPC, hostPID.
+fn node_namespace(ns: &mut Option<NamespaceOption>, which: fn(&mut NamespaceOption) -> &mut i32) {
+    if let Some(ns) = ns.as_mut() {
+        *which(ns) = NamespaceMode::Node as i32;
+    }
+}
 
 /// Prints the seccomp mode and whether a user namespace can be made
 /// (RuntimeDefault refuses unshare(2) without CAP_SYS_ADMIN; nothing else
@@ -107,6 +115,29 @@ const BEHAVIOURS: &[Behaviour] = &[
                  sleep 30 & pidof sleep >/dev/null && echo pidof-works; \
                  ipcs -m >/dev/null && echo ipcs-works; kill $!",
     },
+    // The node's namespaces: runc shares them; husk refuses the pod at
+    // RunPodSandbox, naming the namespace (tests/cri.rs expects each).
+    Behaviour {
+        name: "host-network",
+        dynamic_image: false,
+        pod: |s| node_namespace(&mut s.namespace_options, |n| &mut n.network),
+        container: |s| node_namespace(&mut s.namespace_options, |n| &mut n.network),
+        script: "echo \"hostname $(hostname)\"",
+    },
+    Behaviour {
+        name: "host-ipc",
+        dynamic_image: true,
+        pod: |s| node_namespace(&mut s.namespace_options, |n| &mut n.ipc),
+        container: |s| node_namespace(&mut s.namespace_options, |n| &mut n.ipc),
+        script: "ipcs -m | awk '$2 ~ /^[0-9]+$/ {print \"shm-id\", $2}'",
+    },
+    Behaviour {
+        name: "host-pid",
+        dynamic_image: false,
+        pod: |s| node_namespace(&mut s.namespace_options, |n| &mut n.pid),
+        container: |s| node_namespace(&mut s.namespace_options, |n| &mut n.pid),
+        script: "pidof containerd >/dev/null && echo node-processes-visible",
+    },
 ];
 
 async fn run_one(c: &mut Client, args: &Args, b: &Behaviour) -> Result<()> {
@@ -117,6 +148,14 @@ async fn run_one(c: &mut Client, args: &Args, b: &Behaviour) -> Result<()> {
         ..Default::default()
     };
     (b.pod)(&mut pod_security);
+    // The kubelet sets no hostname for a pod on the node's network.
+    if pod_security
+        .namespace_options
+        .as_ref()
+        .is_some_and(|n| n.network == NamespaceMode::Node as i32)
+    {
+        config.hostname.clear();
+    }
     config.linux = Some(LinuxPodSandboxConfig {
         security_context: Some(pod_security),
         ..Default::default()
