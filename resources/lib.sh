@@ -34,12 +34,37 @@ husk_install_packages() {
 # locations for the tools and tests.
 husk_build_images() {
   local repo=$1
+  husk_dynamic_busybox
   HUSK_KERNEL_DIR=$("$repo/guest-kernel-config/build.sh")
   export HUSK_KERNEL_DIR
   if [[ ${HUSK_NODE:-auto} != direct ]]; then
     HUSK_NODE_IMAGE=$("$repo/resources/node/build.sh")
     export HUSK_NODE_IMAGE
   fi
+}
+
+# Debian's dynamically linked busybox (the package conflicts with
+# busybox-static, so it is unpacked, not installed) under
+# /var/cache/husk/debian-busybox: the CRI tests build an image from it
+# whose programs need the image's own dynamic loader and libc. Exports
+# HUSK_DYNAMIC_BUSYBOX.
+husk_dynamic_busybox() {
+  local dir=${HUSK_CACHE_DIR:-/var/cache/husk}/debian-busybox tmp
+  if [[ ! -x $dir/bin/busybox ]]; then
+    tmp=$(mktemp -d)
+    chmod 755 "$tmp" # apt's download user writes there
+    if ! (cd "$tmp" && apt-get download -q busybox >&2); then
+      apt-get update -q >&2
+      (cd "$tmp" && apt-get download -q busybox >&2)
+    fi
+    rm -rf "$dir.new"
+    mkdir -p "$dir.new"
+    dpkg-deb -x "$tmp"/busybox_*.deb "$dir.new"
+    rm -rf "$tmp" "$dir"
+    mv "$dir.new" "$dir"
+  fi
+  HUSK_DYNAMIC_BUSYBOX=$dir/bin/busybox
+  export HUSK_DYNAMIC_BUSYBOX
 }
 
 # Every shell script of the project through shellcheck: the entry points

@@ -11,6 +11,118 @@
 
 use husk_tests::containerd;
 
+/// Where the node's Localhost seccomp profile is written (the path
+/// `husk-cri behaviours` names).
+const LOCALHOST_PROFILE: &str = "/tmp/husk-cri-deny-mkdir.json";
+
+/// What `husk-cri behaviours` must print for each behaviour, whichever the
+/// handler: Kubernetes promises these of a pod, VM or not.
+const BEHAVIOURS: &[(&str, &[&str])] = &[
+    // Mode 2 is a filter; RuntimeDefault refuses unshare(2) to a container
+    // without CAP_SYS_ADMIN.
+    (
+        "seccomp-runtime-default",
+        &["seccomp-mode 2", "unshare-refused"],
+    ),
+    ("seccomp-unconfined", &["seccomp-mode 0", "unshare-allowed"]),
+    ("seccomp-localhost", &["seccomp-mode 2", "mkdir-refused"]),
+    // containerd asks for /sys read-only even for a privileged container
+    // in a pod with its own network; /dev/fuse is not on this node (no
+    // fuse module loaded), so only the guest's is checked, in GUEST_ONLY.
+    (
+        "privileged",
+        &["tun-present", "all-capabilities", "sys-mount ro"],
+    ),
+    // Without privileged, no /dev/net/tun: no tap, whichever the runtime.
+    ("net-admin", &["bridge-created"]),
+    (
+        "dynamic-image",
+        &["dynamic-loader", "pidof-works", "ipcs-works"],
+    ),
+];
+
+/// What only the husk handler's guest shows: its kernel has the dummy
+/// link type and FUSE built in, and a privileged container gets the
+/// guest's disks (the node's kernel loads neither module here).
+const GUEST_ONLY: &[(&str, &[&str])] = &[
+    ("privileged", &["fuse-present", "block-device /dev/vda"]),
+    ("net-admin", &["dummy-created"]),
+];
+
+/// The pods that ask for the node's namespaces: runc shares them (the
+/// line the container prints, `{}` standing for the node's own value, from
+/// the script's `NODE-<KEY>` line); husk refuses each at RunPodSandbox,
+/// naming the namespace (docs/getting-started.md, "Failures", says why).
+const HOST_NAMESPACES: &[(&str, &str, &str, &str)] = &[
+    ("host-network", "HOSTNAME", "hostname {}", "network"),
+    ("host-ipc", "SHMID", "shm-id {}", "IPC"),
+    ("host-pid", "", "node-processes-visible", "PID"),
+];
+
+/// Checks the `CRI-B` lines of `husk-cri behaviours` against [`BEHAVIOURS`]
+/// (and [`GUEST_ONLY`] for husk, [`HOST_NAMESPACES`] for each).
+fn behaviours(r: &husk_tests::RunResult, handler: &str) {
+    assert_eq!(
+        r.value("CRI-BEHAVIOURS-EXIT").as_deref(),
+        Some("0"),
+        "{}",
+        r.output
+    );
+    let guest: &[(&str, &[&str])] = if handler == "husk" { GUEST_ONLY } else { &[] };
+    for (name, want) in BEHAVIOURS.iter().chain(guest) {
+        let prefix = format!("CRI-B {name} ");
+        let lines: Vec<&str> = r
+            .output
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .collect();
+        assert!(
+            lines.contains(&"exit 0"),
+            "{name} did not exit 0: {lines:?}\n{}",
+            r.output
+        );
+        for w in *want {
+            let line = format!("stdout {w}");
+            assert!(
+                lines.contains(&line.as_str()),
+                "{name}: no {w:?} in {lines:?}\n{}",
+                r.output
+            );
+        }
+    }
+    for (name, key, shared, namespace) in HOST_NAMESPACES {
+        let prefix = format!("CRI-B {name} ");
+        let lines: Vec<&str> = r
+            .output
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix.as_str()))
+            .collect();
+        if handler == "husk" {
+            let refused = format!("the node's {namespace} namespace");
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.starts_with("failed ") && l.contains(&refused)),
+                "{name} was not refused naming {namespace}: {lines:?}\n{}",
+                r.output
+            );
+        } else {
+            let node = if key.is_empty() {
+                String::new()
+            } else {
+                r.value(&format!("NODE-{key}"))
+                    .unwrap_or_else(|| panic!("no NODE-{key} line\n{}", r.output))
+            };
+            let line = format!("stdout {}", shared.replace("{}", &node));
+            assert!(
+                lines.contains(&"exit 0") && lines.contains(&line.as_str()),
+                "{name}: no {line:?} in {lines:?}\n{}",
+                r.output
+            );
+        }
+    }
+}
+
 /// Runs the scenario with `handler` in a fresh node VM.
 fn scenario(handler: &str) -> husk_tests::RunResult {
     let r = containerd::cri_payload(&format!("cri-{handler}")).run(&containerd::script(
@@ -19,12 +131,23 @@ fn scenario(handler: &str) -> husk_tests::RunResult {
             r#"echo "NODE-KERNEL $(uname -r)"
 husk-cri scenario --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs
 echo "CRI-EXIT $?"
+# A Localhost seccomp profile that refuses mkdir with EACCES.
+echo '{{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}}]}}' > {profile}
+# What the host-namespace pods would share: the node's hostname and one
+# shared-memory segment of its own.
+echo "NODE-HOSTNAME $(hostname)"
+echo "NODE-SHMID $(ipcmk -M 4096 | awk '{{print $NF}}')"
+husk-cri behaviours --handler {handler} --image husk.local/busybox:1 --dynamic-image {dynamic} --log-dir /tmp/cri-logs
+echo "CRI-BEHAVIOURS-EXIT $?"
 echo "HUSK-LEFT $(husk_count)"
 echo "STATE-LEFT $(ls /run/husk/k8s.io 2>/dev/null | wc -l)"
 echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
-"#
+"#,
+            profile = LOCALHOST_PROFILE,
+            dynamic = containerd::DYNAMIC_IMAGE,
         ),
     ));
+    behaviours(&r, handler);
     let hostname = format!("pod-{handler}");
     let expect = [
         ("CRI-EXIT", "0"),

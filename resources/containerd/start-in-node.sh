@@ -88,4 +88,9 @@ import image import busybox.tar
 if [ -n "$cri" ]; then
   import -n k8s.io image import cri-busybox.tar
   import -n k8s.io image import pause.tar
+  # A dynamically linked image (Debian's busybox and its libc), when the
+  # payload has one.
+  if [ -f cri-busybox-dynamic.tar ]; then
+    import -n k8s.io image import cri-busybox-dynamic.tar
+  fi
 fi

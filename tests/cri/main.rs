@@ -6,6 +6,7 @@
 //! ```text
 //! husk-cri [--socket PATH] scenario --handler NAME --image REF [--log-dir DIR]
 //! husk-cri [--socket PATH] bench --handler NAME --image REF [--runs N]
+//! husk-cri [--socket PATH] behaviours --handler NAME --image REF --dynamic-image REF
 //! ```
 //!
 //! `scenario` takes one pod through RunPodSandbox, CreateContainer,
@@ -15,7 +16,11 @@
 //! prints one `CRI-<STEP> <value>` line per step; a failed step prints
 //! `CRI-FAILED <step>: <error>`, removes the pod and exits 1. `bench` times
 //! RunPodSandbox to a running container, `--runs` times (default 10), and
-//! prints the samples and their median as JSON.
+//! prints the samples and their median as JSON. `behaviours` runs the
+//! checks of [`behaviours`] (seccomp profiles, privileged pods, added
+//! capabilities, a dynamically linked image), one pod each.
+
+mod behaviours;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -46,11 +51,13 @@ struct Args {
     image: String,
     log_dir: PathBuf,
     runs: usize,
+    /// A dynamically linked image (`behaviours`).
+    dynamic_image: String,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: husk-cri [--socket PATH] scenario|bench --handler NAME --image REF [--log-dir DIR] [--runs N]"
+        "usage: husk-cri [--socket PATH] scenario|bench|behaviours --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N]"
     );
     std::process::exit(2)
 }
@@ -63,6 +70,7 @@ fn parse_args() -> Args {
         image: String::new(),
         log_dir: "/tmp/husk-cri-logs".into(),
         runs: 10,
+        dynamic_image: String::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -71,9 +79,10 @@ fn parse_args() -> Args {
             "--socket" => args.socket = value().into(),
             "--handler" => args.handler = value(),
             "--image" => args.image = value(),
+            "--dynamic-image" => args.dynamic_image = value(),
             "--log-dir" => args.log_dir = value().into(),
             "--runs" => args.runs = value().parse().unwrap_or_else(|_| usage()),
-            "scenario" | "bench" if args.command.is_empty() => args.command = a,
+            "scenario" | "bench" | "behaviours" if args.command.is_empty() => args.command = a,
             _ => usage(),
         }
     }
@@ -532,6 +541,7 @@ fn main() {
         let mut c = connect(&args.socket).await?;
         match args.command.as_str() {
             "scenario" => scenario(&mut c, &args).await,
+            "behaviours" => behaviours::behaviours(&mut c, &args).await,
             _ => bench(&mut c, &args).await,
         }
     });

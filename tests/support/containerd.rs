@@ -3,7 +3,7 @@
 //! agent and the bundled busybox image, and the script preamble that
 //! starts containerd from it (resources/containerd/start-in-node.sh).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::{agent_initrd, artifacts, cargo_binary, host_tool, husk_with_cache, Payload};
 
@@ -13,12 +13,19 @@ pub const IMAGE: &str = "busybox:latest";
 /// Writes the bundled busybox image as an OCI archive `tar` in `dir`;
 /// with `named`, under that name and with that default command.
 pub fn busybox_tar(dir: &Path, tar: &str, named: Option<(&str, &[&str])>) {
+    busybox_tar_with(dir, tar, named, &[]);
+}
+
+/// As [`busybox_tar`], with more arguments to `husk image build-busybox`
+/// (`--busybox PATH`, `--add PROGRAM`).
+pub fn busybox_tar_with(dir: &Path, tar: &str, named: Option<(&str, &[&str])>, more: &[&str]) {
     let layout = dir.join(format!("{tar}.layout"));
     let mut args = vec![
         "image",
         "build-busybox",
         layout.to_str().expect("utf-8 path"),
     ];
+    args.extend(more);
     if let Some((name, cmd)) = named {
         args.extend(["--ref", name, "--"]);
         args.extend(cmd);
@@ -99,7 +106,39 @@ pub fn cri_payload(name: &str) -> Payload {
         "cri-busybox.tar",
         Some(("husk.local/busybox:1", &["sh"])),
     );
+    let dynamic = dynamic_busybox();
+    busybox_tar_with(
+        p.path(),
+        "cri-busybox-dynamic.tar",
+        Some((DYNAMIC_IMAGE, &["sh"])),
+        &[
+            "--busybox",
+            dynamic.to_str().expect("utf-8 path"),
+            "--add",
+            "/usr/bin/ipcs",
+        ],
+    );
     p
+}
+
+/// The dynamically linked image [`cri_payload`] imports: Debian's
+/// busybox with its libc and loader, and util-linux's ipcs.
+pub const DYNAMIC_IMAGE: &str = "husk.local/busybox-dynamic:1";
+
+/// Debian's dynamically linked busybox, which `husk_dynamic_busybox` in
+/// resources/lib.sh unpacks (the test command runs it) and names in
+/// `HUSK_DYNAMIC_BUSYBOX`.
+pub fn dynamic_busybox() -> PathBuf {
+    let path = std::env::var_os("HUSK_DYNAMIC_BUSYBOX")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/husk/debian-busybox/bin/busybox".into());
+    assert!(
+        path.exists(),
+        "{} is missing: resources/test.sh unpacks Debian's busybox there \
+         (husk_dynamic_busybox in resources/lib.sh)",
+        path.display()
+    );
+    path
 }
 
 /// The shell functions and set-up every containerd test script starts

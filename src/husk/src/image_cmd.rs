@@ -52,9 +52,14 @@ enum ImageCommand {
         /// The image's default command (default: sh).
         #[arg(last = true, requires = "out_dir")]
         cmd: Vec<String>,
-        /// The static busybox binary to package.
+        /// The busybox binary to package (a dynamically linked one brings
+        /// its libraries, and its applets become hard links).
         #[arg(long, default_value = busybox::DEFAULT_BUSYBOX)]
         busybox: PathBuf,
+        /// Another program of this host to put in /usr/bin, with its
+        /// libraries (repeatable; with OUT_DIR).
+        #[arg(long = "add", requires = "out_dir")]
+        add: Vec<PathBuf>,
         /// Cache directory (default $HUSK_CACHE_DIR or /var/cache/husk).
         #[arg(long)]
         cache_dir: Option<PathBuf>,
@@ -93,6 +98,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
             r#ref,
             cmd,
             busybox: bin,
+            add,
             cache_dir,
         } => {
             let path = match out_dir {
@@ -102,7 +108,7 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
                     } else {
                         cmd
                     };
-                    busybox::write_busybox_image(&dir, &bin, &r#ref, cmd)?;
+                    busybox::write_busybox_image(&dir, &bin, &add, &r#ref, cmd)?;
                     dir
                 }
                 None => busybox::default_image(&cache_dir.unwrap_or_else(rootfs::cache_dir), &bin)?,

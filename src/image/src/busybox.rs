@@ -2,7 +2,11 @@
 //! from a static busybox (Debian's busybox-static): `/bin/busybox`, a symlink
 //! per applet where `busybox --list-full` puts it, `/etc/passwd` and
 //! `/etc/group` (root, nobody), and the usual empty directories. Same
-//! busybox in, same bytes (and manifest digest) out. It is cached under
+//! busybox in, same bytes (and manifest digest) out. A dynamically linked
+//! busybox (Debian's busybox package, for tests of images that load shared
+//! libraries) brings its ELF interpreter and libraries as `ldd` finds them
+//! on the host, and its applets are hard links, as a distribution installs
+//! them. It is cached under
 //! `<cache>/images/busybox-<version>/`, keyed by the busybox-static package
 //! version (or the binary's digest when dpkg does not know it).
 
@@ -39,6 +43,14 @@ pub enum BusyboxError {
         /// The cause.
         source: io::Error,
     },
+    /// `ldd` could not tell the libraries of a dynamically linked busybox.
+    #[error("cannot list the shared libraries of {path} with ldd")]
+    Ldd {
+        /// The binary.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
     /// `busybox --list-full` failed.
     #[error("busybox {path} --list-full failed: {status}")]
     List {
@@ -66,6 +78,7 @@ enum Node {
     Dir(u32),
     File(u32, Vec<u8>),
     Symlink(String),
+    HardLink(String),
 }
 
 const PASSWD: &str =
@@ -97,12 +110,66 @@ fn applets(busybox: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The shared objects a dynamically linked `binary` loads (its ELF
+/// interpreter first), as absolute paths on the host; empty for a static
+/// binary.
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(|source| BusyboxError::Ldd {
+            path: binary.into(),
+            source,
+        })?;
+    // ldd fails ("not a dynamic executable") for a static binary.
+    if !out.status.success() {
+        return Ok(Vec::new());
+    }
+    let mut libs = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"; the vDSO has no file.
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(p));
+        }
+    }
+    Ok(libs)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    fs::read(path).map_err(|source| BusyboxError::Read {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Adds `rel` (a relative path) and the directories above it.
+fn insert_with_parents(nodes: &mut BTreeMap<String, Node>, rel: &Path, node: Node) {
+    let mut parent = rel.parent();
+    while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+        nodes
+            .entry(p.to_string_lossy().into_owned())
+            .or_insert(Node::Dir(0o755));
+        parent = p.parent();
+    }
+    nodes.insert(rel.to_string_lossy().into_owned(), node);
+}
+
 /// The layer tar: deterministic (sorted entries, fixed mtime, uid 0).
 pub fn busybox_layer(busybox: &Path) -> Result<Vec<u8>> {
-    let binary = fs::read(busybox).map_err(|source| BusyboxError::Read {
-        path: busybox.into(),
-        source,
-    })?;
+    busybox_layer_with(busybox, &[])
+}
+
+/// [`busybox_layer`] plus host programs (`extras`, each to /usr/bin under
+/// its own name) and the shared libraries they and busybox load.
+pub fn busybox_layer_with(busybox: &Path, extras: &[PathBuf]) -> Result<Vec<u8>> {
+    let binary = read(busybox)?;
+    let libraries = shared_libraries(busybox)?;
+    let dynamic = !libraries.is_empty();
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
     for d in [
         "bin", "dev", "etc", "home", "proc", "sbin", "sys", "usr", "usr/bin", "usr/sbin", "var",
@@ -122,7 +189,26 @@ pub fn busybox_layer(busybox: &Path) -> Result<Vec<u8>> {
                 .or_insert(Node::Dir(0o755));
             parent = p.parent();
         }
-        nodes.insert(applet, Node::Symlink("/bin/busybox".into()));
+        let link = if dynamic {
+            Node::HardLink("bin/busybox".into())
+        } else {
+            Node::Symlink("/bin/busybox".into())
+        };
+        nodes.insert(applet, link);
+    }
+    let mut libraries = libraries;
+    for extra in extras {
+        let name = extra.file_name().map(PathBuf::from).unwrap_or_default();
+        insert_with_parents(
+            &mut nodes,
+            &Path::new("usr/bin").join(name),
+            Node::File(0o755, read(extra)?),
+        );
+        libraries.extend(shared_libraries(extra)?);
+    }
+    for lib in &libraries {
+        let rel = lib.strip_prefix("/").unwrap_or(lib);
+        insert_with_parents(&mut nodes, rel, Node::File(0o755, read(lib)?));
     }
     nodes.insert("bin/busybox".into(), Node::File(0o755, binary));
     nodes.insert("etc/passwd".into(), Node::File(0o644, PASSWD.into()));
@@ -134,7 +220,14 @@ pub fn busybox_layer(busybox: &Path) -> Result<Vec<u8>> {
             Node::Dir(mode) => layer.dir(path, *mode)?,
             Node::File(mode, data) => layer.file(path, *mode, data)?,
             Node::Symlink(target) => layer.symlink(path, target)?,
+            Node::HardLink(_) => continue,
         };
+    }
+    // Hard links after everything else: their target must come first.
+    for (path, node) in &nodes {
+        if let Node::HardLink(target) = node {
+            layer.hardlink(path, target)?;
+        }
     }
     Ok(layer.finish()?)
 }
@@ -142,7 +235,7 @@ pub fn busybox_layer(busybox: &Path) -> Result<Vec<u8>> {
 /// Writes the busybox image as an OCI layout into `out` (ref
 /// `busybox:latest`); returns the manifest descriptor.
 pub fn write_busybox_layout(out: &Path, busybox: &Path) -> Result<Descriptor> {
-    write_busybox_image(out, busybox, REF, vec!["sh".into()])
+    write_busybox_image(out, busybox, &[], REF, vec!["sh".into()])
 }
 
 /// Writes an image of the same busybox layer named `ref_name` whose default
@@ -150,10 +243,11 @@ pub fn write_busybox_layout(out: &Path, busybox: &Path) -> Result<Descriptor> {
 pub fn write_busybox_image(
     out: &Path,
     busybox: &Path,
+    extras: &[PathBuf],
     ref_name: &str,
     cmd: Vec<String>,
 ) -> Result<Descriptor> {
-    let tar = busybox_layer(busybox)?;
+    let tar = busybox_layer_with(busybox, extras)?;
     let exec = ExecConfig {
         env: Some(vec![PATH_ENV.into()]),
         cmd: Some(cmd),
@@ -248,7 +342,7 @@ mod tests {
         );
         let dir = tempfile::tempdir().unwrap();
         let cmd = vec!["sleep".to_string(), "2147483647".to_string()];
-        write_busybox_image(dir.path(), busybox, "husk.local/pause:1", cmd.clone()).unwrap();
+        write_busybox_image(dir.path(), busybox, &[], "husk.local/pause:1", cmd.clone()).unwrap();
         let layout = Layout::open(dir.path()).unwrap();
         let img = layout
             .resolve(Some("husk.local/pause:1"), &Platform::host())

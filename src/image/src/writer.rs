@@ -47,6 +47,8 @@ pub struct LayerBuilder {
     /// uid/gid of entries added from now on.
     owner: (u64, u64),
     mtime: u64,
+    /// The mode of each regular file written, for hard links to it.
+    modes: std::collections::HashMap<String, u32>,
 }
 
 impl Default for LayerBuilder {
@@ -62,6 +64,7 @@ impl LayerBuilder {
             tar: tar::Builder::new(Vec::new()),
             owner: (0, 0),
             mtime: FIXED_MTIME,
+            modes: std::collections::HashMap::new(),
         }
     }
 
@@ -131,6 +134,7 @@ impl LayerBuilder {
     /// A regular file.
     pub fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> Result<&mut Self> {
         let h = self.header(tar::EntryType::Regular, mode, data.len() as u64);
+        self.modes.insert(path.to_string(), mode);
         self.append(h, path, data)
     }
 
@@ -140,10 +144,12 @@ impl LayerBuilder {
         self.append_link(h, path, target)
     }
 
-    /// A hard link to an earlier entry.
-    #[cfg_attr(not(test), allow(dead_code))] // multi-layer test images
+    /// A hard link to an earlier entry. Its header carries the target's
+    /// mode: containerd's applier chmods the linked file to the header's
+    /// mode, so a 0644 link would take the execute bits off a program.
     pub fn hardlink(&mut self, path: &str, target: &str) -> Result<&mut Self> {
-        let h = self.header(tar::EntryType::Link, 0o644, 0);
+        let mode = self.modes.get(target).copied().unwrap_or(0o644);
+        let h = self.header(tar::EntryType::Link, mode, 0);
         self.append_link(h, path, target)
     }
 
@@ -299,4 +305,33 @@ pub fn write_layout(
     fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
         .map_err(io(dir.join("oci-layout")))?;
     Ok(desc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hard_link_carries_the_mode_of_the_file_it_names() {
+        let mut l = LayerBuilder::new();
+        l.file("bin/tool", 0o755, b"#!").unwrap();
+        l.hardlink("bin/alias", "bin/tool").unwrap();
+        let tar = l.finish().unwrap();
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let modes: Vec<(String, u32)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().mode().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            modes,
+            [("bin/tool".into(), 0o755), ("bin/alias".into(), 0o755)]
+        );
+    }
 }

@@ -387,9 +387,11 @@ unsafe fn setup_root(fds: &ChildFds, p: &InitPlan) {
             (m.flags, Some(m.data.as_c_str()), Some(m.fstype.as_c_str()))
         };
         let mut rc = mount(Some(&m.source), &m.target, fstype, flags, data);
+        let mut bound = m.bind;
         if rc < 0 && errno() == libc::EPERM && m.fstype.as_bytes() == b"sysfs" {
             // sysfs of a network namespace the container does not own (a
-            // user namespace sharing the VM's network): bind the agent's.
+            // user namespace sharing the VM's network): bind the agent's,
+            // then make it as the spec asked (read-only, nosuid, ...) below.
             rc = mount(
                 Some(c"/sys"),
                 &m.target,
@@ -397,11 +399,12 @@ unsafe fn setup_root(fds: &ChildFds, p: &InitPlan) {
                 libc::MS_BIND | libc::MS_REC,
                 None,
             );
+            bound = true;
         }
         // SAFETY: see the top of the function.
         unsafe { check(fds, rc, Step::Mount, i) };
         let extra = m.flags & !(libc::MS_BIND | libc::MS_REC | libc::MS_REMOUNT);
-        if m.bind && extra != 0 {
+        if bound && extra != 0 {
             let rc = mount(
                 None,
                 &m.target,
@@ -419,6 +422,10 @@ unsafe fn setup_root(fds: &ChildFds, p: &InitPlan) {
         }
     }
     for (i, d) in p.devices.iter().enumerate() {
+        for dir in &d.mkdirs {
+            // SAFETY: see the top of the function.
+            unsafe { check(fds, mkdir_ok(dir), Step::Device, i) };
+        }
         if mknod(&d.target, d.mode, d.dev) == 0 {
             chown(&d.target, d.uid, d.gid);
             continue;

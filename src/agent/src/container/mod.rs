@@ -11,6 +11,7 @@
 pub mod caps;
 pub mod cgroup;
 mod child;
+pub mod devices;
 pub mod plan;
 pub mod process;
 pub mod rootfs;
@@ -253,7 +254,19 @@ impl Containers {
                 None => None,
             };
             bind_volumes(&mut spec, volumes.as_deref())?;
-            let plan = plan::init_plan(&spec, &rootfs.root)?;
+            // The guest's device table, read when the spec names devices
+            // (sysfs, so memory or disks plugged since boot are there).
+            let wants_devices = spec
+                .linux()
+                .as_ref()
+                .is_some_and(|l| l.devices().as_ref().is_some_and(|d| !d.is_empty()))
+                || devices::all_devices_allowed(&spec);
+            let kernel = if wants_devices {
+                devices::KernelDevices::scan(Path::new("/sys/dev"))
+            } else {
+                devices::KernelDevices::default()
+            };
+            let plan = plan::init_plan(&spec, &rootfs.root, &kernel)?;
             let cgroup = match &self.paths.cgroup_root {
                 Some(root) => {
                     let cg = Cgroup::create(root, &id)?;

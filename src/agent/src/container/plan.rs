@@ -13,6 +13,7 @@ use husk_protocol::{AgentError, ErrorCode};
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
 use super::caps::Caps;
+use super::devices::{self, KernelDevices, Kind};
 
 fn invalid(msg: impl Into<String>) -> AgentError {
     AgentError::new(ErrorCode::InvalidArgument, msg)
@@ -85,6 +86,8 @@ pub struct MountOp {
 pub struct DeviceOp {
     pub path: String,
     pub target: CString,
+    /// Directories to create first (/dev/net for /dev/net/tun).
+    pub mkdirs: Vec<CString>,
     pub mode: libc::mode_t,
     pub dev: libc::dev_t,
     pub uid: u32,
@@ -416,6 +419,105 @@ fn ns_flag(t: LinuxNamespaceType) -> libc::c_int {
     }
 }
 
+/// The container's device nodes beyond the standard ones (see
+/// [`devices`]): the guest's for a privileged container, else the spec's,
+/// each of which must exist in the guest.
+fn spec_devices(
+    spec: &Spec,
+    linux: &oci_spec::runtime::Linux,
+    rootfs: &Path,
+    kernel: &KernelDevices,
+) -> Result<Vec<DeviceOp>, AgentError> {
+    let op = |path: &Path,
+              mode: libc::mode_t,
+              (major, minor): (u32, u32),
+              owner: (u32, u32),
+              guest_node: &Path|
+     -> Result<DeviceOp, AgentError> {
+        let target = under(rootfs, path)?;
+        let parent = target.parent().unwrap_or(rootfs);
+        Ok(DeviceOp {
+            path: path.display().to_string(),
+            mkdirs: dirs_to(rootfs, parent)?,
+            target: path_c(&target)?,
+            mode,
+            dev: libc::makedev(major, minor),
+            uid: owner.0,
+            gid: owner.1,
+            host: path_c(guest_node)?,
+        })
+    };
+    let mut out = Vec::new();
+    if devices::all_devices_allowed(spec) {
+        let mut missing = Vec::new();
+        for d in linux.devices().iter().flatten() {
+            let kind = if d.typ().as_str() == "b" {
+                Kind::Block
+            } else {
+                Kind::Char
+            };
+            let num = (kind, d.major() as u32, d.minor() as u32);
+            if d.major() < 0 || d.minor() < 0 || kernel.get(num).is_none() {
+                missing.push(d.path().display().to_string());
+            }
+        }
+        if !missing.is_empty() {
+            crate::log::info(&format!(
+                "privileged container: {} host devices the guest does not have are left out ({})",
+                missing.len(),
+                missing.join(" ")
+            ));
+        }
+        for (path, (kind, major, minor)) in devices::privileged_set(kernel) {
+            // The guest node's own permissions (devtmpfs sets them).
+            let perms = std::fs::metadata(&path)
+                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777)
+                .unwrap_or(0o660);
+            let mode = match kind {
+                Kind::Char => libc::S_IFCHR,
+                Kind::Block => libc::S_IFBLK,
+            } | perms;
+            out.push(op(&path, mode, (major, minor), (0, 0), &path)?);
+        }
+        return Ok(out);
+    }
+    for d in linux.devices().iter().flatten() {
+        let (kind, mode) = match d.typ().as_str() {
+            "c" | "u" => (Some(Kind::Char), libc::S_IFCHR),
+            "b" => (Some(Kind::Block), libc::S_IFBLK),
+            "p" => (None, libc::S_IFIFO),
+            t => return Err(invalid(format!("device type {t:?}"))),
+        };
+        let major = u32::try_from(d.major()).map_err(|_| invalid("negative device major"))?;
+        let minor = u32::try_from(d.minor()).map_err(|_| invalid("negative device minor"))?;
+        // A FIFO is made, not found; a device must be the guest kernel's.
+        let guest_node = match kind {
+            None => d.path().to_path_buf(),
+            Some(k) => kernel
+                .get((k, major, minor))
+                .map(Path::to_path_buf)
+                .ok_or_else(|| {
+                    AgentError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "device {} ({} {major}:{minor}) does not exist in the pod's VM",
+                            d.path().display(),
+                            d.typ().as_str()
+                        ),
+                    )
+                })?,
+        };
+        out.push(op(
+            d.path(),
+            mode | (d.file_mode().unwrap_or(0o666) & 0o7777),
+            (major, minor),
+            (d.uid().unwrap_or(0), d.gid().unwrap_or(0)),
+            &guest_node,
+        )?);
+    }
+    Ok(out)
+}
+
 const STANDARD_DEVICES: &[(&str, u32, u32)] = &[
     ("null", 1, 3),
     ("zero", 1, 5),
@@ -425,8 +527,9 @@ const STANDARD_DEVICES: &[(&str, u32, u32)] = &[
     ("tty", 5, 0),
 ];
 
-/// The plan for container `spec`'s init process, with its root at `rootfs`.
-pub fn init_plan(spec: &Spec, rootfs: &Path) -> Result<Plan, AgentError> {
+/// The plan for container `spec`'s init process, with its root at `rootfs`;
+/// `kernel` is the guest's device table (see [`devices`]).
+pub fn init_plan(spec: &Spec, rootfs: &Path, kernel: &KernelDevices) -> Result<Plan, AgentError> {
     let Some(process) = spec.process() else {
         return Err(invalid("the spec has no process"));
     };
@@ -483,6 +586,7 @@ pub fn init_plan(spec: &Spec, rootfs: &Path) -> Result<Plan, AgentError> {
             devices.push(DeviceOp {
                 path: format!("/dev/{name}"),
                 target: path_c(&dev.join(name))?,
+                mkdirs: Vec::new(),
                 mode: libc::S_IFCHR | 0o666,
                 dev: libc::makedev(major, minor),
                 uid: 0,
@@ -491,25 +595,7 @@ pub fn init_plan(spec: &Spec, rootfs: &Path) -> Result<Plan, AgentError> {
             });
         }
     }
-    for d in linux.devices().iter().flatten() {
-        let kind = match d.typ().as_str() {
-            "c" | "u" => libc::S_IFCHR,
-            "b" => libc::S_IFBLK,
-            "p" => libc::S_IFIFO,
-            t => return Err(invalid(format!("device type {t:?}"))),
-        };
-        let major = u32::try_from(d.major()).map_err(|_| invalid("negative device major"))?;
-        let minor = u32::try_from(d.minor()).map_err(|_| invalid("negative device minor"))?;
-        devices.push(DeviceOp {
-            path: d.path().display().to_string(),
-            target: path_c(&under(rootfs, d.path())?)?,
-            mode: kind | (d.file_mode().unwrap_or(0o666) & 0o7777),
-            dev: libc::makedev(major, minor),
-            uid: d.uid().unwrap_or(0),
-            gid: d.gid().unwrap_or(0),
-            host: path_c(d.path())?,
-        });
-    }
+    devices.extend(spec_devices(spec, &linux, rootfs, kernel)?);
     let mut dev_links = Vec::new();
     if dev_mounted {
         for (link, to) in [
@@ -610,6 +696,77 @@ pub fn init_plan(spec: &Spec, rootfs: &Path) -> Result<Plan, AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn device_spec(devices: serde_json::Value, rules: serde_json::Value) -> Spec {
+        serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "linux": {"devices": devices, "resources": {"devices": rules}}
+        }))
+        .unwrap()
+    }
+
+    fn guest_kernel() -> KernelDevices {
+        KernelDevices::from_entries(&[
+            ((Kind::Char, 1, 3), "/dev/null"),
+            ((Kind::Char, 10, 200), "/dev/net/tun"),
+            ((Kind::Char, 10, 229), "/dev/fuse"),
+            ((Kind::Block, 254, 0), "/dev/vda"),
+        ])
+    }
+
+    fn paths(ops: &[DeviceOp]) -> Vec<&str> {
+        ops.iter().map(|d| d.path.as_str()).collect()
+    }
+
+    #[test]
+    fn a_privileged_container_gets_the_guests_devices_not_the_hosts() {
+        // containerd's privileged spec: the node's devices, all allowed.
+        let spec = device_spec(
+            serde_json::json!([
+                {"path": "/dev/kvm", "type": "c", "major": 10, "minor": 232},
+                {"path": "/dev/net/tun", "type": "c", "major": 10, "minor": 200},
+                {"path": "/dev/sda", "type": "b", "major": 8, "minor": 0}
+            ]),
+            serde_json::json!([{"allow": true, "access": "rwm"}]),
+        );
+        let linux = spec.linux().clone().unwrap();
+        let ops = spec_devices(&spec, &linux, Path::new("/r"), &guest_kernel()).unwrap();
+        assert_eq!(
+            paths(&ops),
+            ["/dev/null", "/dev/net/tun", "/dev/fuse", "/dev/vda"]
+        );
+        let tun = &ops[1];
+        assert_eq!(tun.target.to_str().unwrap(), "/r/dev/net/tun");
+        let dirs: Vec<&str> = tun.mkdirs.iter().map(|d| d.to_str().unwrap()).collect();
+        assert_eq!(dirs, ["/r/dev", "/r/dev/net"]);
+        assert_eq!(tun.dev, libc::makedev(10, 200));
+        assert_eq!(ops[3].mode & libc::S_IFMT, libc::S_IFBLK);
+    }
+
+    #[test]
+    fn a_listed_device_must_exist_in_the_guest() {
+        let rules = serde_json::json!([{"allow": false, "access": "rwm"}]);
+        let fuse = device_spec(
+            serde_json::json!([{"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229,
+                                "fileMode": 438, "uid": 0, "gid": 0}]),
+            rules.clone(),
+        );
+        let linux = fuse.linux().clone().unwrap();
+        let ops = spec_devices(&fuse, &linux, Path::new("/r"), &guest_kernel()).unwrap();
+        assert_eq!(paths(&ops), ["/dev/fuse"]);
+        assert_eq!(ops[0].mode, libc::S_IFCHR | 0o666);
+        let kvm = device_spec(
+            serde_json::json!([{"path": "/dev/kvm", "type": "c", "major": 10, "minor": 232}]),
+            rules,
+        );
+        let linux = kvm.linux().clone().unwrap();
+        let e = spec_devices(&kvm, &linux, Path::new("/r"), &guest_kernel())
+            .err()
+            .expect("a device the guest lacks is refused");
+        assert_eq!(e.code, ErrorCode::InvalidArgument);
+        assert!(e.message.contains("/dev/kvm (c 10:232)"), "{}", e.message);
+    }
 
     #[test]
     fn mounts_parse_flags_data_and_propagation() {
