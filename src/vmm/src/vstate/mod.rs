@@ -3,5 +3,6 @@
 
 pub mod memory;
 pub mod persist;
+pub mod probe;
 pub mod vcpu;
 pub mod vm;
