@@ -37,6 +37,13 @@ pub struct MachineConfig {
     /// Huge pages ("None" only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<String>,
+    /// husk's extension: vCPUs the VM is built with (at least
+    /// `vcpu_count`). The guest boots `vcpu_count` of them online
+    /// (`maxcpus=` on its command line); the rest wait, parked, until the
+    /// guest brings them online (the agent, through sysfs). Absent: as many
+    /// as `vcpu_count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpu_count: Option<u8>,
 }
 
 impl Default for MachineConfig {
@@ -48,6 +55,7 @@ impl Default for MachineConfig {
             track_dirty_pages: false,
             cpu_template: None,
             huge_pages: None,
+            max_vcpu_count: None,
         }
     }
 }
@@ -74,6 +82,9 @@ pub struct MachineConfigUpdate {
     /// Huge pages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub huge_pages: Option<String>,
+    /// vCPUs the VM is built with (husk's extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vcpu_count: Option<u8>,
 }
 
 impl MachineConfigUpdate {
@@ -86,6 +97,7 @@ impl MachineConfigUpdate {
             track_dirty_pages: self.track_dirty_pages.unwrap_or(base.track_dirty_pages),
             cpu_template: self.cpu_template.clone().or(base.cpu_template.clone()),
             huge_pages: self.huge_pages.clone().or(base.huge_pages.clone()),
+            max_vcpu_count: self.max_vcpu_count.or(base.max_vcpu_count),
         }
     }
 }
@@ -230,6 +242,79 @@ pub struct MetricsConfig {
     pub metrics_path: PathBuf,
 }
 
+/// The default `block_size_mib` of hot-pluggable memory: the smallest
+/// unit the guest plugs and unplugs.
+pub const DEFAULT_HOTPLUG_BLOCK_SIZE_MIB: u64 = 2;
+
+/// The default `slot_size_mib`: the unit in which the host hands the
+/// region's memory to KVM (a slot with no plugged block is not mapped, so
+/// the guest cannot touch it).
+pub const DEFAULT_HOTPLUG_SLOT_SIZE_MIB: u64 = 128;
+
+/// `PUT /hotplug/memory` (and `memory-hotplug` in a configuration
+/// document): a virtio-mem device whose region of `total_size_mib` lies
+/// above the guest's RAM, all of it unplugged at boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplugConfig {
+    /// The most memory that can be plugged, in MiB: a multiple of
+    /// `slot_size_mib`.
+    pub total_size_mib: u64,
+    /// The unit the guest plugs and unplugs, in MiB: a power of two, at
+    /// least 2, dividing `slot_size_mib`.
+    #[serde(default = "default_hotplug_block")]
+    pub block_size_mib: u64,
+    /// The unit the host maps into the guest, in MiB: a multiple of 128
+    /// (the guest's memory block) and of `block_size_mib`.
+    #[serde(default = "default_hotplug_slot")]
+    pub slot_size_mib: u64,
+}
+
+fn default_hotplug_block() -> u64 {
+    DEFAULT_HOTPLUG_BLOCK_SIZE_MIB
+}
+
+fn default_hotplug_slot() -> u64 {
+    DEFAULT_HOTPLUG_SLOT_SIZE_MIB
+}
+
+impl MemoryHotplugConfig {
+    /// A region of `total_size_mib` with the default block and slot sizes.
+    pub fn new(total_size_mib: u64) -> Self {
+        MemoryHotplugConfig {
+            total_size_mib,
+            block_size_mib: DEFAULT_HOTPLUG_BLOCK_SIZE_MIB,
+            slot_size_mib: DEFAULT_HOTPLUG_SLOT_SIZE_MIB,
+        }
+    }
+}
+
+/// `PATCH /hotplug/memory`: how much of the region the guest should have
+/// plugged. The guest's driver plugs or unplugs blocks until it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplugSizeUpdate {
+    /// The new target, in MiB: a multiple of `block_size_mib`, at most
+    /// `total_size_mib`.
+    pub requested_size_mib: u64,
+}
+
+/// `GET /hotplug/memory`: the region and how much of it is plugged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryHotplugStatus {
+    /// The region's size, in MiB.
+    pub total_size_mib: u64,
+    /// The guest's unit, in MiB.
+    pub block_size_mib: u64,
+    /// The host's unit, in MiB.
+    pub slot_size_mib: u64,
+    /// What the guest has plugged, in MiB.
+    pub plugged_size_mib: u64,
+    /// What the host asked for, in MiB.
+    pub requested_size_mib: u64,
+}
+
 /// Everything put so far; `--config-file` and `GET /vm/config`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -259,6 +344,13 @@ pub struct VmResources {
     /// `PUT /metrics`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// `PUT /hotplug/memory`.
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
     /// Config file only: restore this snapshot instead of booting (no
     /// boot source, machine configuration or devices may be given with
     /// it). `GET /vm/config` never returns it.
@@ -517,6 +609,48 @@ mod tests {
         )
         .unwrap();
         assert_eq!(info.state, InstanceState::NotStarted);
+    }
+
+    #[test]
+    fn hotplug_bodies_have_firecrackers_shapes_and_defaults() {
+        let c: MemoryHotplugConfig = serde_json::from_str(r#"{"total_size_mib":1024}"#).unwrap();
+        assert_eq!(c, MemoryHotplugConfig::new(1024));
+        assert_eq!((c.block_size_mib, c.slot_size_mib), (2, 128));
+        assert!(serde_json::from_str::<MemoryHotplugConfig>(r#"{"block_size_mib":2}"#).is_err());
+        assert!(
+            serde_json::from_str::<MemoryHotplugConfig>(r#"{"total_size_mib":1024,"size":1}"#)
+                .is_err()
+        );
+        let u: MemoryHotplugSizeUpdate =
+            serde_json::from_str(r#"{"requested_size_mib":512}"#).unwrap();
+        assert_eq!(u.requested_size_mib, 512);
+        assert!(
+            serde_json::from_str::<MemoryHotplugSizeUpdate>(r#"{"requested_size_mib":-1}"#)
+                .is_err()
+        );
+        let r: VmResources = serde_json::from_str(
+            r#"{"memory-hotplug":{"total_size_mib":2048,"block_size_mib":4,"slot_size_mib":256}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.memory_hotplug,
+            Some(MemoryHotplugConfig {
+                total_size_mib: 2048,
+                block_size_mib: 4,
+                slot_size_mib: 256
+            })
+        );
+        // Absent from a document that has none.
+        let v = serde_json::to_value(VmResources::default()).unwrap();
+        assert!(v.get("memory-hotplug").is_none());
+        let m: MachineConfig =
+            serde_json::from_str(r#"{"vcpu_count":1,"mem_size_mib":256,"max_vcpu_count":4}"#)
+                .unwrap();
+        assert_eq!(m.max_vcpu_count, Some(4));
+        assert!(serde_json::to_value(MachineConfig::default())
+            .unwrap()
+            .get("max_vcpu_count")
+            .is_none());
     }
 
     #[test]

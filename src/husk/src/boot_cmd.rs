@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
+use vmm::config::MemHotplugConfig;
 use vmm::seccomp::SeccompFilters;
 use vmm::{
     BlockConfig, BootSource, DriveConfig, MacAddr, NetConfig, SerialOutput, VmConfig, Vmm,
@@ -24,12 +25,23 @@ pub struct BootArgs {
     /// Kernel command line.
     #[arg(long, default_value = DEFAULT_CMDLINE)]
     cmdline: String,
-    /// Number of vCPUs.
+    /// Number of vCPUs online at boot.
     #[arg(long, default_value_t = 1)]
     vcpus: usize,
+    /// vCPUs the VM is built with (default: --vcpus): the guest boots with
+    /// --vcpus of them online (maxcpus=) and can bring the others online
+    /// through /sys/devices/system/cpu/cpuN/online.
+    #[arg(long)]
+    max_vcpus: Option<usize>,
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 128)]
     mem_mib: u64,
+    /// Hot-pluggable memory in MiB (a virtio-mem device, 2 MiB blocks,
+    /// 128 MiB slots; a multiple of 128), above the guest's RAM and all of
+    /// it unplugged at boot. Only an API-driven VMM (`husk --api-sock`)
+    /// can ask the guest to plug it.
+    #[arg(long, value_name = "MIB")]
+    mem_hotplug_mib: Option<u64>,
     /// Where the guest console goes: stdout, file:PATH or none.
     #[arg(long, default_value = "stdout", value_parser = parse_serial)]
     serial: SerialOutput,
@@ -149,6 +161,8 @@ pub fn run(args: BootArgs, process_start: Instant, seccomp: &SeccompFilters) -> 
         drives: args.drives,
         net: args.net,
         vsock: args.vsock,
+        max_vcpus: args.max_vcpus,
+        mem_hotplug: args.mem_hotplug_mib.map(MemHotplugConfig::new),
     };
     let mut vmm = Vmm::new(&config).context("cannot build the microVM")?;
     vmm.start(seccomp).context("cannot start the vCPUs")?;

@@ -307,6 +307,8 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
             guest_cid: husk_protocol::AGENT_GUEST_CID,
             uds_path: uds.clone(),
         }),
+        max_vcpus: None,
+        mem_hotplug: None,
     };
     let mut vmm = Vmm::new(&config).context("cannot build the microVM")?;
     let stop = vmm.stop_handle();

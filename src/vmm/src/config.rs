@@ -43,6 +43,34 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     /// A virtio-vsock device, exposed on the host as a unix socket.
     pub vsock: Option<VsockConfig>,
+    /// vCPUs the VM is built with, `vcpus` of them online at boot (the
+    /// rest parked until the guest brings them online); `None`: `vcpus`.
+    pub max_vcpus: Option<usize>,
+    /// Memory the guest can plug and unplug while it runs (virtio-mem).
+    pub mem_hotplug: Option<MemHotplugConfig>,
+}
+
+/// Hot-pluggable memory: a virtio-mem device with a region of
+/// `total_mib` above the guest's RAM, all of it unplugged at boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemHotplugConfig {
+    /// The region's size in MiB (a multiple of `slot_mib`).
+    pub total_mib: u64,
+    /// What the guest plugs and unplugs, in MiB (a power of two, at least 2).
+    pub block_mib: u64,
+    /// What KVM maps, in MiB (a multiple of 128 and of `block_mib`).
+    pub slot_mib: u64,
+}
+
+impl MemHotplugConfig {
+    /// `total_mib` with the default block (2 MiB) and slot (128 MiB) sizes.
+    pub fn new(total_mib: u64) -> Self {
+        MemHotplugConfig {
+            total_mib,
+            block_mib: 2,
+            slot_mib: 128,
+        }
+    }
 }
 
 /// A virtio-net interface backed by a host tap.
@@ -147,7 +175,10 @@ pub fn check_net(net: &[NetConfig]) -> Result<(), ConfigError> {
 
 /// Checks that every virtio device of `config` gets an interrupt line.
 pub fn check_device_count(config: &VmConfig) -> Result<(), ConfigError> {
-    let count = config.drives.len() + config.net.len() + usize::from(config.vsock.is_some());
+    let count = config.drives.len()
+        + config.net.len()
+        + usize::from(config.vsock.is_some())
+        + usize::from(config.mem_hotplug.is_some());
     if count > MAX_VIRTIO_DEVICES {
         return Err(ConfigError::TooManyDevices(count));
     }
@@ -163,6 +194,8 @@ pub struct HostLimits {
     pub phys_address_bits: u8,
     /// The host's physical memory.
     pub host_mem_mib: u64,
+    /// KVM_CAP_NR_MEMSLOTS: memory slots per VM.
+    pub kvm_memslots: usize,
 }
 
 /// A configuration that cannot be booted.
@@ -219,6 +252,47 @@ pub enum ConfigError {
         /// Which limit it exceeds.
         reason: String,
     },
+    /// A maximum vCPU count below the boot count or above the limit.
+    #[error(
+        "a maximum of {max} vCPUs must be between the {vcpus} the guest boots with and {limit}"
+    )]
+    MaxVcpus {
+        /// The maximum asked for.
+        max: usize,
+        /// The boot count.
+        vcpus: usize,
+        /// The most this host allows.
+        limit: usize,
+    },
+    /// A hot-pluggable block size the guest cannot use.
+    #[error("a hot-pluggable block of {0} MiB is not a power of two of at least 2 MiB")]
+    HotplugBlock(u64),
+    /// A slot size that does not hold whole blocks and guest memory blocks.
+    #[error("a hot-pluggable slot of {slot} MiB is not a multiple of 128 MiB (the guest's memory block) and of the {block} MiB block")]
+    HotplugSlot {
+        /// The slot size.
+        slot: u64,
+        /// The block size.
+        block: u64,
+    },
+    /// A region that is not a whole number of slots.
+    #[error(
+        "{total} MiB of hot-pluggable memory is not a positive multiple of the {slot} MiB slot"
+    )]
+    HotplugTotal {
+        /// The region's size.
+        total: u64,
+        /// The slot size.
+        slot: u64,
+    },
+    /// A region the host or the guest cannot have.
+    #[error("{mib} MiB of hot-pluggable memory is too large: {reason}")]
+    HotplugTooLarge {
+        /// The region's size.
+        mib: u64,
+        /// Which limit it exceeds.
+        reason: String,
+    },
 }
 
 /// Checks a vCPU count against the host's limits.
@@ -239,6 +313,107 @@ pub fn check_vcpus(requested: usize, limits: &HostLimits) -> Result<u8, ConfigEr
         requested,
         max,
         kvm_max: limits.kvm_max_vcpus,
+    })
+}
+
+/// Checks the vCPUs a VM is built with: at least the `vcpus` it boots
+/// with, at most what the host allows (as [`check_vcpus`]).
+pub fn check_max_vcpus(
+    vcpus: usize,
+    max: Option<usize>,
+    limits: &HostLimits,
+) -> Result<u8, ConfigError> {
+    let Some(max) = max else {
+        return check_vcpus(vcpus, limits);
+    };
+    let limit = limits.kvm_max_vcpus.min(usize::from(MAX_VCPUS));
+    if max < vcpus || max > limit {
+        return Err(ConfigError::MaxVcpus { max, vcpus, limit });
+    }
+    check_vcpus(max, limits)
+}
+
+/// Checks a hot-pluggable region's shape (the API's checks, with no host
+/// in sight): block, slot and total sizes.
+pub fn check_mem_hotplug_shape(h: &MemHotplugConfig) -> Result<(), ConfigError> {
+    use crate::devices::virtio::mem::{GUEST_MEMORY_BLOCK, MIN_BLOCK_SIZE};
+    if !h.block_mib.is_power_of_two() || h.block_mib < MIN_BLOCK_SIZE >> 20 {
+        return Err(ConfigError::HotplugBlock(h.block_mib));
+    }
+    if h.slot_mib == 0
+        || h.slot_mib % h.block_mib != 0
+        || h.slot_mib % (GUEST_MEMORY_BLOCK >> 20) != 0
+    {
+        return Err(ConfigError::HotplugSlot {
+            slot: h.slot_mib,
+            block: h.block_mib,
+        });
+    }
+    if h.total_mib == 0 || h.total_mib % h.slot_mib != 0 {
+        return Err(ConfigError::HotplugTotal {
+            total: h.total_mib,
+            slot: h.slot_mib,
+        });
+    }
+    if h.total_mib.checked_mul(1 << 20).is_none() {
+        return Err(ConfigError::HotplugTooLarge {
+            mib: h.total_mib,
+            reason: "it overflows 64 bits".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a hot-pluggable region against the host for a guest of
+/// `mem_size` bytes of RAM with `boot_slots` KVM slots, and places it.
+pub fn check_mem_hotplug(
+    h: &MemHotplugConfig,
+    mem_size: u64,
+    boot_slots: usize,
+    limits: &HostLimits,
+) -> Result<crate::devices::virtio::mem::MemRegion, ConfigError> {
+    check_mem_hotplug_shape(h)?;
+    let too_large = |reason: String| ConfigError::HotplugTooLarge {
+        mib: h.total_mib,
+        reason,
+    };
+    let size = h
+        .total_mib
+        .checked_mul(1 << 20)
+        .ok_or_else(|| too_large("it overflows 64 bits".into()))?;
+    let mem_mib = mem_size >> 20;
+    if h.total_mib.saturating_add(mem_mib) > limits.host_mem_mib {
+        return Err(too_large(format!(
+            "with {mem_mib} MiB of RAM it exceeds the host's {} MiB of physical memory",
+            limits.host_mem_mib
+        )));
+    }
+    let addr = crate::arch::x86_64::layout::hotplug_region_start(mem_size)
+        .ok_or_else(|| too_large("it does not fit above the guest's RAM".into()))?;
+    let top = addr
+        .checked_add(size)
+        .ok_or_else(|| too_large("it does not fit above the guest's RAM".into()))?;
+    let addressable = 1u64
+        .checked_shl(u32::from(limits.phys_address_bits))
+        .unwrap_or(u64::MAX);
+    if top > addressable {
+        return Err(too_large(format!(
+            "its top address {top:#x} exceeds the {}-bit guest physical address space",
+            limits.phys_address_bits
+        )));
+    }
+    let slots = h.total_mib / h.slot_mib;
+    if boot_slots as u64 + slots > limits.kvm_memslots as u64 {
+        return Err(too_large(format!(
+            "its {slots} slots of {} MiB and the guest's RAM need more than the {} memory slots KVM offers",
+            h.slot_mib, limits.kvm_memslots
+        )));
+    }
+    Ok(crate::devices::virtio::mem::MemRegion {
+        addr,
+        size,
+        block_size: h.block_mib << 20,
+        slot_size: h.slot_mib << 20,
     })
 }
 
@@ -281,6 +456,7 @@ mod tests {
         kvm_max_vcpus: 1024,
         phys_address_bits: 36,
         host_mem_mib: 1 << 30,
+        kvm_memslots: 509,
     };
 
     #[test]
@@ -380,6 +556,8 @@ mod tests {
                 guest_cid: 3,
                 uds_path: "/tmp/v.sock".into(),
             }),
+            max_vcpus: None,
+            mem_hotplug: None,
         };
         assert_eq!(check_device_count(&config), Ok(()));
         config.net.push(nic("n8", "tap8"));
@@ -387,6 +565,101 @@ mod tests {
             check_device_count(&config),
             Err(ConfigError::TooManyDevices(20))
         );
+        // The memory device takes a line too.
+        config.net.pop();
+        config.mem_hotplug = Some(MemHotplugConfig::new(1024));
+        assert_eq!(
+            check_device_count(&config),
+            Err(ConfigError::TooManyDevices(20))
+        );
+    }
+
+    #[test]
+    fn max_vcpus_lie_between_the_boot_count_and_the_limit() {
+        assert_eq!(check_max_vcpus(2, None, &LIMITS), Ok(2));
+        assert_eq!(check_max_vcpus(1, Some(4), &LIMITS), Ok(4));
+        assert_eq!(check_max_vcpus(2, Some(2), &LIMITS), Ok(2));
+        let err = check_max_vcpus(3, Some(2), &LIMITS).unwrap_err();
+        assert!(err.to_string().contains("between the 3"), "{err}");
+        let small = HostLimits {
+            kvm_max_vcpus: 8,
+            ..LIMITS
+        };
+        let err = check_max_vcpus(1, Some(9), &small).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::MaxVcpus {
+                max: 9,
+                vcpus: 1,
+                limit: 8
+            }
+        );
+    }
+
+    #[test]
+    fn hotplug_regions_are_shaped_and_placed_above_ram() {
+        let h = MemHotplugConfig::new(1024);
+        let r = check_mem_hotplug(&h, 256 << 20, 1, &LIMITS).unwrap();
+        assert_eq!(
+            (r.addr, r.size, r.block_size, r.slot_size),
+            (4 << 30, 1 << 30, 2 << 20, 128 << 20)
+        );
+        let shape = |total_mib, block_mib, slot_mib| {
+            check_mem_hotplug_shape(&MemHotplugConfig {
+                total_mib,
+                block_mib,
+                slot_mib,
+            })
+        };
+        assert_eq!(shape(1024, 3, 128), Err(ConfigError::HotplugBlock(3)));
+        assert_eq!(shape(1024, 1, 128), Err(ConfigError::HotplugBlock(1)));
+        assert_eq!(shape(1024, 0, 128), Err(ConfigError::HotplugBlock(0)));
+        assert!(matches!(
+            shape(1024, 2, 192),
+            Err(ConfigError::HotplugSlot { .. })
+        ));
+        assert!(matches!(
+            shape(1024, 256, 128),
+            Err(ConfigError::HotplugSlot { .. })
+        ));
+        assert!(matches!(
+            shape(1000, 2, 128),
+            Err(ConfigError::HotplugTotal { .. })
+        ));
+        assert!(matches!(
+            shape(0, 2, 128),
+            Err(ConfigError::HotplugTotal { .. })
+        ));
+        assert_eq!(shape(2048, 256, 256), Ok(()));
+        // The host's limits: its memory, the address width, KVM's slots.
+        let host = HostLimits {
+            host_mem_mib: 1024,
+            ..LIMITS
+        };
+        let err = check_mem_hotplug(&h, 256 << 20, 1, &host).unwrap_err();
+        assert!(
+            err.to_string().contains("1024 MiB of physical memory"),
+            "{err}"
+        );
+        let narrow = HostLimits {
+            phys_address_bits: 32,
+            ..LIMITS
+        };
+        let err = check_mem_hotplug(&h, 256 << 20, 1, &narrow).unwrap_err();
+        assert!(err.to_string().contains("32-bit"), "{err}");
+        let few = HostLimits {
+            kvm_memslots: 8,
+            ..LIMITS
+        };
+        let err = check_mem_hotplug(&h, 256 << 20, 1, &few).unwrap_err();
+        assert!(err.to_string().contains("8 memory slots"), "{err}");
+        assert!(check_mem_hotplug(
+            &MemHotplugConfig::new((u64::MAX >> 1) & !127),
+            1 << 30,
+            1,
+            &LIMITS
+        )
+        .is_err());
     }
 
     #[test]

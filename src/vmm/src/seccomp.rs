@@ -371,6 +371,7 @@ mod tests {
                         "socket-unix" => libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) as i64,
                         "ioctl-kvm-create-vm" => libc::ioctl(-1, 0xae01) as i64,
                         "ioctl-kvm-run" => libc::ioctl(-1, 0xae80) as i64,
+                        "ioctl-kvm-set-memory-region" => libc::ioctl(-1, 0x4020_ae46) as i64,
                         "mmap-exec" => libc::mmap(
                             std::ptr::null_mut(),
                             4096,
@@ -442,6 +443,11 @@ mod tests {
         assert_allowed("vcpu:ioctl-kvm-run");
         assert_killed("vcpu:ioctl-kvm-create-vm", "case-vcpu");
         assert_killed("vmm:ioctl-kvm-create-vm", "case-vmm");
+        // Memory slots: the VMM thread maps hot-pluggable memory; a vCPU
+        // or the API thread never changes the guest's memory map.
+        assert_allowed("vmm:ioctl-kvm-set-memory-region");
+        assert_killed("vcpu:ioctl-kvm-set-memory-region", "case-vcpu");
+        assert_killed("api:ioctl-kvm-set-memory-region", "case-api");
         // mmap: no executable mappings after start.
         assert_allowed("vcpu:mmap-rw");
         assert_killed("vcpu:mmap-exec", "case-vcpu");

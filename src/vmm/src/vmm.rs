@@ -20,12 +20,13 @@ use crate::arch::x86_64::layout::MMIO_DEVICES_START;
 use crate::arch::x86_64::{cpuid, mptable, regs};
 use crate::boot;
 use crate::config::{
-    check_device_count, check_drives, check_memory, check_net, check_vcpus, ConfigError,
-    DriveConfig, HostLimits, SerialOutput, VmConfig,
+    check_device_count, check_drives, check_max_vcpus, check_mem_hotplug, check_memory, check_net,
+    check_vcpus, ConfigError, DriveConfig, HostLimits, SerialOutput, VmConfig,
 };
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{i8042, serial, Serial, I8042};
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::mem::{Mem, MemError, MemStatus};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::VirtioDevice;
@@ -77,6 +78,12 @@ pub enum VmmError {
     /// No drive has that id.
     #[error("no drive with id {0:?}")]
     NoSuchDrive(String),
+    /// The hot-pluggable memory could not be set up or resized.
+    #[error(transparent)]
+    MemHotplug(#[from] MemError),
+    /// A resize of hot-pluggable memory in a VM built without any.
+    #[error("this microVM has no hot-pluggable memory")]
+    NoMemHotplug,
     /// Two devices claim the same addresses.
     #[error("cannot place a device on its bus")]
     Bus(#[from] BusError),
@@ -296,6 +303,25 @@ fn attach_drives(
     Ok(attached)
 }
 
+/// The hot-pluggable memory attached to the VM.
+pub(crate) struct AttachedMem {
+    device: Arc<Mutex<Mem>>,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Appends `word` to `cmdline` unless the command line already sets its
+/// parameter (the part before `=`): what the user wrote wins.
+fn add_kernel_param(cmdline: &mut String, word: &str) {
+    let key = word.split('=').next().unwrap_or(word);
+    let set = cmdline
+        .split_whitespace()
+        .any(|w| w == key || w.starts_with(&format!("{key}=")));
+    if !set {
+        cmdline.push(' ');
+        cmdline.push_str(word);
+    }
+}
+
 /// A virtio device attached to the VM, as a snapshot needs to see it.
 pub(crate) enum AttachedDevice {
     /// A drive (also in `Vmm::drives`).
@@ -339,6 +365,8 @@ pub struct Vmm {
     pub(crate) event_manager: EventManager<Subscriber>,
     pub(crate) image_load: Duration,
     pub(crate) drives: Vec<AttachedDrive>,
+    /// The virtio-mem device, if the VM has hot-pluggable memory.
+    pub(crate) mem_hotplug: Option<AttachedMem>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) serial: Arc<Mutex<Serial>>,
     /// Every virtio device, in slot order (for snapshots).
@@ -370,10 +398,20 @@ impl Vmm {
             kvm_max_vcpus: kvm.get_max_vcpus(),
             phys_address_bits: cpuid::phys_address_bits(&host_cpuid),
             host_mem_mib: host_mem_mib(),
+            kvm_memslots: usize::try_from(kvm.check_extension_int(kvm_ioctls::Cap::NrMemslots))
+                .unwrap_or(0),
         };
         let vcpu_count = check_vcpus(config.vcpus, &limits)?;
+        // vCPUs beyond vcpu_count are built and parked: the guest boots
+        // with maxcpus=vcpu_count and brings them online later.
+        let max_vcpus = check_max_vcpus(config.vcpus, config.max_vcpus, &limits)?;
         let host = crate::persist::HostInfo::read(&kvm, &host_cpuid)?;
         let mem_size = check_memory(config.mem_mib, &limits)?;
+        let boot_slots = crate::arch::x86_64::layout::ram_regions(mem_size).len();
+        let hotplug = config
+            .mem_hotplug
+            .map(|h| check_mem_hotplug(&h, mem_size, boot_slots, &limits))
+            .transpose()?;
         let drives = check_drives(&config.drives)?;
         check_net(&config.net)?;
         check_device_count(config)?;
@@ -382,6 +420,12 @@ impl Vmm {
         let vm = Vm::new(&kvm)?;
         let mem = memory::create(mem_size)?;
         vm.register_memory(&mem)?;
+        // The hot-pluggable region joins guest memory (devices may be given
+        // buffers there) but not KVM: the virtio-mem device maps its slots.
+        let mem = match &hotplug {
+            Some(r) => memory::add_region(&mem, vm_memory::GuestAddress(r.addr), r.size)?,
+            None => mem,
+        };
         tracing::debug!(
             elapsed_us = t0.elapsed().as_micros() as u64,
             "VM and memory ready"
@@ -476,14 +520,48 @@ impl Vmm {
             });
             tracing::debug!(cid = vsock.guest_cid, "virtio-vsock attached");
         }
+        let mem_hotplug = match hotplug {
+            Some(region) => {
+                let kvm_slots = vm.memory_slots(mem.clone(), boot_slots as u32);
+                let dev = Mem::new(region, mem.clone(), Box::new(kvm_slots))?;
+                metrics.register_device("mem", "hotplug", dev.metrics());
+                let device = Arc::new(Mutex::new(dev));
+                let transport = slots.attach(
+                    &vm,
+                    &mem,
+                    &mut mmio,
+                    &mut event_manager,
+                    device.clone(),
+                    &mut device_cmdline,
+                )?;
+                tracing::debug!(
+                    addr = region.addr,
+                    size = region.size,
+                    "virtio-mem attached"
+                );
+                Some(AttachedMem { device, transport })
+            }
+            None => None,
+        };
         let mut boot_source = config.boot.clone();
         boot_source.cmdline.push_str(&device_cmdline);
+        if mem_hotplug.is_some() {
+            // Plugged memory goes to ZONE_MOVABLE, so the guest can empty
+            // it again when asked to unplug.
+            add_kernel_param(
+                &mut boot_source.cmdline,
+                "memhp_default_state=online_movable",
+            );
+        }
+        if max_vcpus > vcpu_count {
+            add_kernel_param(&mut boot_source.cmdline, &format!("maxcpus={vcpu_count}"));
+        }
 
         let load_start = Instant::now();
         let loaded = boot::load(&mem, mem_size, &boot_source)?;
         let image_load = load_start.elapsed();
         regs::write_boot_tables(&mem)?;
-        mptable::setup_mptable(&mem, vcpu_count)?;
+        mptable::setup_mptable(&mem, max_vcpus)?;
         tracing::debug!(elapsed_us = t0.elapsed().as_micros() as u64, "guest loaded");
 
         let shared = VcpuShared {
@@ -495,14 +573,10 @@ impl Vmm {
             pause: Arc::new(PauseGate::default()),
             metrics: metrics.clone(),
         };
-        let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
-        for index in 0..vcpu_count {
+        let mut vcpus = Vec::with_capacity(usize::from(max_vcpus));
+        for index in 0..max_vcpus {
             let vcpu = Vcpu::new(vm.fd(), index, shared.clone())?;
-            vcpu.configure(
-                &host_cpuid,
-                vcpu_count,
-                (index == 0).then_some(loaded.entry),
-            )?;
+            vcpu.configure(&host_cpuid, max_vcpus, (index == 0).then_some(loaded.entry))?;
             vcpus.push(vcpu);
         }
 
@@ -519,6 +593,7 @@ impl Vmm {
             event_manager,
             image_load,
             drives,
+            mem_hotplug,
             i8042,
             serial,
             virtio,
@@ -562,6 +637,34 @@ impl Vmm {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .notify_config_change();
+        Ok(())
+    }
+
+    /// The hot-pluggable memory's sizes, if the VM has any.
+    pub fn mem_hotplug_status(&self) -> Option<MemStatus> {
+        self.mem_hotplug
+            .as_ref()
+            .map(|m| m.device.lock().unwrap_or_else(|e| e.into_inner()).status())
+    }
+
+    /// Asks the guest to have `bytes` of the hot-pluggable region plugged
+    /// (a multiple of the block size, at most the region): the device's
+    /// requested size changes and the guest's driver gets a
+    /// configuration-change interrupt, then plugs or unplugs blocks until
+    /// it has that much ([`Vmm::mem_hotplug_status`] follows it).
+    pub fn resize_mem_hotplug(&self, bytes: u64) -> Result<(), VmmError> {
+        let m = self.mem_hotplug.as_ref().ok_or(VmmError::NoMemHotplug)?;
+        let changed = m
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_requested_size(bytes)?;
+        if changed {
+            m.transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .notify_config_change();
+        }
         Ok(())
     }
 

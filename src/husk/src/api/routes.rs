@@ -15,6 +15,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/boot-source"),
     ("PUT", "/drives/{drive_id}"),
     ("PATCH", "/drives/{drive_id}"),
+    ("GET", "/hotplug/memory"),
+    ("PUT", "/hotplug/memory"),
+    ("PATCH", "/hotplug/memory"),
     ("PUT", "/logger"),
     ("GET", "/machine-config"),
     ("PUT", "/machine-config"),
@@ -106,6 +109,9 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Request, Response
         ("PATCH", "/vm") => Request::PatchVm(body::<VmState>(bytes)?.state),
         ("PUT", "/logger") => Request::PutLogger(body(bytes)?),
         ("PUT", "/metrics") => Request::PutMetrics(body(bytes)?),
+        ("GET", "/hotplug/memory") => Request::GetMemoryHotplug,
+        ("PUT", "/hotplug/memory") => Request::PutMemoryHotplug(body(bytes)?),
+        ("PATCH", "/hotplug/memory") => Request::PatchMemoryHotplug(body(bytes)?),
         ("PUT", "/snapshot/create") => Request::CreateSnapshot(body(bytes)?),
         ("PUT", "/snapshot/load") => Request::LoadSnapshot(body(bytes)?),
         _ => {
@@ -199,6 +205,35 @@ mod tests {
             400
         );
         assert_eq!(status(route("PUT", "/boot-source", b"   ")), 400);
+        // Memory hot-plug: Firecracker's bodies, unknown fields refused.
+        assert_eq!(
+            route("PATCH", "/hotplug/memory", br#"{"requested_size_mib":512}"#).unwrap(),
+            Request::PatchMemoryHotplug(vmm::controller::MemoryHotplugSizeUpdate {
+                requested_size_mib: 512
+            })
+        );
+        assert!(matches!(
+            route("PUT", "/hotplug/memory", br#"{"total_size_mib":1024}"#).unwrap(),
+            Request::PutMemoryHotplug(h) if h.slot_size_mib == 128
+        ));
+        assert_eq!(
+            status(route(
+                "PATCH",
+                "/hotplug/memory",
+                br#"{"requested_size_mib":"lots"}"#
+            )),
+            400
+        );
+        assert_eq!(
+            status(route(
+                "PUT",
+                "/hotplug/memory",
+                br#"{"total_size_mib":1,"x":2}"#
+            )),
+            400
+        );
+        assert_eq!(status(route("DELETE", "/hotplug/memory", b"")), 405);
+        assert_eq!(status(route("GET", "/hotplug", b"")), 404);
     }
 }
 

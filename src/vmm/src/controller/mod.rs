@@ -22,7 +22,8 @@ pub use husk_api_types::{
 };
 pub use resources::{
     BootSourceConfig, Drive, DriveUpdate, Logger, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetworkInterface, ResourceError, Validate, ValidateAt, VmResources, Vsock,
+    MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus, MetricsConfig,
+    NetworkInterface, ResourceError, Validate, ValidateAt, VmResources, Vsock,
 };
 
 /// How often metrics are written without being asked.
@@ -60,6 +61,12 @@ pub enum Request {
     PutMetrics(MetricsConfig),
     /// `GET /vm/config`.
     GetVmConfig,
+    /// `PUT /hotplug/memory`.
+    PutMemoryHotplug(MemoryHotplugConfig),
+    /// `PATCH /hotplug/memory`.
+    PatchMemoryHotplug(MemoryHotplugSizeUpdate),
+    /// `GET /hotplug/memory`.
+    GetMemoryHotplug,
     /// `PUT /snapshot/create`.
     CreateSnapshot(snapshot::SnapshotCreateParams),
     /// `PUT /snapshot/load`.
@@ -178,7 +185,8 @@ impl Controller {
             || resources.machine_config != MachineConfig::default()
             || !resources.drives.is_empty()
             || !resources.network_interfaces.is_empty()
-            || resources.vsock.is_some();
+            || resources.vsock.is_some()
+            || resources.memory_hotplug.is_some();
         if resources.snapshot_load.is_some() && boots {
             return Err(ActionError::LoadNotAllowed);
         }
@@ -215,6 +223,7 @@ impl Controller {
                 | Request::PatchDrive(..)
                 | Request::PutNetworkInterface(..)
                 | Request::PutVsock(_)
+                | Request::PutMemoryHotplug(_)
         ) {
             self.boot_path = true;
         }
@@ -273,6 +282,21 @@ impl Controller {
             Request::PutMetrics(m) => {
                 self.put_metrics(m)?;
                 Response::Empty
+            }
+            Request::PutMemoryHotplug(h) => {
+                h.validate()?;
+                resources::put_memory_hotplug(r, h)?;
+                Response::Empty
+            }
+            Request::PatchMemoryHotplug(_) => {
+                return Err(ActionError::BeforeStart("resizing hot-pluggable memory"))
+            }
+            Request::GetMemoryHotplug => {
+                let h = r
+                    .memory_hotplug
+                    .as_ref()
+                    .ok_or(ResourceError::NoMemoryHotplug)?;
+                json(&resources::unplugged_status(h))
             }
             Request::PatchVm(_) => return Err(ActionError::BeforeStart("pausing or resuming")),
             Request::Action(ActionType::FlushMetrics) => {
@@ -376,6 +400,8 @@ impl Controller {
                 .map(resources::net_config)
                 .collect::<Result<_, _>>()?,
             vsock: r.vsock.as_ref().map(resources::vsock_config).transpose()?,
+            max_vcpus: r.machine_config.max_vcpu_count.map(usize::from),
+            mem_hotplug: r.memory_hotplug.as_ref().map(resources::mem_hotplug_config),
         })
     }
 
@@ -431,7 +457,7 @@ impl Controller {
             }
             Request::Action(ActionType::InstanceStart) => return Err(ActionError::AlreadyStarted),
             Request::CreateSnapshot(params) => {
-                snapshot::check_create(&params)?;
+                snapshot::check_create(&params, &self.resources)?;
                 let stats = vmm
                     .snapshot(&params.snapshot_path, &params.mem_file_path)
                     .map_err(ActionError::CreateSnapshot)?;
@@ -463,6 +489,25 @@ impl Controller {
                 return Err(ActionError::AfterStart("adding a network interface"))
             }
             Request::PutVsock(_) => return Err(ActionError::AfterStart("adding a vsock device")),
+            Request::PutMemoryHotplug(_) => {
+                return Err(ActionError::AfterStart("configuring hot-pluggable memory"))
+            }
+            Request::PatchMemoryHotplug(update) => {
+                let h = self
+                    .resources
+                    .memory_hotplug
+                    .as_ref()
+                    .ok_or(ResourceError::NoMemoryHotplug)?;
+                let bytes = resources::requested_bytes(h, &update)?;
+                vmm.resize_mem_hotplug(bytes).map_err(ActionError::Vmm)?;
+                Response::Empty
+            }
+            Request::GetMemoryHotplug => {
+                let status = vmm
+                    .mem_hotplug_status()
+                    .ok_or(ResourceError::NoMemoryHotplug)?;
+                json(&resources::hotplug_status(&status))
+            }
         })
     }
 
@@ -620,6 +665,62 @@ mod tests {
             }))
             .is_err());
         assert_eq!(c.resources().machine_config.vcpu_count, 2);
+    }
+
+    #[test]
+    fn hotplug_memory_is_configured_before_start_and_resized_after() {
+        let mut c = controller();
+        // Nothing configured: GET says so.
+        let err = c.handle(Request::GetMemoryHotplug).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("PUT /hotplug/memory before InstanceStart"),
+            "{err}"
+        );
+        c.handle(Request::PutMemoryHotplug(MemoryHotplugConfig::new(1024)))
+            .unwrap();
+        let (r, _) = c.handle(Request::GetMemoryHotplug).unwrap();
+        assert_eq!(
+            r,
+            Response::Json(
+                serde_json::json!({"total_size_mib": 1024, "block_size_mib": 2,
+                "slot_size_mib": 128, "plugged_size_mib": 0, "requested_size_mib": 0})
+            )
+        );
+        // Resizing needs a running VM.
+        assert!(matches!(
+            c.handle(Request::PatchMemoryHotplug(MemoryHotplugSizeUpdate {
+                requested_size_mib: 512
+            })),
+            Err(ActionError::BeforeStart(_))
+        ));
+        // A bad shape is refused and leaves the good one in place.
+        assert!(matches!(
+            c.handle(Request::PutMemoryHotplug(MemoryHotplugConfig {
+                slot_size_mib: 100,
+                ..MemoryHotplugConfig::new(1000)
+            })),
+            Err(ActionError::Resource(ResourceError::MemoryHotplug(_)))
+        ));
+        assert_eq!(
+            c.resources().memory_hotplug,
+            Some(MemoryHotplugConfig::new(1024))
+        );
+        // It reaches the VMM's configuration.
+        c.handle(Request::PutBootSource(BootSourceConfig {
+            kernel_image_path: "/proc/self/exe".into(),
+            initrd_path: None,
+            boot_args: None,
+        }))
+        .unwrap();
+        let config = c.vm_config().unwrap();
+        assert_eq!(
+            config.mem_hotplug,
+            Some(crate::config::MemHotplugConfig::new(1024))
+        );
+        let (r, _) = c.handle(Request::GetVmConfig).unwrap();
+        let Response::Json(v) = r else { panic!() };
+        assert_eq!(v["memory-hotplug"]["total_size_mib"], 1024);
     }
 
     #[test]

@@ -6,10 +6,14 @@ use std::path::{Path, PathBuf};
 
 pub use husk_api_types::{
     BootSourceConfig, Drive, DriveUpdate, Logger, MachineConfig, MachineConfigUpdate,
-    MetricsConfig, NetworkInterface, RateLimiter, VmResources, Vsock,
+    MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus, MetricsConfig,
+    NetworkInterface, RateLimiter, VmResources, Vsock,
 };
 
-use crate::config::{DriveConfig, NetConfig, VsockConfig, MAX_VIRTIO_DEVICES, MIN_MEM_MIB};
+use crate::config::{
+    ConfigError, DriveConfig, MemHotplugConfig, NetConfig, VsockConfig, MAX_VIRTIO_DEVICES,
+    MIN_MEM_MIB,
+};
 use crate::devices::virtio::block::BlockConfig;
 use crate::devices::virtio::net::MacAddr;
 use crate::host_file::Accept;
@@ -91,12 +95,46 @@ pub enum ResourceError {
     /// Not exactly one memory backend in a snapshot load.
     #[error("give the memory file as mem_backend (backend_type File) or mem_file_path, not both or neither")]
     MemBackend,
+    /// A snapshot of a VM with hot-pluggable memory (its virtio-mem
+    /// device's state is not saved).
+    #[error("a microVM with hot-pluggable memory cannot be snapshotted: husk does not save the virtio-mem device's state")]
+    SnapshotMemHotplug,
     /// Two overrides for one interface.
     #[error("network interface {0:?} is overridden twice")]
     DuplicateOverride(String),
     /// PATCH /machine-config before PUT.
     #[error("machine configuration can only be patched after it was put")]
     NoMachineConfig,
+    /// max_vcpu_count below vcpu_count or above the limit.
+    #[error("max_vcpu_count must be between vcpu_count ({vcpus}) and {MAX_VCPU_COUNT}, not {max}")]
+    MaxVcpuCount {
+        /// The maximum asked for.
+        max: u8,
+        /// vcpu_count.
+        vcpus: u8,
+    },
+    /// A hot-pluggable region of the wrong shape.
+    #[error("invalid memory hot-plug configuration")]
+    MemoryHotplug(#[source] ConfigError),
+    /// /hotplug/memory requests in a VM without hot-pluggable memory.
+    #[error("no hot-pluggable memory is configured (PUT /hotplug/memory before InstanceStart)")]
+    NoMemoryHotplug,
+    /// More than the region holds.
+    #[error("requested_size_mib {requested} exceeds the hot-pluggable region: total_size_mib is {total}")]
+    HotplugRequestTooLarge {
+        /// What was asked for.
+        requested: u64,
+        /// The region's size.
+        total: u64,
+    },
+    /// Not a whole number of blocks.
+    #[error("requested_size_mib {requested} is not a multiple of block_size_mib {block}")]
+    HotplugRequestUnaligned {
+        /// What was asked for.
+        requested: u64,
+        /// The block size.
+        block: u64,
+    },
 }
 
 /// A body's checks against the VMM's limits and the host, for the bodies
@@ -132,7 +170,82 @@ impl Validate for MachineConfig {
         if self.huge_pages.as_deref().is_some_and(|t| t != "None") {
             return Err(ResourceError::Unsupported("huge pages"));
         }
+        if let Some(max) = self.max_vcpu_count {
+            if max < self.vcpu_count || max > MAX_VCPU_COUNT {
+                return Err(ResourceError::MaxVcpuCount {
+                    max,
+                    vcpus: self.vcpu_count,
+                });
+            }
+        }
         Ok(())
+    }
+}
+
+impl Validate for MemoryHotplugConfig {
+    /// Checks the block, slot and total sizes (the host's limits are
+    /// checked at InstanceStart).
+    fn validate(&self) -> Result<(), ResourceError> {
+        crate::config::check_mem_hotplug_shape(&mem_hotplug_config(self))
+            .map_err(ResourceError::MemoryHotplug)
+    }
+}
+
+/// The VMM's view of the hot-pluggable memory.
+pub fn mem_hotplug_config(h: &MemoryHotplugConfig) -> MemHotplugConfig {
+    MemHotplugConfig {
+        total_mib: h.total_size_mib,
+        block_mib: h.block_size_mib,
+        slot_mib: h.slot_size_mib,
+    }
+}
+
+/// Checks a new requested size against the configured region; returns it
+/// in bytes.
+pub fn requested_bytes(
+    h: &MemoryHotplugConfig,
+    update: &MemoryHotplugSizeUpdate,
+) -> Result<u64, ResourceError> {
+    let requested = update.requested_size_mib;
+    if requested > h.total_size_mib {
+        return Err(ResourceError::HotplugRequestTooLarge {
+            requested,
+            total: h.total_size_mib,
+        });
+    }
+    if h.block_size_mib == 0 || requested % h.block_size_mib != 0 {
+        return Err(ResourceError::HotplugRequestUnaligned {
+            requested,
+            block: h.block_size_mib,
+        });
+    }
+    requested
+        .checked_mul(1 << 20)
+        .ok_or(ResourceError::HotplugRequestTooLarge {
+            requested,
+            total: h.total_size_mib,
+        })
+}
+
+/// The status before InstanceStart: nothing plugged, nothing requested.
+pub fn unplugged_status(h: &MemoryHotplugConfig) -> MemoryHotplugStatus {
+    MemoryHotplugStatus {
+        total_size_mib: h.total_size_mib,
+        block_size_mib: h.block_size_mib,
+        slot_size_mib: h.slot_size_mib,
+        plugged_size_mib: 0,
+        requested_size_mib: 0,
+    }
+}
+
+/// The status of a running VM's device.
+pub fn hotplug_status(s: &crate::devices::virtio::mem::MemStatus) -> MemoryHotplugStatus {
+    MemoryHotplugStatus {
+        total_size_mib: s.region_size >> 20,
+        block_size_mib: s.block_size >> 20,
+        slot_size_mib: s.slot_size >> 20,
+        plugged_size_mib: s.plugged_size >> 20,
+        requested_size_mib: s.requested_size >> 20,
     }
 }
 
@@ -299,7 +412,10 @@ pub fn vsock_config(vsock: &Vsock) -> Result<VsockConfig, ResourceError> {
 }
 
 fn device_count(r: &VmResources) -> usize {
-    r.drives.len() + r.network_interfaces.len() + usize::from(r.vsock.is_some())
+    r.drives.len()
+        + r.network_interfaces.len()
+        + usize::from(r.vsock.is_some())
+        + usize::from(r.memory_hotplug.is_some())
 }
 
 /// Adds or replaces a drive (same id: replaced in place).
@@ -348,6 +464,18 @@ pub fn put_network_interface(
     Ok(())
 }
 
+/// Sets the hot-pluggable memory (one virtio-mem device).
+pub fn put_memory_hotplug(
+    r: &mut VmResources,
+    hotplug: MemoryHotplugConfig,
+) -> Result<(), ResourceError> {
+    if r.memory_hotplug.is_none() && device_count(r) >= MAX_VIRTIO_DEVICES {
+        return Err(ResourceError::TooManyDevices);
+    }
+    r.memory_hotplug = Some(hotplug);
+    Ok(())
+}
+
 /// Sets the vsock device.
 pub fn put_vsock(r: &mut VmResources, vsock: Vsock) -> Result<(), ResourceError> {
     if r.vsock.is_none() && device_count(r) >= MAX_VIRTIO_DEVICES {
@@ -377,6 +505,10 @@ impl Validate for VmResources {
             v.validate()?;
             put_vsock(&mut check, v.clone())?;
         }
+        if let Some(h) = &self.memory_hotplug {
+            h.validate()?;
+            put_memory_hotplug(&mut check, h.clone())?;
+        }
         Ok(())
     }
 }
@@ -405,6 +537,73 @@ mod tests {
         assert!(matches!(
             m.validate(),
             Err(ResourceError::Unsupported("smt"))
+        ));
+    }
+
+    #[test]
+    fn max_vcpus_and_hotplug_shapes() {
+        let m = MachineConfig {
+            vcpu_count: 2,
+            max_vcpu_count: Some(1),
+            ..Default::default()
+        };
+        let err = m.validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "max_vcpu_count must be between vcpu_count (2) and 254, not 1"
+        );
+        let m = MachineConfig {
+            max_vcpu_count: Some(255),
+            ..Default::default()
+        };
+        assert!(matches!(
+            m.validate(),
+            Err(ResourceError::MaxVcpuCount { .. })
+        ));
+        let m = MachineConfig {
+            max_vcpu_count: Some(4),
+            ..Default::default()
+        };
+        assert!(m.validate().is_ok());
+
+        let h = MemoryHotplugConfig::new(1024);
+        assert!(h.validate().is_ok());
+        let bad = MemoryHotplugConfig {
+            block_size_mib: 3,
+            ..h.clone()
+        };
+        let err = bad.validate().unwrap_err();
+        assert_eq!(
+            crate::error::chain(&err),
+            "invalid memory hot-plug configuration: a hot-pluggable block of 3 MiB is not a power of two of at least 2 MiB"
+        );
+        let update = |mib| MemoryHotplugSizeUpdate {
+            requested_size_mib: mib,
+        };
+        assert_eq!(requested_bytes(&h, &update(768)).unwrap(), 768 << 20);
+        assert_eq!(requested_bytes(&h, &update(0)).unwrap(), 0);
+        let err = requested_bytes(&h, &update(1026)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "requested_size_mib 1026 exceeds the hot-pluggable region: total_size_mib is 1024"
+        );
+        assert!(matches!(
+            requested_bytes(&h, &update(3)),
+            Err(ResourceError::HotplugRequestUnaligned {
+                requested: 3,
+                block: 2
+            })
+        ));
+        // The memory device counts against the device limit.
+        let mut r = VmResources {
+            drives: (0..MAX_VIRTIO_DEVICES)
+                .map(|i| Drive::new(format!("d{i}"), "/x", false))
+                .collect(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            put_memory_hotplug(&mut r, h),
+            Err(ResourceError::TooManyDevices)
         ));
     }
 

@@ -16,8 +16,16 @@ use crate::config::{SerialOutput, VsockConfig};
 use crate::persist::{LoadParams, NetOverride};
 use crate::vmm::Vmm;
 
-/// Checks a create request.
-pub fn check_create(params: &SnapshotCreateParams) -> Result<(), ResourceError> {
+/// Checks a create request against the VM's configuration. A VM with
+/// hot-pluggable memory is refused here, before the VM is touched or a file
+/// written: its virtio-mem device and plugged blocks are not saved.
+pub fn check_create(
+    params: &SnapshotCreateParams,
+    configured: &VmResources,
+) -> Result<(), ResourceError> {
+    if configured.memory_hotplug.is_some() {
+        return Err(ResourceError::SnapshotMemHotplug);
+    }
     if params.snapshot_type == SnapshotType::Diff {
         return Err(ResourceError::Unsupported("a Diff snapshot"));
     }
@@ -152,6 +160,8 @@ pub fn restored_resources(vmm: &Vmm, kept: &VmResources) -> VmResources {
         }),
         logger: kept.logger.clone(),
         metrics: kept.metrics.clone(),
+        // A VM with hot-pluggable memory is never snapshotted.
+        memory_hotplug: None,
         snapshot_load: None,
     }
 }
@@ -167,18 +177,38 @@ mod tests {
             snapshot_path: "/s".into(),
             mem_file_path: "/m".into(),
         };
-        assert!(check_create(&p).is_ok());
+        let plain = VmResources::default();
+        assert!(check_create(&p, &plain).is_ok());
         p.snapshot_type = SnapshotType::Diff;
         assert!(matches!(
-            check_create(&p),
+            check_create(&p, &plain),
             Err(ResourceError::Unsupported("a Diff snapshot"))
         ));
         p.snapshot_type = SnapshotType::Full;
         p.mem_file_path = "/s".into();
         assert!(matches!(
-            check_create(&p),
+            check_create(&p, &plain),
             Err(ResourceError::SnapshotPaths)
         ));
+    }
+
+    #[test]
+    fn create_refuses_a_vm_with_hot_pluggable_memory() {
+        let dir = std::env::temp_dir().join(format!("husk-snap-hotplug-{}", std::process::id()));
+        let p = SnapshotCreateParams {
+            snapshot_type: SnapshotType::Full,
+            snapshot_path: dir.join("state"),
+            mem_file_path: dir.join("mem"),
+        };
+        let with_hotplug = VmResources {
+            memory_hotplug: Some(husk_api_types::MemoryHotplugConfig::new(1024)),
+            ..VmResources::default()
+        };
+        let err = check_create(&p, &with_hotplug).unwrap_err();
+        assert!(matches!(err, ResourceError::SnapshotMemHotplug), "{err:?}");
+        assert!(err.to_string().contains("hot-pluggable memory"), "{err}");
+        // Refused before anything was written.
+        assert!(!dir.exists());
     }
 
     #[test]

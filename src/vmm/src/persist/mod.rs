@@ -133,6 +133,9 @@ pub struct MicrovmState {
 /// Why a snapshot could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// The VM has a virtio-mem device, whose state is not saved.
+    #[error("a microVM with hot-pluggable memory cannot be snapshotted")]
+    MemHotplug,
     /// The vCPUs are running.
     #[error("the microVM must be paused to snapshot it (PATCH /vm with state Paused)")]
     NotPaused,
@@ -343,6 +346,10 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Vmm {
     /// The state of the paused VM (vCPUs answer from their threads).
     fn save_state(&mut self) -> Result<MicrovmState, SnapshotError> {
+        if self.mem_hotplug.is_some() {
+            // Neither the device nor its plugged blocks would be restored.
+            return Err(SnapshotError::MemHotplug);
+        }
         if !self.is_paused() {
             return Err(SnapshotError::NotPaused);
         }
@@ -654,6 +661,7 @@ impl Vmm {
             event_manager,
             image_load: Duration::ZERO,
             drives,
+            mem_hotplug: None,
             i8042,
             serial,
             virtio,

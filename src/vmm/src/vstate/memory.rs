@@ -1,7 +1,12 @@
 //! Guest RAM: anonymous, private, MAP_NORESERVE mappings laid out around the
-//! MMIO gap (see `arch::x86_64::layout`).
+//! MMIO gap (see `arch::x86_64::layout`), and the hot-pluggable region a
+//! virtio-mem device hands out block by block: mapped the same way, added
+//! to guest memory after the boot RAM went to KVM, and given back to the
+//! host a block at a time ([`discard`]) when the guest unplugs it.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use std::sync::Arc;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::x86_64::layout::ram_regions;
 use crate::error::Flat;
@@ -20,6 +25,84 @@ pub enum MemoryError {
         /// The mapping error (vm-memory's message names its cause).
         source: Flat<vm_memory::mmap::FromRangesError>,
     },
+}
+
+/// Why part of guest memory could not be given back to the host.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscardError {
+    /// The range is not inside one region of guest memory, or not page aligned.
+    #[error("{len:#x} bytes at {addr:#x} are not a page-aligned range of one guest memory region")]
+    Range {
+        /// Start of the range.
+        addr: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// madvise refused.
+    #[error("cannot release {len:#x} bytes of guest memory at {addr:#x}")]
+    Madvise {
+        /// Start of the range.
+        addr: u64,
+        /// Its length.
+        len: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// `mem` with a region of `size` bytes at `addr` added: the hot-pluggable
+/// memory, mapped like guest RAM (nothing is allocated until touched).
+/// KVM does not see it yet; the virtio-mem device maps it slot by slot.
+pub fn add_region(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    size: u64,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let too_large = || MemoryError::TooLarge(size);
+    let len = usize::try_from(size).map_err(|_| too_large())?;
+    let region =
+        GuestRegionMmap::from_range(addr, len, None).map_err(|source| MemoryError::Map {
+            size,
+            source: Flat(source),
+        })?;
+    // Overlapping an existing region is the only failure left.
+    mem.insert_region(Arc::new(region)).map_err(|_| too_large())
+}
+
+const PAGE_SIZE: u64 = 4096;
+
+/// Gives the pages of `[addr, addr + len)` back to the host
+/// (`MADV_DONTNEED`): the VMM's resident memory drops by what the guest had
+/// touched there, and the range reads as zeros afterwards. The range must
+/// be page aligned and inside one region of `mem`.
+pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<(), DiscardError> {
+    let range = || DiscardError::Range { addr: addr.0, len };
+    if addr.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+        return Err(range());
+    }
+    let count = usize::try_from(len).map_err(|_| range())?;
+    let slice = mem.get_slice(addr, count).map_err(|_| range())?;
+    if slice.len() != count {
+        return Err(range());
+    }
+    let host = slice.ptr_guard_mut().as_ptr();
+    // SAFETY: [host, host + count) lies inside one private anonymous
+    // mapping that `mem` owns and keeps alive (get_slice checked the
+    // bounds), and both ends are page aligned (the regions' mappings start
+    // on a page and addr and len are multiples of a page). MADV_DONTNEED
+    // only drops the pages' contents, which then read as zeros; nothing in
+    // the VMM holds a Rust reference into guest memory (vm-memory copies
+    // in and out with volatile accesses), so no reference sees its memory
+    // change under it.
+    let rc = unsafe { libc::madvise(host.cast(), count, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(DiscardError::Madvise {
+            addr: addr.0,
+            len,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
 }
 
 /// Maps `mem_size` bytes of guest RAM.
@@ -206,6 +289,68 @@ mod tests {
         );
         assert!(!m.address_in_range(GuestAddress(MMIO_GAP_START)));
         assert!(m.address_in_range(GuestAddress(MMIO_GAP_END)));
+    }
+
+    /// How many of the `len` bytes at `addr` are resident (mincore).
+    fn resident(mem: &GuestMemoryMmap, addr: u64, len: usize) -> usize {
+        let slice = mem.get_slice(GuestAddress(addr), len).unwrap();
+        let mut vec = vec![0u8; len / 4096];
+        // SAFETY: the slice is a live, page-aligned range of guest memory
+        // and `vec` has one byte per page of it.
+        let rc =
+            unsafe { libc::mincore(slice.ptr_guard_mut().as_ptr().cast(), len, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        vec.iter().filter(|b| *b & 1 == 1).count() * 4096
+    }
+
+    #[test]
+    fn a_hotplug_region_joins_guest_memory_and_discarding_returns_its_pages() {
+        use vm_memory::Bytes;
+        let boot = create(64 << 20).unwrap();
+        let at = 4u64 << 30;
+        let m = add_region(&boot, GuestAddress(at), 32 << 20).unwrap();
+        assert_eq!(m.num_regions(), 2);
+        assert!(m.address_in_range(GuestAddress(at + (32 << 20) - 1)));
+        assert!(!m.address_in_range(GuestAddress(at + (32 << 20))));
+        // Touch 4 MiB: resident; discard 2 MiB of it: that half is gone and
+        // reads as zeros, the rest keeps its bytes.
+        let block = 2usize << 20;
+        m.write_slice(&vec![0xa5u8; 2 * block], GuestAddress(at))
+            .unwrap();
+        assert_eq!(resident(&m, at, 2 * block), 2 * block);
+        discard(&m, GuestAddress(at), block as u64).unwrap();
+        assert_eq!(resident(&m, at, block), 0);
+        assert_eq!(resident(&m, at + block as u64, block), block);
+        let mut back = vec![1u8; 16];
+        m.read_slice(&mut back, GuestAddress(at)).unwrap();
+        assert_eq!(back, [0u8; 16]);
+        m.read_slice(&mut back, GuestAddress(at + block as u64))
+            .unwrap();
+        assert_eq!(back, [0xa5u8; 16]);
+    }
+
+    #[test]
+    fn discarding_outside_one_region_or_unaligned_is_refused() {
+        let boot = create(64 << 20).unwrap();
+        let m = add_region(&boot, GuestAddress(4 << 30), 8 << 20).unwrap();
+        for (addr, len) in [
+            ((4u64 << 30) + 100, 4096u64),
+            (4 << 30, 100),
+            (4 << 30, 0),
+            ((4 << 30) + (4 << 20), 8 << 20),
+            (2 << 30, 4096),
+            ((64 << 20) - 4096, 8192),
+        ] {
+            assert!(
+                matches!(
+                    discard(&m, GuestAddress(addr), len),
+                    Err(DiscardError::Range { .. })
+                ),
+                "{addr:#x}+{len:#x}"
+            );
+        }
+        // A region that overlaps guest RAM cannot be added.
+        assert!(add_region(&boot, GuestAddress(32 << 20), 64 << 20).is_err());
     }
 
     fn tmp(name: &str) -> (std::path::PathBuf, std::fs::File) {

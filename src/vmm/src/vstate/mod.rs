@@ -4,5 +4,6 @@
 pub mod memory;
 pub mod persist;
 pub mod probe;
+pub mod slots;
 pub mod vcpu;
 pub mod vm;

@@ -1,6 +1,8 @@
 //! The KVM VM: capability checks, guest memory slots, the in-kernel irqchip
 //! (PIC + IOAPIC) and PIT, and irqfd registration.
 
+use std::sync::Arc;
+
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -68,7 +70,8 @@ pub fn open_kvm() -> Result<Kvm, VmError> {
 
 /// A KVM VM with its irqchip and PIT.
 pub struct Vm {
-    fd: VmFd,
+    // Shared with the hot-pluggable memory's slots ([`Vm::memory_slots`]).
+    fd: Arc<VmFd>,
 }
 
 impl Vm {
@@ -84,7 +87,7 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(ioctl("create the PIT"))?;
-        Ok(Vm { fd })
+        Ok(Vm { fd: Arc::new(fd) })
     }
 
     /// Hands every guest memory region to KVM, one slot each.
@@ -132,5 +135,11 @@ impl Vm {
     /// The VM fd, for creating vCPUs.
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The KVM memory slots of the hot-pluggable region of `mem`, from slot
+    /// number `first_slot` on (the boot RAM holds the ones below).
+    pub fn memory_slots(&self, mem: GuestMemoryMmap, first_slot: u32) -> super::slots::KvmSlots {
+        super::slots::KvmSlots::new(self.fd.clone(), mem, first_slot)
     }
 }

@@ -82,6 +82,22 @@ pub fn ram_regions(mem_size: u64) -> Vec<(GuestAddress, u64)> {
     }
 }
 
+/// Where hot-pluggable memory starts in a guest of `mem_size` bytes: at
+/// the first 1 GiB boundary above both its RAM and the MMIO gap (so above
+/// 4 GiB), which is aligned to the guest's 128 MiB memory blocks too.
+/// `None` if that overflows.
+pub fn hotplug_region_start(mem_size: u64) -> Option<u64> {
+    let top = ram_regions(mem_size)
+        .last()
+        .map(|(start, size)| start.0.checked_add(*size))
+        .unwrap_or(Some(0))?;
+    top.max(MMIO_GAP_END)
+        .checked_next_multiple_of(HOTPLUG_ALIGN)
+}
+
+/// The alignment of the hot-pluggable region.
+pub const HOTPLUG_ALIGN: u64 = 1 << 30;
+
 /// End (exclusive) of the RAM below the MMIO gap.
 pub fn low_mem_end(mem_size: u64) -> u64 {
     mem_size.min(MMIO_GAP_START)
@@ -108,6 +124,17 @@ mod tests {
         );
         assert_eq!(r.iter().map(|x| x.1).sum::<u64>(), 3 << 30);
         assert_eq!(low_mem_end(3 << 30), MMIO_GAP_START);
+    }
+
+    #[test]
+    fn hotplug_memory_goes_above_ram_and_the_gap() {
+        assert_eq!(hotplug_region_start(256 << 20), Some(MMIO_GAP_END));
+        assert_eq!(hotplug_region_start(MMIO_GAP_START), Some(MMIO_GAP_END));
+        // 3 GiB: RAM up to 5 GiB.
+        assert_eq!(hotplug_region_start(3 << 30), Some(5 << 30));
+        // 3.5 GiB: RAM up to 5.5 GiB, the region at 6 GiB.
+        assert_eq!(hotplug_region_start(7 << 29), Some(6 << 30));
+        assert_eq!(hotplug_region_start(u64::MAX - (1 << 20)), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod mem;
 pub mod mmio;
 pub mod net;
 pub mod persist;
@@ -151,7 +152,7 @@ pub enum ActivateError {
 
 /// A virtio device, seen from its transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device id (2: block, 1: net, 19: vsock).
+    /// The virtio device id (2: block, 1: net, 19: vsock, 24: memory).
     fn device_type(&self) -> u32;
     /// The maximum size of each queue.
     fn queue_max_sizes(&self) -> &[u16];
