@@ -15,6 +15,7 @@
 mod api;
 mod api_cmd;
 mod boot_cmd;
+mod check;
 mod image_cmd;
 mod logger;
 mod run_cmd;
@@ -56,6 +57,10 @@ struct Cli {
 enum Command {
     /// Boot a microVM and wait until the guest ends.
     Boot(boot_cmd::BootArgs),
+    /// Check whether a pod would run on this host (KVM, capabilities,
+    /// tun, cgroups, containerd, the configured kernel and agent); exits 0
+    /// only when it would.
+    Check(check::CheckArgs),
     /// OCI images: root filesystems, the bundled busybox image.
     Image(image_cmd::ImageArgs),
     /// Run a command in a container inside a fresh microVM (the bundled
@@ -99,6 +104,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Boot(args)) => boot_cmd::run(args, started, &seccomp),
+        Some(Command::Check(args)) => check::run(args),
         Some(Command::Image(args)) => image_cmd::run(args),
         Some(Command::Run(args)) => run_cmd::run(args, &seccomp),
         Some(Command::Snapshot(args)) => snapshot_cmd::snapshot(args),

@@ -3,6 +3,7 @@
 
 pub mod memory;
 pub mod persist;
+pub mod probe;
 pub mod slots;
 pub mod vcpu;
 pub mod vm;
