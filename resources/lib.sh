@@ -52,7 +52,8 @@ husk_dynamic_busybox() {
   local dir=${HUSK_CACHE_DIR:-/var/cache/husk}/debian-busybox tmp
   if [[ ! -x $dir/bin/busybox ]]; then
     tmp=$(mktemp -d)
-    chmod 755 "$tmp" # apt's download user writes there
+    # apt downloads as its own user (_apt) where one exists.
+    chown _apt "$tmp" 2>/dev/null || true
     if ! (cd "$tmp" && apt-get download -q busybox >&2); then
       apt-get update -q >&2
       (cd "$tmp" && apt-get download -q busybox >&2)

@@ -11,6 +11,7 @@ mod error;
 mod io;
 mod network;
 mod pod;
+mod private;
 mod rootfs;
 mod service;
 mod slots;

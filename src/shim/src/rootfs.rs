@@ -229,7 +229,7 @@ fn mount_at(m: &Mount, target: &Path, links: &Path) -> Result<(), RootfsError> {
 /// Returns the image's size in bytes.
 fn image_of(tree: &Path, image: &Path, mounted: Mounted) -> Result<u64, RootfsError> {
     let usage = disk_usage(tree).map_err(io_at(tree))?;
-    std::fs::File::create(image).map_err(io_at(image))?;
+    crate::private::file(image).map_err(io_at(image))?;
     let built = make_ext4(tree, image, &usage);
     drop(mounted);
     if let Err(e) = built {
@@ -302,7 +302,7 @@ pub fn fresh_layers(mounts: &[Mount]) -> Option<Vec<PathBuf>> {
 /// Makes `image` an empty ext4 file system of `bytes` for a container's
 /// writable layer; no image is left on failure.
 pub fn build_writable_layer(image: &Path, bytes: u64) -> Result<u64, RootfsError> {
-    std::fs::File::create(image).map_err(io_at(image))?;
+    crate::private::file(image).map_err(io_at(image))?;
     if let Err(e) = make_empty_ext4(image, bytes) {
         let _ = std::fs::remove_file(image);
         return Err(e.into());
@@ -363,7 +363,7 @@ impl ImageCache {
         lowers: &[PathBuf],
         staging: &Path,
     ) -> Result<(PathBuf, u64), RootfsError> {
-        std::fs::create_dir_all(&self.dir).map_err(io_at(&self.dir))?;
+        crate::private::dir(&self.dir).map_err(io_at(&self.dir))?;
         self.sweep();
         let key = Self::key(lowers)?;
         let image = self.dir.join(format!("{key}.ext4"));
@@ -449,6 +449,7 @@ impl ImageCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     /// Host directories and files become entries 0, 1, ... of one image;
     /// nothing stays mounted and the staging directory goes.
@@ -463,6 +464,9 @@ mod tests {
         let staging = dir.path().join("staging");
         let image = dir.path().join("v.ext4");
         build_volumes_image(&[data.clone(), hosts], &staging, &image).unwrap();
+        // Copies of Secret volumes are in it: the owner's alone.
+        let mode = std::fs::metadata(&image).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, crate::private::FILE_MODE);
         let cat = |path: &str| {
             let out = std::process::Command::new("debugfs")
                 .args(["-R", &format!("cat {path}")])
@@ -669,6 +673,7 @@ mod tests {
         assert_eq!(build_writable_layer(&image, 1 << 30).unwrap(), 1 << 30);
         let md = std::fs::metadata(&image).unwrap();
         assert_eq!(md.len(), 1 << 30);
+        assert_eq!(md.permissions().mode() & 0o777, crate::private::FILE_MODE);
         assert!(
             md.blocks() * 512 < 4 << 20,
             "{} bytes written",

@@ -155,11 +155,12 @@ impl VmLauncher for Husk {
         slots: &[SlotSpec],
     ) -> Result<Arc<dyn PodVm>, VmError> {
         let config = &self.config;
-        std::fs::create_dir_all(&dir.0).map_err(io(format!("create {}", dir.0.display())))?;
+        crate::private::dir(&dir.0).map_err(io(format!("create {}", dir.0.display())))?;
         for f in [dir.api_socket(), dir.vsock()] {
             let _ = std::fs::remove_file(f);
         }
-        let log = File::create(dir.log()).map_err(io(format!("create {}", dir.log().display())))?;
+        let log = crate::private::file(&dir.log())
+            .map_err(io(format!("create {}", dir.log().display())))?;
         let mut cmd = Command::new(config.husk());
         cmd.arg("--api-sock")
             .arg(dir.api_socket())
@@ -268,7 +269,7 @@ fn configure(
         boot_args: Some(cmdline),
     })?;
     for slot in slots {
-        let f = File::create(&slot.placeholder)
+        let f = crate::private::file(&slot.placeholder)
             .map_err(io(format!("create {}", slot.placeholder.display())))?;
         f.set_len(PLACEHOLDER_BYTES)
             .map_err(io(format!("size {}", slot.placeholder.display())))?;
