@@ -404,7 +404,12 @@ unsafe fn setup_root(fds: &ChildFds, p: &InitPlan) {
         // SAFETY: see the top of the function.
         unsafe { check(fds, rc, Step::Mount, i) };
         let extra = m.flags & !(libc::MS_BIND | libc::MS_REC | libc::MS_REMOUNT);
-        if bound && extra != 0 {
+        // A new mount of a file system that is already mounted somewhere
+        // (sysfs of the VM's network namespace, which the pod shares) gets
+        // the existing superblock: MS_RDONLY only makes a new superblock
+        // read-only, so the mount itself is made read-only as well.
+        let read_only = extra & libc::MS_RDONLY != 0;
+        if (bound || read_only) && extra != 0 {
             let rc = mount(
                 None,
                 &m.target,
