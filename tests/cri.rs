@@ -26,15 +26,14 @@ const BEHAVIOURS: &[(&str, &[&str])] = &[
     ),
     ("seccomp-unconfined", &["seccomp-mode 0", "unshare-allowed"]),
     ("seccomp-localhost", &["seccomp-mode 2", "mkdir-refused"]),
-    // containerd asks for /sys read-only even for a privileged container
-    // in a pod with its own network; /dev/fuse is not on this node (no
-    // fuse module loaded), so only the guest's is checked, in GUEST_ONLY.
-    (
-        "privileged",
-        &["tun-present", "all-capabilities", "sys-mount ro"],
-    ),
-    // Without privileged, no /dev/net/tun: no tap, whichever the runtime.
-    ("net-admin", &["bridge-created"]),
+    // /dev/fuse is not on this node (no fuse module loaded), so only the
+    // guest's is checked, in GUEST_ONLY; so is /sys (below).
+    ("privileged", &["tun-present", "all-capabilities"]),
+    // Without privileged, no /dev/net/tun: no tap, whichever the runtime;
+    // and /sys is read-only, as containerd asks, even where the kernel's
+    // sysfs of the pod's network is mounted writable elsewhere (husk's
+    // guest: its agent's /sys).
+    ("net-admin", &["bridge-created", "sys-mount ro"]),
     (
         "dynamic-image",
         &["dynamic-loader", "pidof-works", "ipcs-works"],
@@ -43,9 +42,16 @@ const BEHAVIOURS: &[(&str, &[&str])] = &[
 
 /// What only the husk handler's guest shows: its kernel has the dummy
 /// link type and FUSE built in, and a privileged container gets the
-/// guest's disks (the node's kernel loads neither module here).
+/// guest's disks (the node's kernel loads neither module here). A
+/// privileged container's /sys is writable, as containerd's spec asks
+/// (`spec-sys ...,rw`); under runc it comes out read-only, because the
+/// sysfs of a network namespace is one superblock and the pod's pause
+/// container mounted it read-only first.
 const GUEST_ONLY: &[(&str, &[&str])] = &[
-    ("privileged", &["fuse-present", "block-device /dev/vda"]),
+    (
+        "privileged",
+        &["fuse-present", "block-device /dev/vda", "sys-mount rw"],
+    ),
     ("net-admin", &["dummy-created"]),
 ];
 
@@ -133,10 +139,10 @@ husk-cri scenario --handler {handler} --image husk.local/busybox:1 --log-dir /tm
 echo "CRI-EXIT $?"
 # A Localhost seccomp profile that refuses mkdir with EACCES.
 echo '{{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}}]}}' > {profile}
-# What the host-namespace pods would share: the node's hostname and one
-# shared-memory segment of its own.
+# What a host-network pod shares: the node's hostname (husk-cri makes
+# the shared-memory segment a host-IPC pod must see).
+hostname cri-node-{handler}
 echo "NODE-HOSTNAME $(hostname)"
-echo "NODE-SHMID $(ipcmk -M 4096 | awk '{{print $NF}}')"
 husk-cri behaviours --handler {handler} --image husk.local/busybox:1 --dynamic-image {dynamic} --log-dir /tmp/cri-logs
 echo "CRI-BEHAVIOURS-EXIT $?"
 echo "HUSK-LEFT $(husk_count)"

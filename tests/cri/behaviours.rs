@@ -104,7 +104,8 @@ const BEHAVIOURS: &[Behaviour] = &[
             })
         },
         script: "brctl addbr br-probe && ip link set br-probe up && echo bridge-created; \
-                 ip link add dummy-probe type dummy && echo dummy-created; true",
+                 ip link add dummy-probe type dummy && echo dummy-created; \
+                 awk '$2 == \"/sys\" {split($4, o, \",\"); print \"sys-mount\", o[1]}' /proc/self/mounts",
     },
     Behaviour {
         name: "dynamic-image",
@@ -180,6 +181,11 @@ async fn run_one(c: &mut Client, args: &Args, b: &Behaviour) -> Result<()> {
         }
         let id = pod.create(c, container).await?;
         let code = wait_exited(c, &id, Duration::from_secs(60)).await?;
+        // What containerd asked of the runtime, for the reader of a
+        // failure: the /sys mount's options.
+        if let Some(options) = spec_mount_options(c, &id, "/sys").await {
+            println!("CRI-B {} spec-sys {options}", b.name);
+        }
         for (stream, text) in log_lines(&log_dir.join("probe.log"), 1).await {
             println!("CRI-B {} {stream} {text}", b.name);
         }
@@ -191,8 +197,63 @@ async fn run_one(c: &mut Client, args: &Args, b: &Behaviour) -> Result<()> {
     result.and(removed)
 }
 
+/// The options of the mount on `destination` in the runtime spec
+/// containerd wrote for container `id` (ContainerStatus, verbose).
+async fn spec_mount_options(c: &mut Client, id: &str, destination: &str) -> Option<String> {
+    let info = c
+        .container_status(k8s_cri::v1::ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: true,
+        })
+        .await
+        .ok()?
+        .into_inner()
+        .info;
+    let v: serde_json::Value = serde_json::from_str(info.get("info")?).ok()?;
+    let m = v["runtimeSpec"]["mounts"]
+        .as_array()?
+        .iter()
+        .find(|m| m["destination"] == destination)?;
+    Some(
+        m["options"]
+            .as_array()?
+            .iter()
+            .filter_map(|o| o.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
+/// A System V shared-memory segment of the node's, removed when dropped:
+/// what a host-IPC pod must see (the node has no ipcmk).
+struct NodeSegment(libc::c_int);
+
+impl NodeSegment {
+    fn new() -> Option<NodeSegment> {
+        // SAFETY: shmget takes plain values and creates a new private
+        // segment; no memory is attached or touched.
+        let id = unsafe { libc::shmget(libc::IPC_PRIVATE, 4096, libc::IPC_CREAT | 0o600) };
+        (id >= 0).then_some(NodeSegment(id))
+    }
+}
+
+impl Drop for NodeSegment {
+    fn drop(&mut self) {
+        // SAFETY: IPC_RMID on the segment this value created; the buffer
+        // argument is unused for IPC_RMID.
+        unsafe { libc::shmctl(self.0, libc::IPC_RMID, std::ptr::null_mut()) };
+    }
+}
+
 /// Runs every behaviour; returns an error only if the runtime is gone.
+/// First prints `NODE-SHMID <id>`: a segment of the node's that lives
+/// while the behaviours run.
 pub async fn behaviours(c: &mut Client, args: &Args) -> Result<()> {
+    let segment = NodeSegment::new();
+    match &segment {
+        Some(s) => println!("NODE-SHMID {}", s.0),
+        None => println!("NODE-SHMID none: {}", std::io::Error::last_os_error()),
+    }
     for b in BEHAVIOURS {
         if let Err(e) = run_one(c, args, b).await {
             println!("CRI-B {} failed {e}", b.name);
