@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -159,8 +160,12 @@ impl VmLauncher for Husk {
         for f in [dir.api_socket(), dir.vsock()] {
             let _ = std::fs::remove_file(f);
         }
-        let log = crate::private::file(&dir.log())
-            .map_err(io(format!("create {}", dir.log().display())))?;
+        crate::private::file(&dir.log()).map_err(io(format!("create {}", dir.log().display())))?;
+        // Appending, so husk's writes follow the log keeper's truncation.
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.log())
+            .map_err(io(format!("open {}", dir.log().display())))?;
         let mut cmd = Command::new(config.husk());
         cmd.arg("--api-sock")
             .arg(dir.api_socket())
@@ -198,6 +203,7 @@ impl VmLauncher for Husk {
             .map_err(io(format!("start {}", config.husk().display())))?;
         drop(netns);
         let pid = child.id();
+        let keeper = LogKeeper::start(dir.log(), config.console_log_mib << 20);
         let configured = std::fs::write(dir.pid_file(), pid.to_string())
             .map_err(io(format!("write {}", dir.pid_file().display())))
             .and_then(|()| configure(config, dir, spec, slots, &mut child));
@@ -208,6 +214,7 @@ impl VmLauncher for Husk {
                 api,
                 agent,
                 child: Mutex::new(Some(child)),
+                _log_keeper: keeper,
             })),
             Err(e) => {
                 let _ = child.kill();
@@ -325,6 +332,90 @@ pub struct HuskVm {
     agent: AgentPool,
     /// husk's process, until [`PodVm::wait_exit`] takes it.
     child: Mutex<Option<Child>>,
+    /// Keeps husk.log at its cap while the VM is around.
+    _log_keeper: LogKeeper,
+}
+
+/// How often the log keeper looks at the log's size: what a guest writes
+/// in this time is how far past its cap the log can get.
+const LOG_CHECK: Duration = Duration::from_secs(1);
+
+/// The file a rotated log moves to.
+fn rotated(log: &Path) -> std::path::PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".1");
+    name.into()
+}
+
+/// If `log` holds more than `max` bytes, copies it to `<log>.1` (replacing
+/// the older copy) and empties it; whoever writes it with O_APPEND goes
+/// on at its new end. Lines written between the copy and the truncation
+/// are lost (logrotate's copytruncate has the same gap). Returns whether
+/// it rotated.
+pub fn rotate_log(log: &Path, max: u64) -> std::io::Result<bool> {
+    if std::fs::metadata(log)?.len() <= max {
+        return Ok(false);
+    }
+    let old = rotated(log);
+    // Copied, not renamed: husk keeps writing its descriptor of `log`.
+    std::fs::copy(log, &old)?;
+    std::fs::set_permissions(
+        &old,
+        std::fs::Permissions::from_mode(crate::private::FILE_MODE),
+    )?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(log)?
+        .set_len(0)?;
+    Ok(true)
+}
+
+/// A thread that holds husk.log to its cap (everything the guest prints
+/// on its console lands there, as fast as the guest likes), until dropped
+/// or the pod's directory is gone.
+struct LogKeeper(Arc<AtomicBool>);
+
+impl LogKeeper {
+    fn start(log: std::path::PathBuf, max: u64) -> LogKeeper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name("log-keeper".into())
+            .spawn(move || {
+                let mut rotations = 0u64;
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(LOG_CHECK);
+                    match rotate_log(&log, max) {
+                        Ok(false) => {}
+                        Ok(true) => {
+                            rotations += 1;
+                            // The first, then every hundredth: a flooding
+                            // guest does not flood the shim's log instead.
+                            if rotations % 100 == 1 {
+                                tracing::warn!(log = %log.display(), max, rotations,
+                                    "husk's log reached its cap and was rotated");
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                        Err(e) => {
+                            tracing::warn!(log = %log.display(), error = %e, "cannot rotate husk's log");
+                            break;
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // The pod runs on; only its log goes unbounded.
+            tracing::warn!(error = %e, "cannot start the log keeper: husk's log is not capped");
+        }
+        LogKeeper(stop)
+    }
+}
+
+impl Drop for LogKeeper {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The agent's event stream on its vsock connection.
@@ -434,12 +525,21 @@ const TAIL_BYTES: u64 = 16 * 1024;
 /// The last lines of a log file, read from its end (the guest can make
 /// the log large).
 pub fn log_tail(path: &Path) -> String {
-    let mut text = Vec::new();
-    if let Ok(mut f) = File::open(path) {
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
-        let _ = f.take(TAIL_BYTES).read_to_end(&mut text);
+    let tail = |path: &Path| {
+        let mut text = Vec::new();
+        if let Ok(mut f) = File::open(path) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = f.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)));
+            let _ = f.take(TAIL_BYTES).read_to_end(&mut text);
+        }
+        text
+    };
+    // A log just rotated holds little: the lines before are in its copy.
+    let mut text = tail(&rotated(path));
+    if !text.is_empty() && !text.ends_with(b"\n") {
+        text.push(b'\n');
     }
+    text.extend(tail(path));
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join(" | ")
@@ -492,5 +592,74 @@ mod tests {
         assert!(tail.starts_with("line 5 | line 6"), "{tail}");
         assert!(tail.ends_with("line 19"), "{tail}");
         assert_eq!(log_tail(&dir.path().join("missing")), "");
+    }
+
+    #[test]
+    fn a_log_past_its_cap_is_rotated_and_its_writer_goes_on_at_the_start() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("husk.log");
+        crate::private::file(&log).unwrap();
+        // husk's descriptor.
+        let mut husk = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        husk.write_all(b"boot line\n").unwrap();
+        assert!(!rotate_log(&log, 1000).unwrap());
+        for n in 0..100 {
+            writeln!(husk, "flood {n:04} {}", "x".repeat(40)).unwrap();
+        }
+        assert!(rotate_log(&log, 1000).unwrap());
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        let old = std::fs::read_to_string(rotated(&log)).unwrap();
+        assert!(old.starts_with("boot line\nflood 0000"), "{old}");
+        let mode = std::fs::metadata(rotated(&log))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, crate::private::FILE_MODE);
+        // No hole where the old contents were: O_APPEND writes at the new end.
+        husk.write_all(b"after the rotation\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "after the rotation\n"
+        );
+        // The tail reads across the rotation.
+        let tail = log_tail(&log);
+        assert!(
+            tail.ends_with(&format!(
+                "flood 0099 {} | after the rotation",
+                "x".repeat(40)
+            )),
+            "{tail}"
+        );
+        assert!(rotate_log(&dir.path().join("gone"), 1).is_err());
+    }
+
+    #[test]
+    fn the_log_keeper_holds_the_log_at_its_cap_until_the_pod_is_gone() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let pod = dir.path().join("pod");
+        crate::private::dir(&pod).unwrap();
+        let log = pod.join("husk.log");
+        crate::private::file(&log).unwrap();
+        let mut husk = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        let _keeper = LogKeeper::start(log.clone(), 4096);
+        let t0 = Instant::now();
+        let mut total = 0u64;
+        // A guest printing as fast as it can for five check periods.
+        while t0.elapsed() < LOG_CHECK * 5 {
+            husk.write_all(&[b'y'; 1024]).unwrap();
+            total += 1024;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let left = std::fs::metadata(&log).unwrap().len();
+        let copy = std::fs::metadata(rotated(&log)).unwrap().len();
+        // The log holds what came since the last check, not all of it.
+        assert!(copy > 4096, "rotated {copy} bytes");
+        assert!(left < total / 2, "{left} of {total} bytes in the log");
+        std::fs::remove_dir_all(&pod).unwrap();
+        std::thread::sleep(LOG_CHECK * 2);
+        assert!(!pod.exists(), "the keeper made the pod's directory again");
     }
 }
