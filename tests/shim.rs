@@ -149,7 +149,15 @@ fn a_killed_vmm_ends_the_task_and_leaves_nothing() {
     let r = run(
         "shim-vmm-killed",
         &format!(
-            r#"ctr run -d --runtime io.containerd.husk.v2 {IMAGE} doomed sleep 600; echo "RUN-D $?"
+            r#"echo 'console_log_kib = 16' >> /etc/husk/config.toml
+ctr run -d --privileged --runtime io.containerd.husk.v2 {IMAGE} doomed sleep 600; echo "RUN-D $?"
+# The guest prints on its console as fast as it can for 6 s (a privileged
+# container has the guest's /dev/ttyS0; about 14 KB/s in the node VM, each
+# byte a trap to husk): husk.log must stay near its cap.
+echo "FLOOD-BYTES $(ctr task exec --exec-id flood doomed sh -c 'timeout 6 yes husk-console-flood | tee /dev/ttyS0 | wc -c')"
+sleep 2
+echo "LOG-BYTES $(stat -c %s /run/husk/default/doomed/husk.log)"
+echo "LOG1-BYTES $(stat -c %s /run/husk/default/doomed/husk.log.1)"
 kill -9 "$(cat /run/husk/default/doomed/husk.pid)"; echo "KILL $?"
 wait_stopped doomed
 ctr task ls | grep '^doomed ' | awk '{{print "AFTER-KILL " $3}}'
@@ -172,6 +180,31 @@ echo "SHIM-LEFT $(shim_pids | wc -l)"
     ] {
         assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
     }
+    // Both files near the 16 KiB cap: each holds at most the cap plus what
+    // the guest printed between two of the keeper's checks (a second).
+    let bytes = |key: &str| -> u64 {
+        r.value(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}:\n{}", r.output))
+    };
+    let (flood, log, log1) = (
+        bytes("FLOOD-BYTES"),
+        bytes("LOG-BYTES"),
+        bytes("LOG1-BYTES"),
+    );
+    let cap = 16 << 10;
+    assert!(
+        flood > 2 * cap,
+        "the flood was too slow to test the cap: {flood} bytes"
+    );
+    assert!(
+        log1 > cap,
+        "husk.log was never rotated: {log1} bytes in husk.log.1"
+    );
+    assert!(
+        log <= cap + flood / 2 && log1 <= cap + flood / 2,
+        "husk.log {log}, husk.log.1 {log1} bytes after {flood} bytes in 6 s"
+    );
 }
 
 #[test]

@@ -88,9 +88,9 @@ pub struct Config {
     /// The shim's log level when containerd does not ask for debug.
     pub log_level: String,
     /// The most husk's log (the guest's console and husk's own lines) may
-    /// hold (MiB): past it, it moves to `husk.log.1` and starts again, so
+    /// hold (KiB): past it, it moves to `husk.log.1` and starts again, so
     /// a pod's log takes at most about twice this on the node.
-    pub console_log_mib: u64,
+    pub console_log_kib: u64,
 }
 
 impl Default for Config {
@@ -112,7 +112,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/run/husk"),
             seccomp: true,
             log_level: "warn".into(),
-            console_log_mib: 4,
+            console_log_kib: 4096,
         }
     }
 }
@@ -174,10 +174,10 @@ impl Config {
         if config.agent_timeout_secs == 0 {
             return Err(invalid("agent_timeout_secs must be at least 1".into()));
         }
-        if !(1..=1024).contains(&config.console_log_mib) {
+        if !(16..=1 << 20).contains(&config.console_log_kib) {
             return Err(invalid(format!(
-                "console_log_mib = {} must be between 1 and 1024",
-                config.console_log_mib
+                "console_log_kib = {} must be between 16 and 1048576",
+                config.console_log_kib
             )));
         }
         Ok(config)
@@ -248,8 +248,8 @@ mod tests {
             "writable_layer_mib = 1",
             "boot_timeout_secs = 0",
             "agent_timeout_secs = 0",
-            "console_log_mib = 0",
-            "console_log_mib = 1025",
+            "console_log_kib = 15",
+            "console_log_kib = 1048577",
         ] {
             assert!(
                 matches!(parse(bad), Err(ConfigError::Invalid { .. })),

@@ -203,7 +203,7 @@ impl VmLauncher for Husk {
             .map_err(io(format!("start {}", config.husk().display())))?;
         drop(netns);
         let pid = child.id();
-        let keeper = LogKeeper::start(dir.log(), config.console_log_mib << 20);
+        let keeper = LogKeeper::start(dir.log(), config.console_log_kib << 10);
         let configured = std::fs::write(dir.pid_file(), pid.to_string())
             .map_err(io(format!("write {}", dir.pid_file().display())))
             .and_then(|()| configure(config, dir, spec, slots, &mut child));
