@@ -65,6 +65,16 @@ const HOST_NAMESPACES: &[(&str, &str, &str, &str)] = &[
     ("host-pid", "", "node-processes-visible", "PID"),
 ];
 
+/// What `husk-cri behaviours` printed for behaviour `name` (its `CRI-B
+/// <name> ` lines, the prefix taken off).
+fn lines_of<'a>(r: &'a husk_tests::RunResult, name: &str) -> Vec<&'a str> {
+    let prefix = format!("CRI-B {name} ");
+    r.output
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .collect()
+}
+
 /// Checks the `CRI-B` lines of `husk-cri behaviours` against [`BEHAVIOURS`]
 /// (and [`GUEST_ONLY`] for husk, [`HOST_NAMESPACES`] for each).
 fn behaviours(r: &husk_tests::RunResult, handler: &str) {
@@ -76,12 +86,7 @@ fn behaviours(r: &husk_tests::RunResult, handler: &str) {
     );
     let guest: &[(&str, &[&str])] = if handler == "husk" { GUEST_ONLY } else { &[] };
     for (name, want) in BEHAVIOURS.iter().chain(guest) {
-        let prefix = format!("CRI-B {name} ");
-        let lines: Vec<&str> = r
-            .output
-            .lines()
-            .filter_map(|l| l.strip_prefix(prefix.as_str()))
-            .collect();
+        let lines = lines_of(r, name);
         assert!(
             lines.contains(&"exit 0"),
             "{name} did not exit 0: {lines:?}\n{}",
@@ -97,12 +102,7 @@ fn behaviours(r: &husk_tests::RunResult, handler: &str) {
         }
     }
     for (name, key, shared, namespace) in HOST_NAMESPACES {
-        let prefix = format!("CRI-B {name} ");
-        let lines: Vec<&str> = r
-            .output
-            .lines()
-            .filter_map(|l| l.strip_prefix(prefix.as_str()))
-            .collect();
+        let lines = lines_of(r, name);
         if handler == "husk" {
             let refused = format!("the node's {namespace} namespace");
             assert!(

@@ -110,6 +110,19 @@ impl Pod {
         })
     }
 
+    /// Creates container `id` of the pod from a spec changed by `f`.
+    fn create_with(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut oci_spec::runtime::Spec),
+    ) -> Result<u32, TaskError> {
+        self.svc.create(&CreateTaskRequest {
+            id: id.into(),
+            bundle: self.bundle_with(id, POD, f),
+            ..Default::default()
+        })
+    }
+
     fn exec(&self, id: &str, exec_id: &str) -> Result<(), TaskError> {
         let spec = serde_json::to_vec(&oci_spec::runtime::Process::default()).unwrap();
         self.svc.exec(&ExecProcessRequest {
@@ -737,15 +750,7 @@ fn a_pod_asking_for_the_nodes_namespaces_is_refused_before_it_boots() {
         (&[T::Pid, T::Network, T::Mount][..], "IPC"),
         (&[T::Ipc, T::Network, T::Mount][..], "PID"),
     ] {
-        let bundle = p.bundle_with(POD, POD, keep_only(types));
-        let e = p
-            .svc
-            .create(&CreateTaskRequest {
-                id: POD.into(),
-                bundle,
-                ..Default::default()
-            })
-            .unwrap_err();
+        let e = p.create_with(POD, keep_only(types)).unwrap_err();
         assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
         let message = ttrpc_message(e);
         assert!(
@@ -754,26 +759,20 @@ fn a_pod_asking_for_the_nodes_namespaces_is_refused_before_it_boots() {
         );
     }
     // The node's own namespace named by path is the node's too.
-    let bundle = p.bundle_with(POD, POD, |spec| {
-        let linux = spec.linux_mut().as_mut().unwrap();
-        let ns = linux.namespaces().clone().unwrap_or_default();
-        linux.set_namespaces(Some(
-            ns.into_iter()
-                .map(|mut n| {
-                    if n.typ() == T::Network {
-                        n.set_path(Some("/proc/self/ns/net".into()));
-                    }
-                    n
-                })
-                .collect(),
-        ));
-    });
     let e = p
-        .svc
-        .create(&CreateTaskRequest {
-            id: POD.into(),
-            bundle,
-            ..Default::default()
+        .create_with(POD, |spec| {
+            let linux = spec.linux_mut().as_mut().unwrap();
+            let ns = linux.namespaces().clone().unwrap_or_default();
+            linux.set_namespaces(Some(
+                ns.into_iter()
+                    .map(|mut n| {
+                        if n.typ() == T::Network {
+                            n.set_path(Some("/proc/self/ns/net".into()));
+                        }
+                        n
+                    })
+                    .collect(),
+            ));
         })
         .unwrap_err();
     assert!(ttrpc_message(e).contains("the node's network namespace"));
