@@ -62,7 +62,8 @@ impl Inner {
             }
             st.table.creating.insert(req.id.clone());
         }
-        let created = self.create_reserved(req);
+        // Told before the shim stops the VM itself, below.
+        let created = self.create_reserved(req).map_err(|e| self.with_vm_end(e));
         if let Err(e) = &created {
             let (unused, pod) = {
                 let mut st = self.lock();
@@ -87,6 +88,35 @@ impl Inner {
             }
         }
         created
+    }
+
+    /// `e`, or `e` as the consequence of the VM's end if the VM ended
+    /// under it: a guest that crashed shows first as a broken agent
+    /// connection, and husk's exit is noticed a moment later (waited for
+    /// up to a second), its log then the only evidence.
+    fn with_vm_end(&self, e: TaskError) -> TaskError {
+        let transport = matches!(&e, TaskError::Agent { source, .. }
+            if !matches!(source, husk_protocol::client::ClientError::Agent(_)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let mut st = self.lock();
+        while transport && st.vm_end.is_none() && st.vm.running().is_some() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = match self.changed.wait_timeout(st, left) {
+                Ok((st, _)) => st,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        match st.vm_end.clone() {
+            Some(end) if !matches!(e, TaskError::VmEnded { .. }) => TaskError::VmEnded {
+                how: end.how,
+                log: end.log,
+                source: Box::new(e),
+            },
+            _ => e,
+        }
     }
 
     /// Create once the id is reserved.

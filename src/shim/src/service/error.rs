@@ -96,6 +96,18 @@ pub enum TaskError {
         /// This shim's pod.
         serves: String,
     },
+    /// The pod's VM ended while a request was in flight: how, and its log
+    /// (a guest crash is only seen there).
+    #[error("the pod's microVM ended ({how}) meanwhile; the end of its log: {log}")]
+    VmEnded {
+        /// husk's exit status.
+        how: String,
+        /// The last lines of husk's log.
+        log: String,
+        /// What the request met.
+        #[source]
+        source: Box<TaskError>,
+    },
     /// The pod's VM does not run (yet or any more).
     #[error("the pod's microVM is not running")]
     VmNotRunning,
@@ -193,7 +205,9 @@ impl TaskError {
             | TaskError::Deleted(_) => Code::NOT_FOUND,
             TaskError::Exists(_) => Code::ALREADY_EXISTS,
             TaskError::WrongState { .. } | TaskError::OtherPod { .. } => Code::FAILED_PRECONDITION,
-            TaskError::VmNotRunning | TaskError::VmExited => Code::UNAVAILABLE,
+            TaskError::VmNotRunning | TaskError::VmExited | TaskError::VmEnded { .. } => {
+                Code::UNAVAILABLE
+            }
             TaskError::Slot { source, .. } if matches!(**source, SlotError::NoSlot(_)) => {
                 Code::RESOURCE_EXHAUSTED
             }

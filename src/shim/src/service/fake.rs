@@ -52,6 +52,8 @@ pub struct FakeVm {
     stdio: Mutex<Vec<Arc<FakeStdio>>>,
     /// Where it was booted.
     pub dir: Mutex<Option<PodDir>>,
+    /// What husk's log ends with.
+    pub log: Mutex<String>,
 }
 
 fn kind(request: &Request) -> String {
@@ -78,6 +80,7 @@ impl FakeVm {
             output_lingers: AtomicBool::new(false),
             stdio: Mutex::new(Vec::new()),
             dir: Mutex::new(None),
+            log: Mutex::new(String::new()),
         })
     }
 
@@ -304,7 +307,7 @@ impl PodVm for FakeVm {
     }
 
     fn log_tail(&self) -> String {
-        String::new()
+        self.log.lock().unwrap().clone()
     }
 }
 

@@ -16,7 +16,7 @@ use containerd_shim::protos::protobuf::MessageField;
 use oci_spec::runtime::Spec;
 
 use super::events::{self, Job, QUEUE};
-use super::state::{RunningPod, VmState};
+use super::state::{RunningPod, VmEnd, VmState};
 use super::{now, pod_dir, Inner, TaskError, VM_GONE_STATUS};
 use crate::config::Config;
 use crate::error::Chain;
@@ -212,20 +212,31 @@ impl Inner {
             }
             pod
         };
-        self.changed.notify_all();
         if let Some(net) = &pod.network {
             network::teardown(net);
         }
-        if exits.is_empty() {
-            tracing::info!(how, "the pod's microVM exited");
-        } else {
+        // Read before the directory goes: a crashed guest's only evidence.
+        let log = pod.vm.log_tail();
+        // husk exits 0 when its guest reset or shut down; anything else on
+        // its own (a crash is 3) is a failure, even with nothing running.
+        let failed = how.starts_with("exit status") && how != "exit status: 0";
+        if !exits.is_empty() {
             tracing::error!(
                 how,
                 processes = exits.len(),
-                log = pod.vm.log_tail(),
+                log,
                 "the pod's microVM exited under running processes"
             );
+        } else if failed {
+            tracing::warn!(how, log, "the pod's microVM failed");
+        } else {
+            tracing::info!(how, "the pod's microVM exited");
         }
+        self.lock().vm_end = Some(VmEnd {
+            how: how.to_string(),
+            log,
+        });
+        self.changed.notify_all();
         for io in ios {
             io.finish();
         }

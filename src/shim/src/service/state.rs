@@ -417,6 +417,18 @@ pub struct State {
     pub sandbox_pid: Option<u32>,
     /// The containers.
     pub table: Table,
+    /// How the VM ended and the end of its log, once it has: its
+    /// directory (and the log) is gone by then.
+    pub vm_end: Option<VmEnd>,
+}
+
+/// How the pod's VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmEnd {
+    /// husk's exit status.
+    pub how: String,
+    /// The last lines of husk's log.
+    pub log: String,
 }
 
 impl Default for State {
@@ -426,6 +438,7 @@ impl Default for State {
             vm: VmState::NotBooted,
             sandbox_pid: None,
             table: Table::default(),
+            vm_end: None,
         }
     }
 }

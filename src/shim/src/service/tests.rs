@@ -780,3 +780,59 @@ fn a_pod_asking_for_the_nodes_namespaces_is_refused_before_it_boots() {
     assert!(!p.pod_dir().exists());
     assert!(p.svc.lock().table.is_empty());
 }
+
+#[test]
+fn a_guest_that_crashes_under_a_create_is_named_with_its_log() {
+    let p = pod();
+    *p.vm.log.lock().unwrap() =
+        "ERROR vCPU state at the guest's failure exit=vCPU 0 triple-faulted".into();
+    let vm = p.vm.clone();
+    p.vm.hook(move |r| {
+        matches!(r, Request::CreateContainer(_)).then(|| {
+            // husk's exit is noticed after the agent's connection broke.
+            let vm = vm.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                vm.die("exit status: 3");
+            });
+            Err(ClientError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection",
+            )))
+        })
+    });
+    let e = p.create(POD).unwrap_err();
+    assert_eq!(e.code(), Code::UNAVAILABLE, "{e}");
+    let message = ttrpc_message(e);
+    assert!(
+        message.starts_with("the pod's microVM ended (exit status: 3) meanwhile")
+            && message.contains("triple-faulted")
+            && message.contains("cannot create container pod in the guest")
+            && message.contains("the peer closed the connection"),
+        "{message}"
+    );
+    // The exit's clean-up finishes on its own thread.
+    let t0 = std::time::Instant::now();
+    while !p.cleaned() && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(p.cleaned());
+    assert!(!p.pod_dir().exists());
+
+    // An agent that refuses is not a VM that ended, and a VM the shim
+    // stops itself after a failed create is not named as its cause.
+    let q = pod();
+    q.vm.hook(|r| {
+        matches!(r, Request::CreateContainer(_)).then(|| {
+            Err(ClientError::Agent(AgentError::new(
+                ErrorCode::System,
+                "no space",
+            )))
+        })
+    });
+    let message = ttrpc_message(q.create(POD).unwrap_err());
+    assert!(
+        message.starts_with("cannot create container pod in the guest"),
+        "{message}"
+    );
+}
