@@ -17,6 +17,17 @@ use serde::{Deserialize, Serialize};
 /// together) a VM can have: one IOAPIC pin each, after the legacy devices.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 
+/// Whether `id` is a valid id for the API: a VM's `--id`, a drive or a
+/// network interface. 1 to 64 of A-Z a-z 0-9 _ -, so it fits in file
+/// names and sysfs serials.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+}
+
 /// `PUT /machine-config`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -50,11 +50,7 @@ pub const MEMORY_ANNOTATION: &str = "io.husk.memory-mib";
 /// 0-9 _ -. containerd checks its own ids, but the sandbox-id annotation
 /// is whatever string the client put there (`..`, `/etc`, ...).
 pub fn valid_pod_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+    husk_api_types::valid_id(id)
 }
 
 /// Whether `id` can name a container's files in the pod's directory:

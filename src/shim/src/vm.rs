@@ -8,7 +8,6 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -357,12 +356,9 @@ pub fn rotate_log(log: &Path, max: u64) -> std::io::Result<bool> {
         return Ok(false);
     }
     let old = rotated(log);
-    // Copied, not renamed: husk keeps writing its descriptor of `log`.
+    // Copied, not renamed: husk keeps writing its descriptor of `log`
+    // (the copy gets the log's own mode, 0600).
     std::fs::copy(log, &old)?;
-    std::fs::set_permissions(
-        &old,
-        std::fs::Permissions::from_mode(crate::private::FILE_MODE),
-    )?;
     std::fs::OpenOptions::new()
         .write(true)
         .open(log)?
@@ -578,6 +574,7 @@ pub fn remove_dir(dir: &PodDir) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn the_log_tail_is_the_last_lines_of_a_large_log() {

@@ -146,14 +146,7 @@ pub fn check_drives(drives: &[DriveConfig]) -> Result<Vec<DriveConfig>, ConfigEr
     Ok(ordered)
 }
 
-/// 1 to 64 of A-Z a-z 0-9 _ -.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-}
+pub use husk_api_types::valid_id;
 
 /// Checks network interface ids (valid, unique) and tap names (unique).
 pub fn check_net(net: &[NetConfig]) -> Result<(), ConfigError> {

@@ -99,7 +99,9 @@ impl Inner {
             if !matches!(source, husk_protocol::client::ClientError::Agent(_)));
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
         let mut st = self.lock();
-        while transport && st.vm_end.is_none() && st.vm.running().is_some() {
+        // The VM is Gone a moment before its end is recorded: wait for the
+        // record, not the state.
+        while transport && st.vm_end.is_none() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 break;

@@ -212,6 +212,7 @@ impl Inner {
             }
             pod
         };
+        self.changed.notify_all();
         if let Some(net) = &pod.network {
             network::teardown(net);
         }

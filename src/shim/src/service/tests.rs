@@ -792,7 +792,7 @@ fn a_guest_that_crashes_under_a_create_is_named_with_its_log() {
             // husk's exit is noticed after the agent's connection broke.
             let vm = vm.clone();
             std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(10));
                 vm.die("exit status: 3");
             });
             Err(ClientError::Io(std::io::Error::new(
