@@ -14,6 +14,7 @@
 
 mod config;
 mod container;
+mod cpus;
 mod error;
 mod events;
 mod init;

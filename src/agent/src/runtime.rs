@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use husk_protocol::{
-    AgentError, CreateContainer, ExitStatus, ProcessRef, ProcessState, Sandbox, Stats, StdioStream,
+    AgentError, CreateContainer, ErrorCode, ExitStatus, ProcessRef, ProcessState, Sandbox, Stats,
+    StdioStream,
 };
 use oci_spec::runtime::{LinuxResources, Process};
 
@@ -130,6 +131,20 @@ impl Agent for Runtime {
 
     fn remove_container(&self, id: &str) -> Result<(), AgentError> {
         self.containers.remove(id)
+    }
+
+    fn set_online_cpus(&self, online: u32) -> Result<(u32, u32), AgentError> {
+        // Outside a guest the CPUs are the host's, not the agent's.
+        if !self.config.pid1 {
+            return Err(AgentError::new(
+                ErrorCode::Unsupported,
+                "vCPUs are brought online only in a guest",
+            ));
+        }
+        Ok(crate::cpus::set_online(
+            std::path::Path::new(crate::cpus::SYSFS_CPUS),
+            online,
+        )?)
     }
 
     fn process_states(&self) -> Vec<ProcessState> {

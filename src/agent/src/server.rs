@@ -59,6 +59,8 @@ pub trait Agent: Send + Sync {
     fn update_container(&self, id: &str, resources: &LinuxResources) -> Result<(), AgentError>;
     /// RemoveContainer.
     fn remove_container(&self, id: &str) -> Result<(), AgentError>;
+    /// SetOnlineCpus: the vCPUs online afterwards, and those present.
+    fn set_online_cpus(&self, online: u32) -> Result<(u32, u32), AgentError>;
     /// ListProcessStates.
     fn process_states(&self) -> Vec<ProcessState>;
     /// A stdio channel's stream of one process.
@@ -305,6 +307,9 @@ pub fn handle(agent: &dyn Agent, request: Request) -> Result<Response, AgentErro
         Request::RemoveContainer { container_id } => {
             agent.remove_container(&container_id).map(|()| Response::Ok)
         }
+        Request::SetOnlineCpus { online } => agent
+            .set_online_cpus(online)
+            .map(|(online, present)| Response::Cpus { online, present }),
         Request::ListProcessStates => Ok(Response::ProcessStates {
             processes: agent.process_states(),
         }),
@@ -402,6 +407,10 @@ mod tests {
         fn remove_container(&self, id: &str) -> Result<(), AgentError> {
             self.called(format!("remove_container {id}"));
             Err(AgentError::new(ErrorCode::FailedPrecondition, "it runs"))
+        }
+        fn set_online_cpus(&self, online: u32) -> Result<(u32, u32), AgentError> {
+            self.called(format!("set_online_cpus {online}"));
+            Ok((online, 4))
         }
         fn process_states(&self) -> Vec<ProcessState> {
             self.called("process_states".into());
@@ -546,6 +555,14 @@ mod tests {
                 json!({"type": "remove_container", "container_id": "c1"}),
                 Some("remove_container c1"),
                 Err(ErrorCode::FailedPrecondition),
+            ),
+            (
+                json!({"type": "set_online_cpus", "online": 3}),
+                Some("set_online_cpus 3"),
+                Ok(Response::Cpus {
+                    online: 3,
+                    present: 4,
+                }),
             ),
             (
                 json!({"type": "list_process_states"}),

@@ -159,6 +159,13 @@ pub enum Request {
     /// status once it has exited: what a host that lost its event stream
     /// reads after reconnecting, to learn the exits it missed.
     ListProcessStates,
+    /// Bring vCPUs online or offline so that `online` of them run: the
+    /// lowest-numbered first (vCPU 0 is always online). vCPUs the VM was
+    /// built with beyond its boot count wait parked until brought online.
+    SetOnlineCpus {
+        /// How many vCPUs should be online.
+        online: u32,
+    },
     /// Stop every container, sync, and reset the guest (the VMM exits).
     Shutdown,
 }
@@ -337,6 +344,14 @@ pub enum Response {
     Processes {
         /// Guest pids.
         pids: Vec<u32>,
+    },
+    /// SetOnlineCpus' answer: the vCPUs online afterwards, and how many
+    /// the guest knows of (online or not).
+    Cpus {
+        /// Online now.
+        online: u32,
+        /// Present (the most that can be online).
+        present: u32,
     },
     /// ListProcessStates' answer.
     ProcessStates {
@@ -527,6 +542,18 @@ mod tests {
             serde_json::json!({"id": 7, "reply": {"Ok": {"type": "exited", "signal": 9}}})
         );
         assert_eq!(serde_json::from_value::<ReplyFrame>(v).unwrap(), reply);
+        assert_eq!(
+            serde_json::to_value(Request::SetOnlineCpus { online: 2 }).unwrap(),
+            serde_json::json!({"type": "set_online_cpus", "online": 2})
+        );
+        assert_eq!(
+            serde_json::to_value(Response::Cpus {
+                online: 2,
+                present: 4
+            })
+            .unwrap(),
+            serde_json::json!({"type": "cpus", "online": 2, "present": 4})
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use husk_api_types::{
     Action, ActionType, BootSourceConfig, Drive, DriveUpdate, Fault, InstanceInfo, MachineConfig,
-    NetworkInterface, VmState, VmStateRequest, Vsock,
+    MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus, NetworkInterface, VmState,
+    VmStateRequest, Vsock,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -162,6 +163,26 @@ impl ApiClient {
     /// `PATCH /vm`: pause or resume the vCPUs.
     pub fn set_vm_state(&self, state: VmStateRequest) -> Result<(), ApiError> {
         self.send("PATCH", "/vm", &VmState { state })
+    }
+
+    /// `PUT /hotplug/memory`: the hot-pluggable region, before start.
+    pub fn put_memory_hotplug(&self, config: &MemoryHotplugConfig) -> Result<(), ApiError> {
+        self.send("PUT", "/hotplug/memory", config)
+    }
+
+    /// `PATCH /hotplug/memory`: how much of the region the guest should
+    /// have plugged.
+    pub fn patch_memory_hotplug(&self, requested_size_mib: u64) -> Result<(), ApiError> {
+        self.send(
+            "PATCH",
+            "/hotplug/memory",
+            &MemoryHotplugSizeUpdate { requested_size_mib },
+        )
+    }
+
+    /// `GET /hotplug/memory`: the region and what the guest has plugged.
+    pub fn memory_hotplug(&self) -> Result<MemoryHotplugStatus, ApiError> {
+        self.get("/hotplug/memory")
     }
 }
 

@@ -55,12 +55,22 @@ pub struct Config {
     pub initrd: PathBuf,
     /// Extra guest kernel command line, after husk's own.
     pub kernel_params: String,
-    /// vCPUs of a pod whose spec asks for no CPU limit.
+    /// The fewest vCPUs a pod's VM has online (more if its CPU limits
+    /// ask for more).
     pub default_vcpus: u32,
-    /// Guest memory of a pod beyond its containers' memory limit (MiB).
+    /// Guest memory for the guest itself, beyond its containers' memory
+    /// limits (MiB): the guest kernel, the agent, and what containers
+    /// without a limit share.
     pub default_memory_mib: u64,
-    /// The most vCPUs a pod may get.
+    /// The most vCPUs a pod may get: each VM is built with this many, the
+    /// ones its pod does not need parked (a thread each, no CPU time)
+    /// until its limits grow.
     pub max_vcpus: u32,
+    /// The most guest memory a pod's VM may grow to (MiB), within the
+    /// node's memory: what its boot size leaves of it is a hot-pluggable
+    /// region that takes host memory only as it is plugged. 0 turns
+    /// growing off (pods then keep their boot size).
+    pub max_memory_mib: u64,
     /// Spare writable drive slots per VM: each container takes one for its
     /// writable layer (or its whole rootfs) and one more if it has volumes.
     pub drive_slots: u32,
@@ -103,6 +113,7 @@ impl Default for Config {
             default_vcpus: 1,
             default_memory_mib: 256,
             max_vcpus: 8,
+            max_memory_mib: 16384,
             drive_slots: 8,
             image_slots: 4,
             image_cache_dir: PathBuf::from("/var/lib/husk/images"),
@@ -153,6 +164,18 @@ impl Config {
             return Err(invalid(format!(
                 "default_memory_mib = {} is too small for the guest (64 at least)",
                 config.default_memory_mib
+            )));
+        }
+        if config.max_vcpus > 254 {
+            return Err(invalid(format!(
+                "max_vcpus = {} must be at most 254 (husk's limit)",
+                config.max_vcpus
+            )));
+        }
+        if config.max_memory_mib != 0 && config.max_memory_mib < config.default_memory_mib {
+            return Err(invalid(format!(
+                "max_memory_mib = {} must be 0 (no growing) or at least default_memory_mib ({})",
+                config.max_memory_mib, config.default_memory_mib
             )));
         }
         if config.drive_slots == 0 || config.drive_slots + config.image_slots > MAX_SLOTS {
@@ -242,6 +265,8 @@ mod tests {
             "default_vcpus = 0",
             "default_vcpus = 9",
             "default_memory_mib = 16",
+            "max_vcpus = 256",
+            "max_memory_mib = 100",
             "drive_slots = 0",
             "drive_slots = 16",
             "image_slots = 10",

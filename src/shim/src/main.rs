@@ -6,6 +6,7 @@
 //! action it serves containerd's task API on the socket `start` printed.
 
 mod api_client;
+mod cgroup;
 mod config;
 mod error;
 mod io;
@@ -14,6 +15,7 @@ mod pod;
 mod private;
 mod rootfs;
 mod service;
+mod sizing;
 mod slots;
 mod spec;
 mod vm;

@@ -60,10 +60,17 @@ impl PodDir {
 pub struct VmSpec {
     /// The pod's id (husk's instance id).
     pub id: String,
-    /// vCPUs.
+    /// vCPUs online at boot.
     pub vcpus: u32,
-    /// Guest memory (MiB).
+    /// vCPUs built (the others parked until brought online).
+    pub max_vcpus: u32,
+    /// Guest memory at boot (MiB).
     pub mem_mib: u64,
+    /// The hot-pluggable memory region (MiB; 0: none).
+    pub hotplug_mib: u64,
+    /// The pod's cgroup on the node, husk's home (docs: "The pod's
+    /// cgroup").
+    pub cgroup: Option<PathBuf>,
     /// The guest's hostname.
     pub hostname: Option<String>,
     /// The pod's network, wired already: husk runs in its namespace.
@@ -104,6 +111,11 @@ pub trait PodVm: Send + Sync {
     fn swap_drive(&self, drive_id: &str, image: &Path) -> Result<(), VmError>;
     /// Pauses or resumes the vCPUs.
     fn set_paused(&self, paused: bool) -> Result<(), VmError>;
+    /// Asks the guest to have `mib` of the hot-pluggable region plugged
+    /// (it plugs or unplugs on its own, after this returns).
+    fn request_memory(&self, mib: u64) -> Result<(), VmError>;
+    /// What the guest has plugged of the region (MiB).
+    fn plugged_memory(&self) -> Result<u64, VmError>;
     /// Asks the agent to stop everything and power the guest off, waiting
     /// at most `limit` for its answer; false if it did not take it (or
     /// its connection failed before, so it is not asked).

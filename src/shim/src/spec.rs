@@ -40,10 +40,6 @@ fn guest_shm() -> Option<oci_spec::runtime::Mount> {
 
 /// The annotation naming the pod's sandbox (CRI).
 pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
-/// The pod's vCPUs, overriding the default and the CPU limit.
-pub const VCPUS_ANNOTATION: &str = "io.husk.vcpus";
-/// The pod's guest memory in MiB, overriding the default and the limit.
-pub const MEMORY_ANNOTATION: &str = "io.husk.memory-mib";
 
 /// Whether `id` can name a pod: its state directory under the shim's
 /// state dir and husk's `--id`. The VMM API's rule: 1 to 64 of A-Z a-z
@@ -183,39 +179,6 @@ fn ns_file(t: LinuxNamespaceType) -> &'static str {
     }
 }
 
-/// The pod's vCPUs and guest memory (MiB): the annotations if set, else
-/// the defaults grown by the spec's CPU and memory limits.
-pub fn vm_size(spec: &Spec, default_vcpus: u32, default_mib: u64, max_vcpus: u32) -> (u32, u64) {
-    let annotation = |key: &str| -> Option<u64> {
-        spec.annotations()
-            .as_ref()
-            .and_then(|a| a.get(key))
-            .and_then(|v| v.parse().ok())
-    };
-    let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-    let cpu_limit = resources
-        .as_ref()
-        .and_then(|r| r.cpu().clone())
-        .and_then(|c| match (c.quota(), c.period()) {
-            (Some(q), Some(p)) if q > 0 && p > 0 => Some((q as u64).div_ceil(p)),
-            _ => None,
-        });
-    let mem_limit_mib = resources
-        .as_ref()
-        .and_then(|r| *r.memory())
-        .and_then(|m| m.limit())
-        .filter(|l| *l > 0)
-        .map(|l| (l as u64).div_ceil(1 << 20));
-    let vcpus = annotation(VCPUS_ANNOTATION)
-        .or(cpu_limit.map(|c| c.max(default_vcpus as u64)))
-        .unwrap_or(default_vcpus as u64)
-        .clamp(1, max_vcpus as u64) as u32;
-    let mem = annotation(MEMORY_ANNOTATION)
-        .unwrap_or_else(|| default_mib + mem_limit_mib.unwrap_or(0))
-        .max(64);
-    (vcpus, mem)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,21 +272,10 @@ mod tests {
     }
 
     #[test]
-    fn vm_size_follows_annotations_then_limits() {
-        let plain = spec(serde_json::json!({"ociVersion": "1.0.2"}));
-        assert_eq!(vm_size(&plain, 1, 256, 8), (1, 256));
-        let limited = spec(
-            serde_json::json!({"ociVersion": "1.0.2", "linux": {"resources": {
-                "cpu": {"quota": 250000, "period": 100000},
-                "memory": {"limit": 134217728u64}
-            }}}),
-        );
-        assert_eq!(vm_size(&limited, 1, 256, 8), (3, 384));
-        assert_eq!(vm_size(&limited, 1, 256, 2), (2, 384));
+    fn the_sandbox_id_is_the_annotation_or_the_container_s_own() {
         let annotated = spec(serde_json::json!({"ociVersion": "1.0.2", "annotations": {
-            "io.husk.vcpus": "2", "io.husk.memory-mib": "128"
+            "io.husk.vcpus": "2"
         }}));
-        assert_eq!(vm_size(&annotated, 1, 256, 8), (2, 128));
         assert_eq!(sandbox_id(&annotated, "c1"), "c1");
         let member = spec(serde_json::json!({"ociVersion": "1.0.2", "annotations": {
             "io.kubernetes.cri.sandbox-id": "pod1"

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use husk_api_types::{
-    ActionType, BootSourceConfig, Drive, DriveUpdate, MachineConfig, NetworkInterface,
-    VmStateRequest, Vsock,
+    ActionType, BootSourceConfig, Drive, DriveUpdate, MachineConfig, MemoryHotplugConfig,
+    NetworkInterface, VmStateRequest, Vsock,
 };
 use husk_protocol::client::{AgentClient, ClientError, Endpoint};
 use husk_protocol::{
@@ -202,6 +202,20 @@ impl VmLauncher for Husk {
             .map_err(io(format!("start {}", config.husk().display())))?;
         drop(netns);
         let pid = child.id();
+        // In the pod's cgroup before the guest touches its memory, so all
+        // of it is charged to the pod.
+        if let Some(cgroup) = &spec.cgroup {
+            let procs = cgroup.join("cgroup.procs");
+            if let Err(e) = std::fs::write(&procs, pid.to_string()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                remove_dir(dir);
+                return Err(VmError::Io {
+                    what: format!("move husk into {}", procs.display()),
+                    source: e,
+                });
+            }
+        }
         let keeper = LogKeeper::start(dir.log(), config.console_log_kib << 10);
         let configured = std::fs::write(dir.pid_file(), pid.to_string())
             .map_err(io(format!("write {}", dir.pid_file().display())))
@@ -259,11 +273,17 @@ fn configure(
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    let vcpus = u8::try_from(spec.vcpus).unwrap_or(u8::MAX);
     api.put_machine_config(&MachineConfig {
-        vcpu_count: u8::try_from(spec.vcpus).unwrap_or(u8::MAX),
+        vcpu_count: vcpus,
         mem_size_mib: spec.mem_mib,
+        max_vcpu_count: (spec.max_vcpus > spec.vcpus)
+            .then(|| u8::try_from(spec.max_vcpus).unwrap_or(u8::MAX)),
         ..Default::default()
     })?;
+    if spec.hotplug_mib > 0 {
+        api.put_memory_hotplug(&MemoryHotplugConfig::new(spec.hotplug_mib))?;
+    }
     let mut cmdline = AGENT_KERNEL_CMDLINE.to_string();
     if !config.kernel_params.is_empty() {
         cmdline.push(' ');
@@ -475,6 +495,15 @@ impl PodVm for HuskVm {
             VmStateRequest::Resumed
         })?;
         Ok(())
+    }
+
+    fn request_memory(&self, mib: u64) -> Result<(), VmError> {
+        self.api.patch_memory_hotplug(mib)?;
+        Ok(())
+    }
+
+    fn plugged_memory(&self) -> Result<u64, VmError> {
+        Ok(self.api.memory_hotplug()?.plugged_size_mib)
     }
 
     fn shutdown_guest(&self, limit: Duration) -> bool {

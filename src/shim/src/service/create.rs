@@ -19,6 +19,7 @@ use super::{process_ref, Inner, TaskError};
 use crate::error::Chain;
 use crate::io::StdioPaths;
 use crate::rootfs;
+use crate::sizing::Ask;
 use crate::slots::SlotError;
 use crate::spec;
 
@@ -176,9 +177,13 @@ impl Inner {
             tracing::warn!(container = id, mounts = ?adjusted.dropped_mounts, hooks = adjusted.dropped_hooks,
                 "bind mounts of special files and hooks are not carried into the microVM");
         }
+        // The VM grows first: a container never starts in a guest smaller
+        // than its limits.
+        pod.grow_for(id, Ask::of_spec(&spec))?;
         let image = pod.dir.image(id);
         let volumes_image = pod.dir.volumes_image(id);
         let undo = || {
+            pod.release(id);
             for owner in [id.to_string(), volumes_slot_owner(id)] {
                 if let Err(e) = pod.detach(&owner) {
                     tracing::warn!(container = id, error = %Chain(&e), "cannot free a drive slot");

@@ -114,6 +114,9 @@ pub enum TaskError {
     /// The pod's VM has exited: nothing more is created in it.
     #[error("the pod's microVM has exited")]
     VmExited,
+    /// husk could not be put in the pod's cgroup.
+    #[error("cannot put the pod's microVM in its cgroup")]
+    Cgroup(#[source] crate::cgroup::CgroupError),
     /// The pod's network namespace could not be joined to the guest.
     #[error("cannot wire the pod's network")]
     Network(#[source] Box<NetError>),
@@ -128,6 +131,22 @@ pub enum TaskError {
         /// Why.
         #[source]
         source: Box<VmError>,
+    },
+    /// A container's limits do not fit in the most the VM can have.
+    #[error(transparent)]
+    DoesNotFit(crate::sizing::SizeError),
+    /// The guest did not plug the memory a container's limit needs.
+    #[error(
+        "the pod's microVM did not plug the {asked_mib} MiB its containers' memory limits need \
+         within {within:?} (it has {plugged_mib} MiB plugged)"
+    )]
+    NotPlugged {
+        /// What was asked of the hot-pluggable region.
+        asked_mib: u64,
+        /// What the guest had plugged.
+        plugged_mib: u64,
+        /// How long it was given.
+        within: std::time::Duration,
     },
     /// A disk image could not be built on the host.
     #[error("cannot build the {what} of container {id}")]
@@ -211,6 +230,7 @@ impl TaskError {
             TaskError::Slot { source, .. } if matches!(**source, SlotError::NoSlot(_)) => {
                 Code::RESOURCE_EXHAUSTED
             }
+            TaskError::DoesNotFit(_) | TaskError::NotPlugged { .. } => Code::RESOURCE_EXHAUSTED,
             TaskError::Agent {
                 source: ClientError::Agent(AgentError { code, .. }),
                 ..
@@ -224,7 +244,9 @@ impl TaskError {
             },
             TaskError::Agent { .. } => Code::UNAVAILABLE,
             TaskError::Unsupported(_) | TaskError::PauseOne => Code::UNIMPLEMENTED,
+            TaskError::Cgroup(crate::cgroup::CgroupError::InvalidPath(_)) => Code::INVALID_ARGUMENT,
             TaskError::Network(_)
+            | TaskError::Cgroup(_)
             | TaskError::Boot(_)
             | TaskError::Vm { .. }
             | TaskError::Disk { .. }

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -54,6 +54,12 @@ pub struct FakeVm {
     pub dir: Mutex<Option<PodDir>>,
     /// What husk's log ends with.
     pub log: Mutex<String>,
+    /// The memory plugged from the hot-pluggable region (MiB).
+    pub plugged: AtomicU64,
+    /// Whether the guest leaves requested memory unplugged.
+    pub plug_stalls: AtomicBool,
+    /// How it was booted.
+    pub spec: Mutex<Option<VmSpec>>,
 }
 
 fn kind(request: &Request) -> String {
@@ -81,6 +87,9 @@ impl FakeVm {
             stdio: Mutex::new(Vec::new()),
             dir: Mutex::new(None),
             log: Mutex::new(String::new()),
+            plugged: AtomicU64::new(0),
+            plug_stalls: AtomicBool::new(false),
+            spec: Mutex::new(None),
         })
     }
 
@@ -221,6 +230,10 @@ impl FakeVm {
                     .collect(),
             }),
             Request::StatsContainer { .. } => Ok(Response::Stats(Stats::default())),
+            Request::SetOnlineCpus { online } => Ok(Response::Cpus {
+                online: *online,
+                present: 8,
+            }),
             Request::WaitProcess(_) => refused(ErrorCode::Unsupported, "use the event stream"),
             Request::CreateSandbox(_)
             | Request::ResizeTty { .. }
@@ -279,6 +292,18 @@ impl PodVm for FakeVm {
     fn set_paused(&self, paused: bool) -> Result<(), VmError> {
         self.note(format!("paused {paused}"));
         Ok(())
+    }
+
+    fn request_memory(&self, mib: u64) -> Result<(), VmError> {
+        self.note(format!("memory {mib}"));
+        if !self.plug_stalls.load(Ordering::Relaxed) {
+            self.plugged.store(mib, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn plugged_memory(&self) -> Result<u64, VmError> {
+        Ok(self.plugged.load(Ordering::Relaxed))
     }
 
     fn shutdown_guest(&self, _limit: Duration) -> bool {
@@ -361,10 +386,11 @@ impl VmLauncher for Launcher {
     fn boot(
         &self,
         dir: &PodDir,
-        _spec: &VmSpec,
+        spec: &VmSpec,
         _slots: &[SlotSpec],
     ) -> Result<Arc<dyn PodVm>, VmError> {
         self.boots.fetch_add(1, Ordering::Relaxed);
+        *self.vm.spec.lock().unwrap() = Some(spec.clone());
         std::fs::create_dir_all(&dir.0).map_err(|source| VmError::Io {
             what: "create the pod's directory".into(),
             source,

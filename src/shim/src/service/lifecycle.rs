@@ -16,11 +16,14 @@ use containerd_shim::protos::protobuf::MessageField;
 use oci_spec::runtime::Spec;
 
 use super::events::{self, Job, QUEUE};
+use super::resize::Sizing;
 use super::state::{RunningPod, VmEnd, VmState};
 use super::{now, pod_dir, Inner, TaskError, VM_GONE_STATUS};
+use crate::cgroup::{self, PodCgroup};
 use crate::config::Config;
 use crate::error::Chain;
 use crate::pod::{EventStream, VmSpec};
+use crate::sizing::{self, Plan};
 use crate::slots::{self, Slots};
 use crate::{network, spec, vm};
 
@@ -92,12 +95,7 @@ impl Inner {
 
     /// Boots the VM: the pod's network wired first, husk in it.
     fn boot(&self, pod_id: &str, spec: &Spec) -> Result<Booted, TaskError> {
-        let (vcpus, mem_mib) = spec::vm_size(
-            spec,
-            self.config.default_vcpus,
-            self.config.default_memory_mib,
-            self.config.max_vcpus,
-        );
+        let plan = Plan::new(&self.config, spec, sizing::host_memory_mib());
         // Refused before anything is made: never a pod that runs and
         // silently lacks what it asked for.
         let mut shared = spec::host_namespaces(spec);
@@ -108,25 +106,42 @@ impl Inner {
         if !shared.is_empty() {
             return Err(TaskError::HostNamespaces(shared));
         }
+        let cgroup = self.pod_cgroup(spec)?;
         let network = match netns {
-            Some(netns) => network::setup(&netns).map_err(|e| TaskError::Network(Box::new(e)))?,
+            Some(netns) => match network::setup(&netns) {
+                Ok(n) => n,
+                Err(e) => {
+                    if let Some(cg) = &cgroup {
+                        cg.remove();
+                    }
+                    return Err(TaskError::Network(Box::new(e)));
+                }
+            },
             None => None,
         };
         let vm_spec = VmSpec {
             id: pod_id.to_string(),
-            vcpus,
-            mem_mib,
+            vcpus: plan.boot_vcpus,
+            max_vcpus: plan.max_vcpus,
+            mem_mib: plan.boot_mib,
+            hotplug_mib: plan.hotplug_mib,
+            cgroup: cgroup.as_ref().map(|c| c.path().to_path_buf()),
             hostname: spec.hostname().clone(),
             network: network.clone(),
         };
         let dir = self.pod_dir(pod_id);
         let slot_specs = slots::layout(&self.config, &dir);
-        tracing::info!(pod = pod_id, vcpus, mem_mib, dir = %dir.0.display(), "booting the pod's microVM");
+        tracing::info!(pod = pod_id, vcpus = plan.boot_vcpus, max_vcpus = plan.max_vcpus,
+            mem_mib = plan.boot_mib, hotplug_mib = plan.hotplug_mib,
+            cgroup = ?vm_spec.cgroup, dir = %dir.0.display(), "booting the pod's microVM");
         let vm = match self.launcher.boot(&dir, &vm_spec, &slot_specs) {
             Ok(vm) => vm,
             Err(e) => {
                 if let Some(net) = &network {
                     network::teardown(net);
+                }
+                if let Some(cg) = &cgroup {
+                    cg.remove();
                 }
                 return Err(TaskError::Boot(Box::new(e)));
             }
@@ -145,9 +160,39 @@ impl Inner {
             dir,
             slots: Mutex::new(Slots::new(&slot_specs)),
             network,
+            cgroup,
+            // The agent's deadline: as long as any guest step may take.
+            sizing: Mutex::new(Sizing::new(
+                plan,
+                Duration::from_secs(self.config.agent_timeout_secs),
+            )),
             events,
         });
         Ok(Booted { pod, jobs, stream })
+    }
+
+    /// The pod's cgroup on the node from the sandbox's cgroupsPath, made;
+    /// none without one, or on a node without cgroup v2 (logged).
+    fn pod_cgroup(&self, spec: &Spec) -> Result<Option<PodCgroup>, TaskError> {
+        let Some(path) = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .and_then(|p| p.to_str())
+            .filter(|p| !p.is_empty())
+        else {
+            return Ok(None);
+        };
+        let relative = cgroup::resolve(path).map_err(TaskError::Cgroup)?;
+        let root = Path::new(cgroup::ROOT);
+        if !cgroup::is_v2(root) {
+            tracing::warn!(cgroups_path = path,
+                "the node has no cgroup v2 hierarchy: the pod's microVM is not charged to the pod's cgroup");
+            return Ok(None);
+        }
+        PodCgroup::create(root, &relative)
+            .map(Some)
+            .map_err(TaskError::Cgroup)
     }
 
     /// Starts the running VM's threads. If one cannot start, husk is
@@ -215,6 +260,10 @@ impl Inner {
         self.changed.notify_all();
         if let Some(net) = &pod.network {
             network::teardown(net);
+        }
+        // husk has exited: its cgroup is empty.
+        if let Some(cg) = &pod.cgroup {
+            cg.remove();
         }
         // Read before the directory goes: a crashed guest's only evidence.
         let log = pod.vm.log_tail();

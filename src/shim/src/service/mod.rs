@@ -22,6 +22,7 @@ mod events;
 #[cfg(test)]
 mod fake;
 mod lifecycle;
+mod resize;
 mod state;
 mod tasks;
 #[cfg(test)]

@@ -339,6 +339,11 @@ pub struct RunningPod {
     pub slots: Mutex<Slots>,
     /// Its wired network, undone when it goes.
     pub network: Option<PodNetwork>,
+    /// Its cgroup on the node, removed when it goes.
+    pub cgroup: Option<crate::cgroup::PodCgroup>,
+    /// Its size and its containers' asks; held across a resize (a VMM or
+    /// agent round trip), so only resizes wait on it.
+    pub sizing: Mutex<super::resize::Sizing>,
     /// The event worker's queue.
     pub events: SyncSender<Job>,
 }

@@ -19,6 +19,7 @@ use super::state::{ProcState, Process, RunningPod, VmState, WrongState};
 use super::{container, describe, now, process, process_ref, Inner, TaskError, VM_GONE_STATUS};
 use crate::error::Chain;
 use crate::io::StdioPaths;
+use crate::sizing::Ask;
 
 /// A state error of `action` on the process `id`/`exec_id`.
 fn wrong(action: &'static str, id: &str, exec_id: &str) -> impl FnOnce(WrongState) -> TaskError {
@@ -262,6 +263,8 @@ impl Inner {
                 tracing::warn!(container = id, error = %Chain(&e), "cannot free the container's drive slot");
             }
         }
+        // What its limits took is given back.
+        pod.release(id);
     }
 
     fn delete_exec(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse, TaskError> {
@@ -549,13 +552,28 @@ impl Inner {
                 source,
             })?;
         let pod = self.vm_for(id)?;
-        pod.vm
+        // In-place resize: the VM grows before the guest's cgroup takes
+        // the higher limits, and shrinks after it took lower ones.
+        let ask = Ask::of_resources(Some(&resources));
+        let before = pod.ask_of(id);
+        pod.grow_for(id, ask)?;
+        let updated = pod
+            .vm
             .call(Request::UpdateContainer {
                 container_id: id.to_string(),
                 resources: Box::new(resources),
             })
-            .map_err(TaskError::agent(format!("update container {id}")))?;
-        Ok(())
+            .map_err(TaskError::agent(format!("update container {id}")));
+        match updated {
+            Ok(_) => {
+                pod.settle_to(id, ask);
+                Ok(())
+            }
+            Err(e) => {
+                pod.settle_to(id, before.unwrap_or_default());
+                Err(e)
+            }
+        }
     }
 
     pub(super) fn stats(&self, id: &str) -> Result<api::StatsResponse, TaskError> {

@@ -836,3 +836,141 @@ fn a_guest_that_crashes_under_a_create_is_named_with_its_log() {
         "{message}"
     );
 }
+
+/// A spec change giving the container a memory limit of `mib` and `cpus`
+/// CPUs (quota over a 100 ms period).
+fn limits(mib: i64, cpus: i64) -> impl FnOnce(&mut oci_spec::runtime::Spec) {
+    move |s| {
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_value(
+            serde_json::json!({"memory": {"limit": mib << 20}, "cpu": {"quota": cpus * 100000, "period": 100000}}),
+        )
+        .unwrap();
+        let mut linux = s.linux().clone().unwrap_or_default();
+        linux.set_resources(Some(resources));
+        s.set_linux(Some(linux));
+    }
+}
+
+/// The resizes the VM was asked for: `memory N` and `cpus N` entries.
+fn resizes(vm: &FakeVm) -> Vec<String> {
+    vm.journal()
+        .into_iter()
+        .filter(|e| e.starts_with("memory ") || e == "call set_online_cpus")
+        .collect()
+}
+
+fn sized_pod() -> Pod {
+    pod_with(|c| {
+        c.default_memory_mib = 128;
+        c.max_vcpus = 4;
+        c.max_memory_mib = 2048;
+        c.agent_timeout_secs = 1;
+    })
+}
+
+#[test]
+fn a_container_past_the_boot_size_grows_the_vm_before_it_is_created() {
+    let p = sized_pod();
+    p.create(POD).unwrap();
+    let spec = p.vm.spec.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        (spec.vcpus, spec.max_vcpus, spec.mem_mib),
+        (1, 4, 128),
+        "{spec:?}"
+    );
+    assert_eq!(spec.hotplug_mib, 1920);
+    assert!(resizes(&p.vm).is_empty(), "{:?}", p.vm.journal());
+    p.create_with("app", limits(1024, 2)).unwrap();
+    // Memory and vCPUs first, then the container.
+    let journal = p.vm.journal();
+    let grown = journal.iter().position(|e| e == "memory 1024").unwrap();
+    let cpus = journal
+        .iter()
+        .position(|e| e == "call set_online_cpus")
+        .unwrap();
+    let created = journal
+        .iter()
+        .rposition(|e| e == "call create_container")
+        .unwrap();
+    assert!(grown < created && cpus < created, "{journal:?}");
+    // Its end gives both back.
+    p.svc.kill("app", "", 9, false).unwrap();
+    assert!(p.events.wait_for(|e| e.exits().len() == 1));
+    p.svc.delete("app", "").unwrap();
+    assert_eq!(
+        resizes(&p.vm),
+        [
+            "memory 1024",
+            "call set_online_cpus",
+            "memory 0",
+            "call set_online_cpus"
+        ]
+    );
+}
+
+#[test]
+fn a_limit_the_vm_cannot_have_is_refused_naming_it_and_nothing_is_plugged() {
+    let p = sized_pod();
+    p.create(POD).unwrap();
+    let e = p.create_with("big", limits(4096, 1)).unwrap_err();
+    assert_eq!(e.code(), Code::RESOURCE_EXHAUSTED);
+    let message = crate::error::Chain(&e).to_string();
+    assert!(
+        message.contains("container big's memory limit of 4096 MiB")
+            && message.contains("at most 2048 MiB"),
+        "{message}"
+    );
+    assert!(resizes(&p.vm).is_empty(), "{:?}", p.vm.journal());
+    // The pod goes on, and a container that fits is created.
+    p.create_with("fits", limits(512, 1)).unwrap();
+    assert_eq!(resizes(&p.vm), ["memory 512"]);
+}
+
+#[test]
+fn memory_the_guest_does_not_plug_fails_the_create_and_is_given_back() {
+    let p = sized_pod();
+    p.create(POD).unwrap();
+    p.vm.plug_stalls.store(true, Ordering::Relaxed);
+    let e = p.create_with("app", limits(256, 1)).unwrap_err();
+    assert_eq!(e.code(), Code::RESOURCE_EXHAUSTED);
+    assert!(e.to_string().contains("did not plug the 256 MiB"), "{e}");
+    assert_eq!(resizes(&p.vm), ["memory 256", "memory 0"]);
+    assert_eq!(p.status("app", "").unwrap_err().code(), Code::NOT_FOUND);
+}
+
+#[test]
+fn an_update_grows_before_the_guest_and_shrinks_after_it() {
+    let p = sized_pod();
+    p.create(POD).unwrap();
+    p.create_with("app", limits(256, 1)).unwrap();
+    let update = |mib: i64| {
+        let r = serde_json::json!({"memory": {"limit": mib << 20}});
+        p.svc.update("app", &serde_json::to_vec(&r).unwrap())
+    };
+    update(1024).unwrap();
+    update(256).unwrap();
+    let journal: Vec<String> =
+        p.vm.journal()
+            .into_iter()
+            .filter(|e| e.starts_with("memory ") || e == "call update_container")
+            .collect();
+    assert_eq!(
+        journal,
+        [
+            "memory 256",
+            "memory 1024",
+            "call update_container",
+            "call update_container",
+            "memory 256"
+        ]
+    );
+    // Past the most the VM can have: refused before the guest is asked.
+    assert_eq!(update(4096).unwrap_err().code(), Code::RESOURCE_EXHAUSTED);
+    assert_eq!(
+        p.vm.journal()
+            .iter()
+            .filter(|e| *e == "call update_container")
+            .count(),
+        2
+    );
+}
