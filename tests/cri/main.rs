@@ -7,6 +7,7 @@
 //! husk-cri [--socket PATH] scenario --handler NAME --image REF [--log-dir DIR]
 //! husk-cri [--socket PATH] bench --handler NAME --image REF [--runs N]
 //! husk-cri [--socket PATH] behaviours --handler NAME --image REF --dynamic-image REF
+//! husk-cri [--socket PATH] resources --handler NAME --image REF
 //! ```
 //!
 //! `scenario` takes one pod through RunPodSandbox, CreateContainer,
@@ -18,9 +19,11 @@
 //! RunPodSandbox to a running container, `--runs` times (default 10), and
 //! prints the samples and their median as JSON. `behaviours` runs the
 //! checks of [`behaviours`] (seccomp profiles, privileged pods, added
-//! capabilities, a dynamically linked image), one pod each.
+//! capabilities, a dynamically linked image), one pod each; `resources`
+//! the CPU and memory limits of [`resources`].
 
 mod behaviours;
+mod resources;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -57,7 +60,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: husk-cri [--socket PATH] scenario|bench|behaviours --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N]"
+        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N]"
     );
     std::process::exit(2)
 }
@@ -82,7 +85,9 @@ fn parse_args() -> Args {
             "--dynamic-image" => args.dynamic_image = value(),
             "--log-dir" => args.log_dir = value().into(),
             "--runs" => args.runs = value().parse().unwrap_or_else(|_| usage()),
-            "scenario" | "bench" | "behaviours" if args.command.is_empty() => args.command = a,
+            "scenario" | "bench" | "behaviours" | "resources" if args.command.is_empty() => {
+                args.command = a
+            }
             _ => usage(),
         }
     }
@@ -542,6 +547,7 @@ fn main() {
         match args.command.as_str() {
             "scenario" => scenario(&mut c, &args).await,
             "behaviours" => behaviours::behaviours(&mut c, &args).await,
+            "resources" => resources::resources(&mut c, &args).await,
             _ => bench(&mut c, &args).await,
         }
     });

@@ -158,12 +158,26 @@ fn switch_root() -> std::io::Result<()> {
     Err(last())
 }
 
+/// The guest's memory is its containers' limits and little more, where a
+/// node's is many times any limit: with the kernel's heuristic
+/// overcommit, an allocation past a container's limit would fail with
+/// ENOMEM in the guest (it exceeds the guest's RAM) where on a node it
+/// succeeds and the container is OOM-killed as it touches the memory, as
+/// Kubernetes reports (OOMKilled). Always overcommitting gives the node's
+/// behaviour: the limit, enforced by the container's cgroup, decides.
+fn overcommit_as_a_node() {
+    if let Err(e) = std::fs::write("/proc/sys/vm/overcommit_memory", "1") {
+        log::warn(&format!("cannot set vm.overcommit_memory: {e}"));
+    }
+}
+
 /// Makes this process the guest's init, before any thread is started:
 /// leaves the initramfs (re-executing from a tmpfs unless `switched` says
 /// that happened), mounts the basics and sets PATH.
 pub fn prepare(switched: bool) {
     leave_initramfs(switched);
     mount_basics();
+    overcommit_as_a_node();
     std::env::set_var(
         "PATH",
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
