@@ -13,6 +13,8 @@
 #                                                        InstanceStart to the first vCPU entry
 #   resources/bench.sh net [--size-mib M]                 virtio-net TCP throughput guest<->node over a tap
 #   resources/bench.sh vsock [--size-mib M] [--streams N] virtio-vsock throughput, both directions
+#   resources/bench.sh hotplug [--runs N]                memory hot-plug: PATCH /hotplug/memory to the
+#                                                        guest having 256 MiB and 1 GiB plugged, and back
 #   resources/bench.sh snapshot [--runs N] [--firecracker PATH]
 #                                                        snapshot create time and file sizes, restore
 #                                                        time (load request to the guest answering
@@ -25,7 +27,8 @@
 #                                                        of 128 MiB at once)
 #   resources/bench.sh cri [--runs N]                    pod start through containerd's CRI plugin
 #                                                        (RunPodSandbox to a running container),
-#                                                        handler husk against runc
+#                                                        handler husk against runc, and a husk pod
+#                                                        sized 2 GiB / 2 CPUs
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=resources/lib.sh
@@ -34,7 +37,7 @@ source "$repo/resources/lib.sh"
 mode=boot runs=10 size_mib="" runtime_s=5 streams=8 firecracker="" concurrent=20 depths=1,16
 while (($#)); do
   case $1 in
-    boot|blk|api|net|vsock|snapshot|run|pod|cri) mode=$1; shift ;;
+    boot|blk|api|hotplug|net|vsock|snapshot|run|pod|cri) mode=$1; shift ;;
     --concurrent) concurrent=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     --size-mib) size_mib=$2; shift 2 ;;
@@ -42,7 +45,7 @@ while (($#)); do
     --streams) streams=$2; shift 2 ;;
     --depths) depths=$2; shift 2 ;;
     --firecracker) firecracker=$(realpath "$2"); shift 2 ;;
-    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | snapshot [--runs N] [--firecracker PATH] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N]]" >&2; exit 2 ;;
+    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | hotplug [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | snapshot [--runs N] [--firecracker PATH] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N]]" >&2; exit 2 ;;
   esac
 done
 
@@ -72,6 +75,11 @@ case $mode in
     "$repo/resources/guest/build-initramfs.sh" "$payload/test.cpio" "$repo/resources/guest/test-init" >/dev/null
     "$repo/resources/node/run.sh" --payload "$payload" -- \
       ./husk-bench api --husk ./husk --kernel vmlinux --initrd test.cpio --runs "$runs"
+    ;;
+  hotplug)
+    "$repo/resources/guest/build-initramfs.sh" "$payload/test.cpio" "$repo/resources/guest/test-init" >/dev/null
+    "$repo/resources/node/run.sh" --payload "$payload" -- \
+      ./husk-bench hotplug --husk ./husk --kernel vmlinux --initrd test.cpio --runs "$runs"
     ;;
   blk)
     # The guest runs a static husk-bench (no libraries in the guest).
@@ -211,6 +219,9 @@ case $mode in
       for handler in runc husk; do
         ./husk-cri bench --handler \$handler --image husk.local/busybox:1 --runs $runs ||
           { tail -n 30 containerd.log; exit 1; }
-      done"
+      done
+      # A pod the kubelet sized at 2 GiB and 2 CPUs against the default.
+      ./husk-cri bench --handler husk --image husk.local/busybox:1 --runs $runs \
+        --pod-mib 2048 --pod-cpus 2 || { tail -n 30 containerd.log; exit 1; }"
     ;;
 esac

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! husk-cri [--socket PATH] scenario --handler NAME --image REF [--log-dir DIR]
-//! husk-cri [--socket PATH] bench --handler NAME --image REF [--runs N]
+//! husk-cri [--socket PATH] bench --handler NAME --image REF [--runs N] [--pod-mib M --pod-cpus C]
 //! husk-cri [--socket PATH] behaviours --handler NAME --image REF --dynamic-image REF
 //! husk-cri [--socket PATH] resources --handler NAME --image REF
 //! ```
@@ -56,11 +56,16 @@ struct Args {
     runs: usize,
     /// A dynamically linked image (`behaviours`).
     dynamic_image: String,
+    /// `bench`: the pod's (and its container's) memory limit in MiB, as
+    /// the kubelet sizes a pod (0: none).
+    pod_mib: i64,
+    /// `bench`: the pod's (and its container's) CPU limit (0: none).
+    pod_cpus: i64,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N]"
+        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C]"
     );
     std::process::exit(2)
 }
@@ -74,6 +79,8 @@ fn parse_args() -> Args {
         log_dir: "/tmp/husk-cri-logs".into(),
         runs: 10,
         dynamic_image: String::new(),
+        pod_mib: 0,
+        pod_cpus: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -85,6 +92,8 @@ fn parse_args() -> Args {
             "--dynamic-image" => args.dynamic_image = value(),
             "--log-dir" => args.log_dir = value().into(),
             "--runs" => args.runs = value().parse().unwrap_or_else(|_| usage()),
+            "--pod-mib" => args.pod_mib = value().parse().unwrap_or_else(|_| usage()),
+            "--pod-cpus" => args.pod_cpus = value().parse().unwrap_or_else(|_| usage()),
             "scenario" | "bench" | "behaviours" | "resources" if args.command.is_empty() => {
                 args.command = a
             }
@@ -491,13 +500,29 @@ async fn bench(c: &mut Client, args: &Args) -> Result<()> {
     let mut samples = Vec::with_capacity(args.runs);
     for i in 0..args.runs {
         let name = format!("bench-{}-{i}", args.handler);
-        let config = pod_config(&name, &args.log_dir);
+        let mut config = pod_config(&name, &args.log_dir);
+        let mut container = container_config("app", &args.image, &["sleep", "600"]);
+        // A sized pod, as the kubelet sends it: its resources the sum of
+        // its (one) container's limits.
+        if args.pod_mib > 0 || args.pod_cpus > 0 {
+            let limits = k8s_cri::v1::LinuxContainerResources {
+                memory_limit_in_bytes: args.pod_mib << 20,
+                cpu_period: 100_000,
+                cpu_quota: args.pod_cpus * 100_000,
+                cpu_shares: (args.pod_cpus * 1024).max(2),
+                ..Default::default()
+            };
+            if let Some(l) = config.linux.as_mut() {
+                l.resources = Some(limits.clone());
+            }
+            if let Some(l) = container.linux.as_mut() {
+                l.resources = Some(limits);
+            }
+        }
         std::fs::create_dir_all(&config.log_directory).map_err(|e| e.to_string())?;
         let t0 = Instant::now();
         let pod = Pod::run(c, config, &args.handler).await?;
-        let started = pod
-            .create(c, container_config("app", &args.image, &["sleep", "600"]))
-            .await;
+        let started = pod.create(c, container).await;
         let state = match &started {
             Ok(id) => container_state(c, id).await.map(|(s, _)| s),
             Err(e) => Err(e.clone()),
@@ -520,6 +545,8 @@ async fn bench(c: &mut Client, args: &Args) -> Result<()> {
     let json = serde_json::json!({
         "benchmark": "cri_pod_start",
         "handler": args.handler,
+        "pod_mib": args.pod_mib,
+        "pod_cpus": args.pod_cpus,
         "runs": samples.len(),
         "median_ms": round(median),
         "min_ms": round(sorted.first().copied().unwrap_or(0.0)),

@@ -53,16 +53,32 @@ impl Vmm {
 
     /// Starts `program --api-sock <dir>/api.sock <extra...>` and connects.
     pub(crate) fn spawn_program(program: &Path, extra: &[&str], tag: &str) -> anyhow::Result<Vmm> {
+        Self::spawn_with_console(program, extra, tag, false)
+    }
+
+    /// As [`Vmm::spawn_program`]; with `console`, the VMM's stdout (the
+    /// guest's console) goes to `<dir>/console.txt`.
+    pub(crate) fn spawn_with_console(
+        program: &Path,
+        extra: &[&str],
+        tag: &str,
+        console: bool,
+    ) -> anyhow::Result<Vmm> {
         let dir = std::env::temp_dir().join(format!("husk-bench-api-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let sock = dir.join("api.sock");
+        let stdout = if console {
+            Stdio::from(std::fs::File::create(dir.join("console.txt"))?)
+        } else {
+            Stdio::null()
+        };
         let child = Command::new(program)
             .arg("--api-sock")
             .arg(&sock)
             .args(extra)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot run {}", program.display()))?;

@@ -19,6 +19,9 @@
 //! with runc's, and measures start latency, memory and concurrency (see
 //! `pod`).
 //!
+//! `husk-bench hotplug` times a guest's plugging and unplugging of
+//! virtio-mem memory (see `hotplug`).
+//!
 //! `husk-bench boot` starts `husk boot` N times and measures, per run, the
 //! wall time from spawning the VMM process to the guest's first user-space
 //! line (the marker the test init prints first), the VMM's own setup time
@@ -28,6 +31,7 @@
 //! memory; everything else is overhead).
 
 mod api;
+mod hotplug;
 mod io;
 mod net;
 mod pod;
@@ -77,6 +81,9 @@ enum Bench {
     /// Pods through containerd: husk's shim against runc's (start latency,
     /// memory per pod, many pods at once).
     Pod(pod::PodBench),
+    /// Memory hot-plug: PATCH /hotplug/memory to the guest having the memory
+    /// plugged (and unplugged again), per size.
+    Hotplug(hotplug::HotplugBench),
     /// Snapshots: create time, file sizes, and restore time (load request to
     /// the guest answering through vsock), for husk and optionally Firecracker.
     Snapshot(snapshot::SnapshotBench),
@@ -505,6 +512,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Bench::Run(b) => run::run(b)?,
         Bench::Pod(b) => pod::pod(b)?,
         Bench::Snapshot(b) => snapshot::snapshot(b)?,
+        Bench::Hotplug(b) => hotplug::run(b)?,
         Bench::Net(b) => net::net(b)?,
         Bench::Tap(a) => return net::tap(a),
         Bench::Vsock(b) => {
