@@ -8,6 +8,7 @@
 //! husk-cri [--socket PATH] bench --handler NAME --image REF [--runs N] [--pod-mib M --pod-cpus C]
 //! husk-cri [--socket PATH] behaviours --handler NAME --image REF --dynamic-image REF
 //! husk-cri [--socket PATH] resources --handler NAME --image REF
+//! husk-cri [--socket PATH] port-forward --handler NAME --image REF
 //! ```
 //!
 //! `scenario` takes one pod through RunPodSandbox, CreateContainer,
@@ -20,9 +21,11 @@
 //! prints the samples and their median as JSON. `behaviours` runs the
 //! checks of [`behaviours`] (seccomp profiles, privileged pods, added
 //! capabilities, a dynamically linked image), one pod each; `resources`
-//! the CPU and memory limits of [`resources`].
+//! the CPU and memory limits of [`resources`]; `port-forward` CRI's
+//! PortForward ([`portforward`]).
 
 mod behaviours;
+mod portforward;
 mod resources;
 
 use std::io::{Read, Write};
@@ -65,7 +68,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C]"
+        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources|port-forward --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C]"
     );
     std::process::exit(2)
 }
@@ -94,7 +97,9 @@ fn parse_args() -> Args {
             "--runs" => args.runs = value().parse().unwrap_or_else(|_| usage()),
             "--pod-mib" => args.pod_mib = value().parse().unwrap_or_else(|_| usage()),
             "--pod-cpus" => args.pod_cpus = value().parse().unwrap_or_else(|_| usage()),
-            "scenario" | "bench" | "behaviours" | "resources" if args.command.is_empty() => {
+            "scenario" | "bench" | "behaviours" | "resources" | "port-forward"
+                if args.command.is_empty() =>
+            {
                 args.command = a
             }
             _ => usage(),
@@ -575,6 +580,7 @@ fn main() {
             "scenario" => scenario(&mut c, &args).await,
             "behaviours" => behaviours::behaviours(&mut c, &args).await,
             "resources" => resources::resources(&mut c, &args).await,
+            "port-forward" => portforward::port_forward(&mut c, &args).await,
             _ => bench(&mut c, &args).await,
         }
     });

@@ -17,6 +17,7 @@ mod container;
 mod cpus;
 mod error;
 mod events;
+mod forward;
 mod init;
 mod log;
 mod reaper;

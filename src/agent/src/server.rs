@@ -158,6 +158,16 @@ pub fn connection(mut conn: Box<dyn Stream>, agent: &dyn Agent, events: &Events)
             }
         }
         Channel::Events => subscribe(conn, events),
+        Channel::PortForward { port } => match crate::forward::connect(port) {
+            Ok(pod) => {
+                if accept_reply(&mut *conn, None).is_ok() {
+                    crate::forward::run(conn, pod);
+                }
+            }
+            Err(e) => {
+                let _ = accept_reply(&mut *conn, Some(e));
+            }
+        },
         Channel::Stdio {
             container_id,
             exec_id,

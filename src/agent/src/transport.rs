@@ -26,6 +26,12 @@ pub trait Stream: Read + Write + Send {
     /// Shuts the connection down both ways, for every handle on it: the
     /// host reads end of file, and a read blocked here returns 0.
     fn shutdown(&self) -> std::io::Result<()>;
+
+    /// Shuts the writing side down: the host reads end of file, and can
+    /// still send. (A stream that cannot shuts down both ways.)
+    fn shutdown_write(&self) -> std::io::Result<()> {
+        self.shutdown()
+    }
 }
 
 impl Stream for UnixStream {
@@ -39,6 +45,10 @@ impl Stream for UnixStream {
 
     fn shutdown(&self) -> std::io::Result<()> {
         UnixStream::shutdown(self, Shutdown::Both)
+    }
+
+    fn shutdown_write(&self) -> std::io::Result<()> {
+        UnixStream::shutdown(self, Shutdown::Write)
     }
 }
 
@@ -96,6 +106,14 @@ impl Stream for VsockStream {
     fn shutdown(&self) -> std::io::Result<()> {
         // SAFETY: shutdown(2) on our socket; it touches no memory.
         if unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_RDWR) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn shutdown_write(&self) -> std::io::Result<()> {
+        // SAFETY: shutdown(2) on our socket; it touches no memory.
+        if unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_WR) } < 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(())

@@ -36,6 +36,14 @@ pub enum Channel {
     },
     /// [`Event`] frames from the agent, until the connection closes.
     Events,
+    /// Raw bytes of one TCP connection the agent opens to `127.0.0.1:port`
+    /// in the guest (after its [`Accepted`]): the pod's port, forwarded
+    /// (CRI's PortForward). Either side's end of file half-closes the
+    /// other.
+    PortForward {
+        /// The port in the guest.
+        port: u16,
+    },
 }
 
 /// One of a process's standard streams, or its terminal.

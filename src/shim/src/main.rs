@@ -12,6 +12,7 @@ mod error;
 mod io;
 mod network;
 mod pod;
+mod portforward;
 mod private;
 mod rootfs;
 mod service;

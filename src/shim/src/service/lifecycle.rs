@@ -23,9 +23,12 @@ use crate::cgroup::{self, PodCgroup};
 use crate::config::Config;
 use crate::error::Chain;
 use crate::pod::{EventStream, VmSpec};
+use crate::portforward::PortForward;
 use crate::sizing::{self, Plan};
 use crate::slots::{self, Slots};
 use crate::{network, spec, vm};
+use husk_protocol::client::Endpoint;
+use husk_protocol::DEFAULT_AGENT_PORT;
 
 /// How long the agent may take to answer a shutdown (it answers at once,
 /// then stops what is left and powers the guest off).
@@ -154,6 +157,26 @@ impl Inner {
                 None
             }
         };
+        // kubectl port-forward: containerd dials the port in the pod's
+        // namespace; the shim carries it into the guest. A node that
+        // cannot (no BPF) runs the pod without it.
+        let port_forward = match &network {
+            Some(net) => match PortForward::start(
+                &net.netns,
+                Endpoint::Vsock {
+                    uds: dir.vsock(),
+                    port: DEFAULT_AGENT_PORT,
+                },
+            ) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!(error = %Chain(&e),
+                        "port forwarding into the pod is not available");
+                    None
+                }
+            },
+            None => None,
+        };
         let (events, jobs) = sync_channel(QUEUE);
         let pod = Arc::new(RunningPod {
             vm,
@@ -161,6 +184,7 @@ impl Inner {
             slots: Mutex::new(Slots::new(&slot_specs)),
             network,
             cgroup,
+            port_forward: Mutex::new(port_forward),
             // The agent's deadline: as long as any guest step may take.
             sizing: Mutex::new(Sizing::new(
                 plan,
@@ -261,6 +285,10 @@ impl Inner {
         if let Some(net) = &pod.network {
             network::teardown(net);
         }
+        pod.port_forward
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         // husk has exited: its cgroup is empty.
         if let Some(cg) = &pod.cgroup {
             cg.remove();

@@ -341,6 +341,8 @@ pub struct RunningPod {
     pub network: Option<PodNetwork>,
     /// Its cgroup on the node, removed when it goes.
     pub cgroup: Option<crate::cgroup::PodCgroup>,
+    /// Port forwarding from its network namespace, stopped when it goes.
+    pub port_forward: Mutex<Option<crate::portforward::PortForward>>,
     /// Its size and its containers' asks; held across a resize (a VMM or
     /// agent round trip), so only resizes wait on it.
     pub sizing: Mutex<super::resize::Sizing>,
