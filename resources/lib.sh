@@ -35,6 +35,7 @@ husk_install_packages() {
 husk_build_images() {
   local repo=$1
   husk_dynamic_busybox
+  husk_containerd17
   HUSK_KERNEL_DIR=$("$repo/guest-kernel-config/build.sh")
   export HUSK_KERNEL_DIR
   if [[ ${HUSK_NODE:-auto} != direct ]]; then
@@ -66,6 +67,60 @@ husk_dynamic_busybox() {
   fi
   HUSK_DYNAMIC_BUSYBOX=$dir/bin/busybox
   export HUSK_DYNAMIC_BUSYBOX
+}
+
+# Debian 13 (trixie)'s containerd 1.7, for the tests that run the shim and
+# the CRI scenario under it as well as under the host's containerd 1.6.
+# The package is fetched with apt through a sources list, index and
+# download cache of its own (in a temporary directory: the host's apt
+# configuration, lists and installed packages are left as they are),
+# unpacked with dpkg-deb -x under
+# ${HUSK_CACHE_DIR:-/var/cache/husk}/containerd-1.7/<version>, and that
+# directory (usr/bin/containerd, ctr, containerd-shim-runc-v2) exported as
+# HUSK_CONTAINERD17_DIR. The version is pinned (HUSK_CONTAINERD17_VERSION
+# changes it) so that a second run costs nothing; when trixie no longer
+# has it (a point release replaced it), the current one is taken, with a
+# warning to update the pin.
+husk_containerd17() {
+  local version=${HUSK_CONTAINERD17_VERSION:-1.7.24~ds1-6+deb13u1}
+  local base=${HUSK_CACHE_DIR:-/var/cache/husk}/containerd-1.7
+  local dir=$base/$version tmp deb got
+  if [[ ! -x $dir/usr/bin/containerd ]]; then
+    tmp=$(mktemp -d)
+    mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial" "$tmp/parts" "$tmp/deb"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+      > "$tmp/sources.list"
+    # apt downloads as its own user (_apt) where one exists.
+    chown -R _apt "$tmp" 2>/dev/null || true
+    local apt=(apt-get -q
+      -o "Dir::Etc::sourcelist=$tmp/sources.list" -o "Dir::Etc::sourceparts=$tmp/parts"
+      -o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache=$tmp/cache"
+      -o Acquire::Languages=none -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false)
+    log "fetching Debian trixie's containerd $version"
+    if ! "${apt[@]}" update >&2; then
+      rm -rf "$tmp"
+      log "cannot read trixie's package index from deb.debian.org"
+      return 1
+    fi
+    if ! (cd "$tmp/deb" && "${apt[@]}" download "containerd=$version" >&2); then
+      log "trixie no longer has containerd $version; taking its current one (update HUSK_CONTAINERD17_VERSION's default in resources/lib.sh)"
+      if ! (cd "$tmp/deb" && "${apt[@]}" download containerd >&2); then
+        rm -rf "$tmp"
+        log "cannot download trixie's containerd"
+        return 1
+      fi
+    fi
+    deb=$(echo "$tmp"/deb/containerd_*.deb)
+    got=$(dpkg-deb -f "$deb" Version)
+    dir=$base/$got
+    rm -rf "$dir.new"
+    mkdir -p "$dir.new"
+    dpkg-deb -x "$deb" "$dir.new"
+    rm -rf "$tmp" "$dir"
+    mv "$dir.new" "$dir"
+  fi
+  HUSK_CONTAINERD17_DIR=$dir
+  export HUSK_CONTAINERD17_DIR
 }
 
 # Every shell script of the project through shellcheck: the entry points

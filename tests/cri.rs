@@ -9,7 +9,7 @@
 //! plain container runtime does; with husk the pod runs in a microVM (its
 //! kernel is the guest's) and nothing is left once the pod is removed.
 
-use husk_tests::containerd;
+use husk_tests::containerd::{self, Containerd};
 
 /// Where the node's Localhost seccomp profile is written (the path
 /// `husk-cri behaviours` names).
@@ -129,9 +129,20 @@ fn behaviours(r: &husk_tests::RunResult, handler: &str) {
     }
 }
 
-/// Runs the scenario with `handler` in a fresh node VM.
+/// Runs the scenario with `handler` in a fresh node VM, under the host's
+/// containerd (1.6).
 fn scenario(handler: &str) -> husk_tests::RunResult {
-    let r = containerd::cri_payload(&format!("cri-{handler}")).run(&containerd::script(
+    scenario_with(handler, Containerd::V1_6)
+}
+
+/// Runs the scenario with `handler` in a fresh node VM under `version` of
+/// containerd, and checks that it was that version which ran.
+fn scenario_with(handler: &str, version: Containerd) -> husk_tests::RunResult {
+    let name = match version {
+        Containerd::V1_6 => format!("cri-{handler}"),
+        Containerd::V1_7 => format!("cri-{handler}-containerd17"),
+    };
+    let r = containerd::cri_payload_with(&name, version).run(&containerd::script(
         "--cri",
         &format!(
             r#"echo "NODE-KERNEL $(uname -r)"
@@ -153,6 +164,12 @@ echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
             dynamic = containerd::DYNAMIC_IMAGE,
         ),
     ));
+    let ran = r.value("CONTAINERD-VERSION").unwrap_or_default();
+    assert!(
+        ran.starts_with(version.version_prefix()),
+        "containerd {ran:?} ran, not {version:?}:\n{}",
+        r.output
+    );
     behaviours(&r, handler);
     let hostname = format!("pod-{handler}");
     let expect = [
@@ -214,6 +231,33 @@ fn a_cri_pod_runs_in_a_microvm() {
 #[test]
 fn the_same_cri_scenario_passes_with_runc() {
     let r = scenario("runc");
+    assert_eq!(
+        r.value("CRI-EXEC-KERNEL"),
+        r.value("NODE-KERNEL"),
+        "{}",
+        r.output
+    );
+}
+
+/// The husk handler under Debian 13's containerd 1.7 (its CRI plugin
+/// driving the shim): the same pod, the same behaviours.
+#[test]
+fn a_cri_pod_runs_in_a_microvm_with_containerd_1_7() {
+    let r = scenario_with("husk", Containerd::V1_7);
+    let node = r.value("NODE-KERNEL").expect("node kernel");
+    let guest = r.value("CRI-EXEC-KERNEL").expect("container kernel");
+    assert_ne!(
+        node, guest,
+        "the pod ran on the node's kernel:\n{}",
+        r.output
+    );
+}
+
+/// runc under containerd 1.7: what the husk handler's scenario there is
+/// held to.
+#[test]
+fn the_same_cri_scenario_passes_with_runc_and_containerd_1_7() {
+    let r = scenario_with("runc", Containerd::V1_7);
     assert_eq!(
         r.value("CRI-EXEC-KERNEL"),
         r.value("NODE-KERNEL"),

@@ -7,11 +7,15 @@
 //! `delete`; repeated create/delete cycles leak no processes, mounts,
 //! files or descriptors.
 
-use husk_tests::containerd::{self, IMAGE};
+use husk_tests::containerd::{self, Containerd, IMAGE};
 use husk_tests::{cargo_binary, host_tool, Payload};
 
 fn containerd_payload(name: &str) -> Payload {
-    containerd::payload(name).add(&cargo_binary("husk-pty"), "husk-pty")
+    containerd_payload_with(name, Containerd::V1_6)
+}
+
+fn containerd_payload_with(name: &str, version: Containerd) -> Payload {
+    containerd::payload_with(name, version).add(&cargo_binary("husk-pty"), "husk-pty")
 }
 
 fn with_containerd(script: &str) -> String {
@@ -95,8 +99,19 @@ echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
 
 #[test]
 fn exec_pause_resume_kill_and_delete() {
-    let r = run(
-        "shim-lifecycle",
+    lifecycle("shim-lifecycle", Containerd::V1_6);
+}
+
+/// The same task API calls from containerd 1.7 and its ctr (Debian 13's).
+#[test]
+fn exec_pause_resume_kill_and_delete_with_containerd_1_7() {
+    lifecycle("shim-lifecycle-containerd17", Containerd::V1_7);
+}
+
+/// exec, ps, metrics, pause, resume, kill, delete and a terminal, through
+/// `version`'s ctr.
+fn lifecycle(name: &str, version: Containerd) {
+    let r = containerd_payload_with(name, version).run(&with_containerd(
         &format!(
             r#"R="--runtime io.containerd.husk.v2"
 ctr run -d $R {IMAGE} long sleep 600; echo "RUN-D $?"
@@ -120,6 +135,12 @@ echo "HUSK-LEFT $(husk_count)"
 echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
 "#
         ),
+    ));
+    let ran = r.value("CONTAINERD-VERSION").unwrap_or_default();
+    assert!(
+        ran.starts_with(version.version_prefix()),
+        "containerd {ran:?} ran, not {version:?}:\n{}",
+        r.output
     );
     for (key, want) in [
         ("RUN-D", "0"),

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Starts Debian's containerd where the tests and benchmarks run it (in the
+# Starts Debian's containerd (12's 1.6 or 13's 1.7, whichever the payload
+# holds) where the tests and benchmarks run it (in the
 # node VM, from a payload directory holding containerd, ctr, husk,
 # containerd-shim-husk-v2, vmlinux, agent.cpio and busybox.tar): its state
 # on a tmpfs, /etc/husk/config.toml pointing at the payload's husk, kernel
@@ -74,6 +75,12 @@ version = 2
       pod_annotations = ["io.husk.*"]
 TOML
 fi
+# Which containerd this is (the payload's: Debian 12's 1.6 or 13's 1.7),
+# as "CONTAINERD-VERSION 1.7.24~ds1": the tests check they ran the one
+# they asked for.
+v=$(containerd --version)
+v=${v#* * }
+echo "CONTAINERD-VERSION ${v%% *}"
 containerd ${config:+--config "$config"} --log-level "${1:-warn}" > containerd.log 2>&1 &
 i=0
 while [ ! -S /run/containerd/containerd.sock ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done

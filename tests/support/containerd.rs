@@ -2,6 +2,8 @@
 //! payload with containerd, ctr, husk, the shim, the guest kernel, the
 //! agent and the bundled busybox image, and the script preamble that
 //! starts containerd from it (resources/containerd/start-in-node.sh).
+//! The containerd is the host's (Debian 12's 1.6) unless a test asks for
+//! Debian 13's 1.7 ([`Containerd`]).
 
 use std::path::{Path, PathBuf};
 
@@ -44,10 +46,62 @@ pub fn busybox_tar_with(dir: &Path, tar: &str, named: Option<(&str, &[&str])>, m
     let _ = std::fs::remove_dir_all(dir.join("cache"));
 }
 
-/// A payload with containerd, ctr, husk, the shim, the guest kernel, the
-/// agent, mke2fs, iproute2 and the bundled busybox image as an OCI
-/// archive (busybox.tar).
+/// Which containerd a payload carries: its binaries (containerd, ctr and
+/// containerd-shim-runc-v2) come from the same package.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Containerd {
+    /// The host's, Debian 12's containerd package (1.6).
+    V1_6,
+    /// Debian 13's containerd package (1.7), which `husk_containerd17` in
+    /// resources/lib.sh unpacks and names in `HUSK_CONTAINERD17_DIR`.
+    V1_7,
+}
+
+impl Containerd {
+    /// The start of the version `containerd --version` reports, which
+    /// start-in-node.sh prints as `CONTAINERD-VERSION <version>`.
+    pub fn version_prefix(self) -> &'static str {
+        match self {
+            Containerd::V1_6 => "1.6.",
+            Containerd::V1_7 => "1.7.",
+        }
+    }
+
+    /// The package's program `name` (containerd, ctr,
+    /// containerd-shim-runc-v2).
+    pub fn binary(self, name: &str) -> PathBuf {
+        match self {
+            Containerd::V1_6 => host_tool(name),
+            Containerd::V1_7 => {
+                let dir = std::env::var_os("HUSK_CONTAINERD17_DIR").unwrap_or_else(|| {
+                    panic!(
+                        "HUSK_CONTAINERD17_DIR is not set: resources/test.sh (husk_build_images, \
+                         husk_containerd17 in resources/lib.sh) unpacks Debian 13's containerd \
+                         1.7 and names it there"
+                    )
+                });
+                let path = Path::new(&dir).join("usr/bin").join(name);
+                assert!(
+                    path.exists(),
+                    "{} is missing: HUSK_CONTAINERD17_DIR must be where husk_containerd17 \
+                     (resources/lib.sh) unpacked Debian 13's containerd package",
+                    path.display()
+                );
+                path
+            }
+        }
+    }
+}
+
+/// A payload with containerd (the host's, 1.6), ctr, husk, the shim, the
+/// guest kernel, the agent, mke2fs, iproute2 and the bundled busybox image
+/// as an OCI archive (busybox.tar).
 pub fn payload(name: &str) -> Payload {
+    payload_with(name, Containerd::V1_6)
+}
+
+/// [`payload`] with the containerd and ctr of `containerd`.
+pub fn payload_with(name: &str, containerd: Containerd) -> Payload {
     let a = artifacts();
     let p = Payload::new(name)
         .add(&a.husk, "husk")
@@ -57,8 +111,8 @@ pub fn payload(name: &str) -> Payload {
         )
         .add(&a.vmlinux, "vmlinux")
         .add(agent_initrd(), "agent.cpio")
-        .add(&host_tool("containerd"), "containerd")
-        .add(&host_tool("ctr"), "ctr")
+        .add(&containerd.binary("containerd"), "containerd")
+        .add(&containerd.binary("ctr"), "ctr")
         .add(&host_tool("mke2fs"), "mke2fs")
         // iproute2 (the shim wires the pod's network with ip and tc).
         .add(&host_tool("ip"), "ip")
@@ -77,12 +131,19 @@ const CNI_DIR: &str = "/usr/lib/cni";
 /// [`payload`] plus what containerd's CRI plugin needs: runc and its shim,
 /// the bridge, host-local and loopback CNI plugins under cni/, the pod
 /// sandbox image (pause.tar: busybox sleeping), busybox under a full name
-/// (cri-busybox.tar) and the husk-cri client.
+/// (cri-busybox.tar) and the husk-cri client. containerd is the host's
+/// (1.6).
 pub fn cri_payload(name: &str) -> Payload {
-    let mut p = payload(name)
+    cri_payload_with(name, Containerd::V1_6)
+}
+
+/// [`cri_payload`] with the containerd, ctr and runc shim of `containerd`
+/// (runc itself is the host's either way).
+pub fn cri_payload_with(name: &str, containerd: Containerd) -> Payload {
+    let mut p = payload_with(name, containerd)
         .add(&host_tool("runc"), "runc")
         .add(
-            &host_tool("containerd-shim-runc-v2"),
+            &containerd.binary("containerd-shim-runc-v2"),
             "containerd-shim-runc-v2",
         )
         .add(&cargo_binary("husk-cri"), "husk-cri");

@@ -389,6 +389,12 @@ mod tests {
             parse_containerd_version(debian).map(|v| (v.0, v.1)),
             Some((1, 6))
         );
+        // Debian 13's, which tests/cri.rs and tests/shim.rs run too.
+        let trixie = "containerd github.com/containerd/containerd 1.7.24~ds1 1.7.24~ds1-6+deb13u1";
+        assert_eq!(
+            parse_containerd_version(trixie).map(|v| (v.0, v.1, v.2)),
+            Some((1, 7, "1.7.24~ds1".to_string()))
+        );
         let upstream = "containerd github.com/containerd/containerd/v2 v2.0.2 c507a0257ea6";
         assert_eq!(
             parse_containerd_version(upstream).map(|v| (v.0, v.1)),
