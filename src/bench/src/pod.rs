@@ -7,7 +7,8 @@
 //!   before the next.
 //! - Memory per husk pod while it runs: the VMM's resident memory beyond
 //!   guest RAM (smaps, as `husk-bench boot` reads it), the guest RAM it
-//!   touched, and the shim's RSS.
+//!   touched, and the shim's RSS; and the CPU husk and the shim use over
+//!   10 s while the container sleeps (for a RuntimeClass's overhead).
 //! - Concurrency: P pods started at once (the VM size comes from the
 //!   shim's configuration), how long until every `ctr run -d` returned,
 //!   how many failed, and whether all were running.
@@ -122,7 +123,31 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// The running husk pod `id`'s memory.
+/// A process's CPU time so far (user and system), in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // After the command's closing parenthesis: state is field 3, utime 14.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf(3) takes a constant and touches no memory.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
+/// How long the idle pod's CPU use is sampled.
+const IDLE_SAMPLE: Duration = Duration::from_secs(10);
+
+/// The running husk pod `id`'s memory, and the CPU its husk and shim use
+/// while its container sleeps (thousandths of a CPU: what a RuntimeClass's
+/// `overhead.podFixed.cpu` is written in).
 fn memory(b: &PodBench, id: &str) -> anyhow::Result<Value> {
     let shim =
         find_process(&["containerd-shim-husk-v2", id]).context("the pod's shim is not running")?;
@@ -131,11 +156,17 @@ fn memory(b: &PodBench, id: &str) -> anyhow::Result<Value> {
     let smaps =
         std::fs::read_to_string(format!("/proc/{husk}/smaps")).context("reading husk's smaps")?;
     let (overhead, guest) = super::split_rss(&smaps, &super::guest_region_sizes(b.mem_mib));
+    let before = cpu_seconds(husk) + cpu_seconds(shim);
+    let t0 = Instant::now();
+    std::thread::sleep(IDLE_SAMPLE);
+    let used = cpu_seconds(husk) + cpu_seconds(shim) - before;
+    let idle_millicores = (used / t0.elapsed().as_secs_f64() * 1000.0).round();
     Ok(json!({
         "vmm_overhead_kib": overhead,
         "guest_rss_kib": guest,
         "shim_rss_kib": rss_kib(shim),
         "overhead_kib": overhead + rss_kib(shim),
+        "idle_millicores": idle_millicores,
     }))
 }
 
