@@ -156,6 +156,8 @@ hostname cri-node-{handler}
 echo "NODE-HOSTNAME $(hostname)"
 husk-cri behaviours --handler {handler} --image husk.local/busybox:1 --dynamic-image {dynamic} --log-dir /tmp/cri-logs
 echo "CRI-BEHAVIOURS-EXIT $?"
+# A pod the kubelet sized (1 GiB, 2 CPUs, in the sandbox's annotations).
+husk-cri resources --sized-only --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs
 echo "HUSK-LEFT $(husk_count)"
 echo "STATE-LEFT $(ls /run/husk/k8s.io 2>/dev/null | wc -l)"
 echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
@@ -244,6 +246,9 @@ fn the_same_cri_scenario_passes_with_runc() {
 #[test]
 fn a_cri_pod_runs_in_a_microvm_with_containerd_1_7() {
     let r = scenario_with("husk", Containerd::V1_7);
+    // containerd 1.7's sandbox annotations size the VM: 1 GiB and 2 CPUs,
+    // with the guest's own 128 MiB.
+    r.assert_contains("CRI-R sized boot vcpus 2 mem 1152");
     let node = r.value("NODE-KERNEL").expect("node kernel");
     let guest = r.value("CRI-EXEC-KERNEL").expect("container kernel");
     assert_ne!(

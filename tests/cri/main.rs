@@ -7,7 +7,7 @@
 //! husk-cri [--socket PATH] scenario --handler NAME --image REF [--log-dir DIR]
 //! husk-cri [--socket PATH] bench --handler NAME --image REF [--runs N] [--pod-mib M --pod-cpus C]
 //! husk-cri [--socket PATH] behaviours --handler NAME --image REF --dynamic-image REF
-//! husk-cri [--socket PATH] resources --handler NAME --image REF
+//! husk-cri [--socket PATH] resources --handler NAME --image REF [--sized-only]
 //! husk-cri [--socket PATH] port-forward --handler NAME --image REF
 //! ```
 //!
@@ -64,6 +64,8 @@ struct Args {
     pod_mib: i64,
     /// `bench`: the pod's (and its container's) CPU limit (0: none).
     pod_cpus: i64,
+    /// `resources`: only the pod the kubelet sized.
+    sized_only: bool,
 }
 
 fn usage() -> ! {
@@ -84,6 +86,7 @@ fn parse_args() -> Args {
         dynamic_image: String::new(),
         pod_mib: 0,
         pod_cpus: 0,
+        sized_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -97,6 +100,7 @@ fn parse_args() -> Args {
             "--runs" => args.runs = value().parse().unwrap_or_else(|_| usage()),
             "--pod-mib" => args.pod_mib = value().parse().unwrap_or_else(|_| usage()),
             "--pod-cpus" => args.pod_cpus = value().parse().unwrap_or_else(|_| usage()),
+            "--sized-only" => args.sized_only = true,
             "scenario" | "bench" | "behaviours" | "resources" | "port-forward"
                 if args.command.is_empty() =>
             {

@@ -284,6 +284,9 @@ pub async fn resources(c: &mut Client, args: &Args) -> Result<()> {
     if let Err(e) = sized(c, args).await {
         println!("CRI-R sized failed {e}");
     }
+    if args.sized_only {
+        return Ok(());
+    }
     // The main pod has no resources of its own, as the kubelet leaves a
     // pod some of whose containers have no limits: its VM boots small
     // and grows for each container.
