@@ -221,6 +221,8 @@ echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
 #[test]
 fn a_cri_pod_runs_in_a_microvm() {
     let r = scenario("husk");
+    // containerd 1.6.20 sends the sandbox annotations too.
+    r.assert_contains("CRI-R sized boot vcpus 2 mem 1152");
     let node = r.value("NODE-KERNEL").expect("node kernel");
     let guest = r.value("CRI-EXEC-KERNEL").expect("container kernel");
     assert_ne!(
