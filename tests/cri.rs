@@ -221,8 +221,11 @@ echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
 #[test]
 fn a_cri_pod_runs_in_a_microvm() {
     let r = scenario("husk");
-    // containerd 1.6.20 sends the sandbox annotations too.
-    r.assert_contains("CRI-R sized boot vcpus 2 mem 1152");
+    // containerd 1.6.20 sends the sandbox annotations too: the VM boots
+    // small and gets the pod's size right after; its container sees it.
+    r.assert_contains("CRI-R sized boot vcpus 1 mem 128")
+        .assert_contains("CRI-R sized requested-mib 1024")
+        .assert_contains("CRI-R sized nproc 2");
     let node = r.value("NODE-KERNEL").expect("node kernel");
     let guest = r.value("CRI-EXEC-KERNEL").expect("container kernel");
     assert_ne!(
@@ -248,9 +251,12 @@ fn the_same_cri_scenario_passes_with_runc() {
 #[test]
 fn a_cri_pod_runs_in_a_microvm_with_containerd_1_7() {
     let r = scenario_with("husk", Containerd::V1_7);
-    // containerd 1.7's sandbox annotations size the VM: 1 GiB and 2 CPUs,
-    // with the guest's own 128 MiB.
-    r.assert_contains("CRI-R sized boot vcpus 2 mem 1152");
+    // containerd 1.7's sandbox annotations size the VM (1 GiB and 2 CPUs,
+    // beyond the guest's own 128 MiB it boots with), and its container
+    // sees them.
+    r.assert_contains("CRI-R sized boot vcpus 1 mem 128")
+        .assert_contains("CRI-R sized requested-mib 1024")
+        .assert_contains("CRI-R sized nproc 2");
     let node = r.value("NODE-KERNEL").expect("node kernel");
     let guest = r.value("CRI-EXEC-KERNEL").expect("container kernel");
     assert_ne!(

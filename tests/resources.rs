@@ -53,8 +53,18 @@ echo "HUSK-LEFT $(husk_count)"
     has("fit", "exit 0");
     has("over", "exit 137");
     has("over", "reason OOMKilled");
-    // Two CPUs (the node VM has two).
+    // Two CPUs (the node VM has two), and at least the pod's memory.
     has("held", "stdout nproc 2");
+    has("sized", "nproc 2");
+    let memtotal: u64 = lines("sized")
+        .iter()
+        .find_map(|l| l.strip_prefix("memtotal-mib ")?.parse().ok())
+        .unwrap_or_else(|| panic!("no memtotal-mib line\n{}", r.output));
+    assert!(
+        memtotal >= 1024,
+        "the sized pod's container sees {memtotal} MiB:\n{}",
+        r.output
+    );
     let charged: u64 = lines("held")
         .iter()
         .find_map(|l| l.strip_prefix("pod-cgroup-mib ")?.parse().ok())
@@ -87,9 +97,11 @@ fn a_husk_pod_gets_the_cpu_and_memory_its_limits_promise() {
     assert!(vm("plugged-raised") >= 768, "{}", r.output);
     assert!(vm("plugged-lowered") <= 256, "{}", r.output);
     r.assert_contains("CRI-R held husk-in-pod-cgroup true");
-    // The kubelet's pod resources (1 GiB, 2 CPUs) size the boot, on top
-    // of the guest's own 128 MiB (the tests' default_memory_mib).
-    r.assert_contains("CRI-R sized boot vcpus 2 mem 1152");
+    // The kubelet's pod resources (1 GiB, 2 CPUs): the VM boots small
+    // (the guest's own 128 MiB, the tests' default_memory_mib) and gets
+    // the pod's size right after.
+    r.assert_contains("CRI-R sized boot vcpus 1 mem 128")
+        .assert_contains("CRI-R sized requested-mib 1024");
     assert_eq!(r.value("HUSK-LEFT").as_deref(), Some("0"), "{}", r.output);
 }
 

@@ -257,26 +257,54 @@ async fn grow(c: &mut Client, pod: &Pod, args: &Args) -> Result<()> {
     remove(c, &id).await
 }
 
-/// A pod the kubelet sized (its resources the sum of its containers'
-/// limits: 1 GiB, 2 CPUs), run and removed: with husk, prints the size its
-/// VM booted with (`CRI-R sized boot ...`).
+/// A pod the kubelet sized (its resources the sum of its container's
+/// limits: 1 GiB, 2 CPUs), with that container: prints the CPUs and the
+/// memory the container sees (`CRI-R sized nproc N`, `memtotal-mib M`)
+/// and, with husk, what the VM booted with and what was requested right
+/// after (`CRI-R sized boot ...`, `requested-mib`).
 async fn sized(c: &mut Client, args: &Args) -> Result<()> {
     let mut config = pod_config(&format!("r-sized-{}", args.handler), &args.log_dir);
     let linux = config
         .linux
         .get_or_insert_with(LinuxPodSandboxConfig::default);
     linux.resources = Some(limits(1024, 2));
+    let log_dir = PathBuf::from(&config.log_directory);
+    std::fs::create_dir_all(&log_dir).map_err(|e| e.to_string())?;
     let pod = Pod::run(c, config, &args.handler).await?;
-    if args.handler == "husk" {
-        match husk_get(&api_socket(&pod.id), "/machine-config") {
-            Ok(v) => println!(
+    let result = async {
+        if args.handler == "husk" {
+            let socket = api_socket(&pod.id);
+            let m = husk_get(&socket, "/machine-config")?;
+            println!(
                 "CRI-R sized boot vcpus {} mem {}",
-                v["vcpu_count"], v["mem_size_mib"]
-            ),
-            Err(e) => println!("CRI-R sized failed {e}"),
+                m["vcpu_count"], m["mem_size_mib"]
+            );
+            let h = husk_get(&socket, "/hotplug/memory")?;
+            println!("CRI-R sized requested-mib {}", h["requested_size_mib"]);
         }
+        let probe = limited(
+            "sized",
+            &args.image,
+            1024,
+            2,
+            &[
+                "sh",
+                "-c",
+                "echo nproc $(nproc); echo memtotal-mib $(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 ))",
+            ],
+        );
+        let id = pod.create(c, probe).await?;
+        wait_exited(c, &id, Duration::from_secs(60)).await?;
+        for (stream, text) in log_lines(&log_dir.join("sized.log"), 2).await {
+            if stream == "stdout" {
+                println!("CRI-R sized {text}");
+            }
+        }
+        Ok::<_, String>(())
     }
-    pod.remove(c).await
+    .await;
+    let removed = pod.remove(c).await;
+    result.and(removed)
 }
 
 /// Runs the steps; an error only if the pod cannot run at all.

@@ -177,9 +177,7 @@ impl Inner {
             tracing::warn!(container = id, mounts = ?adjusted.dropped_mounts, hooks = adjusted.dropped_hooks,
                 "bind mounts of special files and hooks are not carried into the microVM");
         }
-        // The VM grows first: a container never starts in a guest smaller
-        // than its limits.
-        pod.grow_for(id, Ask::of_spec(&spec))?;
+        let ask = Ask::of_spec(&spec);
         let image = pod.dir.image(id);
         let volumes_image = pod.dir.volumes_image(id);
         let undo = || {
@@ -200,6 +198,13 @@ impl Inner {
                 return Err(e);
             }
         };
+        // The VM grows before the container exists: a container never
+        // starts in a guest smaller than its limits. (After its disks, so
+        // that what the guest does right after its boot overlaps them.)
+        if let Err(e) = pod.grow_for(id, ask) {
+            undo();
+            return Err(e);
+        }
         let has_volumes = volumes.is_some();
         let created = pod.vm.call(Request::CreateContainer(CreateContainer {
             container_id: id.to_string(),

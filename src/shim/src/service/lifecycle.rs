@@ -87,6 +87,8 @@ impl Inner {
                 return Err(e);
             }
         };
+        // The pod's own size, asked for while its first containers are made.
+        pod.presize();
         self.lock().vm = VmState::Running {
             pod: pod.clone(),
             paused: false,

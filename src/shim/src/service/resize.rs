@@ -8,6 +8,7 @@
 //! what it can free, and keeps trying).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use husk_protocol::{Request, Response};
@@ -71,7 +72,10 @@ impl RunningPod {
             vcpus: target.vcpus.max(sizing.applied.vcpus),
             plugged_mib: target.plugged_mib.max(sizing.applied.plugged_mib),
         };
-        if let Err(e) = self.apply(&mut sizing, grown, true) {
+        // A container with a memory limit waits until the guest has what
+        // the limits need (requested now, or right after the boot).
+        let wait = ask.memory_mib > 0;
+        if let Err(e) = self.apply(&mut sizing, grown, wait) {
             restore(&mut sizing);
             // What was requested for it is given back.
             self.settle_locked(&mut sizing);
@@ -119,21 +123,10 @@ impl RunningPod {
     /// waited for until plugged), vCPUs brought on- or offline.
     fn apply(&self, sizing: &mut Sizing, target: Target, wait: bool) -> Result<(), TaskError> {
         if target.plugged_mib != sizing.applied.plugged_mib {
-            self.vm
-                .request_memory(target.plugged_mib)
-                .map_err(|e| TaskError::Vm {
-                    action: "resize the memory of",
-                    source: Box::new(e),
-                })?;
-            sizing.applied.plugged_mib = target.plugged_mib;
-            tracing::info!(
-                plugged_mib = target.plugged_mib,
-                boot_mib = sizing.plan.boot_mib,
-                "the pod's microVM memory was resized"
-            );
-            if wait {
-                self.wait_plugged(target.plugged_mib, sizing.plug_limit)?;
-            }
+            self.request(sizing, target.plugged_mib)?;
+        }
+        if wait && target.plugged_mib > 0 {
+            self.wait_plugged(target.plugged_mib, sizing.plug_limit)?;
         }
         if target.vcpus != sizing.applied.vcpus {
             let answer = self
@@ -158,6 +151,67 @@ impl RunningPod {
             tracing::info!(vcpus = target.vcpus, "the pod's microVM vCPUs were resized");
         }
         Ok(())
+    }
+
+    /// Asks the guest to have `mib` plugged (it plugs on its own).
+    fn request(&self, sizing: &mut Sizing, mib: u64) -> Result<(), TaskError> {
+        self.vm.request_memory(mib).map_err(|e| TaskError::Vm {
+            action: "resize the memory of",
+            source: Box::new(e),
+        })?;
+        sizing.applied.plugged_mib = mib;
+        tracing::info!(
+            plugged_mib = mib,
+            boot_mib = sizing.plan.boot_mib,
+            "the pod's microVM memory was resized"
+        );
+        Ok(())
+    }
+
+    /// Right after the boot: asks for the pod's own size, without waiting
+    /// (the guest plugs its memory and, on a thread of the shim's, brings
+    /// its vCPUs online while the pod's first containers are made; a
+    /// container that needs them waits in [`RunningPod::grow_for`]).
+    pub fn presize(self: &Arc<Self>) {
+        let vcpus = {
+            let mut sizing = self.sizing.lock().unwrap_or_else(|e| e.into_inner());
+            let Ok(target) = sizing.plan.target(&sizing.asks, "") else {
+                return;
+            };
+            if target.plugged_mib > sizing.applied.plugged_mib {
+                if let Err(e) = self.request(&mut sizing, target.plugged_mib) {
+                    tracing::warn!(error = %Chain(&e), "cannot plug the pod's memory");
+                }
+            }
+            (target.vcpus > sizing.applied.vcpus).then_some(target.vcpus)
+        };
+        let Some(vcpus) = vcpus else {
+            return;
+        };
+        let pod = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("shim-presize".into())
+            .spawn(
+                move || match pod.vm.call(Request::SetOnlineCpus { online: vcpus }) {
+                    Ok(Response::Cpus { online, .. }) => {
+                        let mut sizing = pod.sizing.lock().unwrap_or_else(|e| e.into_inner());
+                        // A container's resize may have got there first.
+                        if online > sizing.applied.vcpus {
+                            sizing.applied.vcpus = online;
+                        }
+                        tracing::info!(vcpus = online, "the pod's vCPUs are online");
+                    }
+                    Ok(other) => {
+                        tracing::warn!(reply = ?other, "SetOnlineCpus answered unexpectedly")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %Chain(&e), "cannot bring the pod's vCPUs online")
+                    }
+                },
+            );
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread to bring the pod's vCPUs online");
+        }
     }
 
     /// Waits until the guest has plugged at least `mib`.

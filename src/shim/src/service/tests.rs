@@ -607,7 +607,8 @@ fn a_lost_event_stream_is_reopened_and_the_missed_exit_delivered() {
         .vm
         .journal()
         .contains(&"call list_process_states".to_string()));
-    assert_eq!(p.events.exits().len(), 1);
+    // Published right after the state changed, which Wait saw.
+    assert!(p.events.wait_for(|e| e.exits().len() == 1));
     // Events flow on the new stream.
     p.vm.send(Event::Oom {
         container_id: POD.into(),
@@ -972,5 +973,45 @@ fn an_update_grows_before_the_guest_and_shrinks_after_it() {
             .filter(|e| *e == "call update_container")
             .count(),
         2
+    );
+}
+
+#[test]
+fn a_sized_pod_boots_small_and_gets_its_size_right_after() {
+    let p = sized_pod();
+    p.create_with(POD, |s| {
+        let mut a = s.annotations().clone().unwrap_or_default();
+        a.insert(
+            crate::sizing::SANDBOX_MEMORY.into(),
+            (1u64 << 30).to_string(),
+        );
+        a.insert(crate::sizing::SANDBOX_CPU_QUOTA.into(), "200000".into());
+        a.insert(crate::sizing::SANDBOX_CPU_PERIOD.into(), "100000".into());
+        s.set_annotations(Some(a));
+    })
+    .unwrap();
+    let spec = p.vm.spec.lock().unwrap().clone().unwrap();
+    assert_eq!((spec.vcpus, spec.mem_mib), (1, 128), "{spec:?}");
+    // Asked for without waiting; the vCPUs on a thread of their own.
+    let journal = || p.vm.journal();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !journal().iter().any(|e| e == "call set_online_cpus") {
+        assert!(std::time::Instant::now() < deadline, "{:?}", journal());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(
+        journal().iter().any(|e| e == "memory 1024"),
+        "{:?}",
+        journal()
+    );
+    // A container within the pod's size waits for what is plugged, and
+    // asks for nothing more.
+    p.create_with("app", limits(1024, 2)).unwrap();
+    assert_eq!(
+        resizes(&p.vm)
+            .iter()
+            .filter(|e| e.starts_with("memory"))
+            .count(),
+        1
     );
 }
