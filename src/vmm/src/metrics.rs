@@ -124,6 +124,14 @@ pub struct VsockMetrics {
     /// Passes over the tx queue that stopped at the per-turn budget (a
     /// queue's worth) with the guest still adding packets.
     pub tx_budget_spent: Counter,
+    /// Streams a host program asked for (a `CONNECT` line read; one the
+    /// guest refuses ends at once).
+    pub host_connections: Counter,
+    /// Streams the guest opened to a host port (someone listened there).
+    pub guest_connections: Counter,
+    /// Streams that ended, whichever side opened them (opened less ended:
+    /// the streams open now).
+    pub closed_connections: Counter,
 }
 
 /// How long starting the VM took, set once per VM.

@@ -103,6 +103,7 @@ impl Vsock {
     pub fn new(config: &VsockConfig) -> Result<Self, VsockError> {
         clear_stale_socket(&config.uds_path)?;
         let evt = || EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd);
+        let metrics = std::sync::Arc::new(crate::metrics::VsockMetrics::default());
         Ok(Vsock {
             cid: u64::from(config.guest_cid),
             queue_sizes: [QUEUE_SIZE; 3],
@@ -118,10 +119,14 @@ impl Vsock {
                 t.reset(second, Some(second)).map_err(os)?;
                 t
             },
-            muxer: Muxer::new(u64::from(config.guest_cid), config.uds_path.clone())?,
+            muxer: Muxer::new(
+                u64::from(config.guest_cid),
+                config.uds_path.clone(),
+                metrics.clone(),
+            )?,
             active: None,
             tx_payload: vec![0u8; MAX_PAYLOAD],
-            metrics: Default::default(),
+            metrics,
             guest_log: LogLimiter::default(),
         })
     }

@@ -23,6 +23,7 @@ use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
 use vmm_sys_util::epoll::EventSet;
@@ -31,6 +32,7 @@ use super::connection::{Connection, RxPacket, Verdict, BUF_ALLOC};
 use super::packet::{op, Header, MAX_PAYLOAD, TYPE_STREAM};
 use super::HOST_CID;
 use crate::error::Chain;
+use crate::metrics::VsockMetrics;
 
 /// The first port handed to host-initiated streams.
 pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
@@ -117,6 +119,8 @@ pub struct Muxer {
     /// Held so that a connection can still be refused when the process
     /// has run out of file descriptors.
     spare_fd: Option<std::fs::File>,
+    /// The device's counters (streams opened and ended).
+    metrics: Arc<VsockMetrics>,
 }
 
 /// Connects to a unix socket without blocking (a full backlog is an error,
@@ -168,8 +172,13 @@ pub fn socket_events() -> EventSet {
 }
 
 impl Muxer {
-    /// Listens on `uds_path` (which must not exist) for host-initiated streams.
-    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Self, MuxerError> {
+    /// Listens on `uds_path` (which must not exist) for host-initiated
+    /// streams, counting streams into `metrics`.
+    pub fn new(
+        guest_cid: u64,
+        uds_path: PathBuf,
+        metrics: Arc<VsockMetrics>,
+    ) -> Result<Self, MuxerError> {
         let bind_err = |source| MuxerError::Bind {
             path: uds_path.clone(),
             source,
@@ -193,6 +202,7 @@ impl Muxer {
             scratch: vec![0u8; MAX_PAYLOAD],
             read_buf: vec![0u8; MAX_PAYLOAD],
             spare_fd: std::fs::File::open("/dev/null").ok(),
+            metrics,
         })
     }
 
@@ -276,6 +286,7 @@ impl Muxer {
             self.endpoints.remove(&token);
             let (local, peer) = (conn.local_port, conn.peer_port);
             tracing::debug!(local, peer, send_rst, "vsock stream closed");
+            self.metrics.closed_connections.inc();
             self.doomed.push((token, conn.into_stream()));
             if send_rst {
                 self.rst_for(local, peer);
@@ -366,6 +377,7 @@ impl Muxer {
             Ok(peer_port) => {
                 let local = self.alloc_local_port(peer_port);
                 tracing::debug!(local, peer_port, "host connects to a guest port");
+                self.metrics.host_connections.inc();
                 let key = (local, peer_port);
                 self.conns.insert(
                     key,
@@ -453,6 +465,7 @@ impl Muxer {
         match connect_nonblocking(&path) {
             Ok(stream) => {
                 tracing::debug!(port, peer, "guest connected to a host port");
+                self.metrics.guest_connections.inc();
                 let token = self.alloc_token();
                 let key = (port, peer);
                 self.conns

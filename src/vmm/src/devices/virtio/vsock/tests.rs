@@ -308,6 +308,15 @@ fn guest_initiated_stream_lifecycle() {
     assert_eq!(h.op, op::RST);
     assert_eq!(g.sockets(), 0);
     assert_eq!(g.dev.lock().unwrap().muxer().connection_count(), 0);
+    // One stream opened by the guest, and ended.
+    assert_eq!(
+        (
+            m.guest_connections.get(),
+            m.host_connections.get(),
+            m.closed_connections.get()
+        ),
+        (1, 0, 1)
+    );
 }
 
 #[test]
@@ -339,6 +348,16 @@ fn host_initiated_stream_keeps_data_after_the_connect_line() {
     let mut b = [0u8; 1];
     assert_eq!(host.read(&mut b).unwrap(), 0);
     assert_eq!(g.sockets(), 1);
+    // Two streams asked for by the host, one ended; one open.
+    let m = g.dev.lock().unwrap().metrics();
+    assert_eq!(
+        (
+            m.host_connections.get(),
+            m.guest_connections.get(),
+            m.closed_connections.get()
+        ),
+        (2, 0, 1)
+    );
 }
 
 #[test]
