@@ -9,6 +9,8 @@
 
 #![deny(missing_docs)]
 
+pub mod metrics;
+
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
