@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use husk_api_types::{
     Action, ActionType, BootSourceConfig, Drive, DriveUpdate, Fault, InstanceInfo, MachineConfig,
-    MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus, NetworkInterface, VmState,
-    VmStateRequest, Vsock,
+    MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus, MetricsConfig,
+    NetworkInterface, VmState, VmStateRequest, Vsock,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -153,6 +153,17 @@ impl ApiClient {
     /// `PUT /vsock`.
     pub fn put_vsock(&self, vsock: &Vsock) -> Result<(), ApiError> {
         self.send("PUT", "/vsock", vsock)
+    }
+
+    /// `PUT /metrics`: where husk writes its counters.
+    pub fn put_metrics(&self, metrics_path: &Path) -> Result<(), ApiError> {
+        self.send(
+            "PUT",
+            "/metrics",
+            &MetricsConfig {
+                metrics_path: metrics_path.to_path_buf(),
+            },
+        )
     }
 
     /// `PUT /actions`.

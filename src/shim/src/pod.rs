@@ -37,9 +37,18 @@ impl PodDir {
     pub fn log(&self) -> PathBuf {
         self.0.join("husk.log")
     }
-    /// husk's pid, for `delete` after a shim crash.
+    /// husk's pid, for `delete` after a shim crash (and the exporter's
+    /// reading of husk's memory).
     pub fn pid_file(&self) -> PathBuf {
         self.0.join("husk.pid")
+    }
+    /// husk's metrics (`PUT /metrics`), read by `husk metrics`.
+    pub fn metrics(&self) -> PathBuf {
+        self.0.join(husk_api_types::metrics::METRICS_FILE)
+    }
+    /// Who the pod is, for the labels of `husk metrics`.
+    pub fn labels(&self) -> PathBuf {
+        self.0.join(husk_api_types::metrics::LABELS_FILE)
     }
     /// The placeholder image of the drive slot `id`.
     pub fn slot_placeholder(&self, id: &str) -> PathBuf {

@@ -178,6 +178,28 @@ impl Slots {
         result
     }
 
+    /// The drives in use: drive id to the containers on it, each once
+    /// (`container_of` turns an owner into its container's id).
+    pub fn drive_users(
+        &self,
+        container_of: impl Fn(&str) -> &str,
+    ) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.slots
+            .iter()
+            .filter(|s| !s.owners.is_empty())
+            .map(|s| {
+                let mut ids: Vec<String> = s
+                    .owners
+                    .iter()
+                    .map(|o| container_of(o).to_string())
+                    .collect();
+                ids.sort();
+                ids.dedup();
+                (s.spec.id.clone(), ids)
+            })
+            .collect()
+    }
+
     /// The owners of each slot, in slot order.
     #[cfg(test)]
     pub fn owners(&self) -> Vec<(String, Vec<String>)> {

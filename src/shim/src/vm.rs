@@ -216,7 +216,7 @@ impl VmLauncher for Husk {
                 });
             }
         }
-        let keeper = LogKeeper::start(dir.log(), config.console_log_kib << 10);
+        let keeper = LogKeeper::start(dir.log(), config.console_log_kib << 10, dir.metrics());
         let configured = std::fs::write(dir.pid_file(), pid.to_string())
             .map_err(io(format!("write {}", dir.pid_file().display())))
             .and_then(|()| configure(config, dir, spec, slots, &mut child));
@@ -315,6 +315,11 @@ fn configure(
         uds_path: dir.vsock(),
         vsock_id: None,
     })?;
+    // Created here, 0600, so husk appends to a file only root reads; the
+    // log keeper holds it to its cap, `husk metrics` reads it.
+    crate::private::file(&dir.metrics())
+        .map_err(io(format!("create {}", dir.metrics().display())))?;
+    api.put_metrics(&dir.metrics())?;
     api.action(ActionType::InstanceStart)?;
     let endpoint = Endpoint::Vsock {
         uds: dir.vsock(),
@@ -386,13 +391,19 @@ pub fn rotate_log(log: &Path, max: u64) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// The most husk's metrics file holds before it moves to
+/// `metrics.json.1`: a few dozen lines (a line per flush: once a minute,
+/// and on each of the exporter's scrapes), of which only the last is read.
+pub const METRICS_MAX: u64 = 64 << 10;
+
 /// A thread that holds husk.log to its cap (everything the guest prints
-/// on its console lands there, as fast as the guest likes), until dropped
-/// or the pod's directory is gone.
+/// on its console lands there, as fast as the guest likes) and the
+/// metrics file to [`METRICS_MAX`], until dropped or the pod's directory
+/// is gone.
 struct LogKeeper(Arc<AtomicBool>);
 
 impl LogKeeper {
-    fn start(log: std::path::PathBuf, max: u64) -> LogKeeper {
+    fn start(log: std::path::PathBuf, max: u64, metrics: std::path::PathBuf) -> LogKeeper {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let spawned = std::thread::Builder::new()
@@ -416,6 +427,15 @@ impl LogKeeper {
                         Err(e) => {
                             tracing::warn!(log = %log.display(), error = %e, "cannot rotate husk's log");
                             break;
+                        }
+                    }
+                    // Made a moment after the keeper starts: until then
+                    // it is not found, which is no reason to stop.
+                    match rotate_log(&metrics, METRICS_MAX) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(file = %metrics.display(), error = %e, "cannot rotate husk's metrics");
                         }
                     }
                 }
@@ -670,7 +690,15 @@ mod tests {
         let log = pod.join("husk.log");
         crate::private::file(&log).unwrap();
         let mut husk = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-        let _keeper = LogKeeper::start(log.clone(), 4096);
+        let metrics = pod.join("metrics.json");
+        let _keeper = LogKeeper::start(log.clone(), 4096, metrics.clone());
+        let mut vmm = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics)
+            .unwrap();
+        vmm.write_all(&vec![b'm'; METRICS_MAX as usize + 1])
+            .unwrap();
         let t0 = Instant::now();
         let mut total = 0u64;
         // A guest printing as fast as it can for five check periods.
@@ -684,6 +712,16 @@ mod tests {
         // The log holds what came since the last check, not all of it.
         assert!(copy > 4096, "rotated {copy} bytes");
         assert!(left < total / 2, "{left} of {total} bytes in the log");
+        // The metrics file, past its cap, moved aside and started again.
+        assert_eq!(std::fs::metadata(&metrics).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::metadata(rotated(&metrics)).unwrap().len(),
+            METRICS_MAX + 1
+        );
+        assert_eq!(
+            rotated(&metrics).file_name().unwrap(),
+            husk_api_types::metrics::METRICS_FILE_ROTATED
+        );
         std::fs::remove_dir_all(&pod).unwrap();
         std::thread::sleep(LOG_CHECK * 2);
         assert!(!pod.exists(), "the keeper made the pod's directory again");

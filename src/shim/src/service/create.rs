@@ -29,6 +29,11 @@ pub fn volumes_slot_owner(container_id: &str) -> String {
     format!("{container_id}/volumes")
 }
 
+/// The container a slot's owner is: the inverse of [`volumes_slot_owner`].
+pub fn slot_owner_container(owner: &str) -> &str {
+    owner.strip_suffix("/volumes").unwrap_or(owner)
+}
+
 /// A writable disk of `size` bytes, its drive id to be filled in.
 fn disk(size: u64) -> Rootfs {
     Rootfs {
@@ -171,6 +176,7 @@ impl Inner {
         } else {
             bundle.join(root)
         };
+        let name = crate::metrics::container_name(&spec, id);
         let sandbox_pid = self.lock().sandbox_pid;
         let adjusted = spec::for_guest(&mut spec, sandbox_pid);
         if !adjusted.dropped_mounts.is_empty() || adjusted.dropped_hooks {
@@ -182,6 +188,7 @@ impl Inner {
         let volumes_image = pod.dir.volumes_image(id);
         let undo = || {
             pod.release(id);
+            pod.labels.remove_container(id);
             for owner in [id.to_string(), volumes_slot_owner(id)] {
                 if let Err(e) = pod.detach(&owner) {
                     tracing::warn!(container = id, error = %Chain(&e), "cannot free a drive slot");
@@ -190,6 +197,7 @@ impl Inner {
             let _ = std::fs::remove_file(&image);
             let _ = std::fs::remove_file(&volumes_image);
         };
+        pod.labels.add_container(id, &name);
         let disks = self.disks(pod, req, &root, &image, &adjusted.volumes, &volumes_image);
         let (rootfs, volumes) = match disks {
             Ok(d) => d,

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use containerd_shim::protos::events::task::TaskExit;
 use containerd_shim::protos::protobuf::MessageField;
@@ -139,6 +139,7 @@ impl Inner {
         tracing::info!(pod = pod_id, vcpus = plan.boot_vcpus, max_vcpus = plan.max_vcpus,
             mem_mib = plan.boot_mib, hotplug_mib = plan.hotplug_mib,
             cgroup = ?vm_spec.cgroup, dir = %dir.0.display(), "booting the pod's microVM");
+        let started = Instant::now();
         let vm = match self.launcher.boot(&dir, &vm_spec, &slot_specs) {
             Ok(vm) => vm,
             Err(e) => {
@@ -151,6 +152,16 @@ impl Inner {
                 return Err(TaskError::Boot(Box::new(e)));
             }
         };
+        // For `husk metrics`: the pod's labels beside husk's metrics, the
+        // boot in the node's histogram.
+        let boot_seconds = started.elapsed().as_secs_f64();
+        let labels = crate::metrics::LabelsFile::create(
+            dir.labels(),
+            crate::metrics::pod_labels(&self.namespace, pod_id, spec, boot_seconds),
+        );
+        if let Err(e) = crate::metrics::record_boot(&self.config.state_dir, boot_seconds) {
+            tracing::warn!(error = %Chain(&e), "cannot record the boot's duration for husk metrics");
+        }
         // Subscribed before any container exists, so no exit can be missed.
         let stream = match vm.events() {
             Ok(s) => Some(s),
@@ -193,6 +204,7 @@ impl Inner {
                 Duration::from_secs(self.config.agent_timeout_secs),
             )),
             events,
+            labels,
         });
         Ok(Booted { pod, jobs, stream })
     }

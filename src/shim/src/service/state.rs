@@ -19,7 +19,7 @@ use super::events::Job;
 use crate::io::StdioPaths;
 use crate::network::PodNetwork;
 use crate::pod::{PodDir, PodVm, ProcessStdio};
-use crate::slots::{SlotError, Slots};
+use crate::slots::{SlotError, Slots, Swap};
 
 /// Where a process is in its life.
 pub enum ProcState {
@@ -348,34 +348,36 @@ pub struct RunningPod {
     pub sizing: Mutex<super::resize::Sizing>,
     /// The event worker's queue.
     pub events: SyncSender<Job>,
+    /// Who the pod is, for `husk metrics`.
+    pub labels: crate::metrics::LabelsFile,
 }
 
 impl RunningPod {
+    /// Changes the slots with `f`, then tells the labels file which
+    /// container uses which drive now (under the slots' lock, so the
+    /// file follows the slots in order).
+    fn with_slots<T>(&self, f: impl FnOnce(&mut Slots, Swap) -> T) -> T {
+        let swap = |drive: &str, file: &Path| self.vm.swap_drive(drive, file);
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let result = f(&mut slots, &swap);
+        self.labels
+            .set_drives(slots.drive_users(super::create::slot_owner_container));
+        result
+    }
+
     /// Puts `image` into a free writable slot for `owner`.
     pub fn attach(&self, owner: &str, image: &Path) -> Result<String, SlotError> {
-        let swap = |drive: &str, file: &Path| self.vm.swap_drive(drive, file);
-        self.slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .attach(owner, image, &swap)
+        self.with_slots(|slots, swap| slots.attach(owner, image, swap))
     }
 
     /// Gives `owner` a read-only slot holding `image`, shared.
     pub fn attach_shared(&self, owner: &str, image: &Path) -> Result<String, SlotError> {
-        let swap = |drive: &str, file: &Path| self.vm.swap_drive(drive, file);
-        self.slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .attach_shared(owner, image, &swap)
+        self.with_slots(|slots, swap| slots.attach_shared(owner, image, swap))
     }
 
     /// Releases every slot `owner` uses.
     pub fn detach(&self, owner: &str) -> Result<(), SlotError> {
-        let swap = |drive: &str, file: &Path| self.vm.swap_drive(drive, file);
-        self.slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .detach(owner, &swap)
+        self.with_slots(|slots, swap| slots.detach(owner, swap))
     }
 }
 

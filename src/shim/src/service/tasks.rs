@@ -265,6 +265,7 @@ impl Inner {
         }
         // What its limits took is given back.
         pod.release(id);
+        pod.labels.remove_container(id);
     }
 
     fn delete_exec(&self, id: &str, exec_id: &str) -> Result<api::DeleteResponse, TaskError> {
