@@ -18,6 +18,7 @@ mod boot_cmd;
 mod check;
 mod image_cmd;
 mod logger;
+mod metrics_cmd;
 mod run_cmd;
 mod snapshot_cmd;
 
@@ -63,6 +64,9 @@ enum Command {
     Check(check::CheckArgs),
     /// OCI images: root filesystems, the bundled busybox image.
     Image(image_cmd::ImageArgs),
+    /// Serve the node's pod VMs' metrics to Prometheus (one exporter per
+    /// node, reading the shim's state directory).
+    Metrics(metrics_cmd::MetricsArgs),
     /// Run a command in a container inside a fresh microVM (the bundled
     /// busybox image unless IMAGE is given); exits with its status.
     Run(run_cmd::RunArgs),
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
         Some(Command::Boot(args)) => boot_cmd::run(args, started, &seccomp),
         Some(Command::Check(args)) => check::run(args),
         Some(Command::Image(args)) => image_cmd::run(args),
+        Some(Command::Metrics(args)) => metrics_cmd::run(args),
         Some(Command::Run(args)) => run_cmd::run(args, &seccomp),
         Some(Command::Snapshot(args)) => snapshot_cmd::snapshot(args),
         Some(Command::Restore(args)) => snapshot_cmd::restore(args, &seccomp),
