@@ -36,6 +36,7 @@ husk_build_images() {
   local repo=$1
   husk_dynamic_busybox
   husk_containerd17
+  husk_promtool
   HUSK_KERNEL_DIR=$("$repo/guest-kernel-config/build.sh")
   export HUSK_KERNEL_DIR
   if [[ ${HUSK_NODE:-auto} != direct ]]; then
@@ -121,6 +122,30 @@ husk_containerd17() {
   fi
   HUSK_CONTAINERD17_DIR=$dir
   export HUSK_CONTAINERD17_DIR
+}
+
+# Prometheus' promtool from Debian's prometheus package, unpacked (not
+# installed: the package would bring a Prometheus server, its service
+# and its web assets) under /var/cache/husk/prometheus: the metrics test
+# checks what `husk metrics` serves with `promtool check metrics`.
+# Exports HUSK_PROMTOOL.
+husk_promtool() {
+  local dir=${HUSK_CACHE_DIR:-/var/cache/husk}/prometheus tmp
+  if [[ ! -x $dir/usr/bin/promtool ]]; then
+    tmp=$(mktemp -d)
+    chown _apt "$tmp" 2>/dev/null || true
+    if ! (cd "$tmp" && apt-get download -q prometheus >&2); then
+      apt-get update -q >&2
+      (cd "$tmp" && apt-get download -q prometheus >&2)
+    fi
+    rm -rf "$dir.new"
+    mkdir -p "$dir.new/usr/bin"
+    dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$dir.new" ./usr/bin/promtool
+    rm -rf "$tmp" "$dir"
+    mv "$dir.new" "$dir"
+  fi
+  HUSK_PROMTOOL=$dir/usr/bin/promtool
+  export HUSK_PROMTOOL
 }
 
 # Every shell script of the project through shellcheck: the entry points

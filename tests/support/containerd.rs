@@ -224,3 +224,19 @@ shim_pids() { for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | g
     .replace("START_ARGS", start_args);
     format!("{setup}\n{script}\necho '--- containerd log'; tail -n 40 containerd.log\n")
 }
+
+/// Prometheus' promtool, which `husk_promtool` in resources/lib.sh
+/// unpacks from Debian's prometheus package (the test command runs it)
+/// and names in `HUSK_PROMTOOL`.
+pub fn promtool() -> PathBuf {
+    let path = std::env::var_os("HUSK_PROMTOOL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/husk/prometheus/usr/bin/promtool".into());
+    assert!(
+        path.exists(),
+        "{} is missing: resources/test.sh unpacks Debian's promtool there \
+         (husk_promtool in resources/lib.sh)",
+        path.display()
+    );
+    path
+}
