@@ -421,6 +421,59 @@ fn a_stalled_exec_start_does_not_hold_up_other_tasks() {
 }
 
 #[test]
+fn the_labels_for_husk_metrics_follow_the_pod_s_containers() {
+    use husk_api_types::metrics::{BootHistogram, PodLabels};
+    let read = |path: PathBuf| -> PodLabels {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let p = pod_with(|c| c.image_slots = 0);
+    let name = |n: &str| {
+        let n = n.to_string();
+        move |spec: &mut oci_spec::runtime::Spec| {
+            let mut a = spec.annotations().clone().unwrap_or_default();
+            a.insert(crate::metrics::SANDBOX_NAMESPACE.into(), "shop".into());
+            a.insert(crate::metrics::SANDBOX_NAME.into(), "cart".into());
+            a.insert(crate::metrics::CONTAINER_NAME.into(), n);
+            spec.set_annotations(Some(a));
+        }
+    };
+    p.create_with(POD, name("")).unwrap();
+    p.create_with("c2", name("web")).unwrap();
+    let labels = read(p.pod_dir().join("labels.json"));
+    assert_eq!(
+        (
+            labels.containerd_namespace.as_str(),
+            labels.namespace(),
+            labels.pod(),
+            labels.pod_id.as_str()
+        ),
+        ("test", "shop", "cart", POD)
+    );
+    assert!(labels.boot_seconds.is_some());
+    // The sandbox has no name annotation: its id names it.
+    assert_eq!(labels.drive_container("slot0"), Some(POD));
+    assert_eq!(labels.drive_container("slot1"), Some("web"));
+    p.svc.delete("c2", "").unwrap();
+    let labels = read(p.pod_dir().join("labels.json"));
+    assert_eq!(labels.drive_container("slot1"), None);
+    assert!(!labels.containers.contains_key("c2"));
+    // A create that fails leaves no label behind either.
+    p.vm.hook(|r| {
+        matches!(r, Request::CreateContainer(_))
+            .then(|| Err(ClientError::Agent(AgentError::new(ErrorCode::System, "no"))))
+    });
+    assert!(p.create_with("c3", name("bad")).is_err());
+    let labels = read(p.pod_dir().join("labels.json"));
+    assert_eq!(labels.containers.keys().collect::<Vec<_>>(), [POD]);
+    assert_eq!(labels.drives.keys().collect::<Vec<_>>(), ["slot0"]);
+    // The node's histogram has the boot.
+    let h: BootHistogram =
+        serde_json::from_slice(&std::fs::read(p.dir.path().join("state/boot-times.json")).unwrap())
+            .unwrap();
+    assert_eq!(h.count(), 1);
+}
+
+#[test]
 fn drive_slots_are_handed_out_and_come_back() {
     let p = pod_with(|c| c.drive_slots = 2);
     p.create(POD).unwrap();
