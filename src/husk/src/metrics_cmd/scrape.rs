@@ -9,8 +9,6 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -319,7 +317,7 @@ fn parse_rss(status: &str) -> Option<u64> {
 /// fails at once), reads and writes are bounded.
 pub fn flush(socket: &Path, timeout: Duration) -> Result<(), FlushError> {
     let deadline = Instant::now() + timeout;
-    let mut s = connect_nonblocking(socket)?;
+    let mut s = vmm::host_file::connect_nonblocking(socket)?;
     s.set_nonblocking(false)?;
     let left = || {
         deadline
@@ -354,46 +352,6 @@ pub fn flush(socket: &Path, timeout: Duration) -> Result<(), FlushError> {
     } else {
         Err(FlushError::Refused(status.to_string()))
     }
-}
-
-/// Connects to a unix socket without waiting: a listener whose backlog
-/// is full (a husk that stopped accepting) fails at once with EAGAIN.
-fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
-    let bytes = path.as_os_str().as_encoded_bytes();
-    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(std::io::ErrorKind::InvalidInput.into());
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a new socket nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: addr is a valid sockaddr_un and its size is passed.
-    let rc = unsafe {
-        libc::connect(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            (&addr as *const libc::sockaddr_un).cast(),
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(UnixStream::from(fd))
 }
 
 #[cfg(test)]

@@ -20,9 +20,9 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, Read};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
@@ -32,6 +32,7 @@ use super::connection::{Connection, RxPacket, Verdict, BUF_ALLOC};
 use super::packet::{op, Header, MAX_PAYLOAD, TYPE_STREAM};
 use super::HOST_CID;
 use crate::error::Chain;
+use crate::host_file::connect_nonblocking;
 use crate::metrics::VsockMetrics;
 
 /// The first port handed to host-initiated streams.
@@ -121,49 +122,6 @@ pub struct Muxer {
     spare_fd: Option<std::fs::File>,
     /// The device's counters (streams opened and ended).
     metrics: Arc<VsockMetrics>,
-}
-
-/// Connects to a unix socket without blocking (a full backlog is an error,
-/// not a wait).
-fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-        return Err(std::io::Error::from(ErrorKind::InvalidInput));
-    }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: socket() takes no pointers; the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh socket nobody else owns; the stream closes it.
-    let stream = unsafe { UnixStream::from_raw_fd(fd) };
-    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
-    // SAFETY: addr is a valid sockaddr_un that outlives the call, and len
-    // does not exceed its size (checked above).
-    let rc = unsafe {
-        libc::connect(
-            fd,
-            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
-            len as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(stream)
 }
 
 /// The events every host socket is watched for (edge-triggered).
