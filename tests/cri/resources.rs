@@ -138,6 +138,17 @@ async fn remove(c: &mut Client, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Stops container `id` at once and removes it.
+async fn stop_and_remove(c: &mut Client, id: &str) -> Result<()> {
+    c.stop_container(k8s_cri::v1::StopContainerRequest {
+        container_id: id.into(),
+        timeout: 0,
+    })
+    .await
+    .map_err(crate::status_err("StopContainer"))?;
+    remove(c, id).await
+}
+
 async fn reason(c: &mut Client, id: &str) -> String {
     c.container_status(ContainerStatusRequest {
         container_id: id.into(),
@@ -206,13 +217,7 @@ async fn held(c: &mut Client, pod: &Pod, args: &Args, log_dir: &Path, cgroup: &P
         mib.map_or("none".into(), |m| m.to_string())
     );
     println!("CRI-R held husk-in-pod-cgroup {husk}");
-    c.stop_container(k8s_cri::v1::StopContainerRequest {
-        container_id: id.clone(),
-        timeout: 0,
-    })
-    .await
-    .map_err(crate::status_err("StopContainer"))?;
-    remove(c, &id).await
+    stop_and_remove(c, &id).await
 }
 
 async fn grow(c: &mut Client, pod: &Pod, args: &Args) -> Result<()> {
@@ -248,13 +253,7 @@ async fn grow(c: &mut Client, pod: &Pod, args: &Args) -> Result<()> {
     }
     let (code, _) = exec(c, &id, TOUCH_900).await?;
     println!("CRI-R grow lowered-exec {code}");
-    c.stop_container(k8s_cri::v1::StopContainerRequest {
-        container_id: id.clone(),
-        timeout: 0,
-    })
-    .await
-    .map_err(crate::status_err("StopContainer"))?;
-    remove(c, &id).await
+    stop_and_remove(c, &id).await
 }
 
 /// A pod the kubelet sized (its resources the sum of its container's

@@ -131,6 +131,44 @@ impl Vmm {
         Ok((status, body))
     }
 
+    /// Configures the boot tests' guest: 1 vCPU, 128 MiB, `kernel` and
+    /// the test `initrd`, held up `hold_s` seconds (`husk.hold`).
+    pub(crate) fn test_guest(
+        &mut self,
+        kernel: &Path,
+        initrd: &Path,
+        hold_s: u32,
+    ) -> anyhow::Result<()> {
+        self.expect(
+            "PUT",
+            "/machine-config",
+            json!({"vcpu_count": 1, "mem_size_mib": 128}),
+            204,
+        )?;
+        self.expect(
+            "PUT",
+            "/boot-source",
+            json!({
+                "kernel_image_path": kernel,
+                "initrd_path": initrd,
+                "boot_args": format!("console=ttyS0 reboot=k panic=1 pci=off quiet husk.hold={hold_s}"),
+            }),
+            204,
+        )?;
+        Ok(())
+    }
+
+    /// `InstanceStart`.
+    pub(crate) fn start(&mut self) -> anyhow::Result<()> {
+        self.expect(
+            "PUT",
+            "/actions",
+            json!({"action_type": "InstanceStart"}),
+            204,
+        )?;
+        Ok(())
+    }
+
     pub(crate) fn expect(
         &mut self,
         method: &str,
@@ -188,30 +226,10 @@ fn start_to_entry(b: &ApiBench, kernel: &Path, run: usize) -> anyhow::Result<(f6
     let initrd = b.initrd.as_ref().context("--kernel needs --initrd")?;
     let mut vmm = Vmm::spawn(&b.husk, &format!("boot{run}"))?;
     let metrics = vmm.dir.join("metrics.json");
-    vmm.expect(
-        "PUT",
-        "/machine-config",
-        json!({"vcpu_count": 1, "mem_size_mib": 128}),
-        204,
-    )?;
-    vmm.expect(
-        "PUT",
-        "/boot-source",
-        json!({
-            "kernel_image_path": kernel,
-            "initrd_path": initrd,
-            "boot_args": "console=ttyS0 reboot=k panic=1 pci=off quiet husk.hold=1",
-        }),
-        204,
-    )?;
+    vmm.test_guest(kernel, initrd, 1)?;
     vmm.expect("PUT", "/metrics", json!({"metrics_path": metrics}), 204)?;
     let t0 = Instant::now();
-    vmm.expect(
-        "PUT",
-        "/actions",
-        json!({"action_type": "InstanceStart"}),
-        204,
-    )?;
+    vmm.start()?;
     let request_ms = t0.elapsed().as_secs_f64() * 1e3;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

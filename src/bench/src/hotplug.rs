@@ -77,34 +77,14 @@ fn resize(vmm: &mut Vmm, mib: u64) -> anyhow::Result<f64> {
 pub fn run(b: HotplugBench) -> anyhow::Result<Value> {
     let region = b.sizes_mib.iter().copied().max().unwrap_or(1024);
     let mut vmm = Vmm::spawn_with_console(&b.husk, &[], "hotplug", true)?;
-    vmm.expect(
-        "PUT",
-        "/machine-config",
-        json!({"vcpu_count": 1, "mem_size_mib": 128}),
-        204,
-    )?;
-    vmm.expect(
-        "PUT",
-        "/boot-source",
-        json!({
-            "kernel_image_path": b.kernel,
-            "initrd_path": b.initrd,
-            "boot_args": "console=ttyS0 reboot=k panic=1 pci=off quiet husk.hold=600",
-        }),
-        204,
-    )?;
+    vmm.test_guest(&b.kernel, &b.initrd, 600)?;
     vmm.expect(
         "PUT",
         "/hotplug/memory",
         json!({ "total_size_mib": region }),
         204,
     )?;
-    vmm.expect(
-        "PUT",
-        "/actions",
-        json!({"action_type": "InstanceStart"}),
-        204,
-    )?;
+    vmm.start()?;
     let console = vmm.dir.join("console.txt");
     let t0 = Instant::now();
     while !std::fs::read_to_string(&console)

@@ -151,12 +151,7 @@ fn make_snapshot(b: &SnapshotBench, vmm_path: &Path, name: &str) -> anyhow::Resu
         json!({"guest_cid": 3, "uds_path": uds}),
         204,
     )?;
-    vmm.expect(
-        "PUT",
-        "/actions",
-        json!({"action_type": "InstanceStart"}),
-        204,
-    )?;
+    vmm.start()?;
     wait_for_guest(&uds, b.port, BOOT_TIMEOUT)?;
     vmm.expect("PATCH", "/vm", json!({"state": "Paused"}), 204)?;
     // Outside the VMM's directory: that goes with the VMM.
