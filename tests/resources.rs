@@ -9,6 +9,15 @@
 
 use husk_tests::containerd;
 
+/// The number on `husk-cri resources`' line `CRI-R <name> <key> N`.
+fn number(r: &husk_tests::RunResult, name: &str, key: &str) -> u64 {
+    let prefix = format!("CRI-R {name} {key} ");
+    r.output
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str())?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix:?} line\n{}", r.output))
+}
+
 fn resources(handler: &str) -> husk_tests::RunResult {
     let r = containerd::cri_payload(&format!("resources-{handler}")).run(&containerd::script(
         "--cri",
@@ -56,19 +65,13 @@ echo "HUSK-LEFT $(husk_count)"
     // Two CPUs (the node VM has two), and at least the pod's memory.
     has("held", "stdout nproc 2");
     has("sized", "nproc 2");
-    let memtotal: u64 = lines("sized")
-        .iter()
-        .find_map(|l| l.strip_prefix("memtotal-mib ")?.parse().ok())
-        .unwrap_or_else(|| panic!("no memtotal-mib line\n{}", r.output));
+    let memtotal = number(&r, "sized", "memtotal-mib");
     assert!(
         memtotal >= 1024,
         "the sized pod's container sees {memtotal} MiB:\n{}",
         r.output
     );
-    let charged: u64 = lines("held")
-        .iter()
-        .find_map(|l| l.strip_prefix("pod-cgroup-mib ")?.parse().ok())
-        .unwrap_or_else(|| panic!("no pod-cgroup-mib line\n{}", r.output));
+    let charged = number(&r, "held", "pod-cgroup-mib");
     assert!(
         charged >= 200,
         "the pod's cgroup is charged {charged} MiB while it holds 200:\n{}",
@@ -84,13 +87,7 @@ echo "HUSK-LEFT $(husk_count)"
 #[test]
 fn a_husk_pod_gets_the_cpu_and_memory_its_limits_promise() {
     let r = resources("husk");
-    let vm = |key: &str| -> u64 {
-        r.output
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("CRI-R vm {key} ")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no vm {key} line\n{}", r.output))
-    };
+    let vm = |key: &str| number(&r, "vm", key);
     // The VM grew for the raised limit and gave the memory back once it
     // was lowered (a 256 MiB limit fits in what it booted with, or in a
     // little plugged memory).
