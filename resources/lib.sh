@@ -2,7 +2,7 @@
 # Shared by the top-level scripts: set-up steps every entry point needs.
 # Sourced, not run.
 
-log() { echo "husk: $*" >&2; }
+log() { echo "husk: $* (+${SECONDS}s)" >&2; }
 
 # Installs whichever of the given Debian packages are missing.
 ensure_packages() {

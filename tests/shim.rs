@@ -259,7 +259,7 @@ ctr task rm orphan > /dev/null 2>&1; ctr container rm orphan; echo "CONTAINER-RM
 /// command line, so not kernel threads), mounts, files under /run/husk,
 /// containerd's descriptors, network links, containers and snapshots.
 ///
-/// Thirty cycles, about 7-9 s each in the node VM (a hundred were 17
+/// Twenty cycles, about 7-9 s each in the node VM (a hundred were 17
 /// minutes of a 60-minute CI budget; `HUSK_SHIM_CYCLES=100` is the soak), run as node
 /// boots of ten (`HUSK_SHIM_CYCLES`, `HUSK_SHIM_CYCLE_CHUNK` change the
 /// numbers), each compared with its own before. That finds every leak one
@@ -291,7 +291,7 @@ fn create_delete_cycles_leak_nothing() {
             .filter(|&n| n > 0)
             .unwrap_or(default)
     };
-    let cycles = env("HUSK_SHIM_CYCLES", 30);
+    let cycles = env("HUSK_SHIM_CYCLES", 20);
     let chunk = env("HUSK_SHIM_CYCLE_CHUNK", 10);
     let (mut done, mut faults, mut boots) = (0, 0, 0);
     while done < cycles {

@@ -245,7 +245,7 @@ impl Drop for NodeSegment {
     }
 }
 
-/// Runs every behaviour; returns an error only if the runtime is gone.
+/// Runs every behaviour (or those `--only` names); returns an error only if the runtime is gone.
 /// First prints `NODE-SHMID <id>`: a segment of the node's that lives
 /// while the behaviours run.
 pub async fn behaviours(c: &mut Client, args: &Args) -> Result<()> {
@@ -254,7 +254,10 @@ pub async fn behaviours(c: &mut Client, args: &Args) -> Result<()> {
         Some(s) => println!("NODE-SHMID {}", s.0),
         None => println!("NODE-SHMID none: {}", std::io::Error::last_os_error()),
     }
-    for b in BEHAVIOURS {
+    let chosen = BEHAVIOURS
+        .iter()
+        .filter(|b| args.only.is_empty() || args.only.iter().any(|o| o == b.name));
+    for b in chosen {
         if let Err(e) = run_one(c, args, b).await {
             println!("CRI-B {} failed {e}", b.name);
         }

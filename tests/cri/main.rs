@@ -6,7 +6,7 @@
 //! ```text
 //! husk-cri [--socket PATH] scenario --handler NAME --image REF [--log-dir DIR]
 //! husk-cri [--socket PATH] bench --handler NAME --image REF [--runs N] [--pod-mib M --pod-cpus C]
-//! husk-cri [--socket PATH] behaviours --handler NAME --image REF --dynamic-image REF
+//! husk-cri [--socket PATH] behaviours --handler NAME --image REF --dynamic-image REF [--only NAME,...]
 //! husk-cri [--socket PATH] resources --handler NAME --image REF [--sized-only]
 //! husk-cri [--socket PATH] port-forward --handler NAME --image REF
 //! ```
@@ -66,11 +66,13 @@ struct Args {
     pod_cpus: i64,
     /// `resources`: only the pod the kubelet sized.
     sized_only: bool,
+    /// `behaviours`: only these (by name; empty: all).
+    only: Vec<String>,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources|port-forward --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C]"
+        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources|port-forward --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C] [--only NAME,...]"
     );
     std::process::exit(2)
 }
@@ -87,6 +89,7 @@ fn parse_args() -> Args {
         pod_mib: 0,
         pod_cpus: 0,
         sized_only: false,
+        only: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -101,6 +104,7 @@ fn parse_args() -> Args {
             "--pod-mib" => args.pod_mib = value().parse().unwrap_or_else(|_| usage()),
             "--pod-cpus" => args.pod_cpus = value().parse().unwrap_or_else(|_| usage()),
             "--sized-only" => args.sized_only = true,
+            "--only" => args.only = value().split(',').map(str::to_owned).collect(),
             "scenario" | "bench" | "behaviours" | "resources" | "port-forward"
                 if args.command.is_empty() =>
             {
