@@ -37,11 +37,27 @@ fn ctr_runs_a_container_in_a_microvm() {
         &format!(
             r#"echo "NODE-KERNEL $(uname -r)"
 mkdir -p vol/sub && echo from-the-host > vol/sub/f && echo one-file > file.txt
+# What confines the pod's husk, seen from the node while it runs.
+jail_probe() {{
+  for i in $(seq 100); do
+    for p in /proc/[0-9]*; do
+      if tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q "^husk --api-sock /run/api.sock --id hello"; then
+        echo "JAIL-UID $(awk '/^Uid:/ {{print $2, $3, $4, $5}}' $p/status)"
+        echo "JAIL-CAPS $(awk '/^CapEff:/ {{print $2}}' $p/status)"
+        echo "JAIL-ROOT $(ls $p/root | tr '\n' ' ')"
+        echo "JAIL-CGROUP $(cat $p/cgroup)"
+        return
+      fi
+    done
+    sleep 0.1
+  done
+}}
+jail_probe > /tmp/jail-probe &
 ctr run --rm --runtime io.containerd.husk.v2 \
   --mount type=bind,src=$PWD/vol,dst=/data,options=rbind:ro \
   --mount type=bind,src=$PWD/file.txt,dst=/etc/motd,options=rbind:rw \
   {IMAGE} hello sh -c '
-    echo "GUEST-KERNEL $(uname -r)"; echo hello-from-husk
+    sleep 2; echo "GUEST-KERNEL $(uname -r)"; echo hello-from-husk
     echo "VOL-DIR $(cat /data/sub/f)"; echo "VOL-FILE $(cat /etc/motd)"
     touch /data/new 2>/dev/null && echo "VOL-RO writable" || echo "VOL-RO refused"
     echo changed > /etc/motd && echo "VOL-RW $(cat /etc/motd)"
@@ -49,6 +65,7 @@ ctr run --rm --runtime io.containerd.husk.v2 \
     echo kept > /written && echo "ROOT-WRITE $(cat /written)"
     exit 7'
 echo "CTR-EXIT $?"
+wait; cat /tmp/jail-probe
 echo "HOST-FILE $(cat file.txt)"
 # The image's layers were copied once into the cache; a second container
 # of the image uses that file (not rebuilt) under a fresh writable layer.
@@ -95,6 +112,57 @@ echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
     );
     assert_eq!(r.value("HUSK-LEFT").as_deref(), Some("0"), "{}", r.output);
     assert_eq!(r.value("STATE-LEFT").as_deref(), Some("0"), "{}", r.output);
+    jailed(&r, "/default/hello");
+}
+
+/// The pod's husk ran jailed (docs/security.md): one unprivileged uid
+/// (real, effective, saved and filesystem) from the shim's pool, no
+/// capabilities, the pod's directory as its root (its own files, the
+/// kernel, the agent and the image cache, none of the node's), and the
+/// pod's cgroup.
+fn jailed(r: &husk_tests::RunResult, cgroup: &str) {
+    let uids = r.value("JAIL-UID").unwrap_or_default();
+    let ids: Vec<u64> = uids.split(' ').filter_map(|u| u.parse().ok()).collect();
+    assert!(
+        ids.len() == 4 && ids.iter().all(|&u| u == ids[0] && u > 1_800_000_000),
+        "husk's uids {uids:?}:\n{}",
+        r.output
+    );
+    assert_eq!(
+        r.value("JAIL-CAPS").as_deref(),
+        Some("0000000000000000"),
+        "{}",
+        r.output
+    );
+    let root = r.value("JAIL-ROOT").unwrap_or_default();
+    let entries: Vec<&str> = root.split_whitespace().collect();
+    for want in [
+        "husk",
+        "dev",
+        "run",
+        "vmlinux",
+        "initrd",
+        "images",
+        "metrics.json",
+    ] {
+        assert!(
+            entries.contains(&want),
+            "no {want} in husk's root {entries:?}:\n{}",
+            r.output
+        );
+    }
+    for node_only in ["etc", "usr", "proc", "bin"] {
+        assert!(
+            !entries.contains(&node_only),
+            "{node_only} in husk's root {entries:?}"
+        );
+    }
+    assert_eq!(
+        r.value("JAIL-CGROUP").as_deref(),
+        Some(format!("0::{cgroup}").as_str()),
+        "{}",
+        r.output
+    );
 }
 
 #[test]
@@ -440,7 +508,7 @@ ctr_pid=$!
 # The container's rootfs image appears once the agent has answered the
 # sandbox's set-up, before the volume is copied and the container created.
 i=0; until [ -e $dir/rootfs-silent.ext4 ]; do sleep 0.02; i=$((i+1)); [ $i -gt 6000 ] && break; done
-echo "PAUSE $(./curl -s -o /dev/null -w '%{{http_code}}' --unix-socket $dir/api.sock -X PATCH \
+echo "PAUSE $(./curl -s -o /dev/null -w '%{{http_code}}' --unix-socket $dir/run/api.sock -X PATCH \
   -H 'Content-Type: application/json' -d '{{"state": "Paused"}}' http://localhost/vm)"
 wait $ctr_pid; echo "CTR-EXIT $?"
 echo "CTR-SAYS $(tr '\n' ' ' < silent.out | cut -c1-300)"

@@ -103,8 +103,10 @@ pub fn payload(name: &str) -> Payload {
 /// [`payload`] with the containerd and ctr of `containerd`.
 pub fn payload_with(name: &str, containerd: Containerd) -> Payload {
     let a = artifacts();
+    // The shim starts a static husk through the jailer beside it.
     let p = Payload::new(name)
-        .add(&a.husk, "husk")
+        .add(crate::static_husk(), "husk")
+        .add(&cargo_binary("husk-jailer"), "husk-jailer")
         .add(
             &cargo_binary("containerd-shim-husk-v2"),
             "containerd-shim-husk-v2",

@@ -507,6 +507,27 @@ pub fn agent_initrd() -> &'static Path {
     })
 }
 
+/// A statically linked husk (glibc's static-pie), built once per test
+/// process: what the shim runs in its jail, which has no libraries.
+/// Built for the explicit target, so the flag reaches husk's crates only,
+/// not the build's proc-macros.
+pub fn static_husk() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        const TARGET: &str = "x86_64-unknown-linux-gnu";
+        let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(repo_root())
+            .args([
+                "build", "--quiet", "-p", "husk", "--bin", "husk", "--target", TARGET,
+            ])
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .status()
+            .expect("run cargo build for a static husk");
+        assert!(st.success(), "cargo build of a static husk failed");
+        repo_root().join("target").join(TARGET).join("debug/husk")
+    })
+}
+
 /// Runs this host's husk with `args` and `HUSK_CACHE_DIR=cache`; panics
 /// with its stderr if it fails.
 pub fn husk_with_cache(args: &[&str], cache: &Path) {

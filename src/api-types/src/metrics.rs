@@ -15,6 +15,41 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// husk's API socket in a pod's state directory.
+pub const API_SOCKET: &str = "run/api.sock";
+/// husk's pid in a pod's state directory.
+pub const PID_FILE: &str = "husk.pid";
+
+/// Whether process `pid` is the husk serving `api_socket` (a host path):
+/// its command line's `--api-sock P` names, from the process's own root
+/// (a jailed husk's is the pod directory), the same socket. A pid reused
+/// by another process, or a husk of another pod, is not.
+pub fn serves_api_socket(pid: u32, api_socket: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|b| *b == 0);
+    let Some(named) = args
+        .by_ref()
+        .find(|a| *a == b"--api-sock")
+        .and_then(|_| args.next())
+    else {
+        return false;
+    };
+    let Ok(named) = std::str::from_utf8(named) else {
+        return false;
+    };
+    let seen = std::fs::metadata(format!(
+        "/proc/{pid}/root/{}",
+        named.trim_start_matches('/')
+    ));
+    match (seen, std::fs::metadata(api_socket)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 /// husk's metrics file in a pod's state directory.
 pub const METRICS_FILE: &str = "metrics.json";
 /// Where the metrics file moves when it reaches its cap (the shim then

@@ -42,6 +42,19 @@ pub struct Cli {
     /// The jail is <base>/<exec-file name>/<id>/root.
     #[arg(long, default_value = "/srv/jailer")]
     pub chroot_base_dir: PathBuf,
+    /// The jail's root itself (root's, not writable by others), instead of
+    /// `<chroot-base-dir>/<exec name>/<id>/root`: for a caller that keeps
+    /// a VM's files in a directory of its own (the containerd shim).
+    #[arg(long, conflicts_with = "chroot_base_dir")]
+    pub chroot_dir: Option<PathBuf>,
+    /// A host file or directory bound read-only at /NAME in the jail,
+    /// SOURCE:NAME, in the jail's own mount namespace only (nothing is
+    /// mounted on the host, nothing is left when husk exits); repeatable.
+    #[arg(long = "bind-ro")]
+    pub binds: Vec<String>,
+    /// Make no cgroup: the caller places husk (e.g. into a pod's cgroup).
+    #[arg(long)]
+    pub no_cgroup: bool,
     /// cgroup hierarchy: 1, 2 or auto.
     #[arg(long, value_enum, default_value = "auto")]
     pub cgroup_version: CgroupVersion,
@@ -79,6 +92,35 @@ pub struct CgroupSetting {
     pub value: String,
 }
 
+/// A host path bound read-only at `/<name>` in the jail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindRo {
+    /// What is bound (absolute).
+    pub source: PathBuf,
+    /// Its name in the jail's root.
+    pub name: String,
+}
+
+/// Parses SOURCE:NAME: an absolute source, and a single plain file name
+/// (so the mount point can only be a new entry of the jail's root).
+pub fn parse_bind(bind: &str) -> Result<BindRo> {
+    let bad = || Error::InvalidBind(bind.to_string());
+    let (source, name) = bind.rsplit_once(':').ok_or_else(bad)?;
+    let ok_name = !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if !ok_name || !source.starts_with('/') {
+        return Err(bad());
+    }
+    Ok(BindRo {
+        source: PathBuf::from(source),
+        name: name.to_string(),
+    })
+}
+
 /// A validated invocation.
 #[derive(Debug)]
 pub struct Config {
@@ -94,6 +136,12 @@ pub struct Config {
     pub gid: u32,
     /// Base of all jails.
     pub chroot_base_dir: PathBuf,
+    /// The jail's root, when given exactly.
+    pub chroot_dir: Option<PathBuf>,
+    /// Read-only binds into the jail.
+    pub binds: Vec<BindRo>,
+    /// Whether to make and join a cgroup.
+    pub cgroup: bool,
     /// Hierarchy choice.
     pub cgroup_version: CgroupVersion,
     /// Parent cgroup, as validated path components.
@@ -216,6 +264,16 @@ impl Cli {
         if let Some(&fd) = self.keep_fds.iter().find(|&&fd| fd < 3) {
             return Err(Error::BadKeepFd(fd));
         }
+        if self.no_cgroup && !cgroups.is_empty() {
+            return Err(Error::Conflict(
+                "--no-cgroup makes no cgroup, so it takes no --cgroup settings",
+            ));
+        }
+        let binds = self
+            .binds
+            .iter()
+            .map(|b| parse_bind(b))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Config {
             id,
             exec_file: self.exec_file,
@@ -223,6 +281,9 @@ impl Cli {
             uid: self.uid,
             gid: self.gid,
             chroot_base_dir: self.chroot_base_dir,
+            chroot_dir: self.chroot_dir,
+            binds,
+            cgroup: !self.no_cgroup,
             cgroup_version: self.cgroup_version,
             parent_cgroup,
             cgroups,
@@ -266,6 +327,59 @@ mod tests {
                 "{bad:?} accepted"
             );
         }
+    }
+
+    #[test]
+    fn binds_name_one_entry_of_the_jail_root() {
+        let b = parse_bind("/usr/share/husk/vmlinux:vmlinux").unwrap();
+        assert_eq!(b.source, PathBuf::from("/usr/share/husk/vmlinux"));
+        assert_eq!(b.name, "vmlinux");
+        // A source may hold a colon; the name is after the last one.
+        assert_eq!(parse_bind("/a:b:c").unwrap().name, "c");
+        for bad in [
+            "vmlinux",
+            "relative:vmlinux",
+            "/x:",
+            "/x:..",
+            "/x:.",
+            "/x:a/b",
+            "/x:/etc",
+            "/x:a b",
+        ] {
+            assert!(
+                matches!(parse_bind(bad), Err(Error::InvalidBind(_))),
+                "{bad:?} accepted"
+            );
+        }
+        let cfg = cli(&[
+            "--id",
+            "a",
+            "--uid",
+            "1",
+            "--gid",
+            "1",
+            "--bind-ro",
+            "/k:vmlinux",
+            "--no-cgroup",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(cfg.binds.len(), 1);
+        assert!(!cfg.cgroup);
+        let e = cli(&[
+            "--id",
+            "a",
+            "--uid",
+            "1",
+            "--gid",
+            "1",
+            "--no-cgroup",
+            "--cgroup",
+            "memory.max=1",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(matches!(e, Error::Conflict(_)), "{e}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::args::BindRo;
 use crate::error::{Error, Result};
 
 /// The device nodes made in the jail: host path (also the jail path) and mode.
@@ -92,6 +93,16 @@ pub struct Jail {
     pub exec_in_jail: PathBuf,
 }
 
+/// The jail at exactly `root` (made if missing, else checked like the
+/// others).
+pub fn use_root(root: &Path, exec_name: &str) -> Result<Jail> {
+    ensure_root_dir(root)?;
+    Ok(Jail {
+        exec_in_jail: Path::new("/").join(exec_name),
+        root: root.to_path_buf(),
+    })
+}
+
 /// Makes (or checks) the jail's directories: base (created if missing; it
 /// may be a symbolic link, but must be root's and not writable by others),
 /// then `<exec name>`, `<id>` and
@@ -144,7 +155,7 @@ fn remove_non_dir(path: &Path) -> Result<()> {
 /// owner and mode were checked, not a link to it (which inside the jail
 /// would name whatever the jail has at its target) and not a file swapped
 /// in after the check.
-pub fn install_exec(jail: &Jail, exec_file: &Path) -> Result<()> {
+pub fn install_exec(jail: &Jail, exec_file: &Path) -> Result<Option<fs::File>> {
     use std::os::unix::fs::OpenOptionsExt;
     // Non-blocking: a FIFO at that path must not hang the jailer (it is
     // refused below, as anything that is not a regular file).
@@ -167,9 +178,58 @@ pub fn install_exec(jail: &Jail, exec_file: &Path) -> Result<()> {
     remove_non_dir(&dst)?;
     let linkable = m.uid() == 0 && m.mode() & 0o022 == 0;
     if linkable && link_open_file(&src, &dst).is_ok() {
-        return Ok(());
+        return Ok(None);
     }
-    copy_open_file(src, &dst)
+    // Another file system (or a file that is not root's, which a link
+    // would let its owner change under the jail): the checked file is
+    // bound read-only onto an empty file in the jail's own mount
+    // namespace by [`enter`], never copied (a debug husk is ~100 MB).
+    mount_point(&dst, false)?;
+    Ok(Some(src))
+}
+
+/// Makes an empty mount point at `dst` (which must not exist, or be a
+/// non-directory the jailer replaces): a root-owned file, or a directory.
+fn mount_point(dst: &Path, dir: bool) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if dir {
+        return ensure_root_dir(dst);
+    }
+    remove_non_dir(dst)?;
+    fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dst)
+        .map(drop)
+        .map_err(Error::path("create a mount point at", dst))
+}
+
+/// Makes the mount points of `binds` in the jail (a directory for a
+/// directory, an empty file otherwise).
+pub fn prepare_binds(jail: &Jail, binds: &[BindRo]) -> Result<()> {
+    for b in binds {
+        let m = fs::metadata(&b.source).map_err(Error::path("stat", &b.source))?;
+        mount_point(&jail.root.join(&b.name), m.is_dir())?;
+    }
+    Ok(())
+}
+
+/// Binds `source` read-only (and nosuid, nodev) onto `target`.
+fn bind_read_only(source: &Path, target: &Path) -> Result<()> {
+    mount(
+        Some(source),
+        target,
+        libc::MS_BIND,
+        "bind-mount into the jail at",
+    )?;
+    mount(
+        None,
+        target,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        "make read-only the bind mount at",
+    )
 }
 
 /// Hard-links the open `src` itself at `dst` (`linkat` with
@@ -192,23 +252,6 @@ fn link_open_file(src: &fs::File, dst: &Path) -> Result<()> {
         return Err(Error::last_os_path("hard-link exec file to", dst));
     }
     Ok(())
-}
-
-/// Copies the open `src` to a new `dst` (never following a link there),
-/// root-owned, mode 0755.
-fn copy_open_file(mut src: fs::File, dst: &Path) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut out = fs::File::options()
-        .write(true)
-        .create_new(true)
-        .mode(0o700)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(dst)
-        .map_err(Error::path("create exec file copy", dst))?;
-    io::copy(&mut src, &mut out).map_err(Error::path("copy exec file to", dst))?;
-    std::os::unix::fs::fchown(&out, Some(0), Some(0)).map_err(Error::path("chown", dst))?;
-    out.set_permissions(fs::Permissions::from_mode(0o755))
-        .map_err(Error::path("chmod", dst))
 }
 
 /// Makes /dev/kvm, /dev/net/tun and /dev/urandom in the jail with the host
@@ -304,7 +347,14 @@ pub enum RootSwitch {
 /// mount point), then `pivot_root(".", ".")` stacks the old root under the
 /// new one and `umount2(".", MNT_DETACH)` drops it, leaving no path to the
 /// host's files.
-pub fn enter(jail: &Jail) -> Result<RootSwitch> {
+/// `exec` is the exec file's path and its checked open file when it is to
+/// be bound rather than linked, `binds` the read-only binds; both are
+/// mounted after the self-bind, so only this namespace has them.
+pub fn enter(
+    jail: &Jail,
+    exec: Option<(&Path, &fs::File)>,
+    binds: &[BindRo],
+) -> Result<RootSwitch> {
     // SAFETY: unshare takes flags only.
     if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
         return Err(Error::last_os("unshare mount namespace"));
@@ -321,6 +371,40 @@ pub fn enter(jail: &Jail) -> Result<RootSwitch> {
         libc::MS_BIND | libc::MS_REC,
         "bind-mount the jail onto itself at",
     )?;
+    if let Some((path, checked)) = exec {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        // A bind's source must be in this mount namespace, so the file is
+        // opened again here, and bound only if it is the one checked.
+        let again = fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(Error::path("open exec file", path))?;
+        let (a, b) = (
+            again
+                .metadata()
+                .map_err(Error::path("stat exec file", path))?,
+            checked
+                .metadata()
+                .map_err(Error::path("stat exec file", path))?,
+        );
+        if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+            return Err(Error::UnsafeDir {
+                path: path.to_path_buf(),
+                why: "the exec file was replaced while the jail was made".into(),
+            });
+        }
+        let rel = jail
+            .exec_in_jail
+            .strip_prefix("/")
+            .unwrap_or(&jail.exec_in_jail);
+        let source = PathBuf::from(format!("/proc/self/fd/{}", again.as_raw_fd()));
+        bind_read_only(&source, &jail.root.join(rel))?;
+    }
+    for b in binds {
+        bind_read_only(&b.source, &jail.root.join(&b.name))?;
+    }
     chdir(&jail.root)?;
     let dot = c".";
     // SAFETY: both arguments are the valid NUL-terminated string ".".

@@ -33,6 +33,12 @@ pub enum Error {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// A --bind-ro that is not SOURCE:NAME with a plain file name.
+    #[error("invalid --bind-ro {0:?}: expected SOURCE:NAME, SOURCE an absolute path, NAME one file name from [A-Za-z0-9_.-] (not . or ..)")]
+    InvalidBind(String),
+    /// --no-cgroup with cgroup settings, or --chroot-dir with a base.
+    #[error("{0}")]
+    Conflict(&'static str),
     /// The exec file has no usable file name.
     #[error("invalid --exec-file {0}: it must name a regular file")]
     InvalidExecFile(PathBuf),

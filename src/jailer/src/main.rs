@@ -35,19 +35,26 @@ fn run(cfg: Config) -> Result<Infallible> {
     // First, so nothing inherited leaks into the jail or is touched by the
     // steps below.
     process::close_inherited_fds(&cfg.keep_fds)?;
-    let jail = chroot::prepare_dirs(&cfg.chroot_base_dir, &cfg.exec_name, &cfg.id)?;
-    chroot::install_exec(&jail, &cfg.exec_file)?;
+    let jail = match &cfg.chroot_dir {
+        Some(root) => chroot::use_root(root, &cfg.exec_name)?,
+        None => chroot::prepare_dirs(&cfg.chroot_base_dir, &cfg.exec_name, &cfg.id)?,
+    };
+    let exec = chroot::install_exec(&jail, &cfg.exec_file)?;
     chroot::make_devices(&jail, cfg.uid, cfg.gid)?;
-    cgroup::setup(
-        cfg.cgroup_version,
-        &cfg.parent_cgroup,
-        &cfg.id,
-        &cfg.cgroups,
-    )?;
+    chroot::prepare_binds(&jail, &cfg.binds)?;
+    if cfg.cgroup {
+        cgroup::setup(
+            cfg.cgroup_version,
+            &cfg.parent_cgroup,
+            &cfg.id,
+            &cfg.cgroups,
+        )?;
+    }
     if let Some(netns) = &cfg.netns {
         process::join_netns(netns)?;
     }
-    if chroot::enter(&jail)? == chroot::RootSwitch::MoveAndChroot {
+    let exec = exec.as_ref().map(|f| (cfg.exec_file.as_path(), f));
+    if chroot::enter(&jail, exec, &cfg.binds)? == chroot::RootSwitch::MoveAndChroot {
         eprintln!(
             "husk-jailer: the host's root is an initramfs, which pivot_root cannot leave; \
              moved the jail over / and chrooted instead"

@@ -95,6 +95,21 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Run husk with its seccomp filters (turn off only to debug).
     pub seccomp: bool,
+    /// Start each pod's husk through `husk-jailer`: a uid of the pod's
+    /// own, no capabilities, chrooted into the pod's state directory with
+    /// only its files (docs/security.md). `false` runs husk as root,
+    /// unconfined but for seccomp, with a warning for every pod.
+    pub jailer: bool,
+    /// The husk-jailer binary (default: beside the shim's own binary,
+    /// else on PATH).
+    pub jailer_binary: Option<PathBuf>,
+    /// The first of the uids jailed husks run as: each pod takes one of
+    /// `jail_uid_base + 1 ..= jail_uid_base + jail_uids` while it runs;
+    /// `jail_uid_base` itself is their shared group (which may read the
+    /// image cache).
+    pub jail_uid_base: u32,
+    /// How many uids pods take from (the most jailed pods on the node).
+    pub jail_uids: u32,
     /// The shim's log level when containerd does not ask for debug.
     pub log_level: String,
     /// The most husk's log (the guest's console and husk's own lines) may
@@ -122,6 +137,10 @@ impl Default for Config {
             agent_timeout_secs: 60,
             state_dir: PathBuf::from("/run/husk"),
             seccomp: true,
+            jailer: true,
+            jailer_binary: None,
+            jail_uid_base: 1_800_000_000,
+            jail_uids: 65536,
             log_level: "warn".into(),
             console_log_kib: 4096,
         }
@@ -203,20 +222,40 @@ impl Config {
                 config.console_log_kib
             )));
         }
+        if config.jail_uid_base == 0
+            || config.jail_uids == 0
+            || config.jail_uid_base.checked_add(config.jail_uids).is_none()
+        {
+            return Err(invalid(format!(
+                "jail_uid_base = {} and jail_uids = {} must be at least 1 each, their sum below 2^32",
+                config.jail_uid_base, config.jail_uids
+            )));
+        }
         Ok(config)
     }
 
     /// The husk binary to run.
     pub fn husk(&self) -> PathBuf {
-        if let Some(p) = &self.husk_binary {
-            return p.clone();
-        }
-        std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(|d| d.join("husk")))
-            .filter(|p| p.is_file())
-            .unwrap_or_else(|| PathBuf::from("husk"))
+        beside_the_shim(self.husk_binary.as_deref(), "husk")
     }
+
+    /// The husk-jailer binary.
+    pub fn jailer(&self) -> PathBuf {
+        beside_the_shim(self.jailer_binary.as_deref(), "husk-jailer")
+    }
+}
+
+/// `configured`, else `name` beside the shim's own binary, else `name`
+/// (looked up on PATH).
+fn beside_the_shim(configured: Option<&Path>, name: &str) -> PathBuf {
+    if let Some(p) = configured {
+        return p.to_path_buf();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 #[cfg(test)]
@@ -275,6 +314,9 @@ mod tests {
             "agent_timeout_secs = 0",
             "console_log_kib = 15",
             "console_log_kib = 1048577",
+            "jail_uid_base = 0",
+            "jail_uids = 0",
+            "jail_uid_base = 4294967295",
         ] {
             assert!(
                 matches!(parse(bad), Err(ConfigError::Invalid { .. })),

@@ -10,6 +10,7 @@ mod cgroup;
 mod config;
 mod error;
 mod io;
+mod jail;
 mod metrics;
 mod network;
 mod pod;

@@ -183,9 +183,11 @@ fn plan(
     Ok(Some((link.ifname, interface, routes)))
 }
 
-/// Wires the pod's namespace: a tap joined with its ethernet device.
-/// `None` when the namespace has no such device (loopback only).
-pub fn setup(netns: &Path) -> Result<Option<PodNetwork>, NetError> {
+/// Wires the pod's namespace: a tap joined with its ethernet device, the
+/// tap owned by `owner` (uid, gid: a jailed husk's, which may then attach
+/// to it without CAP_NET_ADMIN). `None` when the namespace has no such
+/// device (loopback only).
+pub fn setup(netns: &Path, owner: Option<(u32, u32)>) -> Result<Option<PodNetwork>, NetError> {
     let addrs = run_in(netns, "ip", &["-j", "addr", "show"])?;
     let v4 = run_in(netns, "ip", &["-j", "-4", "route", "show"])?;
     let v6 = run_in(netns, "ip", &["-j", "-6", "route", "show"])?;
@@ -199,11 +201,15 @@ pub fn setup(netns: &Path) -> Result<Option<PodNetwork>, NetError> {
         routes,
     };
     let mtu = net.interface.mtu.unwrap_or(1500).to_string();
+    let (uid, gid) = owner.map_or((String::new(), String::new()), |(u, g)| {
+        (u.to_string(), g.to_string())
+    });
+    let mut tap = vec!["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"];
+    if owner.is_some() {
+        tap.extend(["user", uid.as_str(), "group", gid.as_str()]);
+    }
     let steps: Vec<(&str, Vec<&str>)> = vec![
-        (
-            "ip",
-            vec!["tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr"],
-        ),
+        ("ip", tap),
         ("ip", vec!["link", "set", TAP, "mtu", &mtu, "up"]),
         ("tc", vec!["qdisc", "add", "dev", &device, "ingress"]),
         (

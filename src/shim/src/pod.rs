@@ -25,13 +25,18 @@ use crate::vm::VmError;
 pub struct PodDir(pub PathBuf);
 
 impl PodDir {
+    /// Where husk makes its sockets (the one directory a jailed husk may
+    /// write).
+    pub fn run_dir(&self) -> PathBuf {
+        self.0.join("run")
+    }
     /// husk's API socket.
     pub fn api_socket(&self) -> PathBuf {
-        self.0.join("api.sock")
+        self.0.join(husk_api_types::metrics::API_SOCKET)
     }
     /// The vsock device's host socket.
     pub fn vsock(&self) -> PathBuf {
-        self.0.join("vsock.sock")
+        self.run_dir().join("vsock.sock")
     }
     /// husk's stderr and the guest's console.
     pub fn log(&self) -> PathBuf {
@@ -40,7 +45,7 @@ impl PodDir {
     /// husk's pid, for `delete` after a shim crash (and the exporter's
     /// reading of husk's memory).
     pub fn pid_file(&self) -> PathBuf {
-        self.0.join("husk.pid")
+        self.0.join(husk_api_types::metrics::PID_FILE)
     }
     /// husk's metrics (`PUT /metrics`), read by `husk metrics`.
     pub fn metrics(&self) -> PathBuf {
@@ -84,6 +89,8 @@ pub struct VmSpec {
     pub hostname: Option<String>,
     /// The pod's network, wired already: husk runs in its namespace.
     pub network: Option<PodNetwork>,
+    /// husk's jail, when it runs in one (docs/security.md).
+    pub jail: Option<Arc<crate::jail::PodJail>>,
 }
 
 /// Boots pods' microVMs.

@@ -363,7 +363,11 @@ impl ImageCache {
         lowers: &[PathBuf],
         staging: &Path,
     ) -> Result<(PathBuf, u64), RootfsError> {
-        crate::private::dir(&self.dir).map_err(io_at(&self.dir))?;
+        // Made private if missing; an existing cache keeps its mode (the
+        // jails' group may read it: jail.rs).
+        if !self.dir.is_dir() {
+            crate::private::dir(&self.dir).map_err(io_at(&self.dir))?;
+        }
         self.sweep();
         let key = Self::key(lowers)?;
         let image = self.dir.join(format!("{key}.ext4"));

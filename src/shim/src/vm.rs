@@ -10,7 +10,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -51,6 +51,9 @@ pub enum VmError {
     /// The agent did not come up or refused the pod's set-up.
     #[error("the agent did not set up the pod")]
     Agent(#[from] ClientError),
+    /// husk's jail could not be made, or a file is outside it.
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     /// husk exited during start.
     #[error("husk exited during start ({status}); its log: {log}")]
     Exited {
@@ -156,6 +159,11 @@ impl VmLauncher for Husk {
     ) -> Result<Arc<dyn PodVm>, VmError> {
         let config = &self.config;
         crate::private::dir(&dir.0).map_err(io(format!("create {}", dir.0.display())))?;
+        crate::private::dir(&dir.run_dir())
+            .map_err(io(format!("create {}", dir.run_dir().display())))?;
+        if let Some(jail) = &spec.jail {
+            jail.prepare(dir)?;
+        }
         for f in [dir.api_socket(), dir.vsock()] {
             let _ = std::fs::remove_file(f);
         }
@@ -165,14 +173,25 @@ impl VmLauncher for Husk {
             .append(true)
             .open(dir.log())
             .map_err(io(format!("open {}", dir.log().display())))?;
-        let mut cmd = Command::new(config.husk());
-        cmd.arg("--api-sock")
-            .arg(dir.api_socket())
-            .arg("--id")
-            .arg(&spec.id);
+        let jail = spec.jail.as_deref();
+        let api_socket = husk_path(jail, &dir.api_socket())?;
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "--api-sock".as_ref(),
+            api_socket.as_os_str(),
+            "--id".as_ref(),
+            spec.id.as_ref(),
+        ];
         if !config.seccomp {
-            cmd.arg("--no-seccomp");
+            args.push("--no-seccomp".as_ref());
         }
+        let mut cmd = match jail {
+            Some(j) => j.command(config, &spec.id, &args),
+            None => {
+                let mut c = Command::new(config.husk());
+                c.args(&args);
+                c
+            }
+        };
         // husk opens the pod's tap, so it lives in the pod's namespace.
         let netns = match &spec.network {
             Some(net) => Some(File::open(&net.netns).map_err(io(format!(
@@ -199,7 +218,7 @@ impl VmLauncher for Husk {
             .stdout(log.try_clone().map_err(io("dup the log"))?)
             .stderr(log)
             .spawn()
-            .map_err(io(format!("start {}", config.husk().display())))?;
+            .map_err(io(format!("start {}", cmd.get_program().to_string_lossy())))?;
         drop(netns);
         let pid = child.id();
         // In the pod's cgroup before the guest touches its memory, so all
@@ -223,6 +242,7 @@ impl VmLauncher for Husk {
         match configured {
             Ok((api, agent)) => Ok(Arc::new(HuskVm {
                 dir: dir.clone(),
+                jail: spec.jail.clone(),
                 pid,
                 api,
                 agent,
@@ -289,9 +309,14 @@ fn configure(
         cmdline.push(' ');
         cmdline.push_str(&config.kernel_params);
     }
+    let jail = spec.jail.as_deref();
+    let (kernel, initrd) = match jail {
+        Some(_) => crate::jail::PodJail::boot_files(),
+        None => (config.kernel.clone(), config.initrd.clone()),
+    };
     api.put_boot_source(&BootSourceConfig {
-        kernel_image_path: config.kernel.clone(),
-        initrd_path: Some(config.initrd.clone()),
+        kernel_image_path: kernel,
+        initrd_path: Some(initrd),
         boot_args: Some(cmdline),
     })?;
     for slot in slots {
@@ -299,7 +324,8 @@ fn configure(
             .map_err(io(format!("create {}", slot.placeholder.display())))?;
         f.set_len(PLACEHOLDER_BYTES)
             .map_err(io(format!("size {}", slot.placeholder.display())))?;
-        api.put_drive(&Drive::new(&slot.id, &slot.placeholder, slot.read_only))?;
+        let placeholder = give_to_husk(jail, &slot.placeholder)?;
+        api.put_drive(&Drive::new(&slot.id, &placeholder, slot.read_only))?;
     }
     if let Some(net) = &spec.network {
         api.put_network_interface(&NetworkInterface {
@@ -312,14 +338,15 @@ fn configure(
     }
     api.put_vsock(&Vsock {
         guest_cid: u64::from(AGENT_GUEST_CID),
-        uds_path: dir.vsock(),
+        uds_path: husk_path(jail, &dir.vsock())?,
         vsock_id: None,
     })?;
-    // Created here, 0600, so husk appends to a file only root reads; the
-    // log keeper holds it to its cap, `husk metrics` reads it.
+    // Created here, 0600, so husk appends to a file only root (and a
+    // jailed husk's uid) reads; the log keeper holds it to its cap, `husk
+    // metrics` reads it.
     crate::private::file(&dir.metrics())
         .map_err(io(format!("create {}", dir.metrics().display())))?;
-    api.put_metrics(&dir.metrics())?;
+    api.put_metrics(&give_to_husk(jail, &dir.metrics())?)?;
     api.action(ActionType::InstanceStart)?;
     let endpoint = Endpoint::Vsock {
         uds: dir.vsock(),
@@ -348,9 +375,37 @@ fn configure(
     Ok((api, agent))
 }
 
+/// What husk calls the host's `path`: the path itself, or where a jailed
+/// husk sees it.
+fn husk_path(jail: Option<&crate::jail::PodJail>, path: &Path) -> Result<PathBuf, VmError> {
+    let Some(j) = jail else {
+        return Ok(path.to_path_buf());
+    };
+    j.path_in_jail(path)?.ok_or_else(|| VmError::Io {
+        what: format!("give husk {}", path.display()),
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "outside the pod's directory and the image cache, so outside husk's jail",
+        ),
+    })
+}
+
+/// [`husk_path`] of a file husk opens for writing: a jailed husk's own
+/// when it is in the pod's directory.
+fn give_to_husk(jail: Option<&crate::jail::PodJail>, path: &Path) -> Result<PathBuf, VmError> {
+    if let Some(j) = jail {
+        if path.starts_with(&j.root) {
+            j.give(path)?;
+        }
+    }
+    husk_path(jail, path)
+}
+
 /// A running pod VM: its husk and the agent in its guest.
 pub struct HuskVm {
     dir: PodDir,
+    /// husk's jail (its uid is given back when the VM goes).
+    jail: Option<Arc<crate::jail::PodJail>>,
     pid: u32,
     api: ApiClient,
     agent: AgentPool,
@@ -500,9 +555,10 @@ impl PodVm for HuskVm {
     }
 
     fn swap_drive(&self, drive_id: &str, image: &Path) -> Result<(), VmError> {
+        let path = give_to_husk(self.jail.as_deref(), image)?;
         self.api.patch_drive(&DriveUpdate {
             drive_id: drive_id.to_string(),
-            path_on_host: Some(image.to_path_buf()),
+            path_on_host: Some(path),
             rate_limiter: None,
         })?;
         Ok(())
@@ -596,18 +652,16 @@ pub fn kill_recorded(dir: &PodDir) {
     let Ok(text) = std::fs::read_to_string(dir.pid_file()) else {
         return;
     };
-    let Ok(pid) = text.trim().parse::<i32>() else {
+    let Ok(pid) = text.trim().parse::<u32>() else {
         return;
     };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let api = dir.api_socket();
-    let is_ours = cmdline
-        .split(|b| *b == 0)
-        .any(|arg| arg == api.as_os_str().as_encoded_bytes());
-    if pid > 1 && is_ours {
-        // SAFETY: kill(2) with a pid whose command line names this pod's
-        // API socket.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+    let is_ours = husk_api_types::metrics::serves_api_socket(pid, &dir.api_socket());
+    if let (Ok(pid), true) = (i32::try_from(pid), is_ours) {
+        if pid > 1 {
+            // SAFETY: kill(2) with the pid of the husk serving this pod's
+            // API socket.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 

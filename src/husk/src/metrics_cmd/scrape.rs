@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use husk_api_types::metrics::{
-    BootHistogram, MetricsLine, PodLabels, BOOT_TIMES_FILE, LABELS_FILE, METRICS_FILE,
-    METRICS_FILE_ROTATED,
+    serves_api_socket, BootHistogram, MetricsLine, PodLabels, API_SOCKET, BOOT_TIMES_FILE,
+    LABELS_FILE, METRICS_FILE, METRICS_FILE_ROTATED, PID_FILE,
 };
 
 /// The most of a metrics file's end that is read for its last line.
@@ -199,7 +199,7 @@ struct PodOutcome {
 fn scrape_pod(dir: &Path, timeout: Duration) -> Option<PodOutcome> {
     let pid = running_husk(dir)?;
     let mut warnings = Vec::new();
-    if let Err(e) = flush(&dir.join("api.sock"), timeout) {
+    if let Err(e) = flush(&dir.join(API_SOCKET), timeout) {
         warnings.push(PodError::Flush(e));
     }
     let result = read_pod(dir, pid);
@@ -216,20 +216,15 @@ fn scrape_pod(dir: &Path, timeout: Duration) -> Option<PodOutcome> {
 }
 
 /// The pid of the husk that serves `dir`'s API socket, if it still runs
-/// (the pid in husk.pid, whose command line names the socket: a pid
-/// reused by another process does not count).
+/// (the pid in husk.pid, serving that socket: a pid reused by another
+/// process does not count).
 fn running_husk(dir: &Path) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(dir.join("husk.pid"))
+    let pid: u32 = std::fs::read_to_string(dir.join(PID_FILE))
         .ok()?
         .trim()
         .parse()
         .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let api = dir.join("api.sock");
-    cmdline
-        .split(|b| *b == 0)
-        .any(|arg| arg == api.as_os_str().as_encoded_bytes())
-        .then_some(pid)
+    serves_api_socket(pid, &dir.join(API_SOCKET)).then_some(pid)
 }
 
 fn read_pod(dir: &Path, pid: u32) -> Result<Option<PodMetrics>, PodError> {

@@ -123,6 +123,9 @@ pub enum TaskError {
     /// The pod's VM did not boot.
     #[error("cannot boot the pod's microVM")]
     Boot(#[source] Box<VmError>),
+    /// The pod's jail could not be made.
+    #[error("cannot jail the pod's microVM")]
+    Jail(#[source] Box<crate::jail::JailError>),
     /// The VMM refused a request for a running VM.
     #[error("cannot {action} the pod's microVM")]
     Vm {
@@ -245,7 +248,11 @@ impl TaskError {
             TaskError::Agent { .. } => Code::UNAVAILABLE,
             TaskError::Unsupported(_) | TaskError::PauseOne => Code::UNIMPLEMENTED,
             TaskError::Cgroup(crate::cgroup::CgroupError::InvalidPath(_)) => Code::INVALID_ARGUMENT,
+            TaskError::Jail(e) if matches!(**e, crate::jail::JailError::NoUid { .. }) => {
+                Code::RESOURCE_EXHAUSTED
+            }
             TaskError::Network(_)
+            | TaskError::Jail(_)
             | TaskError::Cgroup(_)
             | TaskError::Boot(_)
             | TaskError::Vm { .. }

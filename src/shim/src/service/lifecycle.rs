@@ -22,6 +22,7 @@ use super::{now, pod_dir, Inner, TaskError, VM_GONE_STATUS};
 use crate::cgroup::{self, PodCgroup};
 use crate::config::Config;
 use crate::error::Chain;
+use crate::jail::PodJail;
 use crate::pod::{EventStream, VmSpec};
 use crate::portforward::PortForward;
 use crate::sizing::{self, Plan};
@@ -111,9 +112,22 @@ impl Inner {
         if !shared.is_empty() {
             return Err(TaskError::HostNamespaces(shared));
         }
+        let dir = self.pod_dir(pod_id);
+        let jail = if self.config.jailer {
+            Some(Arc::new(
+                PodJail::claim(&self.config, &dir).map_err(|e| TaskError::Jail(Box::new(e)))?,
+            ))
+        } else {
+            tracing::warn!(
+                pod = pod_id,
+                "jailer = false: husk runs as root, unconfined but for seccomp"
+            );
+            None
+        };
+        let owner = jail.as_ref().map(|j| (j.uid, j.gid));
         let cgroup = self.pod_cgroup(spec)?;
         let network = match netns {
-            Some(netns) => match network::setup(&netns) {
+            Some(netns) => match network::setup(&netns, owner) {
                 Ok(n) => n,
                 Err(e) => {
                     if let Some(cg) = &cgroup {
@@ -133,8 +147,8 @@ impl Inner {
             cgroup: cgroup.as_ref().map(|c| c.path().to_path_buf()),
             hostname: spec.hostname().clone(),
             network: network.clone(),
+            jail,
         };
-        let dir = self.pod_dir(pod_id);
         let slot_specs = slots::layout(&self.config, &dir);
         tracing::info!(pod = pod_id, vcpus = plan.boot_vcpus, max_vcpus = plan.max_vcpus,
             mem_mib = plan.boot_mib, hotplug_mib = plan.hotplug_mib,
