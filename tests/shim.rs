@@ -308,6 +308,23 @@ i=0; while [ "$(husk_count)" != 0 ] || [ -e /run/husk/default/orphan ]; do sleep
 echo "HUSK-LEFT $(husk_count)"
 echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
 ctr task rm orphan > /dev/null 2>&1; ctr container rm orphan; echo "CONTAINER-RM $?"
+# Killed while it copies a volume: the copier's mounts were never the
+# node's, and go with it; the volume itself is untouched.
+mkdir -p bigvol && for i in 1 2; do yes husk-volume-data | head -c 33554432 > bigvol/f$i; done
+copier() {{ for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q "[c]ontainerd-shim-husk-v2 copy-image" && echo ${{p#/proc/}}; done; }}
+ctr run -d --runtime io.containerd.husk.v2 --mount type=bind,src=$PWD/bigvol,dst=/vol,options=rbind:ro \
+  {IMAGE} midcopy true > midcopy.out 2>&1 &
+i=0; until [ -n "$(copier)" ]; do sleep 0.05; i=$((i+1)); [ $i -gt 1200 ] && break; done
+echo "COPIER-SEEN $([ -n "$(copier)" ] && echo yes || echo no)"
+echo "COPY-MOUNTS-NODE $(grep -c husk-volumes /proc/self/mountinfo)"
+kill -9 $(shim_pids '.*-id midcopy ')
+wait
+i=0; while [ -n "$(copier)" ] || [ "$(husk_count)" != 0 ]; do sleep 0.2; i=$((i+1)); [ $i -gt 100 ] && break; done
+echo "COPIER-LEFT $(copier | wc -l)"
+ctr task rm midcopy > /dev/null 2>&1; ctr container rm midcopy > /dev/null 2>&1
+echo "MOUNTS-LEFT $(grep -c -e husk-volumes -e /run/husk /proc/self/mountinfo)"
+echo "VOLUME-KEPT $(cat bigvol/* | wc -c)"
+echo "STATE-LEFT-2 $(ls /run/husk/default 2>/dev/null | wc -l)"
 "#
         ),
     );
@@ -318,6 +335,12 @@ ctr task rm orphan > /dev/null 2>&1; ctr container rm orphan; echo "CONTAINER-RM
         ("HUSK-LEFT", "0"),
         ("STATE-LEFT", "0"),
         ("CONTAINER-RM", "0"),
+        ("COPIER-SEEN", "yes"),
+        ("COPY-MOUNTS-NODE", "0"),
+        ("COPIER-LEFT", "0"),
+        ("MOUNTS-LEFT", "0"),
+        ("VOLUME-KEPT", "67108864"),
+        ("STATE-LEFT-2", "0"),
     ] {
         assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
     }

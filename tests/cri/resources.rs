@@ -73,7 +73,9 @@ fn husk_get(socket: &Path, uri: &str) -> Result<serde_json::Value> {
 
 /// The pod's VM's API socket (the shim's state directory).
 fn api_socket(pod_id: &str) -> PathBuf {
-    Path::new("/run/husk/k8s.io").join(pod_id).join("run/api.sock")
+    Path::new("/run/husk/k8s.io")
+        .join(pod_id)
+        .join("run/api.sock")
 }
 
 /// What the guest has plugged (MiB), once it is at most `at_most` (for

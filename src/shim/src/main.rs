@@ -144,6 +144,11 @@ impl containerd_shim::Shim for Shim {
 }
 
 fn main() {
+    // The image copier (rootfs.rs): this binary again, in a mount
+    // namespace of its own.
+    if std::env::args().nth(1).as_deref() == Some(rootfs::COPIER_ARG) {
+        std::process::exit(rootfs::copier_main());
+    }
     let opts = containerd_shim::Config {
         // Logging is set up above, through tracing.
         no_setup_logger: true,

@@ -52,6 +52,210 @@ pub enum RootfsError {
     /// mke2fs failed.
     #[error("cannot build the ext4 image")]
     Image(#[from] husk_image::rootfs::RootfsError),
+    /// The copier process failed (its own error, or how it ended).
+    #[error("{0}")]
+    Copier(String),
+}
+
+/// One of containerd's mounts, as the copier takes it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MountSpec {
+    /// The file system type.
+    pub fstype: String,
+    /// The source.
+    pub source: String,
+    /// The options.
+    pub options: Vec<String>,
+}
+
+impl MountSpec {
+    pub fn of(m: &Mount) -> MountSpec {
+        MountSpec {
+            fstype: m.type_.clone(),
+            source: m.source.clone(),
+            options: m.options.clone(),
+        }
+    }
+
+    fn mount(&self) -> Mount {
+        Mount {
+            type_: self.fstype.clone(),
+            source: self.source.clone(),
+            options: self.options.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// An image the copier builds: every mount it needs is made in its own
+/// mount namespace, so none is ever on the node, and none outlives it
+/// (a shim killed mid-copy leaves no mount under the bundle for
+/// containerd's removal of the bundle to recurse into).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum CopyJob {
+    /// [`build_image`]: `mounts` on `root`, copied into `image`.
+    Tree {
+        /// containerd's mounts.
+        mounts: Vec<MountSpec>,
+        /// Where they are mounted.
+        root: PathBuf,
+        /// The ext4 file made.
+        image: PathBuf,
+    },
+    /// [`build_volumes_image`].
+    Volumes {
+        /// The host paths copied.
+        sources: Vec<PathBuf>,
+        /// Where they are bound.
+        staging: PathBuf,
+        /// The ext4 file made.
+        image: PathBuf,
+    },
+}
+
+/// The shim's argument that makes it the copier.
+pub const COPIER_ARG: &str = "copy-image";
+
+impl CopyJob {
+    /// Runs the job in this process (the copier, in its own mount
+    /// namespace); the image's size.
+    pub fn run_here(&self) -> Result<u64, RootfsError> {
+        match self {
+            CopyJob::Tree {
+                mounts,
+                root,
+                image,
+            } => {
+                let mounts: Vec<Mount> = mounts.iter().map(MountSpec::mount).collect();
+                build_image(&mounts, root, image)
+            }
+            CopyJob::Volumes {
+                sources,
+                staging,
+                image,
+            } => build_volumes_image(sources, staging, image),
+        }
+    }
+
+    /// Runs the job in a copier process: this binary again, in a mount
+    /// namespace of its own (private, so nothing propagates back), in
+    /// `cgroup` when given (what it writes, page cache and tmpfs alike,
+    /// is charged to the pod), killed if the thread waiting for it dies.
+    /// Returns the image's size.
+    pub fn run(&self, cgroup: Option<&Path>) -> Result<u64, RootfsError> {
+        // A unit test's binary is not the shim: the same job runs in the
+        // test's process (the copier process is tested in the node VM).
+        if cfg!(test) {
+            let _ = cgroup;
+            return self.run_here();
+        }
+        use std::io::Write;
+        use std::os::unix::process::CommandExt;
+        let copier = |e: String| RootfsError::Copier(format!("the image copier: {e}"));
+        let exe = std::env::current_exe().map_err(|e| copier(e.to_string()))?;
+        let job = serde_json::to_vec(self).map_err(|e| copier(e.to_string()))?;
+        let procs = cgroup
+            .map(|c| {
+                std::ffi::CString::new(c.join("cgroup.procs").into_os_string().into_encoded_bytes())
+            })
+            .transpose()
+            .map_err(|_| copier("a NUL byte in the cgroup's path".into()))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg(COPIER_ARG)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // SAFETY: between fork and exec only async-signal-safe calls
+        // (prctl, open, write, close, unshare, mount) on data made before
+        // the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(procs) = &procs {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                    if written != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let root = c"/";
+                if libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| copier(format!("cannot start it: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(&job)
+                .map_err(|e| copier(format!("cannot give it its job: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| copier(format!("cannot wait for it: {e}")))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = stderr.trim();
+        if !out.status.success() {
+            return Err(RootfsError::Copier(if stderr.is_empty() {
+                // Killed (the pod's memory limit, when it is in the pod's
+                // cgroup) rather than failed.
+                format!("the image copier ended ({}) without a word: was it killed by the pod's memory limit?", out.status)
+            } else {
+                stderr.to_string()
+            }));
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| copier(format!("it printed no size: {stderr}")))
+    }
+}
+
+/// The copier's main: a [`CopyJob`] on stdin, the image's size on stdout,
+/// the error and its causes on stderr.
+/// Returns the exit status.
+pub fn copier_main() -> i32 {
+    let mut input = Vec::new();
+    if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut input) {
+        eprintln!("cannot read the job: {e}");
+        return 1;
+    }
+    let job: CopyJob = match serde_json::from_slice(&input) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("a job that is not one: {e}");
+            return 1;
+        }
+    };
+    match job.run_here() {
+        Ok(size) => {
+            println!("{size}");
+            0
+        }
+        Err(e) => {
+            eprintln!("{}", crate::error::Chain(&e));
+            1
+        }
+    }
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError + '_ {
@@ -406,8 +610,13 @@ impl ImageCache {
                 ..Default::default()
             }
         };
-        mount_at(&m, staging, &staging.with_extension("layers"))?;
-        let size = image_of(staging, &tmp, Mounted(vec![staging.to_path_buf()]))?;
+        // Charged to no pod: the cache is the node's, shared by all.
+        let size = CopyJob::Tree {
+            mounts: vec![MountSpec::of(&m)],
+            root: staging.to_path_buf(),
+            image: tmp.clone(),
+        }
+        .run(None)?;
         std::fs::rename(&tmp, &image).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             RootfsError::Io {

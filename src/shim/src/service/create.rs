@@ -317,11 +317,19 @@ impl Inner {
                 source: Box::new(source),
             }
         };
+        // The copies are the pod's: charged to its cgroup, as its
+        // writable layers are (husk, which writes them, is in it).
+        let cgroup = pod.cgroup.as_ref().map(|c| c.path());
         let rootfs = match self.shared_layers(pod, req, root, image)? {
             Some(layered) => layered,
             None => {
-                let size = rootfs::build_image(&req.rootfs, root, image)
-                    .map_err(disk_error("root filesystem"))?;
+                let size = rootfs::CopyJob::Tree {
+                    mounts: req.rootfs.iter().map(rootfs::MountSpec::of).collect(),
+                    root: root.to_path_buf(),
+                    image: image.to_path_buf(),
+                }
+                .run(cgroup)
+                .map_err(disk_error("root filesystem"))?;
                 Rootfs {
                     drive_id: pod
                         .attach(id, image)
@@ -334,8 +342,13 @@ impl Inner {
             return Ok((rootfs, None));
         }
         let staging = Path::new(&req.bundle).join("husk-volumes");
-        let size = rootfs::build_volumes_image(volumes, &staging, volumes_image)
-            .map_err(disk_error("volumes disk"))?;
+        let size = rootfs::CopyJob::Volumes {
+            sources: volumes.to_vec(),
+            staging,
+            image: volumes_image.to_path_buf(),
+        }
+        .run(cgroup)
+        .map_err(disk_error("volumes disk"))?;
         let volumes = Rootfs {
             drive_id: pod
                 .attach(&volumes_slot_owner(id), volumes_image)
