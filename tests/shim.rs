@@ -644,7 +644,8 @@ fn a_bad_kernel_fails_create_with_a_clear_error_and_leaves_nothing() {
         format!(
             "kernel = \"{0}/no-such-vmlinux\"\ninitrd = \"{0}/no-such.cpio\"\nhusk_binary = \"{1}\"\nstate_dir = \"{2}\"\n",
             dir.display(),
-            husk_tests::husk_binary().display(),
+            // Static: the shim jails it (the jailer is beside the shim).
+            husk_tests::static_husk().display(),
             state.display()
         ),
     )

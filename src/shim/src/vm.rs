@@ -158,6 +158,23 @@ impl VmLauncher for Husk {
         slots: &[SlotSpec],
     ) -> Result<Arc<dyn PodVm>, VmError> {
         let config = &self.config;
+        // Named here, before anything is made: jailed, husk would never
+        // see a missing file (the jailer's bind of it fails first).
+        for (what, path) in [
+            ("guest kernel image", &config.kernel),
+            ("agent initramfs", &config.initrd),
+        ] {
+            match std::fs::metadata(path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => {
+                    return Err(VmError::Io {
+                        what: format!("use the {what} {}", path.display()),
+                        source: std::io::Error::other("not a regular file"),
+                    })
+                }
+                Err(e) => return Err(io(format!("open the {what} {}", path.display()))(e)),
+            }
+        }
         crate::private::dir(&dir.0).map_err(io(format!("create {}", dir.0.display())))?;
         crate::private::dir(&dir.run_dir())
             .map_err(io(format!("create {}", dir.run_dir().display())))?;
