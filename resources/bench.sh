@@ -51,11 +51,21 @@ done
 
 husk_install_packages
 husk_build_images "$repo"
-(cd "$repo" && cargo build --release --locked -j"$(nproc)" -p husk -p husk-bench -p containerd-shim-husk-v2 --bins >&2)
+(cd "$repo" && cargo build --release --locked -j"$(nproc)" -p husk -p husk-bench -p husk-jailer -p containerd-shim-husk-v2 --bins >&2)
 
 payload=$(mktemp -d "${TMPDIR:-/tmp}/husk-bench.XXXXXX")
 trap 'rm -rf "$payload"' EXIT
 cp "$repo/target/release/husk" "$repo/target/release/husk-bench" "$HUSK_KERNEL_DIR/vmlinux" "$payload/"
+
+# The shim starts husk through the jailer beside it, and a jailed husk
+# has no libraries: a static husk (for the explicit target, so the flag
+# stays off the build's proc-macros) replaces the payload's.
+jailed_husk() {
+  (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
+    -j"$(nproc)" -p husk --bin husk --target x86_64-unknown-linux-gnu >&2)
+  cp "$repo/target/x86_64-unknown-linux-gnu/release/husk" "$payload/husk"
+  cp "$repo/target/release/husk-jailer" "$payload/"
+}
 
 case $mode in
   boot)
@@ -178,6 +188,7 @@ case $mode in
     # bundled busybox image imported; the shim finds husk, the kernel and
     # the agent through /etc/husk/config.toml.
     ensure_packages runc containerd
+    jailed_husk
     "$repo/resources/agent/build.sh" "$payload/agent.cpio" >&2
     layout=$(mktemp -d "${TMPDIR:-/tmp}/husk-bench-layout.XXXXXX")
     "$repo/target/release/husk" image build-busybox "$layout/busybox" >&2
@@ -197,6 +208,7 @@ case $mode in
     # (start-in-node.sh --cri), driven by husk-cri: runc first, then husk.
     ensure_packages runc containerd containernetworking-plugins protobuf-compiler
     (cd "$repo" && cargo build --release --locked -j"$(nproc)" -p husk-tests --bin husk-cri >&2)
+    jailed_husk
     "$repo/resources/agent/build.sh" "$payload/agent.cpio" >&2
     for image in busybox.tar:busybox:latest:sh cri-busybox.tar:husk.local/busybox:1:sh \
       "pause.tar:husk.local/pause:1:sleep 2147483647"; do

@@ -43,6 +43,9 @@ pub struct PodBench {
     /// Pass --no-pivot to runc (the node VM's / is an initramfs).
     #[arg(long)]
     runc_no_pivot: bool,
+    /// The shim's state directory (its pods in `<dir>/default/<id>`).
+    #[arg(long, default_value = "/run/husk")]
+    state_dir: PathBuf,
 }
 
 const HUSK: &str = "io.containerd.husk.v2";
@@ -142,6 +145,47 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / hz as f64
 }
 
+/// The size of husk's hot-pluggable memory region (MiB; 0 without one),
+/// from `GET /hotplug/memory` on its API socket.
+fn hotplug_total_mib(api: &std::path::Path) -> anyhow::Result<u64> {
+    use std::io::{Read, Write};
+    let mut conn = std::os::unix::net::UnixStream::connect(api)
+        .with_context(|| format!("cannot connect to {}", api.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(
+        b"GET /hotplug/memory HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )?;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the body is whole (Content-Length) or the connection closes.
+    loop {
+        let n = conn.read(&mut buf)?;
+        text.extend_from_slice(&buf[..n]);
+        let whole = String::from_utf8_lossy(&text);
+        if let Some((head, body)) = whole.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>())
+                })
+                .and_then(Result::ok)
+                .unwrap_or(0);
+            if n == 0 || body.len() >= len {
+                if !head.starts_with("HTTP/1.1 200") {
+                    return Ok(0);
+                }
+                let v: Value = serde_json::from_str(body).context("GET /hotplug/memory")?;
+                return Ok(v["total_size_mib"].as_u64().unwrap_or(0));
+            }
+        }
+        if n == 0 {
+            bail!("husk closed its API connection mid-answer");
+        }
+    }
+}
+
 /// How long the idle pod's CPU use is sampled.
 const IDLE_SAMPLE: Duration = Duration::from_secs(10);
 
@@ -151,11 +195,23 @@ const IDLE_SAMPLE: Duration = Duration::from_secs(10);
 fn memory(b: &PodBench, id: &str) -> anyhow::Result<Value> {
     let shim =
         find_process(&["containerd-shim-husk-v2", id]).context("the pod's shim is not running")?;
-    let husk = find_process(&["--api-sock", &format!("/{id}/api.sock")])
+    let dir = b.state_dir.join("default").join(id);
+    // The pid file, not the command line: a jailed husk names its socket
+    // as /run/api.sock.
+    let husk: u32 = std::fs::read_to_string(dir.join("husk.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
         .context("the pod's husk is not running")?;
     let smaps =
         std::fs::read_to_string(format!("/proc/{husk}/smaps")).context("reading husk's smaps")?;
-    let (overhead, guest) = super::split_rss(&smaps, &super::guest_region_sizes(b.mem_mib));
+    // Guest RAM: the boot regions, and the hot-pluggable region (one
+    // mapping of its whole size, whose plugged pages are the guest's).
+    let mut guest_sizes = super::guest_region_sizes(b.mem_mib);
+    let hotplug_mib = hotplug_total_mib(&dir.join("run/api.sock"))?;
+    if hotplug_mib > 0 {
+        guest_sizes.push(hotplug_mib << 20);
+    }
+    let (overhead, guest) = super::split_rss(&smaps, &guest_sizes);
     let before = cpu_seconds(husk) + cpu_seconds(shim);
     let t0 = Instant::now();
     std::thread::sleep(IDLE_SAMPLE);
@@ -202,10 +258,12 @@ pub fn pod(b: PodBench) -> anyhow::Result<Value> {
             .map(|i| {
                 let ctr = b.ctr.clone();
                 let image = b.image.clone();
+                let state_dir = b.state_dir.clone();
                 std::thread::spawn(move || {
                     let bench = PodBench {
                         ctr,
                         image,
+                        state_dir,
                         mem_mib: 0,
                         runs: 0,
                         concurrent: 0,
