@@ -351,34 +351,16 @@ mod tests {
                 "{bad:?} accepted"
             );
         }
-        let cfg = cli(&[
-            "--id",
-            "a",
-            "--uid",
-            "1",
-            "--gid",
-            "1",
-            "--bind-ro",
-            "/k:vmlinux",
-            "--no-cgroup",
-        ])
-        .validate()
-        .unwrap();
+        let valid =
+            |extra: &[&str]| cli(&[&["--id", "a", "--uid", "1", "--gid", "1"], extra].concat());
+        let cfg = valid(&["--bind-ro", "/k:vmlinux", "--no-cgroup"])
+            .validate()
+            .unwrap();
         assert_eq!(cfg.binds.len(), 1);
         assert!(!cfg.cgroup);
-        let e = cli(&[
-            "--id",
-            "a",
-            "--uid",
-            "1",
-            "--gid",
-            "1",
-            "--no-cgroup",
-            "--cgroup",
-            "memory.max=1",
-        ])
-        .validate()
-        .unwrap_err();
+        let e = valid(&["--no-cgroup", "--cgroup", "memory.max=1"])
+            .validate()
+            .unwrap_err();
         assert!(matches!(e, Error::Conflict(_)), "{e}");
     }
 
