@@ -209,7 +209,12 @@ fn memory(b: &PodBench, id: &str) -> anyhow::Result<Value> {
     let mut guest_sizes = super::guest_region_sizes(b.mem_mib);
     let hotplug_mib = hotplug_total_mib(&dir.join("run/api.sock"))?;
     if hotplug_mib > 0 {
-        guest_sizes.push(hotplug_mib << 20);
+        // The region lies right after the boot RAM, with the same
+        // protection: the kernel may merge the two into one mapping.
+        let hotplug = hotplug_mib << 20;
+        let merged: Vec<u64> = guest_sizes.iter().map(|g| g + hotplug).collect();
+        guest_sizes.push(hotplug);
+        guest_sizes.extend(merged);
     }
     let (overhead, guest) = super::split_rss(&smaps, &guest_sizes);
     let before = cpu_seconds(husk) + cpu_seconds(shim);
