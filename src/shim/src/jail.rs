@@ -277,6 +277,16 @@ mod tests {
         std::fs::write(path, h).unwrap();
     }
 
+    /// A scratch state directory and a config whose husk is a static
+    /// stand-in.
+    fn with_static_husk() -> (tempfile::TempDir, Config) {
+        let dir = tempfile::tempdir().unwrap();
+        let husk = dir.path().join("husk");
+        static_elf(&husk);
+        let c = config(dir.path(), &husk);
+        (dir, c)
+    }
+
     #[test]
     fn a_dynamic_husk_is_refused_and_the_shims_own_binary_is_dynamic() {
         // The test binary itself is dynamically linked.
@@ -294,10 +304,7 @@ mod tests {
 
     #[test]
     fn uids_are_one_per_pod_reused_when_given_back_or_left_by_a_dead_pod() {
-        let dir = tempfile::tempdir().unwrap();
-        let husk = dir.path().join("husk");
-        static_elf(&husk);
-        let c = config(dir.path(), &husk);
+        let (dir, c) = with_static_husk();
         let pod = |n: &str| {
             let p = PodDir(dir.path().join("k8s.io").join(n));
             std::fs::create_dir_all(&p.0).unwrap();
@@ -338,10 +345,7 @@ mod tests {
 
     #[test]
     fn husk_sees_the_pod_directory_at_its_root_and_the_cache_at_images() {
-        let dir = tempfile::tempdir().unwrap();
-        let husk = dir.path().join("husk");
-        static_elf(&husk);
-        let c = config(dir.path(), &husk);
+        let (dir, c) = with_static_husk();
         let p = PodDir(dir.path().join("k8s.io").join("p"));
         std::fs::create_dir_all(&p.0).unwrap();
         let j = PodJail::claim(&c, &p).unwrap();
