@@ -37,6 +37,7 @@ husk_build_images() {
   husk_dynamic_busybox
   husk_containerd17
   husk_promtool
+  husk_virtiofsd
   HUSK_KERNEL_DIR=$("$repo/guest-kernel-config/build.sh")
   export HUSK_KERNEL_DIR
   if [[ ${HUSK_NODE:-auto} != direct ]]; then
@@ -146,6 +147,32 @@ husk_promtool() {
   fi
   HUSK_PROMTOOL=$dir/usr/bin/promtool
   export HUSK_PROMTOOL
+}
+
+# virtiofsd, the virtio-fs project's vhost-user file server (the backend of
+# husk's virtio-fs device), built with `cargo install --locked` at a pinned
+# version into ${HUSK_CACHE_DIR:-/var/cache/husk}/virtiofsd/<version> and
+# exported as HUSK_VIRTIOFSD. Debian 12 has no virtiofsd package, and
+# Debian 13's is linked against glibc 2.41, which Debian 12 (2.36) and the
+# node VM (the host's libraries) cannot load; built here it links against
+# this host's libseccomp and libcap-ng, which the node's payloads carry.
+husk_virtiofsd() {
+  local version=${HUSK_VIRTIOFSD_VERSION:-1.14.0}
+  local dir=${HUSK_CACHE_DIR:-/var/cache/husk}/virtiofsd/$version
+  if [[ ! -x $dir/bin/virtiofsd ]]; then
+    ensure_packages libseccomp-dev libcap-ng-dev
+    log "building virtiofsd $version (cargo install, a few minutes, once)"
+    rm -rf "$dir.new"
+    if ! cargo install --locked --quiet -j"$(nproc)" --root "$dir.new" "virtiofsd@$version" >&2; then
+      rm -rf "$dir.new"
+      log "cannot build virtiofsd $version"
+      return 1
+    fi
+    rm -rf "$dir"
+    mv "$dir.new" "$dir"
+  fi
+  HUSK_VIRTIOFSD=$dir/bin/virtiofsd
+  export HUSK_VIRTIOFSD
 }
 
 # Every shell script of the project through shellcheck: the entry points

@@ -571,3 +571,19 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
         .expect("an ext4 image in the rootfs cache");
     ext4
 }
+
+/// virtiofsd, the virtio-fs project's vhost-user file server, which
+/// `husk_virtiofsd` in resources/lib.sh builds (the test command runs it)
+/// and names in `HUSK_VIRTIOFSD`.
+pub fn virtiofsd() -> PathBuf {
+    let path = std::env::var_os("HUSK_VIRTIOFSD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/husk/virtiofsd/1.14.0/bin/virtiofsd".into());
+    assert!(
+        path.exists(),
+        "{} is missing: resources/test.sh builds virtiofsd there \
+         (husk_virtiofsd in resources/lib.sh)",
+        path.display()
+    );
+    path
+}

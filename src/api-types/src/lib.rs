@@ -226,6 +226,38 @@ pub struct Vsock {
     pub vsock_id: Option<String>,
 }
 
+/// The default `num_queues` of a virtio-fs device.
+pub const DEFAULT_FS_NUM_QUEUES: u64 = 1;
+/// The default `queue_size` of a virtio-fs device.
+pub const DEFAULT_FS_QUEUE_SIZE: u64 = 1024;
+
+/// `PUT /fs/{id}`: a virtio-fs device served by a vhost-user backend
+/// (virtiofsd) listening on `socket`; Cloud Hypervisor's field names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The id (as in the path).
+    pub id: String,
+    /// What the guest mounts: `mount -t virtiofs TAG DIR` (1 to 36 bytes).
+    pub tag: String,
+    /// The backend's listening unix socket.
+    pub socket: PathBuf,
+    /// Request queues (the device has a high-priority queue besides).
+    #[serde(default = "default_fs_num_queues")]
+    pub num_queues: u64,
+    /// Entries per queue: a power of two up to 1024.
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u64,
+}
+
+fn default_fs_num_queues() -> u64 {
+    DEFAULT_FS_NUM_QUEUES
+}
+
+fn default_fs_queue_size() -> u64 {
+    DEFAULT_FS_QUEUE_SIZE
+}
+
 /// `PUT /logger`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -351,6 +383,9 @@ pub struct VmResources {
     /// `PUT /vsock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
+    /// `PUT /fs/{id}`, in the order they were first put.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fs: Vec<FsConfig>,
     /// `PUT /logger`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logger: Option<Logger>,

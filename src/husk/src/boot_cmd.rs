@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
-use vmm::config::MemHotplugConfig;
+use vmm::config::{FsConfig, MemHotplugConfig};
 use vmm::seccomp::SeccompFilters;
 use vmm::{
     BlockConfig, BootSource, DriveConfig, MacAddr, NetConfig, SerialOutput, VmConfig, Vmm,
@@ -60,6 +60,12 @@ pub struct BootArgs {
     /// reaches host port P at PATH_P.
     #[arg(long, value_name = "SPEC", value_parser = parse_vsock)]
     vsock: Option<VsockConfig>,
+    /// A virtio-fs device served by a vhost-user backend (virtiofsd)
+    /// listening on SOCKET: tag=TAG,socket=SOCKET[,id=ID][,num_queues=N]
+    /// [,queue_size=N]. Repeatable; the guest mounts it with
+    /// `mount -t virtiofs TAG DIR`. Guest memory becomes shared (memfd).
+    #[arg(long = "fs", value_name = "SPEC", value_parser = parse_fs)]
+    fs: Vec<FsConfig>,
     /// Print one JSON line of timings to stderr when the VM ends.
     #[arg(long)]
     timings: bool,
@@ -147,6 +153,44 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
     }
 }
 
+fn parse_fs(spec: &str) -> Result<FsConfig, String> {
+    let (mut id, mut tag, mut socket) = (None, None, None);
+    let mut num_queues = 1u16;
+    let mut queue_size = vmm::config::DEFAULT_FS_QUEUE_SIZE;
+    let number = |k: &str, v: &str| {
+        v.parse::<u16>()
+            .map_err(|_| format!("fs {k} '{v}' is not a number"))
+    };
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_string()),
+            Some(("tag", v)) => tag = Some(v.to_string()),
+            Some(("socket", v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
+            Some(("num_queues", v)) => num_queues = number("num_queues", v)?,
+            Some(("queue_size", v)) => queue_size = number("queue_size", v)?,
+            _ => {
+                return Err(format!(
+                    "unknown fs option '{part}' (want tag=,socket=,id=,num_queues=,queue_size=)"
+                ))
+            }
+        }
+    }
+    match (tag, socket) {
+        (Some(tag), Some(socket)) => {
+            let config = FsConfig {
+                id: id.unwrap_or_else(|| tag.clone()),
+                tag,
+                socket,
+                num_queues,
+                queue_size,
+            };
+            vmm::config::check_fs(std::slice::from_ref(&config)).map_err(|e| e.to_string())?;
+            Ok(config)
+        }
+        _ => Err("a file system needs tag=TAG and socket=SOCKET".into()),
+    }
+}
+
 /// Boots the VM; returns the process exit status.
 pub fn run(args: BootArgs, process_start: Instant, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
     let config = VmConfig {
@@ -163,6 +207,7 @@ pub fn run(args: BootArgs, process_start: Instant, seccomp: &SeccompFilters) -> 
         vsock: args.vsock,
         max_vcpus: args.max_vcpus,
         mem_hotplug: args.mem_hotplug_mib.map(MemHotplugConfig::new),
+        fs: args.fs,
     };
     let mut vmm = Vmm::new(&config).context("cannot build the microVM")?;
     vmm.start(seccomp).context("cannot start the vCPUs")?;
@@ -192,6 +237,24 @@ pub fn run(args: BootArgs, process_start: Instant, seccomp: &SeccompFilters) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fs_flag() {
+        let f = parse_fs("tag=vol,socket=/run/fs.sock").unwrap();
+        assert_eq!((f.id.as_str(), f.tag.as_str()), ("vol", "vol"));
+        assert_eq!(f.socket, PathBuf::from("/run/fs.sock"));
+        assert_eq!((f.num_queues, f.queue_size), (1, 1024));
+        let f = parse_fs("id=fs0,tag=a,socket=s,num_queues=2,queue_size=256").unwrap();
+        assert_eq!((f.id.as_str(), f.num_queues, f.queue_size), ("fs0", 2, 256));
+        assert!(parse_fs("tag=vol").unwrap_err().contains("socket="));
+        assert!(parse_fs("tag=vol,socket=s,queue_size=1000")
+            .unwrap_err()
+            .contains("power of two"));
+        assert!(parse_fs(&format!("id=x,tag={},socket=s", "t".repeat(37)))
+            .unwrap_err()
+            .contains("36 bytes"));
+        assert!(parse_fs("tag=a,socket=s,cache=always").is_err());
+    }
 
     #[test]
     fn serial_flag() {

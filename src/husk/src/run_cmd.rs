@@ -309,6 +309,7 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         }),
         max_vcpus: None,
         mem_hotplug: None,
+        fs: Vec::new(),
     };
     let mut vmm = Vmm::new(&config).context("cannot build the microVM")?;
     let stop = vmm.stop_handle();

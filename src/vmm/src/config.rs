@@ -48,6 +48,65 @@ pub struct VmConfig {
     pub max_vcpus: Option<usize>,
     /// Memory the guest can plug and unplug while it runs (virtio-mem).
     pub mem_hotplug: Option<MemHotplugConfig>,
+    /// virtio-fs devices, each served by a vhost-user backend (virtiofsd).
+    /// With any, guest memory is shared (memfd) with the backends.
+    pub fs: Vec<FsConfig>,
+}
+
+/// A virtio-fs device whose requests a vhost-user backend serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// Id (same rules as drive ids).
+    pub id: String,
+    /// The tag the guest mounts (`mount -t virtiofs TAG DIR`): 1 to 36 bytes.
+    pub tag: String,
+    /// The backend's listening unix socket.
+    pub socket: PathBuf,
+    /// Request queues (the device has one high-priority queue besides).
+    pub num_queues: u16,
+    /// Entries per queue: a power of two up to [`MAX_FS_QUEUE_SIZE`].
+    pub queue_size: u16,
+}
+
+/// Default entries per virtio-fs queue (Cloud Hypervisor's default too).
+pub const DEFAULT_FS_QUEUE_SIZE: u16 = 1024;
+/// The most entries per virtio-fs queue.
+pub const MAX_FS_QUEUE_SIZE: u16 = 1024;
+/// The most request queues of one virtio-fs device.
+pub const MAX_FS_REQUEST_QUEUES: u16 = 16;
+
+/// Checks virtio-fs devices: ids and tags valid and unique, queue counts
+/// and sizes usable.
+pub fn check_fs(fs: &[FsConfig]) -> Result<(), ConfigError> {
+    let mut ids = std::collections::HashSet::new();
+    let mut tags = std::collections::HashSet::new();
+    for f in fs {
+        if !valid_id(&f.id) {
+            return Err(ConfigError::InvalidFsId(f.id.clone()));
+        }
+        if !ids.insert(f.id.as_str()) {
+            return Err(ConfigError::DuplicateFs(f.id.clone()));
+        }
+        let tag_ok = !f.tag.is_empty()
+            && f.tag.len() <= crate::devices::virtio::fs::TAG_LEN
+            && !f.tag.bytes().any(|b| b == 0 || b.is_ascii_whitespace());
+        if !tag_ok {
+            return Err(ConfigError::InvalidFsTag(f.tag.clone()));
+        }
+        if !tags.insert(f.tag.as_str()) {
+            return Err(ConfigError::DuplicateFsTag(f.tag.clone()));
+        }
+        if f.num_queues == 0 || f.num_queues > MAX_FS_REQUEST_QUEUES {
+            return Err(ConfigError::FsQueues(f.num_queues));
+        }
+        if f.queue_size < 2 || f.queue_size > MAX_FS_QUEUE_SIZE || !f.queue_size.is_power_of_two() {
+            return Err(ConfigError::FsQueueSize(f.queue_size));
+        }
+        if f.socket.as_os_str().is_empty() || f.socket.as_os_str().len() > 107 {
+            return Err(ConfigError::FsSocket(f.socket.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// Hot-pluggable memory: a virtio-mem device with a region of
@@ -171,7 +230,8 @@ pub fn check_device_count(config: &VmConfig) -> Result<(), ConfigError> {
     let count = config.drives.len()
         + config.net.len()
         + usize::from(config.vsock.is_some())
-        + usize::from(config.mem_hotplug.is_some());
+        + usize::from(config.mem_hotplug.is_some())
+        + config.fs.len();
     if count > MAX_VIRTIO_DEVICES {
         return Err(ConfigError::TooManyDevices(count));
     }
@@ -237,6 +297,27 @@ pub enum ConfigError {
     /// An empty or too long vsock socket path.
     #[error("invalid vsock socket path {0:?}: 1 to 96 bytes")]
     InvalidVsockPath(PathBuf),
+    /// A virtio-fs id that breaks the drive id rules.
+    #[error("invalid file system id {0:?}: use 1 to 64 of A-Z a-z 0-9 _ -")]
+    InvalidFsId(String),
+    /// Two virtio-fs devices with one id.
+    #[error("file system id {0:?} is used twice")]
+    DuplicateFs(String),
+    /// A tag the guest cannot mount.
+    #[error("invalid file system tag {0:?}: 1 to 36 bytes, no spaces or NULs")]
+    InvalidFsTag(String),
+    /// Two virtio-fs devices with one tag.
+    #[error("file system tag {0:?} is used twice")]
+    DuplicateFsTag(String),
+    /// A request queue count out of range.
+    #[error("{0} request queues: use 1 to {MAX_FS_REQUEST_QUEUES}")]
+    FsQueues(u16),
+    /// A queue size that is not a power of two in range.
+    #[error("a queue size of {0}: use a power of two from 2 to {MAX_FS_QUEUE_SIZE}")]
+    FsQueueSize(u16),
+    /// An empty or too long backend socket path.
+    #[error("invalid vhost-user socket path {0:?}: 1 to 107 bytes")]
+    FsSocket(PathBuf),
     /// More memory than the host or the address width allows.
     #[error("{mib} MiB of guest memory is too large: {reason}")]
     MemoryTooLarge {
@@ -551,6 +632,7 @@ mod tests {
             }),
             max_vcpus: None,
             mem_hotplug: None,
+            fs: Vec::new(),
         };
         assert_eq!(check_device_count(&config), Ok(()));
         config.net.push(nic("n8", "tap8"));

@@ -26,6 +26,7 @@ use crate::config::{
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{i8042, serial, Serial, I8042};
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::fs::{Fs, FsError};
 use crate::devices::virtio::mem::{Mem, MemError, MemStatus};
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::net::{Net, NetError};
@@ -75,6 +76,14 @@ pub enum VmmError {
     /// The vsock device could not be set up.
     #[error(transparent)]
     Vsock(#[from] crate::devices::virtio::vsock::VsockError),
+    /// A virtio-fs device could not be set up.
+    #[error("cannot set up file system {id:?}")]
+    Fs {
+        /// The device's id.
+        id: String,
+        /// What failed.
+        source: FsError,
+    },
     /// No drive has that id.
     #[error("no drive with id {0:?}")]
     NoSuchDrive(String),
@@ -367,6 +376,8 @@ pub struct Vmm {
     pub(crate) drives: Vec<AttachedDrive>,
     /// The virtio-mem device, if the VM has hot-pluggable memory.
     pub(crate) mem_hotplug: Option<AttachedMem>,
+    /// The virtio-fs devices (not in `virtio`: they cannot be snapshotted).
+    pub(crate) fs: Vec<Arc<Mutex<Fs>>>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) serial: Arc<Mutex<Serial>>,
     /// Every virtio device, in slot order (for snapshots).
@@ -414,16 +425,22 @@ impl Vmm {
             .transpose()?;
         let drives = check_drives(&config.drives)?;
         check_net(&config.net)?;
+        crate::config::check_fs(&config.fs)?;
         check_device_count(config)?;
         tracing::debug!(vcpus = vcpu_count, mem_size, ?limits, "building microVM");
 
         let vm = Vm::new(&kvm)?;
-        let mem = memory::create(mem_size)?;
+        let backing = if config.fs.is_empty() {
+            memory::Backing::Private
+        } else {
+            memory::Backing::Shared
+        };
+        let mem = memory::create_with(mem_size, backing)?;
         vm.register_memory(&mem)?;
         // The hot-pluggable region joins guest memory (devices may be given
         // buffers there) but not KVM: the virtio-mem device maps its slots.
         let mem = match &hotplug {
-            Some(r) => memory::add_region(&mem, vm_memory::GuestAddress(r.addr), r.size)?,
+            Some(r) => memory::add_region(&mem, vm_memory::GuestAddress(r.addr), r.size, backing)?,
             None => mem,
         };
         tracing::debug!(
@@ -520,6 +537,24 @@ impl Vmm {
             });
             tracing::debug!(cid = vsock.guest_cid, "virtio-vsock attached");
         }
+        let mut fs = Vec::with_capacity(config.fs.len());
+        for f in &config.fs {
+            let dev = Fs::new(f).map_err(|source| VmmError::Fs {
+                id: f.id.clone(),
+                source,
+            })?;
+            let dev = Arc::new(Mutex::new(dev));
+            slots.attach(
+                &vm,
+                &mem,
+                &mut mmio,
+                &mut event_manager,
+                dev.clone(),
+                &mut device_cmdline,
+            )?;
+            tracing::debug!(fs = %f.id, tag = %f.tag, socket = %f.socket.display(), "virtio-fs attached");
+            fs.push(dev);
+        }
         let mem_hotplug = match hotplug {
             Some(region) => {
                 let kvm_slots = vm.memory_slots(mem.clone(), boot_slots as u32);
@@ -594,6 +629,7 @@ impl Vmm {
             image_load,
             drives,
             mem_hotplug,
+            fs,
             i8042,
             serial,
             virtio,

@@ -15,6 +15,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/boot-source"),
     ("PUT", "/drives/{drive_id}"),
     ("PATCH", "/drives/{drive_id}"),
+    ("PUT", "/fs/{fs_id}"),
     ("GET", "/hotplug/memory"),
     ("PUT", "/hotplug/memory"),
     ("PATCH", "/hotplug/memory"),
@@ -105,6 +106,7 @@ pub fn route(method: &str, path: &str, bytes: &[u8]) -> Result<Request, Response
             Request::PutNetworkInterface(id(), body(bytes)?)
         }
         ("PUT", "/vsock") => Request::PutVsock(body(bytes)?),
+        ("PUT", "/fs/{fs_id}") => Request::PutFs(id(), body(bytes)?),
         ("PUT", "/actions") => Request::Action(body::<Action>(bytes)?.action_type),
         ("PATCH", "/vm") => Request::PatchVm(body::<VmState>(bytes)?.state),
         ("PUT", "/logger") => Request::PutLogger(body(bytes)?),
@@ -137,7 +139,8 @@ mod tests {
         for (method, template) in ROUTES {
             let path = template
                 .replace("{drive_id}", "d")
-                .replace("{iface_id}", "eth0");
+                .replace("{iface_id}", "eth0")
+                .replace("{fs_id}", "fs0");
             // With an empty body a handler answers 400 (body needed) or
             // succeeds; never 404, 405 or 500.
             let s = status(route(method, &path, b""));

@@ -21,7 +21,7 @@ pub use husk_api_types::{
     Action, ActionType, InstanceInfo, InstanceState, VmState, VmStateRequest,
 };
 pub use resources::{
-    BootSourceConfig, Drive, DriveUpdate, Logger, MachineConfig, MachineConfigUpdate,
+    BootSourceConfig, Drive, DriveUpdate, FsConfig, Logger, MachineConfig, MachineConfigUpdate,
     MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus, MetricsConfig,
     NetworkInterface, ResourceError, Validate, ValidateAt, VmResources, Vsock,
 };
@@ -50,6 +50,8 @@ pub enum Request {
     PutNetworkInterface(String, NetworkInterface),
     /// `PUT /vsock`.
     PutVsock(Vsock),
+    /// `PUT /fs/{id}` (id from the path, body).
+    PutFs(String, FsConfig),
     /// `PUT /actions`.
     Action(ActionType),
     /// `PATCH /vm`.
@@ -186,6 +188,7 @@ impl Controller {
             || !resources.drives.is_empty()
             || !resources.network_interfaces.is_empty()
             || resources.vsock.is_some()
+            || !resources.fs.is_empty()
             || resources.memory_hotplug.is_some();
         if resources.snapshot_load.is_some() && boots {
             return Err(ActionError::LoadNotAllowed);
@@ -223,6 +226,7 @@ impl Controller {
                 | Request::PatchDrive(..)
                 | Request::PutNetworkInterface(..)
                 | Request::PutVsock(_)
+                | Request::PutFs(..)
                 | Request::PutMemoryHotplug(_)
         ) {
             self.boot_path = true;
@@ -273,6 +277,11 @@ impl Controller {
             Request::PutVsock(v) => {
                 v.validate()?;
                 resources::put_vsock(r, v)?;
+                Response::Empty
+            }
+            Request::PutFs(id, f) => {
+                f.validate(&id)?;
+                resources::put_fs(r, f)?;
                 Response::Empty
             }
             Request::PutLogger(l) => {
@@ -402,6 +411,11 @@ impl Controller {
             vsock: r.vsock.as_ref().map(resources::vsock_config).transpose()?,
             max_vcpus: r.machine_config.max_vcpu_count.map(usize::from),
             mem_hotplug: r.memory_hotplug.as_ref().map(resources::mem_hotplug_config),
+            fs: r
+                .fs
+                .iter()
+                .map(resources::fs_config)
+                .collect::<Result<_, _>>()?,
         })
     }
 
@@ -489,6 +503,7 @@ impl Controller {
                 return Err(ActionError::AfterStart("adding a network interface"))
             }
             Request::PutVsock(_) => return Err(ActionError::AfterStart("adding a vsock device")),
+            Request::PutFs(..) => return Err(ActionError::AfterStart("adding a file system")),
             Request::PutMemoryHotplug(_) => {
                 return Err(ActionError::AfterStart("configuring hot-pluggable memory"))
             }

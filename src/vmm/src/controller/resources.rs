@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 pub use husk_api_types::{
-    BootSourceConfig, Drive, DriveUpdate, Logger, MachineConfig, MachineConfigUpdate,
+    BootSourceConfig, Drive, DriveUpdate, FsConfig, Logger, MachineConfig, MachineConfigUpdate,
     MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus, MetricsConfig,
     NetworkInterface, RateLimiter, VmResources, Vsock,
 };
@@ -86,6 +86,15 @@ pub enum ResourceError {
     /// The boot command line is too long.
     #[error("boot_args is {0} bytes; the limit is {max}", max = crate::arch::x86_64::layout::CMDLINE_MAX_SIZE - 1)]
     BootArgs(usize),
+    /// A virtio-fs device that cannot be built.
+    #[error("invalid file system {id:?}")]
+    Fs {
+        /// The device's id.
+        id: String,
+        /// What is wrong.
+        #[source]
+        source: ConfigError,
+    },
     /// A patch of something that was never put.
     #[error("no drive {0:?} to update (PUT it first)")]
     NoSuchDrive(String),
@@ -411,8 +420,62 @@ pub fn vsock_config(vsock: &Vsock) -> Result<VsockConfig, ResourceError> {
     Ok(config)
 }
 
+impl ValidateAt for FsConfig {
+    fn validate(&self, path_id: &str) -> Result<(), ResourceError> {
+        same_id("file system", path_id, &self.id)?;
+        check_id("file system", &self.id)?;
+        let config = fs_config(self)?;
+        crate::config::check_fs(std::slice::from_ref(&config)).map_err(|source| ResourceError::Fs {
+            id: self.id.clone(),
+            source,
+        })
+    }
+}
+
+/// The VMM's view of a virtio-fs device.
+pub fn fs_config(fs: &FsConfig) -> Result<crate::config::FsConfig, ResourceError> {
+    let err = |source| ResourceError::Fs {
+        id: fs.id.clone(),
+        source,
+    };
+    let num_queues =
+        u16::try_from(fs.num_queues).map_err(|_| err(ConfigError::FsQueues(u16::MAX)))?;
+    let queue_size =
+        u16::try_from(fs.queue_size).map_err(|_| err(ConfigError::FsQueueSize(u16::MAX)))?;
+    Ok(crate::config::FsConfig {
+        id: fs.id.clone(),
+        tag: fs.tag.clone(),
+        socket: fs.socket.clone(),
+        num_queues,
+        queue_size,
+    })
+}
+
+/// Adds or replaces a virtio-fs device; a tag already used by another
+/// device is refused.
+pub fn put_fs(r: &mut VmResources, fs: FsConfig) -> Result<(), ResourceError> {
+    if let Some(other) = r.fs.iter().find(|f| f.tag == fs.tag && f.id != fs.id) {
+        return Err(ResourceError::Fs {
+            id: fs.id.clone(),
+            source: ConfigError::DuplicateFsTag(other.tag.clone()),
+        });
+    }
+    let count = device_count(r);
+    match r.fs.iter_mut().find(|f| f.id == fs.id) {
+        Some(slot) => *slot = fs,
+        None => {
+            if count >= MAX_VIRTIO_DEVICES {
+                return Err(ResourceError::TooManyDevices);
+            }
+            r.fs.push(fs);
+        }
+    }
+    Ok(())
+}
+
 fn device_count(r: &VmResources) -> usize {
     r.drives.len()
+        + r.fs.len()
         + r.network_interfaces.len()
         + usize::from(r.vsock.is_some())
         + usize::from(r.memory_hotplug.is_some())
@@ -508,6 +571,10 @@ impl Validate for VmResources {
         if let Some(h) = &self.memory_hotplug {
             h.validate()?;
             put_memory_hotplug(&mut check, h.clone())?;
+        }
+        for f in &self.fs {
+            f.validate(&f.id)?;
+            put_fs(&mut check, f.clone())?;
         }
         Ok(())
     }

@@ -124,6 +124,8 @@ pub fn restored_resources(vmm: &Vmm, kept: &VmResources) -> VmResources {
     let d = vmm.describe();
     VmResources {
         boot_source: None,
+        // A VM with virtio-fs cannot be snapshotted, so none is restored.
+        fs: Vec::new(),
         machine_config: MachineConfig {
             vcpu_count: d.vcpu_count,
             mem_size_mib: d.mem_size_mib,

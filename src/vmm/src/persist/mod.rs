@@ -136,6 +136,9 @@ pub enum SnapshotError {
     /// The VM has a virtio-mem device, whose state is not saved.
     #[error("a microVM with hot-pluggable memory cannot be snapshotted")]
     MemHotplug,
+    /// The VM has a virtio-fs device, whose backend's state is not saved.
+    #[error("a microVM with a virtio-fs device cannot be snapshotted")]
+    Fs,
     /// The vCPUs are running.
     #[error("the microVM must be paused to snapshot it (PATCH /vm with state Paused)")]
     NotPaused,
@@ -349,6 +352,11 @@ impl Vmm {
         if self.mem_hotplug.is_some() {
             // Neither the device nor its plugged blocks would be restored.
             return Err(SnapshotError::MemHotplug);
+        }
+        if !self.fs.is_empty() {
+            // The backend's state (open files, its view of the rings) is
+            // another process's and is not saved.
+            return Err(SnapshotError::Fs);
         }
         if !self.is_paused() {
             return Err(SnapshotError::NotPaused);
@@ -662,6 +670,7 @@ impl Vmm {
             image_load: Duration::ZERO,
             drives,
             mem_hotplug: None,
+            fs: Vec::new(),
             i8042,
             serial,
             virtio,

@@ -1,8 +1,14 @@
-//! Guest RAM: anonymous, private, MAP_NORESERVE mappings laid out around the
-//! MMIO gap (see `arch::x86_64::layout`), and the hot-pluggable region a
-//! virtio-mem device hands out block by block: mapped the same way, added
-//! to guest memory after the boot RAM went to KVM, and given back to the
-//! host a block at a time ([`discard`]) when the guest unplugs it.
+//! Guest RAM: MAP_NORESERVE mappings laid out around the MMIO gap (see
+//! `arch::x86_64::layout`), and the hot-pluggable region a virtio-mem
+//! device hands out block by block: mapped the same way, added to guest
+//! memory after the boot RAM went to KVM, and given back to the host a
+//! block at a time ([`discard`]) when the guest unplugs it.
+//!
+//! Memory is anonymous and private ([`Backing::Private`]) unless another
+//! process must map it too: a vhost-user backend (virtiofsd) reads and
+//! writes the guest's buffers itself, so a VM with such a device gets
+//! [`Backing::Shared`] memory, one memfd per region mapped `MAP_SHARED`,
+//! whose descriptors go to the backend.
 
 use std::sync::Arc;
 
@@ -24,6 +30,14 @@ pub enum MemoryError {
         size: u64,
         /// The mapping error (vm-memory's message names its cause).
         source: Flat<vm_memory::mmap::FromRangesError>,
+    },
+    /// The memfd behind shared guest memory could not be made.
+    #[error("cannot create a memfd of {size} bytes for shared guest memory")]
+    Memfd {
+        /// Requested size.
+        size: u64,
+        /// The OS error.
+        source: std::io::Error,
     },
 }
 
@@ -50,6 +64,48 @@ pub enum DiscardError {
     },
 }
 
+/// How guest memory is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// Anonymous private mappings: only the VMM (and KVM) see them.
+    #[default]
+    Private,
+    /// One memfd per region, mapped `MAP_SHARED`, so a vhost-user backend
+    /// can map the same pages (see `devices::virtio::fs`).
+    Shared,
+}
+
+/// A new memfd of `size` bytes for one region of shared guest memory.
+fn memfd(size: u64) -> Result<std::fs::File, MemoryError> {
+    use std::os::fd::FromRawFd;
+    let map_err = |source: std::io::Error| MemoryError::Memfd { size, source };
+    // SAFETY: memfd_create reads the NUL-terminated name and returns a new
+    // file descriptor or -1; it touches no memory of ours otherwise.
+    let fd = unsafe { libc::memfd_create(c"husk-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(map_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just returned by memfd_create and nothing else owns it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    // Sparse: pages are allocated when the guest (or the backend) touches them.
+    file.set_len(size).map_err(map_err)?;
+    Ok(file)
+}
+
+/// One region of `size` bytes at `addr`, backed as `backing` says.
+fn region(addr: GuestAddress, size: u64, backing: Backing) -> Result<GuestRegionMmap, MemoryError> {
+    let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
+    let file = match backing {
+        Backing::Private => None,
+        Backing::Shared => Some(vm_memory::FileOffset::new(memfd(size)?, 0)),
+    };
+    // With a file, vm-memory maps it MAP_SHARED | MAP_NORESERVE.
+    GuestRegionMmap::from_range(addr, len, file).map_err(|source| MemoryError::Map {
+        size,
+        source: Flat(source),
+    })
+}
+
 /// `mem` with a region of `size` bytes at `addr` added: the hot-pluggable
 /// memory, mapped like guest RAM (nothing is allocated until touched).
 /// KVM does not see it yet; the virtio-mem device maps it slot by slot.
@@ -57,24 +113,23 @@ pub fn add_region(
     mem: &GuestMemoryMmap,
     addr: GuestAddress,
     size: u64,
+    backing: Backing,
 ) -> Result<GuestMemoryMmap, MemoryError> {
-    let too_large = || MemoryError::TooLarge(size);
-    let len = usize::try_from(size).map_err(|_| too_large())?;
-    let region =
-        GuestRegionMmap::from_range(addr, len, None).map_err(|source| MemoryError::Map {
-            size,
-            source: Flat(source),
-        })?;
+    let region = region(addr, size, backing)?;
     // Overlapping an existing region is the only failure left.
-    mem.insert_region(Arc::new(region)).map_err(|_| too_large())
+    mem.insert_region(Arc::new(region))
+        .map_err(|_| MemoryError::TooLarge(size))
 }
 
 const PAGE_SIZE: u64 = 4096;
 
-/// Gives the pages of `[addr, addr + len)` back to the host
-/// (`MADV_DONTNEED`): the VMM's resident memory drops by what the guest had
-/// touched there, and the range reads as zeros afterwards. The range must
-/// be page aligned and inside one region of `mem`.
+/// Gives the pages of `[addr, addr + len)` back to the host: the VMM's
+/// resident memory drops by what the guest had touched there, and the
+/// range reads as zeros afterwards (private memory: `MADV_DONTNEED`;
+/// shared memory: `MADV_REMOVE`, which frees the memfd's pages for every
+/// process that maps them, where `MADV_DONTNEED` would only unmap them
+/// from ours). The range must be page aligned and inside one region of
+/// `mem`.
 pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<(), DiscardError> {
     let range = || DiscardError::Range { addr: addr.0, len };
     if addr.0 % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
@@ -85,16 +140,25 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()
     if slice.len() != count {
         return Err(range());
     }
+    let shared = mem
+        .find_region(addr)
+        .is_some_and(|r| r.flags() & libc::MAP_SHARED != 0);
+    let advice = if shared {
+        libc::MADV_REMOVE
+    } else {
+        libc::MADV_DONTNEED
+    };
     let host = slice.ptr_guard_mut().as_ptr();
-    // SAFETY: [host, host + count) lies inside one private anonymous
-    // mapping that `mem` owns and keeps alive (get_slice checked the
-    // bounds), and both ends are page aligned (the regions' mappings start
-    // on a page and addr and len are multiples of a page). MADV_DONTNEED
-    // only drops the pages' contents, which then read as zeros; nothing in
-    // the VMM holds a Rust reference into guest memory (vm-memory copies
-    // in and out with volatile accesses), so no reference sees its memory
+    // SAFETY: [host, host + count) lies inside one mapping that `mem` owns
+    // and keeps alive (get_slice checked the bounds), and both ends are
+    // page aligned (the regions' mappings start on a page and addr and len
+    // are multiples of a page). Either advice only drops the pages'
+    // contents, which then read as zeros (MADV_REMOVE punches a hole in the
+    // region's memfd, so the backend's mapping reads zeros too); nothing in
+    // the VMM holds a Rust reference into guest memory (vm-memory copies in
+    // and out with volatile accesses), so no reference sees its memory
     // change under it.
-    let rc = unsafe { libc::madvise(host.cast(), count, libc::MADV_DONTNEED) };
+    let rc = unsafe { libc::madvise(host.cast(), count, advice) };
     if rc != 0 {
         return Err(DiscardError::Madvise {
             addr: addr.0,
@@ -105,20 +169,18 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()
     Ok(())
 }
 
-/// Maps `mem_size` bytes of guest RAM.
+/// Maps `mem_size` bytes of private guest RAM.
 pub fn create(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let ranges = ram_regions(mem_size)
+    create_with(mem_size, Backing::Private)
+}
+
+/// Maps `mem_size` bytes of guest RAM, backed as `backing` says.
+pub fn create_with(mem_size: u64, backing: Backing) -> Result<GuestMemoryMmap, MemoryError> {
+    let regions = ram_regions(mem_size)
         .into_iter()
-        .map(|(addr, size)| {
-            usize::try_from(size)
-                .map(|s| (GuestAddress(addr.0), s))
-                .map_err(|_| MemoryError::TooLarge(mem_size))
-        })
+        .map(|(addr, size)| region(GuestAddress(addr.0), size, backing))
         .collect::<Result<Vec<_>, _>>()?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map {
-        size: mem_size,
-        source: Flat(source),
-    })
+    GuestMemoryMmap::from_regions(regions).map_err(|_| MemoryError::TooLarge(mem_size))
 }
 
 /// One region of guest memory as a snapshot records it: where it sits in
@@ -305,10 +367,16 @@ mod tests {
 
     #[test]
     fn a_hotplug_region_joins_guest_memory_and_discarding_returns_its_pages() {
+        for backing in [Backing::Private, Backing::Shared] {
+            hotplug_region_and_discard(backing);
+        }
+    }
+
+    fn hotplug_region_and_discard(backing: Backing) {
         use vm_memory::Bytes;
-        let boot = create(64 << 20).unwrap();
+        let boot = create_with(64 << 20, backing).unwrap();
         let at = 4u64 << 30;
-        let m = add_region(&boot, GuestAddress(at), 32 << 20).unwrap();
+        let m = add_region(&boot, GuestAddress(at), 32 << 20, backing).unwrap();
         assert_eq!(m.num_regions(), 2);
         assert!(m.address_in_range(GuestAddress(at + (32 << 20) - 1)));
         assert!(!m.address_in_range(GuestAddress(at + (32 << 20))));
@@ -330,9 +398,36 @@ mod tests {
     }
 
     #[test]
+    fn shared_memory_is_one_memfd_per_region_that_another_mapping_sees() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::{Bytes, GuestMemoryRegion};
+        let m = create_with(64 << 20, Backing::Shared).unwrap();
+        let private = create(64 << 20).unwrap();
+        assert!(private.iter().all(|r| r.file_offset().is_none()));
+        for r in m.iter() {
+            assert_ne!(r.flags() & libc::MAP_SHARED, 0);
+            let f = r.file_offset().expect("a memfd behind each shared region");
+            assert_eq!(f.start(), 0);
+            assert_eq!(f.file().metadata().unwrap().len(), r.len());
+        }
+        // What the guest writes, the backend (another mapping of the same
+        // memfd; here a read through the file) sees, and the other way.
+        m.write_slice(b"guest", GuestAddress(0x2000)).unwrap();
+        let region = m.find_region(GuestAddress(0)).unwrap();
+        let file = region.file_offset().unwrap().file();
+        let mut buf = [0u8; 5];
+        file.read_exact_at(&mut buf, 0x2000).unwrap();
+        assert_eq!(&buf, b"guest");
+        file.write_all_at(b"backend", 0x3000).unwrap();
+        let mut back = [0u8; 7];
+        m.read_slice(&mut back, GuestAddress(0x3000)).unwrap();
+        assert_eq!(&back, b"backend");
+    }
+
+    #[test]
     fn discarding_outside_one_region_or_unaligned_is_refused() {
         let boot = create(64 << 20).unwrap();
-        let m = add_region(&boot, GuestAddress(4 << 30), 8 << 20).unwrap();
+        let m = add_region(&boot, GuestAddress(4 << 30), 8 << 20, Backing::Private).unwrap();
         for (addr, len) in [
             ((4u64 << 30) + 100, 4096u64),
             (4 << 30, 100),
@@ -350,7 +445,7 @@ mod tests {
             );
         }
         // A region that overlaps guest RAM cannot be added.
-        assert!(add_region(&boot, GuestAddress(32 << 20), 64 << 20).is_err());
+        assert!(add_region(&boot, GuestAddress(32 << 20), 64 << 20, Backing::Private).is_err());
     }
 
     fn tmp(name: &str) -> (std::path::PathBuf, std::fs::File) {

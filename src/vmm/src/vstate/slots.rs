@@ -81,7 +81,7 @@ mod tests {
         let boot = memory::create(32 << 20).unwrap();
         vm.register_memory(&boot).unwrap();
         let at = GuestAddress(4 << 30);
-        let mem = memory::add_region(&boot, at, 256 << 20).unwrap();
+        let mem = memory::add_region(&boot, at, 256 << 20, memory::Backing::Private).unwrap();
         let mut slots = vm.memory_slots(mem, 1);
         slots.map(0, at, 128 << 20).unwrap();
         slots

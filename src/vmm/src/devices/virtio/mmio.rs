@@ -256,7 +256,13 @@ impl MmioTransport {
                 .get(self.queue_select as usize)
                 .map_or(0, |q| u32::from(q.ready())),
             0x60 => self.device().interrupt().status(),
-            0x70 => self.device_status,
+            0x70 => {
+                if self.device().needs_reset() {
+                    self.device_status | status::DEVICE_NEEDS_RESET
+                } else {
+                    self.device_status
+                }
+            }
             0xfc => self.config_generation,
             _ => {
                 tracing::debug!(offset, "read of an unknown virtio-mmio register");

@@ -11,6 +11,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod fs;
 pub mod mem;
 pub mod mmio;
 pub mod net;
@@ -152,7 +153,7 @@ pub enum ActivateError {
 
 /// A virtio device, seen from its transport.
 pub trait VirtioDevice: Send {
-    /// The virtio device id (2: block, 1: net, 19: vsock, 24: memory).
+    /// The virtio device id (2: block, 1: net, 19: vsock, 24: memory, 26: fs).
     fn device_type(&self) -> u32;
     /// The maximum size of each queue.
     fn queue_max_sizes(&self) -> &[u16];
@@ -175,6 +176,11 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Returns the device to its initial state (the driver wrote 0 to status).
     fn reset(&mut self);
+    /// Whether the device failed on its own (a backend went away) and the
+    /// driver must reset it: the transport shows DEVICE_NEEDS_RESET.
+    fn needs_reset(&self) -> bool {
+        false
+    }
 }
 
 /// Copies `config[offset..]` into `data`, zero-filling what lies past the end.

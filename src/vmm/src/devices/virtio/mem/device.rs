@@ -686,7 +686,13 @@ mod tests {
     /// (MAP_NORESERVE: nothing is allocated until touched).
     fn guest() -> GuestMemoryMmap {
         let boot = crate::devices::virtio::test_utils::mem();
-        memory::add_region(&boot, GuestAddress(BASE), 2 * SLOT).unwrap()
+        memory::add_region(
+            &boot,
+            GuestAddress(BASE),
+            2 * SLOT,
+            memory::Backing::Private,
+        )
+        .unwrap()
     }
 
     fn device() -> (Mem, GuestMemoryMmap, Recorder) {

@@ -1,0 +1,558 @@
+//! The virtio-fs device: the guest's side (features, configuration space,
+//! queues, interrupt) kept by husk, the requests served by a vhost-user
+//! backend over a unix socket.
+//!
+//! States: built with a connected, negotiated backend ([`Fs::new`]);
+//! the driver's DRIVER_OK and reset become [`Op`]s that the event loop
+//! carries out ([`Fs::run_pending`]); a backend that fails a request or
+//! hangs up makes the device [`Fs::broken`] for good: DEVICE_NEEDS_RESET,
+//! and every later activation fails at once.
+
+use std::collections::VecDeque;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vhost::vhost_user::message::VhostUserHeaderFlag;
+use vhost::vhost_user::{
+    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{TAG_LEN, TYPE_FS};
+use crate::config::FsConfig;
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_CONFIG,
+    INTERRUPT_USED_RING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
+use crate::error::{Chain, Flat};
+
+/// How long one reply of the backend may take before the device gives up
+/// on it. virtiofsd answers set-up requests in microseconds; a backend
+/// that is stopped must not stall the event loop for longer than this.
+pub const BACKEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// VIRTIO_RING_F_INDIRECT_DESC.
+const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+
+/// The ring features husk passes through when the backend offers them:
+/// nothing of the data path is husk's, so these are the backend's to serve.
+const PASSED_THROUGH: u64 =
+    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX);
+
+/// The protocol features husk uses when the backend has them: several
+/// queues, and an acknowledgement of every request (so a set-up the
+/// backend refused is seen at once, not as a dead queue later).
+fn wanted_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+}
+
+/// Errors of a virtio-fs device.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The backend's socket could not be reached.
+    #[error("cannot connect to the vhost-user backend at {path}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A request to the backend failed or was refused.
+    #[error("the vhost-user backend at {path} failed to {what}")]
+    Backend {
+        /// The socket.
+        path: PathBuf,
+        /// What husk asked for.
+        what: &'static str,
+        /// What the vhost-user library said.
+        source: Flat<vhost::Error>,
+    },
+    /// The backend lacks what husk needs of it.
+    #[error("the vhost-user backend at {path} does not offer {what}")]
+    Unsupported {
+        /// The socket.
+        path: PathBuf,
+        /// What is missing.
+        what: String,
+    },
+    /// Guest memory cannot be shared with the backend (not memfd backed,
+    /// or a ring outside it).
+    #[error("guest memory cannot be shared with the vhost-user backend: {0}")]
+    Memory(String),
+    /// An eventfd could not be made.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The backend went away; the device needs a reset it cannot get.
+    #[error("the vhost-user backend at {0} disconnected")]
+    Disconnected(PathBuf),
+}
+
+/// Work for the event loop, queued by the driver's register writes on a
+/// vCPU thread.
+#[derive(Debug)]
+pub(super) enum Op {
+    /// DRIVER_OK: hand guest memory and the rings to the backend.
+    Start {
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        features: u64,
+    },
+    /// A reset of an active device: the backend stops its rings.
+    Stop { queues: usize },
+}
+
+/// The connected backend.
+struct Backend {
+    frontend: Frontend,
+    /// The same socket, watched by the event loop for a hang-up.
+    watch: UnixStream,
+    /// Virtio features the backend offers (bit 30 is vhost-user's own).
+    features: u64,
+}
+
+/// A virtio-fs device backed by a vhost-user backend.
+pub struct Fs {
+    config: FsConfig,
+    backend: Backend,
+    queue_sizes: Vec<u16>,
+    /// Kicks: KVM's ioeventfds on QueueNotify, read by the backend.
+    queue_events: Vec<EventFd>,
+    /// Calls: written by the backend, turned into the interrupt here.
+    call_events: Vec<EventFd>,
+    interrupt: Interrupt,
+    /// Wakes the event loop when `pending` has work.
+    work: EventFd,
+    pending: VecDeque<Op>,
+    /// Rings the backend is running (0 while stopped).
+    running: usize,
+    broken: bool,
+}
+
+impl std::fmt::Debug for Fs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fs")
+            .field("config", &self.config)
+            .field("running", &self.running)
+            .field("broken", &self.broken)
+            .finish_non_exhaustive()
+    }
+}
+
+fn eventfd() -> Result<EventFd, FsError> {
+    EventFd::new(EFD_NONBLOCK).map_err(FsError::EventFd)
+}
+
+impl Backend {
+    /// Connects to the backend and negotiates the session: ownership,
+    /// virtio and protocol features, the queue count.
+    fn connect(config: &FsConfig, queues: usize) -> Result<Self, FsError> {
+        let path = &config.socket;
+        let sock = UnixStream::connect(path).map_err(|source| FsError::Connect {
+            path: path.clone(),
+            source,
+        })?;
+        let timeouts = sock
+            .set_read_timeout(Some(BACKEND_TIMEOUT))
+            .and_then(|()| sock.set_write_timeout(Some(BACKEND_TIMEOUT)));
+        let watch =
+            timeouts
+                .and_then(|()| sock.try_clone())
+                .map_err(|source| FsError::Connect {
+                    path: path.clone(),
+                    source,
+                })?;
+        let mut frontend = Frontend::from_stream(sock, queues as u64);
+        let fail = |what| {
+            let path = path.clone();
+            move |source| FsError::Backend {
+                path,
+                what,
+                source: Flat(source),
+            }
+        };
+        frontend.set_owner().map_err(fail("take ownership"))?;
+        let features = frontend.get_features().map_err(fail("list its features"))?;
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if features & protocol_bit == 0 || features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(FsError::Unsupported {
+                path: path.clone(),
+                what: format!("VIRTIO_F_VERSION_1 and protocol features (it offers {features:#x})"),
+            });
+        }
+        let offered = frontend
+            .get_protocol_features()
+            .map_err(fail("list its protocol features"))?;
+        let acked = offered & wanted_protocol_features();
+        frontend
+            .set_protocol_features(acked)
+            .map_err(fail("accept the protocol features"))?;
+        if acked.contains(VhostUserProtocolFeatures::MQ) {
+            let max = frontend
+                .get_queue_num()
+                .map_err(fail("say how many queues it serves"))?;
+            if (max as usize) < queues {
+                return Err(FsError::Unsupported {
+                    path: path.clone(),
+                    what: format!(
+                        "{queues} queues (a high-priority one and {} request queues); it serves {max}",
+                        queues - 1
+                    ),
+                });
+            }
+        } else if queues > 2 {
+            return Err(FsError::Unsupported {
+                path: path.clone(),
+                what: "several request queues (the MQ protocol feature)".into(),
+            });
+        }
+        if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        Ok(Backend {
+            frontend,
+            watch,
+            features,
+        })
+    }
+}
+
+/// The host address of `len` bytes of guest memory at `addr`, if they lie
+/// in one region.
+fn host_address(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) -> Option<u64> {
+    let slice = mem.get_slice(addr, len).ok()?;
+    (slice.len() == len).then(|| slice.ptr_guard().as_ptr() as u64)
+}
+
+/// What the backend needs to know of one queue's rings.
+fn vring_config(mem: &GuestMemoryMmap, q: &Queue) -> Result<VringConfigData, FsError> {
+    let size = usize::from(q.size());
+    // virtio 1.1, 2.6: descriptor table, driver (avail) and device (used) rings.
+    let rings = [
+        (q.desc_table(), 16 * size, "descriptor table"),
+        (q.avail_ring(), 6 + 2 * size, "available ring"),
+        (q.used_ring(), 6 + 8 * size, "used ring"),
+    ];
+    let mut addrs = [0u64; 3];
+    for (slot, (addr, len, what)) in addrs.iter_mut().zip(rings) {
+        *slot = host_address(mem, GuestAddress(addr), len).ok_or_else(|| {
+            FsError::Memory(format!(
+                "the {what} at {addr:#x} does not lie in one region"
+            ))
+        })?;
+    }
+    Ok(VringConfigData {
+        queue_max_size: q.max_size(),
+        queue_size: q.size(),
+        flags: 0,
+        desc_table_addr: addrs[0],
+        avail_ring_addr: addrs[1],
+        used_ring_addr: addrs[2],
+        log_addr: None,
+    })
+}
+
+/// The configuration space: `struct virtio_fs_config { u8 tag[36]; le32
+/// num_request_queues; }`.
+fn config_space(tag: &str, request_queues: u16) -> [u8; TAG_LEN + 4] {
+    let mut space = [0u8; TAG_LEN + 4];
+    let bytes = tag.as_bytes();
+    let n = bytes.len().min(TAG_LEN);
+    space[..n].copy_from_slice(&bytes[..n]);
+    space[TAG_LEN..].copy_from_slice(&u32::from(request_queues).to_le_bytes());
+    space
+}
+
+impl Fs {
+    /// Connects to the backend named by `config` (already checked by
+    /// `config::check_fs`) and negotiates with it. The VM's memory must be
+    /// [`crate::vstate::memory::Backing::Shared`].
+    pub fn new(config: &FsConfig) -> Result<Self, FsError> {
+        let queues = 1 + usize::from(config.num_queues);
+        let backend = Backend::connect(config, queues)?;
+        Ok(Fs {
+            config: config.clone(),
+            backend,
+            queue_sizes: vec![config.queue_size; queues],
+            queue_events: (0..queues).map(|_| eventfd()).collect::<Result<_, _>>()?,
+            call_events: (0..queues).map(|_| eventfd()).collect::<Result<_, _>>()?,
+            interrupt: Interrupt::new().map_err(FsError::EventFd)?,
+            work: eventfd()?,
+            pending: VecDeque::new(),
+            running: 0,
+            broken: false,
+        })
+    }
+
+    /// What the device was built with.
+    pub fn config(&self) -> &FsConfig {
+        &self.config
+    }
+
+    /// Whether the backend failed or went away.
+    pub fn broken(&self) -> bool {
+        self.broken
+    }
+
+    pub(super) fn work_event(&self) -> &EventFd {
+        &self.work
+    }
+
+    pub(super) fn call_events(&self) -> &[EventFd] {
+        &self.call_events
+    }
+
+    pub(super) fn backend_socket(&self) -> &UnixStream {
+        &self.backend.watch
+    }
+
+    fn queue(&mut self, op: Op) {
+        self.pending.push_back(op);
+        if let Err(e) = self.work.write(1) {
+            tracing::error!(fs = %self.config.id, error = %Chain(&e), "cannot wake the event loop");
+        }
+    }
+
+    /// The backend is gone or failed: the driver must reset the device,
+    /// which cannot work again in this VM.
+    pub(super) fn fail(&mut self, error: &FsError) {
+        if !self.broken {
+            tracing::error!(fs = %self.config.id, tag = %self.config.tag, error = %Chain(error),
+                "virtio-fs device needs a reset; its file system is unavailable");
+        }
+        self.broken = true;
+        self.running = 0;
+        self.pending.clear();
+        self.interrupt.trigger(INTERRUPT_CONFIG);
+    }
+
+    /// Carries out the work the driver's register writes queued.
+    pub(super) fn run_pending(&mut self) {
+        while let Some(op) = self.pending.pop_front() {
+            if self.broken {
+                self.pending.clear();
+                return;
+            }
+            let result = match op {
+                Op::Start {
+                    mem,
+                    queues,
+                    features,
+                } => self.start(&mem, &queues, features),
+                Op::Stop { queues } => self.stop(queues),
+            };
+            if let Err(e) = result {
+                self.fail(&e);
+            }
+        }
+    }
+
+    fn backend_err(&self, what: &'static str) -> impl Fn(vhost::Error) -> FsError + '_ {
+        move |source| FsError::Backend {
+            path: self.config.socket.clone(),
+            what,
+            source: Flat(source),
+        }
+    }
+
+    /// Hands guest memory and the rings to the backend and starts them.
+    fn start(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queues: &[Queue],
+        features: u64,
+    ) -> Result<(), FsError> {
+        let f = &self.backend.frontend;
+        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        f.set_features(features | protocol)
+            .map_err(self.backend_err("accept the driver's features"))?;
+        let regions = mem
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| FsError::Memory(e.to_string()))?;
+        f.set_mem_table(&regions)
+            .map_err(self.backend_err("map guest memory"))?;
+        for (index, q) in queues.iter().enumerate() {
+            let rings = vring_config(mem, q)?;
+            f.set_vring_num(index, q.size())
+                .map_err(self.backend_err("size a queue"))?;
+            f.set_vring_addr(index, &rings)
+                .map_err(self.backend_err("place a queue's rings"))?;
+            f.set_vring_base(index, q.next_avail())
+                .map_err(self.backend_err("set a queue's first index"))?;
+            f.set_vring_call(index, &self.call_events[index])
+                .map_err(self.backend_err("take a queue's interrupt eventfd"))?;
+            f.set_vring_kick(index, &self.queue_events[index])
+                .map_err(self.backend_err("take a queue's notification eventfd"))?;
+        }
+        // Rings start disabled once protocol features are in use.
+        let f = &mut self.backend.frontend;
+        for index in 0..queues.len() {
+            f.set_vring_enable(index, true)
+                .map_err(|source| FsError::Backend {
+                    path: self.config.socket.clone(),
+                    what: "enable a queue",
+                    source: Flat(source),
+                })?;
+        }
+        self.running = queues.len();
+        tracing::debug!(fs = %self.config.id, queues = queues.len(), "virtio-fs backend started");
+        Ok(())
+    }
+
+    /// Stops the backend's rings (a driver reset); the session stays, so
+    /// the driver can start the device again.
+    fn stop(&mut self, queues: usize) -> Result<(), FsError> {
+        let path = self.config.socket.clone();
+        let err = |what| {
+            let path = path.clone();
+            move |source| FsError::Backend {
+                path,
+                what,
+                source: Flat(source),
+            }
+        };
+        for index in 0..queues {
+            self.backend
+                .frontend
+                .set_vring_enable(index, false)
+                .map_err(err("disable a queue"))?;
+            // GET_VRING_BASE stops the ring (vhost-user, "Stopping rings").
+            self.backend
+                .frontend
+                .get_vring_base(index)
+                .map_err(err("stop a queue"))?;
+        }
+        self.running = 0;
+        tracing::debug!(fs = %self.config.id, "virtio-fs backend stopped");
+        Ok(())
+    }
+
+    /// The backend used buffers of queue `index`: interrupt the guest.
+    pub(super) fn signal_used(&self, index: usize) {
+        if let Some(call) = self.call_events.get(index) {
+            if call.read().is_ok() {
+                self.interrupt.trigger(INTERRUPT_USED_RING);
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        TYPE_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.backend.features & PASSED_THROUGH
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn interrupt(&self) -> &Interrupt {
+        &self.interrupt
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(
+            &config_space(&self.config.tag, self.config.num_queues),
+            offset,
+            data,
+        );
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        tracing::debug!(offset, "virtio-fs config write ignored");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        acked_features: u64,
+    ) -> Result<(), ActivateError> {
+        let expected = self.queue_sizes.len();
+        if queues.len() != expected {
+            return Err(ActivateError::QueueCount {
+                expected,
+                got: queues.len(),
+            });
+        }
+        self.queue(Op::Start {
+            mem,
+            queues,
+            features: acked_features,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // The event loop carries out the queued work in order: a start
+        // still queued runs and is undone right after.
+        let started = self.pending.iter().any(|op| matches!(op, Op::Start { .. }));
+        if started || self.running > 0 {
+            let queues = self.queue_sizes.len();
+            self.queue(Op::Stop { queues });
+        }
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_space_holds_the_tag_and_the_request_queues() {
+        let space = config_space("vol", 1);
+        assert_eq!(&space[..3], b"vol");
+        assert!(space[3..TAG_LEN].iter().all(|b| *b == 0));
+        assert_eq!(&space[TAG_LEN..], &1u32.to_le_bytes());
+        let long = "t".repeat(TAG_LEN);
+        let space = config_space(&long, 2);
+        assert_eq!(&space[..TAG_LEN], long.as_bytes());
+        assert_eq!(&space[TAG_LEN..], &2u32.to_le_bytes());
+    }
+
+    #[test]
+    fn rings_outside_guest_memory_are_refused() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut q = Queue::new(256).unwrap();
+        q.set_size(256);
+        q.set_desc_table_address(Some(0x1000), Some(0));
+        q.set_avail_ring_address(Some(0x3000), Some(0));
+        q.set_used_ring_address(Some(0x4000), Some(0));
+        let rings = vring_config(&mem, &q).unwrap();
+        assert_eq!(rings.queue_size, 256);
+        assert_eq!(rings.avail_ring_addr - rings.desc_table_addr, 0x2000);
+        // The used ring runs past the end of memory.
+        q.set_used_ring_address(Some(0x10000 - 64), Some(0));
+        assert!(matches!(vring_config(&mem, &q), Err(FsError::Memory(_))));
+    }
+
+    #[test]
+    fn a_missing_backend_is_a_connect_error() {
+        let dir = std::env::temp_dir().join(format!("husk-fs-test-{}", std::process::id()));
+        let config = FsConfig {
+            id: "fs0".into(),
+            tag: "vol".into(),
+            socket: dir.join("absent.sock"),
+            num_queues: 1,
+            queue_size: 1024,
+        };
+        assert!(matches!(Fs::new(&config), Err(FsError::Connect { .. })));
+    }
+}

@@ -1,0 +1,73 @@
+//! Wires the virtio-fs device into the VMM's event loop: one call eventfd
+//! per queue (the backend used buffers), the work eventfd (the driver
+//! started or reset the device), and the backend's socket, watched for a
+//! hang-up. The queues' kick eventfds are not here: the backend reads them.
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+
+use super::device::{Fs, FsError};
+
+/// Tokens below this are queue indices (call eventfds).
+const TOKEN_WORK: u32 = 1 << 16;
+const TOKEN_BACKEND: u32 = TOKEN_WORK + 1;
+
+impl Fs {
+    /// Serves one event-loop event; `true` once the backend's socket hung
+    /// up (stop watching it).
+    pub fn handle_event(&mut self, token: u32, events: EventSet) -> bool {
+        match token {
+            TOKEN_WORK => {
+                let _ = self.work_event().read();
+                self.run_pending();
+            }
+            TOKEN_BACKEND => {
+                // Nothing is ever expected on the socket outside a request
+                // (no backend-initiated channel): readable or closed means
+                // gone.
+                if events.intersects(
+                    EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR | EventSet::IN,
+                ) {
+                    let path = self.config().socket.clone();
+                    self.fail(&FsError::Disconnected(path));
+                    return true;
+                }
+            }
+            index => self.signal_used(index as usize),
+        }
+        false
+    }
+}
+
+impl MutEventSubscriber for Fs {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.handle_event(events.data(), events.event_set()) {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(self.backend_socket());
+            if let Err(e) = ops.remove(Events::with_data_raw(fd, TOKEN_BACKEND, EventSet::empty()))
+            {
+                tracing::debug!(error = ?e, "cannot stop watching a vhost-user socket");
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        use std::os::fd::AsRawFd;
+        let mut fds: Vec<(i32, u32, EventSet)> = self
+            .call_events()
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.as_raw_fd(), i as u32, EventSet::IN))
+            .collect();
+        fds.push((self.work_event().as_raw_fd(), TOKEN_WORK, EventSet::IN));
+        fds.push((
+            self.backend_socket().as_raw_fd(),
+            TOKEN_BACKEND,
+            EventSet::READ_HANG_UP,
+        ));
+        for (fd, token, set) in fds {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, token, set)) {
+                tracing::error!(token, error = ?e, "cannot watch a virtio-fs event source");
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! virtio-fs: husk's vhost-user frontend against virtiofsd (the virtio-fs
+//! project's own daemon, built by resources/lib.sh) on one side and the
+//! guest kernel's virtiofs driver on the other, in the node VM. What the
+//! guest writes is read back on the node by plain shell tools, and what
+//! the node wrote is checked in the guest.
+
+use husk_tests::{artifacts, husk_on_host, initrd_with_script, virtiofsd, Payload, RunResult};
+
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
+
+/// Starts virtiofsd on `share/` in the background (`$v` its pid) and waits
+/// for its socket; virtiofsd serves one VM and exits when it goes.
+///
+/// Its namespace sandbox pivots its root into the shared directory, which
+/// Linux refuses while the root is the initramfs the node VM runs from (a
+/// real node's root is a mounted file system): so here it runs chrooted
+/// into a bind mount of the node's root, in a mount namespace of its own.
+const START_VIRTIOFSD: &str = r#"mkdir -p share /tmp/virtiofsd-root
+    unshare -m sh -c 'mount --rbind / /tmp/virtiofsd-root &&
+      exec chroot /tmp/virtiofsd-root "$0/virtiofsd" --socket-path="$0/fs.sock" \
+        --shared-dir="$0/share" --sandbox=namespace --log-level=warn' "$PWD" \
+      > virtiofsd.log 2>&1 &
+    v=$!
+    i=0; while [ ! -S fs.sock ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+    [ -S fs.sock ] || { cat virtiofsd.log; exit 20; }"#;
+
+fn run(name: &str, guest_script: &str, node_script: &str) -> RunResult {
+    let initrd = initrd_with_script(name, guest_script);
+    let a = artifacts();
+    Payload::new(name)
+        .add(&a.husk, "husk")
+        .add(&a.vmlinux, "vmlinux")
+        .add(&initrd, "initrd.cpio")
+        .add(&virtiofsd(), "virtiofsd")
+        .run(node_script)
+}
+
+#[test]
+fn a_host_directory_is_shared_both_ways() {
+    // 10 MiB each way, checksummed on both sides; a directory made and a
+    // file renamed in the guest are seen on the node.
+    let guest =
+        "mkdir -p /mnt && mount -t virtiofs share /mnt || { dmesg | grep -i virtio; exit 1; }
+        echo \"GUEST-READ-SHA $(sha256sum /mnt/host.bin | cut -d' ' -f1)\"
+        yes 'husk virtio-fs test data' | head -c 10485760 > /mnt/guest.bin || exit 2
+        echo \"GUEST-WRITE-SHA $(sha256sum /mnt/guest.bin | cut -d' ' -f1)\"
+        mkdir /mnt/dir && echo from-the-guest > /mnt/dir/f && mv /mnt/dir/f /mnt/dir/g || exit 3
+        echo \"GUEST-FSTYPE $(grep ' /mnt ' /proc/mounts | cut -d' ' -f3)\"
+        umount /mnt || exit 4";
+    let r = run(
+        "fs-both-ways",
+        guest,
+        &format!(
+            "mkdir -p share && head -c 10485760 /dev/urandom > share/host.bin
+             echo \"NODE-HOST-SHA $(sha256sum share/host.bin | cut -d' ' -f1)\"
+             {START_VIRTIOFSD}
+             timeout 300 ./husk boot --kernel vmlinux --initrd initrd.cpio --mem-mib 256 \
+               --cmdline '{CMDLINE}' --fs tag=share,socket=fs.sock
+             echo \"HUSK-STATUS $?\"
+             timeout 10 sh -c \"while kill -0 $v 2>/dev/null; do sleep 0.1; done\" \
+               && echo 'VIRTIOFSD ended' || echo 'VIRTIOFSD still running'
+             echo \"NODE-GUEST-SHA $(sha256sum share/guest.bin | cut -d' ' -f1)\"
+             echo \"NODE-RENAMED $(cat share/dir/g) $(ls share/dir | tr '\\n' ' ')\"
+             cat virtiofsd.log"
+        ),
+    );
+    r.assert_contains("HUSK-STATUS 0")
+        .assert_contains("HUSK-GUEST-TEST-STATUS 0")
+        .assert_contains("GUEST-FSTYPE virtiofs")
+        .assert_contains("NODE-RENAMED from-the-guest g ")
+        // virtiofsd serves one frontend: husk's exit ends it.
+        .assert_contains("VIRTIOFSD ended");
+    let host = r.value("NODE-HOST-SHA").expect("node checksum");
+    assert_eq!(host.len(), 64, "{}", r.output);
+    assert_eq!(r.value("GUEST-READ-SHA"), Some(host), "{}", r.output);
+    let written = r.value("GUEST-WRITE-SHA").expect("guest checksum");
+    assert_eq!(r.value("NODE-GUEST-SHA"), Some(written), "{}", r.output);
+}
+
+#[test]
+fn a_killed_backend_is_noticed_and_the_vm_still_stops() {
+    // virtiofsd is killed while the guest has the share mounted: husk
+    // notices the hang-up (DEVICE_NEEDS_RESET, one error line), keeps
+    // running the guest, which then resets the VM as usual. The guest's
+    // late request to the share is never answered (Linux's virtiofs has
+    // no timeout), so the guest resets without syncing; it must not take
+    // the VMM down with it.
+    let guest =
+        "mkdir -p /mnt && mount -t virtiofs share /mnt || { dmesg | grep -i virtio; exit 1; }
+        echo \"GUEST-SEES $(cat /mnt/marker)\"
+        echo GUEST-MOUNTED
+        sleep 4
+        (ls /mnt > /dev/null 2>&1 &)
+        sleep 1
+        echo GUEST-DONE
+        # Without a sync: syncing the share would wait for good too.
+        reboot -n -f";
+    let r = run(
+        "fs-killed-backend",
+        guest,
+        &format!(
+            "mkdir -p share && echo here > share/marker
+             {START_VIRTIOFSD}
+             timeout 120 ./husk boot --log-level warn --kernel vmlinux --initrd initrd.cpio \
+               --mem-mib 256 --cmdline '{CMDLINE}' --fs tag=share,socket=fs.sock \
+               --serial file:console.txt 2> husk.log &
+             h=$!
+             i=0; while ! grep -q GUEST-MOUNTED console.txt 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+             kill -9 $v
+             echo NODE-KILLED-VIRTIOFSD
+             wait $h; echo \"HUSK-STATUS $?\"
+             cat console.txt; cat husk.log"
+        ),
+    );
+    r.assert_contains("GUEST-SEES here")
+        .assert_contains("NODE-KILLED-VIRTIOFSD")
+        .assert_contains("GUEST-DONE")
+        .assert_contains("HUSK-STATUS 0")
+        .assert_contains("virtio-fs device needs a reset")
+        .assert_contains("disconnected");
+}
+
+#[test]
+fn a_missing_backend_is_a_clear_error() {
+    // No socket at all: husk says which and builds nothing (on the host:
+    // the VM is never run).
+    let dir = std::env::temp_dir().join(format!("husk-fs-missing-{}", std::process::id()));
+    let socket = dir.join("absent.sock");
+    let a = artifacts();
+    let r = husk_on_host(&[
+        "boot",
+        "--kernel",
+        a.vmlinux.to_str().expect("utf-8 path"),
+        "--fs",
+        &format!("tag=share,socket={}", socket.display()),
+    ]);
+    assert_ne!(r.status, 0, "{}", r.output);
+    r.assert_contains("cannot set up file system \"share\"")
+        .assert_contains("cannot connect to the vhost-user backend at")
+        .assert_contains("absent.sock");
+}
