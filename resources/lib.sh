@@ -37,7 +37,6 @@ husk_build_images() {
   husk_dynamic_busybox
   husk_containerd17
   husk_promtool
-  husk_virtiofsd
   HUSK_KERNEL_DIR=$("$repo/guest-kernel-config/build.sh")
   export HUSK_KERNEL_DIR
   if [[ ${HUSK_NODE:-auto} != direct ]]; then

@@ -11,6 +11,7 @@ cd "$repo"
 
 husk_install_packages
 husk_build_images "$repo"
+husk_virtiofsd
 jobs=$(nproc)
 
 log "cargo fmt --check"
