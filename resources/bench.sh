@@ -9,6 +9,9 @@
 #   resources/bench.sh blk [--size-mib M] [--runtime-s S] [--depths D,D]
 #                                                        virtio-blk against its backing file, at
 #                                                        each queue depth (default 1,16)
+#   resources/bench.sh fs [--size-mib M] [--runtime-s S] [--depths D,D]
+#                                                        virtio-fs (virtiofsd) against virtio-blk
+#                                                        in the same guest, at each queue depth
 #   resources/bench.sh api [--runs N]                    API latency (GET /, PUT /machine-config),
 #                                                        InstanceStart to the first vCPU entry
 #   resources/bench.sh net [--size-mib M]                 virtio-net TCP throughput guest<->node over a tap
@@ -37,7 +40,7 @@ source "$repo/resources/lib.sh"
 mode=boot runs=10 size_mib="" runtime_s=5 streams=8 firecracker="" concurrent=20 depths=1,16
 while (($#)); do
   case $1 in
-    boot|blk|api|hotplug|net|vsock|snapshot|run|pod|cri) mode=$1; shift ;;
+    boot|blk|fs|api|hotplug|net|vsock|snapshot|run|pod|cri) mode=$1; shift ;;
     --concurrent) concurrent=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     --size-mib) size_mib=$2; shift 2 ;;
@@ -45,7 +48,7 @@ while (($#)); do
     --streams) streams=$2; shift 2 ;;
     --depths) depths=$2; shift 2 ;;
     --firecracker) firecracker=$(realpath "$2"); shift 2 ;;
-    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | hotplug [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | snapshot [--runs N] [--firecracker PATH] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N]]" >&2; exit 2 ;;
+    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | fs [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | hotplug [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | snapshot [--runs N] [--firecracker PATH] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N]]" >&2; exit 2 ;;
   esac
 done
 
@@ -110,6 +113,32 @@ case $mode in
     rm "$script"
     "$repo/resources/node/run.sh" --payload "$payload" -- \
       ./husk-bench blk --husk ./husk --kernel vmlinux --initrd blk.cpio \
+      --size-mib "$size_mib" --runtime-s "$runtime_s" --depths "$depths"
+    ;;
+  fs)
+    # One guest, both devices: husk-bench io on /dev/vda and on a file of
+    # the virtio-fs share, per depth (static husk-bench: no libraries in
+    # the guest).
+    husk_virtiofsd
+    cp "$HUSK_VIRTIOFSD" "$payload/virtiofsd"
+    target=x86_64-unknown-linux-gnu
+    (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
+      cargo build --release --locked -j"$(nproc)" -p husk-bench --bin husk-bench --target "$target" >&2)
+    script="$payload/io.sh"
+    # shellcheck disable=SC2016  # expands in the guest, not here
+    printf '%s\n' '#!/bin/sh' \
+      'depths=$(sed -n "s/.*husk.io_depths=\([0-9,]*\).*/\1/p" /proc/cmdline)' \
+      'mkdir -p /mnt && mount -t virtiofs bench /mnt || exit 1' \
+      'for d in $(echo "$depths" | tr , " "); do' \
+      "  echo \"HUSK-IO-JSON \$(/bin/husk-bench io --path /dev/vda --size-mib ${size_mib:=128} --runtime-s $runtime_s --depth \$d)\"" \
+      "  echo \"HUSK-FS-IO-JSON \$(/bin/husk-bench io --path /mnt/bench.bin --size-mib $size_mib --runtime-s $runtime_s --depth \$d)\"" \
+      'done' 'umount /mnt' > "$script"
+    chmod +x "$script"
+    "$repo/resources/guest/build-initramfs.sh" "$payload/fs.cpio" "$repo/resources/guest/test-init" \
+      "$repo/target/$target/release/husk-bench:/bin/husk-bench" "$script:/husk-test.sh" >/dev/null
+    rm "$script"
+    "$repo/resources/node/run.sh" --payload "$payload" -- \
+      ./husk-bench fs --husk ./husk --virtiofsd ./virtiofsd --kernel vmlinux --initrd fs.cpio \
       --size-mib "$size_mib" --runtime-s "$runtime_s" --depths "$depths"
     ;;
   net)

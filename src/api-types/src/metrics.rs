@@ -123,6 +123,21 @@ pub struct DeviceCounters {
     pub vsock: BTreeMap<String, VsockCounters>,
     /// Hot-pluggable memory (id `hotplug`).
     pub mem: BTreeMap<String, MemCounters>,
+    /// virtio-fs devices by id.
+    pub fs: BTreeMap<String, FsCounters>,
+}
+
+/// One virtio-fs device (its data path is the backend's: husk counts
+/// what passes through it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FsCounters {
+    /// Times the driver started the device.
+    pub activations: u64,
+    /// Used-buffer notifications raised to the guest.
+    pub interrupts: u64,
+    /// The backend refused a request or went away.
+    pub backend_failures: u64,
 }
 
 /// One drive.

@@ -31,6 +31,7 @@
 //! memory; everything else is overhead).
 
 mod api;
+mod fs;
 mod hotplug;
 mod io;
 mod net;
@@ -67,6 +68,8 @@ enum Bench {
     Io(IoArgs),
     /// virtio-blk in a guest against the same backing file used directly.
     Blk(BlkBench),
+    /// virtio-fs (virtiofsd) against virtio-blk in the same guest.
+    Fs(fs::FsBench),
     /// REST API request latency (and InstanceStart to first vCPU entry).
     Api(api::ApiBench),
     /// virtio-net TCP throughput between a guest and the node, over a tap.
@@ -508,6 +511,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     let out = match cli.command {
         Bench::Boot(b) => boot(b)?,
         Bench::Blk(b) => blk(b)?,
+        Bench::Fs(b) => fs::fs(b)?,
         Bench::Api(b) => api::run(&b)?,
         Bench::Run(b) => run::run(b)?,
         Bench::Pod(b) => pod::pod(b)?,

@@ -237,8 +237,11 @@ fn session(
     if pumps.iter().any(|p| !p.is_finished()) {
         tracing::debug!("output streams still open after the container exited");
     }
-    if let Err(e) = agent.call(Request::Shutdown) {
-        tracing::warn!(error = %Chain(&e), "the agent did not acknowledge the shutdown");
+    match agent.call(Request::Shutdown) {
+        Ok(_) => {}
+        // The guest reset before its reply left it: shut down all the same.
+        Err(e) if e.is_closed() => tracing::debug!("the agent closed its connection on shutdown"),
+        Err(e) => tracing::warn!(error = %Chain(&e), "the agent did not acknowledge the shutdown"),
     }
     Ok(status)
 }

@@ -48,6 +48,16 @@ pub enum ClientError {
     Timeout(Duration),
 }
 
+impl ClientError {
+    /// Whether the agent closed the connection between frames: after a
+    /// `Shutdown` that is the shutdown happening (the guest resets as soon
+    /// as the reply is written, and the reply can be lost with the VM),
+    /// not a failure.
+    pub fn is_closed(&self) -> bool {
+        matches!(self, ClientError::Frame(FrameError::Closed))
+    }
+}
+
 /// Where the agent is.
 #[derive(Debug, Clone)]
 pub enum Endpoint {

@@ -606,6 +606,8 @@ impl PodVm for HuskVm {
         }
         match self.agent.call_within(Request::Shutdown, limit) {
             Ok(_) => true,
+            // The guest reset before its reply left it.
+            Err(e) if e.is_closed() => true,
             Err(e) => {
                 tracing::warn!(error = %crate::error::Chain(&e), "the agent did not take the shutdown");
                 false

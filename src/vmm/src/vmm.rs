@@ -543,6 +543,7 @@ impl Vmm {
                 id: f.id.clone(),
                 source,
             })?;
+            metrics.register_device("fs", &f.id, dev.metrics());
             let dev = Arc::new(Mutex::new(dev));
             slots.attach(
                 &vm,

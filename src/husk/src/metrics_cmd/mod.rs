@@ -185,6 +185,8 @@ const FAMILIES: &[(&str, &str, Kind)] = &[
     ("husk_vsock_connections_closed_total", "vsock streams that ended.", Kind::Counter),
     ("husk_vsock_open_connections", "vsock streams open now.", Kind::Gauge),
     ("husk_memory_hotplug_plugged_bytes", "Hot-pluggable memory the guest has plugged.", Kind::Gauge),
+    ("husk_fs_interrupts_total", "virtio-fs used-buffer notifications from the backend raised to the guest.", Kind::Counter),
+    ("husk_fs_backend_failures_total", "virtio-fs backends that refused a request or went away.", Kind::Counter),
     ("husk_container_info", "A container of the pod (1): its name and id.", Kind::Gauge),
 ];
 
@@ -303,6 +305,11 @@ fn expose_pod(e: &mut Exposition, p: &PodMetrics) {
             m.plugged_bytes.saturating_sub(m.unplugged_bytes) as f64,
         );
     }
+    for (fs, f) in &line.devices.fs {
+        let l = with(base.clone(), &[("fs", fs)]);
+        counter(e, "husk_fs_interrupts_total", l.clone(), f.interrupts);
+        counter(e, "husk_fs_backend_failures_total", l, f.backend_failures);
+    }
     for (id, name) in &p.labels.containers {
         e.gauge(
             "husk_container_info",
@@ -334,6 +341,14 @@ mod tests {
         line.devices
             .block
             .insert("image0".into(), BlockCounters::default());
+        line.devices.fs.insert(
+            "share".into(),
+            husk_api_types::metrics::FsCounters {
+                interrupts: 12,
+                backend_failures: 1,
+                ..Default::default()
+            },
+        );
         let mut labels = PodLabels {
             containerd_namespace: "k8s.io".into(),
             pod_id: "0123abcd".into(),
@@ -374,6 +389,8 @@ mod tests {
             // The image's shared layers belong to no one container.
             format!("husk_block_read_bytes_total{{{base},drive=\"image0\",container=\"\"}} 0\n"),
             format!("husk_vmm_rss_bytes{{{base}}} 52428800\n"),
+            format!("husk_fs_interrupts_total{{{base},fs=\"share\"}} 12\n"),
+            format!("husk_fs_backend_failures_total{{{base},fs=\"share\"}} 1\n"),
             format!("husk_vm_uptime_seconds{{{base}}} 1.5\n"),
             format!("husk_vcpu_exits_total{{{base},reason=\"mmio_write\"}} 0\n"),
             format!("husk_container_info{{{base},container=\"cart\",container_id=\"c1\"}} 1\n"),

@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserHeaderFlag;
@@ -22,6 +23,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::metrics::FsMetrics;
 use super::{TAG_LEN, TYPE_FS};
 use crate::config::FsConfig;
 use crate::devices::virtio::{
@@ -130,6 +132,7 @@ pub struct Fs {
     /// Rings the backend is running (0 while stopped).
     running: usize,
     broken: bool,
+    metrics: Arc<FsMetrics>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -284,12 +287,18 @@ impl Fs {
             pending: VecDeque::new(),
             running: 0,
             broken: false,
+            metrics: Arc::new(FsMetrics::default()),
         })
     }
 
     /// What the device was built with.
     pub fn config(&self) -> &FsConfig {
         &self.config
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> Arc<FsMetrics> {
+        self.metrics.clone()
     }
 
     /// Whether the backend failed or went away.
@@ -320,6 +329,7 @@ impl Fs {
     /// which cannot work again in this VM.
     pub(super) fn fail(&mut self, error: &FsError) {
         if !self.broken {
+            self.metrics.backend_failures.inc();
             tracing::error!(fs = %self.config.id, tag = %self.config.tag, error = %Chain(error),
                 "virtio-fs device needs a reset; its file system is unavailable");
         }
@@ -400,6 +410,7 @@ impl Fs {
                 })?;
         }
         self.running = queues.len();
+        self.metrics.activations.inc();
         tracing::debug!(fs = %self.config.id, queues = queues.len(), "virtio-fs backend started");
         Ok(())
     }
@@ -428,6 +439,7 @@ impl Fs {
                 .map_err(err("stop a queue"))?;
         }
         self.running = 0;
+        self.metrics.resets.inc();
         tracing::debug!(fs = %self.config.id, "virtio-fs backend stopped");
         Ok(())
     }
@@ -436,6 +448,7 @@ impl Fs {
     pub(super) fn signal_used(&self, index: usize) {
         if let Some(call) = self.call_events.get(index) {
             if call.read().is_ok() {
+                self.metrics.interrupts.inc();
                 self.interrupt.trigger(INTERRUPT_USED_RING);
             }
         }

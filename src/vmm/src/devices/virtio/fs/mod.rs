@@ -23,6 +23,7 @@
 
 pub mod device;
 pub mod event_handler;
+pub mod metrics;
 
 pub use device::{Fs, FsError};
 

@@ -1,0 +1,172 @@
+//! `husk-bench fs`: virtio-fs against virtio-blk in one VM. The node
+//! makes a backing file for a drive and a file of the same size in a
+//! directory virtiofsd shares; the guest runs `husk-bench io` on
+//! /dev/vda and on the shared file at each queue depth, so both devices
+//! are measured in the same guest, the same node run and the same host
+//! page cache. Both bypass the guest's page cache (O_DIRECT); both end in
+//! buffered I/O on the node's file (husk's block backend and virtiofsd
+//! alike).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+/// Flags of `husk-bench fs`.
+#[derive(clap::Args)]
+pub struct FsBench {
+    /// The husk binary.
+    #[arg(long, default_value = "husk")]
+    husk: PathBuf,
+    /// virtiofsd (the virtio-fs project's vhost-user file server).
+    #[arg(long, default_value = "virtiofsd")]
+    virtiofsd: PathBuf,
+    /// Guest kernel.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest initramfs whose /husk-test.sh, for each depth listed in
+    /// `husk.io_depths=`, runs `husk-bench io` on /dev/vda (printing
+    /// `HUSK-IO-JSON `) and on /mnt/bench.bin of the `bench` virtio-fs tag
+    /// (printing `HUSK-FS-IO-JSON `); resources/bench.sh makes it.
+    #[arg(long)]
+    initrd: PathBuf,
+    /// Size of each file in MiB.
+    #[arg(long, default_value_t = 128)]
+    size_mib: u64,
+    /// Seconds per pattern.
+    #[arg(long, default_value_t = 5)]
+    runtime_s: u64,
+    /// Queue depths to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
+    depths: Vec<usize>,
+}
+
+/// Waits for virtiofsd's socket to appear (or virtiofsd to end).
+fn wait_for_socket(child: &mut std::process::Child, socket: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Some(status) = child.try_wait()? {
+            bail!("virtiofsd ended with {status} before listening");
+        }
+        if Instant::now() > deadline {
+            bail!("virtiofsd did not listen on {} in 10 s", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The guest's JSON lines after `prefix`.
+fn lines(console: &str, prefix: &str) -> anyhow::Result<Vec<Value>> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(prefix))
+        .map(|j| serde_json::from_str::<Value>(j).context("the guest's JSON"))
+        .collect()
+}
+
+/// Runs the benchmark; the JSON it prints.
+pub fn fs(b: FsBench) -> anyhow::Result<Value> {
+    if b.depths.is_empty() || b.depths.contains(&0) {
+        bail!("--depths needs one or more depths of at least 1");
+    }
+    let dir = std::env::current_dir()?;
+    let disk = dir.join("husk-fs-bench.img");
+    let share = dir.join("husk-fs-bench-share");
+    let socket = dir.join("husk-fs-bench.sock");
+    let bytes = vec![0x5au8; (b.size_mib << 20) as usize];
+    std::fs::create_dir_all(&share)?;
+    std::fs::write(&disk, &bytes).with_context(|| format!("cannot create {}", disk.display()))?;
+    let shared_file = share.join("bench.bin");
+    std::fs::write(&shared_file, &bytes)
+        .with_context(|| format!("cannot create {}", shared_file.display()))?;
+    drop(bytes);
+    let _ = std::fs::remove_file(&socket);
+
+    // The chroot sandbox: the namespace one pivots its root, which Linux
+    // refuses on an initramfs root such as the node VM's; throughput does
+    // not depend on it.
+    let mut virtiofsd = Command::new(&b.virtiofsd)
+        .arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", share.display()))
+        .args(["--sandbox=chroot", "--cache=auto", "--log-level=error"])
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", b.virtiofsd.display()))?;
+    let result = wait_for_socket(&mut virtiofsd, &socket).and_then(|()| {
+        let depths = b
+            .depths
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        Command::new(&b.husk)
+            .args(["boot", "--mem-mib", "512", "--kernel"])
+            .arg(&b.kernel)
+            .arg("--initrd")
+            .arg(&b.initrd)
+            .arg("--cmdline")
+            .arg(format!(
+                "console=ttyS0 reboot=k panic=1 pci=off quiet husk.io_depths={depths}"
+            ))
+            .arg("--drive")
+            .arg(format!("id=bench,path={}", disk.display()))
+            .arg("--fs")
+            .arg(format!("tag=bench,socket={}", socket.display()))
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot start {}", b.husk.display()))
+    });
+    // virtiofsd serves one VM and ends with it; make sure.
+    let _ = virtiofsd.kill();
+    let _ = virtiofsd.wait();
+    let _ = std::fs::remove_file(&disk);
+    let _ = std::fs::remove_dir_all(&share);
+    let _ = std::fs::remove_file(&socket);
+    let out = result?;
+    let console = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "husk exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let blk = lines(&console, "HUSK-IO-JSON ")?;
+    let fs = lines(&console, "HUSK-FS-IO-JSON ")?;
+    let mut runs = Vec::new();
+    for &depth in &b.depths {
+        let find = |all: &[Value], what: &str| {
+            all.iter()
+                .find(|g| g["depth"] == depth)
+                .cloned()
+                .with_context(|| {
+                    format!("the guest printed no {what} result for depth {depth}:\n{console}")
+                })
+        };
+        let (blk, fs) = (find(&blk, "virtio-blk")?, find(&fs, "virtio-fs")?);
+        let mut ratio = serde_json::Map::new();
+        for (k, v) in fs.as_object().into_iter().flatten() {
+            if let (Some(f), Some(d)) = (v["mib_s"].as_f64(), blk[k]["mib_s"].as_f64()) {
+                if d > 0.0 {
+                    ratio.insert(k.clone(), json!((f / d * 1000.0).round() / 1000.0));
+                }
+            }
+        }
+        runs.push(json!({
+            "depth": depth,
+            "guest_virtio_blk": blk,
+            "guest_virtio_fs": fs,
+            "fs_to_blk_ratio": ratio,
+        }));
+    }
+    Ok(json!({
+        "benchmark": "virtio-fs",
+        "virtiofsd": "--sandbox=chroot --cache=auto",
+        "size_mib": b.size_mib,
+        "runtime_s_per_pattern": b.runtime_s,
+        "runs": runs,
+    }))
+}

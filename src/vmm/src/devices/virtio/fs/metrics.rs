@@ -1,0 +1,20 @@
+//! What a virtio-fs device counts. The data path is the backend's, so
+//! husk counts what passes through it: starts and stops, the backend's
+//! used-buffer notifications it turned into interrupts, and failures.
+//! Written as `devices.fs.<id>` in the metrics file.
+
+use crate::metrics::Counter;
+
+/// One virtio-fs device.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct FsMetrics {
+    /// Times the driver started the device and the backend took it.
+    pub activations: Counter,
+    /// Driver resets of a started device.
+    pub resets: Counter,
+    /// Used-buffer notifications from the backend, raised to the guest.
+    pub interrupts: Counter,
+    /// The backend refused a request or went away (the device then
+    /// needs a reset for good).
+    pub backend_failures: Counter,
+}
