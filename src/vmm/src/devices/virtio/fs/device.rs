@@ -339,8 +339,9 @@ impl Fs {
         self.interrupt.trigger(INTERRUPT_CONFIG);
     }
 
-    /// Carries out the work the driver's register writes queued.
-    pub(super) fn run_pending(&mut self) {
+    /// Carries out the work the driver's register writes queued (what the
+    /// event loop does when the work eventfd fires).
+    pub fn run_pending(&mut self) {
         while let Some(op) = self.pending.pop_front() {
             if self.broken {
                 self.pending.clear();
@@ -554,6 +555,215 @@ mod tests {
         // The used ring runs past the end of memory.
         q.set_used_ring_address(Some(0x10000 - 64), Some(0));
         assert!(matches!(vring_config(&mem, &q), Err(FsError::Memory(_))));
+    }
+
+    use super::super::test_backend::{req, Script, StubBackend};
+    use crate::vstate::memory::{create_with, Backing};
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("husk-fs-{}-{name}", std::process::id()))
+    }
+
+    fn config(socket: &std::path::Path, num_queues: u16) -> FsConfig {
+        FsConfig {
+            id: "fs0".into(),
+            tag: "vol".into(),
+            socket: socket.to_path_buf(),
+            num_queues,
+            queue_size: 256,
+        }
+    }
+
+    fn stub(name: &str, script: Script) -> StubBackend {
+        StubBackend::spawn(&dir(name), name, script).unwrap()
+    }
+
+    /// The driver's queues, laid out in the first 64 KiB of `mem`.
+    fn queues(n: usize) -> Vec<Queue> {
+        (0..n)
+            .map(|i| {
+                let base = 0x1_0000 * (i as u64 + 1);
+                let mut q = Queue::new(256).unwrap();
+                q.set_size(256);
+                q.set_desc_table_address(Some(base as u32), Some(0));
+                q.set_avail_ring_address(Some((base + 0x1000) as u32), Some(0));
+                q.set_used_ring_address(Some((base + 0x2000) as u32), Some(0));
+                q.set_ready(true);
+                q
+            })
+            .collect()
+    }
+
+    fn wait_for(stub: &StubBackend, code: u32, count: usize) -> Vec<u32> {
+        for _ in 0..500 {
+            let seen = stub.seen();
+            if seen.iter().filter(|c| **c == code).count() >= count {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        stub.seen()
+    }
+
+    #[test]
+    fn the_backend_is_negotiated_with_when_the_device_is_built() {
+        let b = stub(
+            "negotiate",
+            Script {
+                queues: 2,
+                ..Default::default()
+            },
+        );
+        let fs = Fs::new(&config(b.socket(), 1)).unwrap();
+        assert_eq!(
+            b.seen(),
+            [
+                req::SET_OWNER,
+                req::GET_FEATURES,
+                req::GET_PROTOCOL_FEATURES,
+                16,
+                req::GET_QUEUE_NUM
+            ]
+        );
+        // Only what husk passes through: not ACCESS_PLATFORM (bit 33) nor
+        // vhost-user's own bit 30.
+        assert_eq!(fs.avail_features(), (1 << 32) | (1 << 29) | (1 << 28));
+        assert_eq!(fs.queue_max_sizes(), [256, 256]);
+        let mut space = [0u8; 40];
+        fs.read_config(0, &mut space);
+        assert_eq!(&space[..4], b"vol\0");
+        assert_eq!(&space[36..], &1u32.to_le_bytes());
+    }
+
+    #[test]
+    fn more_queues_than_the_backend_serves_are_refused() {
+        let b = stub(
+            "queues",
+            Script {
+                queues: 2,
+                ..Default::default()
+            },
+        );
+        let e = Fs::new(&config(b.socket(), 2)).unwrap_err();
+        assert!(matches!(e, FsError::Unsupported { .. }), "{e}");
+        assert!(e.to_string().contains("it serves 2"), "{e}");
+    }
+
+    #[test]
+    fn start_hands_memory_and_rings_over_and_a_reset_stops_them() {
+        let b = stub(
+            "start",
+            Script {
+                queues: 2,
+                ..Default::default()
+            },
+        );
+        let mut fs = Fs::new(&config(b.socket(), 1)).unwrap();
+        let mem = create_with(1 << 20, Backing::Shared).unwrap();
+        fs.activate(mem.clone(), queues(2), 1 << 32).unwrap();
+        // Nothing reaches the backend on the driver's thread.
+        assert!(!b.seen().contains(&req::SET_MEM_TABLE));
+        fs.run_pending();
+        let seen = wait_for(&b, req::SET_VRING_ENABLE, 2);
+        for code in [
+            req::SET_FEATURES,
+            req::SET_MEM_TABLE,
+            req::SET_VRING_CALL,
+            req::SET_VRING_KICK,
+        ] {
+            assert!(seen.contains(&code), "{code} not in {seen:?}");
+        }
+        assert_eq!(seen.iter().filter(|c| **c == req::SET_VRING_NUM).count(), 2);
+        assert!(!fs.broken() && !fs.needs_reset());
+        assert_eq!(fs.metrics().activations.get(), 1);
+        // A reset stops both rings; the session stays for the next start.
+        fs.reset();
+        fs.run_pending();
+        assert_eq!(
+            wait_for(&b, req::GET_VRING_BASE, 2)
+                .iter()
+                .filter(|c| **c == req::GET_VRING_BASE)
+                .count(),
+            2
+        );
+        fs.activate(mem, queues(2), 1 << 32).unwrap();
+        fs.run_pending();
+        wait_for(&b, req::SET_MEM_TABLE, 2);
+        assert_eq!(fs.metrics().activations.get(), 2);
+        assert!(!fs.broken());
+    }
+
+    #[test]
+    fn private_memory_cannot_be_handed_over() {
+        let b = stub(
+            "private",
+            Script {
+                queues: 2,
+                ..Default::default()
+            },
+        );
+        let mut fs = Fs::new(&config(b.socket(), 1)).unwrap();
+        let mem = create_with(1 << 20, Backing::Private).unwrap();
+        fs.activate(mem, queues(2), 1 << 32).unwrap();
+        fs.run_pending();
+        assert!(fs.needs_reset());
+        assert_eq!(fs.interrupt().status() & INTERRUPT_CONFIG, INTERRUPT_CONFIG);
+        assert!(!b.seen().contains(&req::SET_MEM_TABLE));
+    }
+
+    #[test]
+    fn a_refused_or_abandoned_set_up_breaks_the_device_for_good() {
+        for (name, script) in [
+            (
+                "refused",
+                Script {
+                    queues: 2,
+                    refuse: Some(req::SET_MEM_TABLE),
+                    ..Default::default()
+                },
+            ),
+            (
+                "hung-up",
+                Script {
+                    queues: 2,
+                    hang_up_on: Some(req::SET_VRING_KICK),
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let b = stub(name, script);
+            let mut fs = Fs::new(&config(b.socket(), 1)).unwrap();
+            let mem = create_with(1 << 20, Backing::Shared).unwrap();
+            fs.activate(mem.clone(), queues(2), 1 << 32).unwrap();
+            fs.run_pending();
+            assert!(fs.broken(), "{name}");
+            assert_eq!(fs.metrics().backend_failures.get(), 1, "{name}");
+            // Later starts fail at once, without the backend.
+            let before = b.seen().len();
+            fs.reset();
+            fs.activate(mem, queues(2), 1 << 32).unwrap();
+            fs.run_pending();
+            assert_eq!(b.seen().len(), before, "{name}");
+            assert_eq!(fs.metrics().backend_failures.get(), 1, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_hang_up_is_noticed_by_the_event_loop() {
+        let b = stub(
+            "hang-up",
+            Script {
+                queues: 2,
+                ..Default::default()
+            },
+        );
+        let mut fs = Fs::new(&config(b.socket(), 1)).unwrap();
+        assert!(fs.handle_event(
+            super::super::event_handler::TOKEN_BACKEND,
+            vmm_sys_util::epoll::EventSet::READ_HANG_UP
+        ));
+        assert!(fs.needs_reset());
+        assert_eq!(fs.metrics().backend_failures.get(), 1);
     }
 
     #[test]

@@ -9,8 +9,8 @@ use vmm_sys_util::epoll::EventSet;
 use super::device::{Fs, FsError};
 
 /// Tokens below this are queue indices (call eventfds).
-const TOKEN_WORK: u32 = 1 << 16;
-const TOKEN_BACKEND: u32 = TOKEN_WORK + 1;
+pub(super) const TOKEN_WORK: u32 = 1 << 16;
+pub(super) const TOKEN_BACKEND: u32 = TOKEN_WORK + 1;
 
 impl Fs {
     /// Serves one event-loop event; `true` once the backend's socket hung

@@ -24,6 +24,8 @@
 pub mod device;
 pub mod event_handler;
 pub mod metrics;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_backend;
 
 pub use device::{Fs, FsError};
 
