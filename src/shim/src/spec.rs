@@ -3,7 +3,10 @@
 //! host-path bind mounts, the host's cgroup path) is replaced or dropped.
 //! Bind mounts of host directories and regular files become volumes:
 //! copied onto the container's volumes disk, the mount's source then
-//! naming the copy's entry (husk_protocol::volume_source).
+//! naming the copy's entry (husk_protocol::volume_source). Bind mounts of
+//! the node's sockets, FIFOs and device nodes cannot reach into a VM: they
+//! are reported ([`Adjusted::special_mounts`]) and the container refused,
+//! never silently left without them.
 
 use std::path::PathBuf;
 
@@ -14,11 +17,52 @@ use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, MountBuilder, Spec};
 pub struct Adjusted {
     /// Host paths to copy onto the volumes disk, entry N at index N.
     pub volumes: Vec<PathBuf>,
-    /// Bind mounts that were dropped (sources that are neither a directory
-    /// nor a regular file: sockets, devices, fifos).
-    pub dropped_mounts: Vec<String>,
+    /// Bind mounts whose source is a socket, a FIFO or a device node (or
+    /// anything else neither a directory nor a regular file): what they
+    /// are, by destination, in the spec's order.
+    pub special_mounts: Vec<SpecialMount>,
     /// Whether hooks were dropped.
     pub dropped_hooks: bool,
+}
+
+/// A bind mount of a node's special file.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SpecialMount {
+    /// Where the container wanted it.
+    pub destination: String,
+    /// The node's path.
+    pub source: PathBuf,
+    /// What it is: "socket", "FIFO", "character device", ...
+    pub kind: &'static str,
+}
+
+impl std::fmt::Display for SpecialMount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (the node's {} {})",
+            self.destination,
+            self.kind,
+            self.source.display()
+        )
+    }
+}
+
+/// What kind of special file `md` describes.
+fn special_kind(md: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = md.file_type();
+    if t.is_socket() {
+        "socket"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_char_device() {
+        "character device"
+    } else if t.is_block_device() {
+        "block device"
+    } else {
+        "special file"
+    }
 }
 
 /// The guest's own /dev/shm for a container whose spec binds the host's
@@ -146,14 +190,15 @@ pub fn for_guest(spec: &mut Spec, sandbox_pid: Option<u32>) -> Adjusted {
             }
             let source = m.source().clone().unwrap_or_default();
             // A missing source stays a volume: copying it fails with its name.
-            let copyable = std::fs::metadata(&source)
-                .map(|md| md.is_dir() || md.is_file())
-                .unwrap_or(true);
-            if !copyable {
-                adjusted
-                    .dropped_mounts
-                    .push(m.destination().display().to_string());
-                continue;
+            if let Ok(md) = std::fs::metadata(&source) {
+                if !md.is_dir() && !md.is_file() {
+                    adjusted.special_mounts.push(SpecialMount {
+                        destination: m.destination().display().to_string(),
+                        kind: special_kind(&md),
+                        source,
+                    });
+                    continue;
+                }
             }
             m.set_source(Some(
                 husk_protocol::volume_source(adjusted.volumes.len()).into(),
@@ -226,7 +271,7 @@ mod tests {
             .collect();
         assert_eq!(sources, ["proc", "/.husk-volumes/0", "/.husk-volumes/1"]);
         assert_eq!(mounts[1].destination(), std::path::Path::new("/etc/hosts"));
-        assert!(a.dropped_mounts.is_empty());
+        assert!(a.special_mounts.is_empty());
         let linux = s.linux().as_ref().unwrap();
         assert!(linux.cgroups_path().is_none());
         let ns: Vec<(LinuxNamespaceType, Option<String>)> = linux
@@ -254,17 +299,39 @@ mod tests {
     }
 
     #[test]
-    fn the_hosts_shm_becomes_the_guests_and_special_files_are_dropped() {
+    fn the_hosts_shm_becomes_the_guests_and_special_files_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("app.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         let mut s = spec(serde_json::json!({
             "ociVersion": "1.0.2",
             "mounts": [
                 {"destination": "/dev/shm", "type": "bind", "source": "/run/containerd/x/shm", "options": ["rbind", "rw"]},
-                {"destination": "/dev/null-too", "type": "bind", "source": "/dev/null", "options": ["bind"]}
+                {"destination": "/dev/null-too", "type": "bind", "source": "/dev/null", "options": ["bind"]},
+                {"destination": "/run/app.sock", "type": "bind", "source": sock, "options": ["rbind"]}
             ]
         }));
         let a = for_guest(&mut s, None);
         assert!(a.volumes.is_empty());
-        assert_eq!(a.dropped_mounts, vec!["/dev/null-too"]);
+        assert_eq!(
+            a.special_mounts,
+            [
+                SpecialMount {
+                    destination: "/dev/null-too".into(),
+                    source: "/dev/null".into(),
+                    kind: "character device",
+                },
+                SpecialMount {
+                    destination: "/run/app.sock".into(),
+                    source: sock.clone(),
+                    kind: "socket",
+                },
+            ]
+        );
+        assert_eq!(
+            a.special_mounts[1].to_string(),
+            format!("/run/app.sock (the node's socket {})", sock.display())
+        );
         let mounts = s.mounts().as_ref().unwrap();
         assert_eq!(mounts.len(), 1);
         assert_eq!(mounts[0].typ().as_deref(), Some("tmpfs"));

@@ -179,9 +179,24 @@ impl Inner {
         let name = crate::metrics::container_name(&spec, id);
         let sandbox_pid = self.lock().sandbox_pid;
         let adjusted = spec::for_guest(&mut spec, sandbox_pid);
-        if !adjusted.dropped_mounts.is_empty() || adjusted.dropped_hooks {
-            tracing::warn!(container = id, mounts = ?adjusted.dropped_mounts, hooks = adjusted.dropped_hooks,
-                "bind mounts of special files and hooks are not carried into the microVM");
+        if !adjusted.special_mounts.is_empty() {
+            // A container that runs without the socket or device it asked
+            // for fails later and obscurely: refuse it now, naming them.
+            let mounts: Vec<String> = adjusted
+                .special_mounts
+                .iter()
+                .map(|m| m.to_string())
+                .collect();
+            return Err(TaskError::InvalidArgument(format!(
+                "container {id} binds {}: a container in a microVM cannot reach the node's sockets, FIFOs or device nodes through bind mounts",
+                mounts.join(", ")
+            )));
+        }
+        if adjusted.dropped_hooks {
+            tracing::warn!(
+                container = id,
+                "OCI hooks run on the node and are not carried into the microVM"
+            );
         }
         let ask = Ask::of_spec(&spec);
         let image = pod.dir.image(id);

@@ -839,6 +839,43 @@ fn a_pod_asking_for_the_nodes_namespaces_is_refused_before_it_boots() {
 }
 
 #[test]
+fn a_container_binding_the_nodes_socket_is_refused_naming_it() {
+    let p = pod();
+    p.running();
+    let sock = p.dir.path().join("docker.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let before = p.vm.journal().len();
+    let e = p
+        .create_with("app", |spec| {
+            let mut mounts = spec.mounts().clone().unwrap_or_default();
+            mounts.push(
+                oci_spec::runtime::MountBuilder::default()
+                    .destination("/var/run/docker.sock")
+                    .typ("bind")
+                    .source(sock.clone())
+                    .options(vec!["rbind".to_string()])
+                    .build()
+                    .unwrap(),
+            );
+            spec.set_mounts(Some(mounts));
+        })
+        .unwrap_err();
+    assert_eq!(e.code(), Code::INVALID_ARGUMENT, "{e}");
+    let message = ttrpc_message(e);
+    assert!(
+        message.contains(&format!(
+            "/var/run/docker.sock (the node's socket {})",
+            sock.display()
+        )) && message.contains("cannot reach the node's sockets"),
+        "{message}"
+    );
+    // Nothing reached the guest; the sandbox runs on.
+    assert_eq!(p.vm.journal().len(), before, "{:?}", p.vm.journal());
+    assert!(!p.svc.lock().table.has("app"));
+    assert_eq!(p.status(POD, "").unwrap(), Status::RUNNING);
+}
+
+#[test]
 fn a_guest_that_crashes_under_a_create_is_named_with_its_log() {
     let p = pod();
     *p.vm.log.lock().unwrap() =
