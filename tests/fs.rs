@@ -4,7 +4,10 @@
 //! guest writes is read back on the node by plain shell tools, and what
 //! the node wrote is checked in the guest.
 
-use husk_tests::{artifacts, husk_on_host, initrd_with_script, virtiofsd, Payload, RunResult};
+use husk_tests::{
+    agent_initrd, artifacts, busybox_rootfs, husk_on_host, initrd_with_script, virtiofsd, Payload,
+    RunResult,
+};
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
 
@@ -138,4 +141,53 @@ fn a_missing_backend_is_a_clear_error() {
     r.assert_contains("cannot set up file system \"share\"")
         .assert_contains("cannot connect to the vhost-user backend at")
         .assert_contains("absent.sock");
+}
+
+/// virtiofsd behind a wrapper that gives it a root pivot_root can leave
+/// (see [`START_VIRTIOFSD`]); `husk run --virtiofsd` starts it with
+/// whatever arguments, one per volume.
+const BOUND_VIRTIOFSD: &str = r#"#!/bin/sh
+exec unshare -m sh -c 'mkdir -p /tmp/virtiofsd-root && mount --rbind / /tmp/virtiofsd-root &&
+  exec chroot /tmp/virtiofsd-root "$0" "$@"' "$(dirname "$(readlink -f "$0")")/virtiofsd" "$@"
+"#;
+
+#[test]
+fn husk_run_shares_volumes_both_ways_and_a_read_only_one_refuses_writes() {
+    // `husk run -v`: each volume is a virtio-fs device with a virtiofsd of
+    // its own, the agent binds the share where the container wants it.
+    let a = artifacts();
+    let p = Payload::new("fs-run-volumes")
+        .add(&a.husk, "husk")
+        .add(&a.vmlinux, "vmlinux")
+        .add(agent_initrd(), "agent.cpio")
+        .add(&virtiofsd(), "virtiofsd")
+        .write("virtiofsd-bound", BOUND_VIRTIOFSD.as_bytes());
+    busybox_rootfs(p.path());
+    let r = p.run(
+        "chmod +x virtiofsd-bound
+         mkdir -p vol conf && echo from-the-node > vol/in && echo kept > conf/file
+         HUSK_CACHE_DIR=./cache timeout 120 ./husk run --kernel vmlinux --agent-initrd agent.cpio \
+           --virtiofsd ./virtiofsd-bound -v \"$PWD/vol:/data\" -v \"$PWD/conf:/etc/app:ro\" ./busybox -- \
+           sh -c 'echo \"IN $(cat /data/in)\"; echo from-the-container > /data/out && mkdir /data/made &&
+                  if echo x > /etc/app/file; then echo RO-WRITE accepted; else echo RO-WRITE refused; fi;
+                  echo \"CONF $(cat /etc/app/file)\"; grep -c virtiofs /proc/mounts | sed \"s/^/MOUNTS /\"'
+         echo \"STATUS $?\"
+         echo \"NODE-OUT $(cat vol/out)\"; ls vol | tr '\\n' ' ' | sed 's/^/NODE-LS /'; echo
+         echo \"NODE-CONF $(cat conf/file)\"
+         sleep 0.5; if pgrep -x virtiofsd > /dev/null; then echo VIRTIOFSD-LEFT; else echo VIRTIOFSD-GONE; fi",
+    );
+    r.assert_contains("STATUS 0")
+        .assert_contains("IN from-the-node")
+        .assert_contains("NODE-OUT from-the-container")
+        .assert_contains("RO-WRITE refused")
+        .assert_contains("CONF kept")
+        .assert_contains("NODE-CONF kept")
+        .assert_contains("MOUNTS 2")
+        .assert_contains("VIRTIOFSD-GONE");
+    let ls = r.value("NODE-LS").unwrap_or_default();
+    assert!(
+        ls.contains("made") && ls.contains("out") && ls.contains("in"),
+        "{}",
+        r.output
+    );
 }

@@ -17,6 +17,7 @@ use husk_protocol::{
     CreateContainer, ExitStatus, ProcessRef, Request, Response, Rootfs, Sandbox, StdioStream,
     DEFAULT_AGENT_PORT,
 };
+use vmm::config::FsConfig;
 use vmm::error::Chain;
 use vmm::seccomp::SeccompFilters;
 use vmm::{BlockConfig, BootSource, DriveConfig, SerialOutput, VmConfig, Vmm, VsockConfig};
@@ -48,12 +49,168 @@ pub struct RunArgs {
     /// Keep the guest's console here instead of a temporary file.
     #[arg(long)]
     console: Option<PathBuf>,
+    /// A host directory shared with the container through virtio-fs, as
+    /// `docker run -v` does: HOST_DIR:CONTAINER_DIR[:ro]. Repeatable; each
+    /// is served by a virtiofsd of its own (--virtiofsd), in its namespace
+    /// sandbox; `ro` is enforced by virtiofsd (--readonly) and the bind.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:DEST[:ro]", value_parser = parse_volume)]
+    volumes: Vec<Volume>,
+    /// virtiofsd, for --volume (default: $HUSK_VIRTIOFSD, else virtiofsd
+    /// on PATH, else Debian's /usr/libexec/virtiofsd).
+    #[arg(long, env = "HUSK_VIRTIOFSD")]
+    virtiofsd: Option<PathBuf>,
     /// An OCI image layout (directory or tar, PATH[:REF]); the bundled
     /// busybox image when omitted.
     image: Option<String>,
     /// The command and its arguments (default: the image's entrypoint and cmd).
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+/// A `--volume`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// The host directory.
+    host: PathBuf,
+    /// Where the container sees it (absolute).
+    dest: String,
+    /// Read-only.
+    read_only: bool,
+}
+
+fn parse_volume(spec: &str) -> Result<Volume, String> {
+    let mut parts = spec.split(':');
+    let (Some(host), Some(dest)) = (parts.next(), parts.next()) else {
+        return Err(format!("volume {spec:?}: want HOST_DIR:CONTAINER_DIR[:ro]"));
+    };
+    let read_only = match parts.next() {
+        None | Some("rw") => false,
+        Some("ro") => true,
+        Some(other) => {
+            return Err(format!(
+                "volume {spec:?}: unknown option {other:?} (ro or rw)"
+            ))
+        }
+    };
+    if parts.next().is_some() || host.is_empty() || !dest.starts_with('/') {
+        return Err(format!(
+            "volume {spec:?}: want HOST_DIR:CONTAINER_DIR[:ro], CONTAINER_DIR absolute"
+        ));
+    }
+    Ok(Volume {
+        host: PathBuf::from(host),
+        dest: dest.to_string(),
+        read_only,
+    })
+}
+
+/// The virtiofsd to run: the flag or $HUSK_VIRTIOFSD, else one on PATH,
+/// else Debian's.
+fn find_virtiofsd(given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join("virtiofsd"))
+                    .find(|p| p.is_file())
+            })
+        })
+        .unwrap_or_else(|| PathBuf::from("/usr/libexec/virtiofsd"))
+}
+
+/// The virtiofsd processes of a run, killed and waited for when it ends
+/// (each would end with the VM anyway: virtiofsd serves one frontend).
+struct Virtiofsds(Vec<std::process::Child>);
+
+impl Drop for Virtiofsds {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts one virtiofsd per volume, sockets in `dir`; the devices to give
+/// the VM. Each is waited for until it listens.
+fn start_virtiofsds(
+    volumes: &[Volume],
+    virtiofsd: &Path,
+    dir: &Path,
+) -> anyhow::Result<(Virtiofsds, Vec<FsConfig>)> {
+    let mut running = Virtiofsds(Vec::new());
+    let mut devices = Vec::new();
+    for (i, v) in volumes.iter().enumerate() {
+        let host = v
+            .host
+            .canonicalize()
+            .with_context(|| format!("volume {}", v.host.display()))?;
+        if !host.is_dir() {
+            bail!("volume {}: not a directory", host.display());
+        }
+        let tag = format!("vol{i}");
+        let socket = dir.join(format!("{tag}.sock"));
+        let mut cmd = std::process::Command::new(virtiofsd);
+        cmd.arg(format!("--socket-path={}", socket.display()))
+            .arg(format!("--shared-dir={}", host.display()))
+            .args(["--sandbox=namespace", "--cache=auto", "--log-level=error"])
+            .stdin(std::process::Stdio::null());
+        if v.read_only {
+            cmd.arg("--readonly");
+        }
+        let child = cmd.spawn().with_context(|| {
+            format!(
+                "cannot start virtiofsd ({}) for volume {}",
+                virtiofsd.display(),
+                host.display()
+            )
+        })?;
+        running.0.push(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if let Some(child) = running.0.last_mut() {
+                if let Some(status) = child.try_wait()? {
+                    bail!(
+                        "virtiofsd for volume {} ended with {status}",
+                        host.display()
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "virtiofsd for volume {} did not listen in 10 s",
+                    host.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        devices.push(FsConfig {
+            id: tag.clone(),
+            tag,
+            socket,
+            num_queues: 1,
+            queue_size: vmm::config::DEFAULT_FS_QUEUE_SIZE,
+        });
+    }
+    Ok((running, devices))
+}
+
+/// The spec's bind mounts of the volumes, from their shares.
+fn add_volume_mounts(spec: &mut oci_spec::runtime::Spec, volumes: &[Volume]) -> anyhow::Result<()> {
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for (i, v) in volumes.iter().enumerate() {
+        let mode = if v.read_only { "ro" } else { "rw" };
+        mounts.push(
+            oci_spec::runtime::MountBuilder::default()
+                .destination(&v.dest)
+                .typ("bind")
+                .source(husk_protocol::share_source(&format!("vol{i}"), ""))
+                .options(vec!["rbind".to_string(), mode.to_string()])
+                .build()?,
+        );
+    }
+    spec.set_mounts(Some(mounts));
+    Ok(())
 }
 
 fn newest_cached_kernel() -> Option<PathBuf> {
@@ -274,11 +431,22 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
                 args.image.as_deref().unwrap_or("(bundled busybox)")
             )
         })?;
-    let spec = container_spec(&rootfs.config, &args.command, args.tty)?;
+    let mut spec = container_spec(&rootfs.config, &args.command, args.tty)?;
+    add_volume_mounts(&mut spec, &args.volumes)?;
 
     let dir = std::env::temp_dir().join(format!("husk-run-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = RunDir(dir);
+    // Dropped (killed) after the VM, before the run directory goes.
+    let (_virtiofsds, fs) = if args.volumes.is_empty() {
+        (Virtiofsds(Vec::new()), Vec::new())
+    } else {
+        start_virtiofsds(
+            &args.volumes,
+            &find_virtiofsd(args.virtiofsd.clone()),
+            &dir.0,
+        )?
+    };
     let uds = dir.0.join("vsock.sock");
     let console = args
         .console
@@ -312,7 +480,7 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         }),
         max_vcpus: None,
         mem_hotplug: None,
-        fs: Vec::new(),
+        fs,
     };
     let mut vmm = Vmm::new(&config).context("cannot build the microVM")?;
     let stop = vmm.stop_handle();
@@ -395,5 +563,47 @@ fn print_console_tail(console: &Path) {
         for l in &lines[lines.len().saturating_sub(20)..] {
             eprintln!("  {l}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_flags() {
+        let v = parse_volume("/srv/data:/data").unwrap();
+        assert_eq!(
+            (v.host.as_path(), v.dest.as_str(), v.read_only),
+            (Path::new("/srv/data"), "/data", false)
+        );
+        assert!(parse_volume("./in:/in:ro").unwrap().read_only);
+        assert!(!parse_volume("./in:/in:rw").unwrap().read_only);
+        for bad in ["/srv", "/srv:data", ":/data", "/a:/b:rx", "/a:/b:ro:x"] {
+            assert!(parse_volume(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn volumes_become_binds_of_their_shares() {
+        let mut spec = oci_spec::runtime::Spec::default();
+        let n = spec.mounts().as_ref().map_or(0, Vec::len);
+        let vols = [
+            parse_volume("/a:/data").unwrap(),
+            parse_volume("/b:/etc/conf:ro").unwrap(),
+        ];
+        add_volume_mounts(&mut spec, &vols).unwrap();
+        let mounts = spec.mounts().as_ref().unwrap();
+        assert_eq!(mounts.len(), n + 2);
+        let ro = &mounts[n + 1];
+        assert_eq!(ro.destination(), Path::new("/etc/conf"));
+        assert_eq!(
+            ro.source().as_deref(),
+            Some(Path::new("/.husk-shares/vol1"))
+        );
+        assert_eq!(
+            ro.options().as_deref(),
+            Some(&["rbind".to_string(), "ro".to_string()][..])
+        );
     }
 }

@@ -326,6 +326,48 @@ pub fn volume_entry(source: &str) -> Option<Result<usize, ()>> {
     )
 }
 
+/// The source prefix of a spec mount that names a path in a virtio-fs
+/// share: `/.husk-shares/<tag>/<path>`. The agent mounts the share with
+/// that tag once (`mount -t virtiofs <tag>`) and binds the path from it,
+/// so every container of the pod naming the same path sees one directory.
+pub const SHARE_SOURCE_PREFIX: &str = "/.husk-shares/";
+
+/// The source a spec mount of `path` (relative; empty for the share's
+/// root) in the share tagged `tag` carries.
+pub fn share_source(tag: &str, path: &str) -> String {
+    if path.is_empty() {
+        format!("{SHARE_SOURCE_PREFIX}{tag}")
+    } else {
+        format!("{SHARE_SOURCE_PREFIX}{tag}/{path}")
+    }
+}
+
+/// The share tag and the relative path a spec mount's `source` names, if
+/// it names a share: `None` for other sources, `Some(Err(()))` for a
+/// malformed one (an empty or over-long tag, a tag with characters other
+/// than A-Z a-z 0-9 . _ -, a path with `.` or `..` components or empty
+/// ones).
+pub fn share_entry(source: &str) -> Option<Result<(&str, &str), ()>> {
+    let rest = source.strip_prefix(SHARE_SOURCE_PREFIX)?;
+    let (tag, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let tag_ok = !tag.is_empty()
+        && tag.len() <= 36
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && tag != "."
+        && tag != "..";
+    let path_ok = path.is_empty()
+        || path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
+    Some(if tag_ok && path_ok {
+        Ok((tag, path))
+    } else {
+        Err(())
+    })
+}
+
 /// Successful answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -492,6 +534,33 @@ pub enum ErrorCode {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn share_sources_name_a_tag_and_a_path_inside_it() {
+        assert_eq!(share_source("vol0", ""), "/.husk-shares/vol0");
+        assert_eq!(share_source("vol0", "a/b"), "/.husk-shares/vol0/a/b");
+        assert_eq!(share_entry("/.husk-shares/vol0"), Some(Ok(("vol0", ""))));
+        assert_eq!(
+            share_entry("/.husk-shares/vol0/a/b"),
+            Some(Ok(("vol0", "a/b")))
+        );
+        assert_eq!(share_entry("/data"), None);
+        assert_eq!(share_entry("/.husk-volumes/0"), None);
+        for bad in [
+            "/.husk-shares/",
+            "/.husk-shares/..",
+            "/.husk-shares/vol0/../etc",
+            "/.husk-shares/vol0/./x",
+            "/.husk-shares/vol0//x",
+            "/.husk-shares/vol0/x/",
+            "/.husk-shares/v l/x",
+            "/.husk-shares/vol\u{0}/x",
+        ] {
+            assert_eq!(share_entry(bad), Some(Err(())), "{bad}");
+        }
+        let long = format!("/.husk-shares/{}", "t".repeat(37));
+        assert_eq!(share_entry(&long), Some(Err(())));
+    }
+
     #[test]
     fn volume_sources_name_entries_exactly() {
         assert_eq!(volume_source(3), "/.husk-volumes/3");

@@ -83,6 +83,8 @@ impl Container {
 /// the container table.
 pub struct Containers {
     table: Mutex<BTreeMap<String, Container>>,
+    /// The virtio-fs shares mounted so far (by tag).
+    shares: Mutex<std::collections::BTreeSet<String>>,
     paths: Paths,
     drives: Drives,
     reaper: Arc<Reaper>,
@@ -212,6 +214,68 @@ fn bind_volumes(spec: &mut Spec, volumes: Option<&Path>) -> Result<(), AgentErro
     Ok(())
 }
 
+/// Points the spec's mounts of virtio-fs share paths (see
+/// [`husk_protocol::SHARE_SOURCE_PREFIX`]) at the share, mounting each
+/// tag once under `shares_dir` (`mounted` remembers which are). A path
+/// must exist and resolve inside its share: a symlink in the share (which
+/// another container of the pod may have written) never leads a bind out
+/// of it.
+fn bind_shares(
+    spec: &mut Spec,
+    shares_dir: &Path,
+    mounted: &Mutex<std::collections::BTreeSet<String>>,
+) -> Result<(), AgentError> {
+    for m in spec.mounts_mut().iter_mut().flatten() {
+        let Some(source) = m.source().as_ref().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let (tag, path) = match husk_protocol::share_entry(source) {
+            None => continue,
+            Some(Ok(entry)) => entry,
+            Some(Err(())) => {
+                return Err(AgentError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("mount source {source:?} is not a share path"),
+                ))
+            }
+        };
+        let dir = shares_dir.join(tag);
+        {
+            let mut mounted = mounted.lock().unwrap_or_else(|e| e.into_inner());
+            if !mounted.contains(tag) {
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    AgentError::new(ErrorCode::System, format!("create {}: {e}", dir.display()))
+                })?;
+                rootfs::mount(tag, &dir, "virtiofs", libc::MS_NOSUID | libc::MS_NODEV, "")
+                    .map_err(|e| {
+                        AgentError::new(
+                            e.code,
+                            format!("the virtio-fs share {tag:?}: {}", e.message),
+                        )
+                    })?;
+                mounted.insert(tag.to_string());
+            }
+        }
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| AgentError::new(ErrorCode::System, format!("{}: {e}", dir.display())))?;
+        let resolved = dir.join(path).canonicalize().map_err(|e| {
+            AgentError::new(
+                ErrorCode::InvalidArgument,
+                format!("mount source {source:?}: {e}"),
+            )
+        })?;
+        if !resolved.starts_with(&dir) {
+            return Err(AgentError::new(
+                ErrorCode::InvalidArgument,
+                format!("mount source {source:?} leads out of its share"),
+            ));
+        }
+        m.set_source(Some(resolved));
+    }
+    Ok(())
+}
+
 impl Containers {
     /// No containers yet. `paths` says where they go, `drives` how their
     /// disks are found; their processes are registered with `reaper`, and
@@ -219,6 +283,7 @@ impl Containers {
     pub fn new(paths: Paths, drives: Drives, reaper: Arc<Reaper>, events: Events) -> Self {
         Containers {
             table: Mutex::new(BTreeMap::new()),
+            shares: Mutex::new(std::collections::BTreeSet::new()),
             paths,
             drives,
             reaper,
@@ -254,6 +319,7 @@ impl Containers {
                 None => None,
             };
             bind_volumes(&mut spec, volumes.as_deref())?;
+            bind_shares(&mut spec, &self.paths.state.join("shares"), &self.shares)?;
             // The guest's device table, read when the spec names devices
             // (sysfs, so memory or disks plugged since boot are there).
             let wants_devices = spec
@@ -634,5 +700,45 @@ mod tests {
         let mut s = spec_with_sources(&["/srv"]);
         bind_volumes(&mut s, None).unwrap();
         assert_eq!(sources(&s), ["/srv"]);
+    }
+
+    #[test]
+    fn share_paths_bind_from_inside_their_share_only() {
+        // The share is taken as mounted already (the tag is recorded), so
+        // this checks the paths, not the virtio-fs mount.
+        let shares = tempfile::tempdir().unwrap();
+        let share = shares.path().join("vol0");
+        std::fs::create_dir_all(share.join("data/sub")).unwrap();
+        std::os::unix::fs::symlink("/etc", share.join("out")).unwrap();
+        std::os::unix::fs::symlink("data/sub", share.join("in")).unwrap();
+        let mounted = Mutex::new(["vol0".to_string()].into_iter().collect());
+        let share = share.canonicalize().unwrap();
+        let mut s = spec_with_sources(&[
+            "/.husk-shares/vol0",
+            "/proc",
+            "/.husk-shares/vol0/data/sub",
+            "/.husk-shares/vol0/in",
+        ]);
+        bind_shares(&mut s, &shares.path().canonicalize().unwrap(), &mounted).unwrap();
+        let sub = share.join("data/sub").display().to_string();
+        assert_eq!(
+            sources(&s),
+            [
+                share.display().to_string(),
+                "/proc".into(),
+                sub.clone(),
+                sub
+            ]
+        );
+        // A symlink out of the share, a missing path, a malformed source.
+        for bad in [
+            "/.husk-shares/vol0/out",
+            "/.husk-shares/vol0/missing",
+            "/.husk-shares/vol0/../x",
+        ] {
+            let mut s = spec_with_sources(&[bad]);
+            let e = bind_shares(&mut s, shares.path(), &mounted).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{bad}: {}", e.message);
+        }
     }
 }
