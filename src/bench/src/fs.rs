@@ -32,15 +32,9 @@ pub struct FsBench {
     /// (printing `HUSK-FS-IO-JSON `); resources/bench.sh makes it.
     #[arg(long)]
     initrd: PathBuf,
-    /// Size of each file in MiB.
-    #[arg(long, default_value_t = 128)]
-    size_mib: u64,
-    /// Seconds per pattern.
-    #[arg(long, default_value_t = 5)]
-    runtime_s: u64,
-    /// Queue depths to measure.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
-    depths: Vec<usize>,
+    /// Each depth is measured on both devices.
+    #[command(flatten)]
+    load: crate::io::Load,
 }
 
 /// Waits for virtiofsd's socket to appear (or virtiofsd to end).
@@ -58,25 +52,15 @@ fn wait_for_socket(child: &mut std::process::Child, socket: &Path) -> anyhow::Re
     Ok(())
 }
 
-/// The guest's JSON lines after `prefix`.
-fn lines(console: &str, prefix: &str) -> anyhow::Result<Vec<Value>> {
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix(prefix))
-        .map(|j| serde_json::from_str::<Value>(j).context("the guest's JSON"))
-        .collect()
-}
-
 /// Runs the benchmark; the JSON it prints.
 pub fn fs(b: FsBench) -> anyhow::Result<Value> {
-    if b.depths.is_empty() || b.depths.contains(&0) {
-        bail!("--depths needs one or more depths of at least 1");
-    }
+    b.load.check()?;
+    let load = &b.load;
     let dir = std::env::current_dir()?;
     let disk = dir.join("husk-fs-bench.img");
     let share = dir.join("husk-fs-bench-share");
     let socket = dir.join("husk-fs-bench.sock");
-    let bytes = vec![0x5au8; (b.size_mib << 20) as usize];
+    let bytes = vec![0x5au8; (load.size_mib << 20) as usize];
     std::fs::create_dir_all(&share)?;
     std::fs::write(&disk, &bytes).with_context(|| format!("cannot create {}", disk.display()))?;
     let shared_file = share.join("bench.bin");
@@ -96,12 +80,7 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
         .spawn()
         .with_context(|| format!("cannot start {}", b.virtiofsd.display()))?;
     let result = wait_for_socket(&mut virtiofsd, &socket).and_then(|()| {
-        let depths = b
-            .depths
-            .iter()
-            .map(|d| d.to_string())
-            .collect::<Vec<_>>()
-            .join(",");
+        let depths = load.depth_list();
         Command::new(&b.husk)
             .args(["boot", "--mem-mib", "512", "--kernel"])
             .arg(&b.kernel)
@@ -134,10 +113,10 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let blk = lines(&console, "HUSK-IO-JSON ")?;
-    let fs = lines(&console, "HUSK-FS-IO-JSON ")?;
+    let blk = crate::io::guest_results(&console, "HUSK-IO-JSON ")?;
+    let fs = crate::io::guest_results(&console, "HUSK-FS-IO-JSON ")?;
     let mut runs = Vec::new();
-    for &depth in &b.depths {
+    for &depth in &load.depths {
         let find = |all: &[Value], what: &str| {
             all.iter()
                 .find(|g| g["depth"] == depth)
@@ -165,8 +144,8 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
     Ok(json!({
         "benchmark": "virtio-fs",
         "virtiofsd": "--sandbox=chroot --cache=auto",
-        "size_mib": b.size_mib,
-        "runtime_s_per_pattern": b.runtime_s,
+        "size_mib": load.size_mib,
+        "runtime_s_per_pattern": load.runtime_s,
         "runs": runs,
     }))
 }

@@ -137,6 +137,48 @@ fn run(
     Ok((ops, ops * block as u64, start.elapsed()))
 }
 
+/// The load `husk-bench blk` and `husk-bench fs` put on each device.
+#[derive(clap::Args)]
+pub struct Load {
+    /// Size of each backing file in MiB (the guest uses it all).
+    #[arg(long, default_value_t = 128)]
+    pub size_mib: u64,
+    /// Seconds per pattern.
+    #[arg(long, default_value_t = 5)]
+    pub runtime_s: u64,
+    /// Queue depths to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
+    pub depths: Vec<usize>,
+}
+
+impl Load {
+    /// Refuses an empty depth list or a depth of 0.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.depths.is_empty() || self.depths.contains(&0) {
+            bail!("--depths needs one or more depths of at least 1");
+        }
+        Ok(())
+    }
+
+    /// The depths as the guest's `husk.io_depths=` wants them.
+    pub fn depth_list(&self) -> String {
+        self.depths
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The JSON results the guest printed after `prefix`, one per line.
+pub fn guest_results(console: &str, prefix: &str) -> anyhow::Result<Vec<Value>> {
+    console
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(prefix))
+        .map(|j| serde_json::from_str::<Value>(j).context("the guest's JSON"))
+        .collect()
+}
+
 /// Runs all four patterns against `path` (its first `size_mib` MiB) with
 /// `depth` requests in flight.
 pub fn io(path: &Path, size_mib: u64, runtime: Duration, depth: usize) -> anyhow::Result<Value> {

@@ -178,15 +178,9 @@ struct BlkBench {
     /// makes it).
     #[arg(long)]
     initrd: PathBuf,
-    /// Size of the backing file in MiB (the guest uses it all).
-    #[arg(long, default_value_t = 128)]
-    size_mib: u64,
-    /// Seconds per pattern.
-    #[arg(long, default_value_t = 5)]
-    runtime_s: u64,
-    /// Queue depths to measure, each in the guest and in the node.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
-    depths: Vec<usize>,
+    /// Each depth is measured in the guest and in the node.
+    #[command(flatten)]
+    load: io::Load,
 }
 
 /// Which VMM `husk-bench boot` launches.
@@ -418,24 +412,18 @@ fn boot(b: BootBench) -> anyhow::Result<serde_json::Value> {
 }
 
 fn blk(b: BlkBench) -> anyhow::Result<serde_json::Value> {
-    if b.depths.is_empty() || b.depths.contains(&0) {
-        bail!("--depths needs one or more depths of at least 1");
-    }
+    b.load.check()?;
+    let load = &b.load;
     let disk = std::env::current_dir()?.join("husk-blk-bench.img");
-    std::fs::write(&disk, vec![0x5au8; (b.size_mib << 20) as usize])
+    std::fs::write(&disk, vec![0x5au8; (load.size_mib << 20) as usize])
         .with_context(|| format!("cannot create {}", disk.display()))?;
-    let runtime = std::time::Duration::from_secs(b.runtime_s);
-    let host = b
+    let runtime = std::time::Duration::from_secs(load.runtime_s);
+    let host = load
         .depths
         .iter()
-        .map(|&depth| io::io(&disk, b.size_mib, runtime, depth))
+        .map(|&depth| io::io(&disk, load.size_mib, runtime, depth))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let depths = b
-        .depths
-        .iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let depths = load.depth_list();
 
     let out = Command::new(&b.husk)
         .args(["boot", "--mem-mib", "256", "--kernel"])
@@ -460,14 +448,10 @@ fn blk(b: BlkBench) -> anyhow::Result<serde_json::Value> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let guest = console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("HUSK-IO-JSON "))
-        .map(|j| serde_json::from_str::<serde_json::Value>(j).context("the guest's JSON"))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let guest = io::guest_results(&console, "HUSK-IO-JSON ")?;
 
     let mut runs = Vec::new();
-    for (&depth, host) in b.depths.iter().zip(host) {
+    for (&depth, host) in load.depths.iter().zip(host) {
         let guest = guest
             .iter()
             .find(|g| g["depth"] == depth)
@@ -489,8 +473,8 @@ fn blk(b: BlkBench) -> anyhow::Result<serde_json::Value> {
     }
     Ok(json!({
         "benchmark": "virtio-blk",
-        "size_mib": b.size_mib,
-        "runtime_s_per_pattern": b.runtime_s,
+        "size_mib": load.size_mib,
+        "runtime_s_per_pattern": load.runtime_s,
         "runs": runs,
     }))
 }

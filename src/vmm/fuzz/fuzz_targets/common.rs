@@ -80,3 +80,29 @@ pub fn vsock() -> (
     .expect("vsock device");
     (dev, listener)
 }
+
+/// Plays register accesses from the fuzz input on `t`: each 8-byte op is a
+/// kind (bit 2: read, else write; bits 0-1: width 1, 2, 4 or 8), an
+/// offset in the window (registers and configuration space) and a value;
+/// `after` runs after each op whose bit 3 is set (the event loop's turn).
+pub fn play_registers(
+    t: &mut vmm::devices::virtio::mmio::MmioTransport,
+    ops: &[u8],
+    mut after: impl FnMut(),
+) {
+    use vmm::devices::bus::BusDevice;
+    for op in ops.chunks_exact(8) {
+        let width = [1usize, 2, 4, 8][usize::from(op[0] & 3)];
+        let offset = u64::from(u16::from_le_bytes([op[1], op[2]])) & 0x1ff;
+        let value = [op[3], op[4], op[5], op[6], op[7], 0, 0, 0];
+        if op[0] & 4 == 0 {
+            t.write(offset, &value[..width]);
+        } else {
+            let mut buf = [0u8; 8];
+            t.read(offset, &mut buf[..width]);
+        }
+        if op[0] & 8 != 0 {
+            after();
+        }
+    }
+}

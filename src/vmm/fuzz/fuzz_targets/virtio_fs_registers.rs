@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use vmm::config::FsConfig;
-use vmm::devices::bus::BusDevice;
 use vmm::devices::virtio::fs::test_backend::{Script, StubBackend};
 use vmm::devices::virtio::fs::Fs;
 use vmm::devices::virtio::mmio::MmioTransport;
@@ -43,21 +42,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let fs = Arc::new(Mutex::new(fs));
     let mut t = MmioTransport::new(mem, fs.clone());
-    // Each op: kind (read/write, width, run the event loop's work), offset
-    // (registers and configuration space), value.
-    for op in data.chunks_exact(8).take(256) {
-        let width = [1usize, 2, 4, 8][usize::from(op[0] & 3)];
-        let offset = u64::from(u16::from_le_bytes([op[1], op[2]])) & 0x1ff;
-        let value = [op[3], op[4], op[5], op[6], op[7], 0, 0, 0];
-        if op[0] & 4 == 0 {
-            t.write(offset, &value[..width]);
-        } else {
-            let mut buf = [0u8; 8];
-            t.read(offset, &mut buf[..width]);
-        }
-        if op[0] & 8 != 0 {
-            fs.lock().unwrap().run_pending();
-        }
-    }
+    let ops = &data[..data.len().min(256 * 8)];
+    common::play_registers(&mut t, ops, || fs.lock().unwrap().run_pending());
     fs.lock().unwrap().run_pending();
 });

@@ -7,7 +7,6 @@
 use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
-use vmm::devices::bus::BusDevice;
 use vmm::devices::virtio::mmio::MmioTransport;
 
 #[path = "common.rs"]
@@ -18,20 +17,6 @@ fuzz_target!(|data: &[u8]| {
     let mem = common::guest_memory(image);
     let block = Arc::new(Mutex::new(common::block(false)));
     let mut t = MmioTransport::new(mem, block.clone());
-    // Each op: kind (read/write, width), offset, value.
-    for op in ops.chunks_exact(8) {
-        let width = [1usize, 2, 4, 8][usize::from(op[0] & 3)];
-        let offset = u64::from(u16::from_le_bytes([op[1], op[2]])) & 0x1ff;
-        let value = [op[3], op[4], op[5], op[6], op[7], 0, 0, 0];
-        if op[0] & 4 == 0 {
-            t.write(offset, &value[..width]);
-        } else {
-            let mut buf = [0u8; 8];
-            t.read(offset, &mut buf[..width]);
-        }
-        if op[0] & 8 != 0 {
-            // A queue notification served by the event loop.
-            block.lock().unwrap().process_queue();
-        }
-    }
+    // A queue notification served by the event loop after some ops.
+    common::play_registers(&mut t, ops, || block.lock().unwrap().process_queue());
 });
