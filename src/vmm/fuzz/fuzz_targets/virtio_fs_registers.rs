@@ -23,8 +23,16 @@ mod common;
 
 fuzz_target!(|data: &[u8]| {
     static DIR: OnceLock<std::path::PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| std::env::temp_dir().join(format!("husk-fuzz-fs-{}", std::process::id())));
-    let Ok(backend) = StubBackend::spawn(dir, "fs", Script { queues: 3, ..Default::default() }) else {
+    let dir = DIR
+        .get_or_init(|| std::env::temp_dir().join(format!("husk-fuzz-fs-{}", std::process::id())));
+    let Ok(backend) = StubBackend::spawn(
+        dir,
+        "fs",
+        Script {
+            queues: 3,
+            ..Default::default()
+        },
+    ) else {
         return;
     };
     let config = FsConfig {
