@@ -30,12 +30,33 @@ const START_VIRTIOFSD: &str = r#"mkdir -p share /tmp/virtiofsd-root
 fn run(name: &str, guest_script: &str, node_script: &str) -> RunResult {
     let initrd = initrd_with_script(name, guest_script);
     let a = artifacts();
-    Payload::new(name)
-        .add(&a.husk, "husk")
-        .add(&a.vmlinux, "vmlinux")
-        .add(&initrd, "initrd.cpio")
-        .add(&virtiofsd(), "virtiofsd")
-        .run(node_script)
+    once_more_after_a_guest_stall(name, || {
+        Payload::new(name)
+            .add(&a.husk, "husk")
+            .add(&a.vmlinux, "vmlinux")
+            .add(&initrd, "initrd.cpio")
+            .add(&virtiofsd(), "virtiofsd")
+            .run(node_script)
+    })
+}
+
+/// Runs `attempt`, and once more if the guest stalled in it: husk stopped
+/// by the test's timeout with the guest making no progress. That is the
+/// rare guest stall of issue 22 (seen once here during virtio-fs traffic,
+/// the stopped vCPU's RIP in module space with no modules, as in the
+/// vsock stall recorded there), not this device's doing as far as is
+/// known; the first attempt's output goes to the log as evidence for
+/// that issue, and a second stall fails the test.
+fn once_more_after_a_guest_stall(name: &str, attempt: impl Fn() -> RunResult) -> RunResult {
+    let r = attempt();
+    if !r.output.contains("vCPU stopped by a signal") {
+        return r;
+    }
+    eprintln!(
+        "fs: {name}: the guest stalled (issue 22); running it once more. First attempt:\n{}",
+        r.output
+    );
+    attempt()
 }
 
 #[test]
@@ -57,7 +78,7 @@ fn a_host_directory_is_shared_both_ways() {
             "mkdir -p share && head -c 10485760 /dev/urandom > share/host.bin
              echo \"NODE-HOST-SHA $(sha256sum share/host.bin | cut -d' ' -f1)\"
              {START_VIRTIOFSD}
-             timeout 300 ./husk boot --kernel vmlinux --initrd initrd.cpio --mem-mib 256 \
+             timeout 120 ./husk boot --kernel vmlinux --initrd initrd.cpio --mem-mib 256 \
                --cmdline '{CMDLINE}' --fs tag=share,socket=fs.sock
              echo \"HUSK-STATUS $?\"
              timeout 10 sh -c \"while kill -0 $v 2>/dev/null; do sleep 0.1; done\" \
@@ -163,7 +184,8 @@ fn husk_run_shares_volumes_both_ways_and_a_read_only_one_refuses_writes() {
         .add(&virtiofsd(), "virtiofsd")
         .write("virtiofsd-bound", BOUND_VIRTIOFSD.as_bytes());
     busybox_rootfs(p.path());
-    let r = p.run(
+    let r = once_more_after_a_guest_stall("fs-run-volumes", || {
+        p.run(
         "chmod +x virtiofsd-bound
          mkdir -p vol conf && echo from-the-node > vol/in && echo kept > conf/file
          HUSK_CACHE_DIR=./cache timeout 120 ./husk run --kernel vmlinux --agent-initrd agent.cpio \
@@ -175,7 +197,8 @@ fn husk_run_shares_volumes_both_ways_and_a_read_only_one_refuses_writes() {
          echo \"NODE-OUT $(cat vol/out)\"; ls vol | tr '\\n' ' ' | sed 's/^/NODE-LS /'; echo
          echo \"NODE-CONF $(cat conf/file)\"
          sleep 0.5; if pgrep -x virtiofsd > /dev/null; then echo VIRTIOFSD-LEFT; else echo VIRTIOFSD-GONE; fi",
-    );
+    )
+    });
     r.assert_contains("STATUS 0")
         .assert_contains("IN from-the-node")
         .assert_contains("NODE-OUT from-the-container")
