@@ -196,7 +196,11 @@ fn husk_run_shares_volumes_both_ways_and_a_read_only_one_refuses_writes() {
          echo \"STATUS $?\"
          echo \"NODE-OUT $(cat vol/out)\"; ls vol | tr '\\n' ' ' | sed 's/^/NODE-LS /'; echo
          echo \"NODE-CONF $(cat conf/file)\"
-         sleep 0.5; if pgrep -x virtiofsd > /dev/null; then echo VIRTIOFSD-LEFT; else echo VIRTIOFSD-GONE; fi",
+         sleep 0.5
+         # (The node's busybox has no pgrep.)
+         if grep -qx virtiofsd /proc/[0-9]*/comm 2>/dev/null; then echo VIRTIOFSD-LEFT; else echo VIRTIOFSD-GONE; fi
+         sleep 30 & s=$!; sleep 0.2
+         grep -qx sleep /proc/[0-9]*/comm 2>/dev/null && echo CHECK-SEES; kill $s",
     )
     });
     r.assert_contains("STATUS 0")
@@ -206,7 +210,9 @@ fn husk_run_shares_volumes_both_ways_and_a_read_only_one_refuses_writes() {
         .assert_contains("CONF kept")
         .assert_contains("NODE-CONF kept")
         .assert_contains("MOUNTS 2")
-        .assert_contains("VIRTIOFSD-GONE");
+        .assert_contains("VIRTIOFSD-GONE")
+        // The process check sees a process that runs.
+        .assert_contains("CHECK-SEES");
     let ls = r.value("NODE-LS").unwrap_or_default();
     assert!(
         ls.contains("made") && ls.contains("out") && ls.contains("in"),

@@ -311,9 +311,10 @@ ctr task rm orphan > /dev/null 2>&1; ctr container rm orphan; echo "CONTAINER-RM
 # Killed while it copies a volume: the copier's mounts were never the
 # node's, and go with it; the volume itself is untouched.
 mkdir -p bigvol && for i in 1 2; do yes husk-volume-data | head -c 33554432 > bigvol/f$i; done
-# One pgrep, not a shell loop over /proc: under load a loop took longer
-# than the copy, which came and went unseen.
-copier() {{ pgrep -f "containerd-shim-husk-v2 copy-image"; }}
+# One grep over every command line, not two processes per pid: under
+# load that loop took longer than the copy, which came and went unseen.
+# (The node's busybox has no pgrep.)
+copier() {{ grep -l "[c]opy-image" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3; }}
 ctr run -d --runtime io.containerd.husk.v2 --mount type=bind,src=$PWD/bigvol,dst=/vol,options=rbind:ro \
   {IMAGE} midcopy true > midcopy.out 2>&1 &
 i=0; until [ -n "$(copier)" ]; do sleep 0.05; i=$((i+1)); [ $i -gt 1200 ] && break; done
