@@ -126,14 +126,7 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
                 })
         };
         let (blk, fs) = (find(&blk, "virtio-blk")?, find(&fs, "virtio-fs")?);
-        let mut ratio = serde_json::Map::new();
-        for (k, v) in fs.as_object().into_iter().flatten() {
-            if let (Some(f), Some(d)) = (v["mib_s"].as_f64(), blk[k]["mib_s"].as_f64()) {
-                if d > 0.0 {
-                    ratio.insert(k.clone(), json!((f / d * 1000.0).round() / 1000.0));
-                }
-            }
-        }
+        let ratio = crate::io::mib_s_ratio(&fs, &blk);
         runs.push(json!({
             "depth": depth,
             "guest_virtio_blk": blk,

@@ -179,6 +179,20 @@ pub fn guest_results(console: &str, prefix: &str) -> anyhow::Result<Vec<Value>> 
         .collect()
 }
 
+/// Each pattern's MiB/s in `a` over that in `b` (patterns `b` lacks or
+/// measured at 0 left out), to three decimals.
+pub fn mib_s_ratio(a: &Value, b: &Value) -> serde_json::Map<String, Value> {
+    let mut ratio = serde_json::Map::new();
+    for (k, v) in a.as_object().into_iter().flatten() {
+        if let (Some(x), Some(y)) = (v["mib_s"].as_f64(), b[k]["mib_s"].as_f64()) {
+            if y > 0.0 {
+                ratio.insert(k.clone(), json!((x / y * 1000.0).round() / 1000.0));
+            }
+        }
+    }
+    ratio
+}
+
 /// Runs all four patterns against `path` (its first `size_mib` MiB) with
 /// `depth` requests in flight.
 pub fn io(path: &Path, size_mib: u64, runtime: Duration, depth: usize) -> anyhow::Result<Value> {

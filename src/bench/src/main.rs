@@ -456,14 +456,7 @@ fn blk(b: BlkBench) -> anyhow::Result<serde_json::Value> {
             .iter()
             .find(|g| g["depth"] == depth)
             .with_context(|| format!("the guest printed no HUSK-IO-JSON line for depth {depth}"))?;
-        let mut ratio = serde_json::Map::new();
-        for (k, v) in guest.as_object().into_iter().flatten() {
-            if let (Some(g), Some(h)) = (v["mib_s"].as_f64(), host[k]["mib_s"].as_f64()) {
-                if h > 0.0 {
-                    ratio.insert(k.clone(), json!((g / h * 1000.0).round() / 1000.0));
-                }
-            }
-        }
+        let ratio = io::mib_s_ratio(guest, &host);
         runs.push(json!({
             "depth": depth,
             "guest_virtio_blk": guest,

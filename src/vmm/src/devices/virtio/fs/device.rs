@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -145,6 +145,19 @@ impl std::fmt::Debug for Fs {
     }
 }
 
+/// Turns the vhost-user library's error for request `what` to the backend
+/// at `path` into the device's.
+fn backend_err<'a>(
+    path: &'a Path,
+    what: &'static str,
+) -> impl FnOnce(vhost::Error) -> FsError + 'a {
+    move |source| FsError::Backend {
+        path: path.to_path_buf(),
+        what,
+        source: Flat(source),
+    }
+}
+
 fn eventfd() -> Result<EventFd, FsError> {
     EventFd::new(EFD_NONBLOCK).map_err(FsError::EventFd)
 }
@@ -169,14 +182,7 @@ impl Backend {
                     source,
                 })?;
         let mut frontend = Frontend::from_stream(sock, queues as u64);
-        let fail = |what| {
-            let path = path.clone();
-            move |source| FsError::Backend {
-                path,
-                what,
-                source: Flat(source),
-            }
-        };
+        let fail = |what| backend_err(path, what);
         frontend.set_owner().map_err(fail("take ownership"))?;
         let features = frontend.get_features().map_err(fail("list its features"))?;
         let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -361,14 +367,6 @@ impl Fs {
         }
     }
 
-    fn backend_err(&self, what: &'static str) -> impl Fn(vhost::Error) -> FsError + '_ {
-        move |source| FsError::Backend {
-            path: self.config.socket.clone(),
-            what,
-            source: Flat(source),
-        }
-    }
-
     /// Hands guest memory and the rings to the backend and starts them.
     fn start(
         &mut self,
@@ -376,39 +374,35 @@ impl Fs {
         queues: &[Queue],
         features: u64,
     ) -> Result<(), FsError> {
-        let f = &self.backend.frontend;
+        let path = &self.config.socket;
+        let f = &mut self.backend.frontend;
         let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         f.set_features(features | protocol)
-            .map_err(self.backend_err("accept the driver's features"))?;
+            .map_err(backend_err(path, "accept the driver's features"))?;
         let regions = mem
             .iter()
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| FsError::Memory(e.to_string()))?;
         f.set_mem_table(&regions)
-            .map_err(self.backend_err("map guest memory"))?;
+            .map_err(backend_err(path, "map guest memory"))?;
         for (index, q) in queues.iter().enumerate() {
             let rings = vring_config(mem, q)?;
             f.set_vring_num(index, q.size())
-                .map_err(self.backend_err("size a queue"))?;
+                .map_err(backend_err(path, "size a queue"))?;
             f.set_vring_addr(index, &rings)
-                .map_err(self.backend_err("place a queue's rings"))?;
+                .map_err(backend_err(path, "place a queue's rings"))?;
             f.set_vring_base(index, q.next_avail())
-                .map_err(self.backend_err("set a queue's first index"))?;
+                .map_err(backend_err(path, "set a queue's first index"))?;
             f.set_vring_call(index, &self.call_events[index])
-                .map_err(self.backend_err("take a queue's interrupt eventfd"))?;
+                .map_err(backend_err(path, "take a queue's interrupt eventfd"))?;
             f.set_vring_kick(index, &self.queue_events[index])
-                .map_err(self.backend_err("take a queue's notification eventfd"))?;
+                .map_err(backend_err(path, "take a queue's notification eventfd"))?;
         }
         // Rings start disabled once protocol features are in use.
-        let f = &mut self.backend.frontend;
         for index in 0..queues.len() {
             f.set_vring_enable(index, true)
-                .map_err(|source| FsError::Backend {
-                    path: self.config.socket.clone(),
-                    what: "enable a queue",
-                    source: Flat(source),
-                })?;
+                .map_err(backend_err(path, "enable a queue"))?;
         }
         self.running = queues.len();
         self.metrics.activations.inc();
@@ -419,25 +413,14 @@ impl Fs {
     /// Stops the backend's rings (a driver reset); the session stays, so
     /// the driver can start the device again.
     fn stop(&mut self, queues: usize) -> Result<(), FsError> {
-        let path = self.config.socket.clone();
-        let err = |what| {
-            let path = path.clone();
-            move |source| FsError::Backend {
-                path,
-                what,
-                source: Flat(source),
-            }
-        };
+        let path = &self.config.socket;
+        let f = &mut self.backend.frontend;
         for index in 0..queues {
-            self.backend
-                .frontend
-                .set_vring_enable(index, false)
-                .map_err(err("disable a queue"))?;
+            f.set_vring_enable(index, false)
+                .map_err(backend_err(path, "disable a queue"))?;
             // GET_VRING_BASE stops the ring (vhost-user, "Stopping rings").
-            self.backend
-                .frontend
-                .get_vring_base(index)
-                .map_err(err("stop a queue"))?;
+            f.get_vring_base(index)
+                .map_err(backend_err(path, "stop a queue"))?;
         }
         self.running = 0;
         self.metrics.resets.inc();
