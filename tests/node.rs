@@ -40,6 +40,7 @@ fn records(file: &std::path::Path) -> Vec<Vec<String>> {
 /// made to order).
 const LOCKUP_ON_FIRST_BOOT: &str = "
 if grep -qw husk_node.boot=2 /proc/cmdline; then echo SECOND-BOOT; exit 0; fi
+echo FIRST-BOOT-OUTPUT
 echo '[   42.000000] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [husk:123]'
 sleep 120";
 
@@ -53,6 +54,16 @@ fn a_node_that_locked_up_is_booted_again_and_recorded() {
     r.assert_status(0)
         .assert_contains("SECOND-BOOT")
         .assert_contains("run.sh: the node VM's kernel locked up");
+    // The command ran again from its start; only the last boot's output
+    // is the run's (a scenario's lines are not read twice). The first
+    // boot's shows only in run.sh's report on stderr (the console's tail),
+    // which follows the command's output.
+    let (command_output, report) = r
+        .output
+        .split_once("run.sh: the node VM's kernel locked up")
+        .expect("run.sh's report");
+    assert_eq!(command_output.trim(), "SECOND-BOOT", "{}", r.output);
+    assert!(report.contains("FIRST-BOOT-OUTPUT"), "{}", r.output);
     let rec = records(&file);
     let _ = std::fs::remove_file(&file);
     assert_eq!(rec.len(), 1, "{rec:?}\n{}", r.output);

@@ -44,6 +44,8 @@ jail_probe() {{
       if tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q "^husk --api-sock /run/api.sock --id hello"; then
         echo "JAIL-UID $(awk '/^Uid:/ {{print $2, $3, $4, $5}}' $p/status)"
         echo "JAIL-CAPS $(awk '/^CapEff:/ {{print $2}}' $p/status)"
+        # The shim makes the metrics file once husk answers on its socket.
+        for j in $(seq 100); do [ -e $p/root/metrics.json ] && break; sleep 0.1; done
         echo "JAIL-ROOT $(ls $p/root | tr '\n' ' ')"
         echo "JAIL-CGROUP $(cat $p/cgroup)"
         return

@@ -11,13 +11,14 @@
 # exits with CMD's exit status (125 if the node VM itself failed or timed
 # out; its console's tail then goes to stderr). If the node's own kernel
 # reports a soft lockup before CMD finished, stops altogether (its init
-# writes a heartbeat to the second serial port every 5 s; 90 s without one
+# writes a heartbeat to the second serial port every 5 s; 60 s without one
 # means the node's kernel no longer runs user space, seen now and then with
 # nested guests under QEMU's emulated SVM, with nothing on the console), or
 # panics (seen there too: a husk vCPU thread overflowing its kernel stack in
 # the node's exception entry), that boot ends at once and the node VM boots
-# again, once (CMD's output so far may then appear twice; the second boot's
-# kernel command line has husk_node.boot=2). Each such failure is said on
+# again, once (CMD runs again from its start: stdout then has a line
+# "run.sh: HUSK-NODE-BOOTED-AGAIN" between the first boot's output and the
+# second's; the second boot's kernel command line has husk_node.boot=2). Each such failure is said on
 # stderr and, when HUSK_NODE_RETRIES names a file (resources/test.sh sets
 # it), appended to it as one line, tab-separated: HUSK_NODE_LABEL (the
 # test's name; else the command), the cause (soft lockup, panic, silent
@@ -47,6 +48,7 @@ usage() {
   exit 2
 }
 here=$(cd "$(dirname "$0")" && pwd)
+AGAIN_MARKER="run.sh: HUSK-NODE-BOOTED-AGAIN"
 mem=4096 cpus=2 timeout=600 payload=""
 while (($#)); do
   case $1 in
@@ -166,7 +168,7 @@ boot_node() {
     -append "console=ttyS0 panic=-1 quiet loglevel=${HUSK_NODE_LOGLEVEL:-1}$append" \
     < /dev/null > "$tmp/console" 2>&1 &
   qpid=$!
-  # The heartbeat's watcher: once the first beat came, 90 s without one
+  # The heartbeat's watcher: once the first beat came, 60 s without one
   # ends the boot (the node's kernel is stuck; nothing else would notice
   # before the timeout).
   (
@@ -175,7 +177,7 @@ boot_node() {
       sleep 5
       size=$(stat -c %s "$tmp/heartbeat" 2>/dev/null || echo 0)
       if ((size > last)); then last=$size quiet=0; else quiet=$((quiet + 5)); fi
-      if ((last > 0 && quiet >= 90)); then
+      if ((last > 0 && quiet >= 60)); then
         echo "no heartbeat for $quiet s" > "$tmp/hung"
         kill "$qpid" 2>/dev/null
         break
@@ -251,6 +253,9 @@ if node_failure; then
   record_failure "booted again"
   echo "run.sh: $why; booting it again (the console's tail below)" >&2
   tr -d '\r' < "$tmp/console" | tail -n 5 >&2
+  # The command runs again from its start; whoever reads stdout whole
+  # keeps what follows this line (tests/support/lib.rs does).
+  echo "$AGAIN_MARKER"
   boot_node 2
 fi
 

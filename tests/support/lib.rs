@@ -353,7 +353,8 @@ impl Payload {
             .args(["--", "sh", "-c", script])
             .output()
             .expect("run resources/node/run.sh");
-        let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut output = last_boot(&stdout).to_string();
         output.push_str(&String::from_utf8_lossy(&out.stderr));
         // Tests show the node's output when they fail; this shows it always
         // (with --nocapture), to read what a passing test saw.
@@ -368,6 +369,18 @@ impl Payload {
             status: out.status.code().unwrap_or(-1),
             output,
         }
+    }
+}
+
+/// What the command printed in the node's last boot: when run.sh booted
+/// the node again, the command ran again from its start, and what it
+/// printed the first time (up to run.sh's marker line) would otherwise be
+/// read twice.
+fn last_boot(stdout: &str) -> &str {
+    const MARKER: &str = "run.sh: HUSK-NODE-BOOTED-AGAIN\n";
+    match stdout.rfind(MARKER) {
+        Some(i) if i == 0 || stdout[..i].ends_with('\n') => &stdout[i + MARKER.len()..],
+        _ => stdout,
     }
 }
 

@@ -633,15 +633,18 @@ pub(crate) mod tests {
     fn a_driver_failing_activation_in_a_loop_gets_a_few_warnings_not_one_each() {
         // Alternating 0 and DRIVER_OK: every DRIVER_OK fails (no
         // negotiation), once per pair of register writes.
+        // The limiter's own count, not the lines a test subscriber saw:
+        // tracing caches each call site's interest process-wide, and
+        // other tests logging on other threads make that count flaky
+        // (log_limit's tests show that what the limiter admits is logged).
         let (mut t, _) = transport(1);
-        let warnings = crate::log_limit::test_support::warnings_during(|| {
-            for _ in 0..1000 {
-                wr(&mut t, 0x70, 0);
-                wr(&mut t, 0x70, status::DRIVER_OK);
-            }
-        });
+        for _ in 0..1000 {
+            wr(&mut t, 0x70, 0);
+            wr(&mut t, 0x70, status::DRIVER_OK);
+        }
         assert_ne!(t.device_status() & status::DEVICE_NEEDS_RESET, 0);
-        assert_eq!(warnings, crate::log_limit::GUEST_BURST as usize);
+        let burst = u64::from(crate::log_limit::GUEST_BURST);
+        assert_eq!(t.fail_log.suppressed(), 1000 - burst);
     }
 
     #[test]
