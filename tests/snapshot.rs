@@ -176,7 +176,12 @@ wait_for a-serial.txt 'TICK .* net=ok .*old={{' || echo "A-WAIT failed"
 wait_for b-serial.txt 'TICK .*old={{' || echo "B-WAIT failed"
 echo "A-ECHO $(./husk-bench vsock-client --connect uds:$PWD/a.sock:5000 --mode echo --bytes 1048576 --retry-s 60)"
 echo "B-ECHO $(./husk-bench vsock-client --connect uds:$PWD/b.sock:5000 --mode echo --bytes 1048576 --retry-s 60)"
-sleep 3
+# Each clone keeps counting: three ticks each (a loaded node may take a
+# while; a fixed sleep once saw clone B print two).
+for i in $(seq 300); do
+  [ "$(grep -c TICK a-serial.txt)" -ge 3 ] && [ "$(grep -c TICK b-serial.txt)" -ge 3 ] && break
+  sleep 0.1
+done
 kill -0 $a && kill -0 $b && echo BOTH-RUNNING
 kill $a $b; wait $a; echo "A-EXIT $?"; wait $b; echo "B-EXIT $?"
 echo "--- src"; cat src-serial.txt; echo; echo "--- end src"
