@@ -28,6 +28,13 @@
 #   resources/bench.sh pod [--runs N] [--concurrent P]    pods through containerd: husk's shim against
 #                                                        runc's (start latency, memory per pod, P pods
 #                                                        of 128 MiB at once)
+#   resources/bench.sh soak [--runs N] [--stress-every K] [--streams S]
+#                                                        N VM creations (default 100) in as few node
+#                                                        boots as the node allows: each boots a guest,
+#                                                        echoes through vsock (every Kth: S streams,
+#                                                        default 5 and 32) and exits; rates per 1,000
+#                                                        creations of triple faults, stalls and the
+#                                                        node VM's own failures (docs/testing.md)
 #   resources/bench.sh cri [--runs N]                    pod start through containerd's CRI plugin
 #                                                        (RunPodSandbox to a running container),
 #                                                        handler husk against runc, and a husk pod
@@ -37,10 +44,11 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=resources/lib.sh
 source "$repo/resources/lib.sh"
 
-mode=boot runs=10 size_mib="" runtime_s=5 streams=8 firecracker="" concurrent=20 depths=1,16
+mode=boot runs="" size_mib="" runtime_s=5 streams="" firecracker="" concurrent=20 depths=1,16 stress_every=5
 while (($#)); do
   case $1 in
-    boot|blk|fs|api|hotplug|net|vsock|snapshot|run|pod|cri) mode=$1; shift ;;
+    boot|blk|fs|api|hotplug|net|vsock|snapshot|run|pod|cri|soak) mode=$1; shift ;;
+    --stress-every) stress_every=$2; shift 2 ;;
     --concurrent) concurrent=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     --size-mib) size_mib=$2; shift 2 ;;
@@ -48,9 +56,10 @@ while (($#)); do
     --streams) streams=$2; shift 2 ;;
     --depths) depths=$2; shift 2 ;;
     --firecracker) firecracker=$(realpath "$2"); shift 2 ;;
-    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | fs [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | hotplug [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | snapshot [--runs N] [--firecracker PATH] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N]]" >&2; exit 2 ;;
+    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | fs [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | hotplug [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | snapshot [--runs N] [--firecracker PATH] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N] | soak [--runs N] [--stress-every K] [--streams S]]" >&2; exit 2 ;;
   esac
 done
+if [[ $mode == soak ]]; then runs=${runs:-100} streams=${streams:-32}; else runs=${runs:-10} streams=${streams:-8}; fi
 
 husk_install_packages
 husk_build_images "$repo"
@@ -70,7 +79,47 @@ jailed_husk() {
   cp "$repo/target/release/husk-jailer" "$payload/"
 }
 
+# $payload/vsock.cpio: a guest that serves vsock test streams with a
+# static husk-bench on port 5201 (the node's husk-bench connects through
+# husk's unix socket); its reset follows the server's quit.
+vsock_guest() {
+  local target=x86_64-unknown-linux-gnu script="$payload/serve.sh"
+  (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked -j"$(nproc)" -p husk-bench --bin husk-bench --target "$target" >&2)
+  printf '#!/bin/sh\n/bin/husk-bench vsock-serve --listen vsock:5201\n' > "$script"
+  chmod +x "$script"
+  "$repo/resources/guest/build-initramfs.sh" "$payload/vsock.cpio" "$repo/resources/guest/test-init" \
+    "$repo/target/$target/release/husk-bench:/bin/husk-bench" "$script:/husk-test.sh" >/dev/null
+  rm "$script"
+}
+
 case $mode in
+  soak)
+    vsock_guest
+    # Node boots until N creations ran: run.sh boots a failed node once
+    # more by itself (the soak starts again there, its first boot's lines
+    # kept); a node that failed twice gets a fresh run.sh for what is
+    # left, three boots in a row without a creation end it.
+    soak_dir=$(mktemp -d "${TMPDIR:-/tmp}/husk-soak.XXXXXX")
+    record="$soak_dir/node-failures"
+    : > "$record"
+    left=$runs boots=0 idle=0
+    while ((left > 0 && idle < 3)); do
+      boots=$((boots + 1))
+      out="$soak_dir/boot-$boots"
+      HUSK_NODE_RETRIES=$record HUSK_NODE_LABEL="soak, node boot $boots" \
+        "$repo/resources/node/run.sh" --timeout $((300 + left * 40)) --payload "$payload" -- \
+        ./husk-bench soak --husk ./husk --kernel vmlinux --initrd vsock.cpio --runs "$left" \
+        --stress-every "$stress_every" --streams "$streams" > "$out" || true
+      ran=$(grep -c '^SOAK-RUN ' "$out" || true)
+      if ((ran == 0)); then idle=$((idle + 1)); else idle=0; fi
+      left=$((left - ran))
+    done
+    node="${HUSK_NODE_QEMU:+$("$HUSK_NODE_QEMU" --version | head -n1), }node image ${HUSK_NODE_IMAGE:+$(basename "$HUSK_NODE_IMAGE")}"
+    "$repo/target/release/husk-bench" soak-report --runs "$soak_dir"/boot-* \
+      --node-record "$record" --node "$node"
+    rm -rf "$soak_dir"
+    ;;
   boot)
     "$repo/resources/guest/build-initramfs.sh" "$payload/test.cpio" "$repo/resources/guest/test-init" >/dev/null
     if [[ -z $firecracker ]]; then
@@ -160,15 +209,7 @@ case $mode in
   snapshot)
     # The guest serves vsock echoes with a static husk-bench; each restored
     # VM is timed until one comes back through the VMM's socket.
-    target=x86_64-unknown-linux-gnu
-    (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
-      cargo build --release --locked -j"$(nproc)" -p husk-bench --bin husk-bench --target "$target" >&2)
-    script="$payload/serve.sh"
-    printf '#!/bin/sh\n/bin/husk-bench vsock-serve --listen vsock:5201\n' > "$script"
-    chmod +x "$script"
-    "$repo/resources/guest/build-initramfs.sh" "$payload/vsock.cpio" "$repo/resources/guest/test-init" \
-      "$repo/target/$target/release/husk-bench:/bin/husk-bench" "$script:/husk-test.sh" >/dev/null
-    rm "$script"
+    vsock_guest
     fc_args=()
     if [[ -n $firecracker ]]; then
       cp "$firecracker" "$payload/firecracker"
@@ -179,17 +220,7 @@ case $mode in
       --port 5201 --runs "$runs" "${fc_args[@]}"
     ;;
   vsock)
-    # The guest serves with a static husk-bench; the node's husk-bench
-    # connects through husk's unix socket.
-    target=x86_64-unknown-linux-gnu
-    (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
-      cargo build --release --locked -j"$(nproc)" -p husk-bench --bin husk-bench --target "$target" >&2)
-    script="$payload/serve.sh"
-    printf '#!/bin/sh\n/bin/husk-bench vsock-serve --listen vsock:5201\n' > "$script"
-    chmod +x "$script"
-    "$repo/resources/guest/build-initramfs.sh" "$payload/vsock.cpio" "$repo/resources/guest/test-init" \
-      "$repo/target/$target/release/husk-bench:/bin/husk-bench" "$script:/husk-test.sh" >/dev/null
-    rm "$script"
+    vsock_guest
     "$repo/resources/node/run.sh" --payload "$payload" -- \
       ./husk-bench vsock --husk ./husk --kernel vmlinux --initrd vsock.cpio \
       --port 5201 --size-mib "${size_mib:-128}" --streams "$streams"

@@ -22,6 +22,10 @@
 //! `husk-bench hotplug` times a guest's plugging and unplugging of
 //! virtio-mem memory (see `hotplug`).
 //!
+//! `husk-bench soak` creates VMs one after another and classifies how each
+//! ended (see `soak`); `soak-report` turns its lines and the node VM's
+//! record of its own failures into rates per thousand creations.
+//!
 //! `husk-bench boot` starts `husk boot` N times and measures, per run, the
 //! wall time from spawning the VMM process to the guest's first user-space
 //! line (the marker the test init prints first), the VMM's own setup time
@@ -38,6 +42,7 @@ mod net;
 mod pod;
 mod run;
 mod snapshot;
+mod soak;
 mod stats;
 mod vsock;
 
@@ -90,6 +95,12 @@ enum Bench {
     /// Snapshots: create time, file sizes, and restore time (load request to
     /// the guest answering through vsock), for husk and optionally Firecracker.
     Snapshot(snapshot::SnapshotBench),
+    /// Many VM creations in a row (boot, vsock streams, exit), each classified:
+    /// ok, triple fault, stall, stuck, failed; with the timers' re-serve counts.
+    Soak(soak::SoakBench),
+    /// The report of one or more soak runs' SOAK-RUN lines and run.sh's
+    /// record of the node VM's own failures.
+    SoakReport(soak::SoakReportArgs),
     /// Serve vsock test streams (echo, upload, download) until told to quit.
     VsockServe(VsockServeArgs),
     /// Open concurrent vsock test streams and check every byte.
@@ -494,6 +505,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Bench::Pod(b) => pod::pod(b)?,
         Bench::Snapshot(b) => snapshot::snapshot(b)?,
         Bench::Hotplug(b) => hotplug::run(b)?,
+        Bench::Soak(b) => soak::soak(b)?,
+        Bench::SoakReport(a) => soak::soak_report(a)?,
         Bench::Net(b) => net::net(b)?,
         Bench::Tap(a) => return net::tap(a),
         Bench::Vsock(b) => {

@@ -1,0 +1,438 @@
+//! `husk-bench soak`: many VM creations in a row, each one classified, so
+//! that rare failures get rates instead of anecdotes.
+//!
+//! Each creation boots a guest whose /husk-test.sh serves vsock test
+//! streams (`husk-bench vsock-serve`, as `husk-bench vsock` does), checks
+//! one small echo stream through husk's vsock (every `--stress-every`-th
+//! creation: `--streams` concurrent echo streams instead), tells the
+//! server to quit, and waits for husk to exit with the guest's reset. The
+//! outcome of each is one of:
+//!
+//! - `ok`;
+//! - `triple_fault`: husk ended with the exit code of a guest triple fault;
+//! - `stall`: a stream timed out (the guest stopped answering: the vsock
+//!   stall of docs/devices.md, or a guest stuck elsewhere);
+//! - `stuck`: the streams were fine but husk did not exit after the quit;
+//! - `failed`: anything else (husk's or the stream's error, quoted).
+//!
+//! The husk of each creation writes its metrics at exit; the
+//! `*_found_by_timer` counters (queues husk re-served from its one-second
+//! timers rather than from a guest notification) are summed per creation.
+//! Each creation is one `SOAK-RUN {json}` line on stdout as it ends, so a
+//! node VM that fails half-way loses nothing it measured;
+//! `husk-bench soak-report` adds those lines and resources/node/run.sh's
+//! record of the node's own failures (resources/bench.sh soak) into the
+//! rates per thousand creations.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::{json, Map, Value};
+
+use crate::vsock::{self, Target};
+
+/// husk's exit code for a guest's triple fault (vmm::exit::VmExit).
+const TRIPLE_FAULT_EXIT: i32 = 3;
+/// How long a creation's husk may take to exit once its guest was told to
+/// quit.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The guest port the stream server listens on.
+const PORT: u32 = 5201;
+
+#[derive(clap::Args)]
+pub struct SoakBench {
+    /// The husk binary.
+    #[arg(long, default_value = "husk")]
+    husk: PathBuf,
+    /// Guest kernel.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest initramfs whose /husk-test.sh runs `husk-bench vsock-serve
+    /// --listen vsock:5201` (resources/bench.sh soak makes it).
+    #[arg(long)]
+    initrd: PathBuf,
+    /// VM creations.
+    #[arg(long, default_value_t = 100)]
+    runs: usize,
+    /// Every Nth creation runs the stress (0: never).
+    #[arg(long, default_value_t = 5)]
+    stress_every: usize,
+    /// Concurrent echo streams of the stress.
+    #[arg(long, default_value_t = 32)]
+    streams: usize,
+    /// MiB the stress echoes, over all its streams.
+    #[arg(long, default_value_t = 32)]
+    stress_mib: u64,
+    /// Where each creation's files go (config, sockets, metrics, log).
+    #[arg(long, default_value = "soak")]
+    dir: PathBuf,
+}
+
+/// How one creation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    TripleFault,
+    Stall,
+    Stuck,
+    Failed,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::TripleFault,
+        Outcome::Stall,
+        Outcome::Stuck,
+        Outcome::Failed,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::TripleFault => "triple_fault",
+            Outcome::Stall => "stall",
+            Outcome::Stuck => "stuck",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// The outcome from what was seen: husk's exit code (None: it had to be
+/// killed), the streams' error, if any, and whether that error was a
+/// timeout.
+fn classify(exit: Option<i32>, stream_error: Option<&str>, timed_out: bool) -> Outcome {
+    match (exit, stream_error) {
+        (Some(TRIPLE_FAULT_EXIT), _) => Outcome::TripleFault,
+        (_, Some(_)) if timed_out => Outcome::Stall,
+        (_, Some(_)) => Outcome::Failed,
+        (None, None) => Outcome::Stuck,
+        (Some(0), None) => Outcome::Ok,
+        (Some(_), None) => Outcome::Failed,
+    }
+}
+
+/// Whether a stream error says it waited too long (the socket timeouts of
+/// `vsock::connect`), as opposed to a refusal or a checksum mismatch.
+fn is_timeout(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    e.contains("timed out") || e.contains("would block") || e.contains("temporarily unavailable")
+}
+
+/// The sum of every counter named `*_found_by_timer` in a metrics line.
+fn found_by_timer(metrics: &Value) -> u64 {
+    match metrics {
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| match v {
+                Value::Number(n) if k.ends_with("_found_by_timer") => n.as_u64().unwrap_or(0),
+                _ => found_by_timer(v),
+            })
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// The last line of husk's metrics file, as JSON (Null if none).
+fn last_metrics(path: &Path) -> Value {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_string)
+        })
+        .and_then(|l| serde_json::from_str(&l).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// husk's exit code once it exits, within `timeout`; None after killing it.
+fn wait_exit(vmm: &mut Child, timeout: Duration) -> anyhow::Result<Option<i32>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = vmm.try_wait()? {
+            return Ok(Some(status.code().unwrap_or(-1)));
+        }
+        if Instant::now() > deadline {
+            let _ = vmm.kill();
+            let _ = vmm.wait();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The last lines of husk's log, for a creation that did not end well.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
+    let dir = &b.dir;
+    let uds = dir.join("vsock.sock");
+    let metrics = dir.join("metrics.json");
+    let log = dir.join("husk.log");
+    for f in [&uds, &metrics] {
+        let _ = std::fs::remove_file(f);
+    }
+    std::fs::write(&metrics, "")?;
+    let config = json!({
+        "boot-source": {
+            "kernel_image_path": b.kernel,
+            "initrd_path": b.initrd,
+            "boot_args": "console=ttyS0 reboot=k panic=1 pci=off quiet",
+        },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
+        "vsock": { "guest_cid": 3, "uds_path": uds },
+        "metrics": { "metrics_path": metrics },
+    });
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, config.to_string())?;
+    let stress = b.stress_every > 0 && (index + 1) % b.stress_every == 0;
+    let (streams, bytes) = if stress {
+        (b.streams.max(1), b.stress_mib << 20)
+    } else {
+        (1, 64 << 10)
+    };
+    let start = Instant::now();
+    let mut vmm = Command::new(&b.husk)
+        .args(["--no-api", "--config-file"])
+        .arg(&config_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .with_context(|| format!("cannot start {}", b.husk.display()))?;
+    let t = Target::Uds(uds.clone(), PORT);
+    // The guest boots first: the streams retry their connection this long.
+    let streams_result = vsock::client(&t, "echo", streams, bytes, Duration::from_secs(60));
+    let stream_error = match &streams_result {
+        Ok(r) if r["checksums_equal"] == json!(true) => None,
+        Ok(r) => Some(r["errors"].to_string()),
+        Err(e) => Some(format!("{e:#}")),
+    };
+    let timed_out = stream_error.as_deref().is_some_and(is_timeout);
+    if stream_error.is_none() {
+        let _ = vsock::client(&t, "quit", 1, 0, Duration::ZERO);
+    }
+    let exit_timeout = if stream_error.is_none() {
+        EXIT_TIMEOUT
+    } else {
+        // A guest that stopped answering will not reset on its own.
+        Duration::ZERO
+    };
+    let exit = wait_exit(&mut vmm, exit_timeout)?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    let outcome = classify(exit, stream_error.as_deref(), timed_out);
+    let mut run = json!({
+        "run": index,
+        "stress": stress,
+        "outcome": outcome.name(),
+        "ms": ms.round(),
+        "exit": exit,
+        "found_by_timer": found_by_timer(&last_metrics(&metrics)),
+    });
+    if outcome != Outcome::Ok {
+        run["error"] = json!(stream_error);
+        run["husk_log"] = json!(log_tail(&log));
+    }
+    Ok(run)
+}
+
+/// `husk-bench soak`: prints a `SOAK-RUN` line per creation, then the
+/// report of those runs alone (no node failures: those are seen from
+/// outside the node).
+pub fn soak(b: SoakBench) -> anyhow::Result<Value> {
+    std::fs::create_dir_all(&b.dir)
+        .with_context(|| format!("cannot create {}", b.dir.display()))?;
+    let mut runs = Vec::with_capacity(b.runs);
+    let mut stdout = std::io::stdout();
+    for i in 0..b.runs {
+        let run = one(&b, i)?;
+        writeln!(stdout, "SOAK-RUN {run}")?;
+        stdout.flush()?;
+        eprintln!(
+            "husk-bench soak: {}/{} {} ({} ms)",
+            i + 1,
+            b.runs,
+            run["outcome"].as_str().unwrap_or("?"),
+            run["ms"]
+        );
+        runs.push(run);
+    }
+    Ok(report(&runs, &[]))
+}
+
+/// One failure of the node VM, from run.sh's record (HUSK_NODE_RETRIES):
+/// its cause and evidence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFailure {
+    cause: String,
+    evidence: String,
+}
+
+/// Parses run.sh's record: label, cause, evidence, outcome per line,
+/// tab-separated.
+fn node_failures(record: &str) -> Vec<NodeFailure> {
+    record
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.len() >= 3).then(|| NodeFailure {
+                cause: f[1].to_string(),
+                evidence: f[2].to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Per thousand creations, one decimal.
+fn per_thousand(n: usize, creations: usize) -> f64 {
+    if creations == 0 {
+        return 0.0;
+    }
+    (n as f64 * 10_000.0 / creations as f64).round() / 10.0
+}
+
+/// The soak's report: counts and rates per outcome and per node failure
+/// cause, the timers' total, the creations' times, and each failure.
+fn report(runs: &[Value], node: &[NodeFailure]) -> Value {
+    let creations = runs.len();
+    let mut outcomes = Map::new();
+    let mut rates = Map::new();
+    for o in Outcome::ALL {
+        let n = runs.iter().filter(|r| r["outcome"] == o.name()).count();
+        outcomes.insert(o.name().into(), json!(n));
+        if o != Outcome::Ok {
+            rates.insert(o.name().into(), json!(per_thousand(n, creations)));
+        }
+    }
+    let mut causes = Map::new();
+    for f in node {
+        let n = causes.entry(f.cause.clone()).or_insert(json!(0));
+        *n = json!(n.as_u64().unwrap_or(0) + 1);
+    }
+    rates.insert(
+        "node_failures".into(),
+        json!(per_thousand(node.len(), creations)),
+    );
+    let times: Vec<f64> = runs
+        .iter()
+        .filter(|r| r["outcome"] == "ok")
+        .filter_map(|r| r["ms"].as_f64())
+        .collect();
+    json!({
+        "benchmark": "soak",
+        "creations": creations,
+        "outcomes": outcomes,
+        "node_failures": { "total": node.len(), "by_cause": causes },
+        "per_1000_creations": rates,
+        "found_by_timer_total": runs.iter().map(|r| r["found_by_timer"].as_u64().unwrap_or(0)).sum::<u64>(),
+        "creations_with_found_by_timer": runs.iter().filter(|r| r["found_by_timer"].as_u64().unwrap_or(0) > 0).count(),
+        "creation_ms": crate::stats::summary(&times),
+        "failures": runs.iter().filter(|r| r["outcome"] != "ok").cloned().collect::<Vec<_>>(),
+        "node_failure_evidence": node.iter().map(|f| format!("{}: {}", f.cause, f.evidence)).collect::<Vec<_>>(),
+    })
+}
+
+#[derive(clap::Args)]
+pub struct SoakReportArgs {
+    /// Files holding `husk-bench soak`'s output (its SOAK-RUN lines), one
+    /// per node boot, in any number.
+    #[arg(long = "runs", required = true)]
+    runs: Vec<PathBuf>,
+    /// run.sh's record of the node's failures (HUSK_NODE_RETRIES).
+    #[arg(long)]
+    node_record: Option<PathBuf>,
+    /// What ran the node (the QEMU and its version), for the record.
+    #[arg(long, default_value = "")]
+    node: String,
+}
+
+/// `husk-bench soak-report`: the SOAK-RUN lines of every node boot and the
+/// node's failures, as one report.
+pub fn soak_report(a: SoakReportArgs) -> anyhow::Result<Value> {
+    let mut runs = Vec::new();
+    for path in &a.runs {
+        let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+        for line in BufReader::new(f).lines() {
+            if let Some(json) = line?.strip_prefix("SOAK-RUN ") {
+                runs.push(serde_json::from_str(json).context("a SOAK-RUN line")?);
+            }
+        }
+    }
+    let node = match &a.node_record {
+        Some(p) => node_failures(&std::fs::read_to_string(p).unwrap_or_default()),
+        None => Vec::new(),
+    };
+    if runs.is_empty() && node.is_empty() {
+        bail!("no SOAK-RUN lines and no node failures: nothing ran");
+    }
+    let mut r = report(&runs, &node);
+    r["node"] = json!(a.node);
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_follow_the_exit_code_and_the_streams() {
+        assert_eq!(classify(Some(0), None, false), Outcome::Ok);
+        assert_eq!(classify(Some(3), None, false), Outcome::TripleFault);
+        // A triple fault explains a stream's timeout too.
+        assert_eq!(classify(Some(3), Some("x"), true), Outcome::TripleFault);
+        assert_eq!(classify(None, Some("timed out"), true), Outcome::Stall);
+        assert_eq!(classify(None, Some("refused"), false), Outcome::Failed);
+        assert_eq!(classify(None, None, false), Outcome::Stuck);
+        assert_eq!(classify(Some(1), None, false), Outcome::Failed);
+        assert!(is_timeout(
+            "connect: Resource temporarily unavailable (os error 11)"
+        ));
+        assert!(is_timeout("connection timed out"));
+        assert!(!is_timeout("echo mismatch: 3 of 4 bytes"));
+    }
+
+    #[test]
+    fn timer_counters_are_summed_wherever_they_are() {
+        let m = json!({
+            "vsock": {"tx_found_by_timer": 2, "rx_found_by_timer": 1, "tx_packets": 40},
+            "net": {"eth0": {"rx_found_by_timer": 4}},
+            "found_by_timer_note": "not a number",
+        });
+        assert_eq!(found_by_timer(&m), 7);
+        assert_eq!(found_by_timer(&Value::Null), 0);
+    }
+
+    #[test]
+    fn the_report_counts_rates_per_thousand_and_node_causes() {
+        let mut runs: Vec<Value> = (0..198)
+            .map(|i| json!({"run": i, "outcome": "ok", "ms": 1000.0, "found_by_timer": 0}))
+            .collect();
+        runs.push(json!({"run": 198, "outcome": "stall", "ms": 5.0, "found_by_timer": 3}));
+        runs.push(json!({"run": 199, "outcome": "triple_fault", "ms": 5.0, "found_by_timer": 0}));
+        let node = node_failures(
+            "soak\tpanic\tKernel panic - not syncing\tbooted again\n\
+             soak\tsilent stop\tno heartbeat for 60 s\tbooted again\nbad line\n",
+        );
+        let r = report(&runs, &node);
+        assert_eq!(r["creations"], 200);
+        assert_eq!(r["outcomes"]["ok"], 198);
+        assert_eq!(r["per_1000_creations"]["stall"], 5.0);
+        assert_eq!(r["per_1000_creations"]["triple_fault"], 5.0);
+        assert_eq!(r["per_1000_creations"]["node_failures"], 10.0);
+        assert_eq!(r["node_failures"]["by_cause"]["panic"], 1);
+        assert_eq!(r["node_failures"]["by_cause"]["silent stop"], 1);
+        assert_eq!(r["found_by_timer_total"], 3);
+        assert_eq!(r["creations_with_found_by_timer"], 1);
+        assert_eq!(r["failures"].as_array().unwrap().len(), 2);
+        assert_eq!(per_thousand(0, 0), 0.0);
+    }
+}
