@@ -345,7 +345,7 @@ fn report(runs: &[Value], node: &[NodeFailure]) -> Value {
 pub struct SoakReportArgs {
     /// Files holding `husk-bench soak`'s output (its SOAK-RUN lines), one
     /// per node boot, in any number.
-    #[arg(long = "runs", required = true)]
+    #[arg(long = "runs", required = true, num_args = 1..)]
     runs: Vec<PathBuf>,
     /// run.sh's record of the node's failures (HUSK_NODE_RETRIES).
     #[arg(long)]
