@@ -42,6 +42,7 @@ husk_build_images() {
   if [[ ${HUSK_NODE:-auto} != direct ]]; then
     HUSK_NODE_IMAGE=$("$repo/resources/node/build.sh")
     export HUSK_NODE_IMAGE
+    husk_node_qemu
   fi
 }
 
@@ -70,12 +71,50 @@ husk_dynamic_busybox() {
   export HUSK_DYNAMIC_BUSYBOX
 }
 
+# Debian packages from a suite this host's apt does not follow, fetched
+# through a sources list, index and download cache of their own (in a
+# temporary directory: the host's apt configuration, lists and installed
+# packages are left as they are) and unpacked with dpkg-deb -x into a
+# directory that appears whole or not at all.
+#   husk_fetch_debs SUITE DIR PACKAGE[=VERSION]...
+# DIR/.husk-debs lists each package unpacked, with its version.
+husk_fetch_debs() {
+  local suite=$1 dest=$2 tmp deb
+  shift 2
+  tmp=$(mktemp -d)
+  mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial" "$tmp/parts" "$tmp/deb"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" \
+    > "$tmp/sources.list"
+  # apt downloads as its own user (_apt) where one exists.
+  chown -R _apt "$tmp" 2>/dev/null || true
+  local apt=(apt-get -q
+    -o "Dir::Etc::sourcelist=$tmp/sources.list" -o "Dir::Etc::sourceparts=$tmp/parts"
+    -o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache=$tmp/cache"
+    -o Acquire::Languages=none -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false)
+  if ! "${apt[@]}" update >&2; then
+    rm -rf "$tmp"
+    log "cannot read $suite's package index from deb.debian.org"
+    return 1
+  fi
+  if ! (cd "$tmp/deb" && "${apt[@]}" download "$@" >&2); then
+    rm -rf "$tmp"
+    log "$suite has no $*"
+    return 1
+  fi
+  rm -rf "$dest.new"
+  mkdir -p "$dest.new"
+  for deb in "$tmp"/deb/*.deb; do
+    dpkg-deb -x "$deb" "$dest.new"
+    # shellcheck disable=SC2016 # dpkg-deb's own ${...} fields
+    dpkg-deb --show --showformat='${Package} ${Version}\n' "$deb" >> "$dest.new/.husk-debs"
+  done
+  rm -rf "$tmp" "$dest"
+  mv "$dest.new" "$dest"
+}
+
 # Debian 13 (trixie)'s containerd 1.7, for the tests that run the shim and
-# the CRI scenario under it as well as under the host's containerd 1.6.
-# The package is fetched with apt through a sources list, index and
-# download cache of its own (in a temporary directory: the host's apt
-# configuration, lists and installed packages are left as they are),
-# unpacked with dpkg-deb -x under
+# the CRI scenario under it as well as under the host's containerd 1.6,
+# fetched with husk_fetch_debs into
 # ${HUSK_CACHE_DIR:-/var/cache/husk}/containerd-1.7/<version>, and that
 # directory (usr/bin/containerd, ctr, containerd-shim-runc-v2) exported as
 # HUSK_CONTAINERD17_DIR. The version is pinned (HUSK_CONTAINERD17_VERSION
@@ -85,43 +124,61 @@ husk_dynamic_busybox() {
 husk_containerd17() {
   local version=${HUSK_CONTAINERD17_VERSION:-1.7.24~ds1-6+deb13u1}
   local base=${HUSK_CACHE_DIR:-/var/cache/husk}/containerd-1.7
-  local dir=$base/$version tmp deb got
+  local dir=$base/$version got
   if [[ ! -x $dir/usr/bin/containerd ]]; then
-    tmp=$(mktemp -d)
-    mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial" "$tmp/parts" "$tmp/deb"
-    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
-      > "$tmp/sources.list"
-    # apt downloads as its own user (_apt) where one exists.
-    chown -R _apt "$tmp" 2>/dev/null || true
-    local apt=(apt-get -q
-      -o "Dir::Etc::sourcelist=$tmp/sources.list" -o "Dir::Etc::sourceparts=$tmp/parts"
-      -o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache=$tmp/cache"
-      -o Acquire::Languages=none -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false)
     log "fetching Debian trixie's containerd $version"
-    if ! "${apt[@]}" update >&2; then
-      rm -rf "$tmp"
-      log "cannot read trixie's package index from deb.debian.org"
-      return 1
+    if ! husk_fetch_debs trixie "$dir" "containerd=$version"; then
+      log "taking trixie's current containerd (update HUSK_CONTAINERD17_VERSION's default in resources/lib.sh)"
+      husk_fetch_debs trixie "$base/current" containerd || return 1
+      got=$(awk '$1 == "containerd" {print $2}' "$base/current/.husk-debs")
+      dir=$base/$got
+      rm -rf "$dir"
+      mv "$base/current" "$dir"
     fi
-    if ! (cd "$tmp/deb" && "${apt[@]}" download "containerd=$version" >&2); then
-      log "trixie no longer has containerd $version; taking its current one (update HUSK_CONTAINERD17_VERSION's default in resources/lib.sh)"
-      if ! (cd "$tmp/deb" && "${apt[@]}" download containerd >&2); then
-        rm -rf "$tmp"
-        log "cannot download trixie's containerd"
-        return 1
-      fi
-    fi
-    deb=$(echo "$tmp"/deb/containerd_*.deb)
-    got=$(dpkg-deb -f "$deb" Version)
-    dir=$base/$got
-    rm -rf "$dir.new"
-    mkdir -p "$dir.new"
-    dpkg-deb -x "$deb" "$dir.new"
-    rm -rf "$tmp" "$dir"
-    mv "$dir.new" "$dir"
   fi
   HUSK_CONTAINERD17_DIR=$dir
   export HUSK_CONTAINERD17_DIR
+}
+
+# The node VM's QEMU: Debian 12's backports build of QEMU 10.0 (Debian
+# 12 itself has 7.2), chosen by measurement (docs/testing.md, "The node
+# VM's QEMU"). Fetched with husk_fetch_debs into
+# ${HUSK_CACHE_DIR:-/var/cache/husk}/qemu/<version>, not installed: its
+# libraries are Debian 12's, the ones qemu-system-x86 7.2 (installed by
+# husk_install_packages, with SeaBIOS) brought. Exports HUSK_NODE_QEMU, a
+# script that runs it with its own firmware and modules, which
+# resources/node/run.sh starts (qemu-system-x86_64 when it is unset).
+# HUSK_NODE_QEMU_VERSION changes the version; "system" keeps Debian 12's.
+husk_node_qemu() {
+  local version=${HUSK_NODE_QEMU_VERSION:-1:10.0.2+ds-2+deb13u1~bpo12+1} dir missing
+  if [[ $version == system ]]; then
+    HUSK_NODE_QEMU=qemu-system-x86_64
+    export HUSK_NODE_QEMU
+    return 0
+  fi
+  dir=${HUSK_CACHE_DIR:-/var/cache/husk}/qemu/${version#*:}
+  if [[ ! -x $dir/qemu ]]; then
+    log "fetching QEMU $version from Debian 12's backports"
+    husk_fetch_debs bookworm-backports "$dir.fetch" "qemu-system-x86=$version" \
+      "qemu-system-common=$version" "qemu-system-data=$version" || return 1
+    missing=$(ldd "$dir.fetch/usr/bin/qemu-system-x86_64" | grep "not found" || true)
+    if [[ -n $missing ]]; then
+      rm -rf "$dir.fetch"
+      log "QEMU $version needs libraries this host lacks: $missing"
+      return 1
+    fi
+    cat > "$dir.fetch/qemu" <<WRAPPER
+#!/bin/sh
+# QEMU $version unpacked here: its own firmware first, then SeaBIOS's.
+QEMU_MODULE_DIR=$dir/usr/lib/x86_64-linux-gnu/qemu exec $dir/usr/bin/qemu-system-x86_64 \\
+  -L $dir/usr/share/qemu -L /usr/share/seabios "\$@"
+WRAPPER
+    chmod +x "$dir.fetch/qemu"
+    rm -rf "$dir"
+    mv "$dir.fetch" "$dir"
+  fi
+  HUSK_NODE_QEMU=$dir/qemu
+  export HUSK_NODE_QEMU
 }
 
 # Prometheus' promtool from Debian's prometheus package, unpacked (not

@@ -104,6 +104,13 @@ fi
 # HUSK_NODE_IMAGE names an image build.sh already made (callers that run
 # many commands resolve it once).
 image=${HUSK_NODE_IMAGE:-$("$here/build.sh")}
+# HUSK_NODE_QEMU names the QEMU to run (resources/lib.sh's husk_node_qemu
+# fetches the one the project measured best).
+if [[ -z ${HUSK_NODE_QEMU:-} ]]; then
+  # shellcheck source=resources/lib.sh
+  source "$here/../lib.sh"
+  husk_node_qemu
+fi
 
 # The payload archive: DIR under payload/, the command, and the libraries
 # of every dynamically linked ELF file in DIR.
@@ -161,7 +168,7 @@ boot_node() {
   fi
   # timeout(1) rather than a watchdog shell: nothing may outlive this script
   # holding its stdout open.
-  timeout --kill-after=5 "$timeout" qemu-system-x86_64 \
+  timeout --kill-after=5 "$timeout" "$HUSK_NODE_QEMU" \
     -accel tcg,thread=multi -cpu "${HUSK_NODE_CPU:-max}" -smp "$cpus" -m "$mem" \
     -nodefaults -no-reboot -display none -serial stdio \
     "${extra[@]}" -kernel "$image/vmlinuz" -initrd "$tmp/initrd.cpio" \
