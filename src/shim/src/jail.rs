@@ -206,11 +206,21 @@ impl PodJail {
     }
 }
 
-impl Drop for PodJail {
-    fn drop(&mut self) {
+impl PodJail {
+    /// Gives the uid back (if the claim is still this pod's). The pod's
+    /// end calls it: the last handle on the jail may be on a thread still
+    /// running when the shim exits, and a drop that never runs would
+    /// leave the claim behind (taken over later, but a leak until then).
+    pub fn release(&self) {
         if std::fs::read_link(&self.claim).ok().as_deref() == Some(self.root.as_path()) {
             let _ = std::fs::remove_file(&self.claim);
         }
+    }
+}
+
+impl Drop for PodJail {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -340,7 +350,21 @@ mod tests {
         assert_ne!(jb.uid, kept);
         assert!(PodJail::claim(&c, &c3).is_err());
         std::fs::remove_dir(&a.0).unwrap();
-        assert_eq!(PodJail::claim(&c, &c3).unwrap().uid, kept);
+        let jc = PodJail::claim(&c, &c3).unwrap();
+        assert_eq!(jc.uid, kept);
+        // Released while a handle still lives (the pod's end): the uid is
+        // free at once, and the handle's later drop takes nothing of the
+        // next pod's.
+        jc.release();
+        std::fs::create_dir_all(&a.0).unwrap();
+        let ja = PodJail::claim(&c, &a).unwrap();
+        assert_eq!(ja.uid, kept);
+        drop(jc);
+        assert_eq!(
+            std::fs::read_link(&ja.claim).unwrap(),
+            a.0,
+            "a stale handle's drop removed another pod's claim"
+        );
     }
 
     #[test]

@@ -219,6 +219,7 @@ impl Inner {
             )),
             events,
             labels,
+            jail: vm_spec.jail.clone(),
         });
         Ok(Booted { pod, jobs, stream })
     }
@@ -356,8 +357,13 @@ impl Inner {
                 ..Default::default()
             });
         }
-        // Sockets, disk images, the log: nothing of the VM stays.
+        // Sockets, disk images, the log: nothing of the VM stays; its
+        // jail uid is free (not when the last handle goes, which a thread
+        // still running at the shim's exit would never let happen).
         vm::remove_dir(&pod.dir);
+        if let Some(jail) = &pod.jail {
+            jail.release();
+        }
         tracing::debug!(
             rejected_events = self.rejected.load(Ordering::Relaxed),
             "the pod's microVM is cleaned up"

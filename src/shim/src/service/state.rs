@@ -350,6 +350,8 @@ pub struct RunningPod {
     pub events: SyncSender<Job>,
     /// Who the pod is, for `husk metrics`.
     pub labels: crate::metrics::LabelsFile,
+    /// husk's jail uid, given back when the VM's end is handled.
+    pub jail: Option<Arc<crate::jail::PodJail>>,
 }
 
 impl RunningPod {
