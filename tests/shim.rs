@@ -403,18 +403,15 @@ fn create_delete_cycles_leak_nothing() {
             r = cycle_chunk(done, n);
             boots += 1;
         }
-        // A boot that failed may have printed its BEFORE: the last boot's
-        // lines are the last ones.
-        let last = |key: &str| r.last_value(key);
         assert_eq!(
-            last("CYCLES-FAILED").as_deref(),
+            r.value("CYCLES-FAILED").as_deref(),
             Some("0"),
             "cycles {done}..{}:\n{}",
             done + n,
             r.output
         );
-        let before = last("BEFORE").expect("before");
-        let after = last("AFTER").expect("after");
+        let before = r.value("BEFORE").expect("before");
+        let after = r.value("AFTER").expect("after");
         assert_eq!(
             before,
             after,
@@ -425,7 +422,8 @@ fn create_delete_cycles_leak_nothing() {
         for line in r.output.lines().filter(|l| l.contains("GUEST-FAILURE:")) {
             eprintln!("{line}");
         }
-        faults += last("GUEST-FAILURES")
+        faults += r
+            .value("GUEST-FAILURES")
             .and_then(|f| f.parse::<u64>().ok())
             .unwrap_or(0);
         assert!(

@@ -215,12 +215,6 @@ impl RunResult {
         self.output.lines().find_map(|l| value_of(l, key))
     }
 
-    /// The same from the last such line: what the node's last boot said,
-    /// when run.sh booted it twice and both printed.
-    pub fn last_value(&self, key: &str) -> Option<String> {
-        self.output.lines().rev().find_map(|l| value_of(l, key))
-    }
-
     /// Panics with the whole output unless the command exited with `status`.
     pub fn assert_status(&self, status: i32) -> &Self {
         assert_eq!(

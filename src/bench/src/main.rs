@@ -138,16 +138,8 @@ struct VsockClientArgs {
 
 #[derive(clap::Args)]
 struct VsockBench {
-    /// The husk binary.
-    #[arg(long, default_value = "husk")]
-    husk: PathBuf,
-    /// Guest kernel.
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Guest initramfs whose /husk-test.sh runs `husk-bench vsock-serve
-    /// --listen vsock:PORT` (resources/bench.sh makes it).
-    #[arg(long)]
-    initrd: PathBuf,
+    #[command(flatten)]
+    guest: vsock::VsockGuest,
     /// The guest port the server listens on.
     #[arg(long, default_value_t = 5201)]
     port: u32,
@@ -509,9 +501,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Bench::SoakReport(a) => soak::soak_report(a)?,
         Bench::Net(b) => net::net(b)?,
         Bench::Tap(a) => return net::tap(a),
-        Bench::Vsock(b) => {
-            vsock::bench(&b.husk, &b.kernel, &b.initrd, b.port, b.size_mib, b.streams)?
-        }
+        Bench::Vsock(b) => vsock::bench(&b.guest, b.port, b.size_mib, b.streams)?,
         Bench::VsockServe(a) => {
             vsock::serve(&a.listen)?;
             return Ok(());

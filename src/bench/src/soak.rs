@@ -44,16 +44,9 @@ const PORT: u32 = 5201;
 
 #[derive(clap::Args)]
 pub struct SoakBench {
-    /// The husk binary.
-    #[arg(long, default_value = "husk")]
-    husk: PathBuf,
-    /// Guest kernel.
-    #[arg(long)]
-    kernel: PathBuf,
-    /// Guest initramfs whose /husk-test.sh runs `husk-bench vsock-serve
-    /// --listen vsock:5201` (resources/bench.sh soak makes it).
-    #[arg(long)]
-    initrd: PathBuf,
+    /// Its server listens on port 5201.
+    #[command(flatten)]
+    guest: vsock::VsockGuest,
     /// VM creations.
     #[arg(long, default_value_t = 100)]
     runs: usize,
@@ -184,8 +177,8 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
     std::fs::write(&metrics, "")?;
     let config = json!({
         "boot-source": {
-            "kernel_image_path": b.kernel,
-            "initrd_path": b.initrd,
+            "kernel_image_path": b.guest.kernel,
+            "initrd_path": b.guest.initrd,
             "boot_args": "console=ttyS0 reboot=k panic=1 pci=off quiet",
         },
         "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
@@ -201,14 +194,14 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
         (1, 64 << 10)
     };
     let start = Instant::now();
-    let mut vmm = Command::new(&b.husk)
+    let mut vmm = Command::new(&b.guest.husk)
         .args(["--no-api", "--config-file"])
         .arg(&config_path)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
         .spawn()
-        .with_context(|| format!("cannot start {}", b.husk.display()))?;
+        .with_context(|| format!("cannot start {}", b.guest.husk.display()))?;
     let t = Target::Uds(uds.clone(), PORT);
     // The guest boots first: the streams retry their connection this long.
     let streams_result = vsock::client(&t, "echo", streams, bytes, Duration::from_secs(60));

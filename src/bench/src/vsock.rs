@@ -614,30 +614,45 @@ pub fn client(
     }))
 }
 
+/// The guest the vsock benchmarks boot: husk, a kernel, and an initramfs
+/// whose /husk-test.sh runs `husk-bench vsock-serve --listen vsock:PORT`
+/// (resources/bench.sh makes it).
+#[derive(clap::Args)]
+pub struct VsockGuest {
+    /// The husk binary.
+    #[arg(long, default_value = "husk")]
+    pub husk: PathBuf,
+    /// Guest kernel.
+    #[arg(long)]
+    pub kernel: PathBuf,
+    /// Guest initramfs whose /husk-test.sh runs `husk-bench vsock-serve
+    /// --listen vsock:PORT` (resources/bench.sh makes it).
+    #[arg(long)]
+    pub initrd: PathBuf,
+}
+
 /// `husk-bench vsock`: boots a guest whose /husk-test.sh runs
 /// `husk-bench vsock-serve --listen vsock:PORT`, then measures uploads
 /// (host->guest) and downloads (guest->host) through the VMM's socket.
 pub fn bench(
-    husk: &std::path::Path,
-    kernel: &std::path::Path,
-    initrd: &std::path::Path,
+    guest: &VsockGuest,
     port: u32,
     size_mib: u64,
     streams: usize,
 ) -> anyhow::Result<Value> {
     let uds = std::env::current_dir()?.join("husk-vsock-bench.sock");
-    let mut vmm = Command::new(husk)
+    let mut vmm = Command::new(&guest.husk)
         .args(["boot", "--mem-mib", "256", "--kernel"])
-        .arg(kernel)
+        .arg(&guest.kernel)
         .arg("--initrd")
-        .arg(initrd)
+        .arg(&guest.initrd)
         .args(["--cmdline", "console=ttyS0 reboot=k panic=1 pci=off quiet"])
         .arg("--vsock")
         .arg(format!("cid=3,uds={}", uds.display()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
-        .with_context(|| format!("cannot start {}", husk.display()))?;
+        .with_context(|| format!("cannot start {}", guest.husk.display()))?;
     let t = Target::Uds(uds, port);
     let retry = Duration::from_secs(120);
     let run = || -> anyhow::Result<Value> {

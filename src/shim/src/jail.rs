@@ -204,9 +204,7 @@ impl PodJail {
     pub fn boot_files() -> (PathBuf, PathBuf) {
         (Path::new("/").join(KERNEL), Path::new("/").join(INITRD))
     }
-}
 
-impl PodJail {
     /// Gives the uid back (if the claim is still this pod's). The pod's
     /// end calls it: the last handle on the jail may be on a thread still
     /// running when the shim exits, and a drop that never runs would
