@@ -92,6 +92,9 @@ echo "POD-EXIT $?"
 # The same configuration with a kernel that is not there.
 sed 's|^kernel = .*|kernel = "/nonexistent/vmlinux"|' /etc/husk/config.toml > bad-kernel.toml
 husk check --config bad-kernel.toml | sed 's/^/KERNEL /'; echo "KERNEL-EXIT $(husk check --config bad-kernel.toml > /dev/null; echo $?)"
+# A virtiofsd that is not there.
+sed 's|^virtiofsd = .*|virtiofsd = "/nonexistent/virtiofsd"|' /etc/husk/config.toml > bad-fs.toml
+husk check --config bad-fs.toml | sed 's/^/FS /'; echo "FS-EXIT $(husk check --config bad-fs.toml > /dev/null; echo $?)"
 # containerd's own defaults: no CRI handler runs husk.
 printf 'version = 2\n' > plain.toml
 husk check --containerd-config plain.toml | sed 's/^/RUNTIME /'; echo "RUNTIME-EXIT $(husk check --containerd-config plain.toml > /dev/null; echo $?)"
@@ -117,6 +120,7 @@ mv /dev/kvm.away /dev/kvm
         "husk",
         "kernel",
         "initrd",
+        "virtiofsd",
         "tools",
         "shim",
         "containerd",
@@ -143,6 +147,7 @@ mv /dev/kvm.away /dev/kvm
     // to do (after " -- ").
     for (tag, name, found) in [
         ("KERNEL", "kernel", "/nonexistent/vmlinux"),
+        ("FS", "virtiofsd", "/nonexistent/virtiofsd"),
         ("RUNTIME", "containerd-runtime", "no CRI runtime handler"),
         ("NOKVM", "kvm", "/dev/kvm does not exist"),
     ] {

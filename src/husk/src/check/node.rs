@@ -4,8 +4,8 @@
 //! tools it calls (mke2fs, ip, tc), and containerd: its version, whether
 //! its CRI configuration names the husk runtime (read through `containerd
 //! config dump`, so `imports` count), and the shim's binary on the PATH
-//! containerd searches. (The shim has no virtiofsd setting yet: volumes
-//! reach pods as copies, so there is no virtiofsd to check.)
+//! containerd searches; with `volumes = "share"`, the virtiofsd the shim
+//! would start and the kernel's mount API it binds volumes with.
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -22,7 +22,7 @@ use super::Check;
 #[path = "../../../shim/src/config.rs"]
 pub(super) mod shim_config;
 
-use shim_config::Config;
+use shim_config::{Config, Volumes};
 
 /// The runtime type containerd maps to `containerd-shim-husk-v2`.
 pub const RUNTIME_TYPE: &str = "io.containerd.husk.v2";
@@ -38,6 +38,7 @@ pub(super) fn checks(config: &Path, containerd_config: Option<&Path>) -> Vec<Che
         checks.push(husk_binary(&s));
         checks.push(kernel(&s.kernel));
         checks.push(initrd(&s.initrd));
+        checks.push(virtiofsd(&s));
     }
     checks.push(tools());
     checks.push(shim());
@@ -67,6 +68,43 @@ fn husk_config(path: &Path) -> (Check, Option<Config>) {
                 format!("fix the file: the shim refuses to start with it ({INSTALL_DOC} lists the keys)"),
             ),
             None,
+        ),
+    }
+}
+
+/// With volumes shared, the shim's virtiofsd (`--version` answers) and
+/// mount_setattr(2) (Linux 5.12), with which it binds read-only volumes.
+fn virtiofsd(s: &Config) -> Check {
+    const NAME: &str = "virtiofsd";
+    if s.volumes == Volumes::Copy {
+        return Check::ok(NAME, "volumes = \"copy\": none needed");
+    }
+    // SAFETY: mount_setattr(2) on descriptor -1 with no attributes: it
+    // changes nothing, and fails EBADF where it exists, ENOSYS where not.
+    let probe = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            -1,
+            c"".as_ptr(),
+            0,
+            std::ptr::null::<u8>(),
+            0,
+        )
+    };
+    if probe < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        return Check::fail(
+            NAME,
+            "the kernel has no mount_setattr(2), which the shim binds volumes with",
+            "run Linux 5.12 or later, or set volumes = \"copy\" in the config",
+        );
+    }
+    let path = s.virtiofsd();
+    match first_line(&path, &["--version"]) {
+        Ok(v) => Check::ok(NAME, format!("{} ({v})", path.display())),
+        Err(e) => Check::fail(
+            NAME,
+            e,
+            "install virtiofsd (Debian 13's package, or cargo install virtiofsd), set virtiofsd in the config, or volumes = \"copy\"",
         ),
     }
 }
