@@ -249,6 +249,8 @@ case $mode in
     # the agent through /etc/husk/config.toml.
     ensure_packages runc containerd
     jailed_husk
+    husk_virtiofsd
+    cp "$HUSK_VIRTIOFSD" "$payload/virtiofsd"
     "$repo/resources/agent/build.sh" "$payload/agent.cpio" >&2
     layout=$(mktemp -d "${TMPDIR:-/tmp}/husk-bench-layout.XXXXXX")
     "$repo/target/release/husk" image build-busybox "$layout/busybox" >&2
@@ -256,7 +258,8 @@ case $mode in
     rm -rf "$layout"
     cp "$repo/target/release/containerd-shim-husk-v2" "$(command -v containerd)" "$(command -v ctr)" \
       "$(command -v containerd-shim-runc-v2)" "$(command -v runc)" /usr/sbin/mke2fs \
-      "$repo/resources/containerd/start-in-node.sh" "$payload/"
+      "$repo/resources/containerd/start-in-node.sh" \
+      "$repo/resources/containerd/virtiofsd-in-node.sh" "$payload/"
     "$repo/resources/node/run.sh" --mem 6144 --timeout 1800 --payload "$payload" -- sh -c "
       export PATH=\$PWD:\$PATH
       sh start-in-node.sh error || exit 1
@@ -269,6 +272,8 @@ case $mode in
     ensure_packages runc containerd containernetworking-plugins protobuf-compiler
     (cd "$repo" && cargo build --release --locked -j"$(nproc)" -p husk-tests --bin husk-cri >&2)
     jailed_husk
+    husk_virtiofsd
+    cp "$HUSK_VIRTIOFSD" "$payload/virtiofsd"
     "$repo/resources/agent/build.sh" "$payload/agent.cpio" >&2
     for image in busybox.tar:busybox:latest:sh cri-busybox.tar:husk.local/busybox:1:sh \
       "pause.tar:husk.local/pause:1:sleep 2147483647"; do
@@ -284,7 +289,8 @@ case $mode in
     cp "$repo/target/release/containerd-shim-husk-v2" "$repo/target/release/husk-cri" \
       "$(command -v containerd)" "$(command -v ctr)" "$(command -v containerd-shim-runc-v2)" \
       "$(command -v runc)" /usr/sbin/mke2fs /usr/sbin/ip /usr/sbin/tc \
-      "$repo/resources/containerd/start-in-node.sh" "$payload/"
+      "$repo/resources/containerd/start-in-node.sh" \
+      "$repo/resources/containerd/virtiofsd-in-node.sh" "$payload/"
     "$repo/resources/node/run.sh" --timeout 1800 --payload "$payload" -- sh -c "
       export PATH=\$PWD:\$PATH
       sh start-in-node.sh --cri error || exit 1
@@ -292,6 +298,14 @@ case $mode in
         ./husk-cri bench --handler \$handler --image husk.local/busybox:1 --runs $runs ||
           { tail -n 30 containerd.log; exit 1; }
       done
+      # The same husk pods with their bind mounts (CRI's hosts, hostname
+      # and resolv.conf) copied onto a disk instead of shared (virtio-fs).
+      cp /etc/husk/config.toml /etc/husk/config.toml.shared
+      echo 'volumes = \"copy\"' >> /etc/husk/config.toml
+      echo 'BENCH-VOLUMES copy'
+      ./husk-cri bench --handler husk --image husk.local/busybox:1 --runs $runs ||
+        { tail -n 30 containerd.log; exit 1; }
+      cp /etc/husk/config.toml.shared /etc/husk/config.toml
       # A pod the kubelet sized at 2 GiB and 2 CPUs against the default.
       ./husk-cri bench --handler husk --image husk.local/busybox:1 --runs $runs \
         --pod-mib 2048 --pod-cpus 2 || { tail -n 30 containerd.log; exit 1; }"

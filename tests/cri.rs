@@ -146,6 +146,63 @@ fn behaviours(r: &husk_tests::RunResult, handler: &str, only: &[&str]) {
     }
 }
 
+/// Kubernetes volumes (`husk-cri volumes`), under containerd 1.6 only
+/// (the volumes are the shim's business, not containerd's); for husk, a
+/// pod whose virtiofsd is killed.
+fn volumes_script(handler: &str, version: Containerd) -> String {
+    if version != Containerd::V1_6 {
+        return String::new();
+    }
+    let mut s = format!(
+        "husk-cri volumes --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
+         echo \"CRI-VOLUMES-EXIT $?\"\n"
+    );
+    if handler == "husk" {
+        s.push_str(
+            "husk-cri kill-virtiofsd --handler husk --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
+             echo \"CRI-KILL-VIRTIOFSD-EXIT $?\"\n",
+        );
+    }
+    s
+}
+
+/// What the volumes check must print, the same for runc and husk: the
+/// node's files are the container's, both ways.
+fn volumes(r: &husk_tests::RunResult, handler: &str) {
+    let expect = [
+        ("CRI-VOLUMES-EXIT", "0"),
+        ("CRI-V init-exit", "0"),
+        ("CRI-V init-note", "written-by-init"),
+        ("CRI-V blob", "same-sha256"),
+        ("CRI-V node-append", "line-2-from-the-node"),
+        ("CRI-V ro-write", "exit-1 refused-2"),
+        ("CRI-V ro-node", "new-absent keep-unchanged"),
+        ("CRI-V config-before", "value-1"),
+        ("CRI-V config-after-5s", "value-2"),
+        ("CRI-V term-exit", "0"),
+        ("CRI-V termination-message", "terminated-as-planned"),
+    ];
+    for (key, want) in expect {
+        assert_eq!(
+            r.value(key).as_deref(),
+            Some(want),
+            "{handler}: {key}:\n{}",
+            r.output
+        );
+    }
+    if handler == "husk" {
+        // The pod's one virtiofsd died: its container ended (the VM was
+        // stopped), nothing hung, nothing is left (checked by the caller).
+        for (key, want) in [
+            ("CRI-KILL-VIRTIOFSD-EXIT", "0"),
+            ("CRI-V virtiofsd-running", "yes"),
+            ("CRI-V killed-virtiofsd-exit", "255"),
+        ] {
+            assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
+        }
+    }
+}
+
 /// Runs the scenario with `handler` in a fresh node VM, under the host's
 /// containerd (1.6).
 fn scenario(handler: &str) -> husk_tests::RunResult {
@@ -180,12 +237,16 @@ husk-cri behaviours --handler {handler} --image husk.local/busybox:1 --dynamic-i
 echo "CRI-BEHAVIOURS-EXIT $?"
 # A pod the kubelet sized (1 GiB, 2 CPUs, in the sandbox's annotations).
 husk-cri resources --sized-only --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs
+{volumes}
 echo "HUSK-LEFT $(husk_count)"
+echo "VIRTIOFSD-LEFT $(grep -lx virtiofsd /proc/[0-9]*/comm 2>/dev/null | wc -l)"
+echo "SHARE-MOUNTS-LEFT $(grep -c '[.]share' /proc/self/mountinfo)"
 echo "STATE-LEFT $(ls /run/husk/k8s.io 2>/dev/null | wc -l)"
 echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
 "#,
             profile = LOCALHOST_PROFILE,
             dynamic = containerd::DYNAMIC_IMAGE,
+            volumes = volumes_script(handler, version),
         ),
     ));
     let ran = r.value("CONTAINERD-VERSION").unwrap_or_default();
@@ -195,6 +256,9 @@ echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
         r.output
     );
     behaviours(&r, handler, only);
+    if version == Containerd::V1_6 {
+        volumes(&r, handler);
+    }
     let hostname = format!("pod-{handler}");
     let expect = [
         ("CRI-EXIT", "0"),
@@ -212,6 +276,8 @@ echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
         ("HUSK-LEFT", "0"),
         ("STATE-LEFT", "0"),
         ("NETNS-LEFT", "0"),
+        ("VIRTIOFSD-LEFT", "0"),
+        ("SHARE-MOUNTS-LEFT", "0"),
     ];
     for (key, want) in expect {
         assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);

@@ -93,8 +93,9 @@ echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
         ("VOL-FILE", "one-file"),
         ("VOL-RO", "refused"),
         ("VOL-RW", "changed"),
-        // A copy: the container's write stays in the VM.
-        ("HOST-FILE", "one-file"),
+        // The node's own file (the pod's virtio-fs share): the
+        // container's write reached it.
+        ("HOST-FILE", "changed"),
         // The image's shared layers under the container's writable layer.
         ("ROOT-FS", "overlay"),
         ("ROOT-WRITE", "kept"),
@@ -303,15 +304,24 @@ fn a_killed_shim_is_cleaned_up_by_delete() {
     let r = run(
         "shim-killed",
         &format!(
-            r#"ctr run -d --runtime io.containerd.husk.v2 {IMAGE} orphan sleep 600; echo "RUN-D $?"
+            r#"# A volume through the pod's share: delete after the crash detaches
+# it and keeps what it holds.
+mkdir -p keepvol && echo kept-data > keepvol/f
+ctr run -d --runtime io.containerd.husk.v2 --mount type=bind,src=$PWD/keepvol,dst=/keep,options=rbind \
+  {IMAGE} orphan sleep 600; echo "RUN-D $?"
+echo "SHARE-MOUNTED $(grep -c 'orphan[.]share/entries/v0' /proc/self/mountinfo)"
 echo "HUSK-BEFORE $(husk_count)"
 kill -9 $(shim_pids '.*-id orphan '); echo "KILL $?"
 i=0; while [ "$(husk_count)" != 0 ] || [ -e /run/husk/default/orphan ]; do sleep 0.2; i=$((i+1)); [ $i -gt 100 ] && break; done
 echo "HUSK-LEFT $(husk_count)"
 echo "STATE-LEFT $(ls /run/husk/default 2>/dev/null | wc -l)"
+echo "SHARE-MOUNTS-LEFT $(grep -c '[.]share' /proc/self/mountinfo)"
+echo "VIRTIOFSD-LEFT $(grep -lx virtiofsd /proc/[0-9]*/comm 2>/dev/null | wc -l)"
+echo "KEEPVOL $(cat keepvol/f)"
 ctr task rm orphan > /dev/null 2>&1; ctr container rm orphan; echo "CONTAINER-RM $?"
-# Killed while it copies a volume: the copier's mounts were never the
-# node's, and go with it; the volume itself is untouched.
+# Killed while it copies a volume (volumes = "copy"): the copier's mounts
+# were never the node's, and go with it; the volume itself is untouched.
+echo 'volumes = "copy"' >> /etc/husk/config.toml
 mkdir -p bigvol && for i in 1 2; do yes husk-volume-data | head -c 33554432 > bigvol/f$i; done
 # One grep over every command line, not two processes per pid: under
 # load that loop took longer than the copy, which came and went unseen.
@@ -335,10 +345,14 @@ echo "STATE-LEFT-2 $(ls /run/husk/default 2>/dev/null | wc -l)"
     );
     for (key, want) in [
         ("RUN-D", "0"),
+        ("SHARE-MOUNTED", "1"),
         ("HUSK-BEFORE", "1"),
         ("KILL", "0"),
         ("HUSK-LEFT", "0"),
         ("STATE-LEFT", "0"),
+        ("SHARE-MOUNTS-LEFT", "0"),
+        ("VIRTIOFSD-LEFT", "0"),
+        ("KEEPVOL", "kept-data"),
         ("CONTAINER-RM", "0"),
         ("COPIER-SEEN", "yes"),
         ("COPY-MOUNTS-NODE", "0"),
@@ -522,9 +536,10 @@ fn a_create_the_agent_never_answers_fails_and_leaves_nothing() {
         .run(&with_containerd(&format!(
             r#"{SNAPSHOT_SH}
 echo 'agent_timeout_secs = 10' >> /etc/husk/config.toml
+# A volume whose copy (volumes = "copy") keeps the shim busy for a while
+# after the VM is up (not zeros: mke2fs would skip those).
+echo 'volumes = "copy"' >> /etc/husk/config.toml
 warm_up {IMAGE}
-# A volume whose copy keeps the shim busy for a while after the VM is up
-# (not zeros: mke2fs would skip those).
 mkdir -p bigvol && for i in 1 2; do yes husk-volume-data | head -c 33554432 > bigvol/f$i; done
 dir=/run/husk/default/silent
 start=$(date +%s)

@@ -2,9 +2,11 @@
 # Starts Debian's containerd (12's 1.6 or 13's 1.7, whichever the payload
 # holds) where the tests and benchmarks run it (in the
 # node VM, from a payload directory holding containerd, ctr, husk,
-# containerd-shim-husk-v2, vmlinux, agent.cpio and busybox.tar): its state
-# on a tmpfs, /etc/husk/config.toml pointing at the payload's husk, kernel
-# and agent (pods of 128 MiB), the busybox image imported as
+# containerd-shim-husk-v2, vmlinux, agent.cpio and busybox.tar, and
+# virtiofsd with virtiofsd-in-node.sh): its state on a tmpfs,
+# /etc/husk/config.toml pointing at the payload's husk, kernel, agent and
+# virtiofsd (pods of 128 MiB; volumes copied when the payload has no
+# virtiofsd), the busybox image imported as
 # busybox:latest. Run it from the payload directory with the payload first
 # on PATH; containerd's log goes to ./containerd.log.
 #
@@ -24,6 +26,12 @@ mkdir -p /etc/husk /etc/containerd /var/lib/containerd /run/containerd
 mount -t tmpfs tmpfs /var/lib/containerd
 printf 'kernel = "%s/vmlinux"\ninitrd = "%s/agent.cpio"\nhusk_binary = "%s/husk"\ndefault_memory_mib = 128\n' \
   "$here" "$here" "$here" > /etc/husk/config.toml
+if [ -x "$here/virtiofsd" ] && [ -f "$here/virtiofsd-in-node.sh" ]; then
+  chmod +x "$here/virtiofsd-in-node.sh"
+  printf 'virtiofsd = "%s/virtiofsd-in-node.sh"\n' "$here" >> /etc/husk/config.toml
+else
+  echo 'volumes = "copy"' >> /etc/husk/config.toml
+fi
 config=""
 if [ -n "$cri" ]; then
   # containerd pins pod network namespaces under /var/run/netns, and

@@ -9,6 +9,7 @@
 //! husk-cri [--socket PATH] behaviours --handler NAME --image REF --dynamic-image REF [--only NAME,...]
 //! husk-cri [--socket PATH] resources --handler NAME --image REF [--sized-only]
 //! husk-cri [--socket PATH] port-forward --handler NAME --image REF
+//! husk-cri [--socket PATH] volumes|kill-virtiofsd --handler NAME --image REF
 //! ```
 //!
 //! `scenario` takes one pod through RunPodSandbox, CreateContainer,
@@ -22,11 +23,14 @@
 //! checks of [`behaviours`] (seccomp profiles, privileged pods, added
 //! capabilities, a dynamically linked image), one pod each; `resources`
 //! the CPU and memory limits of [`resources`]; `port-forward` CRI's
-//! PortForward ([`portforward`]).
+//! PortForward ([`portforward`]); `volumes` Kubernetes volumes through
+//! the runtime ([`volumes`]), `kill-virtiofsd` a pod whose file server
+//! dies.
 
 mod behaviours;
 mod portforward;
 mod resources;
+mod volumes;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -72,7 +76,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources|port-forward --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C] [--only NAME,...]"
+        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources|port-forward|volumes|kill-virtiofsd --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C] [--only NAME,...]"
     );
     std::process::exit(2)
 }
@@ -105,7 +109,8 @@ fn parse_args() -> Args {
             "--pod-cpus" => args.pod_cpus = value().parse().unwrap_or_else(|_| usage()),
             "--sized-only" => args.sized_only = true,
             "--only" => args.only = value().split(',').map(str::to_owned).collect(),
-            "scenario" | "bench" | "behaviours" | "resources" | "port-forward"
+            "scenario" | "bench" | "behaviours" | "resources" | "port-forward" | "volumes"
+            | "kill-virtiofsd"
                 if args.command.is_empty() =>
             {
                 args.command = a
@@ -589,6 +594,8 @@ fn main() {
             "behaviours" => behaviours::behaviours(&mut c, &args).await,
             "resources" => resources::resources(&mut c, &args).await,
             "port-forward" => portforward::port_forward(&mut c, &args).await,
+            "volumes" => volumes::volumes(&mut c, &args).await,
+            "kill-virtiofsd" => volumes::kill_virtiofsd(&mut c, &args).await,
             _ => bench(&mut c, &args).await,
         }
     });

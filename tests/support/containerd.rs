@@ -94,8 +94,9 @@ impl Containerd {
 }
 
 /// A payload with containerd (the host's, 1.6), ctr, husk, the shim, the
-/// guest kernel, the agent, mke2fs, iproute2 and the bundled busybox image
-/// as an OCI archive (busybox.tar).
+/// guest kernel, the agent, mke2fs, iproute2, virtiofsd (behind
+/// virtiofsd-in-node.sh) and the bundled busybox image as an OCI archive
+/// (busybox.tar).
 pub fn payload(name: &str) -> Payload {
     payload_with(name, Containerd::V1_6)
 }
@@ -122,6 +123,12 @@ pub fn payload_with(name: &str, containerd: Containerd) -> Payload {
         .add(
             &crate::repo_root().join("resources/containerd/start-in-node.sh"),
             "start-in-node.sh",
+        )
+        // Each pod's share is served by a virtiofsd of its own.
+        .add(&crate::virtiofsd(), "virtiofsd")
+        .add(
+            &crate::repo_root().join("resources/containerd/virtiofsd-in-node.sh"),
+            "virtiofsd-in-node.sh",
         );
     busybox_tar(p.path(), "busybox.tar", None);
     p

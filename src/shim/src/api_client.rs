@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use husk_api_types::{
-    Action, ActionType, BootSourceConfig, Drive, DriveUpdate, Fault, InstanceInfo, MachineConfig,
-    MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus, MetricsConfig,
-    NetworkInterface, VmState, VmStateRequest, Vsock,
+    Action, ActionType, BootSourceConfig, Drive, DriveUpdate, Fault, FsConfig, InstanceInfo,
+    MachineConfig, MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus,
+    MetricsConfig, NetworkInterface, VmState, VmStateRequest, Vsock,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -148,6 +148,11 @@ impl ApiClient {
             &format!("/network-interfaces/{}", iface.iface_id),
             iface,
         )
+    }
+
+    /// `PUT /fs/{id}`: a virtio-fs device served by a vhost-user backend.
+    pub fn put_fs(&self, fs: &FsConfig) -> Result<(), ApiError> {
+        self.send("PUT", &format!("/fs/{}", fs.id), fs)
     }
 
     /// `PUT /vsock`.

@@ -38,9 +38,22 @@ pub enum ConfigError {
     },
 }
 
-/// Drive slots a VM can have: its virtio devices less the net and vsock
-/// devices.
-pub const MAX_SLOTS: u32 = husk_api_types::MAX_VIRTIO_DEVICES as u32 - 2;
+/// Drive slots a VM can have: its virtio devices less the net, vsock,
+/// memory and share devices.
+pub const MAX_SLOTS: u32 = husk_api_types::MAX_VIRTIO_DEVICES as u32 - 4;
+
+/// How containers' bind mounts (Kubernetes volumes, /etc/hosts, the
+/// termination log) reach the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Volumes {
+    /// Through the pod's virtio-fs share, served by one virtiofsd per pod:
+    /// the node's own files, both ways (docs/volumes.md).
+    Share,
+    /// Copied once onto a disk per container when it is created: writes
+    /// never reach the node, updates never reach the pod.
+    Copy,
+}
 
 /// The shim's configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -116,6 +129,13 @@ pub struct Config {
     /// hold (KiB): past it, it moves to `husk.log.1` and starts again, so
     /// a pod's log takes at most about twice this on the node.
     pub console_log_kib: u64,
+    /// How bind mounts reach the guest: `"share"` (virtio-fs) or
+    /// `"copy"`.
+    pub volumes: Volumes,
+    /// The virtiofsd that serves each pod's share (default: `virtiofsd`
+    /// beside the shim's own binary, else on PATH, else Debian's
+    /// `/usr/libexec/virtiofsd`).
+    pub virtiofsd: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -143,6 +163,8 @@ impl Default for Config {
             jail_uids: 65536,
             log_level: "warn".into(),
             console_log_kib: 4096,
+            volumes: Volumes::Share,
+            virtiofsd: None,
         }
     }
 }
@@ -243,6 +265,21 @@ impl Config {
     pub fn jailer(&self) -> PathBuf {
         beside_the_shim(self.jailer_binary.as_deref(), "husk-jailer")
     }
+
+    /// The virtiofsd binary.
+    pub fn virtiofsd(&self) -> PathBuf {
+        let found = beside_the_shim(self.virtiofsd.as_deref(), "virtiofsd");
+        if found.is_absolute() {
+            return found;
+        }
+        std::env::var_os("PATH")
+            .and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join("virtiofsd"))
+                    .find(|p| p.is_file())
+            })
+            .unwrap_or_else(|| PathBuf::from("/usr/libexec/virtiofsd"))
+    }
 }
 
 /// `configured`, else `name` beside the shim's own binary, else `name`
@@ -282,6 +319,8 @@ mod tests {
             default_memory_mib = 512
             drive_slots = 4
             seccomp = false
+            volumes = "copy"
+            virtiofsd = "/usr/local/bin/virtiofsd"
             "#,
         )
         .unwrap();
@@ -291,6 +330,8 @@ mod tests {
             (2, 512, 4)
         );
         assert!(!c.seccomp);
+        assert_eq!(c.volumes, Volumes::Copy);
+        assert_eq!(c.virtiofsd(), PathBuf::from("/usr/local/bin/virtiofsd"));
         assert_eq!(c.initrd, Config::default().initrd);
     }
 
@@ -300,6 +341,8 @@ mod tests {
         assert!(e.contains("unknown field") && e.contains("kernal"), "{e}");
         let e = parse("default_vcpus = \"two\"").unwrap_err().to_string();
         assert!(e.contains("invalid type"), "{e}");
+        let e = parse("volumes = \"nfs\"").unwrap_err().to_string();
+        assert!(e.contains("unknown variant"), "{e}");
         for bad in [
             "default_vcpus = 0",
             "default_vcpus = 9",
@@ -308,6 +351,7 @@ mod tests {
             "max_memory_mib = 100",
             "drive_slots = 0",
             "drive_slots = 16",
+            "drive_slots = 12",
             "image_slots = 10",
             "writable_layer_mib = 1",
             "boot_timeout_secs = 0",

@@ -18,9 +18,11 @@ mod portforward;
 mod private;
 mod rootfs;
 mod service;
+mod share;
 mod sizing;
 mod slots;
 mod spec;
+mod virtiofsd;
 mod vm;
 
 use std::path::Path;
@@ -139,6 +141,7 @@ impl containerd_shim::Shim for Shim {
                 publisher,
                 namespace: self.namespace.clone(),
             }),
+            std::sync::Arc::new(share::Kernel),
         )
     }
 }

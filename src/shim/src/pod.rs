@@ -91,6 +91,8 @@ pub struct VmSpec {
     pub network: Option<PodNetwork>,
     /// husk's jail, when it runs in one (docs/security.md).
     pub jail: Option<Arc<crate::jail::PodJail>>,
+    /// The pod's share (what virtiofsd serves), when volumes are shared.
+    pub share: Option<PathBuf>,
 }
 
 /// Boots pods' microVMs.

@@ -1,9 +1,11 @@
 //! The OCI spec containerd wrote for a container, made fit for the guest:
 //! what names the host (its network namespace, namespace paths, hooks,
 //! host-path bind mounts, the host's cgroup path) is replaced or dropped.
-//! Bind mounts of host directories and regular files become volumes:
-//! copied onto the container's volumes disk, the mount's source then
-//! naming the copy's entry (husk_protocol::volume_source). Bind mounts of
+//! Bind mounts of host directories and regular files become volumes, the
+//! mount's source naming volume N (husk_protocol::volume_source): with
+//! volumes = "share" [`share_volumes`] points it at the volume's entry in
+//! the pod's virtio-fs share; with "copy" it names the copy's entry on the
+//! container's volumes disk. Bind mounts of
 //! the node's sockets, FIFOs and device nodes cannot reach into a VM: they
 //! are reported ([`Adjusted::special_mounts`]) and the container refused,
 //! never silently left without them.
@@ -12,11 +14,20 @@ use std::path::PathBuf;
 
 use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, MountBuilder, Spec};
 
-/// What changed: the volumes to copy, and what was dropped (for the log).
+/// A bind mount of the node's directory or regular file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Volume {
+    /// The node's path.
+    pub source: PathBuf,
+    /// Whether the spec binds it read-only.
+    pub read_only: bool,
+}
+
+/// What changed: the volumes, and what was dropped (for the log).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Adjusted {
-    /// Host paths to copy onto the volumes disk, entry N at index N.
-    pub volumes: Vec<PathBuf>,
+    /// The node's paths the container binds, volume N at index N.
+    pub volumes: Vec<Volume>,
     /// Bind mounts whose source is a socket, a FIFO or a device node (or
     /// anything else neither a directory nor a regular file): what they
     /// are, by destination, in the spec's order.
@@ -203,12 +214,31 @@ pub fn for_guest(spec: &mut Spec, sandbox_pid: Option<u32>) -> Adjusted {
             m.set_source(Some(
                 husk_protocol::volume_source(adjusted.volumes.len()).into(),
             ));
-            adjusted.volumes.push(source);
+            let read_only = m.options().iter().flatten().any(|o| o == "ro");
+            adjusted.volumes.push(Volume { source, read_only });
             kept.push(m);
         }
         *mounts = kept;
     }
     adjusted
+}
+
+/// Points each mount of volume N (as [`for_guest`] left it) at `entries[N]`
+/// in the pod's share.
+pub fn share_volumes(spec: &mut Spec, entries: &[String]) {
+    for m in spec.mounts_mut().iter_mut().flatten() {
+        let n = m
+            .source()
+            .as_ref()
+            .and_then(|s| s.to_str())
+            .and_then(husk_protocol::volume_entry)
+            .and_then(Result::ok);
+        if let Some(entry) = n.and_then(|n| entries.get(n)) {
+            m.set_source(Some(
+                husk_protocol::share_source(crate::share::TAG, entry).into(),
+            ));
+        }
+    }
 }
 
 fn ns_file(t: LinuxNamespaceType) -> &'static str {
@@ -260,8 +290,14 @@ mod tests {
         assert_eq!(
             a.volumes,
             vec![
-                PathBuf::from("/var/lib/x/hosts"),
-                PathBuf::from("/srv/data")
+                Volume {
+                    source: PathBuf::from("/var/lib/x/hosts"),
+                    read_only: true
+                },
+                Volume {
+                    source: PathBuf::from("/srv/data"),
+                    read_only: false
+                },
             ]
         );
         let mounts = s.mounts().as_ref().unwrap();
@@ -271,6 +307,23 @@ mod tests {
             .collect();
         assert_eq!(sources, ["proc", "/.husk-volumes/0", "/.husk-volumes/1"]);
         assert_eq!(mounts[1].destination(), std::path::Path::new("/etc/hosts"));
+        // Shared, each volume names its entry in the pod's share.
+        let mut shared = s.clone();
+        share_volumes(&mut shared, &["v4".into(), "v0".into()]);
+        let sources: Vec<String> = shared
+            .mounts()
+            .iter()
+            .flatten()
+            .map(|m| m.source().as_ref().unwrap().display().to_string())
+            .collect();
+        assert_eq!(
+            sources,
+            [
+                "proc",
+                "/.husk-shares/husk-pod/v4",
+                "/.husk-shares/husk-pod/v0"
+            ]
+        );
         assert!(a.special_mounts.is_empty());
         let linux = s.linux().as_ref().unwrap();
         assert!(linux.cgroups_path().is_none());

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use husk_api_types::{
-    ActionType, BootSourceConfig, Drive, DriveUpdate, MachineConfig, MemoryHotplugConfig,
+    ActionType, BootSourceConfig, Drive, DriveUpdate, FsConfig, MachineConfig, MemoryHotplugConfig,
     NetworkInterface, VmStateRequest, Vsock,
 };
 use husk_protocol::client::{AgentClient, ClientError, Endpoint};
@@ -54,6 +54,9 @@ pub enum VmError {
     /// husk's jail could not be made, or a file is outside it.
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
+    /// The pod's virtiofsd could not be started.
+    #[error(transparent)]
+    Virtiofsd(#[from] crate::virtiofsd::VirtiofsdError),
     /// husk exited during start.
     #[error("husk exited during start ({status}); its log: {log}")]
     Exited {
@@ -185,6 +188,23 @@ impl VmLauncher for Husk {
             let _ = std::fs::remove_file(f);
         }
         crate::private::file(&dir.log()).map_err(io(format!("create {}", dir.log().display())))?;
+        // The pod's file server first: husk connects to it at its start.
+        let mut virtiofsd = match &spec.share {
+            Some(served) => match crate::virtiofsd::Virtiofsd::start(
+                &config.virtiofsd(),
+                dir,
+                served,
+                spec.cgroup.as_deref(),
+                spec.jail.as_ref().map(|j| (j.uid, j.gid)),
+            ) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    remove_dir(dir);
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
         // Appending, so husk's writes follow the log keeper's truncation.
         let log = std::fs::OpenOptions::new()
             .append(true)
@@ -257,15 +277,26 @@ impl VmLauncher for Husk {
             .map_err(io(format!("write {}", dir.pid_file().display())))
             .and_then(|()| configure(config, dir, spec, slots, &mut child));
         match configured {
-            Ok((api, agent)) => Ok(Arc::new(HuskVm {
-                dir: dir.clone(),
-                jail: spec.jail.clone(),
-                pid,
-                api,
-                agent,
-                child: Mutex::new(Some(child)),
-                _log_keeper: keeper,
-            })),
+            Ok((api, agent)) => {
+                if let Some(v) = virtiofsd.as_mut() {
+                    let dir = dir.clone();
+                    v.watch(move |how| {
+                        tracing::error!(how,
+                            "virtiofsd, the pod's file server, exited: its volumes are gone; stopping the pod's microVM");
+                        kill_recorded(&dir);
+                    });
+                }
+                Ok(Arc::new(HuskVm {
+                    dir: dir.clone(),
+                    jail: spec.jail.clone(),
+                    pid,
+                    api,
+                    agent,
+                    child: Mutex::new(Some(child)),
+                    virtiofsd: Mutex::new(virtiofsd),
+                    _log_keeper: keeper,
+                }))
+            }
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -353,6 +384,15 @@ fn configure(
             tx_rate_limiter: None,
         })?;
     }
+    if spec.share.is_some() {
+        api.put_fs(&FsConfig {
+            id: "share".into(),
+            tag: crate::share::TAG.into(),
+            socket: husk_path(jail, &crate::virtiofsd::socket(dir))?,
+            num_queues: husk_api_types::DEFAULT_FS_NUM_QUEUES,
+            queue_size: husk_api_types::DEFAULT_FS_QUEUE_SIZE,
+        })?;
+    }
     api.put_vsock(&Vsock {
         guest_cid: u64::from(AGENT_GUEST_CID),
         uds_path: husk_path(jail, &dir.vsock())?,
@@ -428,6 +468,8 @@ pub struct HuskVm {
     agent: AgentPool,
     /// husk's process, until [`PodVm::wait_exit`] takes it.
     child: Mutex<Option<Child>>,
+    /// The pod's virtiofsd, stopped once husk has exited.
+    virtiofsd: Mutex<Option<crate::virtiofsd::Virtiofsd>>,
     /// Keeps husk.log at its cap while the VM is around.
     _log_keeper: LogKeeper,
 }
@@ -621,10 +663,28 @@ impl PodVm for HuskVm {
 
     fn wait_exit(&self) -> String {
         let child = self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match child.map(|mut c| c.wait()) {
+        let how = match child.map(|mut c| c.wait()) {
             Some(Ok(status)) => status.to_string(),
             Some(Err(e)) => format!("cannot wait for husk: {e}"),
             None => "husk was waited for already".into(),
+        };
+        let virtiofsd = self
+            .virtiofsd
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match virtiofsd {
+            Some(mut v) => {
+                let died = v.died();
+                v.stop();
+                match died {
+                    Some(d) => format!(
+                        "{how}: stopped by the shim because virtiofsd, the pod's file server, ended ({d})"
+                    ),
+                    None => how,
+                }
+            }
+            None => how,
         }
     }
 

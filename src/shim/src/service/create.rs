@@ -211,9 +211,32 @@ impl Inner {
             }
             let _ = std::fs::remove_file(&image);
             let _ = std::fs::remove_file(&volumes_image);
+            if let Some(share) = &pod.share {
+                share.release(id);
+            }
         };
         pod.labels.add_container(id, &name);
-        let disks = self.disks(pod, req, &root, &image, &adjusted.volumes, &volumes_image);
+        // Shared, the volumes are the node's own directories and files,
+        // bound into the pod's share; else they are copied onto a disk.
+        let mut to_copy: &[spec::Volume] = &adjusted.volumes;
+        if let Some(share) = &pod.share {
+            let mut entries = Vec::with_capacity(adjusted.volumes.len());
+            for v in &adjusted.volumes {
+                match share.add(id, &v.source, v.read_only) {
+                    Ok(entry) => entries.push(entry),
+                    Err(e) => {
+                        undo();
+                        return Err(TaskError::Share {
+                            what: format!("volume {} of container {id}", v.source.display()),
+                            source: Box::new(e),
+                        });
+                    }
+                }
+            }
+            spec::share_volumes(&mut spec, &entries);
+            to_copy = &[];
+        }
+        let disks = self.disks(pod, req, &root, &image, to_copy, &volumes_image);
         let (rootfs, volumes) = match disks {
             Ok(d) => d,
             Err(e) => {
@@ -314,7 +337,7 @@ impl Inner {
         req: &api::CreateTaskRequest,
         root: &Path,
         image: &Path,
-        volumes: &[PathBuf],
+        volumes: &[spec::Volume],
         volumes_image: &Path,
     ) -> Result<(Rootfs, Option<Rootfs>), TaskError> {
         let id = req.id.as_str();
@@ -358,7 +381,7 @@ impl Inner {
         }
         let staging = Path::new(&req.bundle).join("husk-volumes");
         let size = rootfs::CopyJob::Volumes {
-            sources: volumes.to_vec(),
+            sources: volumes.iter().map(|v| v.source.clone()).collect(),
             staging,
             image: volumes_image.to_path_buf(),
         }

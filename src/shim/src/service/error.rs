@@ -123,6 +123,15 @@ pub enum TaskError {
     /// The pod's VM did not boot.
     #[error("cannot boot the pod's microVM")]
     Boot(#[source] Box<VmError>),
+    /// The pod's share could not be made, or a volume put in it.
+    #[error("cannot share {what} with the pod's microVM")]
+    Share {
+        /// The share, or which volume.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<crate::share::ShareError>,
+    },
     /// The pod's jail could not be made.
     #[error("cannot jail the pod's microVM")]
     Jail(#[source] Box<crate::jail::JailError>),
@@ -251,7 +260,13 @@ impl TaskError {
             TaskError::Jail(e) if matches!(**e, crate::jail::JailError::NoUid { .. }) => {
                 Code::RESOURCE_EXHAUSTED
             }
+            TaskError::Share { source, .. }
+                if matches!(**source, crate::share::ShareError::NotShareable(_)) =>
+            {
+                Code::INVALID_ARGUMENT
+            }
             TaskError::Network(_)
+            | TaskError::Share { .. }
             | TaskError::Jail(_)
             | TaskError::Cgroup(_)
             | TaskError::Boot(_)

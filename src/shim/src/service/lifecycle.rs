@@ -25,6 +25,7 @@ use crate::error::Chain;
 use crate::jail::PodJail;
 use crate::pod::{EventStream, VmSpec};
 use crate::portforward::PortForward;
+use crate::share::{self, PodShare};
 use crate::sizing::{self, Plan};
 use crate::slots::{self, Slots};
 use crate::{network, spec, vm};
@@ -138,6 +139,28 @@ impl Inner {
             },
             None => None,
         };
+        // The pod's share: made before the VM (virtiofsd serves it from
+        // the start), taken down with it.
+        let share = match self.config.volumes {
+            crate::config::Volumes::Share => {
+                match PodShare::create(&share::share_dir(&dir.0), self.mounter.clone()) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        if let Some(net) = &network {
+                            network::teardown(net);
+                        }
+                        if let Some(cg) = &cgroup {
+                            cg.remove();
+                        }
+                        return Err(TaskError::Share {
+                            what: "the pod's volumes".into(),
+                            source: Box::new(e),
+                        });
+                    }
+                }
+            }
+            crate::config::Volumes::Copy => None,
+        };
         let vm_spec = VmSpec {
             id: pod_id.to_string(),
             vcpus: plan.boot_vcpus,
@@ -148,6 +171,7 @@ impl Inner {
             hostname: spec.hostname().clone(),
             network: network.clone(),
             jail,
+            share: share.as_ref().map(PodShare::served),
         };
         let slot_specs = slots::layout(&self.config, &dir);
         tracing::info!(pod = pod_id, vcpus = plan.boot_vcpus, max_vcpus = plan.max_vcpus,
@@ -157,6 +181,9 @@ impl Inner {
         let vm = match self.launcher.boot(&dir, &vm_spec, &slot_specs) {
             Ok(vm) => vm,
             Err(e) => {
+                if let Some(s) = &share {
+                    s.remove();
+                }
                 if let Some(net) = &network {
                     network::teardown(net);
                 }
@@ -220,6 +247,7 @@ impl Inner {
             events,
             labels,
             jail: vm_spec.jail.clone(),
+            share,
         });
         Ok(Booted { pod, jobs, stream })
     }
@@ -287,6 +315,16 @@ impl Inner {
         let exited_at = now();
         let mut exits = Vec::new();
         let mut ios = Vec::new();
+        // Unwired before any task shows as exited: whoever acts on the
+        // exit (a new pod in the same namespace) finds the namespace as
+        // CNI left it. (This thread alone ends the VM.)
+        let Some(running) = self.lock().vm.running().cloned() else {
+            return;
+        };
+        if let Some(net) = &running.network {
+            network::teardown(net);
+        }
+        drop(running);
         let pod = {
             let mut st = self.lock();
             let pod = match std::mem::replace(&mut st.vm, VmState::Gone) {
@@ -311,9 +349,6 @@ impl Inner {
             pod
         };
         self.changed.notify_all();
-        if let Some(net) = &pod.network {
-            network::teardown(net);
-        }
         pod.port_forward
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -356,6 +391,10 @@ impl Inner {
                 exited_at: MessageField::some(exited_at.clone()),
                 ..Default::default()
             });
+        }
+        // husk and virtiofsd are gone: the share's mounts go.
+        if let Some(s) = &pod.share {
+            s.remove();
         }
         // Sockets, disk images, the log: nothing of the VM stays; its
         // jail uid is free (not when the last handle goes, which a thread
@@ -435,6 +474,8 @@ pub fn cleanup_after_crash(config: &Config, namespace: &str, id: &str, bundle: &
         tracing::warn!(pod = %pod_id, container = id, "invalid ids: no state to remove");
     } else if pod_id == id {
         vm::kill_recorded(&dir);
+        crate::virtiofsd::kill_recorded(&dir);
+        share::remove(&share::share_dir(&dir.0), &share::Kernel);
         vm::remove_dir(&dir);
     } else {
         let _ = std::fs::remove_file(dir.image(id));

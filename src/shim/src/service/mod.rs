@@ -69,6 +69,8 @@ struct Inner {
     /// Events from the agent that were refused: ids this pod does not
     /// have, statuses no process can end with.
     rejected: AtomicU64,
+    /// Mounts the pods' shares' volumes (the kernel; a recorder in tests).
+    mounter: Arc<dyn crate::share::Mounter>,
 }
 
 impl Service {
@@ -80,6 +82,7 @@ impl Service {
         exit: Arc<ExitSignal>,
         launcher: Box<dyn VmLauncher>,
         publisher: Box<dyn Publisher>,
+        mounter: Arc<dyn crate::share::Mounter>,
     ) -> Service {
         Service {
             inner: Arc::new(Inner {
@@ -91,6 +94,7 @@ impl Service {
                 state: Mutex::new(State::default()),
                 changed: Condvar::new(),
                 rejected: AtomicU64::new(0),
+                mounter,
             }),
         }
     }

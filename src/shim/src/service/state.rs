@@ -352,6 +352,8 @@ pub struct RunningPod {
     pub labels: crate::metrics::LabelsFile,
     /// husk's jail uid, given back when the VM's end is handled.
     pub jail: Option<Arc<crate::jail::PodJail>>,
+    /// Its share (volumes = "share"), taken down when it goes.
+    pub share: Option<crate::share::PodShare>,
 }
 
 impl RunningPod {

@@ -263,6 +263,10 @@ impl Inner {
                 tracing::warn!(container = id, error = %Chain(&e), "cannot free the container's drive slot");
             }
         }
+        // Its volumes' entries in the share that no other container binds.
+        if let Some(share) = &pod.share {
+            share.release(id);
+        }
         // What its limits took is given back.
         pod.release(id);
         pod.labels.remove_container(id);

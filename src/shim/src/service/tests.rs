@@ -26,6 +26,8 @@ use crate::config::Config;
 /// A pod's shim with a fake VM; the VM dies with it.
 struct Pod {
     svc: Arc<Inner>,
+    /// The share's mount calls.
+    mounts: Arc<crate::share::Recorder>,
     vm: Arc<FakeVm>,
     events: Arc<Events>,
     dir: tempfile::TempDir,
@@ -53,15 +55,18 @@ fn pod_with(configure: impl FnOnce(&mut Config)) -> Pod {
     configure(&mut config);
     let vm = FakeVm::new();
     let events = Arc::new(Events::default());
+    let mounts = Arc::new(crate::share::Recorder::default());
     let service = Service::new(
         "test",
         config,
         Arc::new(ExitSignal::default()),
         Box::new(Launcher::new(&vm)),
         Box::new(events.clone()),
+        mounts.clone(),
     );
     Pod {
         svc: service.inner,
+        mounts,
         vm,
         events,
         dir,
@@ -1107,4 +1112,144 @@ fn a_sized_pod_boots_small_and_gets_its_size_right_after() {
             .count(),
         1
     );
+}
+
+/// A bind mount of `source` at `destination` (read-only if asked).
+fn bind(source: &std::path::Path, destination: &str, read_only: bool) -> oci_spec::runtime::Mount {
+    let mode = if read_only { "ro" } else { "rw" };
+    oci_spec::runtime::MountBuilder::default()
+        .destination(destination)
+        .typ("bind")
+        .source(source)
+        .options(vec!["rbind".to_string(), mode.to_string()])
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn shared_volumes_are_one_entry_per_source_and_go_with_their_last_container() {
+    let p = pod();
+    let data = p.dir.path().join("emptydir");
+    let hosts = p.dir.path().join("hosts");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    let sources = Arc::new(Mutex::new(Vec::new()));
+    let seen = sources.clone();
+    p.vm.hook(move |r| {
+        if let Request::CreateContainer(c) = r {
+            let binds: Vec<String> = c
+                .spec
+                .mounts()
+                .iter()
+                .flatten()
+                .filter(|m| m.typ().as_deref() == Some("bind"))
+                .map(|m| {
+                    format!(
+                        "{} {}",
+                        m.destination().display(),
+                        m.source().as_ref().unwrap().display()
+                    )
+                })
+                .collect();
+            seen.lock()
+                .unwrap()
+                .push((c.container_id.clone(), binds, c.volumes.is_some()));
+        }
+        None
+    });
+    p.running();
+    let share = crate::share::share_dir(&p.pod_dir());
+    assert!(share.join("root").is_dir(), "the share is made with the VM");
+    let with = |ro_hosts: bool| {
+        let (data, hosts) = (data.clone(), hosts.clone());
+        move |spec: &mut oci_spec::runtime::Spec| {
+            let mut mounts = spec.mounts().clone().unwrap_or_default();
+            mounts.push(bind(&data, "/scratch", false));
+            if ro_hosts {
+                mounts.push(bind(&hosts, "/etc/hosts", true));
+            }
+            spec.set_mounts(Some(mounts));
+        }
+    };
+    p.create_with("init", with(true)).unwrap();
+    p.create_with("main", with(false)).unwrap();
+    assert_eq!(
+        sources.lock().unwrap()[1..],
+        [
+            (
+                "init".to_string(),
+                vec![
+                    "/scratch /.husk-shares/husk-pod/v0".to_string(),
+                    "/etc/hosts /.husk-shares/husk-pod/v1".to_string()
+                ],
+                false
+            ),
+            (
+                "main".to_string(),
+                vec!["/scratch /.husk-shares/husk-pod/v0".to_string()],
+                false
+            ),
+        ]
+    );
+    // No volumes disk: only the rootfs took a slot.
+    assert!(
+        !p.vm.journal().iter().any(|j| j.contains("volumes-")),
+        "{:?}",
+        p.vm.journal()
+    );
+    let calls = || p.mounts.0.lock().unwrap().clone();
+    assert_eq!(
+        calls()[1..],
+        ["bind emptydir v0 false", "bind hosts v1 true"].map(String::from)
+    );
+    p.svc.delete("init", "").unwrap();
+    assert_eq!(calls().last().map(String::as_str), Some("detach v1"));
+    p.svc.delete("main", "").unwrap();
+    assert_eq!(calls().last().map(String::as_str), Some("detach v0"));
+    // The VM's end takes the share down.
+    p.vm.die("killed by the test");
+    let svc = p.svc.clone();
+    assert!(within(move || svc.wait_cleaned(Duration::from_secs(10))).unwrap());
+    assert_eq!(calls().last().map(String::as_str), Some("detach_all"));
+    assert!(!share.exists());
+}
+
+#[test]
+fn a_volume_that_cannot_be_shared_fails_its_container_and_leaves_no_entry() {
+    let p = pod();
+    p.running();
+    let data = p.dir.path().join("refused");
+    std::fs::create_dir(&data).unwrap();
+    let before = p.vm.journal().len();
+    let e = p
+        .create_with("app", |spec| {
+            let mut mounts = spec.mounts().clone().unwrap_or_default();
+            mounts.push(bind(&p.dir.path().join("missing"), "/a", false));
+            spec.set_mounts(Some(mounts));
+        })
+        .unwrap_err();
+    let message = ttrpc_message(e);
+    assert!(
+        message.contains("cannot share volume") && message.contains("missing"),
+        "{message}"
+    );
+    let e = p
+        .create_with("app", |spec| {
+            let mut mounts = spec.mounts().clone().unwrap_or_default();
+            mounts.push(bind(&data, "/a", false));
+            spec.set_mounts(Some(mounts));
+        })
+        .unwrap_err();
+    let message = ttrpc_message(e);
+    assert!(
+        message.contains("refused") && message.contains("Operation not permitted"),
+        "{message}"
+    );
+    // Refused before its disks: nothing reached a slot or the agent.
+    assert_eq!(p.vm.journal().len(), before, "{:?}", p.vm.journal());
+    let entries: Vec<_> = std::fs::read_dir(crate::share::share_dir(&p.pod_dir()).join("entries"))
+        .unwrap()
+        .collect();
+    assert!(entries.is_empty(), "{entries:?}");
+    assert_eq!(p.status(POD, "").unwrap(), Status::RUNNING);
 }
