@@ -39,6 +39,10 @@
 #                                                        (RunPodSandbox to a running container),
 #                                                        handler husk against runc, and a husk pod
 #                                                        sized 2 GiB / 2 CPUs
+#   resources/bench.sh cri-image [--runs N]              a pod whose container is its image's first
+#                                                        (husk's image cache emptied), images of 10 and
+#                                                        200 MiB: runc, husk with rootfs = "block" and
+#                                                        with rootfs = "share"
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=resources/lib.sh
@@ -47,7 +51,7 @@ source "$repo/resources/lib.sh"
 mode=boot runs="" size_mib="" runtime_s=5 streams="" firecracker="" concurrent=20 depths=1,16 stress_every=5
 while (($#)); do
   case $1 in
-    boot|blk|fs|api|hotplug|net|vsock|snapshot|run|pod|cri|soak) mode=$1; shift ;;
+    boot|blk|fs|api|hotplug|net|vsock|snapshot|run|pod|cri|cri-image|soak) mode=$1; shift ;;
     --stress-every) stress_every=$2; shift 2 ;;
     --concurrent) concurrent=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
@@ -56,7 +60,7 @@ while (($#)); do
     --streams) streams=$2; shift 2 ;;
     --depths) depths=$2; shift 2 ;;
     --firecracker) firecracker=$(realpath "$2"); shift 2 ;;
-    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | fs [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | hotplug [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | snapshot [--runs N] [--firecracker PATH] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N] | soak [--runs N] [--stress-every K] [--streams S]]" >&2; exit 2 ;;
+    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | fs [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | hotplug [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | snapshot [--runs N] [--firecracker PATH] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N] | cri-image [--runs N] | soak [--runs N] [--stress-every K] [--streams S]]" >&2; exit 2 ;;
   esac
 done
 if [[ $mode == soak ]]; then runs=${runs:-100} streams=${streams:-32}; else runs=${runs:-10} streams=${streams:-8}; fi
@@ -266,7 +270,7 @@ case $mode in
       ./husk-bench pod --runs $runs --concurrent $concurrent --mem-mib 128 --runc-no-pivot ||
         { tail -n 30 containerd.log; exit 1; }"
     ;;
-  cri)
+  cri|cri-image)
     # containerd's CRI plugin in the node VM as tests/cri.rs sets it up
     # (start-in-node.sh --cri), driven by husk-cri: runc first, then husk.
     ensure_packages runc containerd containernetworking-plugins protobuf-compiler
@@ -291,6 +295,35 @@ case $mode in
       "$(command -v runc)" /usr/sbin/mke2fs /usr/sbin/ip /usr/sbin/tc \
       "$repo/resources/containerd/start-in-node.sh" \
       "$repo/resources/containerd/virtiofsd-in-node.sh" "$payload/"
+    if [[ $mode == cri-image ]]; then
+      # Images of 10 and 200 MiB (random bytes: nothing compresses or
+      # dedups them) beside busybox; each run's container is its image's
+      # first: husk's image cache is emptied before it.
+      for mib in 10 200; do
+        head -c $((mib << 20)) /dev/urandom > "$payload/blob"
+        layout=$(mktemp -d "${TMPDIR:-/tmp}/husk-bench-layout.XXXXXX")
+        "$repo/target/release/husk" image build-busybox "$layout/img" --ref "husk.local/big:$mib" \
+          --add "$payload/blob" -- sh >&2
+        tar -C "$layout/img" -cf "$payload/big-$mib.tar" .
+        rm -rf "$layout" "$payload/blob"
+      done
+      "$repo/resources/node/run.sh" --mem 6144 --timeout 3600 --payload "$payload" -- sh -c "
+        export PATH=\$PWD:\$PATH
+        sh start-in-node.sh --cri error || exit 1
+        for mib in 10 200; do ctr -n k8s.io image import big-\$mib.tar > /dev/null || exit 1; done
+        cp /etc/husk/config.toml /etc/husk/config.toml.default
+        for mib in 10 200; do
+          ./husk-cri bench --handler runc --image husk.local/big:\$mib --runs $runs || exit 1
+          for rootfs in block share; do
+            cp /etc/husk/config.toml.default /etc/husk/config.toml
+            echo \"rootfs = \\\"\$rootfs\\\"\" >> /etc/husk/config.toml
+            echo \"BENCH-CONFIG rootfs=\$rootfs\"
+            ./husk-cri bench --handler husk --image husk.local/big:\$mib --runs $runs \\
+              --fresh-cache /var/lib/husk/images || { tail -n 30 containerd.log; exit 1; }
+          done
+        done"
+      exit 0
+    fi
     "$repo/resources/node/run.sh" --timeout 1800 --payload "$payload" -- sh -c "
       export PATH=\$PWD:\$PATH
       sh start-in-node.sh --cri error || exit 1
@@ -298,14 +331,20 @@ case $mode in
         ./husk-cri bench --handler \$handler --image husk.local/busybox:1 --runs $runs ||
           { tail -n 30 containerd.log; exit 1; }
       done
-      # The same husk pods with their bind mounts (CRI's hosts, hostname
-      # and resolv.conf) copied onto a disk instead of shared (virtio-fs).
-      cp /etc/husk/config.toml /etc/husk/config.toml.shared
-      echo 'volumes = \"copy\"' >> /etc/husk/config.toml
-      echo 'BENCH-VOLUMES copy'
+      # The same husk pods with their root filesystems through the pod's
+      # share too, then with their bind mounts (CRI's hosts, hostname and
+      # resolv.conf) copied onto a disk instead of shared.
+      cp /etc/husk/config.toml /etc/husk/config.toml.default
+      echo 'rootfs = \"share\"' >> /etc/husk/config.toml
+      echo 'BENCH-CONFIG rootfs=share'
       ./husk-cri bench --handler husk --image husk.local/busybox:1 --runs $runs ||
         { tail -n 30 containerd.log; exit 1; }
-      cp /etc/husk/config.toml.shared /etc/husk/config.toml
+      cp /etc/husk/config.toml.default /etc/husk/config.toml
+      echo 'volumes = \"copy\"' >> /etc/husk/config.toml
+      echo 'BENCH-CONFIG volumes=copy'
+      ./husk-cri bench --handler husk --image husk.local/busybox:1 --runs $runs ||
+        { tail -n 30 containerd.log; exit 1; }
+      cp /etc/husk/config.toml.default /etc/husk/config.toml
       # A pod the kubelet sized at 2 GiB and 2 CPUs against the default.
       ./husk-cri bench --handler husk --image husk.local/busybox:1 --runs $runs \
         --pod-mib 2048 --pod-cpus 2 || { tail -n 30 containerd.log; exit 1; }"

@@ -392,6 +392,7 @@ fn rootfs(drive: &str) -> Rootfs {
         writable_overlay: false,
         writable_layer: None,
         size_bytes: None,
+        share: None,
     }
 }
 

@@ -146,16 +146,23 @@ fn behaviours(r: &husk_tests::RunResult, handler: &str, only: &[&str]) {
     }
 }
 
-/// Kubernetes volumes (`husk-cri volumes`), under containerd 1.6 only
-/// (the volumes are the shim's business, not containerd's); for husk, a
-/// pod whose virtiofsd is killed.
+/// Kubernetes volumes (`husk-cri volumes`) and a pod of twelve
+/// containers (`husk-cri many`), husk's root filesystems through the
+/// pod's share, under containerd 1.6 only (the volumes are the shim's
+/// business, not containerd's); for husk, a pod whose virtiofsd is killed.
 fn volumes_script(handler: &str, version: Containerd) -> String {
     if version != Containerd::V1_6 {
         return String::new();
     }
+    // husk's root filesystems through the pod's share from here on (the
+    // scenario and behaviours above ran them as disks).
     let mut s = format!(
-        "husk-cri volumes --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
-         echo \"CRI-VOLUMES-EXIT $?\"\n"
+        "echo 'rootfs = \"share\"' >> /etc/husk/config.toml\n\
+         husk-cri volumes --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
+         echo \"CRI-VOLUMES-EXIT $?\"\n\
+         husk-cri many --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
+         echo \"CRI-MANY-EXIT $?\"\n\
+         echo \"BUNDLE-MOUNTS-LEFT $(grep -c io.containerd.runtime.v2.task /proc/self/mountinfo)\"\n"
     );
     if handler == "husk" {
         s.push_str(
@@ -181,6 +188,12 @@ fn volumes(r: &husk_tests::RunResult, handler: &str) {
         ("CRI-V config-after-5s", "value-2"),
         ("CRI-V term-exit", "0"),
         ("CRI-V termination-message", "terminated-as-planned"),
+        // Twelve containers in one pod: more than the pod's drive slots.
+        ("CRI-MANY-EXIT", "0"),
+        ("CRI-M init-exits", "0 0"),
+        ("CRI-M sidecars-running", "10"),
+        ("CRI-M files-seen", "12"),
+        ("BUNDLE-MOUNTS-LEFT", "0"),
     ];
     for (key, want) in expect {
         assert_eq!(

@@ -330,6 +330,7 @@ impl Pod {
                 writable_overlay: overlay,
                 writable_layer: None,
                 size_bytes: None,
+                share: None,
             },
             volumes: None,
         }));

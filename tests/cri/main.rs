@@ -5,11 +5,11 @@
 //!
 //! ```text
 //! husk-cri [--socket PATH] scenario --handler NAME --image REF [--log-dir DIR]
-//! husk-cri [--socket PATH] bench --handler NAME --image REF [--runs N] [--pod-mib M --pod-cpus C]
+//! husk-cri [--socket PATH] bench --handler NAME --image REF [--runs N] [--pod-mib M --pod-cpus C] [--fresh-cache DIR]
 //! husk-cri [--socket PATH] behaviours --handler NAME --image REF --dynamic-image REF [--only NAME,...]
 //! husk-cri [--socket PATH] resources --handler NAME --image REF [--sized-only]
 //! husk-cri [--socket PATH] port-forward --handler NAME --image REF
-//! husk-cri [--socket PATH] volumes|kill-virtiofsd --handler NAME --image REF
+//! husk-cri [--socket PATH] volumes|kill-virtiofsd|many --handler NAME --image REF
 //! ```
 //!
 //! `scenario` takes one pod through RunPodSandbox, CreateContainer,
@@ -25,7 +25,7 @@
 //! the CPU and memory limits of [`resources`]; `port-forward` CRI's
 //! PortForward ([`portforward`]); `volumes` Kubernetes volumes through
 //! the runtime ([`volumes`]), `kill-virtiofsd` a pod whose file server
-//! dies.
+//! dies, `many` a pod of two init containers and ten sidecars.
 
 mod behaviours;
 mod portforward;
@@ -72,11 +72,14 @@ struct Args {
     sized_only: bool,
     /// `behaviours`: only these (by name; empty: all).
     only: Vec<String>,
+    /// `bench`: empty this directory (husk's image cache) before each
+    /// run, so each pod's container is its image's first.
+    fresh_cache: Option<PathBuf>,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources|port-forward|volumes|kill-virtiofsd --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C] [--only NAME,...]"
+        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources|port-forward|volumes|kill-virtiofsd|many --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C] [--fresh-cache DIR] [--only NAME,...]"
     );
     std::process::exit(2)
 }
@@ -94,6 +97,7 @@ fn parse_args() -> Args {
         pod_cpus: 0,
         sized_only: false,
         only: Vec::new(),
+        fresh_cache: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -109,8 +113,9 @@ fn parse_args() -> Args {
             "--pod-cpus" => args.pod_cpus = value().parse().unwrap_or_else(|_| usage()),
             "--sized-only" => args.sized_only = true,
             "--only" => args.only = value().split(',').map(str::to_owned).collect(),
+            "--fresh-cache" => args.fresh_cache = Some(value().into()),
             "scenario" | "bench" | "behaviours" | "resources" | "port-forward" | "volumes"
-            | "kill-virtiofsd"
+            | "kill-virtiofsd" | "many"
                 if args.command.is_empty() =>
             {
                 args.command = a
@@ -538,6 +543,11 @@ async fn bench(c: &mut Client, args: &Args) -> Result<()> {
             }
         }
         std::fs::create_dir_all(&config.log_directory).map_err(|e| e.to_string())?;
+        if let Some(dir) = &args.fresh_cache {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let t0 = Instant::now();
         let pod = Pod::run(c, config, &args.handler).await?;
         let started = pod.create(c, container).await;
@@ -565,6 +575,8 @@ async fn bench(c: &mut Client, args: &Args) -> Result<()> {
         "handler": args.handler,
         "pod_mib": args.pod_mib,
         "pod_cpus": args.pod_cpus,
+        "image": args.image,
+        "fresh_cache": args.fresh_cache.is_some(),
         "runs": samples.len(),
         "median_ms": round(median),
         "min_ms": round(sorted.first().copied().unwrap_or(0.0)),
@@ -596,6 +608,7 @@ fn main() {
             "port-forward" => portforward::port_forward(&mut c, &args).await,
             "volumes" => volumes::volumes(&mut c, &args).await,
             "kill-virtiofsd" => volumes::kill_virtiofsd(&mut c, &args).await,
+            "many" => volumes::many(&mut c, &args).await,
             _ => bench(&mut c, &args).await,
         }
     });

@@ -268,3 +268,56 @@ pub async fn kill_virtiofsd(c: &mut Client, args: &Args) -> Result<()> {
     let removed = pod.remove(c).await;
     result.and(removed)
 }
+
+/// A pod of two init containers and ten sidecars, as a service mesh and
+/// its agents make one: all of them run (under husk with `rootfs =
+/// "share"` none takes a drive slot), each sees what the others wrote in
+/// the pod's emptyDir.
+pub async fn many(c: &mut Client, args: &Args) -> Result<()> {
+    let name = format!("m-{}", args.handler);
+    let config = pod_config(&name, &args.log_dir);
+    std::fs::create_dir_all(&config.log_directory).map_err(io("log directory"))?;
+    let scratch = Path::new("/tmp/husk-cri-volumes").join(&name);
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).map_err(io("emptyDir"))?;
+    let pod = Pod::run(c, config, &args.handler).await?;
+    let result = async {
+        let mut codes = Vec::new();
+        for i in 0..2 {
+            let script = format!("echo init-{i} > /scratch/init-{i}");
+            let mut init = container_config(&format!("init-{i}"), &args.image, &["sh", "-c", &script]);
+            init.mounts = vec![mount(&scratch, "/scratch", false)];
+            let id = pod.create(c, init).await?;
+            codes.push(wait_exited(c, &id, Duration::from_secs(60)).await?.to_string());
+        }
+        println!("CRI-M init-exits {}", codes.join(" "));
+        let mut sidecars = Vec::new();
+        for i in 0..10 {
+            let script = format!("echo sidecar-{i} > /scratch/sidecar-{i}; exec sleep 3600");
+            let mut s = container_config(&format!("sidecar-{i}"), &args.image, &["sh", "-c", &script]);
+            s.mounts = vec![mount(&scratch, "/scratch", false)];
+            sidecars.push(pod.create(c, s).await?);
+        }
+        let mut running = 0;
+        for id in &sidecars {
+            if crate::container_state(c, id).await?.0 == k8s_cri::v1::ContainerState::ContainerRunning {
+                running += 1;
+            }
+        }
+        println!("CRI-M sidecars-running {running}");
+        // The last sidecar sees every container's file (its own written
+        // just before: wait for it).
+        let last = sidecars.last().ok_or("no sidecar")?;
+        let (_, seen, _) = exec(
+            c,
+            last,
+            "i=0; until [ -e /scratch/sidecar-9 ] || [ $i -gt 50 ]; do sleep 0.1; i=$((i+1)); done; ls /scratch | wc -l",
+        )
+        .await?;
+        println!("CRI-M files-seen {seen}");
+        Ok::<_, String>(())
+    }
+    .await;
+    let removed = pod.remove(c).await;
+    result.and(removed)
+}

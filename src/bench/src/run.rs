@@ -195,6 +195,7 @@ fn one_container(agent: &mut AgentClient, id: &str, spec: Spec) -> anyhow::Resul
                 writable_overlay: false,
                 writable_layer: None,
                 size_bytes: None,
+                share: None,
             },
             volumes: None,
         }),

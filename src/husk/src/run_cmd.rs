@@ -345,6 +345,7 @@ fn session(
             writable_overlay: true,
             writable_layer: None,
             size_bytes: None,
+            share: None,
         },
         volumes: None,
     }))?;

@@ -271,6 +271,12 @@ pub struct Rootfs {
     /// before mounting it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
+    /// A path in a virtio-fs share (`/.husk-shares/<tag>/<path>`, see
+    /// [`share_source`]) holding the root filesystem, bound instead of a
+    /// disk: `drive_id`, `fstype` and the overlay fields are then unused.
+    /// The host's files are the container's root, as under runc.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<String>,
 }
 
 /// A disk for a container's writable layer: the agent mounts it and keeps
@@ -302,7 +308,7 @@ pub struct CreateContainer {
     /// the spec bind-mounts, entry N at the disk's top level named `N`. A
     /// spec mount whose source is [`VOLUME_SOURCE_PREFIX`]`N` binds entry N.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub volumes: Option<Rootfs>,
+    pub volumes: Option<Box<Rootfs>>,
 }
 
 /// The source prefix of a spec mount that names an entry of the
@@ -650,6 +656,7 @@ mod tests {
                     size_bytes: Some(1 << 30),
                 }),
                 size_bytes: None,
+                share: None,
             },
             volumes: None,
         });

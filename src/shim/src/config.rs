@@ -42,6 +42,18 @@ pub enum ConfigError {
 /// memory and share devices.
 pub const MAX_SLOTS: u32 = husk_api_types::MAX_VIRTIO_DEVICES as u32 - 4;
 
+/// How a container's root filesystem reaches the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RootfsMode {
+    /// containerd's snapshot, mounted on the node and bound into the pod's
+    /// virtio-fs share (needs `volumes = "share"`): no copy, no drive slot.
+    Share,
+    /// A disk: the image's layers merged once into the image cache under
+    /// a writable layer of the container's own (or a whole copy).
+    Block,
+}
+
 /// How containers' bind mounts (Kubernetes volumes, /etc/hosts, the
 /// termination log) reach the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -132,6 +144,9 @@ pub struct Config {
     /// How bind mounts reach the guest: `"share"` (virtio-fs) or
     /// `"copy"`.
     pub volumes: Volumes,
+    /// How a container's root filesystem reaches the guest: `"block"` (a
+    /// disk) or `"share"` (the node's snapshot through the pod's share).
+    pub rootfs: RootfsMode,
     /// The virtiofsd that serves each pod's share (default: `virtiofsd`
     /// beside the shim's own binary, else on PATH, else Debian's
     /// `/usr/libexec/virtiofsd`).
@@ -164,6 +179,7 @@ impl Default for Config {
             log_level: "warn".into(),
             console_log_kib: 4096,
             volumes: Volumes::Share,
+            rootfs: RootfsMode::Block,
             virtiofsd: None,
         }
     }
@@ -243,6 +259,11 @@ impl Config {
                 "console_log_kib = {} must be between 16 and 1048576",
                 config.console_log_kib
             )));
+        }
+        if config.rootfs == RootfsMode::Share && config.volumes != Volumes::Share {
+            return Err(invalid(
+                "rootfs = \"share\" needs volumes = \"share\" (the pod's share serves both)".into(),
+            ));
         }
         if config.jail_uid_base == 0
             || config.jail_uids == 0
@@ -361,6 +382,7 @@ mod tests {
             "jail_uid_base = 0",
             "jail_uids = 0",
             "jail_uid_base = 4294967295",
+            "rootfs = \"share\"\nvolumes = \"copy\"",
         ] {
             assert!(
                 matches!(parse(bad), Err(ConfigError::Invalid { .. })),

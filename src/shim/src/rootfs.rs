@@ -414,6 +414,27 @@ pub fn build_image(mounts: &[Mount], bundle_root: &Path, image: &Path) -> Result
     image_of(bundle_root, image, mounted)
 }
 
+/// Mounts containerd's `mounts` (a snapshot: an overlay of the image's
+/// layers and the container's own upper layer) on `bundle_root` in the
+/// node's mount namespace, as runc's shim does, for a rootfs served to
+/// the guest through the pod's share; undone by [`unmount_tree`].
+pub fn mount_tree(mounts: &[Mount], bundle_root: &Path) -> Result<(), RootfsError> {
+    std::fs::create_dir_all(bundle_root).map_err(io_at(bundle_root))?;
+    for (i, m) in mounts.iter().enumerate() {
+        let links = bundle_root.with_extension(format!("layers{i}"));
+        if let Err(e) = mount_at(m, bundle_root, &links) {
+            unmount_tree(bundle_root);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Detaches whatever is mounted on `bundle_root`.
+pub fn unmount_tree(bundle_root: &Path) {
+    let _ = containerd_shim::mount::umount_recursive(bundle_root.to_str(), libc::MNT_DETACH);
+}
+
 /// [`mount_one`] with its failure as a [`RootfsError`].
 /// The overlay's short layer links (under `links`) are needed only while
 /// mount(2) resolves them, so they go right after, whatever the outcome.

@@ -229,51 +229,66 @@ fn bind_shares(
         let Some(source) = m.source().as_ref().and_then(|s| s.to_str()) else {
             continue;
         };
-        let (tag, path) = match husk_protocol::share_entry(source) {
-            None => continue,
-            Some(Ok(entry)) => entry,
-            Some(Err(())) => {
-                return Err(AgentError::new(
-                    ErrorCode::InvalidArgument,
-                    format!("mount source {source:?} is not a share path"),
-                ))
-            }
-        };
-        let dir = shares_dir.join(tag);
-        {
-            let mut mounted = mounted.lock().unwrap_or_else(|e| e.into_inner());
-            if !mounted.contains(tag) {
-                std::fs::create_dir_all(&dir).map_err(|e| {
-                    AgentError::new(ErrorCode::System, format!("create {}: {e}", dir.display()))
-                })?;
-                rootfs::mount(tag, &dir, "virtiofs", libc::MS_NOSUID | libc::MS_NODEV, "")
-                    .map_err(|e| {
-                        AgentError::new(
-                            e.code,
-                            format!("the virtio-fs share {tag:?}: {}", e.message),
-                        )
-                    })?;
-                mounted.insert(tag.to_string());
-            }
+        if husk_protocol::share_entry(source).is_none() {
+            continue;
         }
-        let dir = dir
-            .canonicalize()
-            .map_err(|e| AgentError::new(ErrorCode::System, format!("{}: {e}", dir.display())))?;
-        let resolved = dir.join(path).canonicalize().map_err(|e| {
-            AgentError::new(
-                ErrorCode::InvalidArgument,
-                format!("mount source {source:?}: {e}"),
-            )
-        })?;
-        if !resolved.starts_with(&dir) {
-            return Err(AgentError::new(
-                ErrorCode::InvalidArgument,
-                format!("mount source {source:?} leads out of its share"),
-            ));
-        }
+        let resolved = share_path(source, shares_dir, mounted)?;
         m.set_source(Some(resolved));
     }
     Ok(())
+}
+
+/// The guest path of the share path `source` (`/.husk-shares/<tag>/<path>`),
+/// the tag mounted under `shares_dir` on first use. It must exist and
+/// resolve inside its share.
+fn share_path(
+    source: &str,
+    shares_dir: &Path,
+    mounted: &Mutex<std::collections::BTreeSet<String>>,
+) -> Result<std::path::PathBuf, AgentError> {
+    let (tag, path) = match husk_protocol::share_entry(source) {
+        Some(Ok(entry)) => entry,
+        _ => {
+            return Err(AgentError::new(
+                ErrorCode::InvalidArgument,
+                format!("mount source {source:?} is not a share path"),
+            ))
+        }
+    };
+    let dir = shares_dir.join(tag);
+    {
+        let mut mounted = mounted.lock().unwrap_or_else(|e| e.into_inner());
+        if !mounted.contains(tag) {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                AgentError::new(ErrorCode::System, format!("create {}: {e}", dir.display()))
+            })?;
+            rootfs::mount(tag, &dir, "virtiofs", libc::MS_NOSUID | libc::MS_NODEV, "").map_err(
+                |e| {
+                    AgentError::new(
+                        e.code,
+                        format!("the virtio-fs share {tag:?}: {}", e.message),
+                    )
+                },
+            )?;
+            mounted.insert(tag.to_string());
+        }
+    }
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| AgentError::new(ErrorCode::System, format!("{}: {e}", dir.display())))?;
+    let resolved = dir.join(path).canonicalize().map_err(|e| {
+        AgentError::new(
+            ErrorCode::InvalidArgument,
+            format!("mount source {source:?}: {e}"),
+        )
+    })?;
+    if !resolved.starts_with(&dir) {
+        return Err(AgentError::new(
+            ErrorCode::InvalidArgument,
+            format!("mount source {source:?} leads out of its share"),
+        ));
+    }
+    Ok(resolved)
 }
 
 impl Containers {
@@ -311,7 +326,14 @@ impl Containers {
         if let Some(r) = &resources {
             cgroup::check(r)?;
         }
-        let mut rootfs = MountedRootfs::mount(&self.paths.state, &id, &req.rootfs, &self.drives)?;
+        let shares_dir = self.paths.state.join("shares");
+        let mut rootfs = MountedRootfs::mount(
+            &self.paths.state,
+            &id,
+            &req.rootfs,
+            &self.drives,
+            &|source: &str| share_path(source, &shares_dir, &self.shares),
+        )?;
         let mut cgroup_made: Option<Cgroup> = None;
         let result = (|| {
             let volumes = match &req.volumes {
@@ -319,7 +341,7 @@ impl Containers {
                 None => None,
             };
             bind_volumes(&mut spec, volumes.as_deref())?;
-            bind_shares(&mut spec, &self.paths.state.join("shares"), &self.shares)?;
+            bind_shares(&mut spec, &shares_dir, &self.shares)?;
             // The guest's device table, read when the spec names devices
             // (sysfs, so memory or disks plugged since boot are there).
             let wants_devices = spec

@@ -3,7 +3,9 @@
 //! `<state>/c/<id>/rootfs`, read-only if asked; with `writable_overlay` the
 //! disk is mounted read-only underneath and an overlayfs goes on top, its
 //! upper layer on the container's writable-layer disk if it has one, else
-//! on a tmpfs. Tests name the devices instead through
+//! on a tmpfs. A rootfs in a virtio-fs share (`share`) is the host's tree
+//! (containerd's snapshot, mounted by the shim) bound there instead: no
+//! disk, no copy. Tests name the devices instead through
 //! `HUSK_AGENT_DRIVES=id=/dev/loop3,...` (test-only: consulted first; read
 //! at start into [`Drives`]).
 
@@ -154,13 +156,18 @@ fn find_disk(
 }
 
 impl MountedRootfs {
-    /// Mounts `r` for container `id` under `state`.
+    /// Mounts `r` for container `id` under `state`; `share` resolves a
+    /// share path to where the guest has it.
     pub fn mount(
         state: &Path,
         id: &str,
         r: &Rootfs,
         drives: &Drives,
+        share: &dyn Fn(&str) -> Result<PathBuf, AgentError>,
     ) -> Result<MountedRootfs, AgentError> {
+        if let Some(source) = &r.share {
+            return Self::bind_share(state, id, &share(source)?, r.read_only);
+        }
         let device = find_disk(
             "rootfs",
             &r.drive_id,
@@ -208,6 +215,44 @@ impl MountedRootfs {
             let flags = if r.read_only { libc::MS_RDONLY } else { 0 };
             mount(&dev, &m.root, &r.fstype, flags, "").map(|()| m.mounts.push(m.root.clone()))
         };
+        if let Err(e) = result {
+            m.unmount();
+            return Err(e);
+        }
+        Ok(m)
+    }
+
+    /// The shared tree `tree` bound at the container's root. The share is
+    /// mounted nosuid and nodev for volumes; a root keeps its image's
+    /// set-uid programs, as under runc, so the bind is remounted without.
+    fn bind_share(
+        state: &Path,
+        id: &str,
+        tree: &Path,
+        read_only: bool,
+    ) -> Result<MountedRootfs, AgentError> {
+        let dir = state.join("c").join(id);
+        let root = dir.join("rootfs");
+        std::fs::create_dir_all(&root).map_err(|e| {
+            AgentError::new(ErrorCode::System, format!("create {}: {e}", root.display()))
+        })?;
+        let mut m = MountedRootfs {
+            dir,
+            root,
+            mounts: Vec::new(),
+        };
+        let result = mount(
+            &tree.to_string_lossy(),
+            &m.root,
+            "",
+            libc::MS_BIND | libc::MS_REC,
+            "",
+        )
+        .and_then(|()| {
+            m.mounts.push(m.root.clone());
+            let ro = if read_only { libc::MS_RDONLY } else { 0 };
+            mount("", &m.root, "", libc::MS_BIND | libc::MS_REMOUNT | ro, "")
+        });
         if let Err(e) = result {
             m.unmount();
             return Err(e);
@@ -283,10 +328,26 @@ impl MountedRootfs {
         Ok(target)
     }
 
-    /// Unmounts everything and removes the container's directory.
+    /// Unmounts everything and removes the container's directory, unless
+    /// something is still mounted in it: a root bound from the host's
+    /// tree must never be removed through.
     pub fn unmount(&mut self) {
         while let Some(m) = self.mounts.pop() {
             umount(&m);
+        }
+        let still = std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|info| {
+                info.lines()
+                    .filter_map(|l| l.split(' ').nth(4))
+                    .any(|p| Path::new(p).starts_with(&self.dir))
+            })
+            .unwrap_or(true);
+        if still {
+            crate::log::warn(&format!(
+                "{} is still mounted: the container's directory is kept",
+                self.dir.display()
+            ));
+            return;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -43,6 +43,7 @@ fn disk(size: u64) -> Rootfs {
         writable_overlay: false,
         writable_layer: None,
         size_bytes: Some(size),
+        share: None,
     }
 }
 
@@ -201,6 +202,9 @@ impl Inner {
         let ask = Ask::of_spec(&spec);
         let image = pod.dir.image(id);
         let volumes_image = pod.dir.volumes_image(id);
+        let shared_root = self.config.rootfs == crate::config::RootfsMode::Share
+            && pod.share.is_some()
+            && !req.rootfs.is_empty();
         let undo = || {
             pod.release(id);
             pod.labels.remove_container(id);
@@ -213,6 +217,9 @@ impl Inner {
             let _ = std::fs::remove_file(&volumes_image);
             if let Some(share) = &pod.share {
                 share.release(id);
+            }
+            if shared_root {
+                rootfs::unmount_tree(&root);
             }
         };
         pod.labels.add_container(id, &name);
@@ -256,7 +263,7 @@ impl Inner {
             container_id: id.to_string(),
             spec: Box::new(spec),
             rootfs,
-            volumes,
+            volumes: volumes.map(Box::new),
         }));
         let pid = match created {
             Ok(Response::Started { pid }) if pid > 0 => pid,
@@ -302,6 +309,7 @@ impl Inner {
                     bundle: req.bundle.clone(),
                     image: Some(image.clone()),
                     volumes_image: has_volumes.then(|| volumes_image.clone()),
+                    mounted_root: shared_root.then(|| root.clone()),
                     deleting: false,
                     init: Process {
                         paths,
@@ -358,6 +366,10 @@ impl Inner {
         // The copies are the pod's: charged to its cgroup, as its
         // writable layers are (husk, which writes them, is in it).
         let cgroup = pod.cgroup.as_ref().map(|c| c.path());
+        if let (crate::config::RootfsMode::Share, Some(share)) = (self.config.rootfs, &pod.share) {
+            let rootfs = self.shared_root(share, req, root)?;
+            return Ok((rootfs, None));
+        }
         let rootfs = match self.shared_layers(pod, req, root, image)? {
             Some(layered) => layered,
             None => {
@@ -394,6 +406,44 @@ impl Inner {
             ..disk(size)
         };
         Ok((rootfs, Some(volumes)))
+    }
+
+    /// A new container's rootfs through the pod's share: containerd's
+    /// snapshot mounted on the bundle's rootfs (as runc's shim mounts it),
+    /// or the bundle's tree itself, bound into the share. Its writes are
+    /// the snapshot's, on the node, as under runc.
+    fn shared_root(
+        &self,
+        share: &crate::share::PodShare,
+        req: &api::CreateTaskRequest,
+        root: &Path,
+    ) -> Result<Rootfs, TaskError> {
+        let id = req.id.as_str();
+        if !req.rootfs.is_empty() {
+            rootfs::mount_tree(&req.rootfs, root).map_err(|source| TaskError::Disk {
+                what: "root filesystem",
+                id: id.to_string(),
+                source: Box::new(source),
+            })?;
+        }
+        let entry = share.add(id, root, false).map_err(|source| {
+            if !req.rootfs.is_empty() {
+                rootfs::unmount_tree(root);
+            }
+            TaskError::Share {
+                what: format!("the root filesystem of container {id}"),
+                source: Box::new(source),
+            }
+        })?;
+        Ok(Rootfs {
+            drive_id: String::new(),
+            fstype: String::new(),
+            read_only: false,
+            writable_overlay: false,
+            writable_layer: None,
+            size_bytes: None,
+            share: Some(husk_protocol::share_source(crate::share::TAG, &entry)),
+        })
     }
 
     /// A new container's rootfs as its image's shared layers (from the
@@ -466,6 +516,7 @@ impl Inner {
                 size_bytes: Some(writable_size),
             }),
             size_bytes: Some(layers_size),
+            share: None,
         }))
     }
 }

@@ -250,6 +250,9 @@ pub struct Container {
     pub image: Option<PathBuf>,
     /// Its volumes disk image.
     pub volumes_image: Option<PathBuf>,
+    /// Where the shim mounted containerd's snapshot for a rootfs served
+    /// through the pod's share (unmounted at delete).
+    pub mounted_root: Option<PathBuf>,
     /// Delete is under way: events for it are expected and ignored, new
     /// processes refused.
     pub deleting: bool,
@@ -543,6 +546,7 @@ mod tests {
                     bundle: String::new(),
                     image: None,
                     volumes_image: None,
+                    mounted_root: None,
                     deleting: false,
                     init: created(),
                     execs: HashMap::new(),

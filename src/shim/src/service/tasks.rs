@@ -181,7 +181,7 @@ impl Inner {
         if !exec_id.is_empty() {
             return self.delete_exec(id, exec_id);
         }
-        let (pod, ios, init_exited, images, is_pod) = {
+        let (pod, ios, init_exited, images, is_pod, mounted_root) = {
             let mut st = self.lock();
             let is_pod = st.pod_id.as_deref() == Some(id);
             let pod = st.vm.running().cloned();
@@ -195,7 +195,14 @@ impl Inner {
             c.deleting = true;
             let ios: Vec<_> = c.processes_mut().filter_map(|(_, p)| p.io()).collect();
             let images: Vec<_> = c.image.iter().chain(&c.volumes_image).cloned().collect();
-            (pod, ios, c.init.is_exited(), images, is_pod)
+            (
+                pod,
+                ios,
+                c.init.is_exited(),
+                images,
+                is_pod,
+                c.mounted_root.clone(),
+            )
         };
         for io in ios {
             io.finish();
@@ -205,6 +212,10 @@ impl Inner {
         }
         for image in images {
             let _ = std::fs::remove_file(image);
+        }
+        // After the guest let go of it (and its share entry is gone).
+        if let Some(root) = mounted_root {
+            crate::rootfs::unmount_tree(&root);
         }
         let c = {
             let mut st = self.lock();
