@@ -147,18 +147,15 @@ fn behaviours(r: &husk_tests::RunResult, handler: &str, only: &[&str]) {
 }
 
 /// Kubernetes volumes (`husk-cri volumes`) and a pod of twelve
-/// containers (`husk-cri many`), husk's root filesystems through the
-/// pod's share, under containerd 1.6 only (the volumes are the shim's
+/// containers (`husk-cri many`, husk's root filesystems through the
+/// pod's share take no drive slot), under containerd 1.6 only (the volumes are the shim's
 /// business, not containerd's); for husk, a pod whose virtiofsd is killed.
 fn volumes_script(handler: &str, version: Containerd) -> String {
     if version != Containerd::V1_6 {
         return String::new();
     }
-    // husk's root filesystems through the pod's share from here on (the
-    // scenario and behaviours above ran them as disks).
     let mut s = format!(
-        "echo 'rootfs = \"share\"' >> /etc/husk/config.toml\n\
-         husk-cri volumes --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
+        "husk-cri volumes --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
          echo \"CRI-VOLUMES-EXIT $?\"\n\
          husk-cri many --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
          echo \"CRI-MANY-EXIT $?\"\n\
@@ -167,7 +164,9 @@ fn volumes_script(handler: &str, version: Containerd) -> String {
     if handler == "husk" {
         s.push_str(
             "husk-cri kill-virtiofsd --handler husk --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
-             echo \"CRI-KILL-VIRTIOFSD-EXIT $?\"\n",
+             echo \"CRI-KILL-VIRTIOFSD-EXIT $?\"\n\
+             husk-cri escape --handler husk --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
+             echo \"CRI-ESCAPE-EXIT $?\"\n",
         );
     }
     s
@@ -211,6 +210,24 @@ fn volumes(r: &husk_tests::RunResult, handler: &str) {
             ("CRI-V virtiofsd-running", "yes"),
             ("CRI-V killed-virtiofsd-exit", "255"),
         ] {
+            assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
+        }
+        // A privileged container mounting the share itself reaches one of
+        // its pod's volumes, nothing outside them.
+        for line in [
+            "CRI-E mounted",
+            "CRI-E m-confined",
+            "CRI-E dotdot-is-container-root",
+            "CRI-E hard-link-refused",
+            "CRI-E symlink-made",
+            "CRI-E node-sees-link yes",
+            "CRI-E node-b-hard-link absent",
+            "CRI-E virtiofsd-root read-only",
+            "CRI-E share-root-foreign 0",
+        ] {
+            r.assert_contains(line);
+        }
+        for (key, want) in [("CRI-ESCAPE-EXIT", "0")] {
             assert_eq!(r.value(key).as_deref(), Some(want), "{key}:\n{}", r.output);
         }
     }
@@ -266,6 +283,23 @@ echo "NETNS-LEFT $(ls /run/netns 2>/dev/null | wc -l)"
     assert!(
         ran.starts_with(version.version_prefix()),
         "containerd {ran:?} ran, not {version:?}:\n{}",
+        r.output
+    );
+    // A guest boot that triple-faulted (issue 22's rare failure of this
+    // node's emulation) was retried once by husk-cri: shown, and at most
+    // one per run, or the rate is news.
+    let faults: Vec<&str> = r
+        .output
+        .lines()
+        .filter(|l| l.starts_with("CRI-GUEST-FAILURE"))
+        .collect();
+    for f in &faults {
+        eprintln!("{f}");
+    }
+    assert!(
+        faults.len() <= 1,
+        "{} guest failures:\n{}",
+        faults.len(),
         r.output
     );
     behaviours(&r, handler, only);

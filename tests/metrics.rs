@@ -48,6 +48,9 @@ fn a_scrape_counts_a_pod_s_writes_under_its_names() {
             "",
             &format!(
                 r#"ip link set lo up
+# The container's root as a disk, whose drive's counters carry its name
+# (a root through the pod's share is virtiofsd's I/O, not a drive's).
+echo 'rootfs = "block"' >> /etc/husk/config.toml
 R="--runtime io.containerd.husk.v2"
 A=io.kubernetes.cri
 ctr run -d $R --annotation $A.sandbox-namespace=shop --annotation "$A.sandbox-name=cart-\"0\"" \

@@ -36,6 +36,9 @@ fn ctr_runs_a_container_in_a_microvm() {
         "shim-ctr-run",
         &format!(
             r#"echo "NODE-KERNEL $(uname -r)"
+# Root filesystems as disks here (the image cache, writable layers, a
+# whole copy); through the pod's share in the other tests.
+echo 'rootfs = "block"' >> /etc/husk/config.toml
 mkdir -p vol/sub && echo from-the-host > vol/sub/f && echo one-file > file.txt
 # What confines the pod's husk, seen from the node while it runs.
 jail_probe() {{

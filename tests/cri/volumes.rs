@@ -321,3 +321,99 @@ pub async fn many(c: &mut Client, args: &Args) -> Result<()> {
     let removed = pod.remove(c).await;
     result.and(removed)
 }
+
+/// A privileged container that mounts the pod's share itself and tries
+/// to leave it (husk only: under runc there is no share). What it can
+/// reach is a volume of its own pod (Linux 6.1 hands a second mount of
+/// the tag one of the superblocks it has: with `--announce-submounts`,
+/// each volume is one) or else the share's root, which it cannot write
+/// (`m-confined` either way). A hard link across
+/// volumes is refused, `..` from a volume is the container's own root,
+/// and a symbolic link it plants is only a link on the node. On the node,
+/// virtiofsd's root (the share's `root/`) is read-only and holds nothing
+/// but the shim's entries.
+pub async fn escape(c: &mut Client, args: &Args) -> Result<()> {
+    let name = format!("ve-{}", args.handler);
+    let mut config = pod_config(&name, &args.log_dir);
+    if let Some(sc) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.privileged = true;
+    }
+    std::fs::create_dir_all(&config.log_directory).map_err(io("log directory"))?;
+    let base = Path::new("/tmp/husk-cri-volumes").join(&name);
+    let _ = std::fs::remove_dir_all(&base);
+    let (a, b) = (base.join("a"), base.join("b"));
+    for d in [&a, &b] {
+        std::fs::create_dir_all(d).map_err(io("volume"))?;
+    }
+    std::fs::write(a.join("f"), "in-a\n").map_err(io("f"))?;
+    let pod = Pod::run(c, config, &args.handler).await?;
+    let result = async {
+        let mut app = container_config("app", &args.image, &["sleep", "3600"]);
+        app.mounts = vec![mount(&a, "/a", false), mount(&b, "/b", false)];
+        if let Some(sc) = app
+            .linux
+            .as_mut()
+            .and_then(|l| l.security_context.as_mut())
+        {
+            sc.privileged = true;
+        }
+        let id = pod.create(c, app).await?;
+        let script = "mkdir -p /m && mount -t virtiofs husk-pod /m && echo mounted; \
+            m=$(stat -c %d /m); \
+            if [ \"$m\" = \"$(stat -c %d /a)\" ] || [ \"$m\" = \"$(stat -c %d /b)\" ]; then echo m-confined; \
+            elif touch /m/planted 2>/dev/null; then echo m-writable-share-root; else echo m-confined; fi; \
+            [ \"$(stat -c %d:%i /a/..)\" = \"$(stat -c %d:%i /)\" ] && echo dotdot-is-container-root; \
+            ln /a/f /b/hard 2>/dev/null && echo hard-link-made || echo hard-link-refused; \
+            ln -s / /a/escape && echo symlink-made";
+        let (_, out, _) = exec(c, &id, script).await?;
+        for line in out.lines() {
+            println!("CRI-E {line}");
+        }
+        let link = std::fs::symlink_metadata(a.join("escape"))
+            .map(|m| m.file_type().is_symlink())
+            .unwrap_or(false);
+        println!("CRI-E node-sees-link {}", if link { "yes" } else { "no" });
+        println!(
+            "CRI-E node-b-hard-link {}",
+            if b.join("hard").exists() { "present" } else { "absent" }
+        );
+        // virtiofsd's own root: read-only, whatever its guest asks.
+        let ro_root = virtiofsds().iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+                .unwrap_or_default()
+                .lines()
+                .map(|l| l.split(' ').collect::<Vec<_>>())
+                .any(|f| f.len() > 5 && f[4] == "/" && f[5].split(',').any(|o| o == "ro"))
+        });
+        println!(
+            "CRI-E virtiofsd-root {}",
+            if ro_root { "read-only" } else { "writable" }
+        );
+        // Nothing but the shim's entries in any share's root.
+        let foreign = std::fs::read_dir("/run/husk/k8s.io")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".share"))
+            .flat_map(|e| {
+                std::fs::read_dir(e.path().join("entries"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                !(n.starts_with('v') && n.len() > 1 && n[1..].chars().all(|c| c.is_ascii_digit()))
+            })
+            .count();
+        println!("CRI-E share-root-foreign {foreign}");
+        Ok::<_, String>(())
+    }
+    .await;
+    let removed = pod.remove(c).await;
+    result.and(removed)
+}

@@ -47,7 +47,7 @@ pub const MAX_SLOTS: u32 = husk_api_types::MAX_VIRTIO_DEVICES as u32 - 4;
 #[serde(rename_all = "lowercase")]
 pub enum RootfsMode {
     /// containerd's snapshot, mounted on the node and bound into the pod's
-    /// virtio-fs share (needs `volumes = "share"`): no copy, no drive slot.
+    /// virtio-fs share (with `volumes = "share"`): no copy, no drive slot.
     Share,
     /// A disk: the image's layers merged once into the image cache under
     /// a writable layer of the container's own (or a whole copy).
@@ -144,8 +144,10 @@ pub struct Config {
     /// How bind mounts reach the guest: `"share"` (virtio-fs) or
     /// `"copy"`.
     pub volumes: Volumes,
-    /// How a container's root filesystem reaches the guest: `"block"` (a
-    /// disk) or `"share"` (the node's snapshot through the pod's share).
+    /// How a container's root filesystem reaches the guest: `"share"`
+    /// (the node's snapshot through the pod's share; with `volumes =
+    /// "copy"` there is no share, and roots are disks) or `"block"` (a
+    /// disk).
     pub rootfs: RootfsMode,
     /// The virtiofsd that serves each pod's share (default: `virtiofsd`
     /// beside the shim's own binary, else on PATH, else Debian's
@@ -179,7 +181,7 @@ impl Default for Config {
             log_level: "warn".into(),
             console_log_kib: 4096,
             volumes: Volumes::Share,
-            rootfs: RootfsMode::Block,
+            rootfs: RootfsMode::Share,
             virtiofsd: None,
         }
     }
@@ -259,11 +261,6 @@ impl Config {
                 "console_log_kib = {} must be between 16 and 1048576",
                 config.console_log_kib
             )));
-        }
-        if config.rootfs == RootfsMode::Share && config.volumes != Volumes::Share {
-            return Err(invalid(
-                "rootfs = \"share\" needs volumes = \"share\" (the pod's share serves both)".into(),
-            ));
         }
         if config.jail_uid_base == 0
             || config.jail_uids == 0
@@ -382,7 +379,6 @@ mod tests {
             "jail_uid_base = 0",
             "jail_uids = 0",
             "jail_uid_base = 4294967295",
-            "rootfs = \"share\"\nvolumes = \"copy\"",
         ] {
             assert!(
                 matches!(parse(bad), Err(ConfigError::Invalid { .. })),

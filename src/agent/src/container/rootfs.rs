@@ -156,6 +156,20 @@ fn find_disk(
 }
 
 impl MountedRootfs {
+    /// The container's directory and its (empty) root mount point, made.
+    fn empty(state: &Path, id: &str) -> Result<MountedRootfs, AgentError> {
+        let dir = state.join("c").join(id);
+        let root = dir.join("rootfs");
+        std::fs::create_dir_all(&root).map_err(|e| {
+            AgentError::new(ErrorCode::System, format!("create {}: {e}", root.display()))
+        })?;
+        Ok(MountedRootfs {
+            dir,
+            root,
+            mounts: Vec::new(),
+        })
+    }
+
     /// Mounts `r` for container `id` under `state`; `share` resolves a
     /// share path to where the guest has it.
     pub fn mount(
@@ -198,16 +212,7 @@ impl MountedRootfs {
                 l.fstype.as_str(),
             )),
         };
-        let dir = state.join("c").join(id);
-        let root = dir.join("rootfs");
-        std::fs::create_dir_all(&root).map_err(|e| {
-            AgentError::new(ErrorCode::System, format!("create {}: {e}", root.display()))
-        })?;
-        let mut m = MountedRootfs {
-            dir,
-            root,
-            mounts: Vec::new(),
-        };
+        let mut m = MountedRootfs::empty(state, id)?;
         let dev = device.to_string_lossy();
         let result = if r.writable_overlay {
             m.overlay(&dev, &r.fstype, layer)
@@ -231,16 +236,7 @@ impl MountedRootfs {
         tree: &Path,
         read_only: bool,
     ) -> Result<MountedRootfs, AgentError> {
-        let dir = state.join("c").join(id);
-        let root = dir.join("rootfs");
-        std::fs::create_dir_all(&root).map_err(|e| {
-            AgentError::new(ErrorCode::System, format!("create {}: {e}", root.display()))
-        })?;
-        let mut m = MountedRootfs {
-            dir,
-            root,
-            mounts: Vec::new(),
-        };
+        let mut m = MountedRootfs::empty(state, id)?;
         let result = mount(
             &tree.to_string_lossy(),
             &m.root,

@@ -50,6 +50,9 @@ fn pod_with(configure: impl FnOnce(&mut Config)) -> Pod {
         // The fake VMs need no jail (vm.rs's jail is tested in the node
         // VM, jail.rs's uids here).
         jailer: false,
+        // Root filesystems as disks: the slot and image-cache paths these
+        // tests follow (a shared root is tested on its own below).
+        rootfs: crate::config::RootfsMode::Block,
         ..Config::default()
     };
     configure(&mut config);
@@ -1252,4 +1255,47 @@ fn a_volume_that_cannot_be_shared_fails_its_container_and_leaves_no_entry() {
         .collect();
     assert!(entries.is_empty(), "{entries:?}");
     assert_eq!(p.status(POD, "").unwrap(), Status::RUNNING);
+}
+
+#[test]
+fn a_shared_root_takes_no_slot_and_its_entry_goes_with_the_container() {
+    let p = pod_with(|c| c.rootfs = crate::config::RootfsMode::Share);
+    let roots = Arc::new(Mutex::new(Vec::new()));
+    let seen = roots.clone();
+    p.vm.hook(move |r| {
+        if let Request::CreateContainer(c) = r {
+            seen.lock().unwrap().push((
+                c.container_id.clone(),
+                c.rootfs.share.clone(),
+                c.rootfs.drive_id.clone(),
+            ));
+        }
+        None
+    });
+    p.running();
+    // More containers than the pod has writable slots.
+    let slots = p.svc.config.drive_slots;
+    for i in 0..=slots {
+        p.create(&format!("c{i}")).unwrap();
+    }
+    assert!(
+        !p.vm.journal().iter().any(|j| j.starts_with("swap")),
+        "{:?}",
+        p.vm.journal()
+    );
+    let roots = roots.lock().unwrap().clone();
+    assert_eq!(roots.len() as u32, slots + 2);
+    assert_eq!(
+        roots[1],
+        (
+            "c0".to_string(),
+            Some("/.husk-shares/husk-pod/v1".to_string()),
+            String::new()
+        )
+    );
+    p.svc.delete("c0", "").unwrap();
+    assert_eq!(
+        p.mounts.0.lock().unwrap().last().map(String::as_str),
+        Some("detach v1")
+    );
 }
