@@ -6,6 +6,7 @@
 # in a mount namespace of its own. The namespace is a slave of the node's:
 # the volumes the shim binds into a pod's share after virtiofsd started
 # reach it, as they reach virtiofsd's own namespace on a real node.
+# shellcheck disable=SC2016 # $0 and $@ are the inner shell's
 exec unshare -m --propagation slave sh -c \
   'mkdir -p /tmp/virtiofsd-root && mount --rbind / /tmp/virtiofsd-root &&
    exec chroot /tmp/virtiofsd-root "$0" "$@"' \
