@@ -191,11 +191,12 @@ pub async fn port_forward(c: &mut Client, args: &Args) -> Result<()> {
         );
         pod.create(c, container_config("server", &args.image, &["sh", "-c", &script]))
             .await?;
-        let url = stream_url(c, &pod, SERVER_PORT).await?;
-        // The server may take a moment to listen.
+        // The server may take a moment to listen (a container whose root
+        // comes through the share starts its first program more slowly).
+        // A stream URL is good for one connection: a new one per try.
         let t0 = Instant::now();
         let first = loop {
-            let u = url.clone();
+            let u = stream_url(c, &pod, SERVER_PORT).await?;
             let got = tokio::task::spawn_blocking(move || fetch(&u, SERVER_PORT, GET))
                 .await
                 .map_err(|e| e.to_string())?;
