@@ -23,6 +23,11 @@ here=$PWD
 cri=""
 if [ "${1:-}" = --cri ]; then cri=1; shift; fi
 mkdir -p /etc/husk /etc/containerd /var/lib/containerd /run/containerd
+# Pods with a virtio-fs share have shared (memfd) guest memory: huge pages
+# for it where husk asks (MADV_HUGEPAGE), as for private memory, which
+# this node gives them by default (docs/devices.md).
+thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+if [ -w $thp ]; then echo advise > $thp; fi
 mount -t tmpfs tmpfs /var/lib/containerd
 printf 'kernel = "%s/vmlinux"\ninitrd = "%s/agent.cpio"\nhusk_binary = "%s/husk"\ndefault_memory_mib = 128\n' \
   "$here" "$here" "$here" > /etc/husk/config.toml
