@@ -363,12 +363,14 @@ fn last_error(rc: libc::c_long) -> std::io::Result<libc::c_long> {
     }
 }
 
+/// A failed mount operation `what` on `path`, as a [`ShareError`].
+fn err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ShareError {
+    let path = path.to_path_buf();
+    move |source| ShareError::Mount { what, path, source }
+}
+
 impl Mounter for Kernel {
     fn set_up(&self, base: &Path) -> Result<(), ShareError> {
-        let err = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ShareError::Mount { what, path, source }
-        };
         let entries = base.join("entries");
         let root = base.join("root");
         mount(Some(base), base, libc::MS_BIND).map_err(err("bind", base))?;
@@ -385,10 +387,6 @@ impl Mounter for Kernel {
     }
 
     fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), ShareError> {
-        let err = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| ShareError::Mount { what, path, source }
-        };
         let src = c_path(source).map_err(err("bind", source))?;
         let dst = c_path(target).map_err(err("bind onto", target))?;
         // SAFETY: open_tree(2) reads the NUL-terminated path; the result
