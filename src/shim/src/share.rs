@@ -16,8 +16,12 @@
 //! next. Each volume is bound under `entries/` in one step, read-only
 //! where its spec says so (`open_tree` + `mount_setattr` + `move_mount`,
 //! so the flag is on the mount before it propagates to `root/` and to
-//! virtiofsd's namespace; a remount would not propagate). Entries are
-//! keyed by the source and the mode, counted by container, and unmounted
+//! virtiofsd's namespace; a remount would not propagate). As under runc,
+//! `ro` makes the bind itself read-only, not the mounts under it, and a
+//! volume follows the mounts the node makes under its source later only
+//! when its propagation asks for it (`rslave`, `rshared`): the entry is
+//! then a slave of the source, else private. Entries are
+//! keyed by the source and the [`BindMode`], counted by container, and unmounted
 //! when the last container using one is deleted. Teardown detaches every
 //! mount under the share and then removes only what the shim made, one
 //! empty directory or empty file at a time: nothing is ever removed
@@ -70,14 +74,68 @@ pub fn share_dir(pod_dir: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// How a volume is bound into the share, from its mount's options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BindMode {
+    /// `ro`: the bind is read-only (what is mounted under it keeps its
+    /// own flags, as runc's non-recursive `ro`).
+    pub read_only: bool,
+    /// `rbind`: the mounts under the source come along (a plain `bind`
+    /// takes the source's own mount only).
+    pub recursive: bool,
+    /// `rslave`, `rshared` (or `slave`, `shared`): mounts the node makes
+    /// under the source later reach the container. Else (`rprivate`, the
+    /// default) the volume is what was mounted when it was bound.
+    pub follows_node: bool,
+}
+
+impl BindMode {
+    /// The mode a bind mount's OCI options ask for.
+    pub fn from_options<'a>(options: impl IntoIterator<Item = &'a str>) -> BindMode {
+        let mut mode = BindMode::default();
+        for o in options {
+            match o {
+                "ro" => mode.read_only = true,
+                "rw" => mode.read_only = false,
+                "rbind" => mode.recursive = true,
+                "rslave" | "slave" | "rshared" | "shared" => mode.follows_node = true,
+                "rprivate" | "private" | "runbindable" | "unbindable" => mode.follows_node = false,
+                _ => {}
+            }
+        }
+        mode
+    }
+
+    /// A container's root filesystem: writable, with what is under it.
+    pub const ROOT: BindMode = BindMode {
+        read_only: false,
+        recursive: true,
+        follows_node: false,
+    };
+}
+
+impl std::fmt::Display for BindMode {
+    /// As mount options: `ro,rbind,rslave`, `rw,bind,rprivate`, ...
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ro = if self.read_only { "ro" } else { "rw" };
+        let bind = if self.recursive { "rbind" } else { "bind" };
+        let propagation = if self.follows_node {
+            "rslave"
+        } else {
+            "rprivate"
+        };
+        write!(f, "{ro},{bind},{propagation}")
+    }
+}
+
 /// The mount operations a share needs; [`Kernel`] does them, the unit
 /// tests record them.
 pub trait Mounter: Send + Sync {
     /// Makes `base/entries` a shared mount and `base/root` its read-only
     /// peer, under `base` made a private mount.
     fn set_up(&self, base: &Path) -> Result<(), ShareError>;
-    /// Binds `source` (recursively) onto `target`, read-only if asked.
-    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), ShareError>;
+    /// Binds `source` onto `target` as `mode` says.
+    fn bind(&self, source: &Path, target: &Path, mode: BindMode) -> Result<(), ShareError>;
     /// Detaches the mount on `target` and everything under it.
     fn detach(&self, target: &Path);
     /// Detaches every mount under `base` (and `base` itself).
@@ -94,8 +152,8 @@ struct Entry {
 /// What the share holds.
 #[derive(Debug, Default)]
 struct Table {
-    /// By (canonical source, read-only).
-    entries: BTreeMap<(PathBuf, bool), Entry>,
+    /// By canonical source and mode.
+    entries: BTreeMap<(PathBuf, BindMode), Entry>,
     /// The next entry's number (names are never reused in a pod).
     next: u64,
 }
@@ -152,14 +210,14 @@ impl PodShare {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The entry through which `container` binds `source` (read-only if
-    /// asked): the one already there for the same source and mode, else
-    /// a new one. Its name is the path under the share's root.
+    /// The entry through which `container` binds `source` as `mode`
+    /// says: the one already there for the same source and mode, else a
+    /// new one. Its name is the path under the share's root.
     pub fn add(
         &self,
         container: &str,
         source: &Path,
-        read_only: bool,
+        mode: BindMode,
     ) -> Result<String, ShareError> {
         let io = |what, path: &Path| {
             let path = path.to_path_buf();
@@ -167,7 +225,7 @@ impl PodShare {
         };
         let canonical = source.canonicalize().map_err(io("find", source))?;
         let mut table = self.table();
-        if let Some(e) = table.entries.get_mut(&(canonical.clone(), read_only)) {
+        if let Some(e) = table.entries.get_mut(&(canonical.clone(), mode)) {
             e.users.insert(container.to_string());
             return Ok(e.name.clone());
         }
@@ -182,12 +240,12 @@ impl PodShare {
             return Err(ShareError::NotShareable(canonical));
         }
         table.next += 1;
-        if let Err(e) = self.mounter.bind(&canonical, &target, read_only) {
+        if let Err(e) = self.mounter.bind(&canonical, &target, mode) {
             remove_placeholder(&target);
             return Err(e);
         }
         table.entries.insert(
-            (canonical, read_only),
+            (canonical, mode),
             Entry {
                 name: name.clone(),
                 users: BTreeSet::from([container.to_string()]),
@@ -273,6 +331,51 @@ pub fn remove(base: &Path, mounter: &dyn Mounter) {
             }
         }
     }
+}
+
+/// A mount on the node under a volume's source: where, relative to the
+/// source, and whether it is read-only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submount {
+    /// The path under the source.
+    pub path: PathBuf,
+    /// Whether the mount itself is read-only.
+    pub read_only: bool,
+}
+
+/// The mounts strictly under `source` in `mountinfo` (the node's
+/// `/proc/self/mountinfo`), shallowest first, each path once (the last,
+/// uppermost mount on it decides its flags).
+///
+/// A read-only volume's entry is read-only on its top mount only, but in
+/// the guest a virtio-fs submount is mounted on first use with the flags
+/// of the mount it is reached through: under a read-only bind it would
+/// come out read-only. The shim binds each of them explicitly instead
+/// (see `spec::share_volumes`), so a tmpfs under a read-only volume stays
+/// writable, as under runc.
+pub fn submounts(mountinfo: &str, source: &Path) -> Vec<Submount> {
+    let mut found: BTreeMap<PathBuf, bool> = BTreeMap::new();
+    for line in mountinfo.lines() {
+        let mut fields = line.split(' ').skip(4);
+        let (Some(point), Some(options)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let point = PathBuf::from(unescape(point));
+        let Ok(path) = point.strip_prefix(source) else {
+            continue;
+        };
+        if path.as_os_str().is_empty() {
+            continue;
+        }
+        let read_only = options.split(',').any(|o| o == "ro");
+        found.insert(path.to_path_buf(), read_only);
+    }
+    let mut found: Vec<Submount> = found
+        .into_iter()
+        .map(|(path, read_only)| Submount { path, read_only })
+        .collect();
+    found.sort_by_key(|m| m.path.components().count());
+    found
 }
 
 /// The mount points at or under `base` in `mountinfo`'s text, deepest
@@ -364,6 +467,41 @@ fn last_error(rc: libc::c_long) -> std::io::Result<libc::c_long> {
 }
 
 /// A failed mount operation `what` on `path`, as a [`ShareError`].
+/// mount_setattr(2) on the detached tree `tree`: sets `set` and the
+/// propagation type `propagation` (0: unchanged), on its top mount or on
+/// all of them.
+fn set_attr(
+    tree: &OwnedFd,
+    all: bool,
+    set: u64,
+    propagation: libc::c_ulong,
+) -> std::io::Result<()> {
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation,
+        userns_fd: 0,
+    };
+    let flags = if all {
+        libc::AT_EMPTY_PATH | libc::AT_RECURSIVE
+    } else {
+        libc::AT_EMPTY_PATH
+    };
+    // SAFETY: mount_setattr(2) on the tree's descriptor with an empty
+    // path and a mount_attr of the size passed.
+    last_error(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            flags as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })
+    .map(drop)
+}
+
 fn err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ShareError {
     let path = path.to_path_buf();
     move |source| ShareError::Mount { what, path, source }
@@ -386,9 +524,14 @@ impl Mounter for Kernel {
         .map_err(err("make read-only", &root))
     }
 
-    fn bind(&self, source: &Path, target: &Path, read_only: bool) -> Result<(), ShareError> {
+    fn bind(&self, source: &Path, target: &Path, mode: BindMode) -> Result<(), ShareError> {
         let src = c_path(source).map_err(err("bind", source))?;
         let dst = c_path(target).map_err(err("bind onto", target))?;
+        let recursive = if mode.recursive {
+            libc::AT_RECURSIVE as libc::c_uint
+        } else {
+            0
+        };
         // SAFETY: open_tree(2) reads the NUL-terminated path; the result
         // is a new descriptor (or -1).
         let fd = last_error(unsafe {
@@ -396,37 +539,31 @@ impl Mounter for Kernel {
                 libc::SYS_open_tree,
                 libc::AT_FDCWD,
                 src.as_ptr(),
-                OPEN_TREE_CLONE
-                    | libc::O_CLOEXEC as libc::c_uint
-                    | libc::AT_RECURSIVE as libc::c_uint,
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | recursive,
             )
         })
         .map_err(err("clone the mounts of", source))?;
         // SAFETY: fd is the new descriptor open_tree returned, owned here.
         let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
-        let mut set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
-        if read_only {
-            set |= MOUNT_ATTR_RDONLY;
-        }
-        let attr = MountAttr {
-            attr_set: set,
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
+        // Every mount of the tree: nosuid, nodev, and a slave of the
+        // source's (receiving what the node mounts there later) or cut off
+        // from it. Then the top one alone read-only, as runc's `ro`.
+        let propagation = if mode.follows_node {
+            libc::MS_SLAVE
+        } else {
+            libc::MS_PRIVATE
         };
-        // SAFETY: mount_setattr(2) on the detached tree's descriptor with
-        // an empty path and a mount_attr of the size passed.
-        last_error(unsafe {
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                tree.as_raw_fd(),
-                c"".as_ptr(),
-                (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
-                &attr as *const MountAttr,
-                std::mem::size_of::<MountAttr>(),
-            )
-        })
+        set_attr(
+            &tree,
+            true,
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            propagation,
+        )
         .map_err(err("set the flags of the mounts of", source))?;
+        if mode.read_only {
+            set_attr(&tree, false, MOUNT_ATTR_RDONLY, 0)
+                .map_err(err("make read-only the bind of", source))?;
+        }
         // SAFETY: move_mount(2) from the tree's descriptor to the
         // NUL-terminated target path.
         last_error(unsafe {
@@ -475,7 +612,7 @@ impl Mounter for Recorder {
             .push(format!("set_up {}", base.display()));
         Ok(())
     }
-    fn bind(&self, source: &Path, target: &Path, ro: bool) -> Result<(), ShareError> {
+    fn bind(&self, source: &Path, target: &Path, mode: BindMode) -> Result<(), ShareError> {
         let name = target.file_name().unwrap().to_string_lossy();
         if source.ends_with("refused") {
             return Err(ShareError::Mount {
@@ -485,7 +622,7 @@ impl Mounter for Recorder {
             });
         }
         self.0.lock().unwrap().push(format!(
-            "bind {} {name} {ro}",
+            "bind {} {name} {mode}",
             source.file_name().unwrap().to_string_lossy()
         ));
         Ok(())
@@ -528,35 +665,42 @@ mod tests {
         std::fs::create_dir(&data).unwrap();
         std::fs::write(t.path().join("hosts"), "127.0.0.1 localhost\n").unwrap();
         let (s, calls) = share(t.path());
-        assert_eq!(s.add("init", &data, false).unwrap(), "v0");
+        let rw = BindMode::from_options(["rbind", "rprivate", "rw"]);
+        let ro = BindMode::from_options(["rbind", "rprivate", "ro"]);
+        assert_eq!(s.add("init", &data, rw).unwrap(), "v0");
         // The same directory for the main container, spelt otherwise.
         assert_eq!(
-            s.add("main", &t.path().join("data/../data"), false)
-                .unwrap(),
+            s.add("main", &t.path().join("data/../data"), rw).unwrap(),
             "v0"
         );
-        assert_eq!(s.add("main", &data, true).unwrap(), "v1");
-        assert_eq!(s.add("main", &t.path().join("hosts"), true).unwrap(), "v2");
+        assert_eq!(s.add("main", &data, ro).unwrap(), "v1");
+        assert_eq!(s.add("main", &t.path().join("hosts"), ro).unwrap(), "v2");
+        // The same directory following the node's mounts: another entry.
+        let follows = BindMode::from_options(["rbind", "rslave", "rw"]);
+        assert_eq!(s.add("main", &data, follows).unwrap(), "v3");
         let entries = t.path().join("pod.share/entries");
         assert!(entries.join("v0").is_dir() && entries.join("v2").is_file());
         s.release("init");
-        assert_eq!(s.len(), 3, "v0 is still main's");
+        assert_eq!(s.len(), 4, "v0 is still main's");
         s.release("main");
         assert!(s.is_empty());
         assert!(!entries.join("v0").exists() && !entries.join("v2").exists());
         // Names are never reused: a guest never finds an old entry's name
         // naming a new volume.
-        assert_eq!(s.add("next", &data, false).unwrap(), "v3");
+        assert_eq!(s.add("next", &data, rw).unwrap(), "v4");
         assert_eq!(
             calls.lock().unwrap()[1..],
             [
-                "bind data v0 false",
-                "bind data v1 true",
-                "bind hosts v2 true",
+                "bind data v0 rw,rbind,rprivate",
+                "bind data v1 ro,rbind,rprivate",
+                "bind hosts v2 ro,rbind,rprivate",
+                "bind data v3 rw,rbind,rslave",
+                // In the table's order: by source, then mode.
                 "detach v0",
+                "detach v3",
                 "detach v1",
                 "detach v2",
-                "bind data v3 false"
+                "bind data v4 rw,rbind,rprivate"
             ]
             .map(String::from)
         );
@@ -568,17 +712,19 @@ mod tests {
     fn what_cannot_be_bound_is_a_clear_error_and_leaves_nothing() {
         let t = tempfile::tempdir().unwrap();
         let (s, _) = share(t.path());
-        let e = s.add("c", &t.path().join("missing"), false).unwrap_err();
+        let e = s
+            .add("c", &t.path().join("missing"), BindMode::ROOT)
+            .unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
         let refused = t.path().join("refused");
         std::fs::create_dir(&refused).unwrap();
-        assert!(s.add("c", &refused, false).is_err());
+        assert!(s.add("c", &refused, BindMode::ROOT).is_err());
         let fifo = t.path().join("fifo");
         let c = CString::new(fifo.as_os_str().as_bytes()).unwrap();
         // SAFETY: mkfifo with a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         assert!(matches!(
-            s.add("c", &fifo, false),
+            s.add("c", &fifo, BindMode::ROOT),
             Err(ShareError::NotShareable(_))
         ));
         assert!(s.is_empty());
@@ -586,6 +732,21 @@ mod tests {
             .unwrap()
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn a_mount_s_options_give_its_mode_the_last_word_winning() {
+        let mode = |o: &[&str]| BindMode::from_options(o.iter().copied()).to_string();
+        assert_eq!(mode(&["rbind", "ro"]), "ro,rbind,rprivate");
+        assert_eq!(mode(&["bind"]), "rw,bind,rprivate");
+        // containerd's HostToContainer and Bidirectional.
+        assert_eq!(mode(&["rbind", "rslave", "rw"]), "rw,rbind,rslave");
+        assert_eq!(mode(&["rbind", "rshared", "ro"]), "ro,rbind,rslave");
+        assert_eq!(
+            mode(&["rshared", "rprivate", "ro", "rw"]),
+            "rw,bind,rprivate"
+        );
+        assert_eq!(BindMode::ROOT.to_string(), "rw,rbind,rprivate");
     }
 
     #[test]
@@ -606,6 +767,32 @@ mod tests {
             std::fs::read_to_string(base.join("entries/v1")).unwrap(),
             "data"
         );
+    }
+
+    #[test]
+    fn submounts_shallowest_first_with_their_own_flags() {
+        let info = "\
+22 1 0:21 / / rw - rootfs rootfs rw
+40 22 0:40 / /srv/vol ro,nosuid shared:7 - tmpfs tmpfs rw
+41 40 0:41 / /srv/vol/a/b rw - tmpfs tmpfs rw
+42 40 0:42 / /srv/vol/a rw,noexec - tmpfs tmpfs rw
+43 40 0:43 / /srv/vol/with\\040space ro - tmpfs tmpfs rw
+44 40 0:44 / /srv/volume rw - tmpfs tmpfs rw
+45 42 0:45 / /srv/vol/a ro - tmpfs tmpfs rw";
+        let found = submounts(info, Path::new("/srv/vol"));
+        let got: Vec<(String, bool)> = found
+            .iter()
+            .map(|m| (m.path.display().to_string(), m.read_only))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a".to_string(), true),
+                ("with space".to_string(), true),
+                ("a/b".to_string(), false)
+            ]
+        );
+        assert!(submounts(info, Path::new("/srv/volume")).is_empty());
     }
 
     #[test]

@@ -19,8 +19,8 @@ use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, MountBuilder, Spec};
 pub struct Volume {
     /// The node's path.
     pub source: PathBuf,
-    /// Whether the spec binds it read-only.
-    pub read_only: bool,
+    /// How the spec binds it (read-only, recursive, propagation).
+    pub mode: crate::share::BindMode,
 }
 
 /// What changed: the volumes, and what was dropped (for the log).
@@ -214,8 +214,10 @@ pub fn for_guest(spec: &mut Spec, sandbox_pid: Option<u32>) -> Adjusted {
             m.set_source(Some(
                 husk_protocol::volume_source(adjusted.volumes.len()).into(),
             ));
-            let read_only = m.options().iter().flatten().any(|o| o == "ro");
-            adjusted.volumes.push(Volume { source, read_only });
+            let mode = crate::share::BindMode::from_options(
+                m.options().iter().flatten().map(String::as_str),
+            );
+            adjusted.volumes.push(Volume { source, mode });
             kept.push(m);
         }
         *mounts = kept;
@@ -224,21 +226,60 @@ pub fn for_guest(spec: &mut Spec, sandbox_pid: Option<u32>) -> Adjusted {
 }
 
 /// Points each mount of volume N (as [`for_guest`] left it) at `entries[N]`
-/// in the pod's share.
-pub fn share_volumes(spec: &mut Spec, entries: &[String]) {
-    for m in spec.mounts_mut().iter_mut().flatten() {
+/// in the pod's share. A read-only recursive volume's mounts on the node
+/// (`submounts`, by volume) are bound after it, each with its own flags:
+/// in the guest they would otherwise inherit the read-only bind's (see
+/// [`crate::share::submounts`]).
+pub fn share_volumes(
+    spec: &mut Spec,
+    entries: &[String],
+    submounts: &dyn Fn(usize) -> Vec<crate::share::Submount>,
+) {
+    let Some(mounts) = spec.mounts_mut() else {
+        return;
+    };
+    let mut rewritten = Vec::with_capacity(mounts.len());
+    for mut m in mounts.drain(..) {
         let n = m
             .source()
             .as_ref()
             .and_then(|s| s.to_str())
             .and_then(husk_protocol::volume_entry)
             .and_then(Result::ok);
-        if let Some(entry) = n.and_then(|n| entries.get(n)) {
-            m.set_source(Some(
-                husk_protocol::share_source(crate::share::TAG, entry).into(),
-            ));
+        let Some((n, entry)) = n.and_then(|n| Some((n, entries.get(n)?))) else {
+            rewritten.push(m);
+            continue;
+        };
+        m.set_source(Some(
+            husk_protocol::share_source(crate::share::TAG, entry).into(),
+        ));
+        let options: Vec<String> = m.options().clone().unwrap_or_default();
+        let mode = crate::share::BindMode::from_options(options.iter().map(String::as_str));
+        let destination = m.destination().clone();
+        rewritten.push(m);
+        if !(mode.read_only && mode.recursive) {
+            continue;
+        }
+        for sub in submounts(n) {
+            let mut options: Vec<String> = options
+                .iter()
+                .filter(|o| *o != "ro" && *o != "rw")
+                .cloned()
+                .collect();
+            options.push(if sub.read_only { "ro" } else { "rw" }.into());
+            let source = format!("{entry}/{}", sub.path.display());
+            let built = MountBuilder::default()
+                .destination(destination.join(&sub.path))
+                .typ("bind")
+                .source(husk_protocol::share_source(crate::share::TAG, &source))
+                .options(options)
+                .build();
+            if let Ok(b) = built {
+                rewritten.push(b);
+            }
         }
     }
+    *mounts = rewritten;
 }
 
 fn ns_file(t: LinuxNamespaceType) -> &'static str {
@@ -292,11 +333,11 @@ mod tests {
             vec![
                 Volume {
                     source: PathBuf::from("/var/lib/x/hosts"),
-                    read_only: true
+                    mode: crate::share::BindMode::from_options(["rbind", "ro"])
                 },
                 Volume {
                     source: PathBuf::from("/srv/data"),
-                    read_only: false
+                    mode: crate::share::BindMode::from_options(["bind"])
                 },
             ]
         );
@@ -309,7 +350,18 @@ mod tests {
         assert_eq!(mounts[1].destination(), std::path::Path::new("/etc/hosts"));
         // Shared, each volume names its entry in the pod's share.
         let mut shared = s.clone();
-        share_volumes(&mut shared, &["v4".into(), "v0".into()]);
+        share_volumes(&mut shared, &["v4".into(), "v0".into()], &|n| {
+            // /etc/hosts (volume 0) is read-only and recursive: what the
+            // node mounted under it is bound after it with its own flags.
+            let sub = |p: &str, read_only| crate::share::Submount {
+                path: p.into(),
+                read_only,
+            };
+            match n {
+                0 => vec![sub("tmp", false), sub("tmp/ro", true)],
+                _ => vec![sub("never-asked", false)],
+            }
+        });
         let sources: Vec<String> = shared
             .mounts()
             .iter()
@@ -321,7 +373,23 @@ mod tests {
             [
                 "proc",
                 "/.husk-shares/husk-pod/v4",
+                "/.husk-shares/husk-pod/v4/tmp",
+                "/.husk-shares/husk-pod/v4/tmp/ro",
                 "/.husk-shares/husk-pod/v0"
+            ]
+        );
+        let added: Vec<(String, String)> = shared.mounts().as_ref().unwrap()[2..4]
+            .iter()
+            .map(|m| {
+                let o = m.options().as_ref().unwrap().join(",");
+                (m.destination().display().to_string(), o)
+            })
+            .collect();
+        assert_eq!(
+            added,
+            [
+                ("/etc/hosts/tmp".to_string(), "rbind,rw".to_string()),
+                ("/etc/hosts/tmp/ro".to_string(), "rbind,ro".to_string())
             ]
         );
         assert!(a.special_mounts.is_empty());

@@ -229,7 +229,7 @@ impl Inner {
         if let Some(share) = &pod.share {
             let mut entries = Vec::with_capacity(adjusted.volumes.len());
             for v in &adjusted.volumes {
-                match share.add(id, &v.source, v.read_only) {
+                match share.add(id, &v.source, v.mode) {
                     Ok(entry) => entries.push(entry),
                     Err(e) => {
                         undo();
@@ -240,7 +240,13 @@ impl Inner {
                     }
                 }
             }
-            spec::share_volumes(&mut spec, &entries);
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            spec::share_volumes(&mut spec, &entries, &|n| {
+                adjusted.volumes.get(n).map_or_else(Vec::new, |v| {
+                    let source = v.source.canonicalize().unwrap_or_else(|_| v.source.clone());
+                    crate::share::submounts(&mountinfo, &source)
+                })
+            });
             to_copy = &[];
         }
         let disks = self.disks(pod, req, &root, &image, to_copy, &volumes_image);
@@ -426,15 +432,17 @@ impl Inner {
                 source: Box::new(source),
             })?;
         }
-        let entry = share.add(id, root, false).map_err(|source| {
-            if !req.rootfs.is_empty() {
-                rootfs::unmount_tree(root);
-            }
-            TaskError::Share {
-                what: format!("the root filesystem of container {id}"),
-                source: Box::new(source),
-            }
-        })?;
+        let entry = share
+            .add(id, root, crate::share::BindMode::ROOT)
+            .map_err(|source| {
+                if !req.rootfs.is_empty() {
+                    rootfs::unmount_tree(root);
+                }
+                TaskError::Share {
+                    what: format!("the root filesystem of container {id}"),
+                    source: Box::new(source),
+                }
+            })?;
         Ok(Rootfs {
             drive_id: String::new(),
             fstype: String::new(),

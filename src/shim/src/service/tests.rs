@@ -1203,7 +1203,11 @@ fn shared_volumes_are_one_entry_per_source_and_go_with_their_last_container() {
     let calls = || p.mounts.0.lock().unwrap().clone();
     assert_eq!(
         calls()[1..],
-        ["bind emptydir v0 false", "bind hosts v1 true"].map(String::from)
+        [
+            "bind emptydir v0 rw,rbind,rprivate",
+            "bind hosts v1 ro,rbind,rprivate"
+        ]
+        .map(String::from)
     );
     p.svc.delete("init", "").unwrap();
     assert_eq!(calls().last().map(String::as_str), Some("detach v1"));
