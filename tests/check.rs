@@ -95,6 +95,11 @@ husk check --config bad-kernel.toml | sed 's/^/KERNEL /'; echo "KERNEL-EXIT $(hu
 # A virtiofsd that is not there.
 sed 's|^virtiofsd = .*|virtiofsd = "/nonexistent/virtiofsd"|' /etc/husk/config.toml > bad-fs.toml
 husk check --config bad-fs.toml | sed 's/^/FS /'; echo "FS-EXIT $(husk check --config bad-fs.toml > /dev/null; echo $?)"
+# Shared memory without huge pages: a warning, a pod would still run.
+thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+echo never > $thp
+husk check | sed 's/^/THP /'; echo "THP-EXIT $(husk check > /dev/null; echo $?)"
+echo advise > $thp
 # containerd's own defaults: no CRI handler runs husk.
 printf 'version = 2\n' > plain.toml
 husk check --containerd-config plain.toml | sed 's/^/RUNTIME /'; echo "RUNTIME-EXIT $(husk check --containerd-config plain.toml > /dev/null; echo $?)"
@@ -121,6 +126,7 @@ mv /dev/kvm.away /dev/kvm
         "kernel",
         "initrd",
         "virtiofsd",
+        "shared-memory",
         "tools",
         "shim",
         "containerd",
@@ -142,6 +148,11 @@ mv /dev/kvm.away /dev/kvm
     assert!(runtime.contains("handler husk "), "{runtime}");
     assert_eq!(r.value("POD-EXIT").as_deref(), Some("0"), "{}", r.output);
     r.assert_contains("pod-ran-in-");
+
+    // Shared memory without huge pages is a warning, not a failure.
+    assert_eq!(r.value("THP-EXIT").as_deref(), Some("0"), "{}", r.output);
+    r.assert_contains("THP WARN  shared-memory: shared memory gets no huge pages");
+    assert!(failures(&r.output, "THP").is_empty(), "{}", r.output);
 
     // Each broken piece fails alone, exits 1, names what it found and what
     // to do (after " -- ").

@@ -39,6 +39,9 @@ pub(super) fn checks(config: &Path, containerd_config: Option<&Path>) -> Vec<Che
         checks.push(kernel(&s.kernel));
         checks.push(initrd(&s.initrd));
         checks.push(virtiofsd(&s));
+        if s.volumes == Volumes::Share {
+            checks.push(shared_memory(std::fs::read_to_string(SHMEM_ENABLED).ok()));
+        }
     }
     checks.push(tools());
     checks.push(shim());
@@ -105,6 +108,44 @@ fn virtiofsd(s: &Config) -> Check {
             NAME,
             e,
             "install virtiofsd (Debian 13's package, or cargo install virtiofsd), set virtiofsd in the config, or volumes = \"copy\"",
+        ),
+    }
+}
+
+/// Where the kernel says whether shared memory gets transparent huge pages.
+const SHMEM_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// The selected policy in a `shmem_enabled` file (`always within_size
+/// [advise] never deny force`).
+fn selected(policies: &str) -> Option<&str> {
+    let start = policies.find('[')? + 1;
+    let len = policies[start..].find(']')?;
+    Some(&policies[start..start + len])
+}
+
+/// With volumes shared, every pod's guest memory is shared (memfd) and
+/// husk asks for huge pages on it; `never` or `deny` gives 4 KiB pages,
+/// slower for the guest and, measured under nested emulation, with
+/// guests failing (docs/devices.md).
+fn shared_memory(policies: Option<String>) -> Check {
+    const NAME: &str = "shared-memory";
+    let Some(policies) = policies else {
+        return Check::ok(
+            NAME,
+            "the kernel has no transparent huge pages: nothing to set",
+        );
+    };
+    match selected(&policies) {
+        Some(p @ ("never" | "deny")) => Check::warn(
+            NAME,
+            format!("shared memory gets no huge pages ({SHMEM_ENABLED}: {p}); pods' guest memory is shared"),
+            format!("echo advise > {SHMEM_ENABLED} (and at boot: transparent_hugepage_shmem=advise, Linux 6.14, or a boot script)"),
+        ),
+        Some(p) => Check::ok(NAME, format!("huge pages for guest memory ({SHMEM_ENABLED}: {p})")),
+        None => Check::warn(
+            NAME,
+            format!("{SHMEM_ENABLED} reads {:?}", policies.trim()),
+            format!("echo advise > {SHMEM_ENABLED}"),
         ),
     }
 }
@@ -462,6 +503,29 @@ mod tests {
         .unwrap();
         assert_eq!(husk_handlers(&v3), ["husk"]);
         assert!(husk_handlers(&toml::Table::new()).is_empty());
+    }
+
+    #[test]
+    fn shared_memory_without_huge_pages_is_a_warning() {
+        let status = |s: Option<&str>| shared_memory(s.map(String::from)).status;
+        assert_eq!(
+            selected("always within_size [advise] never deny force\n"),
+            Some("advise")
+        );
+        assert_eq!(
+            status(Some("always within_size advise [never] deny force\n")),
+            super::super::Status::Warn
+        );
+        assert_eq!(
+            status(Some("always within_size advise never [deny] force")),
+            super::super::Status::Warn
+        );
+        assert_eq!(
+            status(Some("[always] within_size advise never deny force")),
+            super::super::Status::Ok
+        );
+        assert_eq!(status(Some("garbage")), super::super::Status::Warn);
+        assert_eq!(status(None), super::super::Status::Ok);
     }
 
     #[test]
