@@ -363,6 +363,18 @@ unsafe fn setup_root(fds: &ChildFds, p: &InitPlan) {
     let rc = mount(None, slash, None, p.root_propagation, None);
     // SAFETY: see the top of the function.
     unsafe { check(fds, rc, Step::Propagation, 0) };
+    if p.root_propagation & libc::MS_SHARED != 0 {
+        // A shared root (`rshared`, for Bidirectional volumes) keeps the
+        // container's copies of the agent's shared mounts peers of them.
+        // The root's own mount is made private, as runc does, so that its
+        // bind below is private too and can be moved over `/` (a mount
+        // whose parent is shared cannot be moved, nor pivoted to).
+        let rc = mount(None, &p.rootfs, None, libc::MS_PRIVATE, None);
+        if rc < 0 && errno() != libc::EINVAL {
+            // SAFETY: see the top of the function.
+            unsafe { fail(fds, Step::Propagation, 1, errno()) };
+        }
+    }
     let rc = mount(
         Some(&p.rootfs),
         &p.rootfs,
@@ -464,10 +476,33 @@ unsafe fn setup_root(fds: &ChildFds, p: &InitPlan) {
             unsafe { fail(fds, Step::DevLink, i, errno()) };
         }
     }
+    // The old root, to detach after pivot_root by descriptor, as runc
+    // does, rather than by what "." resolves to.
+    // SAFETY: a NUL-terminated path; the descriptor is closed below (and
+    // close-on-exec).
+    let old_root = unsafe {
+        libc::open(
+            slash.as_ptr(),
+            libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    };
+    // SAFETY: see the top of the function.
+    unsafe { check(fds, old_root.into(), Step::PivotRoot, 7) };
     // SAFETY: see the top of the function.
     unsafe { check(fds, chdir(&p.rootfs), Step::PivotRoot, 0) };
     if pivot_root(dot, dot) == 0 {
-        // The old root is stacked under the new one: detach it.
+        // The old root is stacked over the new one: detach it, made a
+        // slave first, so that the detaching does not propagate to the
+        // agent's own mounts (with a shared root, the container's copies
+        // of the agent's shared mounts, the pod's share among them, are
+        // their peers: a detach would unmount the agent's volumes too).
+        // SAFETY: fchdir(2) to the descriptor opened above.
+        let rc = unsafe { libc::fchdir(old_root) };
+        // SAFETY: see the top of the function.
+        unsafe { check(fds, rc.into(), Step::PivotRoot, 8) };
+        let rc = mount(None, dot, None, libc::MS_SLAVE | libc::MS_REC, None);
+        // SAFETY: see the top of the function.
+        unsafe { check(fds, rc, Step::PivotRoot, 6) };
         // SAFETY: see the top of the function.
         unsafe { check(fds, umount2(dot, libc::MNT_DETACH), Step::PivotRoot, 2) };
     } else if errno() == libc::EINVAL {
@@ -483,6 +518,8 @@ unsafe fn setup_root(fds: &ChildFds, p: &InitPlan) {
         // SAFETY: see the top of the function.
         unsafe { fail(fds, Step::PivotRoot, 1, errno()) };
     }
+    // SAFETY: the descriptor opened above, not used after.
+    unsafe { libc::close(old_root) };
     // SAFETY: see the top of the function.
     unsafe { check(fds, chdir(slash), Step::PivotRoot, 3) };
     if p.readonly_root {

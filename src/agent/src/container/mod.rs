@@ -262,14 +262,19 @@ fn share_path(
             std::fs::create_dir_all(&dir).map_err(|e| {
                 AgentError::new(ErrorCode::System, format!("create {}: {e}", dir.display()))
             })?;
-            rootfs::mount(tag, &dir, "virtiofs", libc::MS_NOSUID | libc::MS_NODEV, "").map_err(
-                |e| {
+            // Shared: a container's `rshared` bind of a volume is a peer of
+            // the agent's, so what one container of the pod mounts there
+            // the others binding it `rshared` or `rslave` see, as
+            // containers on one node see each other's through the node's
+            // shared mounts. (The node never sees a guest's mounts.)
+            rootfs::mount(tag, &dir, "virtiofs", libc::MS_NOSUID | libc::MS_NODEV, "")
+                .and_then(|()| rootfs::mount("", &dir, "", libc::MS_SHARED, ""))
+                .map_err(|e| {
                     AgentError::new(
                         e.code,
                         format!("the virtio-fs share {tag:?}: {}", e.message),
                     )
-                },
-            )?;
+                })?;
             mounted.insert(tag.to_string());
         }
     }
@@ -287,6 +292,14 @@ fn share_path(
             ErrorCode::InvalidArgument,
             format!("mount source {source:?} leads out of its share"),
         ));
+    }
+    // A volume is a mount on the host, which the guest mounts on first
+    // use (a virtio-fs submount). stat(2) stops short of it; opening it
+    // crosses it, here in the agent's namespace, so every container binds
+    // the agent's one mount of the volume (one superblock and cache, one
+    // peer group for `rshared`) rather than mounting its own on its bind.
+    if resolved.is_dir() {
+        let _ = std::fs::File::open(&resolved);
     }
     Ok(resolved)
 }

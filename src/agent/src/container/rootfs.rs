@@ -229,7 +229,8 @@ impl MountedRootfs {
 
     /// The shared tree `tree` bound at the container's root. The share is
     /// mounted nosuid and nodev for volumes; a root keeps its image's
-    /// set-uid programs, as under runc, so the bind is remounted without.
+    /// set-uid programs, as under runc, so the bind is remounted without,
+    /// and made private.
     fn bind_share(
         state: &Path,
         id: &str,
@@ -248,7 +249,12 @@ impl MountedRootfs {
             m.mounts.push(m.root.clone());
             let ro = if read_only { libc::MS_RDONLY } else { 0 };
             mount("", &m.root, "", libc::MS_BIND | libc::MS_REMOUNT | ro, "")
-        });
+        })
+        // Cut from the share's peer group (the share mount is shared):
+        // what a container with `rshared` root propagation mounts in its
+        // root (proc, sys, dev) stays in the container, as runc keeps a
+        // root's parent mount private.
+        .and_then(|()| mount("", &m.root, "", libc::MS_PRIVATE, ""));
         if let Err(e) = result {
             m.unmount();
             return Err(e);
