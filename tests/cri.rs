@@ -159,6 +159,8 @@ fn volumes_script(handler: &str, version: Containerd) -> String {
          echo \"CRI-VOLUMES-EXIT $?\"\n\
          husk-cri many --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
          echo \"CRI-MANY-EXIT $?\"\n\
+         husk-cri propagation --handler {handler} --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
+         echo \"CRI-PROPAGATION-EXIT $?\"\n\
          echo \"BUNDLE-MOUNTS-LEFT $(grep -c io.containerd.runtime.v2.task /proc/self/mountinfo)\"\n"
     );
     if handler == "husk" {
@@ -193,6 +195,29 @@ fn volumes(r: &husk_tests::RunResult, handler: &str) {
         ("CRI-M sidecars-running", "10"),
         ("CRI-M files-seen", "12"),
         ("BUNDLE-MOUNTS-LEFT", "0"),
+        // Mount propagation and non-recursive read-only binds.
+        ("CRI-PROPAGATION-EXIT", "0"),
+        ("CRI-P node-to-rslave", "seen"),
+        ("CRI-P node-to-rshared", "seen"),
+        ("CRI-P node-to-peer", "seen"),
+        ("CRI-P node-to-rprivate", "absent"),
+        ("CRI-P container-mounts", "exit-0"),
+        ("CRI-P rshared-to-peer", "seen"),
+        ("CRI-P rslave-to-node", "absent"),
+        ("CRI-P ro-top", "exit-1 refused-2"),
+        ("CRI-P ro-node-tmpfs", "writable"),
+        ("CRI-P ro-spec-volume", "writable"),
+        (
+            "CRI-P ro-node-sees",
+            "tmpfs-written sub-written keep-unchanged new-absent",
+        ),
+        // A mount made in the guest cannot reach the node (a VM's mounts
+        // are its kernel's): Bidirectional is both ways inside the pod,
+        // node to pod only across the VM boundary.
+        (
+            "CRI-P rshared-to-node",
+            if handler == "husk" { "absent" } else { "seen" },
+        ),
     ];
     for (key, want) in expect {
         assert_eq!(

@@ -30,6 +30,7 @@
 
 mod behaviours;
 mod portforward;
+mod propagation;
 mod resources;
 mod volumes;
 
@@ -80,7 +81,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources|port-forward|volumes|kill-virtiofsd|many|escape --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C] [--fresh-cache DIR] [--only NAME,...]"
+        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources|port-forward|volumes|kill-virtiofsd|many|escape|propagation --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C] [--fresh-cache DIR] [--only NAME,...]"
     );
     std::process::exit(2)
 }
@@ -116,7 +117,7 @@ fn parse_args() -> Args {
             "--only" => args.only = value().split(',').map(str::to_owned).collect(),
             "--fresh-cache" => args.fresh_cache = Some(value().into()),
             "scenario" | "bench" | "behaviours" | "resources" | "port-forward" | "volumes"
-            | "kill-virtiofsd" | "many" | "escape"
+            | "kill-virtiofsd" | "many" | "escape" | "propagation"
                 if args.command.is_empty() =>
             {
                 args.command = a
@@ -631,6 +632,7 @@ fn main() {
             "kill-virtiofsd" => volumes::kill_virtiofsd(&mut c, &args).await,
             "many" => volumes::many(&mut c, &args).await,
             "escape" => volumes::escape(&mut c, &args).await,
+            "propagation" => propagation::propagation(&mut c, &args).await,
             _ => bench(&mut c, &args).await,
         }
     });

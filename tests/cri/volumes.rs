@@ -26,7 +26,7 @@ fn mount(host: &Path, container: &str, readonly: bool) -> Mount {
 }
 
 /// Runs `script` in container `id`: (exit code, stdout, stderr).
-async fn exec(c: &mut Client, id: &str, script: &str) -> Result<(i32, String, String)> {
+pub(crate) async fn exec(c: &mut Client, id: &str, script: &str) -> Result<(i32, String, String)> {
     let r = c
         .exec_sync(ExecSyncRequest {
             container_id: id.into(),
