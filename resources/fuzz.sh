@@ -37,17 +37,9 @@ for crate in src/vmm src/protocol src/husk; do
     work=$(mktemp -d "${TMPDIR:-/tmp}/husk-fuzz-$target.XXXXXX")
     cp -r "fuzz/corpus/$target/." "$work/" 2>/dev/null || true
     log "fuzzing $target for $seconds s"
-    # virtio_fs_registers drives a device whose worker thread may still be
-    # ending when libFuzzer checks for leaks: LeakSanitizer then reports
-    # that thread's allocations (32-80 bytes, a different input each time,
-    # none reproducible alone; met in one CI rehearsal of three). Leaks
-    # are not what that target looks for (crashes, hangs, out-of-range
-    # accesses still fail it); every other target keeps the check.
-    leaks=1
-    [[ $target == virtio_fs_registers ]] && leaks=0
     if ! rustup run nightly cargo fuzz run -O "$target" "$work" -- \
         -max_total_time="$seconds" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \
-        -detect_leaks="$leaks" 2> "$work.log"; then
+        2> "$work.log"; then
       tail -n 60 "$work.log" >&2
       log "fuzz target $target failed; the crashing input is in $crate/fuzz/artifacts/$target/"
       rm -rf "$work" "$work.log"

@@ -92,6 +92,17 @@ impl StubBackend {
         &self.socket
     }
 
+    /// Waits for the serving thread to end, once the frontend is gone
+    /// (its connection closed): a thread still waiting for a frontend is
+    /// woken by a connection that closes at once. So nothing of the
+    /// backend outlives the caller (a fuzz target's leak check).
+    pub fn finish(mut self) {
+        drop(UnixStream::connect(&self.socket));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
     /// The request codes received so far, in order.
     pub fn seen(&self) -> Vec<u32> {
         self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
