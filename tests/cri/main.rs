@@ -185,6 +185,28 @@ fn pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
     }
 }
 
+/// Makes a pod's sandbox privileged (a privileged container needs it).
+fn privileged_pod(config: &mut PodSandboxConfig) {
+    if let Some(sc) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.privileged = true;
+    }
+}
+
+/// Makes a container privileged.
+fn privileged_container(config: &mut ContainerConfig) {
+    if let Some(sc) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.privileged = true;
+    }
+}
+
 fn container_config(name: &str, image: &str, command: &[&str]) -> ContainerConfig {
     container_config_with(name, image, command, namespaces())
 }

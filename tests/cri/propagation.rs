@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::{Mount, MountPropagation};
 
 use crate::volumes::exec;
-use crate::{container_config, pod_config, Args, Client, Pod, Result};
+use crate::{
+    container_config, pod_config, privileged_container, privileged_pod, Args, Client, Pod, Result,
+};
 
 /// mount(2) on the node, with a readable error.
 fn node_mount(source: &str, target: &Path, fstype: &str, flags: libc::c_ulong) -> Result<()> {
@@ -136,26 +138,10 @@ async fn reads(
     }
 }
 
-fn privileged(config: &mut k8s_cri::v1::ContainerConfig) {
-    if let Some(sc) = config
-        .linux
-        .as_mut()
-        .and_then(|l| l.security_context.as_mut())
-    {
-        sc.privileged = true;
-    }
-}
-
 pub async fn propagation(c: &mut Client, args: &Args) -> Result<()> {
     let name = format!("p-{}", args.handler);
     let mut config = pod_config(&name, &args.log_dir);
-    if let Some(sc) = config
-        .linux
-        .as_mut()
-        .and_then(|l| l.security_context.as_mut())
-    {
-        sc.privileged = true;
-    }
+    privileged_pod(&mut config);
     std::fs::create_dir_all(&config.log_directory).map_err(|e| e.to_string())?;
     let tree = NodeTree::make(&Path::new("/tmp/husk-cri-propagation").join(&args.handler))?;
     let pod = Pod::run(c, config, &args.handler).await?;
@@ -186,7 +172,7 @@ async fn checks(c: &mut Client, args: &Args, pod: &Pod, tree: &NodeTree) -> Resu
         mount(&base.join("ro"), "/ro", true, PropagationPrivate),
         mount(&base.join("under"), "/ro/sub", false, PropagationPrivate),
     ];
-    privileged(&mut main);
+    privileged_container(&mut main);
     let main = pod.create(c, main).await?;
     let mut peer = container_config("peer", &args.image, &["sleep", "3600"]);
     peer.mounts = vec![mount(

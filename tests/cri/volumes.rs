@@ -335,13 +335,7 @@ pub async fn many(c: &mut Client, args: &Args) -> Result<()> {
 pub async fn escape(c: &mut Client, args: &Args) -> Result<()> {
     let name = format!("ve-{}", args.handler);
     let mut config = pod_config(&name, &args.log_dir);
-    if let Some(sc) = config
-        .linux
-        .as_mut()
-        .and_then(|l| l.security_context.as_mut())
-    {
-        sc.privileged = true;
-    }
+    crate::privileged_pod(&mut config);
     std::fs::create_dir_all(&config.log_directory).map_err(io("log directory"))?;
     let base = Path::new("/tmp/husk-cri-volumes").join(&name);
     let _ = std::fs::remove_dir_all(&base);
@@ -354,13 +348,7 @@ pub async fn escape(c: &mut Client, args: &Args) -> Result<()> {
     let result = async {
         let mut app = container_config("app", &args.image, &["sleep", "3600"]);
         app.mounts = vec![mount(&a, "/a", false), mount(&b, "/b", false)];
-        if let Some(sc) = app
-            .linux
-            .as_mut()
-            .and_then(|l| l.security_context.as_mut())
-        {
-            sc.privileged = true;
-        }
+        crate::privileged_container(&mut app);
         let id = pod.create(c, app).await?;
         let script = "mkdir -p /m && mount -t virtiofs husk-pod /m && echo mounted; \
             m=$(stat -c %d /m); \
