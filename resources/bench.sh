@@ -185,14 +185,35 @@ case $mode in
       'for d in $(echo "$depths" | tr , " "); do' \
       "  echo \"HUSK-IO-JSON \$(/bin/husk-bench io --path /dev/vda --size-mib ${size_mib:=128} --runtime-s $runtime_s --depth \$d)\"" \
       "  echo \"HUSK-FS-IO-JSON \$(/bin/husk-bench io --path /mnt/bench.bin --size-mib $size_mib --runtime-s $runtime_s --depth \$d)\"" \
-      'done' 'umount /mnt' > "$script"
+      'done' \
+      'mkdir -p /m && mount -t ext4 /dev/vdb /m || exit 2' \
+      'echo "HUSK-META-JSON $(/bin/husk-bench meta --dir /m --files 1000 --tree /m/tree)"' \
+      'echo "HUSK-FS-META-JSON $(/bin/husk-bench meta --dir /mnt --files 1000 --tree /mnt/tree)"' \
+      'umount /m' 'umount /mnt' > "$script"
     chmod +x "$script"
+    # The metadata runs' tree: a busybox root (the binary, a link per
+    # applet, /etc's few files), on an ext4 image for the drive and as
+    # files for the share (the node has no e2fsprogs: made here).
+    meta="$payload/meta-root"
+    mkdir -p "$meta/tree/bin" "$meta/tree/etc"
+    cp /bin/busybox "$meta/tree/bin/busybox"
+    for applet in $(/bin/busybox --list); do
+      [[ $applet == busybox ]] || ln -sf busybox "$meta/tree/bin/$applet"
+    done
+    printf 'root:x:0:0:root:/root:/bin/sh\n' > "$meta/tree/etc/passwd"
+    printf 'root:x:0:\n' > "$meta/tree/etc/group"
+    mke2fs -q -t ext4 -d "$meta" "$payload/meta.img" 64M >&2
     "$repo/resources/guest/build-initramfs.sh" "$payload/fs.cpio" "$repo/resources/guest/test-init" \
       "$repo/target/$target/release/husk-bench:/bin/husk-bench" "$script:/husk-test.sh" >/dev/null
     rm "$script"
-    "$repo/resources/node/run.sh" --payload "$payload" -- \
+    # Shared guest memory on huge pages, as the shim's pods have it
+    # (resources/containerd/start-in-node.sh): on the node's default 4 KiB
+    # shmem pages this guest triple-faulted in one of three runs.
+    "$repo/resources/node/run.sh" --payload "$payload" -- sh -c \
+      'echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled && exec "$@"' sh \
       ./husk-bench fs --husk ./husk --virtiofsd ./virtiofsd --kernel vmlinux --initrd fs.cpio \
-      --size-mib "$size_mib" --runtime-s "$runtime_s" --depths "$depths"
+      --size-mib "$size_mib" --runtime-s "$runtime_s" --depths "$depths" \
+      --meta-root meta-root --meta-image meta.img
     ;;
   net)
     # The guest sends husk.net_bytes zeros to the node, then reads as many.

@@ -5,7 +5,9 @@
 //! are measured in the same guest, the same node run and the same host
 //! page cache. Both bypass the guest's page cache (O_DIRECT); both end in
 //! buffered I/O on the node's file (husk's block backend and virtiofsd
-//! alike).
+//! alike). With `--meta-root` and `--meta-image`, the guest also runs
+//! `husk-bench meta` (small files, cold stats, `tar c` of a busybox root)
+//! on an ext4 drive holding that tree and on the share holding a copy.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -35,6 +37,15 @@ pub struct FsBench {
     /// Each depth is measured on both devices.
     #[command(flatten)]
     load: crate::io::Load,
+    /// A directory whose contents (a `tree/` to tar) are copied into the
+    /// share for the metadata runs (the guest mounts /dev/vdb on /m and
+    /// prints `HUSK-META-JSON ` and `HUSK-FS-META-JSON ` lines).
+    #[arg(long, requires = "meta_image")]
+    meta_root: Option<PathBuf>,
+    /// An ext4 image of the same contents, attached (a copy) as the
+    /// second drive.
+    #[arg(long, requires = "meta_root")]
+    meta_image: Option<PathBuf>,
 }
 
 /// Waits for virtiofsd's socket to appear (or virtiofsd to end).
@@ -68,6 +79,19 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
         .with_context(|| format!("cannot create {}", shared_file.display()))?;
     drop(bytes);
     let _ = std::fs::remove_file(&socket);
+    let meta_disk = dir.join("husk-fs-bench-meta.img");
+    if let (Some(root), Some(image)) = (&b.meta_root, &b.meta_image) {
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(root.join("."))
+            .arg(&share)
+            .status()?;
+        if !copied.success() {
+            bail!("cannot copy {} into the share", root.display());
+        }
+        std::fs::copy(image, &meta_disk)
+            .with_context(|| format!("cannot copy {}", image.display()))?;
+    }
 
     // The chroot sandbox: the namespace one pivots its root, which Linux
     // refuses on an initramfs root such as the node VM's; throughput does
@@ -92,6 +116,18 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
             ))
             .arg("--drive")
             .arg(format!("id=bench,path={}", disk.display()))
+            .args(
+                b.meta_image
+                    .as_ref()
+                    .map(|_| {
+                        [
+                            "--drive".to_string(),
+                            format!("id=meta,path={}", meta_disk.display()),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--fs")
             .arg(format!("tag=bench,socket={}", socket.display()))
             .stdin(Stdio::null())
@@ -102,6 +138,7 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
     let _ = virtiofsd.kill();
     let _ = virtiofsd.wait();
     let _ = std::fs::remove_file(&disk);
+    let _ = std::fs::remove_file(&meta_disk);
     let _ = std::fs::remove_dir_all(&share);
     let _ = std::fs::remove_file(&socket);
     let out = result?;
@@ -134,11 +171,40 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
             "fs_to_blk_ratio": ratio,
         }));
     }
+    let metadata = if b.meta_image.is_some() {
+        let one = |prefix: &str, what: &str| {
+            crate::io::guest_results(&console, prefix)?
+                .into_iter()
+                .next()
+                .with_context(|| format!("the guest printed no {what} metadata result:\n{console}"))
+        };
+        let (blk, fs) = (
+            one("HUSK-META-JSON ", "virtio-blk")?,
+            one("HUSK-FS-META-JSON ", "virtio-fs")?,
+        );
+        let mut ratio = serde_json::Map::new();
+        for (k, x, y) in [
+            ("create_s", &fs["create_s"], &blk["create_s"]),
+            ("stat_s", &fs["stat_s"], &blk["stat_s"]),
+            ("tar_s", &fs["tar"]["tar_s"], &blk["tar"]["tar_s"]),
+            ("remove_s", &fs["remove_s"], &blk["remove_s"]),
+        ] {
+            if let (Some(x), Some(y)) = (x.as_f64(), y.as_f64()) {
+                if y > 0.0 {
+                    ratio.insert(k.into(), json!((x / y * 100.0).round() / 100.0));
+                }
+            }
+        }
+        json!({"guest_virtio_blk_ext4": blk, "guest_virtio_fs": fs, "fs_to_blk_time_ratio": ratio})
+    } else {
+        Value::Null
+    };
     Ok(json!({
         "benchmark": "virtio-fs",
         "virtiofsd": "--sandbox=chroot --cache=auto",
         "size_mib": load.size_mib,
         "runtime_s_per_pattern": load.runtime_s,
         "runs": runs,
+        "metadata": metadata,
     }))
 }

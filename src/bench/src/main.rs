@@ -38,6 +38,7 @@ mod api;
 mod fs;
 mod hotplug;
 mod io;
+mod meta;
 mod net;
 mod pod;
 mod run;
@@ -71,6 +72,8 @@ enum Bench {
     Boot(BootBench),
     /// I/O load on a file or block device: sequential MiB/s, 4 KiB random IOPS.
     Io(IoArgs),
+    /// Metadata load on a directory: small files created and stat-ed, a tree tarred.
+    Meta(MetaArgs),
     /// virtio-blk in a guest against the same backing file used directly.
     Blk(BlkBench),
     /// virtio-fs (virtiofsd) against virtio-blk in the same guest.
@@ -105,6 +108,19 @@ enum Bench {
     VsockServe(VsockServeArgs),
     /// Open concurrent vsock test streams and check every byte.
     VsockClient(VsockClientArgs),
+}
+
+#[derive(clap::Args)]
+struct MetaArgs {
+    /// The directory to work in (on the filesystem measured).
+    #[arg(long)]
+    dir: PathBuf,
+    /// How many 4 KiB files to create and stat.
+    #[arg(long, default_value_t = 1000)]
+    files: u32,
+    /// A tree to `tar c` (cold cache), for example a busybox root.
+    #[arg(long)]
+    tree: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -516,6 +532,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             )?;
             // One line: it is read back from a guest console.
             println!("{v}");
+            return Ok(());
+        }
+        Bench::Meta(a) => {
+            // One line: it is read back from a guest console.
+            println!("{}", meta::meta(&a.dir, a.files, a.tree.as_deref())?);
             return Ok(());
         }
         Bench::Io(a) => {
