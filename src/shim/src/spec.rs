@@ -226,14 +226,14 @@ pub fn for_guest(spec: &mut Spec, sandbox_pid: Option<u32>) -> Adjusted {
 }
 
 /// Points each mount of volume N (as [`for_guest`] left it) at `entries[N]`
-/// in the pod's share. A read-only recursive volume's mounts on the node
-/// (`submounts`, by volume) are bound after it, each with its own flags:
-/// in the guest they would otherwise inherit the read-only bind's (see
-/// [`crate::share::submounts`]).
+/// in the pod's share, and binds after it each of `submounts[N]` (the
+/// node's mounts under a read-only recursive volume, which in the guest
+/// would otherwise inherit the read-only bind's flag: see
+/// [`crate::share::submounts`]) with its own flags.
 pub fn share_volumes(
     spec: &mut Spec,
     entries: &[String],
-    submounts: &dyn Fn(usize) -> Vec<crate::share::Submount>,
+    submounts: &[Vec<crate::share::Submount>],
 ) {
     let Some(mounts) = spec.mounts_mut() else {
         return;
@@ -253,19 +253,17 @@ pub fn share_volumes(
         m.set_source(Some(
             husk_protocol::share_source(crate::share::TAG, entry).into(),
         ));
-        let options: Vec<String> = m.options().clone().unwrap_or_default();
-        let mode = crate::share::BindMode::from_options(options.iter().map(String::as_str));
+        let options: Vec<String> = m
+            .options()
+            .iter()
+            .flatten()
+            .filter(|o| *o != "ro" && *o != "rw")
+            .cloned()
+            .collect();
         let destination = m.destination().clone();
         rewritten.push(m);
-        if !(mode.read_only && mode.recursive) {
-            continue;
-        }
-        for sub in submounts(n) {
-            let mut options: Vec<String> = options
-                .iter()
-                .filter(|o| *o != "ro" && *o != "rw")
-                .cloned()
-                .collect();
+        for sub in submounts.get(n).into_iter().flatten() {
+            let mut options = options.clone();
             options.push(if sub.read_only { "ro" } else { "rw" }.into());
             let source = format!("{entry}/{}", sub.path.display());
             let built = MountBuilder::default()
@@ -350,18 +348,17 @@ mod tests {
         assert_eq!(mounts[1].destination(), std::path::Path::new("/etc/hosts"));
         // Shared, each volume names its entry in the pod's share.
         let mut shared = s.clone();
-        share_volumes(&mut shared, &["v4".into(), "v0".into()], &|n| {
-            // /etc/hosts (volume 0) is read-only and recursive: what the
-            // node mounted under it is bound after it with its own flags.
-            let sub = |p: &str, read_only| crate::share::Submount {
-                path: p.into(),
-                read_only,
-            };
-            match n {
-                0 => vec![sub("tmp", false), sub("tmp/ro", true)],
-                _ => vec![sub("never-asked", false)],
-            }
-        });
+        // /etc/hosts (volume 0) is read-only and recursive: what the node
+        // mounted under it is bound after it with its own flags.
+        let sub = |p: &str, read_only| crate::share::Submount {
+            path: p.into(),
+            read_only,
+        };
+        share_volumes(
+            &mut shared,
+            &["v4".into(), "v0".into()],
+            &[vec![sub("tmp", false), sub("tmp/ro", true)], vec![]],
+        );
         let sources: Vec<String> = shared
             .mounts()
             .iter()

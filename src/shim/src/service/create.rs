@@ -240,13 +240,23 @@ impl Inner {
                     }
                 }
             }
-            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-            spec::share_volumes(&mut spec, &entries, &|n| {
-                adjusted.volumes.get(n).map_or_else(Vec::new, |v| {
+            // The node's mount table, read only if a volume needs it.
+            let mut mountinfo = None;
+            let submounts: Vec<_> = adjusted
+                .volumes
+                .iter()
+                .map(|v| {
+                    if !(v.mode.read_only && v.mode.recursive) {
+                        return Vec::new();
+                    }
+                    let info = mountinfo.get_or_insert_with(|| {
+                        std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default()
+                    });
                     let source = v.source.canonicalize().unwrap_or_else(|_| v.source.clone());
-                    crate::share::submounts(&mountinfo, &source)
+                    crate::share::submounts(info, &source)
                 })
-            });
+                .collect();
+            spec::share_volumes(&mut spec, &entries, &submounts);
             to_copy = &[];
         }
         let disks = self.disks(pod, req, &root, &image, to_copy, &volumes_image);
