@@ -21,6 +21,7 @@ mod forward;
 mod init;
 mod log;
 mod reaper;
+mod restore;
 mod runtime;
 mod sandbox;
 mod server;

@@ -23,11 +23,17 @@ fn system(what: &str, e: std::io::Error) -> AgentError {
 /// guest; a scratch directory in host-side tests, where the network and the
 /// hostname are left alone).
 pub fn apply(s: &Sandbox, root: &std::path::Path, system_wide: bool) -> Result<(), AgentError> {
+    if let Some(r) = &s.restored {
+        crate::restore::check(r)?;
+    }
     for key in s.sysctls.keys() {
         sysctl_path(root, key)?;
     }
     for i in &s.interfaces {
         parse_mac(&i.mac)?;
+        if let Some(m) = &i.device_mac {
+            parse_mac(m)?;
+        }
         for a in &i.addresses {
             parse_cidr(a)?;
         }
@@ -39,6 +45,15 @@ pub fn apply(s: &Sandbox, root: &std::path::Path, system_wide: bool) -> Result<(
         if ns.parse::<std::net::IpAddr>().is_err() {
             return Err(invalid(format!("name server {ns:?} is not an IP address")));
         }
+    }
+    if let Some(r) = &s.restored {
+        if !system_wide {
+            return Err(AgentError::new(
+                ErrorCode::Unsupported,
+                "a restored guest's reseed and clock need the agent to run as the guest's init",
+            ));
+        }
+        crate::restore::apply(r)?;
     }
     if let Some(h) = &s.hostname {
         if h.is_empty() || h.len() > 64 || h.contains(['/', '\0']) {
@@ -224,9 +239,17 @@ fn find_by_mac(mac: [u8; 6]) -> Result<String, AgentError> {
 }
 
 fn configure_interface(sock: &Ioctl, i: &Interface) -> Result<(), AgentError> {
-    let current = find_by_mac(parse_mac(&i.mac)?)?;
+    let mac = parse_mac(&i.mac)?;
+    let device_mac = match &i.device_mac {
+        Some(m) => parse_mac(m)?,
+        None => mac,
+    };
+    let current = find_by_mac(device_mac)?;
     if current != i.name {
         sock.rename(&current, &i.name)?;
+    }
+    if device_mac != mac {
+        sock.set_mac(&i.name, mac)?;
     }
     if let Some(mtu) = i.mtu {
         sock.set_mtu(&i.name, mtu)?;
@@ -359,6 +382,22 @@ impl Ioctl {
         self.call(
             &format!("rename {from} to {to}"),
             libc::SIOCSIFNAME,
+            (&mut req as *mut libc::ifreq).cast(),
+        )
+    }
+
+    fn set_mac(&self, name: &str, mac: [u8; 6]) -> Result<(), AgentError> {
+        let mut req = ifreq(name)?;
+        // SAFETY: sockaddr is plain data; zero is a valid initial value.
+        let mut hw: libc::sockaddr = unsafe { std::mem::zeroed() };
+        hw.sa_family = libc::ARPHRD_ETHER;
+        for (dst, src) in hw.sa_data.iter_mut().zip(mac) {
+            *dst = src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_hwaddr = hw;
+        self.call(
+            &format!("set the MAC address of {name}"),
+            libc::SIOCSIFHWADDR,
             (&mut req as *mut libc::ifreq).cast(),
         )
     }
@@ -515,6 +554,7 @@ mod tests {
             interfaces: vec![Interface {
                 name: "eth0".into(),
                 mac: mac.into(),
+                device_mac: None,
                 mtu: None,
                 addresses: vec![addr.into()],
             }],
@@ -540,6 +580,20 @@ mod tests {
             bad(iface("02:00:00:00:00:01", "fd00::zz/64")),
             ErrorCode::InvalidArgument
         );
+        let mut moved = iface("02:00:00:00:00:01", "10.0.0.2/24");
+        moved.interfaces[0].device_mac = Some("02:00:00:00:00".into());
+        assert_eq!(bad(moved), ErrorCode::InvalidArgument);
+        // A restored guest's fresh start is checked, then refused outside
+        // a guest (it would reseed and set this host's clock).
+        let restored = |entropy: Vec<u8>| Sandbox {
+            restored: Some(husk_protocol::Restored {
+                entropy,
+                realtime_ns: 1,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(bad(restored(vec![7; 64])), ErrorCode::InvalidArgument);
+        assert_eq!(bad(restored((0..64).collect())), ErrorCode::Unsupported);
         let route = |dest: &str, gw: &str| Sandbox {
             routes: vec![Route {
                 destination: dest.into(),
@@ -566,6 +620,7 @@ mod tests {
             interfaces: vec![Interface {
                 name: "eth0".into(),
                 mac: "02:00:00:00:00:01".into(),
+                device_mac: None,
                 mtu: None,
                 addresses: vec!["10.0.0.2/24".into(), "fd00::2/64".into()],
             }],

@@ -2,6 +2,8 @@
 //!
 //! - `husk run IMAGE -- echo MARK`, N times: wall time from spawning husk
 //!   to the container's first output byte, and to husk's exit.
+//! - The same with `husk run --template`: the run that makes the
+//!   template (from a cache without one), then N runs restored from it.
 //! - The same container with `runc run` (bundle from the same image), N
 //!   times, measured the same way, when `--runc` is given: the yardstick.
 //! - In one microVM booted with the agent (`husk boot`, a vsock, the
@@ -93,11 +95,14 @@ fn first_byte(cmd: &mut Command, what: &str) -> anyhow::Result<(f64, f64)> {
     Ok((first.as_secs_f64() * 1e3, total.as_secs_f64() * 1e3))
 }
 
-fn husk_run(b: &RunBench) -> anyhow::Result<(f64, f64)> {
+fn husk_run(b: &RunBench, template: bool) -> anyhow::Result<(f64, f64)> {
+    let mut cmd = Command::new(&b.husk);
+    cmd.arg("run");
+    if template {
+        cmd.arg("--template");
+    }
     first_byte(
-        Command::new(&b.husk)
-            .arg("run")
-            .arg("--kernel")
+        cmd.arg("--kernel")
             .arg(&b.kernel)
             .arg("--agent-initrd")
             .arg(&b.agent_initrd)
@@ -302,12 +307,27 @@ fn in_guest(b: &RunBench) -> anyhow::Result<Value> {
 pub fn run(b: RunBench) -> anyhow::Result<Value> {
     // One unmeasured run: the root filesystem cache and the page cache
     // warm up; every measured run then finds the same state.
-    husk_run(&b).context("warm-up run")?;
+    husk_run(&b, false).context("warm-up run")?;
     let (mut first, mut total) = (Vec::new(), Vec::new());
     for _ in 0..b.runs {
-        let (f, t) = husk_run(&b)?;
+        let (f, t) = husk_run(&b, false)?;
         first.push(f);
         total.push(t);
+    }
+    // With a template: the first run boots the template guest and
+    // snapshots it (timed on its own, from a cache without templates),
+    // every later one is restored from it.
+    let templates = std::env::var_os("HUSK_CACHE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/husk"))
+        .join("templates");
+    let _ = std::fs::remove_dir_all(&templates);
+    let (make_first, make_total) = husk_run(&b, true).context("the run that makes the template")?;
+    let (mut tfirst, mut ttotal) = (Vec::new(), Vec::new());
+    for _ in 0..b.runs {
+        let (f, t) = husk_run(&b, true)?;
+        tfirst.push(f);
+        ttotal.push(t);
     }
     let mut report = json!({
         "bench": "run",
@@ -315,6 +335,14 @@ pub fn run(b: RunBench) -> anyhow::Result<Value> {
         "husk_run": {
             "to_first_byte_ms": summary(&first),
             "to_exit_ms": summary(&total),
+        },
+        "husk_run_template": {
+            "making_the_template": {
+                "to_first_byte_ms": make_first,
+                "to_exit_ms": make_total,
+            },
+            "to_first_byte_ms": summary(&tfirst),
+            "to_exit_ms": summary(&ttotal),
         },
         "agent_in_guest": in_guest(&b)?,
     });
@@ -336,6 +364,7 @@ pub fn run(b: RunBench) -> anyhow::Result<Value> {
             "to_exit_ms": summary(&rt),
         });
         report["husk_over_runc_first_byte"] = json!(ratio(&first, &rf));
+        report["husk_template_over_runc_first_byte"] = json!(ratio(&tfirst, &rf));
     }
     Ok(report)
 }

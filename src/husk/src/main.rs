@@ -21,6 +21,7 @@ mod logger;
 mod metrics_cmd;
 mod run_cmd;
 mod snapshot_cmd;
+mod template;
 
 use std::process::ExitCode;
 use std::time::Instant;

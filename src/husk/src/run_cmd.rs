@@ -14,8 +14,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use husk_protocol::client::{AgentClient, Endpoint};
 use husk_protocol::{
-    CreateContainer, ExitStatus, ProcessRef, Request, Response, Rootfs, Sandbox, StdioStream,
-    DEFAULT_AGENT_PORT,
+    CreateContainer, ExitStatus, ProcessRef, Request, Response, Restored, Rootfs, Sandbox,
+    StdioStream, DEFAULT_AGENT_PORT,
 };
 use vmm::config::FsConfig;
 use vmm::error::Chain;
@@ -59,6 +59,12 @@ pub struct RunArgs {
     /// on PATH, else Debian's /usr/libexec/virtiofsd).
     #[arg(long, env = "HUSK_VIRTIOFSD")]
     virtiofsd: Option<PathBuf>,
+    /// Restore the guest from a template instead of booting it: the first
+    /// run per kernel, agent, vCPU count and memory size boots one and
+    /// snapshots it (under $HUSK_CACHE_DIR/templates), later runs start
+    /// from it. Not with --volume (a virtio-fs device is not snapshotted).
+    #[arg(long, env = "HUSK_RUN_TEMPLATE")]
+    template: bool,
     /// An OCI image layout (directory or tar, PATH[:REF]); the bundled
     /// busybox image when omitted.
     image: Option<String>,
@@ -326,13 +332,19 @@ fn session(
     spec: oci_spec::runtime::Spec,
     tty: bool,
     interactive: bool,
+    restored: Option<u64>,
 ) -> anyhow::Result<ExitStatus> {
     let t0 = Instant::now();
     let mut agent = AgentClient::connect(endpoint, Duration::from_secs(120))
         .context("cannot reach the agent in the guest")?;
     tracing::debug!(ms = t0.elapsed().as_millis() as u64, "agent answered");
+    let fresh = match restored {
+        Some(_) => Some(Restored::now().context("cannot read this host's entropy and clock")?),
+        None => None,
+    };
     agent.call(Request::CreateSandbox(Sandbox {
         hostname: Some("husk".into()),
+        restored: fresh,
         ..Default::default()
     }))?;
     agent.call(Request::CreateContainer(CreateContainer {
@@ -344,7 +356,9 @@ fn session(
             read_only: true,
             writable_overlay: true,
             writable_layer: None,
-            size_bytes: None,
+            // A restored guest's drive was the template's placeholder: the
+            // agent waits for the swapped disk's size.
+            size_bytes: restored,
             share: None,
         },
         volumes: None,
@@ -483,7 +497,7 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         mem_hotplug: None,
         fs,
     };
-    let mut vmm = Vmm::new(&config).context("cannot build the microVM")?;
+    let (mut vmm, restored) = build_vm(&args, &config, &rootfs.rootfs, &uds, &console, seccomp)?;
     let stop = vmm.stop_handle();
     // The VMM gets a thread of its own: the seccomp filters confine it and
     // its vCPUs, not this side, which talks to the agent and cleans up.
@@ -497,6 +511,10 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
             let _ = started_tx.send(start);
             if !ok {
                 return Err(anyhow::anyhow!("the vCPUs did not start"));
+            }
+            if restored.is_some() {
+                // A restored VM's vCPUs wait, parked, until now.
+                vmm.resume();
             }
             // Dropped here, on the confined thread, once the guest is gone.
             vmm.run().context("the VMM failed while the guest ran")
@@ -521,7 +539,7 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         std::thread::Builder::new()
             .name("husk-run".into())
             .spawn(move || {
-                let r = session(endpoint, spec, tty, interactive);
+                let r = session(endpoint, spec, tty, interactive, restored);
                 let failed = r.is_err();
                 *outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                 if failed {
@@ -553,6 +571,74 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         None => {
             print_console_tail(&console);
             bail!("the microVM ended before the container did: {exit}")
+        }
+    }
+}
+
+/// The run's VM: restored from its template with `--template` (made first
+/// if there is none; a template that fails to restore is removed and the
+/// VM booted instead, with a warning), else booted. The second value is
+/// the root filesystem's size when the VM was restored.
+fn build_vm(
+    args: &RunArgs,
+    config: &VmConfig,
+    rootfs: &Path,
+    uds: &Path,
+    console: &Path,
+    seccomp: &SeccompFilters,
+) -> anyhow::Result<(Vmm, Option<u64>)> {
+    let boot = || Vmm::new(config).context("cannot build the microVM");
+    if !args.template {
+        return Ok((boot()?, None));
+    }
+    if !config.fs.is_empty() {
+        tracing::warn!(
+            "--template is not used with --volume (a virtio-fs device is not snapshotted): booting"
+        );
+        return Ok((boot()?, None));
+    }
+    let inputs = crate::template::Inputs {
+        kernel: config.boot.kernel.clone(),
+        initrd: config.boot.initrd.clone().unwrap_or_default(),
+        vcpus: config.vcpus,
+        mem_mib: config.mem_mib,
+        cmdline: config.boot.cmdline.clone(),
+    };
+    let template = match crate::template::get_or_create(&inputs, seccomp) {
+        Ok((t, created)) => {
+            if created {
+                tracing::info!("a template was made for this kernel, agent and machine size");
+            }
+            t
+        }
+        Err(e) => {
+            tracing::warn!(error = %Chain(&e), "no template: booting");
+            return Ok((boot()?, None));
+        }
+    };
+    let size = std::fs::metadata(rootfs)
+        .with_context(|| format!("cannot stat {}", rootfs.display()))?
+        .len();
+    let params = vmm::persist::LoadParams {
+        snapshot_path: template.state(),
+        mem_file_path: template.mem(),
+        net_overrides: Vec::new(),
+        vsock_uds_path: Some(uds.to_path_buf()),
+        serial: SerialOutput::File(console.to_path_buf()),
+    };
+    let restored = Vmm::restore(&params, Arc::new(vmm::metrics::Metrics::default()))
+        .map_err(anyhow::Error::new)
+        .and_then(|vmm| {
+            vmm.swap_drive(crate::template::ROOTFS_DRIVE, rootfs.to_path_buf())
+                .context("cannot give the restored guest its root filesystem")?;
+            Ok(vmm)
+        });
+    match restored {
+        Ok(vmm) => Ok((vmm, Some(size))),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "the template did not restore: removing it and booting");
+            template.discard();
+            Ok((boot()?, None))
         }
     }
 }

@@ -211,6 +211,49 @@ pub struct Sandbox {
     /// Sysctls to set (key in dotted form, e.g. net.ipv4.ip_forward).
     #[serde(default)]
     pub sysctls: BTreeMap<String, String>,
+    /// Set when the guest was restored from a snapshot that other VMs are
+    /// restored from too (a template): what makes it itself again. Applied
+    /// before anything else of the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<Restored>,
+}
+
+/// The most entropy bytes a [`Restored`] may carry.
+pub const MAX_RESTORE_ENTROPY: usize = 512;
+
+/// The fewest entropy bytes a [`Restored`] may carry (256 bits: what the
+/// guest kernel's random pool needs to count as seeded).
+pub const MIN_RESTORE_ENTROPY: usize = 32;
+
+/// A restored guest's fresh start: every clone of one snapshot has the
+/// same random pool and a wall clock stopped at the snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Restored {
+    /// Bytes from the host's random source
+    /// ([`MIN_RESTORE_ENTROPY`]..=[`MAX_RESTORE_ENTROPY`]), mixed into the
+    /// guest kernel's pool, credited in full, before the kernel reseeds its
+    /// generator from the pool.
+    pub entropy: Vec<u8>,
+    /// The host's wall clock when the request was sent (nanoseconds since
+    /// the Unix epoch): the guest's `CLOCK_REALTIME` is set to it.
+    pub realtime_ns: u64,
+}
+
+impl Restored {
+    /// 64 bytes from this host's random source and its wall clock now.
+    pub fn now() -> std::io::Result<Restored> {
+        let mut entropy = vec![0u8; 64];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut entropy)?;
+        let realtime_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(std::io::Error::other)?
+            .as_nanos();
+        Ok(Restored {
+            entropy,
+            realtime_ns: u64::try_from(realtime_ns).unwrap_or(u64::MAX),
+        })
+    }
 }
 
 /// One network interface.
@@ -221,6 +264,11 @@ pub struct Interface {
     pub name: String,
     /// The MAC address that identifies the guest device.
     pub mac: String,
+    /// The MAC the guest device has now, when it is not `mac`: a guest
+    /// restored from a template came up with the template's. The
+    /// interface is found by it and given `mac`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_mac: Option<String>,
     /// MTU (default: leave as is).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,

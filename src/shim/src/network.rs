@@ -177,6 +177,7 @@ fn plan(
     let interface = Interface {
         name: GUEST_IFACE.into(),
         mac: link.address,
+        device_mac: None,
         mtu: link.mtu,
         addresses,
     };
