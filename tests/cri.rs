@@ -163,6 +163,24 @@ fn volumes_script(handler: &str, version: Containerd) -> String {
          echo \"CRI-PROPAGATION-EXIT $?\"\n\
          echo \"BUNDLE-MOUNTS-LEFT $(grep -c io.containerd.runtime.v2.task /proc/self/mountinfo)\"\n"
     );
+    // Two pods that must each be their own machine; under husk both are
+    // restored from one template.
+    let clones =
+        "husk-cri clones --handler HANDLER --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
+         echo \"CRI-CLONES-EXIT $?\"\n"
+            .replace("HANDLER", handler);
+    if handler == "husk" {
+        s.push_str(&format!(
+            "echo 'template = true' >> /etc/husk/config.toml\n\
+             {clones}\
+             sed -i '/^template = true$/d' /etc/husk/config.toml\n\
+             echo \"CRI-TEMPLATES $(ls -d /var/lib/husk/images/templates/pod-v1/*/ | wc -l)\"\n\
+             echo \"CRI-TEMPLATE-MADE $(grep -c 'made a template for the pod' containerd.log)\"\n\
+             echo \"CRI-TEMPLATE-RESTORED $(grep -c 'restored from its template' containerd.log)\"\n"
+        ));
+    } else {
+        s.push_str(&clones);
+    }
     if handler == "husk" {
         s.push_str(
             "husk-cri kill-virtiofsd --handler husk --image husk.local/busybox:1 --log-dir /tmp/cri-logs\n\
@@ -211,6 +229,14 @@ fn volumes(r: &husk_tests::RunResult, handler: &str) {
             "CRI-P ro-node-sees",
             "tmpfs-written sub-written keep-unchanged new-absent",
         ),
+        // Two pods, each its own machine (under husk, clones of one
+        // template).
+        ("CRI-CLONES-EXIT", "0"),
+        ("CRI-C rand-differs", "yes"),
+        ("CRI-C macs-differ", "yes"),
+        ("CRI-C clocks-are-the-nodes", "yes"),
+        ("CRI-C hostnames", "clone-a,clone-b"),
+        ("CRI-C ping-peer", "exit-0"),
         // A mount made in the guest cannot reach the node (a VM's mounts
         // are its kernel's): Bidirectional is both ways inside the pod,
         // node to pod only across the VM boundary.
@@ -231,6 +257,10 @@ fn volumes(r: &husk_tests::RunResult, handler: &str) {
         // The pod's one virtiofsd died: its container ended (the VM was
         // stopped), nothing hung, nothing is left (checked by the caller).
         for (key, want) in [
+            // The first clone made the template, both were restored from it.
+            ("CRI-TEMPLATES", "1"),
+            ("CRI-TEMPLATE-MADE", "1"),
+            ("CRI-TEMPLATE-RESTORED", "2"),
             ("CRI-KILL-VIRTIOFSD-EXIT", "0"),
             ("CRI-V virtiofsd-running", "yes"),
             ("CRI-V killed-virtiofsd-exit", "255"),

@@ -133,7 +133,7 @@ fn a_multi_layer_image_whose_upper_layer_deletes_a_file() {
         .assert_contains("ENV from-the-image /srv");
 }
 
-/// `husk run --template`: the first run makes the template (and is
+/// `husk run` from a template (its default): the first run makes the template (and is
 /// restored from it), later ones (two at once) are restored from it, and
 /// each restored guest is its own: different random bytes and the node's
 /// wall clock, not the template's, stopped seconds earlier. (The clock is
@@ -148,7 +148,7 @@ fn runs_from_a_template_are_restored_clones_that_differ() {
     let (p, _) = payload("run-template");
     let probe = r#"sh -c 'echo RAND $(head -c 32 /dev/urandom | od -An -tx1 | tr -d " \n"); echo CLOCK $(date +%s)'"#;
     let r = p.run(&format!(
-        r#"T="./husk --log-level info run --template --kernel vmlinux --agent-initrd agent.cpio"
+        r#"T="./husk --log-level info run --kernel vmlinux --agent-initrd agent.cpio"
 export HUSK_CACHE_DIR=./cache
 timeout 120 $T ./busybox -- {probe} > first.txt 2> first.log; echo "FIRST-STATUS $?"
 echo "TEMPLATES $(ls -d cache/templates/run-v1/*/ | wc -l)"

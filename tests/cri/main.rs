@@ -29,6 +29,7 @@
 //! privileged container that tries to leave the pod's share.
 
 mod behaviours;
+mod clones;
 mod portforward;
 mod propagation;
 mod resources;
@@ -81,7 +82,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources|port-forward|volumes|kill-virtiofsd|many|escape|propagation --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C] [--fresh-cache DIR] [--only NAME,...]"
+        "usage: husk-cri [--socket PATH] scenario|bench|behaviours|resources|port-forward|volumes|kill-virtiofsd|many|escape|propagation|clones --handler NAME --image REF [--dynamic-image REF] [--log-dir DIR] [--runs N] [--pod-mib M --pod-cpus C] [--fresh-cache DIR] [--only NAME,...]"
     );
     std::process::exit(2)
 }
@@ -117,7 +118,7 @@ fn parse_args() -> Args {
             "--only" => args.only = value().split(',').map(str::to_owned).collect(),
             "--fresh-cache" => args.fresh_cache = Some(value().into()),
             "scenario" | "bench" | "behaviours" | "resources" | "port-forward" | "volumes"
-            | "kill-virtiofsd" | "many" | "escape" | "propagation"
+            | "kill-virtiofsd" | "many" | "escape" | "propagation" | "clones"
                 if args.command.is_empty() =>
             {
                 args.command = a
@@ -655,6 +656,7 @@ fn main() {
             "many" => volumes::many(&mut c, &args).await,
             "escape" => volumes::escape(&mut c, &args).await,
             "propagation" => propagation::propagation(&mut c, &args).await,
+            "clones" => clones::clones(&mut c, &args).await,
             _ => bench(&mut c, &args).await,
         }
     });

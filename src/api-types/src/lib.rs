@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod metrics;
+pub mod template;
 
 use std::path::PathBuf;
 

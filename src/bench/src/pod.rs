@@ -295,10 +295,26 @@ pub fn pod(b: PodBench) -> anyhow::Result<Value> {
             .lines()
             .filter(|l| l.starts_with("bench-many-") && l.contains("RUNNING"))
             .count();
+        // What they take together: each husk's proportional set size
+        // (pages shared between them, such as a template's, are split
+        // among them).
+        let pss_kib: u64 = (0..b.concurrent)
+            .filter_map(|i| {
+                let dir = b.state_dir.join("default").join(format!("bench-many-{i}"));
+                let pid = std::fs::read_to_string(dir.join("husk.pid")).ok()?;
+                let rollup =
+                    std::fs::read_to_string(format!("/proc/{}/smaps_rollup", pid.trim())).ok()?;
+                rollup
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Pss:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .sum();
         for i in 0..b.concurrent {
             let _ = remove(&b, &format!("bench-many-{i}"));
         }
         result["concurrent"] = json!({
+            "husk_pss_sum_kib": pss_kib,
             "pods": b.concurrent,
             "mem_mib": b.mem_mib,
             "started": started,

@@ -1,9 +1,10 @@
 //! `husk-bench run`: the main job's latency, and the agent's costs.
 //!
-//! - `husk run IMAGE -- echo MARK`, N times: wall time from spawning husk
-//!   to the container's first output byte, and to husk's exit.
-//! - The same with `husk run --template`: the run that makes the
-//!   template (from a cache without one), then N runs restored from it.
+//! - `husk run --no-template IMAGE -- echo MARK`, N times: wall time from
+//!   spawning husk to the container's first output byte, and to husk's
+//!   exit, each guest booted.
+//! - The same restored from a template (`husk run`'s default): the run
+//!   that makes the template (from a cache without one), then N runs.
 //! - The same container with `runc run` (bundle from the same image), N
 //!   times, measured the same way, when `--runc` is given: the yardstick.
 //! - In one microVM booted with the agent (`husk boot`, a vsock, the
@@ -98,8 +99,8 @@ fn first_byte(cmd: &mut Command, what: &str) -> anyhow::Result<(f64, f64)> {
 fn husk_run(b: &RunBench, template: bool) -> anyhow::Result<(f64, f64)> {
     let mut cmd = Command::new(&b.husk);
     cmd.arg("run");
-    if template {
-        cmd.arg("--template");
+    if !template {
+        cmd.arg("--no-template");
     }
     first_byte(
         cmd.arg("--kernel")

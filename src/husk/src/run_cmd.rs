@@ -59,12 +59,15 @@ pub struct RunArgs {
     /// on PATH, else Debian's /usr/libexec/virtiofsd).
     #[arg(long, env = "HUSK_VIRTIOFSD")]
     virtiofsd: Option<PathBuf>,
-    /// Restore the guest from a template instead of booting it: the first
-    /// run per kernel, agent, vCPU count and memory size boots one and
-    /// snapshots it (under $HUSK_CACHE_DIR/templates), later runs start
-    /// from it. Not with --volume (a virtio-fs device is not snapshotted).
-    #[arg(long, env = "HUSK_RUN_TEMPLATE")]
-    template: bool,
+    /// Boot the guest instead of restoring it from a template. By default
+    /// the first run per kernel, agent, vCPU count and memory size boots a
+    /// guest to its agent and snapshots it (under
+    /// $HUSK_CACHE_DIR/templates), and every run, that one too, is
+    /// restored from that snapshot, its random pool reseeded and its clock
+    /// set by the agent. Runs with --volume always boot (a virtio-fs
+    /// device's backend is a process of its own, not in the snapshot).
+    #[arg(long, env = "HUSK_NO_TEMPLATE")]
+    no_template: bool,
     /// An OCI image layout (directory or tar, PATH[:REF]); the bundled
     /// busybox image when omitted.
     image: Option<String>,
@@ -575,7 +578,7 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
     }
 }
 
-/// The run's VM: restored from its template with `--template` (made first
+/// The run's VM: restored from its template (made first
 /// if there is none; a template that fails to restore is removed and the
 /// VM booted instead, with a warning), else booted. The second value is
 /// the root filesystem's size when the VM was restored.
@@ -588,13 +591,11 @@ fn build_vm(
     seccomp: &SeccompFilters,
 ) -> anyhow::Result<(Vmm, Option<u64>)> {
     let boot = || Vmm::new(config).context("cannot build the microVM");
-    if !args.template {
+    if args.no_template {
         return Ok((boot()?, None));
     }
     if !config.fs.is_empty() {
-        tracing::warn!(
-            "--template is not used with --volume (a virtio-fs device is not snapshotted): booting"
-        );
+        tracing::debug!("runs with --volume boot: no template");
         return Ok((boot()?, None));
     }
     let inputs = crate::template::Inputs {

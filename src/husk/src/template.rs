@@ -1,6 +1,6 @@
-//! Templates for `husk run --template`: a guest booted once to the point
-//! where its agent answers, snapshotted, and from then on restored for
-//! every run instead of booted, so a run pays a restore (the guest's pages
+//! Templates for `husk run` (its default; `--no-template` boots): a guest
+//! booted once to the point where its agent answers, snapshotted, and from
+//! then on restored for every run instead of booted, so a run pays a restore (the guest's pages
 //! read from the memory file as it touches them) where it paid a kernel
 //! boot.
 //!
@@ -20,14 +20,15 @@
 //! snapshot; the agent reseeds the one and sets the other from the host
 //! before the container is created (`Sandbox::restored`).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use husk_api_types::template::{
+    file_identity, key as key_of, prune_superseded, INPUTS_FILE, MEM_FILE, STATE_FILE,
+};
 use husk_protocol::client::{AgentClient, Endpoint};
 use husk_protocol::DEFAULT_AGENT_PORT;
-use sha2::{Digest, Sha256};
 use vmm::seccomp::SeccompFilters;
 use vmm::{BlockConfig, BootSource, DriveConfig, SerialOutput, VmConfig, Vmm, VsockConfig};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -93,19 +94,9 @@ pub struct Inputs {
     pub cmdline: String,
 }
 
-/// The identity of a file for a key: where it is and which version of it.
+/// A file's identity line for the key.
 fn identity(what: &str, path: &Path) -> Result<String, TemplateError> {
-    let real =
-        std::fs::canonicalize(path).map_err(io(format!("find the {what} {}", path.display())))?;
-    let m = std::fs::metadata(&real).map_err(io(format!("stat {}", real.display())))?;
-    Ok(format!(
-        "{what} {} size={} mtime={}.{:09} ino={}",
-        real.display(),
-        m.len(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ino()
-    ))
+    file_identity(what, path).map_err(io(format!("find the {what} {}", path.display())))
 }
 
 impl Inputs {
@@ -141,12 +132,12 @@ pub struct Template {
 impl Template {
     /// The VM state file.
     pub fn state(&self) -> PathBuf {
-        self.dir.join("vm.state")
+        self.dir.join(STATE_FILE)
     }
 
     /// The guest memory file.
     pub fn mem(&self) -> PathBuf {
-        self.dir.join("vm.mem")
+        self.dir.join(MEM_FILE)
     }
 
     /// Removes a template that failed to restore, so the next run makes a
@@ -164,10 +155,7 @@ pub fn get_or_create(
 ) -> Result<(Template, bool), TemplateError> {
     let husk = std::env::current_exe().map_err(io("find the husk binary"))?;
     let text = inputs.describe(&husk)?;
-    let key: String = Sha256::digest(text.as_bytes())[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let key = key_of(&text);
     let root = templates_dir();
     let dir = root.join(&key);
     let template = Template { dir: dir.clone() };
@@ -180,8 +168,8 @@ pub fn get_or_create(
     std::fs::create_dir(&tmp).map_err(io(format!("create {}", tmp.display())))?;
     let t0 = Instant::now();
     let made = create(inputs, &tmp, seccomp).and_then(|()| {
-        std::fs::write(tmp.join("inputs.txt"), &text)
-            .map_err(io(format!("write {}", tmp.join("inputs.txt").display())))
+        std::fs::write(tmp.join(INPUTS_FILE), &text)
+            .map_err(io(format!("write {}", tmp.join(INPUTS_FILE).display())))
     });
     if let Err(e) = made {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -204,42 +192,22 @@ pub fn get_or_create(
         ms = t0.elapsed().as_millis() as u64,
         "template made"
     );
-    prune_superseded(&root, &key, inputs);
-    Ok((template, true))
-}
-
-/// Removes templates made from the same kernel or initramfs paths as
-/// `inputs` when the file there has changed since: nothing will use them
-/// again.
-fn prune_superseded(root: &Path, keep: &str, inputs: &Inputs) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    let current: Vec<String> = [("kernel", &inputs.kernel), ("initrd", &inputs.initrd)]
-        .into_iter()
-        .filter_map(|(what, p)| identity(what, p).ok())
-        .collect();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name == keep || name.starts_with('.') {
-            continue;
-        }
-        let Ok(text) = std::fs::read_to_string(entry.path().join("inputs.txt")) else {
-            continue;
-        };
-        let stale = text.lines().any(|line| {
-            current.iter().any(|cur| {
-                let (what, rest) = cur.split_once(' ').unwrap_or((cur, ""));
-                let path = rest.split(" size=").next().unwrap_or("");
-                line.starts_with(&format!("{what} {path} size=")) && line != cur
-            })
-        });
-        if stale {
-            tracing::info!(template = %entry.path().display(), "removing a template of a changed kernel or initramfs");
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
+    let current: Vec<String> = [
+        ("husk", husk.as_path()),
+        ("kernel", &inputs.kernel),
+        ("initrd", &inputs.initrd),
+    ]
+    .into_iter()
+    .filter_map(|(what, p)| file_identity(what, p).ok())
+    .collect();
+    let pruned = prune_superseded(&root, &key, &current);
+    if pruned > 0 {
+        tracing::info!(
+            pruned,
+            "removed templates of a changed husk, kernel or initramfs"
+        );
     }
+    Ok((template, true))
 }
 
 /// The last lines of a console file.
@@ -299,7 +267,7 @@ fn create(inputs: &Inputs, dir: &Path, seccomp: &SeccompFilters) -> Result<(), T
     let (started_tx, started) = mpsc::channel();
     let (order_tx, order) = mpsc::channel::<()>();
     let (done_tx, done) = mpsc::channel();
-    let (state, mem) = (dir.join("vm.state"), dir.join("vm.mem"));
+    let (state, mem) = (dir.join(STATE_FILE), dir.join(MEM_FILE));
     let seccomp = seccomp.clone();
     let thread = std::thread::Builder::new()
         .name("husk-template".into())
@@ -399,30 +367,5 @@ mod tests {
         let mut gone = i.clone();
         gone.kernel = tmp.path().join("missing");
         assert!(gone.describe(&husk).is_err());
-    }
-
-    #[test]
-    fn templates_of_a_changed_kernel_are_pruned_and_others_kept() {
-        let tmp = tempfile::tempdir().unwrap();
-        let i = inputs(tmp.path());
-        let husk = tmp.path().join("initrd");
-        let root = tmp.path().join("templates");
-        let old_text = i.describe(&husk).unwrap();
-        for (name, text) in [
-            ("old", old_text.as_str()),
-            (
-                "other",
-                "kernel /elsewhere/vmlinux size=1 mtime=1.000000000 ino=1\n",
-            ),
-        ] {
-            std::fs::create_dir_all(root.join(name)).unwrap();
-            std::fs::write(root.join(name).join("inputs.txt"), text).unwrap();
-        }
-        std::fs::create_dir_all(root.join("new")).unwrap();
-        std::fs::write(tmp.path().join("vmlinux"), b"a newer kernel").unwrap();
-        prune_superseded(&root, "new", &i);
-        assert!(!root.join("old").exists(), "superseded");
-        assert!(root.join("other").exists(), "another kernel's");
-        assert!(root.join("new").exists(), "the one just made");
     }
 }

@@ -176,6 +176,29 @@ impl ApiClient {
         self.send("PUT", "/actions", &Action { action_type })
     }
 
+    /// `PUT /snapshot/load`: the VM restored from a snapshot instead of
+    /// booted (husk's overrides beside Firecracker's in `params`).
+    pub fn load_snapshot(&self, params: &serde_json::Value) -> Result<(), ApiError> {
+        self.send("PUT", "/snapshot/load", params)
+    }
+
+    /// `PUT /snapshot/create`: a full snapshot of the paused VM.
+    pub fn create_snapshot(
+        &self,
+        snapshot_path: &Path,
+        mem_file_path: &Path,
+    ) -> Result<(), ApiError> {
+        self.send(
+            "PUT",
+            "/snapshot/create",
+            &serde_json::json!({
+                "snapshot_type": "Full",
+                "snapshot_path": snapshot_path,
+                "mem_file_path": mem_file_path,
+            }),
+        )
+    }
+
     /// `PATCH /vm`: pause or resume the vCPUs.
     pub fn set_vm_state(&self, state: VmStateRequest) -> Result<(), ApiError> {
         self.send("PATCH", "/vm", &VmState { state })

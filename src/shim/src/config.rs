@@ -153,6 +153,10 @@ pub struct Config {
     /// beside the shim's own binary, else on PATH, else Debian's
     /// `/usr/libexec/virtiofsd`).
     pub virtiofsd: Option<PathBuf>,
+    /// Restore each pod's microVM from a template (a snapshot of a guest
+    /// booted to its agent, made on first use per pod shape and kept under
+    /// `image_cache_dir/templates`) instead of booting it.
+    pub template: bool,
 }
 
 impl Default for Config {
@@ -183,6 +187,7 @@ impl Default for Config {
             volumes: Volumes::Share,
             rootfs: RootfsMode::Share,
             virtiofsd: None,
+            template: false,
         }
     }
 }

@@ -22,6 +22,7 @@ mod share;
 mod sizing;
 mod slots;
 mod spec;
+mod template;
 mod virtiofsd;
 mod vm;
 

@@ -160,6 +160,31 @@ impl VmLauncher for Husk {
         spec: &VmSpec,
         slots: &[SlotSpec],
     ) -> Result<Arc<dyn PodVm>, VmError> {
+        if self.config.template {
+            if let Some(t) = crate::template::for_pod(&self.config, spec, slots) {
+                match self.boot_with(dir, spec, slots, Some(&t)) {
+                    Ok(vm) => return Ok(vm),
+                    Err(e) => {
+                        tracing::warn!(pod = %spec.id, template = %t.dir().display(), error = %crate::error::Chain(&e),
+                            "the pod's template did not restore: removing it and booting the pod");
+                        t.discard();
+                    }
+                }
+            }
+        }
+        self.boot_with(dir, spec, slots, None)
+    }
+}
+
+impl Husk {
+    /// Boots the pod's VM, or restores it from `template`.
+    fn boot_with(
+        &self,
+        dir: &PodDir,
+        spec: &VmSpec,
+        slots: &[SlotSpec],
+        template: Option<&crate::template::Template>,
+    ) -> Result<Arc<dyn PodVm>, VmError> {
         let config = &self.config;
         // Named here, before anything is made: jailed, husk would never
         // see a missing file (the jailer's bind of it fails first).
@@ -275,7 +300,10 @@ impl VmLauncher for Husk {
         let keeper = LogKeeper::start(dir.log(), config.console_log_kib << 10, dir.metrics());
         let configured = std::fs::write(dir.pid_file(), pid.to_string())
             .map_err(io(format!("write {}", dir.pid_file().display())))
-            .and_then(|()| configure(config, dir, spec, slots, &mut child));
+            .and_then(|()| match template {
+                Some(t) => restore(config, dir, spec, slots, t, &mut child),
+                None => configure(config, dir, spec, slots, &mut child),
+            });
         match configured {
             Ok((api, agent)) => {
                 if let Some(v) = virtiofsd.as_mut() {
@@ -319,18 +347,10 @@ fn exited(dir: &PodDir, child: &mut Child) -> Result<Option<VmError>, VmError> {
         }))
 }
 
-/// Configures and starts the VM through husk's API, then waits for the
-/// agent and has it set up the pod.
-fn configure(
-    config: &Config,
-    dir: &PodDir,
-    spec: &VmSpec,
-    slots: &[SlotSpec],
-    child: &mut Child,
-) -> Result<(ApiClient, AgentPool), VmError> {
+/// husk's API, once it serves (the socket exists a moment before husk
+/// listens on it).
+pub(crate) fn wait_for_api(dir: &PodDir, child: &mut Child) -> Result<ApiClient, VmError> {
     let api = ApiClient::new(&dir.api_socket());
-    // husk serves the API once the socket accepts (it exists a moment
-    // before husk listens on it).
     let deadline = Instant::now() + Duration::from_secs(10);
     while let Err(e) = api.instance_info() {
         if let Some(e) = exited(dir, child)? {
@@ -341,6 +361,21 @@ fn configure(
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    Ok(api)
+}
+
+/// Configures the VM through husk's API, everything but its start: the
+/// machine, hot-pluggable memory, the kernel, the spare drives (their
+/// placeholders made here), the network interface with `mac`, the share,
+/// the vsock and the metrics file.
+pub(crate) fn configure_devices(
+    api: &ApiClient,
+    config: &Config,
+    dir: &PodDir,
+    spec: &VmSpec,
+    slots: &[SlotSpec],
+    mac: Option<&str>,
+) -> Result<(), VmError> {
     let vcpus = u8::try_from(spec.vcpus).unwrap_or(u8::MAX);
     api.put_machine_config(&MachineConfig {
         vcpu_count: vcpus,
@@ -368,25 +403,21 @@ fn configure(
         boot_args: Some(cmdline),
     })?;
     for slot in slots {
-        let f = crate::private::file(&slot.placeholder)
-            .map_err(io(format!("create {}", slot.placeholder.display())))?;
-        f.set_len(PLACEHOLDER_BYTES)
-            .map_err(io(format!("size {}", slot.placeholder.display())))?;
-        let placeholder = give_to_husk(jail, &slot.placeholder)?;
+        let placeholder = make_placeholder(jail, slot)?;
         api.put_drive(&Drive::new(&slot.id, &placeholder, slot.read_only))?;
     }
-    if let Some(net) = &spec.network {
+    if let Some(mac) = mac {
         api.put_network_interface(&NetworkInterface {
-            iface_id: "eth0".into(),
+            iface_id: IFACE_ID.into(),
             host_dev_name: network::TAP.into(),
-            guest_mac: Some(net.interface.mac.clone()),
+            guest_mac: Some(mac.to_string()),
             rx_rate_limiter: None,
             tx_rate_limiter: None,
         })?;
     }
     if spec.share.is_some() {
         api.put_fs(&FsConfig {
-            id: "share".into(),
+            id: FS_ID.into(),
             tag: crate::share::TAG.into(),
             socket: husk_path(jail, &crate::virtiofsd::socket(dir))?,
             num_queues: husk_api_types::DEFAULT_FS_NUM_QUEUES,
@@ -398,37 +429,167 @@ fn configure(
         uds_path: husk_path(jail, &dir.vsock())?,
         vsock_id: None,
     })?;
-    // Created here, 0600, so husk appends to a file only root (and a
-    // jailed husk's uid) reads; the log keeper holds it to its cap, `husk
-    // metrics` reads it.
+    put_metrics(api, jail, dir)
+}
+
+/// The network interface's id in every pod VM (and template).
+pub(crate) const IFACE_ID: &str = "eth0";
+
+/// The share's virtio-fs device id in every pod VM (and template).
+pub(crate) const FS_ID: &str = "share";
+
+/// Makes slot's empty placeholder and returns what husk calls it.
+fn make_placeholder(
+    jail: Option<&crate::jail::PodJail>,
+    slot: &SlotSpec,
+) -> Result<PathBuf, VmError> {
+    let f = crate::private::file(&slot.placeholder)
+        .map_err(io(format!("create {}", slot.placeholder.display())))?;
+    f.set_len(PLACEHOLDER_BYTES)
+        .map_err(io(format!("size {}", slot.placeholder.display())))?;
+    give_to_husk(jail, &slot.placeholder)
+}
+
+/// Created here, 0600, so husk appends to a file only root (and a jailed
+/// husk's uid) reads; the log keeper holds it to its cap, `husk metrics`
+/// reads it.
+fn put_metrics(
+    api: &ApiClient,
+    jail: Option<&crate::jail::PodJail>,
+    dir: &PodDir,
+) -> Result<(), VmError> {
     crate::private::file(&dir.metrics())
         .map_err(io(format!("create {}", dir.metrics().display())))?;
     api.put_metrics(&give_to_husk(jail, &dir.metrics())?)?;
-    api.action(ActionType::InstanceStart)?;
+    Ok(())
+}
+
+/// The agent's first connection, once it answers (within the boot
+/// timeout; husk's end fails it at once).
+pub(crate) fn connect_agent(
+    config: &Config,
+    dir: &PodDir,
+    child: &mut Child,
+) -> Result<AgentClient, VmError> {
     let endpoint = Endpoint::Vsock {
         uds: dir.vsock(),
         port: DEFAULT_AGENT_PORT,
     };
-    let first = match AgentClient::connect(
-        endpoint.clone(),
-        Duration::from_secs(config.boot_timeout_secs),
-    ) {
-        Ok(a) => a,
-        Err(e) => return Err(exited(dir, child)?.unwrap_or(e.into())),
-    };
+    match AgentClient::connect(endpoint, Duration::from_secs(config.boot_timeout_secs)) {
+        Ok(a) => Ok(a),
+        Err(e) => Err(exited(dir, child)?.unwrap_or(e.into())),
+    }
+}
+
+/// Has the agent set up the pod (the first connection kept for later
+/// calls); `restored` when the guest is a template's clone, whose NIC has
+/// the template's MAC.
+fn set_up_sandbox(
+    config: &Config,
+    dir: &PodDir,
+    spec: &VmSpec,
+    first: AgentClient,
+    restored: bool,
+) -> Result<AgentPool, VmError> {
     // A guest that stops answering fails the call, not the shim's whole
     // task API (the agent bounds its own steps at 30 s).
     let agent = AgentPool::new(
-        endpoint,
+        Endpoint::Vsock {
+            uds: dir.vsock(),
+            port: DEFAULT_AGENT_PORT,
+        },
         Duration::from_secs(config.agent_timeout_secs),
         Some(first),
     );
+    let fresh = if restored {
+        Some(husk_protocol::Restored::now().map_err(io("read this host's entropy and clock"))?)
+    } else {
+        None
+    };
     agent.call(Request::CreateSandbox(Sandbox {
         hostname: spec.hostname.clone(),
-        interfaces: spec.network.iter().map(|n| n.interface.clone()).collect(),
+        interfaces: spec
+            .network
+            .iter()
+            .map(|n| {
+                let mut i = n.interface.clone();
+                if restored {
+                    i.device_mac = Some(crate::template::TEMPLATE_MAC.to_string());
+                }
+                i
+            })
+            .collect(),
         routes: spec.network.iter().flat_map(|n| n.routes.clone()).collect(),
+        restored: fresh,
         ..Default::default()
     }))?;
+    Ok(agent)
+}
+
+/// Configures and starts the VM through husk's API, then waits for the
+/// agent and has it set up the pod.
+fn configure(
+    config: &Config,
+    dir: &PodDir,
+    spec: &VmSpec,
+    slots: &[SlotSpec],
+    child: &mut Child,
+) -> Result<(ApiClient, AgentPool), VmError> {
+    let api = wait_for_api(dir, child)?;
+    let mac = spec.network.as_ref().map(|n| n.interface.mac.clone());
+    configure_devices(&api, config, dir, spec, slots, mac.as_deref())?;
+    api.action(ActionType::InstanceStart)?;
+    let first = connect_agent(config, dir, child)?;
+    let agent = set_up_sandbox(config, dir, spec, first, false)?;
+    Ok((api, agent))
+}
+
+/// Restores the VM from `template` through husk's API (`PUT
+/// /snapshot/load`) with the pod's own tap, MAC, spare drives, share
+/// socket and vsock socket in place of the template's, then has the agent
+/// make the clone the pod's and set the pod up.
+fn restore(
+    config: &Config,
+    dir: &PodDir,
+    spec: &VmSpec,
+    slots: &[SlotSpec],
+    template: &crate::template::Template,
+    child: &mut Child,
+) -> Result<(ApiClient, AgentPool), VmError> {
+    let t0 = Instant::now();
+    let api = wait_for_api(dir, child)?;
+    let jail = spec.jail.as_deref();
+    put_metrics(&api, jail, dir)?;
+    let mut drives = Vec::with_capacity(slots.len());
+    for slot in slots {
+        let placeholder = make_placeholder(jail, slot)?;
+        drives.push(serde_json::json!({"drive_id": slot.id, "path_on_host": placeholder}));
+    }
+    let mut load = serde_json::json!({
+        "snapshot_path": husk_path(jail, &template.state())?,
+        "mem_backend": {"backend_type": "File", "backend_path": husk_path(jail, &template.mem())?},
+        "resume_vm": true,
+        "vsock_override": {"uds_path": husk_path(jail, &dir.vsock())?},
+        "drive_overrides": drives,
+    });
+    if let Some(net) = &spec.network {
+        load["network_overrides"] = serde_json::json!([{
+            "iface_id": IFACE_ID,
+            "host_dev_name": network::TAP,
+            "guest_mac": net.interface.mac,
+        }]);
+    }
+    if spec.share.is_some() {
+        load["fs_overrides"] = serde_json::json!([{
+            "id": FS_ID,
+            "socket": husk_path(jail, &crate::virtiofsd::socket(dir))?,
+        }]);
+    }
+    api.load_snapshot(&load)?;
+    let first = connect_agent(config, dir, child)?;
+    let agent = set_up_sandbox(config, dir, spec, first, true)?;
+    tracing::info!(pod = %spec.id, ms = t0.elapsed().as_millis() as u64,
+        template = %template.dir().display(), "the pod's microVM was restored from its template");
     Ok((api, agent))
 }
 
