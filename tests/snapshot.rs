@@ -360,7 +360,7 @@ echo NODE-DONE
     let expect = [
         (
             "version",
-            "snapshot format version 2; this husk reads version 1",
+            "snapshot format version 3; this husk reads version 2",
         ),
         ("truncated", "truncated"),
         ("corrupt", "checksum does not match"),

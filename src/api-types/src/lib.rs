@@ -476,6 +476,27 @@ pub struct VsockOverride {
     pub uds_path: PathBuf,
 }
 
+/// husk only: a drive's new backing file for a restored VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    /// The drive's id in the snapshot.
+    pub drive_id: String,
+    /// The file to open instead of the snapshot's (which need not exist).
+    /// Of another size, the guest is told of the new capacity.
+    pub path_on_host: PathBuf,
+}
+
+/// husk only: a virtio-fs device's new backend for a restored VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsOverride {
+    /// The device's id in the snapshot.
+    pub id: String,
+    /// The vhost-user backend's socket to connect to instead.
+    pub socket: PathBuf,
+}
+
 /// `PUT /snapshot/load` body (and `"snapshot-load"` in a config file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -497,6 +518,13 @@ pub struct SnapshotLoadParams {
     /// A socket to use instead of the snapshot's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<VsockOverride>,
+    /// husk only: backing files to open instead of the snapshot's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drive_overrides: Vec<DriveOverride>,
+    /// husk only: virtio-fs backends to connect to instead of the
+    /// snapshot's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fs_overrides: Vec<FsOverride>,
     /// Dirty page tracking (only false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub track_dirty_pages: Option<bool>,
@@ -525,6 +553,8 @@ impl SnapshotLoadParams {
             resume_vm: false,
             network_overrides: Vec::new(),
             vsock_override: None,
+            drive_overrides: Vec::new(),
+            fs_overrides: Vec::new(),
             track_dirty_pages: None,
             enable_diff_snapshots: None,
             clock_realtime: None,
@@ -725,6 +755,24 @@ mod tests {
         );
         assert!(serde_json::from_str::<SnapshotLoadParams>(
             r#"{"snapshot_path":"/s","mem_backend":{"backend_type":"Disk","backend_path":"/m"}}"#
+        )
+        .is_err());
+        // husk's overrides, as the shim sends them.
+        let o: SnapshotLoadParams = serde_json::from_str(
+            r#"{"snapshot_path":"/s","mem_file_path":"/m",
+                "drive_overrides":[{"drive_id":"rootfs","path_on_host":"/pods/a/root.img"}],
+                "fs_overrides":[{"id":"share","socket":"/pods/a/fs.sock"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(o.drive_overrides[0].drive_id, "rootfs");
+        assert_eq!(
+            o.drive_overrides[0].path_on_host,
+            PathBuf::from("/pods/a/root.img")
+        );
+        assert_eq!(o.fs_overrides[0].id, "share");
+        assert_eq!(o.fs_overrides[0].socket, PathBuf::from("/pods/a/fs.sock"));
+        assert!(serde_json::from_str::<SnapshotLoadParams>(
+            r#"{"snapshot_path":"/s","mem_file_path":"/m","fs_overrides":[{"id":"a","path":"/x"}]}"#
         )
         .is_err());
     }

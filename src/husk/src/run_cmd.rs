@@ -625,6 +625,8 @@ fn build_vm(
         mem_file_path: template.mem(),
         net_overrides: Vec::new(),
         vsock_uds_path: Some(uds.to_path_buf()),
+        drive_overrides: Vec::new(),
+        fs_overrides: Vec::new(),
         serial: SerialOutput::File(console.to_path_buf()),
     };
     let restored = Vmm::restore(&params, Arc::new(vmm::metrics::Metrics::default()))

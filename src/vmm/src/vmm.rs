@@ -221,6 +221,17 @@ fn host_mem_mib() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// What this host allows a VM (vCPUs, address width, memory, KVM slots).
+pub(crate) fn host_limits(kvm: &kvm_ioctls::Kvm, host_cpuid: &kvm_bindings::CpuId) -> HostLimits {
+    HostLimits {
+        kvm_max_vcpus: kvm.get_max_vcpus(),
+        phys_address_bits: cpuid::phys_address_bits(host_cpuid),
+        host_mem_mib: host_mem_mib(),
+        kvm_memslots: usize::try_from(kvm.check_extension_int(kvm_ioctls::Cap::NrMemslots))
+            .unwrap_or(0),
+    }
+}
+
 /// The first GSI handed to virtio devices (4 is the serial port).
 pub(crate) const FIRST_VIRTIO_GSI: u32 = 5;
 
@@ -314,8 +325,8 @@ fn attach_drives(
 
 /// The hot-pluggable memory attached to the VM.
 pub(crate) struct AttachedMem {
-    device: Arc<Mutex<Mem>>,
-    transport: Arc<Mutex<MmioTransport>>,
+    pub(crate) device: Arc<Mutex<Mem>>,
+    pub(crate) transport: Arc<Mutex<MmioTransport>>,
 }
 
 /// Appends `word` to `cmdline` unless the command line already sets its
@@ -354,6 +365,17 @@ pub(crate) enum AttachedDevice {
         /// What it was built with.
         config: crate::config::VsockConfig,
     },
+    /// A virtio-fs device (saved only while the guest never used it).
+    Fs {
+        /// The device.
+        device: Arc<Mutex<Fs>>,
+    },
+    /// The virtio-mem device (also in `Vmm::mem_hotplug`; saved only with
+    /// nothing plugged).
+    Mem {
+        /// The device.
+        device: Arc<Mutex<Mem>>,
+    },
 }
 
 /// A virtio device in its MMIO slot.
@@ -376,8 +398,10 @@ pub struct Vmm {
     pub(crate) drives: Vec<AttachedDrive>,
     /// The virtio-mem device, if the VM has hot-pluggable memory.
     pub(crate) mem_hotplug: Option<AttachedMem>,
-    /// The virtio-fs devices (not in `virtio`: they cannot be snapshotted).
-    pub(crate) fs: Vec<Arc<Mutex<Fs>>>,
+    /// The vCPUs the guest booted with (`maxcpus=`); the rest of the
+    /// vCPUs are the hot-pluggable ones, parked until the guest onlines
+    /// them.
+    pub(crate) boot_vcpus: u8,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) serial: Arc<Mutex<Serial>>,
     /// Every virtio device, in slot order (for snapshots).
@@ -405,13 +429,7 @@ impl Vmm {
         let host_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::SupportedCpuid)?;
-        let limits = HostLimits {
-            kvm_max_vcpus: kvm.get_max_vcpus(),
-            phys_address_bits: cpuid::phys_address_bits(&host_cpuid),
-            host_mem_mib: host_mem_mib(),
-            kvm_memslots: usize::try_from(kvm.check_extension_int(kvm_ioctls::Cap::NrMemslots))
-                .unwrap_or(0),
-        };
+        let limits = host_limits(&kvm, &host_cpuid);
         let vcpu_count = check_vcpus(config.vcpus, &limits)?;
         // vCPUs beyond vcpu_count are built and parked: the guest boots
         // with maxcpus=vcpu_count and brings them online later.
@@ -537,7 +555,6 @@ impl Vmm {
             });
             tracing::debug!(cid = vsock.guest_cid, "virtio-vsock attached");
         }
-        let mut fs = Vec::with_capacity(config.fs.len());
         for f in &config.fs {
             let dev = Fs::new(f).map_err(|source| VmmError::Fs {
                 id: f.id.clone(),
@@ -545,7 +562,8 @@ impl Vmm {
             })?;
             metrics.register_device("fs", &f.id, dev.metrics());
             let dev = Arc::new(Mutex::new(dev));
-            slots.attach(
+            let slot = slots.next;
+            let transport = slots.attach(
                 &vm,
                 &mem,
                 &mut mmio,
@@ -553,8 +571,12 @@ impl Vmm {
                 dev.clone(),
                 &mut device_cmdline,
             )?;
+            virtio.push(VirtioSlot {
+                slot,
+                transport,
+                device: AttachedDevice::Fs { device: dev },
+            });
             tracing::debug!(fs = %f.id, tag = %f.tag, socket = %f.socket.display(), "virtio-fs attached");
-            fs.push(dev);
         }
         let mem_hotplug = match hotplug {
             Some(region) => {
@@ -562,6 +584,7 @@ impl Vmm {
                 let dev = Mem::new(region, mem.clone(), Box::new(kvm_slots))?;
                 metrics.register_device("mem", "hotplug", dev.metrics());
                 let device = Arc::new(Mutex::new(dev));
+                let slot = slots.next;
                 let transport = slots.attach(
                     &vm,
                     &mem,
@@ -570,6 +593,13 @@ impl Vmm {
                     device.clone(),
                     &mut device_cmdline,
                 )?;
+                virtio.push(VirtioSlot {
+                    slot,
+                    transport: transport.clone(),
+                    device: AttachedDevice::Mem {
+                        device: device.clone(),
+                    },
+                });
                 tracing::debug!(
                     addr = region.addr,
                     size = region.size,
@@ -630,7 +660,7 @@ impl Vmm {
             image_load,
             drives,
             mem_hotplug,
-            fs,
+            boot_vcpus: vcpu_count,
             i8042,
             serial,
             virtio,

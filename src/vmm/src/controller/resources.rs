@@ -104,13 +104,24 @@ pub enum ResourceError {
     /// Not exactly one memory backend in a snapshot load.
     #[error("give the memory file as mem_backend (backend_type File) or mem_file_path, not both or neither")]
     MemBackend,
-    /// A snapshot of a VM with hot-pluggable memory (its virtio-mem
-    /// device's state is not saved).
-    #[error("a microVM with hot-pluggable memory cannot be snapshotted: husk does not save the virtio-mem device's state")]
-    SnapshotMemHotplug,
-    /// Two overrides for one interface.
-    #[error("network interface {0:?} is overridden twice")]
-    DuplicateOverride(String),
+    /// Two overrides for one device.
+    #[error("{kind} {id:?} is overridden twice")]
+    DuplicateOverride {
+        /// What kind of device ("network interface", "drive", ...).
+        kind: &'static str,
+        /// Its id.
+        id: String,
+    },
+    /// An override's path that cannot be used.
+    #[error("the {kind} override for {id:?} has an invalid path {path:?} (empty, or too long for a unix socket)")]
+    OverridePath {
+        /// What kind of device.
+        kind: &'static str,
+        /// Its id.
+        id: String,
+        /// The path given.
+        path: std::path::PathBuf,
+    },
     /// PATCH /machine-config before PUT.
     #[error("machine configuration can only be patched after it was put")]
     NoMachineConfig,

@@ -1,31 +1,30 @@
 //! The snapshot requests' checks and their translation for the VMM:
 //! `PUT /snapshot/create` (Full only, the VM paused) and
-//! `PUT /snapshot/load` (a File memory backend, Firecracker's overrides;
-//! what husk does not do is refused rather than ignored), and the
+//! `PUT /snapshot/load` (a File memory backend, Firecracker's overrides
+//! and husk's own for drives and virtio-fs backends; what husk does not do
+//! is refused rather than ignored), and the
 //! configuration a restored VM reports in `GET /vm/config`.
 
 pub use husk_api_types::{
-    MemBackend, MemBackendType, NetworkOverride, SnapshotCreateParams, SnapshotLoadParams,
-    SnapshotType, VsockOverride,
+    DriveOverride, FsOverride, MemBackend, MemBackendType, NetworkOverride, SnapshotCreateParams,
+    SnapshotLoadParams, SnapshotType, VsockOverride,
 };
 
 use super::resources::{
-    check_id, parse_mac, Drive, MachineConfig, NetworkInterface, ResourceError, VmResources, Vsock,
+    check_id, parse_mac, Drive, FsConfig, MachineConfig, MemoryHotplugConfig, NetworkInterface,
+    ResourceError, VmResources, Vsock,
 };
 use crate::config::{SerialOutput, VsockConfig};
-use crate::persist::{LoadParams, NetOverride};
+use crate::persist::{self, LoadParams, NetOverride};
 use crate::vmm::Vmm;
 
-/// Checks a create request against the VM's configuration. A VM with
-/// hot-pluggable memory is refused here, before the VM is touched or a file
-/// written: its virtio-mem device and plugged blocks are not saved.
+/// Checks a create request before the VM is touched or a file written.
+/// (What only the VM knows, such as plugged memory or a used virtio-fs
+/// device, the VMM refuses itself, also before writing anything.)
 pub fn check_create(
     params: &SnapshotCreateParams,
-    configured: &VmResources,
+    _configured: &VmResources,
 ) -> Result<(), ResourceError> {
-    if configured.memory_hotplug.is_some() {
-        return Err(ResourceError::SnapshotMemHotplug);
-    }
     if params.snapshot_type == SnapshotType::Diff {
         return Err(ResourceError::Unsupported("a Diff snapshot"));
     }
@@ -88,7 +87,10 @@ pub fn load_params(
             .iter()
             .any(|n: &NetOverride| n.iface_id == o.iface_id)
         {
-            return Err(ResourceError::DuplicateOverride(o.iface_id.clone()));
+            return Err(ResourceError::DuplicateOverride {
+                kind: "network interface",
+                id: o.iface_id.clone(),
+            });
         }
         net_overrides.push(NetOverride {
             iface_id: o.iface_id.clone(),
@@ -114,8 +116,65 @@ pub fn load_params(
         mem_file_path,
         net_overrides,
         vsock_uds_path,
+        drive_overrides: drive_overrides(&params.drive_overrides)?,
+        fs_overrides: fs_overrides(&params.fs_overrides)?,
         serial,
     })
+}
+
+/// Checks `drive_overrides`: valid ids, each once, a path. Whether the
+/// snapshot has such drives is the restore's check (before anything runs).
+fn drive_overrides(given: &[DriveOverride]) -> Result<Vec<persist::DriveOverride>, ResourceError> {
+    let mut out: Vec<persist::DriveOverride> = Vec::with_capacity(given.len());
+    for o in given {
+        check_id("drive", &o.drive_id)?;
+        if out.iter().any(|d| d.drive_id == o.drive_id) {
+            return Err(ResourceError::DuplicateOverride {
+                kind: "drive",
+                id: o.drive_id.clone(),
+            });
+        }
+        if o.path_on_host.as_os_str().is_empty() {
+            return Err(ResourceError::OverridePath {
+                kind: "drive",
+                id: o.drive_id.clone(),
+                path: o.path_on_host.clone(),
+            });
+        }
+        out.push(persist::DriveOverride {
+            drive_id: o.drive_id.clone(),
+            path_on_host: o.path_on_host.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// Checks `fs_overrides`: valid ids, each once, a socket path that fits a
+/// unix socket address.
+fn fs_overrides(given: &[FsOverride]) -> Result<Vec<persist::FsOverride>, ResourceError> {
+    let mut out: Vec<persist::FsOverride> = Vec::with_capacity(given.len());
+    for o in given {
+        check_id("file system", &o.id)?;
+        if out.iter().any(|f| f.id == o.id) {
+            return Err(ResourceError::DuplicateOverride {
+                kind: "file system",
+                id: o.id.clone(),
+            });
+        }
+        let len = o.socket.as_os_str().len();
+        if len == 0 || len > 107 {
+            return Err(ResourceError::OverridePath {
+                kind: "file system",
+                id: o.id.clone(),
+                path: o.socket.clone(),
+            });
+        }
+        out.push(persist::FsOverride {
+            id: o.id.clone(),
+            socket: o.socket.clone(),
+        });
+    }
+    Ok(out)
 }
 
 /// What a restored VM reports as its configuration: its machine and
@@ -124,11 +183,21 @@ pub fn restored_resources(vmm: &Vmm, kept: &VmResources) -> VmResources {
     let d = vmm.describe();
     VmResources {
         boot_source: None,
-        // A VM with virtio-fs cannot be snapshotted, so none is restored.
-        fs: Vec::new(),
+        fs: d
+            .fs
+            .iter()
+            .map(|f| FsConfig {
+                id: f.id.clone(),
+                tag: f.tag.clone(),
+                socket: f.socket.clone(),
+                num_queues: u64::from(f.num_queues),
+                queue_size: u64::from(f.queue_size),
+            })
+            .collect(),
         machine_config: MachineConfig {
             vcpu_count: d.vcpu_count,
             mem_size_mib: d.mem_size_mib,
+            max_vcpu_count: (d.max_vcpu_count > d.vcpu_count).then_some(d.max_vcpu_count),
             ..Default::default()
         },
         drives: d
@@ -162,8 +231,11 @@ pub fn restored_resources(vmm: &Vmm, kept: &VmResources) -> VmResources {
         }),
         logger: kept.logger.clone(),
         metrics: kept.metrics.clone(),
-        // A VM with hot-pluggable memory is never snapshotted.
-        memory_hotplug: None,
+        memory_hotplug: d.mem_hotplug.map(|r| MemoryHotplugConfig {
+            total_size_mib: r.size >> 20,
+            block_size_mib: r.block_size >> 20,
+            slot_size_mib: r.slot_size >> 20,
+        }),
         snapshot_load: None,
     }
 }
@@ -195,22 +267,96 @@ mod tests {
     }
 
     #[test]
-    fn create_refuses_a_vm_with_hot_pluggable_memory() {
-        let dir = std::env::temp_dir().join(format!("husk-snap-hotplug-{}", std::process::id()));
+    fn create_takes_a_vm_with_hot_pluggable_memory_and_file_systems() {
+        // Whether they can be saved is the VMM's call (nothing plugged,
+        // no request sent), made before it writes anything.
         let p = SnapshotCreateParams {
             snapshot_type: SnapshotType::Full,
-            snapshot_path: dir.join("state"),
-            mem_file_path: dir.join("mem"),
+            snapshot_path: "/s".into(),
+            mem_file_path: "/m".into(),
         };
-        let with_hotplug = VmResources {
+        let template = VmResources {
             memory_hotplug: Some(husk_api_types::MemoryHotplugConfig::new(1024)),
+            fs: vec![FsConfig {
+                id: "share".into(),
+                tag: "share".into(),
+                socket: "/fs.sock".into(),
+                num_queues: 1,
+                queue_size: 1024,
+            }],
             ..VmResources::default()
         };
-        let err = check_create(&p, &with_hotplug).unwrap_err();
-        assert!(matches!(err, ResourceError::SnapshotMemHotplug), "{err:?}");
-        assert!(err.to_string().contains("hot-pluggable memory"), "{err}");
-        // Refused before anything was written.
-        assert!(!dir.exists());
+        assert!(check_create(&p, &template).is_ok());
+    }
+
+    #[test]
+    fn drive_and_fs_overrides_are_checked_and_passed_on() {
+        let mut p = SnapshotLoadParams::new("/s", "/m");
+        p.drive_overrides.push(DriveOverride {
+            drive_id: "rootfs".into(),
+            path_on_host: "/pods/a/root.img".into(),
+        });
+        p.fs_overrides.push(FsOverride {
+            id: "share".into(),
+            socket: "/pods/a/fs.sock".into(),
+        });
+        let l = load_params(&p, SerialOutput::Sink).unwrap();
+        assert_eq!(
+            l.drive_overrides,
+            [persist::DriveOverride {
+                drive_id: "rootfs".into(),
+                path_on_host: "/pods/a/root.img".into()
+            }]
+        );
+        assert_eq!(
+            l.fs_overrides,
+            [persist::FsOverride {
+                id: "share".into(),
+                socket: "/pods/a/fs.sock".into()
+            }]
+        );
+
+        let mut twice = p.clone();
+        twice.drive_overrides.push(twice.drive_overrides[0].clone());
+        let err = load_params(&twice, SerialOutput::Sink).unwrap_err();
+        assert!(
+            matches!(&err, ResourceError::DuplicateOverride { kind: "drive", id } if id == "rootfs"),
+            "{err:?}"
+        );
+        let mut twice = p.clone();
+        twice.fs_overrides.push(twice.fs_overrides[0].clone());
+        assert!(matches!(
+            load_params(&twice, SerialOutput::Sink),
+            Err(ResourceError::DuplicateOverride {
+                kind: "file system",
+                ..
+            })
+        ));
+        let mut bad_id = p.clone();
+        bad_id.fs_overrides[0].id = "a/b".into();
+        assert!(matches!(
+            load_params(&bad_id, SerialOutput::Sink),
+            Err(ResourceError::InvalidId { .. })
+        ));
+        let mut no_path = p.clone();
+        no_path.drive_overrides[0].path_on_host = "".into();
+        assert!(matches!(
+            load_params(&no_path, SerialOutput::Sink),
+            Err(ResourceError::OverridePath { kind: "drive", .. })
+        ));
+        let mut long_sock = p;
+        long_sock.fs_overrides[0].socket = "/x".repeat(60).into();
+        let err = load_params(&long_sock, SerialOutput::Sink).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ResourceError::OverridePath {
+                    kind: "file system",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -271,7 +417,7 @@ mod tests {
         }
         assert!(matches!(
             load_params(&twice, SerialOutput::Sink),
-            Err(ResourceError::DuplicateOverride(id)) if id == "eth0"
+            Err(ResourceError::DuplicateOverride { id, .. }) if id == "eth0"
         ));
         let mut long_sock = ok;
         long_sock.vsock_override = Some(VsockOverride {

@@ -17,10 +17,21 @@
 //! through the page cache, by every VM restored from the same file.
 //!
 //! A restored VM is a new process's VM: drives are opened again from their
-//! paths, network interfaces attach to their taps (or the ones given in
-//! [`LoadParams::net_overrides`]), and the vsock device listens on its
-//! socket (or [`LoadParams::vsock_uds_path`]) with no streams, after
-//! telling the guest its transport was reset.
+//! paths (or [`LoadParams::drive_overrides`]), network interfaces attach
+//! to their taps (or the ones given in [`LoadParams::net_overrides`]), the
+//! vsock device listens on its socket (or [`LoadParams::vsock_uds_path`])
+//! with no streams, after telling the guest its transport was reset, and
+//! virtio-fs devices connect to their backends (or
+//! [`LoadParams::fs_overrides`]) and, if the driver had started them, hand
+//! them guest memory and the rings before the guest runs.
+//!
+//! Two kinds of device are saved only in the state a template VM has them
+//! in: a virtio-fs device the guest never sent a request (its FUSE session
+//! would live in the backend), and a virtio-mem device with nothing
+//! plugged (its region is then left out of the memory file and rebuilt
+//! empty). A VM with a vhost-user device needs guest memory the backend
+//! can map: its restore copies the memory file's data into memfds
+//! ([`memory::from_file_shared`]) instead of mapping the file.
 
 pub mod format;
 
@@ -36,12 +47,16 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::ram_regions;
-use crate::config::{SerialOutput, MIN_MEM_MIB};
+use crate::config::{HostLimits, MemHotplugConfig, SerialOutput, MIN_MEM_MIB};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::persist::{I8042State, SerialSnapshot};
 use crate::devices::legacy::{i8042, serial, Serial, I8042};
 use crate::devices::virtio::block::persist::BlockState;
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::fs::persist::{FsSnapshotError, FsState};
+use crate::devices::virtio::fs::{Fs, FsError};
+use crate::devices::virtio::mem::persist::{MemSnapshotError, MemState};
+use crate::devices::virtio::mem::Mem;
 use crate::devices::virtio::net::persist::NetState;
 use crate::devices::virtio::net::MacAddr;
 use crate::devices::virtio::net::Net;
@@ -50,7 +65,9 @@ use crate::devices::virtio::vsock::persist::VsockState;
 use crate::devices::virtio::vsock::Vsock;
 use crate::exit::{ExitNotifier, ResetTrigger};
 use crate::metrics::Metrics;
-use crate::vmm::{AttachedDevice, AttachedDrive, MmioSlots, VirtioSlot, Vmm, VmmError};
+use crate::vmm::{
+    AttachedDevice, AttachedDrive, AttachedMem, MmioSlots, VirtioSlot, Vmm, VmmError,
+};
 use crate::vstate::memory::{self, MemoryFileError, RegionState};
 use crate::vstate::persist::{msrs_to_save, CpuModel, StateError, VcpuState, VmState};
 use crate::vstate::vcpu::{PauseGate, Vcpu, VcpuShared};
@@ -92,6 +109,10 @@ pub enum DeviceState {
     Net(NetState),
     /// The vsock device.
     Vsock(VsockState),
+    /// A virtio-fs device the guest has not used.
+    Fs(FsState),
+    /// The virtio-mem device, with nothing plugged.
+    Mem(MemState),
 }
 
 /// A virtio device in a snapshot.
@@ -112,11 +133,16 @@ pub struct MicrovmState {
     pub husk_version: String,
     /// The CPU model of the host it was taken on.
     pub cpu: CpuModel,
-    /// Number of vCPUs.
+    /// Number of vCPUs (all of them: the ones the guest booted with and
+    /// the hot-pluggable ones).
     pub vcpu_count: u8,
-    /// Guest memory in MiB.
+    /// The vCPUs the guest booted with (`maxcpus=`); the others wait for
+    /// the guest to online them.
+    pub boot_vcpu_count: u8,
+    /// Guest memory in MiB (boot RAM; the hot-pluggable region is the
+    /// virtio-mem device's).
     pub mem_size_mib: u64,
-    /// Guest memory's regions and where they are in the memory file.
+    /// Guest RAM's regions and where they are in the memory file.
     pub memory: Vec<RegionState>,
     /// Interrupt controllers, PIT, clock.
     pub vm: VmState,
@@ -133,12 +159,12 @@ pub struct MicrovmState {
 /// Why a snapshot could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    /// The VM has a virtio-mem device, whose state is not saved.
-    #[error("a microVM with hot-pluggable memory cannot be snapshotted")]
-    MemHotplug,
-    /// The VM has a virtio-fs device, whose backend's state is not saved.
-    #[error("a microVM with a virtio-fs device cannot be snapshotted")]
-    Fs,
+    /// The virtio-mem device has memory plugged.
+    #[error(transparent)]
+    MemHotplug(#[from] MemSnapshotError),
+    /// A virtio-fs device cannot be saved (the guest used it).
+    #[error(transparent)]
+    Fs(#[from] FsSnapshotError),
     /// The vCPUs are running.
     #[error("the microVM must be paused to snapshot it (PATCH /vm with state Paused)")]
     NotPaused,
@@ -244,6 +270,34 @@ pub enum RestoreError {
     /// A vsock override for a snapshot without vsock.
     #[error("the snapshot has no vsock device to override")]
     NoVsock,
+    /// A drive override names a drive the snapshot does not have.
+    #[error("the snapshot has no drive {0:?} to override")]
+    NoSuchDrive(String),
+    /// A virtio-fs override names a device the snapshot does not have.
+    #[error("the snapshot has no virtio-fs device {0:?} to override")]
+    NoSuchFs(String),
+    /// The boot vCPU count does not fit the vCPUs.
+    #[error("the snapshot's guest booted with {boot} of its {count} vCPUs")]
+    BootVcpus {
+        /// vCPUs the guest booted with.
+        boot: u8,
+        /// vCPUs in the snapshot.
+        count: u8,
+    },
+    /// The hot-pluggable region is not where a boot of this machine puts it.
+    #[error(
+        "the snapshot's hot-pluggable memory region is not the one husk gives a {0} MiB microVM"
+    )]
+    HotplugLayout(u64),
+    /// A virtio-fs device's backend refused the restored device.
+    #[error("the backend of virtio-fs device {id} cannot take the restored device")]
+    FsBackend {
+        /// The device id.
+        id: String,
+        /// What failed.
+        #[source]
+        source: FsError,
+    },
     /// Two devices of the snapshot claim one slot, or a slot is out of range.
     #[error("the snapshot's device slot {0} is invalid or taken twice")]
     Slot(u32),
@@ -290,6 +344,24 @@ pub struct NetOverride {
     pub guest_mac: Option<MacAddr>,
 }
 
+/// A drive's replacement backing file for a restored VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveOverride {
+    /// The drive id in the snapshot.
+    pub drive_id: String,
+    /// The file to open instead (the snapshot's need not exist).
+    pub path_on_host: PathBuf,
+}
+
+/// A virtio-fs device's replacement backend for a restored VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsOverride {
+    /// The device id in the snapshot.
+    pub id: String,
+    /// The backend's socket to connect to instead.
+    pub socket: PathBuf,
+}
+
 /// What loading a snapshot needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadParams {
@@ -301,6 +373,10 @@ pub struct LoadParams {
     pub net_overrides: Vec<NetOverride>,
     /// The vsock socket to listen on instead of the snapshot's.
     pub vsock_uds_path: Option<PathBuf>,
+    /// Drives' backing files to open instead of the snapshot's.
+    pub drive_overrides: Vec<DriveOverride>,
+    /// virtio-fs backends to connect to instead of the snapshot's.
+    pub fs_overrides: Vec<FsOverride>,
     /// Where the restored guest's console goes.
     pub serial: SerialOutput,
 }
@@ -347,19 +423,48 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Vmm {
+    /// Guest RAM's regions as a memory file holds them: every region but
+    /// the hot-pluggable one (saved only with nothing plugged, so nothing
+    /// of it is worth keeping).
+    fn ram_regions(&self) -> Vec<RegionState> {
+        let hotplug = self
+            .mem_hotplug
+            .as_ref()
+            .map(|m| lock(&m.device).region().addr);
+        memory::region_states_except(&self.mem, hotplug)
+    }
+
     /// The state of the paused VM (vCPUs answer from their threads).
     fn save_state(&mut self) -> Result<MicrovmState, SnapshotError> {
-        if self.mem_hotplug.is_some() {
-            // Neither the device nor its plugged blocks would be restored.
-            return Err(SnapshotError::MemHotplug);
-        }
-        if !self.fs.is_empty() {
-            // The backend's state (open files, its view of the rings) is
-            // another process's and is not saved.
-            return Err(SnapshotError::Fs);
-        }
         if !self.is_paused() {
             return Err(SnapshotError::NotPaused);
+        }
+        // The devices first: the ones that cannot be saved in their state
+        // (plugged memory, a used virtio-fs device) refuse before a vCPU
+        // is asked for anything.
+        let mut devices = Vec::with_capacity(self.virtio.len());
+        for slot in &self.virtio {
+            let transport = lock(&slot.transport).save_state();
+            let device = match &slot.device {
+                AttachedDevice::Block { device, is_root } => {
+                    DeviceState::Block(lock(device).save_state(*is_root))
+                }
+                AttachedDevice::Net { device, config } => {
+                    DeviceState::Net(NetState::new(config, &lock(device)))
+                }
+                AttachedDevice::Vsock { device, config } => {
+                    DeviceState::Vsock(VsockState::new(config, &lock(device)))
+                }
+                AttachedDevice::Fs { device } => {
+                    DeviceState::Fs(lock(device).save_state(&self.mem)?)
+                }
+                AttachedDevice::Mem { device } => DeviceState::Mem(lock(device).save_state()?),
+            };
+            devices.push(VirtioDeviceState {
+                slot: slot.slot,
+                transport,
+                device,
+            });
         }
         let count = self.vcpu_threads.len();
         let answers = self.shared.pause.request_state(self.host.msrs.clone());
@@ -381,34 +486,12 @@ impl Vmm {
         self.shared.pause.clear_state_request();
         vcpus.sort_by_key(|v| v.index);
         let vm = VmState::save(self.vm.fd()).map_err(SnapshotError::State)?;
-        let devices = self
-            .virtio
-            .iter()
-            .map(|slot| {
-                let transport = lock(&slot.transport).save_state();
-                let device = match &slot.device {
-                    AttachedDevice::Block { device, is_root } => {
-                        DeviceState::Block(lock(device).save_state(*is_root))
-                    }
-                    AttachedDevice::Net { device, config } => {
-                        DeviceState::Net(NetState::new(config, &lock(device)))
-                    }
-                    AttachedDevice::Vsock { device, config } => {
-                        DeviceState::Vsock(VsockState::new(config, &lock(device)))
-                    }
-                };
-                VirtioDeviceState {
-                    slot: slot.slot,
-                    transport,
-                    device,
-                }
-            })
-            .collect();
-        let memory = memory::region_states(&self.mem);
+        let memory = self.ram_regions();
         Ok(MicrovmState {
             husk_version: env!("CARGO_PKG_VERSION").to_string(),
             cpu: self.host.cpu.clone(),
             vcpu_count: vcpus.len() as u8,
+            boot_vcpu_count: self.boot_vcpus,
             mem_size_mib: memory::file_size(&memory) >> 20,
             memory,
             vm,
@@ -431,11 +514,12 @@ impl Vmm {
         let state = self.save_state()?;
         let bytes = format::encode(&state).map_err(SnapshotError::Encode)?;
         let mem_file = create_file(mem_file_path)?;
-        let mem_written =
-            memory::dump(&self.mem, &mem_file).map_err(|source| SnapshotError::Memory {
+        let mem_written = memory::dump(&self.mem, &state.memory, &mem_file).map_err(|source| {
+            SnapshotError::Memory {
                 path: mem_file_path.to_path_buf(),
                 source,
-            })?;
+            }
+        })?;
         let state_file = create_file(snapshot_path)?;
         std::io::Write::write_all(&mut &state_file, &bytes).map_err(|source| {
             SnapshotError::Write {
@@ -469,20 +553,59 @@ impl Vmm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(VmmError::SupportedCpuid)?;
         let host = HostInfo::read(&kvm, &host_cpuid)?;
-        check_state(&state, &host, kvm.get_max_vcpus(), params)?;
+        let limits = crate::vmm::host_limits(&kvm, &host_cpuid);
+        check_state(&state, &host, &limits, params)?;
         let mem_file =
             File::open(&params.mem_file_path).map_err(|source| RestoreError::OpenMemory {
                 path: params.mem_file_path.clone(),
                 source,
             })?;
-        let mem =
-            memory::from_file(&mem_file, &state.memory).map_err(|source| RestoreError::Memory {
-                path: params.mem_file_path.clone(),
-                source,
-            })?;
+        let mem_err = |source| RestoreError::Memory {
+            path: params.mem_file_path.clone(),
+            source,
+        };
+        // A vhost-user backend maps guest memory itself: it must be
+        // shared (memfds), as a boot with such a device makes it.
+        let backing = if state
+            .devices
+            .iter()
+            .any(|d| matches!(d.device, DeviceState::Fs(_)))
+        {
+            memory::Backing::Shared
+        } else {
+            memory::Backing::Private
+        };
+        let mem = match backing {
+            memory::Backing::Private => {
+                memory::from_file(&mem_file, &state.memory).map_err(mem_err)?
+            }
+            memory::Backing::Shared => {
+                let t = Instant::now();
+                let (mem, copy) =
+                    memory::from_file_shared(&mem_file, &state.memory).map_err(mem_err)?;
+                tracing::info!(
+                    elapsed_us = t.elapsed().as_micros() as u64,
+                    read_bytes = copy.read_bytes,
+                    copied_bytes = copy.copied_bytes,
+                    extents = copy.extents,
+                    "memory file copied into shared guest memory"
+                );
+                mem
+            }
+        };
 
         let vm = Vm::new(&kvm)?;
         vm.register_memory(&mem)?;
+        // The hot-pluggable region joins guest memory, not KVM, as at boot.
+        let boot_slots = state.memory.len() as u32;
+        let mem = match state.devices.iter().find_map(|d| match &d.device {
+            DeviceState::Mem(m) => Some(m),
+            _ => None,
+        }) {
+            Some(m) => memory::add_region(&mem, vm_memory::GuestAddress(m.addr), m.size, backing)
+                .map_err(VmmError::Memory)?,
+            None => mem,
+        };
         let exit = ExitNotifier::new().map_err(|source| VmmError::Os {
             what: "create the exit eventfd",
             source,
@@ -514,6 +637,7 @@ impl Vmm {
         let mut unused_cmdline = String::new();
         let mut virtio = Vec::with_capacity(state.devices.len());
         let mut drives = Vec::new();
+        let mut mem_hotplug = None;
         let mut resized = Vec::new();
         for dev in &state.devices {
             slots.next = dev.slot;
@@ -525,8 +649,11 @@ impl Vmm {
                     id = b.id.clone();
                     running = b.queues.clone();
                     saved_capacity = Some(b.capacity);
-                    let block =
-                        Arc::new(Mutex::new(Block::new(b.config()).map_err(VmmError::Block)?));
+                    let mut config = b.config();
+                    if let Some(o) = params.drive_overrides.iter().find(|o| o.drive_id == b.id) {
+                        config.path = o.path_on_host.clone();
+                    }
+                    let block = Arc::new(Mutex::new(Block::new(config).map_err(VmmError::Block)?));
                     metrics.register_device("block", &b.id, lock(&block).metrics());
                     let t = slots.attach(
                         &vm,
@@ -605,6 +732,57 @@ impl Vmm {
                         },
                     )
                 }
+                DeviceState::Fs(f) => {
+                    id = f.id.clone();
+                    running = f.queues.clone();
+                    let mut config = f.config();
+                    if let Some(o) = params.fs_overrides.iter().find(|o| o.id == f.id) {
+                        config.socket = o.socket.clone();
+                    }
+                    crate::config::check_fs(std::slice::from_ref(&config))
+                        .map_err(VmmError::Config)?;
+                    let fs_err = |source| VmmError::Fs {
+                        id: f.id.clone(),
+                        source,
+                    };
+                    let dev = Fs::new(&config).map_err(fs_err)?;
+                    metrics.register_device("fs", &f.id, dev.metrics());
+                    tracing::debug!(fs = %f.id, socket = %config.socket.display(), "virtio-fs backend connected");
+                    let dev = Arc::new(Mutex::new(dev));
+                    let t = slots.attach(
+                        &vm,
+                        &mem,
+                        &mut mmio,
+                        &mut event_manager,
+                        dev.clone(),
+                        &mut unused_cmdline,
+                    )?;
+                    (t, AttachedDevice::Fs { device: dev })
+                }
+                DeviceState::Mem(m) => {
+                    id = "hotplug".to_string();
+                    running = m.queues.clone();
+                    let kvm_slots = vm.memory_slots(mem.clone(), boot_slots);
+                    let mut dev = Mem::new(m.region(), mem.clone(), Box::new(kvm_slots))
+                        .map_err(VmmError::MemHotplug)?;
+                    dev.restore_requested_size(m.requested_size)
+                        .map_err(VmmError::MemHotplug)?;
+                    metrics.register_device("mem", "hotplug", dev.metrics());
+                    let dev = Arc::new(Mutex::new(dev));
+                    let t = slots.attach(
+                        &vm,
+                        &mem,
+                        &mut mmio,
+                        &mut event_manager,
+                        dev.clone(),
+                        &mut unused_cmdline,
+                    )?;
+                    mem_hotplug = Some(AttachedMem {
+                        device: dev.clone(),
+                        transport: t.clone(),
+                    });
+                    (t, AttachedDevice::Mem { device: dev })
+                }
             };
             lock(&transport)
                 .restore_state(&dev.transport, &running)
@@ -612,11 +790,26 @@ impl Vmm {
                     id: id.clone(),
                     source,
                 })?;
-            if let AttachedDevice::Block { device, .. } = &attached {
-                if saved_capacity.is_some_and(|c| c != lock(device).capacity()) {
-                    tracing::info!(drive = %id, "the drive's size changed since the snapshot; the guest is told");
-                    resized.push(virtio.len());
+            match &attached {
+                AttachedDevice::Block { device, .. } => {
+                    if saved_capacity.is_some_and(|c| c != lock(device).capacity()) {
+                        tracing::info!(drive = %id, "the drive's size changed since the snapshot; the guest is told");
+                        resized.push(virtio.len());
+                    }
                 }
+                AttachedDevice::Fs { device } => {
+                    // A started device's backend gets guest memory and the
+                    // rings now, as the event loop would after DRIVER_OK:
+                    // a backend that refuses fails the load, before the
+                    // guest runs.
+                    lock(device)
+                        .try_run_pending()
+                        .map_err(|source| RestoreError::FsBackend {
+                            id: id.clone(),
+                            source,
+                        })?;
+                }
+                _ => {}
             }
             virtio.push(VirtioSlot {
                 slot: dev.slot,
@@ -669,8 +862,8 @@ impl Vmm {
             event_manager,
             image_load: Duration::ZERO,
             drives,
-            mem_hotplug: None,
-            fs: Vec::new(),
+            mem_hotplug,
+            boot_vcpus: state.boot_vcpu_count,
             i8042,
             serial,
             virtio,
@@ -686,8 +879,10 @@ impl Vmm {
 /// configuration report).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmDescription {
-    /// Number of vCPUs.
+    /// vCPUs the guest booted with.
     pub vcpu_count: u8,
+    /// All vCPUs, the hot-pluggable ones included.
+    pub max_vcpu_count: u8,
     /// Guest memory in MiB.
     pub mem_size_mib: u64,
     /// Drives, in slot order.
@@ -696,17 +891,24 @@ pub struct VmDescription {
     pub net: Vec<crate::config::NetConfig>,
     /// The vsock device.
     pub vsock: Option<crate::config::VsockConfig>,
+    /// virtio-fs devices, in slot order.
+    pub fs: Vec<crate::config::FsConfig>,
+    /// The hot-pluggable memory region.
+    pub mem_hotplug: Option<crate::devices::virtio::mem::MemRegion>,
 }
 
 impl Vmm {
     /// The VM's machine and devices.
     pub fn describe(&self) -> VmDescription {
         let mut d = VmDescription {
-            vcpu_count: (self.vcpus.len() + self.vcpu_threads.len()) as u8,
-            mem_size_mib: memory::file_size(&memory::region_states(&self.mem)) >> 20,
+            vcpu_count: self.boot_vcpus,
+            max_vcpu_count: (self.vcpus.len() + self.vcpu_threads.len()) as u8,
+            mem_size_mib: memory::file_size(&self.ram_regions()) >> 20,
             drives: Vec::new(),
             net: Vec::new(),
             vsock: None,
+            fs: Vec::new(),
+            mem_hotplug: None,
         };
         for slot in &self.virtio {
             match &slot.device {
@@ -718,6 +920,8 @@ impl Vmm {
                 }
                 AttachedDevice::Net { config, .. } => d.net.push(config.clone()),
                 AttachedDevice::Vsock { config, .. } => d.vsock = Some(config.clone()),
+                AttachedDevice::Fs { device } => d.fs.push(lock(device).config().clone()),
+                AttachedDevice::Mem { device } => d.mem_hotplug = Some(lock(device).region()),
             }
         }
         d
@@ -755,9 +959,10 @@ pub fn write_state(path: &Path, state: &MicrovmState) -> std::io::Result<()> {
 fn check_state(
     state: &MicrovmState,
     host: &HostInfo,
-    kvm_max_vcpus: usize,
+    limits: &HostLimits,
     params: &LoadParams,
 ) -> Result<(), RestoreError> {
+    let kvm_max_vcpus = limits.kvm_max_vcpus;
     let count = state.vcpu_count;
     let indices_ok = state
         .vcpus
@@ -775,6 +980,12 @@ fn check_state(
         return Err(RestoreError::TooManyVcpus {
             found: count,
             max: kvm_max_vcpus,
+        });
+    }
+    if state.boot_vcpu_count == 0 || state.boot_vcpu_count > count {
+        return Err(RestoreError::BootVcpus {
+            boot: state.boot_vcpu_count,
+            count,
         });
     }
     if state.cpu != host.cpu {
@@ -804,6 +1015,7 @@ fn check_state(
     if !layout_ok {
         return Err(RestoreError::MemoryLayout(mib));
     }
+    check_hotplug_region(state, limits)?;
     let mut seen = std::collections::HashSet::new();
     for d in &state.devices {
         if d.slot as usize >= crate::config::MAX_VIRTIO_DEVICES || !seen.insert(d.slot) {
@@ -826,6 +1038,52 @@ fn check_state(
             .any(|d| matches!(d.device, DeviceState::Vsock(_)))
     {
         return Err(RestoreError::NoVsock);
+    }
+    for o in &params.drive_overrides {
+        let known = state
+            .devices
+            .iter()
+            .any(|d| matches!(&d.device, DeviceState::Block(b) if b.id == o.drive_id));
+        if !known {
+            return Err(RestoreError::NoSuchDrive(o.drive_id.clone()));
+        }
+    }
+    for o in &params.fs_overrides {
+        let known = state
+            .devices
+            .iter()
+            .any(|d| matches!(&d.device, DeviceState::Fs(f) if f.id == o.id));
+        if !known {
+            return Err(RestoreError::NoSuchFs(o.id.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the snapshot's hot-pluggable region (if any) is the one a
+/// boot of this machine on this host places: same sizes, right above the
+/// guest's RAM, within the host's limits and KVM's slots.
+fn check_hotplug_region(state: &MicrovmState, limits: &HostLimits) -> Result<(), RestoreError> {
+    let mib = state.mem_size_mib;
+    let mut regions = state.devices.iter().filter_map(|d| match &d.device {
+        DeviceState::Mem(m) => Some(m.region()),
+        _ => None,
+    });
+    let Some(saved) = regions.next() else {
+        return Ok(());
+    };
+    if regions.next().is_some() {
+        return Err(RestoreError::HotplugLayout(mib));
+    }
+    let config = MemHotplugConfig {
+        total_mib: saved.size >> 20,
+        block_mib: saved.block_size >> 20,
+        slot_mib: saved.slot_size >> 20,
+    };
+    let placed = crate::config::check_mem_hotplug(&config, mib << 20, state.memory.len(), limits)
+        .map_err(|_| RestoreError::HotplugLayout(mib))?;
+    if placed != saved {
+        return Err(RestoreError::HotplugLayout(mib));
     }
     Ok(())
 }

@@ -234,6 +234,18 @@ pub enum MemoryFileError {
     /// The memory file could not be inspected or mapped.
     #[error("cannot map the memory file")]
     Map(#[source] std::io::Error),
+    /// Shared guest memory for the memory file's data could not be made.
+    #[error("cannot allocate shared guest memory for the memory file")]
+    Shared(#[source] MemoryError),
+    /// The memory file could not be read into shared guest memory.
+    #[error("cannot copy the memory file at offset {offset:#x} into shared guest memory")]
+    Copy {
+        /// Where in the memory file.
+        offset: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Where each region of `mem` goes in a memory file.
@@ -258,22 +270,64 @@ pub fn file_size(regions: &[RegionState]) -> u64 {
     regions.iter().map(|r| r.size).sum()
 }
 
-/// Writes all of guest memory to `file`, region after region. Pages that
+/// [`region_states`] of every region of `mem` but the one starting at
+/// `except` (the hot-pluggable region, whose unplugged memory is not
+/// saved), laid out end to end in the memory file.
+pub fn region_states_except(mem: &GuestMemoryMmap, except: Option<u64>) -> Vec<RegionState> {
+    let mut offset = 0;
+    region_states(mem)
+        .into_iter()
+        .filter(|r| Some(r.guest_base) != except)
+        .map(|mut r| {
+            r.file_offset = offset;
+            offset += r.size;
+            r
+        })
+        .collect()
+}
+
+const PAGE: usize = 4096;
+const CHUNK: usize = 1 << 20;
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+
+/// The runs of pages of `chunk` that are not all zeroes, as byte ranges
+/// (a page is compared with a zero page: a memcmp, fast in any build).
+fn nonzero_runs(chunk: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let len = chunk.len();
+    let is_zero = |p: &[u8]| p == &ZERO_PAGE[..p.len()];
+    let mut runs = Vec::new();
+    let mut page = 0;
+    while page < len {
+        let start = page;
+        while page < len && !is_zero(&chunk[page..(page + PAGE).min(len)]) {
+            page += PAGE;
+        }
+        let end = page.min(len);
+        if end > start {
+            runs.push(start..end);
+        }
+        page += PAGE;
+    }
+    runs
+}
+
+/// Writes the `regions` of guest memory (from [`region_states`] or
+/// [`region_states_except`]) to `file`, region after region. Pages that
 /// are all zeroes are not written: the file is sized first, so they are
 /// holes that read as zeroes and take no disk space (most of a freshly
 /// booted guest's memory was never touched).
-pub fn dump(mem: &GuestMemoryMmap, file: &std::fs::File) -> Result<u64, MemoryFileError> {
+pub fn dump(
+    mem: &GuestMemoryMmap,
+    regions: &[RegionState],
+    file: &std::fs::File,
+) -> Result<u64, MemoryFileError> {
     use std::os::unix::fs::FileExt;
     use vm_memory::Bytes;
-    const PAGE: usize = 4096;
-    const CHUNK: usize = 1 << 20;
-    static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
-    let regions = region_states(mem);
-    file.set_len(file_size(&regions))
+    file.set_len(file_size(regions))
         .map_err(MemoryFileError::Write)?;
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
-    for r in &regions {
+    for r in regions {
         let mut done = 0u64;
         while done < r.size {
             let len = (r.size - done).min(CHUNK as u64) as usize;
@@ -281,22 +335,12 @@ pub fn dump(mem: &GuestMemoryMmap, file: &std::fs::File) -> Result<u64, MemoryFi
             let addr = r.guest_base + done;
             mem.read_slice(chunk, GuestAddress(addr))
                 .map_err(|_| MemoryFileError::Read(addr))?;
-            // Runs of non-zero pages, each written with one call. A page
-            // is compared with a zero page (a memcmp, fast in any build).
-            let mut page = 0;
-            let is_zero = |p: &[u8]| p == &ZERO_PAGE[..p.len()];
-            while page < len {
-                let start = page;
-                while page < len && !is_zero(&chunk[page..(page + PAGE).min(len)]) {
-                    page += PAGE;
-                }
-                let end = page.min(len);
-                if end > start {
-                    file.write_all_at(&chunk[start..end], r.file_offset + done + start as u64)
-                        .map_err(MemoryFileError::Write)?;
-                    written += (end - start) as u64;
-                }
-                page += PAGE;
+            // Runs of non-zero pages, each written with one call.
+            for run in nonzero_runs(chunk) {
+                let at = r.file_offset + done + run.start as u64;
+                written += run.len() as u64;
+                file.write_all_at(&chunk[run], at)
+                    .map_err(MemoryFileError::Write)?;
             }
             done += len as u64;
         }
@@ -314,21 +358,10 @@ pub fn from_file(
 ) -> Result<GuestMemoryMmap, MemoryFileError> {
     use vm_memory::mmap::MmapRegionBuilder;
     use vm_memory::{FileOffset, GuestRegionMmap};
-    let expected = file_size(regions);
-    let found = file.metadata().map_err(MemoryFileError::Map)?.len();
-    if found != expected {
-        return Err(MemoryFileError::Size { expected, found });
-    }
+    check_file(file, regions)?;
     let mut mapped = Vec::with_capacity(regions.len());
     for r in regions {
         let size = usize::try_from(r.size).map_err(|_| MemoryFileError::Layout)?;
-        if size == 0
-            || r.file_offset
-                .checked_add(r.size)
-                .is_none_or(|end| end > expected)
-        {
-            return Err(MemoryFileError::Layout);
-        }
         let fd = file.try_clone().map_err(MemoryFileError::Map)?;
         let region = MmapRegionBuilder::new(size)
             .with_file_offset(FileOffset::new(fd, r.file_offset))
@@ -342,6 +375,144 @@ pub fn from_file(
         );
     }
     GuestMemoryMmap::from_regions(mapped).map_err(|_| MemoryFileError::Layout)
+}
+
+/// Checks that `file` is as large as `regions` say and that each region
+/// lies inside it.
+fn check_file(file: &std::fs::File, regions: &[RegionState]) -> Result<(), MemoryFileError> {
+    let expected = file_size(regions);
+    let found = file.metadata().map_err(MemoryFileError::Map)?.len();
+    if found != expected {
+        return Err(MemoryFileError::Size { expected, found });
+    }
+    for r in regions {
+        let fits = r
+            .file_offset
+            .checked_add(r.size)
+            .is_some_and(|end| end <= expected);
+        if r.size == 0 || usize::try_from(r.size).is_err() || !fits {
+            return Err(MemoryFileError::Layout);
+        }
+    }
+    Ok(())
+}
+
+/// What filling shared guest memory from a memory file did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Bytes of the file's data extents that were read.
+    pub read_bytes: u64,
+    /// Bytes written into guest memory (the pages of those extents that
+    /// are not all zeroes).
+    pub copied_bytes: u64,
+    /// Data extents the file system reported.
+    pub extents: u64,
+}
+
+/// `lseek(fd, offset, whence)` for SEEK_DATA and SEEK_HOLE: `None` when
+/// there is no data at or past `offset` (ENXIO).
+fn seek(file: &std::fs::File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let off = libc::off_t::try_from(offset)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    // SAFETY: lseek(2) on a descriptor `file` owns; it only moves the
+    // file's offset (which nothing here relies on: reads are positioned)
+    // and touches no memory of ours.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(rc as u64))
+}
+
+/// Copies the data of `[start, end)` of `file` to `dst` at `start - base`,
+/// skipping pages that are all zeroes; adds what it did to `stats`.
+fn copy_extent(
+    file: &std::fs::File,
+    dst: &std::fs::File,
+    (start, end, base): (u64, u64, u64),
+    buf: &mut [u8],
+    stats: &mut CopyStats,
+) -> Result<(), MemoryFileError> {
+    use std::os::unix::fs::FileExt;
+    let mut at = start;
+    while at < end {
+        let len = (end - at).min(buf.len() as u64) as usize;
+        let chunk = &mut buf[..len];
+        file.read_exact_at(chunk, at)
+            .map_err(|source| MemoryFileError::Copy { offset: at, source })?;
+        stats.read_bytes += len as u64;
+        for run in nonzero_runs(chunk) {
+            let to = at - base + run.start as u64;
+            stats.copied_bytes += run.len() as u64;
+            dst.write_all_at(&chunk[run], to)
+                .map_err(|source| MemoryFileError::Copy { offset: at, source })?;
+        }
+        at += len as u64;
+    }
+    Ok(())
+}
+
+/// Guest memory for a VM restored with a vhost-user device, which must map
+/// guest memory itself: one memfd per region, mapped `MAP_SHARED` as
+/// [`Backing::Shared`] memory is at boot, filled with the memory file's
+/// data. Only the file's data extents are read (SEEK_DATA/SEEK_HOLE) and
+/// only their pages that are not all zeroes are written, so the file's
+/// holes stay unallocated in the memfds. Unlike [`from_file`], everything
+/// the guest had touched is copied up front, and the copy is this VM's
+/// own: clones restored this way share no pages with the file or with
+/// each other.
+pub fn from_file_shared(
+    file: &std::fs::File,
+    regions: &[RegionState],
+) -> Result<(GuestMemoryMmap, CopyStats), MemoryFileError> {
+    use vm_memory::GuestMemoryRegion;
+    check_file(file, regions)?;
+    let mut stats = CopyStats::default();
+    let mut buf = vec![0u8; CHUNK];
+    let mut made = Vec::with_capacity(regions.len());
+    for r in regions {
+        let region = region(GuestAddress(r.guest_base), r.size, Backing::Shared)
+            .map_err(MemoryFileError::Shared)?;
+        let memfd = region
+            .file_offset()
+            .map(|f| f.file())
+            .ok_or(MemoryFileError::Layout)?;
+        let end = r.file_offset + r.size;
+        let mut pos = r.file_offset;
+        while pos < end {
+            let seek_err = |source| MemoryFileError::Copy {
+                offset: pos,
+                source,
+            };
+            let Some(data) = seek(file, pos, libc::SEEK_DATA).map_err(seek_err)? else {
+                break;
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek(file, data, libc::SEEK_HOLE)
+                .map_err(seek_err)?
+                .unwrap_or(end)
+                .min(end);
+            stats.extents += 1;
+            copy_extent(
+                file,
+                memfd,
+                (data, hole, r.file_offset),
+                &mut buf,
+                &mut stats,
+            )?;
+            pos = hole;
+        }
+        made.push(region);
+    }
+    let mem = GuestMemoryMmap::from_regions(made).map_err(|_| MemoryFileError::Layout)?;
+    Ok((mem, stats))
 }
 
 #[cfg(test)]
@@ -484,7 +655,7 @@ mod tests {
         m.write_slice(b"last page", GuestAddress((64 << 20) - 9))
             .unwrap();
         let (path, file) = tmp("dump");
-        let written = dump(&m, &file).unwrap();
+        let written = dump(&m, &region_states(&m), &file).unwrap();
         assert_eq!(written, 2 * 4096, "only the two touched pages");
         assert_eq!(file.metadata().unwrap().len(), 64 << 20);
         let regions = region_states(&m);
@@ -504,15 +675,64 @@ mod tests {
     }
 
     #[test]
+    fn a_dump_fills_shared_memory_with_its_data_only() {
+        use std::os::unix::fs::MetadataExt;
+        use vm_memory::{Bytes, GuestMemoryRegion};
+        let m = create(64 << 20).unwrap();
+        m.write_slice(b"first", GuestAddress(0x1000)).unwrap();
+        m.write_slice(&[7u8; 3 * 4096], GuestAddress(32 << 20))
+            .unwrap();
+        m.write_slice(b"last page", GuestAddress((64 << 20) - 9))
+            .unwrap();
+        let (path, file) = tmp("shared");
+        let regions = region_states(&m);
+        let written = dump(&m, &regions, &file).unwrap();
+        let (back, stats) = from_file_shared(&file, &regions).unwrap();
+        // Every non-zero page, and nothing else, was written.
+        assert_eq!(stats.copied_bytes, written);
+        assert_eq!(written, 5 * 4096);
+        assert!(stats.extents >= 1);
+        let mut buf = [0u8; 5];
+        back.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&buf, b"first");
+        let v: u8 = back
+            .read_obj(GuestAddress((32 << 20) + 3 * 4096 - 1))
+            .unwrap();
+        assert_eq!(v, 7);
+        let mut tail = [0u8; 9];
+        back.read_slice(&mut tail, GuestAddress((64 << 20) - 9))
+            .unwrap();
+        assert_eq!(&tail, b"last page");
+        for r in back.iter() {
+            // A memfd behind each region, mapped shared, holding only the
+            // copied pages (st_blocks counts 512-byte blocks).
+            assert_ne!(r.flags() & libc::MAP_SHARED, 0);
+            let f = r.file_offset().expect("a memfd");
+            let allocated = f.file().metadata().unwrap().blocks() * 512;
+            assert!(allocated <= 64 * 4096, "{allocated} bytes allocated");
+        }
+        // Writes go to the memfd, never to the file.
+        back.write_slice(b"later", GuestAddress(0x1000)).unwrap();
+        let again = from_file(&file, &regions).unwrap();
+        again.read_slice(&mut buf, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&buf, b"first");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn a_memory_file_of_the_wrong_size_is_refused() {
         let m = create(32 << 20).unwrap();
         let (path, file) = tmp("size");
-        dump(&m, &file).unwrap();
+        dump(&m, &region_states(&m), &file).unwrap();
         file.set_len((32 << 20) - 4096).unwrap();
         assert!(matches!(
             from_file(&file, &region_states(&m)),
             Err(MemoryFileError::Size { expected, found })
                 if expected == 32 << 20 && found == (32 << 20) - 4096
+        ));
+        assert!(matches!(
+            from_file_shared(&file, &region_states(&m)),
+            Err(MemoryFileError::Size { .. })
         ));
         std::fs::remove_file(path).unwrap();
     }

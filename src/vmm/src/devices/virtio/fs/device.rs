@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::metrics::FsMetrics;
 use super::{TAG_LEN, TYPE_FS};
 use crate::config::FsConfig;
+use crate::devices::virtio::persist::{running_queue, QueueSnapshot};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Interrupt, VirtioDevice, INTERRUPT_CONFIG,
     INTERRUPT_USED_RING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -131,6 +132,10 @@ pub struct Fs {
     pending: VecDeque<Op>,
     /// Rings the backend is running (0 while stopped).
     running: usize,
+    /// The queues the driver last started the device with, as they were
+    /// handed over (for a snapshot; `None` before DRIVER_OK and after a
+    /// reset).
+    pub(super) started: Option<Vec<QueueSnapshot>>,
     broken: bool,
     metrics: Arc<FsMetrics>,
 }
@@ -292,6 +297,7 @@ impl Fs {
             work: eventfd()?,
             pending: VecDeque::new(),
             running: 0,
+            started: None,
             broken: false,
             metrics: Arc::new(FsMetrics::default()),
         })
@@ -348,10 +354,20 @@ impl Fs {
     /// Carries out the work the driver's register writes queued (what the
     /// event loop does when the work eventfd fires).
     pub fn run_pending(&mut self) {
+        if let Err(e) = self.try_run_pending() {
+            self.fail(&e);
+        }
+    }
+
+    /// Carries out the queued work until a step fails, and returns that
+    /// failure (the rest of the work is dropped; the caller decides whether
+    /// the device is broken). A restore uses it to refuse a snapshot whose
+    /// backend will not take the device before the guest runs.
+    pub fn try_run_pending(&mut self) -> Result<(), FsError> {
         while let Some(op) = self.pending.pop_front() {
             if self.broken {
                 self.pending.clear();
-                return;
+                return Ok(());
             }
             let result = match op {
                 Op::Start {
@@ -362,9 +378,11 @@ impl Fs {
                 Op::Stop { queues } => self.stop(queues),
             };
             if let Err(e) = result {
-                self.fail(&e);
+                self.pending.clear();
+                return Err(e);
             }
         }
+        Ok(())
     }
 
     /// Hands guest memory and the rings to the backend and starts them.
@@ -485,6 +503,7 @@ impl VirtioDevice for Fs {
                 got: queues.len(),
             });
         }
+        self.started = Some(queues.iter().map(running_queue).collect());
         self.queue(Op::Start {
             mem,
             queues,
@@ -494,6 +513,7 @@ impl VirtioDevice for Fs {
     }
 
     fn reset(&mut self) {
+        self.started = None;
         // The event loop carries out the queued work in order: a start
         // still queued runs and is undone right after.
         let started = self.pending.iter().any(|op| matches!(op, Op::Start { .. }));

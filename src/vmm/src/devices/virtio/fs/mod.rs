@@ -24,6 +24,7 @@
 pub mod device;
 pub mod event_handler;
 pub mod metrics;
+pub mod persist;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_backend;
 

@@ -24,6 +24,7 @@ use super::request::{
 use super::{
     GUEST_MEMORY_BLOCK, MIN_BLOCK_SIZE, QUEUE_SIZE, TYPE_MEM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE,
 };
+use crate::devices::virtio::persist::{running_queue, QueueSnapshot};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Interrupt, Rearm, VirtioDevice, INTERRUPT_USED_RING,
     VIRTIO_F_VERSION_1,
@@ -243,6 +244,23 @@ impl Mem {
         self.blocks.set_requested_size(bytes)
     }
 
+    /// The queue's position, for a snapshot (empty before DRIVER_OK).
+    pub fn running_queues(&self) -> Vec<QueueSnapshot> {
+        match &self.state {
+            State::Active { queue, .. } => vec![running_queue(queue)],
+            State::Inactive => Vec::new(),
+        }
+    }
+
+    /// Gives a restored device the requested size it had at the snapshot
+    /// (checked as [`Mem::set_requested_size`] checks it, but not counted
+    /// as a resize).
+    pub fn restore_requested_size(&mut self, bytes: u64) -> Result<(), MemError> {
+        self.blocks.check_requested_size(bytes)?;
+        self.blocks.requested_size = bytes;
+        Ok(())
+    }
+
     /// Answers one request (what serving the queue does with each).
     pub fn execute(&mut self, request: Request) -> Response {
         self.blocks.execute(request)
@@ -335,6 +353,21 @@ impl Blocks {
     }
 
     fn set_requested_size(&mut self, bytes: u64) -> Result<bool, MemError> {
+        self.check_requested_size(bytes)?;
+        let changed = bytes != self.requested_size;
+        self.requested_size = bytes;
+        if changed {
+            self.metrics.resizes.inc();
+            tracing::info!(
+                requested = bytes,
+                plugged = self.status().plugged_size,
+                "hot-pluggable memory resized"
+            );
+        }
+        Ok(changed)
+    }
+
+    fn check_requested_size(&self, bytes: u64) -> Result<(), MemError> {
         if bytes > self.region.size {
             return Err(MemError::RequestTooLarge {
                 requested: bytes,
@@ -347,17 +380,7 @@ impl Blocks {
                 block: self.region.block_size,
             });
         }
-        let changed = bytes != self.requested_size;
-        self.requested_size = bytes;
-        if changed {
-            self.metrics.resizes.inc();
-            tracing::info!(
-                requested = bytes,
-                plugged = self.status().plugged_size,
-                "hot-pluggable memory resized"
-            );
-        }
-        Ok(changed)
+        Ok(())
     }
 
     fn is_plugged(&self, block: u64) -> bool {

@@ -17,6 +17,7 @@
 pub mod device;
 pub mod event_handler;
 pub mod metrics;
+pub mod persist;
 pub mod request;
 
 pub use device::{Mem, MemError, MemRegion, MemStatus, SlotMapper};
