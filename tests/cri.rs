@@ -176,7 +176,8 @@ fn volumes_script(handler: &str, version: Containerd) -> String {
              sed -i '/^template = true$/d' /etc/husk/config.toml\n\
              echo \"CRI-TEMPLATES $(ls -d /var/lib/husk/images/templates/pod-v1/*/ | wc -l)\"\n\
              echo \"CRI-TEMPLATE-MADE $(grep -c 'made a template for the pod' containerd.log)\"\n\
-             echo \"CRI-TEMPLATE-RESTORED $(grep -c 'restored from its template' containerd.log)\"\n"
+             echo \"CRI-TEMPLATE-RESTORED $(grep -c 'restored from its template' containerd.log)\"\n\
+             grep -i 'template' containerd.log | tail -n 5 | sed 's/^/CRI-TEMPLATE-LOG /'\n"
         ));
     } else {
         s.push_str(&clones);

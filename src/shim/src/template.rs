@@ -46,6 +46,26 @@ use crate::vm::VmError;
 /// locally administered unicast address).
 pub const TEMPLATE_MAC: &str = "02:00:68:75:73:6b";
 
+/// `_IOW('T', 202, int)` (linux/if_tun.h).
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `_IOW('T', 203, int)`.
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+
+/// The TUNSETIFF request for the pod tap's name: a tap, no packet
+/// information, virtio-net headers (what husk attaches with). Built from
+/// plain data in the child (an ifreq holds a pointer, so it cannot be
+/// moved into the closure).
+fn tap_request(name: &[u8; libc::IFNAMSIZ]) -> libc::ifreq {
+    // SAFETY: ifreq is plain data; zero is a valid initial value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    req
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
     let what = what.into();
     move |source| VmError::Io { what, source }
@@ -222,8 +242,8 @@ fn get_or_make(config: &Config, spec: &VmSpec, slots: &[SlotSpec]) -> Result<Tem
     Ok(template)
 }
 
-/// Boots the template's VM in `tmp`, waits for its agent, and writes its
-/// snapshot there; everything else it made is gone when this returns.
+/// Boots the template's VM, waits for its agent, and writes its snapshot
+/// in `tmp`; everything else it made is gone when this returns.
 fn make(
     config: &Config,
     spec: &VmSpec,
@@ -231,14 +251,23 @@ fn make(
     key: &str,
     tmp: &Path,
 ) -> Result<(), VmError> {
-    let vm_dir = PodDir(tmp.join("vm"));
-    let share = tmp.join("share");
+    // The VM's sockets in a short directory of the state directory (a
+    // unix socket's path has at most 108 bytes, husk's vsock at most 96);
+    // only the snapshot goes to the cache.
+    let vm_dir = PodDir(
+        config
+            .state_dir
+            .join(format!("template-{}", std::process::id())),
+    );
+    let _ = std::fs::remove_dir_all(&vm_dir.0);
+    let share = vm_dir.0.join("share");
+    crate::private::dir(&config.state_dir)
+        .map_err(io(format!("create {}", config.state_dir.display())))?;
     for d in [vm_dir.0.clone(), vm_dir.run_dir(), share.clone()] {
         crate::private::dir(&d).map_err(io(format!("create {}", d.display())))?;
     }
     let result = boot_and_snapshot(config, spec, slots, key, tmp, &vm_dir, &share);
     let _ = std::fs::remove_dir_all(&vm_dir.0);
-    let _ = std::fs::remove_dir_all(&share);
     result
 }
 
@@ -273,12 +302,33 @@ fn boot_and_snapshot(
         cmd.arg("--no-seccomp");
     }
     if spec.network.is_some() {
-        // SAFETY: unshare(2) is async-signal-safe. husk makes its tap in
-        // the new namespace (TUNSETIFF creates a missing one).
+        // The template's tap, as the shim makes a pod's (`ip tuntap add
+        // ... mode tap vnet_hdr`), in a network namespace of husk's own
+        // that goes with it. Everything the child does is prepared here.
+        let mut name = [0u8; libc::IFNAMSIZ];
+        let tap = crate::network::TAP.as_bytes();
+        // Leaves the name's NUL (the constant is short).
+        let len = tap.len().min(libc::IFNAMSIZ - 1);
+        name[..len].copy_from_slice(&tap[..len]);
+        let tun = c"/dev/net/tun";
+        // SAFETY: unshare, open, ioctl and close are async-signal-safe;
+        // `req` and `tun` are the child's copies, valid through the calls.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::unshare(libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                let fd = libc::open(tun.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let mut req = tap_request(&name);
+                let made = libc::ioctl(fd, TUNSETIFF as _, &mut req) == 0
+                    && libc::ioctl(fd, TUNSETPERSIST as _, 1 as libc::c_ulong) == 0;
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if !made {
+                    return Err(err);
                 }
                 Ok(())
             });
