@@ -791,11 +791,11 @@ impl Vmm {
                     source,
                 })?;
             match &attached {
-                AttachedDevice::Block { device, .. } => {
-                    if saved_capacity.is_some_and(|c| c != lock(device).capacity()) {
-                        tracing::info!(drive = %id, "the drive's size changed since the snapshot; the guest is told");
-                        resized.push(virtio.len());
-                    }
+                AttachedDevice::Block { device, .. }
+                    if saved_capacity.is_some_and(|c| c != lock(device).capacity()) =>
+                {
+                    tracing::info!(drive = %id, "the drive's size changed since the snapshot; the guest is told");
+                    resized.push(virtio.len());
                 }
                 AttachedDevice::Fs { device } => {
                     // A started device's backend gets guest memory and the
