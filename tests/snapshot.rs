@@ -9,7 +9,9 @@
 
 use std::path::Path;
 
-use husk_tests::{artifacts, host_tool, husk_bench_binary, initrd_with_files, Payload, RunResult};
+use husk_tests::{
+    artifacts, host_tool, husk_bench_binary, initrd_with_files, virtiofsd, Payload, RunResult,
+};
 
 const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
 
@@ -391,4 +393,232 @@ echo NODE-DONE
         );
     }
     assert_api(&r, "opts-info", 200, "\"state\":\"Not started\"");
+}
+
+/// The template guest: says it is ready (the node snapshots it then,
+/// before it mounts anything), waits until its control drive says GO,
+/// mounts the share and reads its marker, waits for plugged memory, and
+/// onlines its parked vCPU.
+const TEMPLATE_GUEST: &str = r#"
+kb() { awk '/^MemTotal:/ { print $2 }' /proc/meminfo; }
+base=$(kb)
+echo "TPL-PRESENT $(cat /sys/devices/system/cpu/present)"
+echo "TPL-ONLINE $(cat /sys/devices/system/cpu/online)"
+echo TPL-READY
+until [ "$(blockdev --flushbufs /dev/vda; head -c 2 /dev/vda)" = GO ]; do sleep 0.2; done
+mkdir -p /mnt && mount -t virtiofs share /mnt || { echo TPL-MOUNT-FAILED; exit 1; }
+echo "TPL-MARKER $(cat /mnt/marker)"
+echo TPL-MOUNTED
+until [ "$(kb)" -ge $((base + 200 * 1024)) ]; do sleep 0.2; done
+echo "TPL-GREW-KB $(($(kb) - base))"
+echo 1 > /sys/devices/system/cpu/cpu1/online || echo TPL-ONLINE-FAILED
+echo "TPL-CPUS $(grep -c '^processor' /proc/cpuinfo) $(cat /sys/devices/system/cpu/online)"
+"#;
+
+/// `start_virtiofsd NAME DIR`: a virtiofsd serving DIR on NAME.sock (run
+/// chrooted into a bind mount of the node's root, as tests/fs.rs explains).
+const VIRTIOFSD: &str = r#"
+mkdir -p /tmp/virtiofsd-root
+start_virtiofsd() {
+  mkdir -p "$2"
+  unshare -m sh -c 'mount --rbind / /tmp/virtiofsd-root &&
+    exec chroot /tmp/virtiofsd-root "$0/virtiofsd" --socket-path="$0/$1.sock" \
+      --shared-dir="$0/$2" --sandbox=namespace --log-level=warn' "$PWD" "$1" "$2" \
+    > "$1-virtiofsd.log" 2>&1 &
+  wait_sock "$1.sock" || { cat "$1-virtiofsd.log"; exit 40; }
+}
+plugged() {
+  ./curl -s --unix-socket "$1" http://localhost/hotplug/memory | grep -q "\"plugged_size_mib\":$2[,}]"
+}
+wait_plugged() {
+  i=0; until plugged "$1" "$2"; do i=$((i + 1)); [ $i -gt 1200 ] && { echo "TIMEOUT plugged $2 on $1"; return 1; }; sleep 0.1; done
+}
+"#;
+
+#[test]
+fn a_template_with_virtio_fs_memory_and_a_parked_vcpu_clones_into_two_pods() {
+    // A pod template: a guest with a virtio-fs share (virtiofsd), a
+    // virtio-mem region with nothing plugged and a second vCPU parked is
+    // snapshotted before it mounts the share. Snapshots with memory
+    // plugged or after the mount are refused and write nothing. Two
+    // clones restored at once, each with its own control drive and its
+    // own virtiofsd on another directory, mount the share and read their
+    // own marker, get memory plugged and online their second vCPU.
+    let initrd = initrd_with_files("snapshot-template", TEMPLATE_GUEST, &[]);
+    let cmdline = format!("{CMDLINE} husk.hold=600");
+    let r = payload("snapshot-template", &initrd)
+        .add(&virtiofsd(), "virtiofsd")
+        .timeout(900)
+        .run(&format!(
+            r#"{PRELUDE}
+{VIRTIOFSD}
+head -c 1048576 /dev/zero > ctl.img
+mkdir -p tpl a b && echo template > tpl/marker && echo clone-a > a/marker && echo clone-b > b/marker
+start_virtiofsd src-fs tpl
+./husk --api-sock src.api --log-level info > src-serial.txt 2> src.log &
+src=$!
+wait_sock src.api || exit 10
+api src-machine src.api PUT /machine-config '{{"vcpu_count": 1, "max_vcpu_count": 2, "mem_size_mib": 256}}'
+api src-boot src.api PUT /boot-source '{{"kernel_image_path": "vmlinux", "initrd_path": "initrd.cpio", "boot_args": "{cmdline}"}}'
+api src-drive src.api PUT /drives/ctl '{{"drive_id": "ctl", "path_on_host": "ctl.img", "is_root_device": false}}'
+api src-fs src.api PUT /fs/share '{{"id": "share", "tag": "share", "socket": "'$PWD'/src-fs.sock"}}'
+api src-hotplug src.api PUT /hotplug/memory '{{"total_size_mib": 512}}'
+api src-start src.api PUT /actions '{{"action_type": "InstanceStart"}}'
+wait_for src-serial.txt TPL-READY || {{ cat src.log; exit 11; }}
+api src-pause src.api PATCH /vm '{{"state": "Paused"}}'
+api src-snap src.api PUT /snapshot/create '{{"snapshot_path": "tpl.state", "mem_file_path": "tpl.mem"}}'
+echo "TPL-SIZES $(wc -c < tpl.mem) $(du -k tpl.mem | cut -f1)"
+api src-resume src.api PATCH /vm '{{"state": "Resumed"}}'
+# Memory plugged: refused, nothing written.
+api src-plug src.api PATCH /hotplug/memory '{{"requested_size_mib": 256}}'
+wait_plugged src.api 256
+api src-pause-plugged src.api PATCH /vm '{{"state": "Paused"}}'
+api src-snap-plugged src.api PUT /snapshot/create '{{"snapshot_path": "plugged.state", "mem_file_path": "plugged.mem"}}'
+[ -e plugged.state ] || [ -e plugged.mem ] && echo PLUGGED-FILES-WRITTEN
+api src-resume-plugged src.api PATCH /vm '{{"state": "Resumed"}}'
+api src-unplug src.api PATCH /hotplug/memory '{{"requested_size_mib": 0}}'
+wait_plugged src.api 0
+# The guest mounts the share: refused, nothing written.
+printf GO | dd of=ctl.img conv=notrunc 2>/dev/null
+wait_for src-serial.txt TPL-MOUNTED || {{ cat src.log; exit 12; }}
+api src-pause-mounted src.api PATCH /vm '{{"state": "Paused"}}'
+api src-snap-mounted src.api PUT /snapshot/create '{{"snapshot_path": "mounted.state", "mem_file_path": "mounted.mem"}}'
+[ -e mounted.state ] || [ -e mounted.mem ] && echo MOUNTED-FILES-WRITTEN
+for k in TPL-PRESENT TPL-ONLINE TPL-MARKER; do echo "SRC-$(grep "^$k " src-serial.txt | head -n 1)"; done
+kill $src; wait $src
+# The template's drive is gone: each clone opens its own.
+mv ctl.img ctl-src.img
+head -c 1048576 /dev/zero > ctl-a.img
+head -c 1048576 /dev/zero > ctl-b.img
+start_virtiofsd a-fs a
+start_virtiofsd b-fs b
+# Clone A: husk restore; clone B: the API. At the same time.
+./husk restore --snapshot tpl.state --mem-file tpl.mem --drive id=ctl,path=ctl-a.img \
+  --fs id=share,socket=$PWD/a-fs.sock --api-sock a.api --log-level info > a-serial.txt 2> a.log &
+ca=$!
+./husk --api-sock b.api --log-level info > b-serial.txt 2> b.log &
+cb=$!
+wait_sock b.api || exit 20
+api b-load b.api PUT /snapshot/load '{{"snapshot_path": "tpl.state", "mem_backend": {{"backend_type": "File", "backend_path": "tpl.mem"}}, "resume_vm": true, "drive_overrides": [{{"drive_id": "ctl", "path_on_host": "ctl-b.img"}}], "fs_overrides": [{{"id": "share", "socket": "'$PWD'/b-fs.sock"}}]}}'
+wait_sock a.api || {{ cat a.log; exit 21; }}
+api b-config b.api GET /vm/config
+printf GO | dd of=ctl-a.img conv=notrunc 2>/dev/null
+printf GO | dd of=ctl-b.img conv=notrunc 2>/dev/null
+wait_for a-serial.txt TPL-MOUNTED || {{ cat a.log; exit 22; }}
+wait_for b-serial.txt TPL-MOUNTED || {{ cat b.log; exit 23; }}
+api a-plug a.api PATCH /hotplug/memory '{{"requested_size_mib": 256}}'
+api b-plug b.api PATCH /hotplug/memory '{{"requested_size_mib": 256}}'
+wait_for a-serial.txt TPL-CPUS || {{ cat a.log; exit 24; }}
+wait_for b-serial.txt TPL-CPUS || {{ cat b.log; exit 25; }}
+wait_plugged a.api 256; wait_plugged b.api 256
+api a-hotplug a.api GET /hotplug/memory
+api b-hotplug b.api GET /hotplug/memory
+for c in a b; do
+  for k in TPL-MARKER TPL-GREW-KB TPL-CPUS; do echo "$(echo $c | tr a-z A-Z)-$(grep "^$k " $c-serial.txt | head -n 1)"; done
+done
+kill -0 $ca && kill -0 $cb && echo BOTH-RUNNING
+echo "A-RESTORE $(grep 'microVM restored' a.log | tail -n 1)"
+echo "A-COPY $(grep 'copied into shared' a.log | tail -n 1)"
+echo "B-RESTORE $(grep 'microVM restored' b.log | tail -n 1)"
+echo "B-COPY $(grep 'copied into shared' b.log | tail -n 1)"
+kill $ca $cb; wait $ca; echo "A-EXIT $?"; wait $cb; echo "B-EXIT $?"
+# Overrides of devices the snapshot lacks: a 400, nothing runs.
+./husk --api-sock c.api > c-serial.txt 2> c.log &
+cc=$!
+wait_sock c.api
+api c-no-drive c.api PUT /snapshot/load '{{"snapshot_path": "tpl.state", "mem_file_path": "tpl.mem", "drive_overrides": [{{"drive_id": "nope", "path_on_host": "ctl-a.img"}}]}}'
+api c-no-fs c.api PUT /snapshot/load '{{"snapshot_path": "tpl.state", "mem_file_path": "tpl.mem", "fs_overrides": [{{"id": "nope", "socket": "/x.sock"}}]}}'
+api c-info c.api GET /
+kill $cc; wait $cc
+echo "--- logs"; cat src.log a.log b.log; cat *-virtiofsd.log
+echo "--- a"; cat a-serial.txt; echo "--- b"; cat b-serial.txt
+"#
+        ));
+    r.assert_status(0);
+    for tag in [
+        "src-machine",
+        "src-boot",
+        "src-drive",
+        "src-fs",
+        "src-hotplug",
+        "src-start",
+        "src-pause",
+        "src-snap",
+        "src-resume",
+        "src-plug",
+        "src-pause-plugged",
+        "src-resume-plugged",
+        "src-unplug",
+        "src-pause-mounted",
+        "b-load",
+        "a-plug",
+        "b-plug",
+    ] {
+        assert_api(&r, tag, 204, "");
+    }
+    // What a template must not have is refused, and nothing written.
+    assert_api(
+        &r,
+        "src-snap-plugged",
+        400,
+        "unplug its hot-plugged memory first",
+    );
+    assert!(!r.output.contains("PLUGGED-FILES-WRITTEN"), "{}", r.output);
+    assert_api(
+        &r,
+        "src-snap-mounted",
+        400,
+        "the guest has used virtio-fs device share: its FUSE session lives in the backend and is not saved",
+    );
+    assert!(!r.output.contains("MOUNTED-FILES-WRITTEN"), "{}", r.output);
+    // Snapshotted with one of its two vCPUs online.
+    for (key, value) in [
+        ("SRC-TPL-PRESENT", "0-1"),
+        ("SRC-TPL-ONLINE", "0"),
+        ("SRC-TPL-MARKER", "template"),
+    ] {
+        assert_eq!(r.value(key).as_deref(), Some(value), "{key}\n{}", r.output);
+    }
+
+    // B reports what it was restored with.
+    for needle in [
+        "b-fs.sock",
+        "ctl-b.img",
+        "\"max_vcpu_count\":2",
+        "\"vcpu_count\":1",
+        "\"total_size_mib\":512",
+    ] {
+        assert_api(&r, "b-config", 200, needle);
+    }
+    r.assert_contains("BOTH-RUNNING");
+    for (clone, marker) in [("A", "clone-a"), ("B", "clone-b")] {
+        let v = |k: &str| r.value(&format!("{clone}-{k}")).unwrap_or_default();
+        // Its own share; the memory and the second vCPU arrive.
+        assert_eq!(v("TPL-MARKER"), marker, "{clone}\n{}", r.output);
+        let grew: u64 = v("TPL-GREW-KB").parse().unwrap_or(0);
+        assert!(
+            (250 << 10..=256 << 10).contains(&grew),
+            "{clone} grew {grew} kB\n{}",
+            r.output
+        );
+        assert_eq!(v("TPL-CPUS"), "2 0-1", "{clone}\n{}", r.output);
+        assert_api(
+            &r,
+            &format!("{}-hotplug", clone.to_lowercase()),
+            200,
+            "\"plugged_size_mib\":256",
+        );
+        assert!(
+            v("COPY").contains("copied_bytes="),
+            "{clone}: no copy line\n{}",
+            r.output
+        );
+        eprintln!("{clone}: {}\n{clone}: {}", v("RESTORE"), v("COPY"));
+    }
+    eprintln!("template memory file: {:?}", r.value("TPL-SIZES"));
+    assert_eq!(r.value("A-EXIT").as_deref(), Some("143"), "{}", r.output);
+    assert_eq!(r.value("B-EXIT").as_deref(), Some("143"), "{}", r.output);
+    assert_api(&r, "c-no-drive", 400, "no drive \\\"nope\\\"");
+    assert_api(&r, "c-no-fs", 400, "no virtio-fs device \\\"nope\\\"");
+    assert_api(&r, "c-info", 200, "\"state\":\"Not started\"");
 }

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use vmm::controller::snapshot::{NetworkOverride, SnapshotLoadParams, VsockOverride};
+use vmm::controller::snapshot::{
+    DriveOverride, FsOverride, NetworkOverride, SnapshotLoadParams, VsockOverride,
+};
 use vmm::seccomp::SeccompFilters;
 
 /// `husk snapshot`.
@@ -55,6 +57,13 @@ pub struct RestoreArgs {
     /// Listen for vsock connections on this socket instead of the snapshot's.
     #[arg(long, value_name = "PATH")]
     vsock_uds: Option<PathBuf>,
+    /// Open a drive from another file: id=ID,path=PATH (repeatable).
+    #[arg(long = "drive", value_name = "SPEC", value_parser = parse_drive_override)]
+    drives: Vec<DriveOverride>,
+    /// Connect a virtio-fs device to another backend: id=ID,socket=PATH
+    /// (repeatable).
+    #[arg(long = "fs", value_name = "SPEC", value_parser = parse_fs_override)]
+    fs: Vec<FsOverride>,
     /// Leave the VM paused (resume it through --api-sock).
     #[arg(long, requires = "api_sock")]
     paused: bool,
@@ -84,12 +93,44 @@ fn parse_net_override(spec: &str) -> Result<NetworkOverride, String> {
     Ok(o)
 }
 
+/// The `id=...` and one other `KEY=...` of an override spec.
+fn two_parts<'a>(spec: &'a str, key: &str) -> Result<(&'a str, &'a str), String> {
+    let usage = || format!("want id=ID,{key}=PATH");
+    let (mut id, mut value) = (None, None);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("id", v)) if !v.is_empty() => id = Some(v),
+            Some((k, v)) if k == key && !v.is_empty() => value = Some(v),
+            _ => return Err(format!("unknown or empty part {part:?}: {}", usage())),
+        }
+    }
+    Ok((id.ok_or_else(usage)?, value.ok_or_else(usage)?))
+}
+
+fn parse_drive_override(spec: &str) -> Result<DriveOverride, String> {
+    let (id, path) = two_parts(spec, "path")?;
+    Ok(DriveOverride {
+        drive_id: id.to_string(),
+        path_on_host: PathBuf::from(path),
+    })
+}
+
+fn parse_fs_override(spec: &str) -> Result<FsOverride, String> {
+    let (id, socket) = two_parts(spec, "socket")?;
+    Ok(FsOverride {
+        id: id.to_string(),
+        socket: PathBuf::from(socket),
+    })
+}
+
 /// Runs `husk restore`; returns the exit status of the restored guest.
 pub fn restore(args: RestoreArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
     let mut load = SnapshotLoadParams::new(args.snapshot, args.mem_file);
     load.resume_vm = !args.paused;
     load.network_overrides = args.net;
     load.vsock_override = args.vsock_uds.map(|uds_path| VsockOverride { uds_path });
+    load.drive_overrides = args.drives;
+    load.fs_overrides = args.fs;
     crate::api_cmd::run(
         crate::api_cmd::ApiArgs::for_restore(args.api_sock, args.id, load),
         seccomp,
@@ -201,5 +242,21 @@ mod tests {
         assert!(parse_net_override("id=eth0").is_err());
         assert!(parse_net_override("tap=tap0").is_err());
         assert!(parse_net_override("id=eth0,tap=t,colour=red").is_err());
+    }
+
+    #[test]
+    fn drive_and_fs_overrides_parse() {
+        let d = parse_drive_override("id=rootfs,path=/pods/a/root.img").unwrap();
+        assert_eq!(d.drive_id, "rootfs");
+        assert_eq!(d.path_on_host, PathBuf::from("/pods/a/root.img"));
+        let f = parse_fs_override("socket=/run/a.sock,id=share").unwrap();
+        assert_eq!(
+            (f.id.as_str(), f.socket.to_str()),
+            ("share", Some("/run/a.sock"))
+        );
+        assert!(parse_drive_override("id=rootfs").is_err());
+        assert!(parse_drive_override("id=rootfs,socket=/x").is_err());
+        assert!(parse_fs_override("id=,socket=/x").is_err());
+        assert!(parse_fs_override("id=a,socket=/x,tap=t").is_err());
     }
 }

@@ -791,11 +791,11 @@ impl Vmm {
                     source,
                 })?;
             match &attached {
-                AttachedDevice::Block { device, .. } => {
-                    if saved_capacity.is_some_and(|c| c != lock(device).capacity()) {
-                        tracing::info!(drive = %id, "the drive's size changed since the snapshot; the guest is told");
-                        resized.push(virtio.len());
-                    }
+                AttachedDevice::Block { device, .. }
+                    if saved_capacity.is_some_and(|c| c != lock(device).capacity()) =>
+                {
+                    tracing::info!(drive = %id, "the drive's size changed since the snapshot; the guest is told");
+                    resized.push(virtio.len());
                 }
                 AttachedDevice::Fs { device } => {
                     // A started device's backend gets guest memory and the
@@ -982,12 +982,7 @@ fn check_state(
             max: kvm_max_vcpus,
         });
     }
-    if state.boot_vcpu_count == 0 || state.boot_vcpu_count > count {
-        return Err(RestoreError::BootVcpus {
-            boot: state.boot_vcpu_count,
-            count,
-        });
-    }
+    check_boot_vcpus(state.boot_vcpu_count, count)?;
     if state.cpu != host.cpu {
         return Err(RestoreError::CpuModel {
             snapshot: state.cpu.clone(),
@@ -1015,16 +1010,29 @@ fn check_state(
     if !layout_ok {
         return Err(RestoreError::MemoryLayout(mib));
     }
-    check_hotplug_region(state, limits)?;
+    check_hotplug_region(&state.devices, mib, state.memory.len(), limits)?;
     let mut seen = std::collections::HashSet::new();
     for d in &state.devices {
         if d.slot as usize >= crate::config::MAX_VIRTIO_DEVICES || !seen.insert(d.slot) {
             return Err(RestoreError::Slot(d.slot));
         }
     }
+    check_overrides(&state.devices, params)
+}
+
+/// Checks that the guest booted with at least one of the vCPUs and at
+/// most all of them (the rest are the parked, hot-pluggable ones).
+fn check_boot_vcpus(boot: u8, count: u8) -> Result<(), RestoreError> {
+    if boot == 0 || boot > count {
+        return Err(RestoreError::BootVcpus { boot, count });
+    }
+    Ok(())
+}
+
+/// Checks that every override names a device of the snapshot.
+fn check_overrides(devices: &[VirtioDeviceState], params: &LoadParams) -> Result<(), RestoreError> {
     for o in &params.net_overrides {
-        let known = state
-            .devices
+        let known = devices
             .iter()
             .any(|d| matches!(&d.device, DeviceState::Net(n) if n.id == o.iface_id));
         if !known {
@@ -1032,16 +1040,14 @@ fn check_state(
         }
     }
     if params.vsock_uds_path.is_some()
-        && !state
-            .devices
+        && !devices
             .iter()
             .any(|d| matches!(d.device, DeviceState::Vsock(_)))
     {
         return Err(RestoreError::NoVsock);
     }
     for o in &params.drive_overrides {
-        let known = state
-            .devices
+        let known = devices
             .iter()
             .any(|d| matches!(&d.device, DeviceState::Block(b) if b.id == o.drive_id));
         if !known {
@@ -1049,8 +1055,7 @@ fn check_state(
         }
     }
     for o in &params.fs_overrides {
-        let known = state
-            .devices
+        let known = devices
             .iter()
             .any(|d| matches!(&d.device, DeviceState::Fs(f) if f.id == o.id));
         if !known {
@@ -1063,9 +1068,13 @@ fn check_state(
 /// Checks that the snapshot's hot-pluggable region (if any) is the one a
 /// boot of this machine on this host places: same sizes, right above the
 /// guest's RAM, within the host's limits and KVM's slots.
-fn check_hotplug_region(state: &MicrovmState, limits: &HostLimits) -> Result<(), RestoreError> {
-    let mib = state.mem_size_mib;
-    let mut regions = state.devices.iter().filter_map(|d| match &d.device {
+fn check_hotplug_region(
+    devices: &[VirtioDeviceState],
+    mib: u64,
+    ram_slots: usize,
+    limits: &HostLimits,
+) -> Result<(), RestoreError> {
+    let mut regions = devices.iter().filter_map(|d| match &d.device {
         DeviceState::Mem(m) => Some(m.region()),
         _ => None,
     });
@@ -1080,10 +1089,196 @@ fn check_hotplug_region(state: &MicrovmState, limits: &HostLimits) -> Result<(),
         block_mib: saved.block_size >> 20,
         slot_mib: saved.slot_size >> 20,
     };
-    let placed = crate::config::check_mem_hotplug(&config, mib << 20, state.memory.len(), limits)
+    let placed = crate::config::check_mem_hotplug(&config, mib << 20, ram_slots, limits)
         .map_err(|_| RestoreError::HotplugLayout(mib))?;
     if placed != saved {
         return Err(RestoreError::HotplugLayout(mib));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::persist::QueueSnapshot;
+
+    const LIMITS: HostLimits = HostLimits {
+        kvm_max_vcpus: 254,
+        phys_address_bits: 40,
+        host_mem_mib: 16 << 10,
+        kvm_memslots: 509,
+    };
+
+    fn transport() -> TransportState {
+        TransportState {
+            device_status: 0,
+            features_select: 0,
+            acked_features_select: 0,
+            acked_features: 0,
+            queue_select: 0,
+            queues: Vec::<QueueSnapshot>::new(),
+            bad_size: Vec::new(),
+            config_generation: 0,
+            activated: false,
+            interrupt_status: 0,
+        }
+    }
+
+    fn device(slot: u32, device: DeviceState) -> VirtioDeviceState {
+        VirtioDeviceState {
+            slot,
+            transport: transport(),
+            device,
+        }
+    }
+
+    /// A pod template's devices: a drive, a virtio-fs share, and 1 GiB of
+    /// hot-pluggable memory placed where a boot of a 256 MiB guest puts it.
+    fn template() -> Vec<VirtioDeviceState> {
+        let region =
+            crate::config::check_mem_hotplug(&MemHotplugConfig::new(1024), 256 << 20, 1, &LIMITS)
+                .unwrap();
+        vec![
+            device(
+                0,
+                DeviceState::Block(BlockState {
+                    id: "rootfs".into(),
+                    path: "/template/root.img".into(),
+                    read_only: false,
+                    is_root: false,
+                    capacity: 1 << 20,
+                    queues: Vec::new(),
+                }),
+            ),
+            device(
+                1,
+                DeviceState::Fs(FsState {
+                    id: "share".into(),
+                    tag: "share".into(),
+                    socket: "/template/fs.sock".into(),
+                    num_queues: 1,
+                    queue_size: 1024,
+                    queues: Vec::new(),
+                }),
+            ),
+            device(
+                2,
+                DeviceState::Mem(MemState {
+                    addr: region.addr,
+                    size: region.size,
+                    block_size: region.block_size,
+                    slot_size: region.slot_size,
+                    requested_size: 0,
+                    queues: Vec::new(),
+                }),
+            ),
+        ]
+    }
+
+    fn params() -> LoadParams {
+        LoadParams {
+            snapshot_path: "/s".into(),
+            mem_file_path: "/m".into(),
+            net_overrides: Vec::new(),
+            vsock_uds_path: None,
+            drive_overrides: Vec::new(),
+            fs_overrides: Vec::new(),
+            serial: SerialOutput::Sink,
+        }
+    }
+
+    #[test]
+    fn overrides_of_the_snapshots_drives_and_file_systems_pass() {
+        let mut p = params();
+        p.drive_overrides.push(DriveOverride {
+            drive_id: "rootfs".into(),
+            path_on_host: "/pods/a/root.img".into(),
+        });
+        p.fs_overrides.push(FsOverride {
+            id: "share".into(),
+            socket: "/pods/a/fs.sock".into(),
+        });
+        assert!(check_overrides(&template(), &p).is_ok());
+    }
+
+    #[test]
+    fn overrides_of_devices_the_snapshot_lacks_are_refused_by_name() {
+        let mut p = params();
+        p.drive_overrides.push(DriveOverride {
+            drive_id: "data".into(),
+            path_on_host: "/x".into(),
+        });
+        let err = check_overrides(&template(), &p).unwrap_err();
+        assert!(matches!(&err, RestoreError::NoSuchDrive(id) if id == "data"));
+        assert_eq!(
+            err.to_string(),
+            "the snapshot has no drive \"data\" to override"
+        );
+
+        let mut p = params();
+        p.fs_overrides.push(FsOverride {
+            id: "rootfs".into(),
+            socket: "/x.sock".into(),
+        });
+        let err = check_overrides(&template(), &p).unwrap_err();
+        assert!(
+            matches!(&err, RestoreError::NoSuchFs(id) if id == "rootfs"),
+            "{err}"
+        );
+
+        let mut p = params();
+        p.vsock_uds_path = Some("/v.sock".into());
+        assert!(matches!(
+            check_overrides(&template(), &p),
+            Err(RestoreError::NoVsock)
+        ));
+    }
+
+    #[test]
+    fn the_hotplug_region_must_be_where_a_boot_puts_it() {
+        let devices = template();
+        assert!(check_hotplug_region(&devices, 256, 1, &LIMITS).is_ok());
+        // A guest with 6 GiB of RAM has its region higher up.
+        assert!(matches!(
+            check_hotplug_region(&devices, 6 << 10, 2, &LIMITS),
+            Err(RestoreError::HotplugLayout(_))
+        ));
+        for edit in [
+            |m: &mut MemState| m.addr += 128 << 20,
+            |m: &mut MemState| m.size += 3 << 20,
+            |m: &mut MemState| m.block_size = 3 << 20,
+        ] {
+            let mut moved = template();
+            if let DeviceState::Mem(m) = &mut moved[2].device {
+                edit(m);
+            }
+            assert!(matches!(
+                check_hotplug_region(&moved, 256, 1, &LIMITS),
+                Err(RestoreError::HotplugLayout(256))
+            ));
+        }
+        // Two virtio-mem devices are not something husk builds.
+        let mut twice = template();
+        twice.push(device(3, twice[2].device.clone()));
+        assert!(check_hotplug_region(&twice, 256, 1, &LIMITS).is_err());
+        // Too large for this host now.
+        let small = HostLimits {
+            host_mem_mib: 512,
+            ..LIMITS
+        };
+        assert!(check_hotplug_region(&devices, 256, 1, &small).is_err());
+        // No region, nothing to check.
+        assert!(check_hotplug_region(&devices[..2], 256, 1, &LIMITS).is_ok());
+    }
+
+    #[test]
+    fn the_guest_booted_with_some_of_its_vcpus() {
+        assert!(check_boot_vcpus(1, 2).is_ok());
+        assert!(check_boot_vcpus(2, 2).is_ok());
+        assert!(matches!(
+            check_boot_vcpus(0, 2),
+            Err(RestoreError::BootVcpus { boot: 0, count: 2 })
+        ));
+        assert!(check_boot_vcpus(3, 2).is_err());
+    }
 }

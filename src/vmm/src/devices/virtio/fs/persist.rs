@@ -105,3 +105,163 @@ impl FsState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::fs::test_backend::{req, Script, StubBackend};
+    use crate::devices::virtio::mmio::tests::handshake;
+    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::vstate::memory::{create_with, Backing};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    fn stub(name: &str, script: Script) -> StubBackend {
+        let dir =
+            std::env::temp_dir().join(format!("husk-fs-persist-{}-{name}", std::process::id()));
+        StubBackend::spawn(&dir, name, script).unwrap()
+    }
+
+    fn two_queues() -> Script {
+        Script {
+            queues: 2,
+            ..Default::default()
+        }
+    }
+
+    fn config(socket: &std::path::Path) -> FsConfig {
+        FsConfig {
+            id: "share".into(),
+            tag: "share".into(),
+            socket: socket.to_path_buf(),
+            num_queues: 1,
+            queue_size: 256,
+        }
+    }
+
+    fn wait_for(stub: &StubBackend, code: u32, count: usize) -> Vec<u32> {
+        for _ in 0..500 {
+            let seen = stub.seen();
+            if seen.iter().filter(|c| **c == code).count() >= count {
+                return seen;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        stub.seen()
+    }
+
+    /// A device started by a driver (the mmio tests' handshake: queues of
+    /// 16 at 0x1000 and 0x2000) on shared memory.
+    fn started(name: &str) -> (StubBackend, Arc<Mutex<Fs>>, MmioTransport, GuestMemoryMmap) {
+        let b = stub(name, two_queues());
+        let fs = Arc::new(Mutex::new(Fs::new(&config(b.socket())).unwrap()));
+        let mem = create_with(1 << 20, Backing::Shared).unwrap();
+        let mut t = MmioTransport::new(mem.clone(), fs.clone());
+        handshake(&mut t, 2);
+        fs.lock().unwrap().run_pending();
+        wait_for(&b, req::SET_VRING_ENABLE, 2);
+        (b, fs, t, mem)
+    }
+
+    #[test]
+    fn a_device_never_started_or_never_used_is_saved() {
+        let b = stub("fresh", two_queues());
+        let fs = Fs::new(&config(b.socket())).unwrap();
+        let mem = create_with(1 << 20, Backing::Shared).unwrap();
+        let s = fs.save_state(&mem).unwrap();
+        assert_eq!(s.config(), config(b.socket()));
+        assert!(s.queues.is_empty());
+
+        let (_b, fs, _t, mem) = started("unused");
+        let s = fs.lock().unwrap().save_state(&mem).unwrap();
+        assert_eq!(s.queues.len(), 2);
+        assert_eq!(s.queues[1].desc_table, 0x2000);
+        assert_eq!((s.queues[0].next_avail, s.queues[0].next_used), (0, 0));
+    }
+
+    #[test]
+    fn a_device_the_guest_sent_a_request_is_refused_by_name() {
+        for (name, ring_idx) in [("avail", 0x1100 + 2), ("used", 0x2200 + 2)] {
+            let (_b, fs, _t, mem) = started(name);
+            mem.write_obj(1u16, GuestAddress(ring_idx)).unwrap();
+            let err = fs.lock().unwrap().save_state(&mem).unwrap_err();
+            assert_eq!(err, FsSnapshotError::Used("share".into()), "{name}");
+            assert_eq!(
+                err.to_string(),
+                "the guest has used virtio-fs device share: its FUSE session lives in the backend and is not saved"
+            );
+        }
+        // A reply the backend signalled counts too, whatever the rings say.
+        let (_b, fs, _t, mem) = started("signalled");
+        fs.lock().unwrap().call_events()[1].write(1).unwrap();
+        fs.lock().unwrap().signal_used(1);
+        assert!(matches!(
+            fs.lock().unwrap().save_state(&mem),
+            Err(FsSnapshotError::Used(_))
+        ));
+    }
+
+    #[test]
+    fn a_device_whose_backend_went_away_is_refused() {
+        let (_b, fs, _t, mem) = started("gone");
+        fs.lock().unwrap().handle_event(
+            super::super::event_handler::TOKEN_BACKEND,
+            vmm_sys_util::epoll::EventSet::READ_HANG_UP,
+        );
+        assert_eq!(
+            fs.lock().unwrap().save_state(&mem),
+            Err(FsSnapshotError::Broken("share".into()))
+        );
+    }
+
+    #[test]
+    fn a_restored_started_device_hands_its_rings_to_the_new_backend() {
+        let (_b, fs, t, mem) = started("before");
+        let state = fs.lock().unwrap().save_state(&mem).unwrap();
+        let transport = t.save_state();
+
+        let b2 = stub("after", two_queues());
+        let mut c = state.config();
+        c.socket = b2.socket().to_path_buf();
+        let restored = Arc::new(Mutex::new(Fs::new(&c).unwrap()));
+        let mut t2 = MmioTransport::new(mem.clone(), restored.clone());
+        t2.restore_state(&transport, &state.queues).unwrap();
+        assert!(t2.is_activated());
+        restored.lock().unwrap().try_run_pending().unwrap();
+        let seen = wait_for(&b2, req::SET_VRING_ENABLE, 2);
+        for code in [req::SET_FEATURES, req::SET_MEM_TABLE, req::SET_VRING_KICK] {
+            assert!(seen.contains(&code), "{code} not in {seen:?}");
+        }
+        assert_eq!(seen.iter().filter(|c| **c == req::SET_VRING_NUM).count(), 2);
+        assert!(!restored.lock().unwrap().broken());
+        // Saved again, it is the same device.
+        assert_eq!(
+            restored.lock().unwrap().save_state(&mem).unwrap().queues,
+            state.queues
+        );
+    }
+
+    #[test]
+    fn a_backend_that_refuses_the_restored_device_fails_the_restore() {
+        let (_b, fs, t, mem) = started("refusing-before");
+        let state = fs.lock().unwrap().save_state(&mem).unwrap();
+        let b2 = stub(
+            "refusing-after",
+            Script {
+                queues: 2,
+                refuse: Some(req::SET_MEM_TABLE),
+                ..Default::default()
+            },
+        );
+        let mut c = state.config();
+        c.socket = b2.socket().to_path_buf();
+        let restored = Arc::new(Mutex::new(Fs::new(&c).unwrap()));
+        let mut t2 = MmioTransport::new(mem, restored.clone());
+        t2.restore_state(&t.save_state(), &state.queues).unwrap();
+        let err = restored.lock().unwrap().try_run_pending().unwrap_err();
+        assert!(
+            matches!(err, crate::devices::virtio::fs::FsError::Backend { .. }),
+            "{err}"
+        );
+    }
+}

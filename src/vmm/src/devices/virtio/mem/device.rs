@@ -650,6 +650,7 @@ impl VirtioDevice for Mem {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::mem::persist::MemSnapshotError;
     use crate::devices::virtio::test_utils::{d, hand_laid_queue, NEXT, WRITE};
     use std::sync::Mutex;
     use virtio_queue::desc::RawDescriptor;
@@ -773,6 +774,53 @@ mod tests {
             *v = u64::from_le_bytes(b);
         }
         out
+    }
+
+    #[test]
+    fn a_device_with_nothing_plugged_is_saved_and_comes_back_as_it_was() {
+        let (mut dev, m, _) = device();
+        dev.set_requested_size(64 * MIB).unwrap();
+        let s = dev.save_state().unwrap();
+        assert_eq!(s.region(), region());
+        assert_eq!(s.requested_size, 64 * MIB);
+        assert!(s.queues.is_empty(), "not started yet");
+        // Started by the driver, still nothing plugged: its queue is saved.
+        serve(
+            &mut dev,
+            &m,
+            Request::State {
+                addr: BASE,
+                nb_blocks: 1,
+            },
+        );
+        let s = dev.save_state().unwrap();
+        assert_eq!(s.queues.len(), 1);
+
+        let rec = Recorder::default();
+        let mut back = Mem::new(s.region(), m.clone(), Box::new(rec.clone())).unwrap();
+        back.restore_requested_size(s.requested_size).unwrap();
+        assert_eq!(back.status(), dev.status());
+        assert_eq!(back.metrics().resizes.get(), 0, "a restore is not a resize");
+        assert!(rec.calls().is_empty(), "no slot mapped");
+        assert!(back.restore_requested_size(3 * MIB).is_err());
+    }
+
+    #[test]
+    fn a_device_with_memory_plugged_is_refused() {
+        let (mut dev, m, _) = device();
+        dev.set_requested_size(4 * BLOCK).unwrap();
+        assert_eq!(serve(&mut dev, &m, plug(BASE, 2)).kind, RESP_ACK);
+        let err = dev.save_state().unwrap_err();
+        assert_eq!(err, MemSnapshotError::Plugged(2 * BLOCK));
+        assert!(
+            err.to_string().starts_with(
+                "the microVM has 4 MiB of hot-plugged memory: unplug its hot-plugged memory first"
+            ),
+            "{err}"
+        );
+        // Unplugged again, it can be saved.
+        assert_eq!(serve(&mut dev, &m, unplug(BASE, 2)).kind, RESP_ACK);
+        assert!(dev.save_state().is_ok());
     }
 
     #[test]
