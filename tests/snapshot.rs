@@ -452,6 +452,10 @@ fn a_template_with_virtio_fs_memory_and_a_parked_vcpu_clones_into_two_pods() {
         .run(&format!(
             r#"{PRELUDE}
 {VIRTIOFSD}
+# As on a containerd node (start-in-node.sh): shared guest memory in huge
+# pages where husk asks, which the clones' copy of the memory file uses.
+thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
+[ -w $thp ] && echo advise > $thp
 head -c 1048576 /dev/zero > ctl.img
 mkdir -p tpl a b && echo template > tpl/marker && echo clone-a > a/marker && echo clone-b > b/marker
 start_virtiofsd src-fs tpl

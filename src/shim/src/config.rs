@@ -155,7 +155,8 @@ pub struct Config {
     pub virtiofsd: Option<PathBuf>,
     /// Restore each pod's microVM from a template (a snapshot of a guest
     /// booted to its agent, made on first use per pod shape and kept under
-    /// `image_cache_dir/templates`) instead of booting it.
+    /// `image_cache_dir/templates`) instead of booting it (default: on;
+    /// pods start in about three quarters of a boot's time).
     pub template: bool,
 }
 
@@ -187,7 +188,7 @@ impl Default for Config {
             volumes: Volumes::Share,
             rootfs: RootfsMode::Share,
             virtiofsd: None,
-            template: false,
+            template: true,
         }
     }
 }

@@ -429,16 +429,21 @@ fn seek(file: &std::fs::File, offset: u64, whence: libc::c_int) -> std::io::Resu
     Ok(Some(rc as u64))
 }
 
-/// Copies the data of `[start, end)` of `file` to `dst` at `start - base`,
-/// skipping pages that are all zeroes; adds what it did to `stats`.
+/// Copies the data of `[start, end)` of `file` into `dst` at
+/// `start - base`, skipping pages that are all zeroes; adds what it did to
+/// `stats`. The pages are written through `dst`'s mapping, not the memfd:
+/// faults on a mapping that asked for huge pages (MADV_HUGEPAGE, as guest
+/// memory does) fill 2 MiB at a time where shmem's huge pages are on,
+/// where writes to the file itself would allocate 4 KiB pages one by one.
 fn copy_extent(
     file: &std::fs::File,
-    dst: &std::fs::File,
+    dst: &GuestRegionMmap,
     (start, end, base): (u64, u64, u64),
     buf: &mut [u8],
     stats: &mut CopyStats,
 ) -> Result<(), MemoryFileError> {
     use std::os::unix::fs::FileExt;
+    use vm_memory::{Bytes, MemoryRegionAddress};
     let mut at = start;
     while at < end {
         let len = (end - at).min(buf.len() as u64) as usize;
@@ -449,8 +454,11 @@ fn copy_extent(
         for run in nonzero_runs(chunk) {
             let to = at - base + run.start as u64;
             stats.copied_bytes += run.len() as u64;
-            dst.write_all_at(&chunk[run], to)
-                .map_err(|source| MemoryFileError::Copy { offset: at, source })?;
+            dst.write_slice(&chunk[run], MemoryRegionAddress(to))
+                .map_err(|e| MemoryFileError::Copy {
+                    offset: at,
+                    source: std::io::Error::other(e.to_string()),
+                })?;
         }
         at += len as u64;
     }
@@ -461,8 +469,10 @@ fn copy_extent(
 /// guest memory itself: one memfd per region, mapped `MAP_SHARED` as
 /// [`Backing::Shared`] memory is at boot, filled with the memory file's
 /// data. Only the file's data extents are read (SEEK_DATA/SEEK_HOLE) and
-/// only their pages that are not all zeroes are written, so the file's
-/// holes stay unallocated in the memfds. Unlike [`from_file`], everything
+/// only their pages that are not all zeroes are written, through the
+/// mapping (so in huge pages where shmem has them: then a 2 MiB page
+/// with any data is allocated whole; otherwise the file's holes stay
+/// unallocated in the memfds). Unlike [`from_file`], everything
 /// the guest had touched is copied up front, and the copy is this VM's
 /// own: clones restored this way share no pages with the file or with
 /// each other.
@@ -470,7 +480,6 @@ pub fn from_file_shared(
     file: &std::fs::File,
     regions: &[RegionState],
 ) -> Result<(GuestMemoryMmap, CopyStats), MemoryFileError> {
-    use vm_memory::GuestMemoryRegion;
     check_file(file, regions)?;
     let mut stats = CopyStats::default();
     let mut buf = vec![0u8; CHUNK];
@@ -478,10 +487,6 @@ pub fn from_file_shared(
     for r in regions {
         let region = region(GuestAddress(r.guest_base), r.size, Backing::Shared)
             .map_err(MemoryFileError::Shared)?;
-        let memfd = region
-            .file_offset()
-            .map(|f| f.file())
-            .ok_or(MemoryFileError::Layout)?;
         let end = r.file_offset + r.size;
         let mut pos = r.file_offset;
         while pos < end {
@@ -502,7 +507,7 @@ pub fn from_file_shared(
             stats.extents += 1;
             copy_extent(
                 file,
-                memfd,
+                &region,
                 (data, hole, r.file_offset),
                 &mut buf,
                 &mut stats,
