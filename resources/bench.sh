@@ -359,7 +359,8 @@ case $mode in
       done
       # The same husk pods with their root filesystems through the pod's
       # share too, then with their bind mounts (CRI's hosts, hostname and
-      # resolv.conf) copied onto a disk instead of shared.
+      # resolv.conf) copied onto a disk instead of shared (no share: a
+      # template's restore maps its memory file private, copying nothing).
       cp /etc/husk/config.toml /etc/husk/config.toml.default
       echo 'rootfs = \"share\"' >> /etc/husk/config.toml
       echo 'BENCH-CONFIG rootfs=share'
