@@ -51,10 +51,15 @@ pub fn is_superseded(inputs: &str, current: &[String]) -> bool {
     })
 }
 
-/// Removes the templates under `root` (but `keep`) that
-/// [`is_superseded`] by `current`; returns how many went. Entries that
-/// are not templates (no inputs file) are left alone.
-pub fn prune_superseded(root: &Path, keep: &str, current: &[String]) -> usize {
+/// Removes the templates under `root` (but `keep`) made from another
+/// version of one of `files` (`(what, path)`, as [`file_identity`] names
+/// them); returns how many went. Entries that are not templates (no
+/// inputs file) are left alone.
+pub fn prune_superseded(root: &Path, keep: &str, files: &[(&str, &Path)]) -> usize {
+    let current: Vec<String> = files
+        .iter()
+        .filter_map(|(what, path)| file_identity(what, path).ok())
+        .collect();
     let Ok(entries) = std::fs::read_dir(root) else {
         return 0;
     };
@@ -67,7 +72,7 @@ pub fn prune_superseded(root: &Path, keep: &str, current: &[String]) -> usize {
         let Ok(text) = std::fs::read_to_string(entry.path().join(INPUTS_FILE)) else {
             continue;
         };
-        if is_superseded(&text, current) && std::fs::remove_dir_all(entry.path()).is_ok() {
+        if is_superseded(&text, &current) && std::fs::remove_dir_all(entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -110,7 +115,11 @@ mod tests {
             std::fs::write(root.join(name).join(INPUTS_FILE), text).unwrap();
         }
         std::fs::create_dir_all(root.join("not-a-template")).unwrap();
-        assert_eq!(prune_superseded(&root, "new-one", &[new]), 1);
+        assert!(new.contains("size=5"));
+        assert_eq!(
+            prune_superseded(&root, "new-one", &[("kernel", &kernel)]),
+            1
+        );
         assert!(!root.join("old").exists());
         for kept in ["current", "elsewhere", "not-a-template"] {
             assert!(root.join(kept).exists(), "{kept}");

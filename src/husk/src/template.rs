@@ -192,15 +192,15 @@ pub fn get_or_create(
         ms = t0.elapsed().as_millis() as u64,
         "template made"
     );
-    let current: Vec<String> = [
-        ("husk", husk.as_path()),
-        ("kernel", &inputs.kernel),
-        ("initrd", &inputs.initrd),
-    ]
-    .into_iter()
-    .filter_map(|(what, p)| file_identity(what, p).ok())
-    .collect();
-    let pruned = prune_superseded(&root, &key, &current);
+    let pruned = prune_superseded(
+        &root,
+        &key,
+        &[
+            ("husk", husk.as_path()),
+            ("kernel", &inputs.kernel),
+            ("initrd", &inputs.initrd),
+        ],
+    );
     if pruned > 0 {
         tracing::info!(
             pruned,

@@ -224,15 +224,16 @@ fn get_or_make(config: &Config, spec: &VmSpec, slots: &[SlotSpec]) -> Result<Tem
     }
     tracing::info!(pod = %spec.id, template = %template.dir.display(),
         ms = t0.elapsed().as_millis() as u64, "made a template for the pod's shape");
-    let current: Vec<String> = [
-        ("husk", config.husk()),
-        ("kernel", config.kernel.clone()),
-        ("initrd", config.initrd.clone()),
-    ]
-    .iter()
-    .filter_map(|(what, p)| file_identity(what, p).ok())
-    .collect();
-    let pruned = prune_superseded(&root, &key, &current);
+    let husk = config.husk();
+    let pruned = prune_superseded(
+        &root,
+        &key,
+        &[
+            ("husk", husk.as_path()),
+            ("kernel", &config.kernel),
+            ("initrd", &config.initrd),
+        ],
+    );
     if pruned > 0 {
         tracing::info!(
             pruned,
