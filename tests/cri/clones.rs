@@ -8,10 +8,8 @@
 
 use std::time::SystemTime;
 
-use k8s_cri::v1::PodSandboxStatusRequest;
-
 use crate::volumes::exec;
-use crate::{container_config, pod_config, status_err, Args, Client, Pod, Result};
+use crate::{container_config, pod_config, Args, Client, Pod, Result};
 
 /// What each pod reports about itself, right after its container starts.
 const PROBE: &str = "echo \"RAND $(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n')\"; \
@@ -61,17 +59,7 @@ async fn run(c: &mut Client, args: &Args, pods: &mut Vec<Pod>) -> Result<()> {
             return Err(format!("{name}: the probe failed ({code}): {err}"));
         }
         probes.push(out);
-        let status = c
-            .pod_sandbox_status(PodSandboxStatusRequest {
-                pod_sandbox_id: pod.id.clone(),
-                verbose: false,
-            })
-            .await
-            .map_err(status_err("PodSandboxStatus"))?
-            .into_inner()
-            .status
-            .ok_or("PodSandboxStatus without a status")?;
-        ips.push((id, status.network.map(|n| n.ip).unwrap_or_default()));
+        ips.push((id, pod.ip(c).await?));
     }
     let after = node_secs();
     let (a, b) = (&probes[0], &probes[1]);

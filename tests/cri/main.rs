@@ -303,6 +303,21 @@ impl Pod {
         Ok(id)
     }
 
+    /// The pod's IP address (empty without a pod network).
+    async fn ip(&self, c: &mut Client) -> Result<String> {
+        let status = c
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: self.id.clone(),
+                verbose: false,
+            })
+            .await
+            .map_err(status_err("PodSandboxStatus"))?
+            .into_inner()
+            .status
+            .ok_or("PodSandboxStatus without a status")?;
+        Ok(status.network.map(|n| n.ip).unwrap_or_default())
+    }
+
     /// Stops and removes the pod (its containers go with it).
     async fn remove(&self, c: &mut Client) -> Result<()> {
         c.stop_pod_sandbox(StopPodSandboxRequest {
@@ -517,17 +532,7 @@ async fn scenario_in(
         println!("CRI-PEEK-LOG {stream} {text}");
     }
 
-    let status = c
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: pod.id.clone(),
-            verbose: false,
-        })
-        .await
-        .map_err(status_err("PodSandboxStatus"))?
-        .into_inner()
-        .status
-        .ok_or("PodSandboxStatus without a status")?;
-    let ip = status.network.map(|n| n.ip).unwrap_or_default();
+    let ip = pod.ip(c).await?;
     println!("CRI-POD-IP {ip}");
     if !ip.is_empty() {
         let ip2 = ip.clone();

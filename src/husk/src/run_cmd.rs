@@ -354,7 +354,7 @@ fn session(
         container_id: CONTAINER.into(),
         spec: Box::new(spec),
         rootfs: Rootfs {
-            drive_id: "rootfs".into(),
+            drive_id: crate::template::ROOTFS_DRIVE.into(),
             fstype: "ext4".into(),
             read_only: true,
             writable_overlay: true,
@@ -485,7 +485,7 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         serial: SerialOutput::File(console.clone()),
         drives: vec![DriveConfig {
             block: BlockConfig {
-                id: "rootfs".into(),
+                id: crate::template::ROOTFS_DRIVE.into(),
                 path: rootfs.rootfs.clone(),
                 read_only: true,
             },
@@ -598,14 +598,7 @@ fn build_vm(
         tracing::debug!("runs with --volume boot: no template");
         return Ok((boot()?, None));
     }
-    let inputs = crate::template::Inputs {
-        kernel: config.boot.kernel.clone(),
-        initrd: config.boot.initrd.clone().unwrap_or_default(),
-        vcpus: config.vcpus,
-        mem_mib: config.mem_mib,
-        cmdline: config.boot.cmdline.clone(),
-    };
-    let template = match crate::template::get_or_create(&inputs, seccomp) {
+    let template = match crate::template::get_or_create(config, seccomp) {
         Ok((t, created)) => {
             if created {
                 tracing::info!("a template was made for this kernel, agent and machine size");

@@ -30,7 +30,7 @@ use husk_api_types::template::{
 use husk_protocol::client::{AgentClient, Endpoint};
 use husk_protocol::DEFAULT_AGENT_PORT;
 use vmm::seccomp::SeccompFilters;
-use vmm::{BlockConfig, BootSource, DriveConfig, SerialOutput, VmConfig, Vmm, VsockConfig};
+use vmm::{SerialOutput, VmConfig, Vmm};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// The template's drive id: the one `husk run` gives the root filesystem.
@@ -100,6 +100,17 @@ fn identity(what: &str, path: &Path) -> Result<String, TemplateError> {
 }
 
 impl Inputs {
+    /// The inputs of a run's VM.
+    pub fn of(config: &VmConfig) -> Inputs {
+        Inputs {
+            kernel: config.boot.kernel.clone(),
+            initrd: config.boot.initrd.clone().unwrap_or_default(),
+            vcpus: config.vcpus,
+            mem_mib: config.mem_mib,
+            cmdline: config.boot.cmdline.clone(),
+        }
+    }
+
     /// The inputs as text, one per line (kept with the template for
     /// people; hashed into its key).
     fn describe(&self, husk: &Path) -> Result<String, TemplateError> {
@@ -147,12 +158,14 @@ impl Template {
     }
 }
 
-/// The template for `inputs`: the cached one, or a new one made now (the
-/// second value says which).
+/// The template for a run's VM `config` (its drive [`ROOTFS_DRIVE`] and
+/// vsock are the run's own; a template gets its own): the cached one, or
+/// a new one made now (the second value says which).
 pub fn get_or_create(
-    inputs: &Inputs,
+    config: &VmConfig,
     seccomp: &SeccompFilters,
 ) -> Result<(Template, bool), TemplateError> {
+    let inputs = &Inputs::of(config);
     let husk = std::env::current_exe().map_err(io("find the husk binary"))?;
     let text = inputs.describe(&husk)?;
     let key = key_of(&text);
@@ -167,7 +180,7 @@ pub fn get_or_create(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(io(format!("create {}", tmp.display())))?;
     let t0 = Instant::now();
-    let made = create(inputs, &tmp, seccomp).and_then(|()| {
+    let made = create(config, &tmp, seccomp).and_then(|()| {
         std::fs::write(tmp.join(INPUTS_FILE), &text)
             .map_err(io(format!("write {}", tmp.join(INPUTS_FILE).display())))
     });
@@ -218,8 +231,10 @@ fn console_tail(path: &Path) -> String {
 }
 
 /// Boots the template's guest in `dir` until its agent answers, then
-/// pauses it and writes its snapshot there.
-fn create(inputs: &Inputs, dir: &Path, seccomp: &SeccompFilters) -> Result<(), TemplateError> {
+/// pauses it and writes its snapshot there: the run's VM `run`, with a
+/// placeholder for its root filesystem and a console and vsock of its
+/// own.
+fn create(run: &VmConfig, dir: &Path, seccomp: &SeccompFilters) -> Result<(), TemplateError> {
     // One for all templates, outside each one's directory: the state
     // file names it, and the directory is renamed into place afterwards.
     let placeholder = templates_dir().join("rootfs.placeholder");
@@ -231,32 +246,16 @@ fn create(inputs: &Inputs, dir: &Path, seccomp: &SeccompFilters) -> Result<(), T
     }
     let uds = dir.join("vsock.sock");
     let console = dir.join("console.log");
-    let config = VmConfig {
-        vcpus: inputs.vcpus,
-        mem_mib: inputs.mem_mib,
-        boot: BootSource {
-            kernel: inputs.kernel.clone(),
-            initrd: Some(inputs.initrd.clone()),
-            cmdline: inputs.cmdline.clone(),
-        },
-        serial: SerialOutput::File(console.clone()),
-        drives: vec![DriveConfig {
-            block: BlockConfig {
-                id: ROOTFS_DRIVE.into(),
-                path: placeholder,
-                read_only: true,
-            },
-            is_root: false,
-        }],
-        net: Vec::new(),
-        vsock: Some(VsockConfig {
-            guest_cid: husk_protocol::AGENT_GUEST_CID,
-            uds_path: uds.clone(),
-        }),
-        max_vcpus: None,
-        mem_hotplug: None,
-        fs: Vec::new(),
-    };
+    let mut config = run.clone();
+    config.serial = SerialOutput::File(console.clone());
+    for d in &mut config.drives {
+        if d.block.id == ROOTFS_DRIVE {
+            d.block.path = placeholder.clone();
+        }
+    }
+    if let Some(v) = config.vsock.as_mut() {
+        v.uds_path = uds.clone();
+    }
     let mut vmm = Vmm::new(&config).map_err(TemplateError::Vmm)?;
     let wake = EventFd::new(EFD_NONBLOCK).map_err(io("create an eventfd"))?;
     let wake_source = wake.try_clone().map_err(io("dup an eventfd"))?;
