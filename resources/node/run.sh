@@ -204,7 +204,9 @@ boot_node() {
     awk "${awk_opts[@]}" -v status_file="$tmp/status" -v lockup_file="$tmp/lockup" \
       -v qpid="$qpid" -v started="${HUSK_NODE_LOGLEVEL:+1}" '
     { gsub(/\r/, "") }
-    /^\[ *[0-9]+\.[0-9]+\] watchdog: BUG: soft lockup/ && !locked {
+    # Not anchored: the kernel prints its report wherever the console is,
+    # after a payload line that did not end in a newline too.
+    /\[ *[0-9]+\.[0-9]+\] watchdog: BUG: soft lockup/ && !locked {
       locked = 1
       print $0 > lockup_file; close(lockup_file)
       system("kill " qpid " 2>/dev/null")
