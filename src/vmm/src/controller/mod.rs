@@ -471,7 +471,7 @@ impl Controller {
             }
             Request::Action(ActionType::InstanceStart) => return Err(ActionError::AlreadyStarted),
             Request::CreateSnapshot(params) => {
-                snapshot::check_create(&params, &self.resources)?;
+                snapshot::check_create(&params)?;
                 let stats = vmm
                     .snapshot(&params.snapshot_path, &params.mem_file_path)
                     .map_err(ActionError::CreateSnapshot)?;

@@ -639,6 +639,20 @@ impl Vmm {
         let mut drives = Vec::new();
         let mut mem_hotplug = None;
         let mut resized = Vec::new();
+        // Each device goes back to the slot (and so the address and
+        // interrupt) it had.
+        macro_rules! attach {
+            ($device:expr) => {
+                slots.attach(
+                    &vm,
+                    &mem,
+                    &mut mmio,
+                    &mut event_manager,
+                    $device,
+                    &mut unused_cmdline,
+                )?
+            };
+        }
         for dev in &state.devices {
             slots.next = dev.slot;
             let id;
@@ -655,14 +669,7 @@ impl Vmm {
                     }
                     let block = Arc::new(Mutex::new(Block::new(config).map_err(VmmError::Block)?));
                     metrics.register_device("block", &b.id, lock(&block).metrics());
-                    let t = slots.attach(
-                        &vm,
-                        &mem,
-                        &mut mmio,
-                        &mut event_manager,
-                        block.clone(),
-                        &mut unused_cmdline,
-                    )?;
+                    let t = attach!(block.clone());
                     drives.push(AttachedDrive {
                         block: block.clone(),
                         transport: t.clone(),
@@ -689,14 +696,7 @@ impl Vmm {
                     let net = Net::new(&config).map_err(VmmError::Net)?;
                     metrics.register_device("net", &config.id, net.metrics());
                     let net = Arc::new(Mutex::new(net));
-                    let t = slots.attach(
-                        &vm,
-                        &mem,
-                        &mut mmio,
-                        &mut event_manager,
-                        net.clone(),
-                        &mut unused_cmdline,
-                    )?;
+                    let t = attach!(net.clone());
                     (
                         t,
                         AttachedDevice::Net {
@@ -716,14 +716,7 @@ impl Vmm {
                     let dev = Vsock::new(&config).map_err(VmmError::Vsock)?;
                     metrics.register_device("vsock", "vsock", dev.metrics());
                     let dev = Arc::new(Mutex::new(dev));
-                    let t = slots.attach(
-                        &vm,
-                        &mem,
-                        &mut mmio,
-                        &mut event_manager,
-                        dev.clone(),
-                        &mut unused_cmdline,
-                    )?;
+                    let t = attach!(dev.clone());
                     (
                         t,
                         AttachedDevice::Vsock {
@@ -749,14 +742,7 @@ impl Vmm {
                     metrics.register_device("fs", &f.id, dev.metrics());
                     tracing::debug!(fs = %f.id, socket = %config.socket.display(), "virtio-fs backend connected");
                     let dev = Arc::new(Mutex::new(dev));
-                    let t = slots.attach(
-                        &vm,
-                        &mem,
-                        &mut mmio,
-                        &mut event_manager,
-                        dev.clone(),
-                        &mut unused_cmdline,
-                    )?;
+                    let t = attach!(dev.clone());
                     (t, AttachedDevice::Fs { device: dev })
                 }
                 DeviceState::Mem(m) => {
@@ -769,14 +755,7 @@ impl Vmm {
                         .map_err(VmmError::MemHotplug)?;
                     metrics.register_device("mem", "hotplug", dev.metrics());
                     let dev = Arc::new(Mutex::new(dev));
-                    let t = slots.attach(
-                        &vm,
-                        &mem,
-                        &mut mmio,
-                        &mut event_manager,
-                        dev.clone(),
-                        &mut unused_cmdline,
-                    )?;
+                    let t = attach!(dev.clone());
                     mem_hotplug = Some(AttachedMem {
                         device: dev.clone(),
                         transport: t.clone(),
