@@ -176,6 +176,7 @@ fn volumes_script(handler: &str, version: Containerd) -> String {
              echo \"CRI-TEMPLATE-MADE $(grep -c 'made a template for the pod' containerd.log)\"\n\
              echo \"CRI-TEMPLATE-RESTORED $(grep -c 'restored from its template' containerd.log)\"\n\
              echo \"CRI-TEMPLATE-FALLBACKS $(grep -c -e 'no template for the pod' -e 'did not restore' containerd.log)\"\n\
+             echo \"CRI-TEMPLATE-UNPREPARED $(grep -c 'was not prepared' containerd.log)\"\n\
              grep -e 'no template for the pod' -e 'did not restore' containerd.log | tail -n 3 | sed 's/^/CRI-TEMPLATE-LOG /'\n",
         );
     }
@@ -272,6 +273,8 @@ fn volumes(r: &husk_tests::RunResult, handler: &str) {
             r.output
         );
         assert_eq!(count("CRI-TEMPLATE-FALLBACKS"), 0, "{}", r.output);
+        // Each template's guest zeroed its free memory before its snapshot.
+        assert_eq!(count("CRI-TEMPLATE-UNPREPARED"), 0, "{}", r.output);
         for (key, want) in [
             ("CRI-KILL-VIRTIOFSD-EXIT", "0"),
             ("CRI-V virtiofsd-running", "yes"),

@@ -26,6 +26,7 @@ mod runtime;
 mod sandbox;
 mod server;
 mod signals;
+mod template;
 mod transport;
 
 use std::process::ExitCode;

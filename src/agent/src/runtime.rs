@@ -147,6 +147,10 @@ impl Agent for Runtime {
         )?)
     }
 
+    fn prepare_template(&self) -> Result<u64, AgentError> {
+        crate::template::prepare(self.config.pid1, self.containers.count())
+    }
+
     fn process_states(&self) -> Vec<ProcessState> {
         self.containers.process_states()
     }

@@ -61,6 +61,8 @@ pub trait Agent: Send + Sync {
     fn remove_container(&self, id: &str) -> Result<(), AgentError>;
     /// SetOnlineCpus: the vCPUs online afterwards, and those present.
     fn set_online_cpus(&self, online: u32) -> Result<(u32, u32), AgentError>;
+    /// PrepareTemplate: the bytes of free memory zeroed.
+    fn prepare_template(&self) -> Result<u64, AgentError>;
     /// ListProcessStates.
     fn process_states(&self) -> Vec<ProcessState>;
     /// A stdio channel's stream of one process.
@@ -320,6 +322,9 @@ pub fn handle(agent: &dyn Agent, request: Request) -> Result<Response, AgentErro
         Request::SetOnlineCpus { online } => agent
             .set_online_cpus(online)
             .map(|(online, present)| Response::Cpus { online, present }),
+        Request::PrepareTemplate => agent
+            .prepare_template()
+            .map(|zeroed_bytes| Response::TemplatePrepared { zeroed_bytes }),
         Request::ListProcessStates => Ok(Response::ProcessStates {
             processes: agent.process_states(),
         }),
@@ -421,6 +426,10 @@ mod tests {
         fn set_online_cpus(&self, online: u32) -> Result<(u32, u32), AgentError> {
             self.called(format!("set_online_cpus {online}"));
             Ok((online, 4))
+        }
+        fn prepare_template(&self) -> Result<u64, AgentError> {
+            self.called("prepare_template".to_string());
+            Ok(1 << 20)
         }
         fn process_states(&self) -> Vec<ProcessState> {
             self.called("process_states".into());
@@ -572,6 +581,13 @@ mod tests {
                 Ok(Response::Cpus {
                     online: 3,
                     present: 4,
+                }),
+            ),
+            (
+                json!({"type": "prepare_template"}),
+                Some("prepare_template"),
+                Ok(Response::TemplatePrepared {
+                    zeroed_bytes: 1 << 20,
                 }),
             ),
             (

@@ -20,6 +20,10 @@ use crate::{
     PROTOCOL_VERSION,
 };
 
+/// How long PrepareTemplate may take: the guest zeroes its free memory
+/// (a second or two for 128 MiB under nested emulation).
+pub const PREPARE_TEMPLATE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Why talking to the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -46,6 +50,9 @@ pub enum ClientError {
     /// The agent did not answer in time.
     #[error("the agent did not answer within {0:?}")]
     Timeout(Duration),
+    /// The agent answered with a reply of another request's kind.
+    #[error("the agent answered {0} with another kind of reply")]
+    UnexpectedReply(&'static str),
 }
 
 impl ClientError {
@@ -291,6 +298,15 @@ impl AgentClient {
         let deadline = Instant::now() + limit;
         self.exchange(request, Some(deadline))
             .map_err(|e| timed_out(e, limit))
+    }
+
+    /// PrepareTemplate, within [`PREPARE_TEMPLATE_TIMEOUT`]: the bytes of
+    /// free memory the guest zeroed.
+    pub fn prepare_template(&mut self) -> Result<u64, ClientError> {
+        match self.call_within(Request::PrepareTemplate, PREPARE_TEMPLATE_TIMEOUT)? {
+            Response::TemplatePrepared { zeroed_bytes } => Ok(zeroed_bytes),
+            _ => Err(ClientError::UnexpectedReply("prepare_template")),
+        }
     }
 
     fn exchange(

@@ -174,6 +174,13 @@ pub enum Request {
         /// How many vCPUs should be online.
         online: u32,
     },
+    /// Make the guest cheap to snapshot as a template, just before its
+    /// snapshot: sync, drop the clean page cache, and zero every free page
+    /// the guest can spare (a child process allocates and releases them),
+    /// so that the snapshot's memory file holds the pages in use and not
+    /// what boot left in freed memory. Refused outside a guest and once a
+    /// container exists.
+    PrepareTemplate,
     /// Stop every container, sync, and reset the guest (the VMM exits).
     Shutdown,
 }
@@ -456,6 +463,11 @@ pub enum Response {
         online: u32,
         /// Present (the most that can be online).
         present: u32,
+    },
+    /// PrepareTemplate's answer.
+    TemplatePrepared {
+        /// Bytes of free memory the guest zeroed.
+        zeroed_bytes: u64,
     },
     /// ListProcessStates' answer.
     ProcessStates {

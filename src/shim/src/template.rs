@@ -202,8 +202,10 @@ fn get_or_make(config: &Config, spec: &VmSpec, slots: &[SlotSpec]) -> Result<Tem
     let tmp = root.join(format!(".{key}.tmp-{}", std::process::id()));
     std::fs::create_dir(&tmp).map_err(io(format!("create {}", tmp.display())))?;
     let t0 = Instant::now();
+    let mut zeroed = 0;
     let made = make(config, spec, slots, &key, &tmp)
-        .and_then(|()| {
+        .and_then(|z| {
+            zeroed = z;
             std::fs::write(tmp.join(INPUTS_FILE), &text)
                 .map_err(io(format!("write {}", tmp.join(INPUTS_FILE).display())))
         })
@@ -223,7 +225,8 @@ fn get_or_make(config: &Config, spec: &VmSpec, slots: &[SlotSpec]) -> Result<Tem
         return Err(e);
     }
     tracing::info!(pod = %spec.id, template = %template.dir.display(),
-        ms = t0.elapsed().as_millis() as u64, "made a template for the pod's shape");
+        ms = t0.elapsed().as_millis() as u64, zeroed_mib = zeroed >> 20,
+        "made a template for the pod's shape");
     let husk = config.husk();
     let pruned = prune_superseded(
         &root,
@@ -243,15 +246,17 @@ fn get_or_make(config: &Config, spec: &VmSpec, slots: &[SlotSpec]) -> Result<Tem
     Ok(template)
 }
 
-/// Boots the template's VM, waits for its agent, and writes its snapshot
-/// in `tmp`; everything else it made is gone when this returns.
+/// Boots the template's VM, waits for its agent, has it prepared and
+/// writes its snapshot in `tmp`; everything else it made is gone when
+/// this returns. Returns the bytes of free memory the guest zeroed (none
+/// if it could not).
 fn make(
     config: &Config,
     spec: &VmSpec,
     slots: &[SlotSpec],
     key: &str,
     tmp: &Path,
-) -> Result<(), VmError> {
+) -> Result<u64, VmError> {
     // The VM's sockets in a short directory of the state directory (a
     // unix socket's path has at most 108 bytes, husk's vsock at most 96);
     // only the snapshot goes to the cache.
@@ -280,7 +285,7 @@ fn boot_and_snapshot(
     tmp: &Path,
     vm_dir: &PodDir,
     share: &Path,
-) -> Result<(), VmError> {
+) -> Result<u64, VmError> {
     // Dropped (stopped) when this returns, after husk.
     let _virtiofsd = match spec.share {
         Some(_) => Some(crate::virtiofsd::Virtiofsd::start(
@@ -361,10 +366,24 @@ fn boot_and_snapshot(
         let mac = spec.network.as_ref().map(|_| TEMPLATE_MAC);
         crate::vm::configure_devices(&api, config, vm_dir, &t_spec, &t_slots, mac)?;
         api.action(ActionType::InstanceStart)?;
-        drop(crate::vm::connect_agent(config, vm_dir, &mut child)?);
+        let mut agent = crate::vm::connect_agent(config, vm_dir, &mut child)?;
+        // Every pod restored from the template copies its memory file
+        // into memory shared with its virtio-fs backend (docs/snapshots.md),
+        // so each byte of the file is paid by every pod, in time and in
+        // memory: the agent zeroes the guest's free memory first, and the
+        // file keeps the pages in use, not what boot left in freed ones.
+        // (`husk run`'s clones map the file private and pay only for the
+        // pages they touch: it does not ask.) A guest that cannot do it
+        // makes a larger template, not a wrong one.
+        let zeroed = agent.prepare_template().unwrap_or_else(|e| {
+            tracing::warn!(error = %crate::error::Chain(&e),
+                "the template's guest was not prepared: its snapshot keeps its free memory");
+            0
+        });
+        drop(agent);
         api.set_vm_state(VmStateRequest::Paused)?;
         api.create_snapshot(&tmp.join(STATE_FILE), &tmp.join(MEM_FILE))?;
-        Ok(())
+        Ok(zeroed)
     })();
     let _ = child.kill();
     let _ = child.wait();

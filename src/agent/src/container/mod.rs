@@ -677,6 +677,11 @@ impl Containers {
             .collect()
     }
 
+    /// How many containers exist (created and not yet removed).
+    pub fn count(&self) -> usize {
+        self.table().len()
+    }
+
     /// Kills every container's processes (Shutdown).
     pub fn kill_all(&self) {
         for c in self.table().values() {

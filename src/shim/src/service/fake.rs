@@ -234,6 +234,7 @@ impl FakeVm {
                 online: *online,
                 present: 8,
             }),
+            Request::PrepareTemplate => Ok(Response::TemplatePrepared { zeroed_bytes: 0 }),
             Request::WaitProcess(_) => refused(ErrorCode::Unsupported, "use the event stream"),
             Request::CreateSandbox(_)
             | Request::ResizeTty { .. }
