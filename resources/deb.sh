@@ -2,7 +2,7 @@
 # Builds husk's Debian package with cargo deb and prints its path (the last
 # line on stdout; all else goes to stderr):
 #
-#   resources/deb.sh [--profile release|dev] [--out DIR] [--deb-revision N]
+#   resources/deb.sh [--profile release|dev] [--out DIR] [--deb-revision N] [--fast]
 #
 # cargo deb packages what `[package.metadata.deb]` in src/husk/Cargo.toml
 # lists; this script first makes what cargo deb cannot build itself and
@@ -21,21 +21,22 @@
 # workspace's release profile (fat LTO, one codegen unit) is slow to build
 # on two cores. --profile dev packages the debug builds the test suite has
 # already made (the same static husk as tests/support's static_husk), for
-# tests/deb.rs. The package is husk_<version>-<revision>_amd64.deb in
+# tests/deb.rs. --fast compresses it faster (and larger). The package is husk_<version>-<revision>_amd64.deb in
 # --out (default target/debian).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=resources/lib.sh
 source "$repo/resources/lib.sh"
 
-usage() { echo "usage: $0 [--profile release|dev] [--out DIR] [--deb-revision N]" >&2; exit 2; }
-profile=release out=$repo/target/debian revision=1
+usage() { echo "usage: $0 [--profile release|dev] [--out DIR] [--deb-revision N] [--fast]" >&2; exit 2; }
+profile=release out=$repo/target/debian revision=1 fast=()
 while (($#)); do
   case $1 in
     --profile|--out|--deb-revision) (($# >= 2)) || usage ;;&
     --profile) profile=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --deb-revision) revision=$2; shift 2 ;;
+    --fast) fast=(--fast); shift ;;
     *) usage ;;
   esac
 done
@@ -81,7 +82,7 @@ log "built and staged in $((SECONDS - start)) s"
 mkdir -p "$out"
 packaged=$SECONDS
 deb=$(CARGO_TARGET_DIR=$repo/target/husk-deb "$HUSK_CARGO_DEB" deb --no-build --locked -p husk \
-  --strip --deb-revision "$revision" --output "$out" | tail -n1)
+  --strip "${fast[@]}" --deb-revision "$revision" --output "$out" | tail -n1)
 [[ -f $deb ]] || { log "cargo deb made no package"; exit 1; }
 log "packaged in $((SECONDS - packaged)) s: $deb"
 echo "$deb"
