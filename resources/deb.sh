@@ -49,6 +49,7 @@ esac
 
 husk_cargo_deb
 target=x86_64-unknown-linux-gnu
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
 jobs=$(nproc)
 cd "$repo"
 start=$SECONDS
@@ -65,23 +66,23 @@ else
     cargo build --locked -j"$jobs" --release -p husk --bin husk --target "$target" >&2
   cargo build --locked -j"$jobs" --release -p husk-jailer -p containerd-shim-husk-v2 >&2
 fi
-if ! file "target/$target/$dir/husk" | grep -q 'static'; then
-  log "husk is not statically linked: $(file "target/$target/$dir/husk")"
+if ! file "$target_dir/$target/$dir/husk" | grep -q 'static'; then
+  log "husk is not statically linked: $(file "$target_dir/$target/$dir/husk")"
   exit 1
 fi
 kernel_dir=$("$repo/guest-kernel-config/build.sh")
 
-stage=$repo/target/husk-deb/release
+stage=$target_dir/husk-deb/release
 rm -rf "$stage"
 mkdir -p "$stage"
-cp "target/$target/$dir/husk" "target/$dir/husk-jailer" "target/$dir/containerd-shim-husk-v2" \
+cp "$target_dir/$target/$dir/husk" "$target_dir/$dir/husk-jailer" "$target_dir/$dir/containerd-shim-husk-v2" \
   "$kernel_dir/vmlinux" "$stage/"
 "$repo/resources/agent/build.sh" "$stage/husk-agent.cpio" >/dev/null
 log "built and staged in $((SECONDS - start)) s"
 
 mkdir -p "$out"
 packaged=$SECONDS
-deb=$(CARGO_TARGET_DIR=$repo/target/husk-deb "$HUSK_CARGO_DEB" deb --no-build --locked -p husk \
+deb=$(CARGO_TARGET_DIR=$target_dir/husk-deb "$HUSK_CARGO_DEB" deb --no-build --locked -p husk \
   --strip "${fast[@]}" --deb-revision "$revision" --output "$out" | tail -n1)
 [[ -f $deb ]] || { log "cargo deb made no package"; exit 1; }
 log "packaged in $((SECONDS - packaged)) s: $deb"

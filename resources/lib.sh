@@ -293,7 +293,8 @@ husk_debian_chroot() {
 husk_shellcheck() {
   local repo=$1
   (cd "$repo" && shellcheck -x resources/*.sh resources/*/*.sh guest-kernel-config/build.sh .ci/run \
-    resources/guest/test-init resources/guest/demo-init resources/node/init)
+    resources/guest/test-init resources/guest/demo-init resources/node/init \
+    resources/deb/maintainer-scripts/postrm)
 }
 
 # The test command's closing lines, from cargo test's output ($1) and the
