@@ -8,7 +8,8 @@
 //! shim's own parser accepts and whose edits survive an upgrade, then
 //! carries the installed files, at their installed paths, into a node VM:
 //! containerd gets the package's handler appended to its config, and a CRI
-//! pod runs through them (`husk check` first, then husk-cri's scenario).
+//! pod runs through them (`husk check` first, then husk-cri's scenario),
+//! and `husk run` finds the package's kernel and agent by itself.
 //! Back on the host, `apt-get purge` leaves nothing of the package's, its
 //! run-time state included, and keeps what the administrator owns.
 //!
@@ -212,6 +213,11 @@ echo "HUSK-CONFIG-SECCOMP $(grep -c '^seccomp = true' /etc/husk/config.toml)"
 husk check; echo "CHECK-EXIT $?"
 husk-cri scenario --handler husk --image husk.local/busybox:1 --log-dir /tmp/cri-logs
 echo "CRI-EXIT $?"
+# husk run finds the package's kernel and agent without being told (the
+# image is the payload's busybox archive: the bundled one is made from the
+# node's busybox, which needs an ldd the node lacks).
+husk run busybox.tar -- sh -c 'echo "RUN-SAYS $(uname -r)"'
+echo "RUN-EXIT $?"
 echo "HUSK-LEFT $(husk_count)"
 echo "STATE-LEFT $(ls /run/husk/k8s.io 2>/dev/null | wc -l)"
 "#,
@@ -225,6 +231,7 @@ echo "STATE-LEFT $(ls /run/husk/k8s.io 2>/dev/null | wc -l)"
         ("CRI-EXEC-STDOUT", "exec-out"),
         ("CRI-CLIENT-LOG", "stdout pod-says-hi"),
         ("CRI-PODS-LEFT", "0"),
+        ("RUN-EXIT", "0"),
         ("HUSK-LEFT", "0"),
         ("STATE-LEFT", "0"),
     ] {
@@ -233,11 +240,12 @@ echo "STATE-LEFT $(ls /run/husk/k8s.io 2>/dev/null | wc -l)"
     // The pod ran on the package's guest kernel, not the node's.
     let guest = r.value("CRI-EXEC-KERNEL").unwrap_or_default();
     assert!(
-        !guest.is_empty() && Some(guest) != r.value("NODE-KERNEL"),
+        !guest.is_empty() && Some(&guest) != r.value("NODE-KERNEL").as_ref(),
         "{}",
         r.output
     );
     r.assert_contains("husk check: a pod would run on this host");
+    assert_eq!(r.value("RUN-SAYS"), Some(guest), "{}", r.output);
 
     // Run-time state as the shim and husk run leave it, and a file of the
     // administrator's; then the purge.
