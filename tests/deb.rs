@@ -281,3 +281,68 @@ echo "CACHE-LEFT $(ls -A /var/cache/husk 2>/dev/null | wc -l)"
     assert_eq!(value(&purged, "ADDED"), "", "{purged}");
     assert_eq!(value(&purged, "CACHE-LEFT"), "0", "{purged}");
 }
+
+/// What `containerd config dump` makes of the package's handler, for
+/// containerd 1.6 and 1.7: appended to a config whose CRI section has
+/// settings of its own (Debian's sets the CNI directory), it adds the husk
+/// runtime and keeps them. Imported instead, containerd 1.6 replaces the
+/// whole CRI section with the fragment's (the CNI directory falls back to
+/// its default), which is why README.Debian says to append it; 1.7
+/// merges.
+#[test]
+fn the_handler_appended_keeps_the_nodes_cri_settings() {
+    let dir = std::env::temp_dir().join(format!("husk-deb-handler-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let fragment = husk_tests::repo_root().join("resources/deb/containerd-husk.toml");
+    let node =
+        "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n";
+    let appended = dir.join("appended.toml");
+    std::fs::write(
+        &appended,
+        format!(
+            "{node}{}",
+            std::fs::read_to_string(&fragment).expect("the fragment")
+        ),
+    )
+    .expect("write");
+    let imported = dir.join("imported.toml");
+    std::fs::write(
+        &imported,
+        node.replace(
+            "version = 2\n",
+            &format!("version = 2\nimports = [\"{}\"]\n", fragment.display()),
+        ),
+    )
+    .expect("write");
+    let dump = |version: containerd::Containerd, config: &Path| -> String {
+        let out = Command::new(version.binary("containerd"))
+            .arg("--config")
+            .arg(config)
+            .args(["config", "dump"])
+            .output()
+            .expect("run containerd config dump");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for version in [containerd::Containerd::V1_6, containerd::Containerd::V1_7] {
+        let d = dump(version, &appended);
+        assert!(
+            d.contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.husk]")
+                && d.contains("runtime_type = \"io.containerd.husk.v2\"")
+                && d.contains("bin_dir = \"/usr/lib/cni\""),
+            "{version:?}:\n{d}"
+        );
+    }
+    let d = dump(containerd::Containerd::V1_6, &imported);
+    assert!(
+        d.contains("runtimes.husk]") && !d.contains("bin_dir = \"/usr/lib/cni\""),
+        "containerd 1.6 kept the node's CRI settings beside an import; \
+         README.Debian's advice to append is stale:\n{d}"
+    );
+    let d = dump(containerd::Containerd::V1_7, &imported);
+    assert!(
+        d.contains("runtimes.husk]") && d.contains("bin_dir = \"/usr/lib/cni\""),
+        "{d}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
