@@ -84,8 +84,17 @@ impl Chroot {
 
     fn clean(&self) {
         let root = self.root();
-        if root.join("proc/self").exists() {
-            let _ = Command::new("umount").arg(root.join("proc")).status();
+        // Whatever is mounted under the root (its /proc, a test's volume
+        // left by a failure), deepest first.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut under: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| Path::new(m).starts_with(&root))
+            .collect();
+        under.sort_unstable_by(|a, b| b.cmp(a));
+        for m in under {
+            let _ = Command::new("umount").arg(m).status();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -253,7 +262,16 @@ echo "STATE-LEFT $(ls /run/husk/k8s.io 2>/dev/null | wc -l)"
         r#"mkdir -p /run/husk/k8s.io/pod-1 /var/lib/husk/images/templates/pod-v1/x /var/cache/husk/rootfs/v1
 touch /run/husk/boot-times.json /var/lib/husk/images/layer.ext4 /var/cache/husk/rootfs/v1/a.ext4
 echo mine > /etc/husk/notes.txt
-apt-get purge -y -q --autoremove husk >&2
+# A pod still running: its volume bound into its share.
+vol=/run/husk/k8s.io/pod-1.share/entries/v0
+mkdir -p $vol && mount -t tmpfs volume $vol && echo precious > $vol/data
+apt-get purge -y -q --autoremove husk >&2 2> /tmp/purge.err
+echo "PURGE-NOTE $(grep -c '/run/husk has mounts under it' /tmp/purge.err)"
+echo "VOLUME $(cat $vol/data)"
+echo "LIB-LEFT $(ls -d /var/lib/husk 2>/dev/null | wc -l)"
+# The pod gone (or the node rebooted), /run/husk is the administrator's to
+# remove.
+umount $vol && rm -r /run/husk
 echo "STATUS $(dpkg-query -W -f='${Status}' husk 2>/dev/null || echo absent)"
 echo "ADMIN $(cat /etc/husk/notes.txt)"
 rm /etc/husk/notes.txt && rmdir /etc/husk
@@ -275,6 +293,11 @@ echo "CACHE-LEFT $(ls -A /var/cache/husk 2>/dev/null | wc -l)"
         "{purged}"
     );
     assert_eq!(value(&purged, "ADMIN"), "mine", "{purged}");
+    // Nothing under a mount is touched: the running pod's state stays, its
+    // volume's data with it; the rest of the state goes.
+    assert_eq!(value(&purged, "PURGE-NOTE"), "1", "{purged}");
+    assert_eq!(value(&purged, "VOLUME"), "precious", "{purged}");
+    assert_eq!(value(&purged, "LIB-LEFT"), "0", "{purged}");
     let kept = value(&purged, "KEPT");
     assert!(!kept.split(' ').any(|p| p == "husk"), "{purged}");
     eprintln!("deb: packages the install brought that autoremove kept: {kept:?}");
