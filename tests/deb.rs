@@ -191,6 +191,21 @@ echo "CHECK $(husk check --json | tr -d '\n')"
             .unwrap_or_else(|| panic!("no {name} check: {report:#}"));
         assert_eq!(check["status"], "ok", "{name}: {report:#}");
     }
+    // containerd (recommended, so installed) has no husk handler yet, and
+    // husk check says to append the package's.
+    let runtime = report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["name"] == "containerd-runtime")
+        .unwrap_or_else(|| panic!("no containerd-runtime check: {report:#}"));
+    assert_eq!(runtime["status"], "fail", "{report:#}");
+    assert!(
+        runtime["fix"]
+            .as_str()
+            .is_some_and(|f| f.contains("cat /usr/share/doc/husk/containerd-husk.toml >> ")),
+        "{report:#}"
+    );
     let file = host(&format!("file {}/usr/bin/husk", root.display()));
     assert!(file.contains("static"), "{file}");
 
