@@ -18,13 +18,14 @@
 #   husk-agent.cpio          resources/agent/build.sh (always release)
 #
 # --profile release (the default) is what an operator installs: the
-# workspace's release profile (fat LTO, one codegen unit) is slow to build
-# on two cores (7 min 15 s from a cold target directory with the kernel
-# cached, measured on the project's 2-core machines; cargo deb itself
-# would build only this release profile, and calls a dev one deprecated). --profile dev packages the debug builds the test suite has
-# already made (the same static husk as tests/support's static_husk), for
-# tests/deb.rs. --fast compresses it faster (and larger). The package is husk_<version>-<revision>_amd64.deb in
-# --out (default target/debian).
+# workspace's release profile (fat LTO, one codegen unit) is slow on two
+# cores (7 min 15 s from a cold target directory with the kernel cached,
+# measured on the project's machines). cargo deb alone would build only
+# that profile (it calls a dev one deprecated, hence --no-build here).
+# --profile dev packs the debug builds the test suite has already made
+# (the same static husk as tests/support's static_husk), for tests/deb.rs.
+# --fast compresses faster (and larger). The package is
+# husk_<version>-<revision>_amd64.deb in --out (default target/debian).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=resources/lib.sh
