@@ -231,13 +231,70 @@ husk_virtiofsd() {
   export HUSK_VIRTIOFSD
 }
 
+# cargo-deb, which makes husk's Debian package (resources/deb.sh), built
+# with `cargo install --locked` at a pinned version into
+# ${HUSK_CACHE_DIR:-/var/cache/husk}/cargo-deb/<version> and exported as
+# HUSK_CARGO_DEB (run it as `"$HUSK_CARGO_DEB" deb ...`). About a minute
+# and a half, once.
+husk_cargo_deb() {
+  local version=${HUSK_CARGO_DEB_VERSION:-3.8.0}
+  local dir=${HUSK_CACHE_DIR:-/var/cache/husk}/cargo-deb/$version
+  if [[ ! -x $dir/bin/cargo-deb ]]; then
+    log "building cargo-deb $version (cargo install, once)"
+    rm -rf "$dir.new"
+    if ! cargo install --locked --quiet -j"$(nproc)" --root "$dir.new" "cargo-deb@$version" >&2; then
+      rm -rf "$dir.new"
+      log "cannot build cargo-deb $version"
+      return 1
+    fi
+    rm -rf "$dir"
+    mv "$dir.new" "$dir"
+  fi
+  HUSK_CARGO_DEB=$dir/bin/cargo-deb
+  export HUSK_CARGO_DEB
+}
+
+# A pristine Debian 12 (bookworm) root file system, as `debootstrap
+# --variant=minbase` makes it, with apt's package lists, for the test that
+# installs husk's package with apt (tests/deb.rs): a tarball cached under
+# ${HUSK_CACHE_DIR:-/var/cache/husk}/debian-chroot/, keyed by the suite,
+# debootstrap's version and the ISO week (so its lists are at most a week
+# old; the test refreshes them anyway). About a minute and a half to make.
+# Exports HUSK_DEBIAN_CHROOT, the tarball.
+husk_debian_chroot() {
+  local suite=bookworm dir key tarball tmp
+  ensure_packages debootstrap
+  dir=${HUSK_CACHE_DIR:-/var/cache/husk}/debian-chroot
+  key=$suite-$(dpkg-query -W -f='${Version}' debootstrap)-$(date -u +%G-W%V)
+  tarball=$dir/$key.tar
+  if [[ ! -s $tarball ]]; then
+    log "making a pristine Debian $suite root file system (debootstrap, once a week)"
+    mkdir -p "$dir"
+    tmp=$(mktemp -d "$dir/new.XXXXXX")
+    if ! debootstrap --variant=minbase "$suite" "$tmp/root" http://deb.debian.org/debian >&2 ||
+      ! cp /etc/resolv.conf "$tmp/root/etc/resolv.conf" ||
+      ! chroot "$tmp/root" apt-get update -q >&2; then
+      rm -rf "$tmp"
+      log "debootstrap of $suite failed"
+      return 1
+    fi
+    tar -C "$tmp/root" -cf "$tmp/root.tar" .
+    rm -f "$dir"/*.tar
+    mv "$tmp/root.tar" "$tarball"
+    rm -rf "$tmp"
+  fi
+  HUSK_DEBIAN_CHROOT=$tarball
+  export HUSK_DEBIAN_CHROOT
+}
+
 # Every shell script of the project through shellcheck: the entry points
 # and helpers (bash), and the inits that run in guests and in the node VM
 # (each names its dialect in a directive).
 husk_shellcheck() {
   local repo=$1
   (cd "$repo" && shellcheck -x resources/*.sh resources/*/*.sh guest-kernel-config/build.sh .ci/run \
-    resources/guest/test-init resources/guest/demo-init resources/node/init)
+    resources/guest/test-init resources/guest/demo-init resources/node/init \
+    resources/deb/maintainer-scripts/postrm)
 }
 
 # The test command's closing lines, from cargo test's output ($1) and the

@@ -12,6 +12,9 @@ cd "$repo"
 husk_install_packages
 husk_build_images "$repo"
 husk_virtiofsd
+# The Debian package test (tests/deb.rs): cargo-deb and a pristine Debian 12.
+husk_cargo_deb
+husk_debian_chroot
 jobs=$(nproc)
 
 log "cargo fmt --check"

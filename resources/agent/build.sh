@@ -19,7 +19,7 @@ ensure_packages cpio file
 target=x86_64-unknown-linux-gnu
 (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
   cargo build --release --locked -j"$(nproc)" -p husk-agent --target "$target" >&2)
-agent=$repo/target/$target/release/husk-agent
+agent=${CARGO_TARGET_DIR:-$repo/target}/$target/release/husk-agent
 if ! file "$agent" | grep -q 'static'; then
   log "husk-agent is not statically linked: $(file "$agent")"
   exit 1

@@ -10,7 +10,15 @@
 # busybox:latest. Run it from the payload directory with the payload first
 # on PATH; containerd's log goes to ./containerd.log.
 #
-#   sh start-in-node.sh [--cri] [LOG_LEVEL]
+#   sh start-in-node.sh [--cri] [--installed] [LOG_LEVEL]
+#
+# --installed runs husk as its Debian package installed it (tests/deb.rs):
+# ./installed holds the package's files at their installed paths, which are
+# copied to /; the shim is then /usr/bin's (the payload has none), the
+# package's /etc/husk/config.toml is kept with only this node's lines added
+# (small pods, virtiofsd-in-node.sh), and with --cri the husk handler is
+# the package's /usr/share/doc/husk/containerd-husk.toml appended to
+# containerd's config, as its README.Debian says.
 #
 # --cri also sets up containerd's CRI plugin as a kubelet's node would have
 # it: runtime handlers "husk" (io.containerd.husk.v2) and "runc", the CNI
@@ -22,6 +30,12 @@ set -u
 here=$PWD
 cri=""
 if [ "${1:-}" = --cri ]; then cri=1; shift; fi
+installed=""
+if [ "${1:-}" = --installed ]; then installed=1; shift; fi
+if [ -n "$installed" ]; then
+  cp -a "$here/installed/." /
+  export PATH="$PATH:/usr/bin:/usr/sbin"
+fi
 mkdir -p /etc/husk /etc/containerd /var/lib/containerd /run/containerd
 # Pods with a virtio-fs share have shared (memfd) guest memory: huge pages
 # for it where husk asks (MADV_HUGEPAGE), as for private memory, which
@@ -29,8 +43,12 @@ mkdir -p /etc/husk /etc/containerd /var/lib/containerd /run/containerd
 thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
 if [ -w $thp ]; then echo advise > $thp; fi
 mount -t tmpfs tmpfs /var/lib/containerd
-printf 'kernel = "%s/vmlinux"\ninitrd = "%s/agent.cpio"\nhusk_binary = "%s/husk"\ndefault_memory_mib = 128\n' \
-  "$here" "$here" "$here" > /etc/husk/config.toml
+if [ -n "$installed" ]; then
+  printf '\n# This node'"'"'s own:\ndefault_memory_mib = 128\n' >> /etc/husk/config.toml
+else
+  printf 'kernel = "%s/vmlinux"\ninitrd = "%s/agent.cpio"\nhusk_binary = "%s/husk"\ndefault_memory_mib = 128\n' \
+    "$here" "$here" "$here" > /etc/husk/config.toml
+fi
 if [ -x "$here/virtiofsd" ] && [ -f "$here/virtiofsd-in-node.sh" ]; then
   chmod +x "$here/virtiofsd-in-node.sh"
   printf 'virtiofsd = "%s/virtiofsd-in-node.sh"\n' "$here" >> /etc/husk/config.toml
@@ -83,10 +101,16 @@ version = 2
         BinaryName = "$here/runc"
         # The node's root is its initramfs, which pivot_root cannot leave.
         NoPivotRoot = true
+TOML
+  if [ -n "$installed" ]; then
+    cat /usr/share/doc/husk/containerd-husk.toml >> $config
+  else
+    cat >> $config <<'TOML'
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.husk]
       runtime_type = "io.containerd.husk.v2"
       pod_annotations = ["io.husk.*"]
 TOML
+  fi
 fi
 # Which containerd this is (the payload's: Debian 12's 1.6 or 13's 1.7),
 # as "CONTAINERD-VERSION 1.7.24~ds1": the tests check they ran the one

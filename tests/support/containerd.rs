@@ -191,6 +191,40 @@ pub fn cri_payload_with(name: &str, containerd: Containerd) -> Payload {
     p
 }
 
+/// [`cri_payload`] with husk as a package installed it instead of the
+/// build's: `files` (`dpkg -L husk`) copied from the root file system
+/// `root` into `installed/` at their paths, with their modes, and the
+/// build's husk, jailer, shim, kernel and agent taken out, for
+/// `start-in-node.sh --cri --installed`.
+pub fn installed_cri_payload<'a>(
+    name: &str,
+    root: &Path,
+    files: impl Iterator<Item = &'a str>,
+) -> Payload {
+    let p = cri_payload(name);
+    for built in [
+        "husk",
+        "husk-jailer",
+        "containerd-shim-husk-v2",
+        "vmlinux",
+        "agent.cpio",
+    ] {
+        std::fs::remove_file(p.path().join(built)).expect("remove a built file from the payload");
+    }
+    let installed = p.path().join("installed");
+    for file in files.map(str::trim).filter(|f| f.starts_with('/')) {
+        let src = root.join(&file[1..]);
+        let dst = installed.join(&file[1..]);
+        // Directories are made as their files need them.
+        if src.is_file() {
+            std::fs::create_dir_all(dst.parent().expect("a parent")).expect("mkdir in installed/");
+            std::fs::copy(&src, &dst)
+                .unwrap_or_else(|e| panic!("copy {} into the payload: {e}", src.display()));
+        }
+    }
+    p
+}
+
 /// The dynamically linked image [`cri_payload`] imports: Debian's
 /// busybox with its libc and loader, and util-linux's ipcs.
 pub const DYNAMIC_IMAGE: &str = "husk.local/busybox-dynamic:1";

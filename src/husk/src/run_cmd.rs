@@ -40,10 +40,13 @@ pub struct RunArgs {
     /// Pass this process's stdin to the container.
     #[arg(short = 'i', long)]
     interactive: bool,
-    /// Guest kernel (default: $HUSK_KERNEL, else the newest cached build).
+    /// Guest kernel (default: $HUSK_KERNEL, else the newest cached build,
+    /// else the Debian package's /usr/share/husk/vmlinux).
     #[arg(long, env = "HUSK_KERNEL")]
     kernel: Option<PathBuf>,
-    /// The agent initramfs (default: $HUSK_AGENT_INITRD; resources/agent/build.sh makes it).
+    /// The agent initramfs (default: $HUSK_AGENT_INITRD, else the Debian
+    /// package's /usr/share/husk/husk-agent.cpio; resources/agent/build.sh
+    /// makes it).
     #[arg(long, env = "HUSK_AGENT_INITRD")]
     agent_initrd: Option<PathBuf>,
     /// Keep the guest's console here instead of a temporary file.
@@ -220,6 +223,14 @@ fn add_volume_mounts(spec: &mut oci_spec::runtime::Spec, volumes: &[Volume]) -> 
     }
     spec.set_mounts(Some(mounts));
     Ok(())
+}
+
+/// Where the Debian package installs the guest kernel and the agent.
+const INSTALLED_DIR: &str = "/usr/share/husk";
+
+/// `name` as the Debian package installed it, if it did.
+fn installed(name: &str) -> Option<PathBuf> {
+    Some(Path::new(INSTALLED_DIR).join(name)).filter(|p| p.is_file())
 }
 
 fn newest_cached_kernel() -> Option<PathBuf> {
@@ -437,10 +448,12 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         .kernel
         .clone()
         .or_else(newest_cached_kernel)
+        .or_else(|| installed("vmlinux"))
         .context("no guest kernel: pass --kernel or set HUSK_KERNEL (guest-kernel-config/build.sh builds one)")?;
     let agent_initrd = args
         .agent_initrd
         .clone()
+        .or_else(|| installed("husk-agent.cpio"))
         .context("no agent initramfs: pass --agent-initrd or set HUSK_AGENT_INITRD (resources/agent/build.sh builds it)")?;
     let rootfs = image::rootfs_for(args.image.as_deref(), &image::RootfsOptions::default())
         .with_context(|| {

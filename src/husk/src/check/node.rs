@@ -383,10 +383,19 @@ fn husk_handlers(config: &toml::Table) -> Vec<String> {
 
 fn containerd_runtime(config: Option<&Path>) -> Check {
     const NAME: &str = "containerd-runtime";
-    let fix = format!(
-        "add a CRI runtime handler with runtime_type = \"{RUNTIME_TYPE}\" to containerd's \
-         config.toml and restart containerd ({INSTALL_DOC}, \"Configure containerd\")"
-    );
+    // Where the Debian package installed the handler to append.
+    const PACKAGED: &str = "/usr/share/doc/husk/containerd-husk.toml";
+    let fix = if Path::new(PACKAGED).is_file() {
+        format!(
+            "append the package's handler (cat {PACKAGED} >> /etc/containerd/config.toml) \
+             and restart containerd"
+        )
+    } else {
+        format!(
+            "add a CRI runtime handler with runtime_type = \"{RUNTIME_TYPE}\" to containerd's \
+             config.toml and restart containerd ({INSTALL_DOC}, \"Configure containerd\")"
+        )
+    };
     let mut cmd = Command::new("containerd");
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
