@@ -162,7 +162,7 @@ pub enum RegistryError {
         who: String,
     },
     /// Content does not match its digest or size.
-    #[error("{what} {digest} from {registry} does not match its digest: {detail}; the registry serves corrupt or tampered content (or the pinned digest is not this image's)")]
+    #[error("{what} {digest} from {registry} does not match its digest: {detail}; the registry serves corrupt or tampered content")]
     DigestMismatch {
         /// host[:port].
         registry: String,
