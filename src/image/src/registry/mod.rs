@@ -917,3 +917,69 @@ impl Puller<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(media_type: &str, digest: char, arch: Option<&str>) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest: format!("sha256:{}", digest.to_string().repeat(64)),
+            size: 1,
+            platform: arch.map(|a| Platform {
+                os: "linux".into(),
+                architecture: a.into(),
+                variant: None,
+            }),
+            annotations: None,
+        }
+    }
+
+    #[test]
+    fn an_index_resolves_to_the_first_image_for_the_platform() {
+        let index = Index {
+            schema_version: 2,
+            media_type: Some(media::OCI_INDEX.into()),
+            manifests: vec![
+                entry(media::OCI_MANIFEST, 'a', Some("arm64")),
+                // An attestation manifest has no platform of its own.
+                entry("application/vnd.in-toto+json", 'b', None),
+                entry(media::DOCKER_MANIFEST, 'c', Some("amd64")),
+                entry(media::OCI_MANIFEST, 'd', Some("amd64")),
+            ],
+        };
+        let amd64 = Platform::parse("linux/amd64").unwrap();
+        assert_eq!(
+            pick_manifest(&index, &amd64).unwrap().digest,
+            entry("", 'c', None).digest
+        );
+        let arm = Platform::parse("linux/arm64").unwrap();
+        assert_eq!(
+            pick_manifest(&index, &arm).unwrap().digest,
+            entry("", 'a', None).digest
+        );
+        let riscv = Platform::parse("linux/riscv64").unwrap();
+        assert!(pick_manifest(&index, &riscv).is_none());
+    }
+
+    #[test]
+    fn manifest_media_types_from_their_json() {
+        let sniff = |json: &str| sniff_media_type(json.as_bytes());
+        assert_eq!(
+            sniff(r#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json","manifests":[]}"#).as_deref(),
+            Some(media::DOCKER_LIST)
+        );
+        assert_eq!(
+            sniff(r#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
+            Some(media::OCI_INDEX)
+        );
+        assert_eq!(
+            sniff(r#"{"schemaVersion":2,"config":{},"layers":[]}"#).as_deref(),
+            Some(media::OCI_MANIFEST)
+        );
+        assert_eq!(sniff("not json"), None);
+        assert_eq!("never".parse::<PullPolicy>(), Ok(PullPolicy::Never));
+        assert!("sometimes".parse::<PullPolicy>().is_err());
+    }
+}
