@@ -1,6 +1,7 @@
 //! `husk pull` and `husk image rootfs REF` against a real registry
 //! (docker-registry on 127.0.0.1, filled with `skopeo copy` from the bundled
-//! busybox image): by tag, by digest, by tag and digest; a second image
+//! busybox image): by tag, by digest, by tag and digest, with per-blob
+//! progress on a terminal and none otherwise; a second image
 //! sharing the layer fetches no layer again (the registry's access log
 //! says); a wrong name, a missing tag, an unreachable registry and an
 //! uncached image under `--pull never` fail with messages that say so; a
@@ -162,6 +163,24 @@ fn pulls_by_tag_and_digest_share_layers_and_build_the_rootfs() {
     assert_ne!(other, digest);
     assert_eq!(registry.blob_gets(&layer), 1, "{}", registry.log());
     assert!(temporaries(&store).is_empty());
+    // On a terminal (script(1) gives it one), a line per blob on stderr.
+    let shown = Command::new("script")
+        .args(["-qec"])
+        .arg(format!("{} pull {busybox}", husk_binary().display()))
+        .arg("/dev/null")
+        .env("HUSK_CACHE_DIR", dir.join("cache-tty"))
+        .env("DOCKER_CONFIG", dir.join("no-docker-config"))
+        .output()
+        .expect("script (bsdutils) runs");
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    let layer_line = shown
+        .split(['\r', '\n'])
+        .find(|l| l.contains(&layer[..19]) && l.ends_with(" done"));
+    assert!(
+        layer_line.is_some(),
+        "no progress line for the layer: {shown:?}"
+    );
+    assert!(shown.contains(&digest), "{shown}");
 
     // The root filesystem of a cached registry image, without contacting
     // the registry (it is stopped): the pipeline of local layouts.
