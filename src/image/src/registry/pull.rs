@@ -36,6 +36,8 @@ struct Puller<'a> {
     pulled: Pulled,
 }
 
+/// Pulls `reference` from its registry into `store` (blobs the store has
+/// are not fetched) and records it; what was fetched.
 pub(super) fn pull_into(
     store: &Store,
     reference: &ImageRef,
