@@ -1,7 +1,8 @@
 //! `husk pull` and `husk image rootfs REF` against a real registry
 //! (docker-registry on 127.0.0.1, filled with `skopeo copy` from the bundled
 //! busybox image): by tag, by digest, by tag and digest, with per-blob
-//! progress on a terminal and none otherwise; a second image
+//! progress on a terminal and none otherwise; a multi-platform index
+//! resolves to this host's image; a second image
 //! sharing the layer fetches no layer again (the registry's access log
 //! says); a wrong name, a missing tag, an unreachable registry and an
 //! uncached image under `--pull never` fail with messages that say so; a
@@ -399,4 +400,101 @@ fn base64(data: &[u8]) -> String {
         }
     }
     out
+}
+
+#[test]
+fn a_multi_platform_index_resolves_to_this_hosts_image() {
+    let dir = scratch("index");
+    let cache = dir.join("cache");
+    let (layout, _) = busybox_layouts(&dir, &cache);
+    // An index of two images in the busybox layout: `other:1`'s manifest
+    // claiming arm64, and busybox's for amd64, as multi-platform images
+    // are published.
+    let read_json = |p: &Path| -> Value { serde_json::from_slice(&fs::read(p).unwrap()).unwrap() };
+    let busybox = read_json(&layout.join("index.json"))["manifests"][0].clone();
+    let other_layout = dir.join("other");
+    let other = read_json(&other_layout.join("index.json"))["manifests"][0].clone();
+    for blob in fs::read_dir(other_layout.join("blobs/sha256")).unwrap() {
+        let blob = blob.unwrap();
+        let _ = fs::copy(
+            blob.path(),
+            layout.join("blobs/sha256").join(blob.file_name()),
+        );
+    }
+    let entry = |d: &Value, arch: &str| {
+        serde_json::json!({
+            "mediaType": d["mediaType"], "digest": d["digest"], "size": d["size"],
+            "platform": {"os": "linux", "architecture": arch}
+        })
+    };
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry(&other, "arm64"), entry(&busybox, "amd64")]
+    }))
+    .unwrap();
+    let index_digest = format!("sha256:{}", sha256_hex(&index));
+    fs::write(layout.join("blobs/sha256").join(&index_digest[7..]), &index).unwrap();
+    let mut top = read_json(&layout.join("index.json"));
+    top["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": index_digest, "size": index.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "multi"}
+        }));
+    fs::write(layout.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+
+    let registry = Registry::start(&dir.join("registry"), false);
+    let mut copy = Command::new("skopeo");
+    copy.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:multi", layout.display()))
+        .arg(format!("docker://{}", registry.reference("multi:1")));
+    let out = copy.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reference = registry.reference("multi:1");
+    assert_eq!(pull(&cache, &[&reference], &[]), index_digest);
+    let out = husk(
+        &cache,
+        &["image", "rootfs", "--pull", "never", &reference],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let built: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(built["manifest_digest"], busybox["digest"]);
+    assert_eq!(built["config"]["cmd"], serde_json::json!(["sh"]));
+    // The arm64 entry is picked for arm64, and refused: its config says
+    // amd64. A platform the index lacks is named with what it offers.
+    let err = fails(
+        &dir.join("cache-arm"),
+        &["image", "rootfs", "--platform", "linux/arm64", &reference],
+        &[],
+    );
+    assert!(err.contains("no image for platform linux/arm64"), "{err}");
+    let err = fails(
+        &dir.join("cache-riscv"),
+        &["pull", "--platform", "linux/riscv64", &reference],
+        &[],
+    );
+    assert!(
+        err.contains(
+            "no image for platform linux/riscv64 (the index offers: linux/arm64, linux/amd64)"
+        ),
+        "{err}"
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// sha256 of `data` in hex, by sha256sum(1).
+fn sha256_hex(data: &[u8]) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
