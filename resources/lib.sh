@@ -23,7 +23,8 @@ husk_install_packages() {
   # protobuf-compiler: the CRI client's gRPC code (k8s-cri) is generated at build
   # time; containerd, runc and the CNI plugins are the peers of the shim tests.
   ensure_packages build-essential pkg-config cpio busybox-static qemu-system-x86 kmod e2fsprogs curl umoci \
-    containerd runc containernetworking-plugins protobuf-compiler shellcheck
+    containerd runc containernetworking-plugins protobuf-compiler shellcheck \
+    skopeo apache2-utils
   if ! command -v cargo >/dev/null; then
     log "cargo is missing: these machines carry a Rust toolchain through rustup (~/.cargo/bin)"
     return 1
@@ -37,6 +38,7 @@ husk_build_images() {
   husk_dynamic_busybox
   husk_containerd17
   husk_promtool
+  husk_docker_registry
   HUSK_KERNEL_DIR=$("$repo/guest-kernel-config/build.sh")
   export HUSK_KERNEL_DIR
   if [[ ${HUSK_NODE:-auto} != direct ]]; then
@@ -203,6 +205,31 @@ husk_promtool() {
   fi
   HUSK_PROMTOOL=$dir/usr/bin/promtool
   export HUSK_PROMTOOL
+}
+
+# Debian's docker-registry (the CNCF distribution registry, 2.8), unpacked
+# (not installed: the package adds a user and an init script that would
+# start a registry on port 5000) under /var/cache/husk/docker-registry:
+# tests/registry.rs runs it on 127.0.0.1 with a configuration of its own,
+# fills it with `skopeo copy` and pulls from it. Exports
+# HUSK_DOCKER_REGISTRY.
+husk_docker_registry() {
+  local dir=${HUSK_CACHE_DIR:-/var/cache/husk}/docker-registry tmp
+  if [[ ! -x $dir/usr/bin/docker-registry ]]; then
+    tmp=$(mktemp -d)
+    chown _apt "$tmp" 2>/dev/null || true
+    if ! (cd "$tmp" && apt-get download -q docker-registry >&2); then
+      apt-get update -q >&2
+      (cd "$tmp" && apt-get download -q docker-registry >&2)
+    fi
+    rm -rf "$dir.new"
+    mkdir -p "$dir.new/usr/bin"
+    dpkg-deb --fsys-tarfile "$tmp"/docker-registry_*.deb | tar -x -C "$dir.new" ./usr/bin/docker-registry
+    rm -rf "$tmp" "$dir"
+    mv "$dir.new" "$dir"
+  fi
+  HUSK_DOCKER_REGISTRY=$dir/usr/bin/docker-registry
+  export HUSK_DOCKER_REGISTRY
 }
 
 # virtiofsd, the virtio-fs project's vhost-user file server (the backend of

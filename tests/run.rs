@@ -2,13 +2,15 @@
 //! root filesystem of a container that husk-agent runs inside a fresh
 //! microVM, with the container's stdout, stderr, stdin, terminal and exit
 //! status carried back to the caller. The images are built on this host
-//! (the bundled busybox image, and a multi-layer one written by umoci) and
+//! (the bundled busybox image, a multi-layer one written by umoci, and one
+//! pulled from a registry on this host by `husk image rootfs REF`) and
 //! their root filesystems are put in a cache directory the run in the node
-//! VM finds them in (the node has no e2fsprogs of its own).
+//! VM finds them in (the node has no e2fsprogs and no network of its own).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use husk_tests::registry::Registry;
 use husk_tests::{agent_initrd, artifacts, busybox_rootfs, husk_with_cache, Payload, RunResult};
 
 /// A payload with husk, the kernel, the agent, the busybox image as
@@ -34,14 +36,60 @@ fn status_line(r: &RunResult) -> i32 {
         .unwrap()
 }
 
+/// Pushes a busybox image whose default command prints a line to a
+/// registry on this host, and pulls it (and builds its root filesystem)
+/// into the payload's cache with `husk image rootfs REF`, as a host with a
+/// registry would: the node has no network and no e2fsprogs, so its run
+/// finds the image in the cache (`--pull never`). Returns the reference.
+fn registry_image(dir: &Path) -> String {
+    let image = dir.join("from-registry");
+    husk_with_cache(
+        &[
+            "image",
+            "build-busybox",
+            image.to_str().unwrap(),
+            "--ref",
+            "hello:1",
+            "--",
+            "sh",
+            "-c",
+            "echo REGISTRY-IMAGE-CMD $(id -u)",
+        ],
+        &dir.join("cache"),
+    );
+    let registry = Registry::start(&dir.join("registry"), false);
+    registry.push(&image, "hello:1", "hello:1");
+    let reference = registry.reference("hello:1");
+    husk_with_cache(&["image", "rootfs", &reference], &dir.join("cache"));
+    // The registry is gone before the node runs: the run needs only the cache.
+    drop(registry);
+    std::fs::remove_dir_all(dir.join("registry")).unwrap();
+    std::fs::remove_dir_all(&image).unwrap();
+    reference
+}
+
 #[test]
 fn output_streams_and_the_exit_status_come_back() {
-    let (p, _) = payload("run-echo");
+    let (p, dir) = payload("run-echo");
+    let reference = registry_image(&dir);
     let r = p.run(&format!(
         "{RUN} ./busybox -- sh -c 'echo out-line; echo err-line >&2; echo \"ID $(id -u) $(hostname)\"; exit 42' > out.txt 2> err.txt
          echo \"STATUS $?\"; sed 's/^/OUT /' out.txt; sed 's/^/ERR /' err.txt
-         {RUN} ./busybox -- sh -c 'sleep 100 & kill -9 $!; wait $!'; echo \"KILLED $?\""
+         {RUN} ./busybox -- sh -c 'sleep 100 & kill -9 $!; wait $!'; echo \"KILLED $?\"
+         {RUN} --pull never {reference}; echo \"REGISTRY-STATUS $?\""
     ));
+    assert_eq!(
+        r.value("REGISTRY-IMAGE-CMD").as_deref(),
+        Some("0"),
+        "the registry image's own command did not run:\n{}",
+        r.output
+    );
+    assert_eq!(
+        r.value("REGISTRY-STATUS").as_deref(),
+        Some("0"),
+        "{}",
+        r.output
+    );
     r.assert_status(0);
     assert_eq!(status_line(&r), 42, "{}", r.output);
     r.assert_contains("OUT out-line")

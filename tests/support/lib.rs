@@ -11,6 +11,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 pub mod containerd;
+pub mod registry;
 mod rerun;
 
 pub use rerun::{in_rerun, Rerun};

@@ -24,8 +24,16 @@ enum ImageCommand {
     Rootfs {
         /// PATH or PATH:REF; PATH is an OCI layout directory or a tar of one
         /// (plain or gzip). REF matches the org.opencontainers.image.ref.name
-        /// annotation. Without IMAGE: the bundled busybox image.
+        /// annotation. Or a registry reference,
+        /// [REGISTRY/]NAME[:TAG][@sha256:DIGEST], pulled as --pull says.
+        /// Without IMAGE: the bundled busybox image.
         image: Option<String>,
+        /// When to contact the registry for a registry IMAGE (always,
+        /// missing, never; as husk run).
+        #[arg(long, default_value = "missing")]
+        pull: husk_image::registry::PullPolicy,
+        #[command(flatten)]
+        registry: crate::pull_cmd::RegistryArgs,
         /// Copy the image here (a private, writable copy) instead of
         /// pointing at the shared cached file.
         #[arg(long)]
@@ -71,6 +79,8 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
     match args.command {
         ImageCommand::Rootfs {
             image,
+            pull,
+            registry,
             out,
             platform,
             cache_dir,
@@ -85,12 +95,8 @@ pub fn run(args: ImageArgs) -> anyhow::Result<u8> {
             if let Some(d) = cache_dir {
                 opts.cache_dir = d;
             }
-            let built = husk_image::rootfs_for(image.as_deref(), &opts).with_context(|| {
-                format!(
-                    "cannot build the root filesystem of image {}",
-                    image.as_deref().unwrap_or("busybox")
-                )
-            })?;
+            let built = crate::pull_cmd::rootfs_for(image.as_deref(), pull, &registry, &opts)
+                .context("cannot build the root filesystem")?;
             println!("{}", serde_json::to_string(&built)?);
         }
         ImageCommand::BuildBusybox {

@@ -19,6 +19,7 @@ mod check;
 mod image_cmd;
 mod logger;
 mod metrics_cmd;
+mod pull_cmd;
 mod run_cmd;
 mod snapshot_cmd;
 mod template;
@@ -68,8 +69,12 @@ enum Command {
     /// Serve the node's pod VMs' metrics to Prometheus (one exporter per
     /// node, reading the shim's state directory).
     Metrics(metrics_cmd::MetricsArgs),
+    /// Pull an image from an OCI registry into the cache (a tag is always
+    /// resolved again) and print the digest it resolved to.
+    Pull(pull_cmd::PullArgs),
     /// Run a command in a container inside a fresh microVM (the bundled
-    /// busybox image unless IMAGE is given); exits with its status.
+    /// busybox image unless IMAGE is given: a local OCI layout or a
+    /// registry reference); exits with its status.
     Run(run_cmd::RunArgs),
     /// Write a full snapshot of a running husk's microVM (through its API
     /// socket): pause, snapshot, resume.
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => check::run(args),
         Some(Command::Image(args)) => image_cmd::run(args),
         Some(Command::Metrics(args)) => metrics_cmd::run(args),
+        Some(Command::Pull(args)) => pull_cmd::run(args),
         Some(Command::Run(args)) => run_cmd::run(args, &seccomp),
         Some(Command::Snapshot(args)) => snapshot_cmd::snapshot(args),
         Some(Command::Restore(args)) => snapshot_cmd::restore(args, &seccomp),

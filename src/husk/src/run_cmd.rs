@@ -1,5 +1,6 @@
 //! `husk run [IMAGE] -- CMD ARGS`: the standalone main job. It turns a local
-//! OCI image into a root-filesystem image (cached), boots a microVM with the
+//! OCI image, or one pulled from a registry (pull_cmd.rs), into a
+//! root-filesystem image (cached), boots a microVM with the
 //! guest kernel and the husk-agent initramfs, a vsock and the rootfs as a
 //! read-only drive (writes go to a tmpfs overlay in the guest), asks the
 //! agent to run CMD in a container, streams its stdio, and exits with the
@@ -71,8 +72,21 @@ pub struct RunArgs {
     /// device's backend is a process of its own, not in the snapshot).
     #[arg(long, env = "HUSK_NO_TEMPLATE")]
     no_template: bool,
-    /// An OCI image layout (directory or tar, PATH[:REF]); the bundled
-    /// busybox image when omitted.
+    /// When to contact the registry for a registry IMAGE: `missing` (the
+    /// default, as docker run) pulls only what the cache lacks and does
+    /// not check a cached tag again; `always` resolves the tag again
+    /// (layers already cached are not fetched again); `never` runs only
+    /// what the cache holds.
+    #[arg(long, value_name = "always|missing|never", default_value = "missing")]
+    pull: image::registry::PullPolicy,
+    #[command(flatten)]
+    registry: crate::pull_cmd::RegistryArgs,
+    /// The image: a registry reference, [REGISTRY/]NAME[:TAG][@sha256:DIGEST]
+    /// (e.g. 127.0.0.1:5000/busybox:latest; without REGISTRY, Docker Hub),
+    /// pulled into $HUSK_CACHE_DIR/registry as --pull says; or a local OCI
+    /// image layout, PATH[:REF] (a directory or tar; a path that exists,
+    /// or starts with / or ./, is always local). The bundled busybox image
+    /// when omitted.
     image: Option<String>,
     /// The command and its arguments (default: the image's entrypoint and cmd).
     #[arg(last = true)]
@@ -455,13 +469,12 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         .clone()
         .or_else(|| installed("husk-agent.cpio"))
         .context("no agent initramfs: pass --agent-initrd or set HUSK_AGENT_INITRD (resources/agent/build.sh builds it)")?;
-    let rootfs = image::rootfs_for(args.image.as_deref(), &image::RootfsOptions::default())
-        .with_context(|| {
-            format!(
-                "image {}",
-                args.image.as_deref().unwrap_or("(bundled busybox)")
-            )
-        })?;
+    let rootfs = crate::pull_cmd::rootfs_for(
+        args.image.as_deref(),
+        args.pull,
+        &args.registry,
+        &image::RootfsOptions::default(),
+    )?;
     let mut spec = container_spec(&rootfs.config, &args.command, args.tty)?;
     add_volume_mounts(&mut spec, &args.volumes)?;
 

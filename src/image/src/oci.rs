@@ -193,7 +193,7 @@ impl Platform {
         }
     }
 
-    fn matches(&self, other: &Platform) -> bool {
+    pub(crate) fn matches(&self, other: &Platform) -> bool {
         self.os == other.os
             && self.architecture == other.architecture
             && (self.variant.is_none() || self.variant == other.variant)
@@ -603,6 +603,21 @@ impl Layout {
                 });
             }
         }
+        self.resolve_among(top, platform)
+    }
+
+    /// Picks the image for `platform` that `top` (an image manifest or an
+    /// index, as a registry's tag or digest names it) describes, without
+    /// reading `index.json`: the registry cache's layout has none.
+    pub fn resolve_descriptor(
+        &self,
+        top: &Descriptor,
+        platform: &Platform,
+    ) -> Result<ResolvedImage> {
+        self.resolve_among(vec![top.clone()], platform)
+    }
+
+    fn resolve_among(&self, top: Vec<Descriptor>, platform: &Platform) -> Result<ResolvedImage> {
         let mut found = Vec::new();
         self.collect_manifests(top, platform, 0, &mut found)?;
         found.dedup_by(|a, b| a.digest == b.digest);

@@ -17,7 +17,9 @@ use std::process::Command;
 use serde::Serialize;
 
 use super::layers::{self, LayerError};
-use super::oci::{digest_hex, split_image_arg, ImageConfig, Layout, OciError, Platform};
+use super::oci::{
+    digest_hex, split_image_arg, ImageConfig, Layout, OciError, Platform, ResolvedImage,
+};
 
 /// Errors building a root filesystem image.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +144,12 @@ pub fn build_rootfs(image: &str, opts: &RootfsOptions) -> Result<Rootfs> {
     let (path, wanted) = split_image_arg(image);
     let layout = Layout::open(&path)?;
     let resolved = layout.resolve(wanted.as_deref(), &opts.platform)?;
+    rootfs_of(&layout, resolved, opts)
+}
+
+/// Builds (or finds in the cache) the ext4 root filesystem of an image
+/// already resolved in `layout`: a local layout, or the registry cache's.
+pub fn rootfs_of(layout: &Layout, resolved: ResolvedImage, opts: &RootfsOptions) -> Result<Rootfs> {
     let hex = digest_hex(&resolved.manifest_digest)?;
     let dir = opts.cache_dir.join("rootfs").join(CACHE_VERSION);
     fs::create_dir_all(&dir).map_err(io_at(&dir))?;
@@ -150,7 +158,7 @@ pub fn build_rootfs(image: &str, opts: &RootfsOptions) -> Result<Rootfs> {
     if cached {
         tracing::debug!(path = %cached_file.display(), "rootfs cache hit");
     } else {
-        build_into_cache(&layout, &resolved.manifest.layers, &dir, &cached_file)?;
+        build_into_cache(layout, &resolved.manifest.layers, &dir, &cached_file)?;
     }
     let result_path = match &opts.out {
         Some(out) => {

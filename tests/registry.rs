@@ -1,0 +1,500 @@
+//! `husk pull` and `husk image rootfs REF` against a real registry
+//! (docker-registry on 127.0.0.1, filled with `skopeo copy` from the bundled
+//! busybox image): by tag, by digest, by tag and digest, with per-blob
+//! progress on a terminal and none otherwise; a multi-platform index
+//! resolves to this host's image; a second image
+//! sharing the layer fetches no layer again (the registry's access log
+//! says); a wrong name, a missing tag, an unreachable registry and an
+//! uncached image under `--pull never` fail with messages that say so; a
+//! blob corrupted in the registry's storage fails the pull on its digest
+//! and leaves nothing in the cache; a registry behind htpasswd refuses an
+//! anonymous pull and wrong credentials and serves `--creds` and a Docker
+//! config.json. All on this host: no guest boots here (tests/run.rs runs
+//! a registry image in a microVM).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use husk_tests::husk_binary;
+use husk_tests::registry::{Registry, PASSWORD, USER};
+use serde_json::Value;
+
+/// A scratch directory of this test, emptied first.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("husk-registry-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// husk with `HUSK_CACHE_DIR=cache` and no Docker config unless `env` sets one.
+fn husk(cache: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(husk_binary());
+    cmd.args(args)
+        .env("HUSK_CACHE_DIR", cache)
+        .env_remove("HUSK_REGISTRY_CREDS")
+        .env("DOCKER_CONFIG", cache.join("no-docker-config"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run husk")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `husk pull`'s digest; panics with stderr on failure. A pull is silent
+/// on stderr when stderr is not a terminal.
+fn pull(cache: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
+    let mut all = vec!["pull"];
+    all.extend_from_slice(args);
+    let out = husk(cache, &all, env);
+    assert!(out.status.success(), "husk {all:?}: {}", stderr(&out));
+    assert_eq!(stderr(&out), "", "a pull printed on a non-terminal stderr");
+    let digest = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+    digest
+}
+
+/// Runs a failing husk command and returns its stderr.
+fn fails(cache: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
+    let out = husk(cache, args, env);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "husk {args:?}: {}",
+        stderr(&out)
+    );
+    stderr(&out)
+}
+
+/// Writes the bundled busybox image to `dir` as `busybox:latest`, and the
+/// same busybox with another command as `other:1` (same layer, other
+/// config); returns (layout, layer digest).
+fn busybox_layouts(dir: &Path, cache: &Path) -> (PathBuf, String) {
+    let layout = dir.join("bb");
+    for args in [
+        vec!["image", "build-busybox", layout.to_str().unwrap()],
+        vec![
+            "image",
+            "build-busybox",
+            dir.join("other").to_str().unwrap(),
+            "--ref",
+            "other:1",
+            "--",
+            "echo",
+            "other",
+        ],
+    ] {
+        let out = husk(cache, &args, &[]);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    }
+    let index: Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let manifest_digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest: Value = serde_json::from_slice(
+        &fs::read(layout.join("blobs/sha256").join(&manifest_digest[7..])).unwrap(),
+    )
+    .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (layout, layer)
+}
+
+/// Files under `dir` whose names start with `.tmp-` (a pull's temporaries).
+fn temporaries(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return found;
+    };
+    for e in entries {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            found.extend(temporaries(&p));
+        } else if p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".tmp-")
+        {
+            found.push(p);
+        }
+    }
+    found
+}
+
+#[test]
+fn pulls_by_tag_and_digest_share_layers_and_build_the_rootfs() {
+    let dir = scratch("pull");
+    let cache = dir.join("cache");
+    let (layout, layer) = busybox_layouts(&dir, &cache);
+    let registry = Registry::start(&dir.join("registry"), false);
+    registry.push(&layout, "busybox:latest", "busybox:latest");
+    registry.push(&dir.join("other"), "other:1", "other:1");
+    let busybox = registry.reference("busybox:latest");
+
+    let t0 = std::time::Instant::now();
+    let digest = pull(&cache, &[&busybox], &[]);
+    eprintln!("husk pull {busybox}: {} ms", t0.elapsed().as_millis());
+    let store = cache.join("registry/v1");
+    assert!(store.join("blobs/sha256").join(&layer[7..]).is_file());
+    assert!(store.join("blobs/sha256").join(&digest[7..]).is_file());
+    let tag_record = store
+        .join("refs")
+        .join(&registry.address)
+        .join("busybox/_tags/latest");
+    assert!(tag_record.is_file());
+    assert_eq!(registry.blob_gets(&layer), 1, "{}", registry.log());
+
+    // By digest, and by tag and digest: the same image, nothing fetched.
+    let by_digest = registry.reference(&format!("busybox@{digest}"));
+    assert_eq!(pull(&cache, &[&by_digest], &[]), digest);
+    let both = registry.reference(&format!("busybox:latest@{digest}"));
+    assert_eq!(pull(&cache, &[&both], &[]), digest);
+    // A second image with the same layer: its manifest and config are
+    // fetched, the layer is not.
+    let other = pull(&cache, &[&registry.reference("other:1")], &[]);
+    assert_ne!(other, digest);
+    assert_eq!(registry.blob_gets(&layer), 1, "{}", registry.log());
+    assert!(temporaries(&store).is_empty());
+    // On a terminal (script(1) gives it one), a line per blob on stderr.
+    let shown = Command::new("script")
+        .args(["-qec"])
+        .arg(format!("{} pull {busybox}", husk_binary().display()))
+        .arg("/dev/null")
+        .env("HUSK_CACHE_DIR", dir.join("cache-tty"))
+        .env("DOCKER_CONFIG", dir.join("no-docker-config"))
+        .output()
+        .expect("script (bsdutils) runs");
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    let layer_line = shown
+        .split(['\r', '\n'])
+        .find(|l| l.contains(&layer[..19]) && l.ends_with(" done"));
+    assert!(
+        layer_line.is_some(),
+        "no progress line for the layer: {shown:?}"
+    );
+    assert!(shown.contains(&digest), "{shown}");
+
+    // The root filesystem of a cached registry image, without contacting
+    // the registry (it is stopped): the pipeline of local layouts.
+    drop(registry);
+    let out = husk(
+        &cache,
+        &["image", "rootfs", "--pull", "never", &busybox],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let built: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(built["manifest_digest"], digest.as_str());
+    assert_eq!(built["config"]["cmd"], serde_json::json!(["sh"]));
+    // The same image from its local layout is the same cache entry.
+    let local = husk(&cache, &["image", "rootfs", layout.to_str().unwrap()], &[]);
+    let local: Value = serde_json::from_slice(&local.stdout).unwrap();
+    assert_eq!(local["rootfs"], built["rootfs"]);
+    assert_eq!(local["cached"], true);
+    // `--pull missing` (the default) needs no registry for a cached tag;
+    // `--pull always` does, and says it cannot reach it.
+    let out = husk(&cache, &["image", "rootfs", &busybox], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = fails(
+        &cache,
+        &["image", "rootfs", "--pull", "always", &busybox],
+        &[],
+    );
+    assert!(err.contains("cannot reach the registry"), "{err}");
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn wrong_names_missing_tags_and_unreachable_registries_say_so() {
+    let dir = scratch("errors");
+    let cache = dir.join("cache");
+    let (layout, _) = busybox_layouts(&dir, &cache);
+    let registry = Registry::start(&dir.join("registry"), false);
+    registry.push(&layout, "busybox:latest", "busybox:latest");
+
+    let err = fails(&cache, &["pull", &registry.reference("nosuch:latest")], &[]);
+    assert!(err.contains("has no repository nosuch"), "{err}");
+    let err = fails(&cache, &["pull", &registry.reference("busybox:v9")], &[]);
+    assert!(
+        err.contains("has no tag \"v9\"") && err.contains("its tags: latest"),
+        "{err}"
+    );
+    let zeros = format!("sha256:{}", "0".repeat(64));
+    let err = fails(
+        &cache,
+        &["pull", &registry.reference(&format!("busybox@{zeros}"))],
+        &[],
+    );
+    assert!(err.contains(&format!("has no manifest {zeros}")), "{err}");
+    let err = fails(&cache, &["pull", "127.0.0.1:1/busybox:latest"], &[]);
+    assert!(
+        err.contains("cannot reach the registry 127.0.0.1:1 over http"),
+        "{err}"
+    );
+    let err = fails(&cache, &["pull", "Not/A/Valid:Ref"], &[]);
+    assert!(err.contains("not a valid image reference"), "{err}");
+    let err = fails(
+        &cache,
+        &[
+            "image",
+            "rootfs",
+            "--pull",
+            "never",
+            &registry.reference("busybox:latest"),
+        ],
+        &[],
+    );
+    assert!(err.contains("--pull never forbids pulling it"), "{err}");
+    // Nothing was recorded for any of them.
+    assert!(!cache.join("registry/v1/refs").exists());
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn content_that_does_not_match_its_digest_is_refused_and_not_cached() {
+    let dir = scratch("mismatch");
+    let cache = dir.join("cache");
+    let (layout, layer) = busybox_layouts(&dir, &cache);
+    let registry = Registry::start(&dir.join("registry"), false);
+    registry.push(&layout, "busybox:latest", "busybox:latest");
+    let busybox = registry.reference("busybox:latest");
+    // Flip a byte of the layer in the registry's storage: the registry
+    // still serves it under its digest.
+    let blob = registry.blob_file(&layer);
+    let mut data = fs::read(&blob).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    fs::write(&blob, &data).unwrap();
+    let err = fails(&cache, &["pull", &busybox], &[]);
+    assert!(
+        err.contains(&format!("layer {layer} from {}", registry.address))
+            && err.contains("does not match its digest"),
+        "{err}"
+    );
+    let store = cache.join("registry/v1");
+    assert!(!store.join("blobs/sha256").join(&layer[7..]).exists());
+    assert!(!store.join("refs").exists(), "a failed pull left a record");
+    assert!(temporaries(&store).is_empty(), "{:?}", temporaries(&store));
+
+    // A manifest whose content differs from the digest it is served under
+    // (still JSON, which the registry parses before serving it).
+    data[mid] ^= 0xff;
+    fs::write(&blob, &data).unwrap();
+    let digest = pull(&cache, &[&busybox], &[]);
+    let manifest = registry.blob_file(&digest);
+    let mut m = fs::read(&manifest).unwrap();
+    m.insert(1, b' ');
+    fs::write(&manifest, &m).unwrap();
+    let fresh = dir.join("cache2");
+    let err = fails(
+        &fresh,
+        &["pull", &registry.reference(&format!("busybox@{digest}"))],
+        &[],
+    );
+    assert!(
+        err.contains(&format!("manifest {digest}")) && err.contains("does not match its digest"),
+        "{err}"
+    );
+    assert!(!fresh.join("registry/v1/refs").exists());
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn logins_from_creds_and_a_docker_config() {
+    let dir = scratch("login");
+    let cache = dir.join("cache");
+    let (layout, _) = busybox_layouts(&dir, &cache);
+    let registry = Registry::start(&dir.join("registry"), true);
+    registry.push(&layout, "busybox:latest", "busybox:latest");
+    let busybox = registry.reference("busybox:latest");
+
+    let err = fails(&cache, &["pull", &busybox], &[]);
+    assert!(
+        err.contains(&format!(
+            "the registry {} asks for a login",
+            registry.address
+        )) && err.contains("--creds"),
+        "{err}"
+    );
+    let err = fails(
+        &cache,
+        &["pull", "--creds", &format!("{USER}:wrong"), &busybox],
+        &[],
+    );
+    assert!(
+        err.contains(&format!("refused the login of user \"{USER}\"")),
+        "{err}"
+    );
+    assert!(!err.contains("wrong"), "the password was printed: {err}");
+    let creds = format!("{USER}:{PASSWORD}");
+    let digest = pull(&cache, &["--creds", &creds, &busybox], &[]);
+
+    // A Docker config.json with the registry's entry, in a fresh cache.
+    let docker = dir.join("docker");
+    fs::create_dir_all(&docker).unwrap();
+    let auth = base64(creds.as_bytes());
+    fs::write(
+        docker.join("config.json"),
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#,
+            registry.address
+        ),
+    )
+    .unwrap();
+    let fresh = dir.join("cache2");
+    let env = [("DOCKER_CONFIG", docker.as_path())];
+    assert_eq!(pull(&fresh, &[&busybox], &env), digest);
+    // ~/.docker/config.json when DOCKER_CONFIG is unset.
+    let home = dir.join("home");
+    fs::create_dir_all(home.join(".docker")).unwrap();
+    fs::copy(docker.join("config.json"), home.join(".docker/config.json")).unwrap();
+    let out = Command::new(husk_binary())
+        .args(["pull", &busybox])
+        .env("HUSK_CACHE_DIR", dir.join("cache3"))
+        .env_remove("DOCKER_CONFIG")
+        .env_remove("HUSK_REGISTRY_CREDS")
+        .env("HOME", &home)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A credential helper for the registry is refused, not skipped.
+    fs::write(
+        docker.join("config.json"),
+        format!(r#"{{"credHelpers":{{"{}":"pass"}}}}"#, registry.address),
+    )
+    .unwrap();
+    let err = fails(&dir.join("cache4"), &["pull", &busybox], &env);
+    assert!(
+        err.contains("docker-credential-pass, which husk does not run"),
+        "{err}"
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Standard base64 with padding (for a config.json's "auth").
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_multi_platform_index_resolves_to_this_hosts_image() {
+    let dir = scratch("index");
+    let cache = dir.join("cache");
+    let (layout, _) = busybox_layouts(&dir, &cache);
+    // An index of two images in the busybox layout: `other:1`'s manifest
+    // claiming arm64, and busybox's for amd64, as multi-platform images
+    // are published.
+    let read_json = |p: &Path| -> Value { serde_json::from_slice(&fs::read(p).unwrap()).unwrap() };
+    let busybox = read_json(&layout.join("index.json"))["manifests"][0].clone();
+    let other_layout = dir.join("other");
+    let other = read_json(&other_layout.join("index.json"))["manifests"][0].clone();
+    for blob in fs::read_dir(other_layout.join("blobs/sha256")).unwrap() {
+        let blob = blob.unwrap();
+        let _ = fs::copy(
+            blob.path(),
+            layout.join("blobs/sha256").join(blob.file_name()),
+        );
+    }
+    let entry = |d: &Value, arch: &str| {
+        serde_json::json!({
+            "mediaType": d["mediaType"], "digest": d["digest"], "size": d["size"],
+            "platform": {"os": "linux", "architecture": arch}
+        })
+    };
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry(&other, "arm64"), entry(&busybox, "amd64")]
+    }))
+    .unwrap();
+    let index_digest = format!("sha256:{}", sha256_hex(&index));
+    fs::write(layout.join("blobs/sha256").join(&index_digest[7..]), &index).unwrap();
+    let mut top = read_json(&layout.join("index.json"));
+    top["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": index_digest, "size": index.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "multi"}
+        }));
+    fs::write(layout.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+
+    let registry = Registry::start(&dir.join("registry"), false);
+    let mut copy = Command::new("skopeo");
+    copy.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:multi", layout.display()))
+        .arg(format!("docker://{}", registry.reference("multi:1")));
+    let out = copy.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let reference = registry.reference("multi:1");
+    assert_eq!(pull(&cache, &[&reference], &[]), index_digest);
+    let out = husk(
+        &cache,
+        &["image", "rootfs", "--pull", "never", &reference],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let built: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(built["manifest_digest"], busybox["digest"]);
+    assert_eq!(built["config"]["cmd"], serde_json::json!(["sh"]));
+    // The arm64 entry is picked for arm64, and refused: its config says
+    // amd64. A platform the index lacks is named with what it offers.
+    let err = fails(
+        &dir.join("cache-arm"),
+        &["image", "rootfs", "--platform", "linux/arm64", &reference],
+        &[],
+    );
+    assert!(err.contains("no image for platform linux/arm64"), "{err}");
+    let err = fails(
+        &dir.join("cache-riscv"),
+        &["pull", "--platform", "linux/riscv64", &reference],
+        &[],
+    );
+    assert!(
+        err.contains(
+            "no image for platform linux/riscv64 (the index offers: linux/arm64, linux/amd64)"
+        ),
+        "{err}"
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// sha256 of `data` in hex, by sha256sum(1).
+fn sha256_hex(data: &[u8]) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
