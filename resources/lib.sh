@@ -232,6 +232,25 @@ husk_docker_registry() {
   export HUSK_DOCKER_REGISTRY
 }
 
+# `cargo install --locked` of crate $1 at version $2 into
+# ${HUSK_CACHE_DIR:-/var/cache/husk}/$1/$2 (its binaries in bin/), once:
+# built beside it and renamed into place, so a failed build leaves nothing.
+# $3 says how long it takes, for the log.
+husk_cargo_install() {
+  local crate=$1 version=$2 takes=$3
+  local dir=${HUSK_CACHE_DIR:-/var/cache/husk}/$crate/$version
+  [[ -x $dir/bin/$crate ]] && return 0
+  log "building $crate $version (cargo install, $takes, once)"
+  rm -rf "$dir.new"
+  if ! cargo install --locked --quiet -j"$(nproc)" --root "$dir.new" "$crate@$version" >&2; then
+    rm -rf "$dir.new"
+    log "cannot build $crate $version"
+    return 1
+  fi
+  rm -rf "$dir"
+  mv "$dir.new" "$dir"
+}
+
 # virtiofsd, the virtio-fs project's vhost-user file server (the backend of
 # husk's virtio-fs device), built with `cargo install --locked` at a pinned
 # version into ${HUSK_CACHE_DIR:-/var/cache/husk}/virtiofsd/<version> and
@@ -241,19 +260,9 @@ husk_docker_registry() {
 # this host's libseccomp and libcap-ng, which the node's payloads carry.
 husk_virtiofsd() {
   local version=${HUSK_VIRTIOFSD_VERSION:-1.14.0}
+  ensure_packages libseccomp-dev libcap-ng-dev
+  husk_cargo_install virtiofsd "$version" "a few minutes" || return 1
   local dir=${HUSK_CACHE_DIR:-/var/cache/husk}/virtiofsd/$version
-  if [[ ! -x $dir/bin/virtiofsd ]]; then
-    ensure_packages libseccomp-dev libcap-ng-dev
-    log "building virtiofsd $version (cargo install, a few minutes, once)"
-    rm -rf "$dir.new"
-    if ! cargo install --locked --quiet -j"$(nproc)" --root "$dir.new" "virtiofsd@$version" >&2; then
-      rm -rf "$dir.new"
-      log "cannot build virtiofsd $version"
-      return 1
-    fi
-    rm -rf "$dir"
-    mv "$dir.new" "$dir"
-  fi
   HUSK_VIRTIOFSD=$dir/bin/virtiofsd
   export HUSK_VIRTIOFSD
 }
@@ -265,18 +274,8 @@ husk_virtiofsd() {
 # and a half, once.
 husk_cargo_deb() {
   local version=${HUSK_CARGO_DEB_VERSION:-3.8.0}
+  husk_cargo_install cargo-deb "$version" "about a minute and a half" || return 1
   local dir=${HUSK_CACHE_DIR:-/var/cache/husk}/cargo-deb/$version
-  if [[ ! -x $dir/bin/cargo-deb ]]; then
-    log "building cargo-deb $version (cargo install, once)"
-    rm -rf "$dir.new"
-    if ! cargo install --locked --quiet -j"$(nproc)" --root "$dir.new" "cargo-deb@$version" >&2; then
-      rm -rf "$dir.new"
-      log "cannot build cargo-deb $version"
-      return 1
-    fi
-    rm -rf "$dir"
-    mv "$dir.new" "$dir"
-  fi
   HUSK_CARGO_DEB=$dir/bin/cargo-deb
   export HUSK_CARGO_DEB
 }

@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use husk_tests::{artifacts, husk_binary, Payload};
+use husk_tests::{artifacts, husk_binary, run_ok, Payload};
 use serde_json::Value;
 
 /// A scratch directory of this test, emptied first.
@@ -56,15 +56,6 @@ fn names(image: &str, dir: &str) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -141,14 +132,18 @@ fn umoci_layers_with_deletions_and_an_opaque_directory() {
         }
         c
     };
-    run(Command::new("umoci")
-        .args(["init", "--layout", "L"])
-        .current_dir(&dir));
-    run(Command::new("umoci")
-        .args(["new", "--image", "L:t"])
-        .current_dir(&dir));
+    run_ok(
+        Command::new("umoci")
+            .args(["init", "--layout", "L"])
+            .current_dir(&dir),
+    );
+    run_ok(
+        Command::new("umoci")
+            .args(["new", "--image", "L:t"])
+            .current_dir(&dir),
+    );
     // Layer 1: a base with a secret and a library directory.
-    run(&mut umoci(&["unpack", "--image", "L:t", "b1"]));
+    run_ok(&mut umoci(&["unpack", "--image", "L:t", "b1"]));
     let r1 = dir.join("b1/rootfs");
     fs::create_dir_all(r1.join("etc")).unwrap();
     fs::create_dir_all(r1.join("app/lib/sub")).unwrap();
@@ -158,36 +153,40 @@ fn umoci_layers_with_deletions_and_an_opaque_directory() {
     fs::write(r1.join("app/lib/sub/x"), "x\n").unwrap();
     fs::create_dir_all(r1.join("srv/old")).unwrap();
     fs::write(r1.join("srv/a"), "a\n").unwrap();
-    run(&mut umoci(&["repack", "--image", "L:t", "b1"]));
+    run_ok(&mut umoci(&["repack", "--image", "L:t", "b1"]));
     // Layer 2: the secret deleted, the library directory replaced.
-    run(&mut umoci(&["unpack", "--image", "L:t", "b2"]));
+    run_ok(&mut umoci(&["unpack", "--image", "L:t", "b2"]));
     let r2 = dir.join("b2/rootfs");
     fs::remove_file(r2.join("etc/secret")).unwrap();
     fs::remove_dir_all(r2.join("app/lib")).unwrap();
     fs::create_dir(r2.join("app/lib")).unwrap();
     fs::write(r2.join("app/lib/new.so"), "new\n").unwrap();
-    run(&mut umoci(&["repack", "--image", "L:t", "b2"]));
+    run_ok(&mut umoci(&["repack", "--image", "L:t", "b2"]));
     // Layer 3: a hard link and a symlink.
-    run(&mut umoci(&["unpack", "--image", "L:t", "b3"]));
+    run_ok(&mut umoci(&["unpack", "--image", "L:t", "b3"]));
     let r3 = dir.join("b3/rootfs");
     fs::hard_link(r3.join("etc/keep"), r3.join("etc/keep2")).unwrap();
     std::os::unix::fs::symlink("/etc/keep", r3.join("keep-link")).unwrap();
-    run(&mut umoci(&["repack", "--image", "L:t", "b3"]));
+    run_ok(&mut umoci(&["repack", "--image", "L:t", "b3"]));
     // Layer 4, a tar of our own added as is: an opaque /srv.
     let stage = dir.join("stage");
     fs::create_dir_all(stage.join("srv")).unwrap();
     fs::write(stage.join("srv/.wh..wh..opq"), "").unwrap();
     fs::write(stage.join("srv/c"), "c\n").unwrap();
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&stage)
-        .arg("-cf")
-        .arg(dir.join("l4.tar"))
-        .arg("srv"));
-    run(Command::new("umoci")
-        .args(["raw", "add-layer", "--image", "L:t", "l4.tar"])
-        .current_dir(&dir));
-    run(&mut umoci(&[
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&stage)
+            .arg("-cf")
+            .arg(dir.join("l4.tar"))
+            .arg("srv"),
+    );
+    run_ok(
+        Command::new("umoci")
+            .args(["raw", "add-layer", "--image", "L:t", "l4.tar"])
+            .current_dir(&dir),
+    );
+    run_ok(&mut umoci(&[
         "config",
         "--image",
         "L:t",
@@ -220,12 +219,14 @@ fn umoci_layers_with_deletions_and_an_opaque_directory() {
     // A tar archive of the layout (as skopeo's oci-archive: writes) is the
     // same image: same digest, served from the cache.
     let archive = dir.join("L.tar");
-    run(Command::new("tar")
-        .arg("-C")
-        .arg(&layout)
-        .arg("-cf")
-        .arg(&archive)
-        .arg("."));
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&layout)
+            .arg("-cf")
+            .arg(&archive)
+            .arg("."),
+    );
     let from_tar = rootfs(&cache, &format!("{}:t", archive.display()));
     assert_eq!(from_tar["manifest_digest"], got["manifest_digest"]);
     assert_eq!(from_tar["cached"], true);
@@ -294,12 +295,16 @@ fn busybox_rootfs_boots_as_the_guest_root() {
     )
     .unwrap();
     let request = format!("write {} init.sh", script.display());
-    run(Command::new("debugfs")
-        .args(["-w", "-R", &request])
-        .arg(&root));
-    run(Command::new("debugfs")
-        .args(["-w", "-R", "sif /init.sh mode 0100755"])
-        .arg(&root));
+    run_ok(
+        Command::new("debugfs")
+            .args(["-w", "-R", &request])
+            .arg(&root),
+    );
+    run_ok(
+        Command::new("debugfs")
+            .args(["-w", "-R", "sif /init.sh mode 0100755"])
+            .arg(&root),
+    );
     let a = artifacts();
     let r = Payload::new("image-boot")
         .add(&a.husk, "husk")

@@ -539,6 +539,16 @@ pub fn static_husk() -> &'static Path {
     })
 }
 
+/// Runs `cmd` on this host; panics with its stderr unless it succeeds.
+pub fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs this host's husk with `args` and `HUSK_CACHE_DIR=cache`; panics
 /// with its stderr if it fails.
 pub fn husk_with_cache(args: &[&str], cache: &Path) {

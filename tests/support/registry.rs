@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::run_ok;
+
 /// A user the login tests know, and the password.
 pub const USER: &str = "husk";
 /// Its password.
@@ -46,15 +48,6 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 impl Registry {
     /// Starts a registry in `dir` (storage, config and log go there); with
     /// `auth`, only [`USER`] with [`PASSWORD`] may pull or push.
@@ -69,10 +62,12 @@ impl Registry {
         if auth {
             let htpasswd = dir.join("htpasswd");
             // bcrypt, which the registry requires.
-            run(Command::new("htpasswd")
-                .args(["-B", "-b", "-c"])
-                .arg(&htpasswd)
-                .args([USER, PASSWORD]));
+            run_ok(
+                Command::new("htpasswd")
+                    .args(["-B", "-b", "-c"])
+                    .arg(&htpasswd)
+                    .args([USER, PASSWORD]),
+            );
             config.push_str(&format!(
                 "auth:\n  htpasswd:\n    realm: husk-test\n    path: {}\n",
                 htpasswd.display()
@@ -128,7 +123,7 @@ impl Registry {
         }
         cmd.arg(format!("oci:{}:{layout_ref}", layout.display()))
             .arg(format!("docker://{}", self.reference(name)));
-        run(&mut cmd);
+        run_ok(&mut cmd);
     }
 
     /// The registry's log so far (its access log included).
