@@ -178,10 +178,11 @@ wait_for a-serial.txt 'TICK .* net=ok .*old={{' || echo "A-WAIT failed"
 wait_for b-serial.txt 'TICK .*old={{' || echo "B-WAIT failed"
 echo "A-ECHO $(./husk-bench vsock-client --connect uds:$PWD/a.sock:5000 --mode echo --bytes 1048576 --retry-s 60)"
 echo "B-ECHO $(./husk-bench vsock-client --connect uds:$PWD/b.sock:5000 --mode echo --bytes 1048576 --retry-s 60)"
-# Each clone keeps counting: three ticks each (a loaded node may take a
-# while; a fixed sleep once saw clone B print two).
+# Each clone keeps counting: three whole ticks each (a loaded node may
+# take a while; a fixed sleep once saw clone B print two, and a tick still
+# being written, cut by the kill, is not one).
 for i in $(seq 300); do
-  [ "$(grep -c TICK a-serial.txt)" -ge 3 ] && [ "$(grep -c TICK b-serial.txt)" -ge 3 ] && break
+  [ "$(grep -cE 'TICK .*(}}|none)' a-serial.txt)" -ge 3 ] && [ "$(grep -cE 'TICK .*(}}|none)' b-serial.txt)" -ge 3 ] && break
   sleep 0.1
 done
 kill -0 $a && kill -0 $b && echo BOTH-RUNNING
