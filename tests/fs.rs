@@ -194,6 +194,12 @@ fn husk_run_shares_volumes_both_ways_and_a_read_only_one_refuses_writes() {
                   if echo x > /etc/app/file; then echo RO-WRITE accepted; else echo RO-WRITE refused; fi;
                   echo \"CONF $(cat /etc/app/file)\"; grep -c virtiofs /proc/mounts | sed \"s/^/MOUNTS /\"'
          echo \"STATUS $?\"
+         # Restored from the template the first run made (one per volume
+         # count), with this run's own virtiofsd.
+         HUSK_CACHE_DIR=./cache timeout 120 ./husk run --kernel vmlinux --agent-initrd agent.cpio \
+           --virtiofsd ./virtiofsd-bound -v \"$PWD/vol:/data\" -v \"$PWD/conf:/etc/app:ro\" ./busybox -- \
+           sh -c 'echo \"AGAIN $(cat /data/out)\"'
+         echo \"TEMPLATES $(ls -d cache/templates/run-v1/*/ | wc -l)\"
          echo \"NODE-OUT $(cat vol/out)\"; ls vol | tr '\\n' ' ' | sed 's/^/NODE-LS /'; echo
          echo \"NODE-CONF $(cat conf/file)\"
          sleep 0.5
@@ -210,6 +216,8 @@ fn husk_run_shares_volumes_both_ways_and_a_read_only_one_refuses_writes() {
         .assert_contains("CONF kept")
         .assert_contains("NODE-CONF kept")
         .assert_contains("MOUNTS 2")
+        .assert_contains("AGAIN from-the-container")
+        .assert_contains("TEMPLATES 1")
         .assert_contains("VIRTIOFSD-GONE")
         // The process check sees a process that runs.
         .assert_contains("CHECK-SEES");

@@ -23,6 +23,7 @@ mod pull_cmd;
 mod run_cmd;
 mod snapshot_cmd;
 mod template;
+mod virtiofsd;
 
 use std::process::ExitCode;
 use std::time::Instant;

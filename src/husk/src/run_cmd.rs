@@ -18,7 +18,6 @@ use husk_protocol::{
     CreateContainer, ExitStatus, ProcessRef, Request, Response, Restored, Rootfs, Sandbox,
     StdioStream, DEFAULT_AGENT_PORT,
 };
-use vmm::config::FsConfig;
 use vmm::error::Chain;
 use vmm::seccomp::SeccompFilters;
 use vmm::{BlockConfig, BootSource, DriveConfig, SerialOutput, VmConfig, Vmm, VsockConfig};
@@ -64,12 +63,13 @@ pub struct RunArgs {
     #[arg(long, env = "HUSK_VIRTIOFSD")]
     virtiofsd: Option<PathBuf>,
     /// Boot the guest instead of restoring it from a template. By default
-    /// the first run per kernel, agent, vCPU count and memory size boots a
-    /// guest to its agent and snapshots it (under
-    /// $HUSK_CACHE_DIR/templates), and every run, that one too, is
+    /// the first run per kernel, agent, vCPU count, memory size and
+    /// number of volumes boots a guest to its agent and snapshots it
+    /// (under $HUSK_CACHE_DIR/templates), and every run, that one too, is
     /// restored from that snapshot, its random pool reseeded and its clock
-    /// set by the agent. Runs with --volume always boot (a virtio-fs
-    /// device's backend is a process of its own, not in the snapshot).
+    /// set by the agent. A run with --volume connects the restored guest
+    /// to its own virtiofsds, and copies the template's memory (the
+    /// backends map guest memory) where other runs map it.
     #[arg(long, env = "HUSK_NO_TEMPLATE")]
     no_template: bool,
     /// When to contact the registry for a registry IMAGE: `missing` (the
@@ -128,97 +128,6 @@ fn parse_volume(spec: &str) -> Result<Volume, String> {
         dest: dest.to_string(),
         read_only,
     })
-}
-
-/// The virtiofsd to run: the flag or $HUSK_VIRTIOFSD, else one on PATH,
-/// else Debian's.
-fn find_virtiofsd(given: Option<PathBuf>) -> PathBuf {
-    given
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|d| d.join("virtiofsd"))
-                    .find(|p| p.is_file())
-            })
-        })
-        .unwrap_or_else(|| PathBuf::from("/usr/libexec/virtiofsd"))
-}
-
-/// The virtiofsd processes of a run, killed and waited for when it ends
-/// (each would end with the VM anyway: virtiofsd serves one frontend).
-struct Virtiofsds(Vec<std::process::Child>);
-
-impl Drop for Virtiofsds {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Starts one virtiofsd per volume, sockets in `dir`; the devices to give
-/// the VM. Each is waited for until it listens.
-fn start_virtiofsds(
-    volumes: &[Volume],
-    virtiofsd: &Path,
-    dir: &Path,
-) -> anyhow::Result<(Virtiofsds, Vec<FsConfig>)> {
-    let mut running = Virtiofsds(Vec::new());
-    let mut devices = Vec::new();
-    for (i, v) in volumes.iter().enumerate() {
-        let host = v
-            .host
-            .canonicalize()
-            .with_context(|| format!("volume {}", v.host.display()))?;
-        if !host.is_dir() {
-            bail!("volume {}: not a directory", host.display());
-        }
-        let tag = format!("vol{i}");
-        let socket = dir.join(format!("{tag}.sock"));
-        let mut cmd = std::process::Command::new(virtiofsd);
-        cmd.arg(format!("--socket-path={}", socket.display()))
-            .arg(format!("--shared-dir={}", host.display()))
-            .args(["--sandbox=namespace", "--cache=auto", "--log-level=error"])
-            .stdin(std::process::Stdio::null());
-        if v.read_only {
-            cmd.arg("--readonly");
-        }
-        let child = cmd.spawn().with_context(|| {
-            format!(
-                "cannot start virtiofsd ({}) for volume {}",
-                virtiofsd.display(),
-                host.display()
-            )
-        })?;
-        running.0.push(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            if let Some(child) = running.0.last_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!(
-                        "virtiofsd for volume {} ended with {status}",
-                        host.display()
-                    );
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "virtiofsd for volume {} did not listen in 10 s",
-                    host.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        devices.push(FsConfig {
-            id: tag.clone(),
-            tag,
-            socket,
-            num_queues: 1,
-            queue_size: vmm::config::DEFAULT_FS_QUEUE_SIZE,
-        });
-    }
-    Ok((running, devices))
 }
 
 /// The spec's bind mounts of the volumes, from their shares.
@@ -482,15 +391,16 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = RunDir(dir);
     // Dropped (killed) after the VM, before the run directory goes.
-    let (_virtiofsds, fs) = if args.volumes.is_empty() {
-        (Virtiofsds(Vec::new()), Vec::new())
-    } else {
-        start_virtiofsds(
-            &args.volumes,
-            &find_virtiofsd(args.virtiofsd.clone()),
-            &dir.0,
-        )?
-    };
+    let virtiofsd = crate::virtiofsd::find(args.virtiofsd.clone());
+    let shares: Vec<_> = args
+        .volumes
+        .iter()
+        .map(|v| crate::virtiofsd::Share {
+            dir: &v.host,
+            read_only: v.read_only,
+        })
+        .collect();
+    let (_virtiofsds, fs) = crate::virtiofsd::start(&shares, &virtiofsd, &dir.0)?;
     let uds = dir.0.join("vsock.sock");
     let console = args
         .console
@@ -526,7 +436,15 @@ pub fn run(args: RunArgs, seccomp: &SeccompFilters) -> anyhow::Result<u8> {
         mem_hotplug: None,
         fs,
     };
-    let (mut vmm, restored) = build_vm(&args, &config, &rootfs.rootfs, &uds, &console, seccomp)?;
+    let (mut vmm, restored) = build_vm(
+        &args,
+        &config,
+        &rootfs.rootfs,
+        &uds,
+        &console,
+        seccomp,
+        &virtiofsd,
+    )?;
     let stop = vmm.stop_handle();
     // The VMM gets a thread of its own: the seccomp filters confine it and
     // its vCPUs, not this side, which talks to the agent and cleans up.
@@ -615,16 +533,13 @@ fn build_vm(
     uds: &Path,
     console: &Path,
     seccomp: &SeccompFilters,
+    virtiofsd: &Path,
 ) -> anyhow::Result<(Vmm, Option<u64>)> {
     let boot = || Vmm::new(config).context("cannot build the microVM");
     if args.no_template {
         return Ok((boot()?, None));
     }
-    if !config.fs.is_empty() {
-        tracing::debug!("runs with --volume boot: no template");
-        return Ok((boot()?, None));
-    }
-    let template = match crate::template::get_or_create(config, seccomp) {
+    let template = match crate::template::get_or_create(config, seccomp, virtiofsd) {
         Ok((t, created)) => {
             if created {
                 tracing::info!("a template was made for this kernel, agent and machine size");
@@ -645,7 +560,15 @@ fn build_vm(
         net_overrides: Vec::new(),
         vsock_uds_path: Some(uds.to_path_buf()),
         drive_overrides: Vec::new(),
-        fs_overrides: Vec::new(),
+        // The run's virtiofsds, in place of the template's.
+        fs_overrides: config
+            .fs
+            .iter()
+            .map(|f| vmm::persist::FsOverride {
+                id: f.id.clone(),
+                socket: f.socket.clone(),
+            })
+            .collect(),
         serial: SerialOutput::File(console.to_path_buf()),
     };
     let restored = Vmm::restore(&params, Arc::new(vmm::metrics::Metrics::default()))

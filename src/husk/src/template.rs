@@ -69,6 +69,9 @@ pub enum TemplateError {
     /// The snapshot failed.
     #[error("cannot snapshot the template's microVM")]
     Snapshot(#[source] vmm::persist::SnapshotError),
+    /// A virtio-fs device's backend did not start.
+    #[error("cannot start the template's virtio-fs backend")]
+    Virtiofsd(#[source] crate::virtiofsd::VirtiofsdError),
     /// The VMM thread ended or stalled before the snapshot was written.
     #[error("the template's microVM ended or stalled before its snapshot was written")]
     Lost,
@@ -92,6 +95,9 @@ pub struct Inputs {
     pub mem_mib: u64,
     /// The kernel command line.
     pub cmdline: String,
+    /// The virtio-fs devices' ids (one per `--volume`; the guest sees
+    /// their tags at boot).
+    pub fs: Vec<String>,
 }
 
 /// A file's identity line for the key.
@@ -108,13 +114,18 @@ impl Inputs {
             vcpus: config.vcpus,
             mem_mib: config.mem_mib,
             cmdline: config.boot.cmdline.clone(),
+            fs: config
+                .fs
+                .iter()
+                .map(|f| format!("{}:{}:{}:{}", f.id, f.tag, f.num_queues, f.queue_size))
+                .collect(),
         }
     }
 
     /// The inputs as text, one per line (kept with the template for
     /// people; hashed into its key).
     fn describe(&self, husk: &Path) -> Result<String, TemplateError> {
-        Ok(format!(
+        let mut text = format!(
             "format run-v1 snapshot-v{}\n{}\n{}\n{}\nvcpus {}\nmem_mib {}\ncmdline {}\n",
             vmm::persist::format::FORMAT_VERSION,
             identity("husk", husk)?,
@@ -123,7 +134,12 @@ impl Inputs {
             self.vcpus,
             self.mem_mib,
             self.cmdline,
-        ))
+        );
+        // (Absent without volumes: those templates keep their keys.)
+        if !self.fs.is_empty() {
+            text.push_str(&format!("fs {}\n", self.fs.join(" ")));
+        }
+        Ok(text)
     }
 }
 
@@ -164,6 +180,7 @@ impl Template {
 pub fn get_or_create(
     config: &VmConfig,
     seccomp: &SeccompFilters,
+    virtiofsd: &Path,
 ) -> Result<(Template, bool), TemplateError> {
     let inputs = &Inputs::of(config);
     let husk = std::env::current_exe().map_err(io("find the husk binary"))?;
@@ -180,7 +197,7 @@ pub fn get_or_create(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(io(format!("create {}", tmp.display())))?;
     let t0 = Instant::now();
-    let made = create(config, &tmp, seccomp).and_then(|()| {
+    let made = create(config, &tmp, seccomp, virtiofsd).and_then(|()| {
         std::fs::write(tmp.join(INPUTS_FILE), &text)
             .map_err(io(format!("write {}", tmp.join(INPUTS_FILE).display())))
     });
@@ -188,8 +205,16 @@ pub fn get_or_create(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    // The vsock socket and console were the template VM's own.
-    let _ = std::fs::remove_file(tmp.join("vsock.sock"));
+    // The vsock socket, the virtiofsds' sockets and their empty directory
+    // were the template VM's own.
+    if let Ok(entries) = std::fs::read_dir(&tmp) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".sock") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(tmp.join("empty"));
     if std::fs::rename(&tmp, &dir).is_err() {
         // Another run made it first: theirs is as good.
         let _ = std::fs::remove_dir_all(&tmp);
@@ -232,9 +257,15 @@ fn console_tail(path: &Path) -> String {
 
 /// Boots the template's guest in `dir` until its agent answers, then
 /// pauses it and writes its snapshot there: the run's VM `run`, with a
-/// placeholder for its root filesystem and a console and vsock of its
-/// own.
-fn create(run: &VmConfig, dir: &Path, seccomp: &SeccompFilters) -> Result<(), TemplateError> {
+/// placeholder for its root filesystem, a console and vsock of its own,
+/// and for each virtio-fs device a virtiofsd of its own on an empty
+/// directory (the guest never mounts it; a clone connects to its run's).
+fn create(
+    run: &VmConfig,
+    dir: &Path,
+    seccomp: &SeccompFilters,
+    virtiofsd: &Path,
+) -> Result<(), TemplateError> {
     // One for all templates, outside each one's directory: the state
     // file names it, and the directory is renamed into place afterwards.
     let placeholder = templates_dir().join("rootfs.placeholder");
@@ -255,6 +286,27 @@ fn create(run: &VmConfig, dir: &Path, seccomp: &SeccompFilters) -> Result<(), Te
     }
     if let Some(v) = config.vsock.as_mut() {
         v.uds_path = uds.clone();
+    }
+    let empty = dir.join("empty");
+    let (_virtiofsds, fs) = if config.fs.is_empty() {
+        Default::default()
+    } else {
+        std::fs::create_dir(&empty).map_err(io(format!("create {}", empty.display())))?;
+        let shares: Vec<_> = (0..config.fs.len())
+            .map(|_| crate::virtiofsd::Share {
+                dir: &empty,
+                read_only: true,
+            })
+            .collect();
+        // Absolute: virtiofsd may run in a root of its own (a wrapper's
+        // chroot) where a relative cache directory means nothing.
+        let sockets = std::path::absolute(dir).map_err(io("find the template's directory"))?;
+        crate::virtiofsd::start(&shares, virtiofsd, &sockets).map_err(TemplateError::Virtiofsd)?
+    };
+    // The same devices as the run's (ids, tags, queues), on the
+    // template's own backends.
+    for (mine, theirs) in config.fs.iter_mut().zip(fs) {
+        mine.socket = theirs.socket;
     }
     let mut vmm = Vmm::new(&config).map_err(TemplateError::Vmm)?;
     let wake = EventFd::new(EFD_NONBLOCK).map_err(io("create an eventfd"))?;
@@ -300,6 +352,10 @@ fn create(run: &VmConfig, dir: &Path, seccomp: &SeccompFilters) -> Result<(), Te
             port: DEFAULT_AGENT_PORT,
         };
         // Connected is answering: the handshake is the agent's.
+        // (Not prepared, as the shim's templates are: a run's memory is
+        // its own and short-lived, and zeroing the template's free memory
+        // would make the first run seconds slower for no faster restore;
+        // docs/snapshots.md.)
         let agent = AgentClient::connect(endpoint, BOOT_TIMEOUT).map_err(|source| {
             TemplateError::Agent {
                 console: console_tail(&console),
@@ -336,6 +392,7 @@ mod tests {
             vcpus: 1,
             mem_mib: 128,
             cmdline: "console=ttyS0".into(),
+            fs: Vec::new(),
         }
     }
 
@@ -354,9 +411,17 @@ mod tests {
         ] {
             assert!(a.contains(needle), "{needle:?} not in {a}");
         }
+        assert!(!a.contains("fs "), "{a}");
         let mut more = i.clone();
         more.mem_mib = 256;
         assert_ne!(a, more.describe(&husk).unwrap());
+        // Each volume count is a template of its own.
+        let mut volumes = i.clone();
+        volumes.fs = vec!["vol0:vol0:1:1024".into()];
+        let one = volumes.describe(&husk).unwrap();
+        assert!(one.contains("fs vol0:vol0:1:1024\n"), "{one}");
+        volumes.fs.push("vol1:vol1:1:1024".into());
+        assert_ne!(one, volumes.describe(&husk).unwrap());
         std::fs::write(tmp.path().join("vmlinux"), b"a newer kernel").unwrap();
         assert_ne!(
             a,

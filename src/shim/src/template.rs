@@ -369,12 +369,12 @@ fn boot_and_snapshot(
         let mut agent = crate::vm::connect_agent(config, vm_dir, &mut child)?;
         // Every pod restored from the template copies its memory file
         // into memory shared with its virtio-fs backend (docs/snapshots.md),
-        // so each byte of the file is paid by every pod, in time and in
-        // memory: the agent zeroes the guest's free memory first, and the
-        // file keeps the pages in use, not what boot left in freed ones.
-        // (`husk run`'s clones map the file private and pay only for the
-        // pages they touch: it does not ask.) A guest that cannot do it
-        // makes a larger template, not a wrong one.
+        // so each byte of the file is memory every pod holds while it
+        // runs: the agent zeroes the guest's free memory first, and the
+        // file keeps the pages in use, not what boot left in freed ones
+        // (about 8 MiB less per pod, for a few seconds once per template).
+        // A guest that cannot do it makes a larger template, not a wrong
+        // one.
         let zeroed = agent.prepare_template().unwrap_or_else(|e| {
             tracing::warn!(error = %crate::error::Chain(&e),
                 "the template's guest was not prepared: its snapshot keeps its free memory");
