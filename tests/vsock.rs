@@ -240,7 +240,11 @@ fn a_guest_flooding_vsock_leaves_the_api_answering() {
             if grep -q FLOOD-END serial.txt; then echo "FLOOD over"; else echo "FLOOD running"; fi
             kill $husk; wait $husk; echo "HUSK-STATUS $?"
             kill $server
-            echo "--- husk log"; tail -n 20 husk.log"#
+            echo "--- husk log"; tail -n 20 husk.log
+            # What the guest and the node's sink said (a flood that ended
+            # early says why here).
+            echo "--- serial"; tail -n 20 serial.txt
+            echo "--- sink"; tail -n 20 serve.txt"#
         ));
     r.assert_status(0);
     assert_eq!(
