@@ -233,16 +233,11 @@ pub const DYNAMIC_IMAGE: &str = "husk.local/busybox-dynamic:1";
 /// resources/lib.sh unpacks (the test command runs it) and names in
 /// `HUSK_DYNAMIC_BUSYBOX`.
 pub fn dynamic_busybox() -> PathBuf {
-    let path = std::env::var_os("HUSK_DYNAMIC_BUSYBOX")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/husk/debian-busybox/bin/busybox".into());
-    assert!(
-        path.exists(),
-        "{} is missing: resources/test.sh unpacks Debian's busybox there \
-         (husk_dynamic_busybox in resources/lib.sh)",
-        path.display()
-    );
-    path
+    crate::cached_tool(
+        "HUSK_DYNAMIC_BUSYBOX",
+        "/var/cache/husk/debian-busybox/bin/busybox",
+        "resources/test.sh unpacks Debian's busybox there (husk_dynamic_busybox in resources/lib.sh)",
+    )
 }
 
 /// The shell functions and set-up every containerd test script starts
@@ -272,14 +267,9 @@ shim_pids() { for p in /proc/[0-9]*; do tr '\0' ' ' < $p/cmdline 2>/dev/null | g
 /// unpacks from Debian's prometheus package (the test command runs it)
 /// and names in `HUSK_PROMTOOL`.
 pub fn promtool() -> PathBuf {
-    let path = std::env::var_os("HUSK_PROMTOOL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/husk/prometheus/usr/bin/promtool".into());
-    assert!(
-        path.exists(),
-        "{} is missing: resources/test.sh unpacks Debian's promtool there \
-         (husk_promtool in resources/lib.sh)",
-        path.display()
-    );
-    path
+    crate::cached_tool(
+        "HUSK_PROMTOOL",
+        "/var/cache/husk/prometheus/usr/bin/promtool",
+        "resources/test.sh unpacks Debian's promtool there (husk_promtool in resources/lib.sh)",
+    )
 }

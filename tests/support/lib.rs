@@ -594,14 +594,20 @@ pub fn busybox_rootfs(dir: &Path) -> PathBuf {
 /// `husk_virtiofsd` in resources/lib.sh builds (the test command runs it)
 /// and names in `HUSK_VIRTIOFSD`.
 pub fn virtiofsd() -> PathBuf {
-    let path = std::env::var_os("HUSK_VIRTIOFSD")
+    cached_tool(
+        "HUSK_VIRTIOFSD",
+        "/var/cache/husk/virtiofsd/1.14.0/bin/virtiofsd",
+        "resources/test.sh builds virtiofsd there (husk_virtiofsd in resources/lib.sh)",
+    )
+}
+
+/// A tool the test command's set-up puts in husk's cache and names in
+/// the environment variable `env` (else at `default`); panics with `how`
+/// (what makes it) when it is not there.
+pub fn cached_tool(env: &str, default: &str, how: &str) -> PathBuf {
+    let path = std::env::var_os(env)
         .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/husk/virtiofsd/1.14.0/bin/virtiofsd".into());
-    assert!(
-        path.exists(),
-        "{} is missing: resources/test.sh builds virtiofsd there \
-         (husk_virtiofsd in resources/lib.sh)",
-        path.display()
-    );
+        .unwrap_or_else(|| default.into());
+    assert!(path.exists(), "{} is missing: {how}", path.display());
     path
 }

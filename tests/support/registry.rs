@@ -29,16 +29,11 @@ pub struct Registry {
 /// The docker-registry binary: $HUSK_DOCKER_REGISTRY, else where
 /// resources/lib.sh unpacks it.
 pub fn registry_binary() -> PathBuf {
-    let path = std::env::var_os("HUSK_DOCKER_REGISTRY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/cache/husk/docker-registry/usr/bin/docker-registry".into());
-    assert!(
-        path.exists(),
-        "{} is missing: resources/lib.sh's husk_docker_registry unpacks it \
-         (resources/test.sh runs it)",
-        path.display()
-    );
-    path
+    crate::cached_tool(
+        "HUSK_DOCKER_REGISTRY",
+        "/var/cache/husk/docker-registry/usr/bin/docker-registry",
+        "resources/lib.sh's husk_docker_registry unpacks it (resources/test.sh runs it)",
+    )
 }
 
 fn free_port() -> u16 {
