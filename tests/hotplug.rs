@@ -16,18 +16,22 @@ const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet husk.hold=60
 /// The guest: reports its MemTotal and present CPUs, waits (without a
 /// deadline of its own: the node's wait_for has one) until MemTotal has
 /// grown by at least 200 MiB, reports it, brings cpu1 online, then waits
-/// until MemTotal is back where it began.
+/// until MemTotal is back where it began. Each wait reports the value it
+/// saw, not a second read: while virtio-mem offlines a memory block whose
+/// sub-blocks it has already unplugged, the kernel adds the block back to
+/// MemTotal for a moment so offlining can subtract it again (a CI run read
+/// 128 MiB more than the value that ended the wait).
 const GUEST: &str = r#"
 kb() { awk '/^MemTotal:/ { print $2 }' /proc/meminfo; }
 base=$(kb)
 echo "HOTPLUG-PRESENT $(cat /sys/devices/system/cpu/present)"
 echo "HOTPLUG-BASE-KB $base"
-until [ "$(kb)" -ge $((base + 200 * 1024)) ]; do sleep 0.2; done
-echo "HOTPLUG-GREW-KB $(kb)"
+until k=$(kb); [ "$k" -ge $((base + 200 * 1024)) ]; do sleep 0.2; done
+echo "HOTPLUG-GREW-KB $k"
 echo 1 > /sys/devices/system/cpu/cpu1/online
 echo "HOTPLUG-CPUS $(grep -c '^processor' /proc/cpuinfo)"
-until [ "$(kb)" -le $((base + 1024)) ]; do sleep 0.2; done
-echo "HOTPLUG-SHRANK-KB $(kb)"
+until k=$(kb); [ "$k" -le $((base + 1024)) ]; do sleep 0.2; done
+echo "HOTPLUG-SHRANK-KB $k"
 "#;
 
 /// Node-side: `api TAG METHOD PATH [BODY]` prints `API-TAG <status>
