@@ -119,7 +119,7 @@ case $mode in
       if ((ran == 0)); then idle=$((idle + 1)); else idle=0; fi
       left=$((left - ran))
     done
-    node="${HUSK_NODE_QEMU:+$("$HUSK_NODE_QEMU" --version | head -n1), }node image ${HUSK_NODE_IMAGE:+$(basename "$HUSK_NODE_IMAGE")}"
+    node="${HUSK_NODE_QEMU:+$("$HUSK_NODE_QEMU" --version | head -n1), }tcg thread=${HUSK_NODE_TCG_THREAD:-multi}, node image ${HUSK_NODE_IMAGE:+$(basename "$HUSK_NODE_IMAGE") ($(cat "$HUSK_NODE_IMAGE/kernel-package" 2>/dev/null))}"
     "$repo/target/release/husk-bench" soak-report --runs "$soak_dir"/boot-* \
       --node-record "$record" --node "$node"
     rm -rf "$soak_dir"

@@ -73,6 +73,22 @@ husk_dynamic_busybox() {
   export HUSK_DYNAMIC_BUSYBOX
 }
 
+# A private apt index of one Debian suite (deb.debian.org, main) in DIR,
+# updated: the host's sources, lists and cache stay as they are. Sets
+# HUSK_APT_OPTS to the -o options that make apt-get and apt-cache use it.
+husk_apt_index() {
+  local suite=$1 tmp=$2
+  mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial" "$tmp/parts"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" \
+    > "$tmp/sources.list"
+  # apt downloads as its own user (_apt) where one exists.
+  chown -R _apt "$tmp" 2>/dev/null || true
+  HUSK_APT_OPTS=(-o "Dir::Etc::sourcelist=$tmp/sources.list" -o "Dir::Etc::sourceparts=$tmp/parts"
+    -o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache=$tmp/cache"
+    -o Acquire::Languages=none -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false)
+  apt-get -q "${HUSK_APT_OPTS[@]}" update >&2
+}
+
 # Debian packages from a suite this host's apt does not follow, fetched
 # through a sources list, index and download cache of their own (in a
 # temporary directory: the host's apt configuration, lists and installed
@@ -84,21 +100,14 @@ husk_fetch_debs() {
   local suite=$1 dest=$2 tmp deb
   shift 2
   tmp=$(mktemp -d)
-  mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial" "$tmp/parts" "$tmp/deb"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" \
-    > "$tmp/sources.list"
-  # apt downloads as its own user (_apt) where one exists.
-  chown -R _apt "$tmp" 2>/dev/null || true
-  local apt=(apt-get -q
-    -o "Dir::Etc::sourcelist=$tmp/sources.list" -o "Dir::Etc::sourceparts=$tmp/parts"
-    -o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache=$tmp/cache"
-    -o Acquire::Languages=none -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false)
-  if ! "${apt[@]}" update >&2; then
+  if ! husk_apt_index "$suite" "$tmp"; then
     rm -rf "$tmp"
     log "cannot read $suite's package index from deb.debian.org"
     return 1
   fi
-  if ! (cd "$tmp/deb" && "${apt[@]}" download "$@" >&2); then
+  mkdir -p "$tmp/deb"
+  chown _apt "$tmp/deb" 2>/dev/null || true
+  if ! (cd "$tmp/deb" && apt-get -q "${HUSK_APT_OPTS[@]}" download "$@" >&2); then
     rm -rf "$tmp"
     log "$suite has no $*"
     return 1

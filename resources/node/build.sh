@@ -14,6 +14,10 @@
 # and glibc, build.sh and init. Which kernel package the metapackage means is
 # remembered in node/kernel-package.<hash of the apt lists' stat>, so a cached
 # run needs no apt-cache (~0.7 s) and takes a few tens of milliseconds.
+# HUSK_NODE_KERNEL_SUITE=SUITE (for example bookworm-backports, whose
+# cloud kernel is 6.12) takes the kernel from that Debian suite instead,
+# through a private apt index (husk_apt_index: the host's apt is left as
+# it is), remembered for the ISO week in node/kernel-package.SUITE.WEEK.
 # The last line on stdout is that directory; all else goes to stderr.
 set -euo pipefail
 
@@ -46,7 +50,31 @@ resolve_kernel_pkg() {
   rm -f "$cache_root"/node/kernel-package.*
   echo "$pkg $pkg_version" > "$memo.$$" && mv "$memo.$$" "$memo"
 }
-if ! resolve_kernel_pkg; then
+suite=${HUSK_NODE_KERNEL_SUITE:-}
+apt_dir=""
+apt_opts=()
+private_index() {
+  if [[ -z $apt_dir ]]; then
+    apt_dir=$(mktemp -d "${TMPDIR:-/tmp}/husk-node-apt.XXXXXX")
+    trap 'rm -rf "$apt_dir"' EXIT
+    husk_apt_index "$suite" "$apt_dir" || { log "cannot read $suite's package index"; return 1; }
+    apt_opts=("${HUSK_APT_OPTS[@]}")
+  fi
+}
+if [[ -n $suite ]]; then
+  memo="$cache_root/node/kernel-package.$suite.$(date +%G-%V)"
+  pkg=""
+  [[ -s $memo ]] && read -r pkg pkg_version < "$memo"
+  if [[ -z $pkg ]]; then
+    private_index || exit 1
+    read -r pkg pkg_version <<< "$(apt-cache "${apt_opts[@]}" show --no-all-versions linux-image-cloud-amd64 2>/dev/null |
+      sed -n 's/^Depends:.*\(linux-image-[0-9][^ ,]*\) (= \([^)]*\)).*/\1 \2/p' | head -n1)" || true
+    [[ -n $pkg ]] || { log "$suite has no cloud kernel package"; exit 1; }
+    mkdir -p "$cache_root/node"
+    rm -f "$cache_root/node/kernel-package.$suite".*
+    echo "$pkg $pkg_version" > "$memo.$$" && mv "$memo.$$" "$memo"
+  fi
+elif ! resolve_kernel_pkg; then
   apt-get update -q >&2
   resolve_kernel_pkg || { log "cannot find Debian's cloud kernel package"; exit 1; }
 fi
@@ -62,11 +90,16 @@ if [[ -f $out/vmlinuz && -f $out/node.cpio ]]; then
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/husk-node.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-log "building from $pkg $pkg_version"
+trap 'rm -rf "$work" ${apt_dir:+"$apt_dir"}' EXIT
+log "building from $pkg $pkg_version${suite:+ ($suite)}"
 # (As root: the _apt sandbox user cannot write into the private work dir.)
-download() { (cd "$work" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2); }
-if ! download; then
+download() {
+  if [[ -n $suite ]]; then private_index || return 1; fi
+  (cd "$work" && apt-get download -q "${apt_opts[@]}" -o APT::Sandbox::User=root "$pkg${suite:+=$pkg_version}" >&2)
+}
+if [[ -n $suite ]]; then
+  download || { log "$suite has no $pkg $pkg_version"; exit 1; }
+elif ! download; then
   # Stale package lists name a version the mirror no longer has.
   log "download failed; refreshing the package lists"
   apt-get update -q >&2

@@ -28,7 +28,9 @@
 # way; HUSK_NODE_IMAGE names an image build.sh made (skips even its cache
 # lookup); HUSK_NODE_LOGLEVEL=N shows the node's whole console, kernel
 # messages up to that level included; HUSK_NODE_CPU replaces QEMU's -cpu
-# model (max); HUSK_NODE_SHELL=PATH puts a root shell of the node on a unix
+# model (max); HUSK_NODE_TCG_THREAD=single runs every vCPU of the node on
+# one host thread (QEMU's thread=single; default multi, one thread per
+# vCPU: a measurement knob, docs/testing.md); HUSK_NODE_SHELL=PATH puts a root shell of the node on a unix
 # socket at PATH while CMD runs (socat -,raw,echo=0 UNIX-CONNECT:PATH),
 # for looking at a stuck test from inside.
 #
@@ -169,7 +171,7 @@ boot_node() {
   # timeout(1) rather than a watchdog shell: nothing may outlive this script
   # holding its stdout open.
   timeout --kill-after=5 "$timeout" "$HUSK_NODE_QEMU" \
-    -accel tcg,thread=multi -cpu "${HUSK_NODE_CPU:-max}" -smp "$cpus" -m "$mem" \
+    -accel "tcg,thread=${HUSK_NODE_TCG_THREAD:-multi}" -cpu "${HUSK_NODE_CPU:-max}" -smp "$cpus" -m "$mem" \
     -nodefaults -no-reboot -display none -serial stdio \
     "${extra[@]}" -kernel "$image/vmlinuz" -initrd "$tmp/initrd.cpio" \
     -append "console=ttyS0 panic=-1 quiet loglevel=${HUSK_NODE_LOGLEVEL:-1}$append" \
