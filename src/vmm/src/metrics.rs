@@ -103,6 +103,14 @@ pub struct NetMetrics {
     /// Used-ring interrupts raised again by the once-a-second pass (after
     /// buffers were returned, or while a frame waits for rx buffers).
     pub interrupts_by_timer: Counter,
+    /// Times tx frames waited a whole tick of the once-a-second timer with
+    /// no notification and none taken, and the timer sent them: a lost
+    /// queue notification (0 unless one was lost).
+    pub tx_found_by_timer: Counter,
+    /// Times a frame waited a whole tick for rx buffers the guest had
+    /// already given, with no notification, and the timer delivered it: a
+    /// lost queue notification (0 unless one was lost).
+    pub rx_found_by_timer: Counter,
 }
 
 /// The virtio-vsock device.
@@ -118,8 +126,9 @@ pub struct VsockMetrics {
     pub tx_bytes: Counter,
     /// Malformed descriptor chains returned unused.
     pub invalid_chains: Counter,
-    /// Times the once-a-second pass over the tx queue found packets there
-    /// (under load usually ones whose notification was still to come).
+    /// Times tx packets waited a whole tick of the once-a-second timer
+    /// with no notification and none taken, and the timer served them: a
+    /// lost queue notification (0 unless one was lost).
     pub tx_found_by_timer: Counter,
     /// Passes over the tx queue that stopped at the per-turn budget (a
     /// queue's worth) with the guest still adding packets.

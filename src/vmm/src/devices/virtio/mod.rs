@@ -92,6 +92,51 @@ impl Rearm {
     }
 }
 
+/// Tells a queue notification that was lost from one that is merely
+/// still to come. A driver notifies within moments of making buffers
+/// available (unless the device asked it not to, which husk's devices do
+/// only while they are draining the queue), so buffers that were waiting
+/// at one tick of a device's once-a-second timer, with none taken since,
+/// waited a whole period for a notification that never came: that is a
+/// lost notification, and only then does the timer serve the queue.
+/// Buffers found at a single tick prove nothing (under load the driver is
+/// often between adding them and its one notification), and serving them
+/// there would hide whether notifications are lost at all.
+#[derive(Debug, Default)]
+pub struct StaleQueue {
+    /// How many chains had been taken when the timer last saw buffers
+    /// waiting.
+    waiting_at: Option<u64>,
+}
+
+impl StaleQueue {
+    /// One tick: `waiting` says whether the queue holds buffers the device
+    /// has not taken, `taken` how many chains the device has taken from it
+    /// so far. True when the queue should be served now (and counted as a
+    /// lost notification).
+    pub fn tick(&mut self, waiting: bool, taken: u64) -> bool {
+        if !waiting {
+            self.waiting_at = None;
+            return false;
+        }
+        if self.waiting_at == Some(taken) {
+            self.waiting_at = None;
+            return true;
+        }
+        self.waiting_at = Some(taken);
+        false
+    }
+}
+
+/// Whether the driver has made buffers available that the device has not
+/// taken (false when the ring cannot be read).
+pub fn has_waiting(queue: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> bool {
+    use virtio_queue::QueueT;
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
 /// Interrupt status bit: a used ring was updated.
 pub const INTERRUPT_USED_RING: u32 = 1;
 /// Interrupt status bit: the configuration space changed.
@@ -222,6 +267,39 @@ mod tests {
             rearm.served();
             assert!(rearm.rearm(&mut q, &m).unwrap(), "event_idx {event_idx}");
         }
+    }
+
+    #[test]
+    fn only_buffers_left_waiting_a_whole_tick_are_a_lost_notification() {
+        let mut s = StaleQueue::default();
+        // Nothing waiting: never stale.
+        assert!(!s.tick(false, 0));
+        assert!(!s.tick(false, 0));
+        // Seen waiting once: perhaps the notification is on its way.
+        assert!(!s.tick(true, 0));
+        // Taken meanwhile (a notification came), and more waiting: a new
+        // wait, not a stale one.
+        assert!(!s.tick(true, 5));
+        // Still waiting with nothing taken for a whole tick: lost.
+        assert!(s.tick(true, 5));
+        // Served: the next look starts afresh.
+        assert!(!s.tick(true, 5));
+        assert!(s.tick(true, 5));
+        // Emptied in between forgets the wait.
+        assert!(!s.tick(true, 9));
+        assert!(!s.tick(false, 9));
+        assert!(!s.tick(true, 9));
+    }
+
+    #[test]
+    fn waiting_buffers_are_the_avail_index_ahead_of_the_device() {
+        use test_utils::{hand_laid_queue, mem};
+        use vm_memory::{Bytes, GuestAddress};
+        let m = mem();
+        let q = hand_laid_queue(16, 0x1000, 0x2000, true);
+        assert!(!has_waiting(&q, &m));
+        m.write_obj(1u16, GuestAddress(0x1000 + 2)).unwrap();
+        assert!(has_waiting(&q, &m));
     }
 
     #[test]

@@ -22,8 +22,8 @@ use super::{Backend, MacAddr, MAX_FRAME_LEN, QUEUE_SIZE, TX_QUEUE, TYPE_NET, VNE
 use crate::config::NetConfig;
 use crate::devices::virtio::chain::{self, Chain};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Interrupt, Rearm, VirtioDevice, INTERRUPT_USED_RING,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    has_waiting, read_config_bytes, ActivateError, Interrupt, Rearm, StaleQueue, VirtioDevice,
+    INTERRUPT_USED_RING, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::log_limit::LogLimiter;
 
@@ -204,9 +204,15 @@ pub struct Net {
     returned_since_tick: bool,
     tx_frame: Vec<u8>,
     metrics: std::sync::Arc<crate::metrics::NetMetrics>,
-    /// Once a second the event loop serves both queues even without a
-    /// notification (see `event_handler`).
+    /// Once a second the event loop serves a queue whose notification was
+    /// lost, and raises the interrupt again (see `event_handler`).
     pub(super) timer: vmm_sys_util::timerfd::TimerFd,
+    /// Chains taken from rx and tx since the device was built.
+    rx_taken: u64,
+    tx_taken: u64,
+    /// The timer's watch on each queue.
+    rx_stale: StaleQueue,
+    tx_stale: StaleQueue,
     /// Warnings the guest can cause at will.
     guest_log: LogLimiter,
 }
@@ -268,6 +274,10 @@ impl Net {
         };
         Ok(Net {
             timer,
+            rx_taken: 0,
+            tx_taken: 0,
+            rx_stale: StaleQueue::default(),
+            tx_stale: StaleQueue::default(),
             queue_events: [
                 EventFd::new(EFD_NONBLOCK).map_err(evt_err)?,
                 EventFd::new(EFD_NONBLOCK).map_err(evt_err)?,
@@ -327,6 +337,32 @@ impl Net {
             return true;
         }
         false
+    }
+
+    /// Once a tick of the timer: which queues' notifications were lost
+    /// (see [`StaleQueue`]), as (rx, tx), each counted and logged. Tx is
+    /// stale when frames waited a whole tick untaken; rx when a frame
+    /// waited a whole tick for rx buffers the guest had already given.
+    pub(super) fn lost_notifications(&mut self) -> (bool, bool) {
+        let (rx_waiting, tx_waiting) = match &self.state {
+            State::Active { mem, rx, tx, .. } => (
+                self.rx_pending != 0 && has_waiting(rx, mem),
+                has_waiting(tx, mem),
+            ),
+            _ => (false, false),
+        };
+        let rx = self.rx_stale.tick(rx_waiting, self.rx_taken);
+        let tx = self.tx_stale.tick(tx_waiting, self.tx_taken);
+        for (lost, queue, counter) in [
+            (rx, "rx", &self.metrics.rx_found_by_timer),
+            (tx, "tx", &self.metrics.tx_found_by_timer),
+        ] {
+            if lost {
+                counter.inc();
+                crate::limited!(self.guest_log, warn, net = %self.id, queue, "buffers waited a whole second without a notification; the timer serves the queue");
+            }
+        }
+        (rx, tx)
     }
 
     fn notify_guest(interrupt: &Interrupt, queue: &mut Queue, mem: &GuestMemoryMmap, id: &str) {
@@ -424,6 +460,7 @@ impl Net {
                 }
             };
             rearm.served();
+            self.rx_taken += 1;
             let head = chain.head_index();
             let result = check_chain(chain, mem, true, len as u64).and_then(|bufs| {
                 if bufs.total < len as u64 {
@@ -506,6 +543,7 @@ impl Net {
                 }
             };
             rearm.served();
+            self.tx_taken += 1;
             let head = chain.head_index();
             let frame = check_chain(chain, mem, false, MAX_FRAME_LEN as u64 + 1).and_then(|bufs| {
                 if bufs.total < VNET_HDR_LEN as u64 {

@@ -22,8 +22,8 @@ use super::packet::{op, Buffers, HDR_SIZE, MAX_PAYLOAD, MAX_TX_CHAIN};
 use super::{EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE, TYPE_VSOCK};
 use crate::devices::virtio::chain;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Interrupt, Rearm, VirtioDevice, INTERRUPT_USED_RING,
-    VIRTIO_F_VERSION_1,
+    has_waiting, read_config_bytes, ActivateError, Interrupt, Rearm, StaleQueue, VirtioDevice,
+    INTERRUPT_USED_RING, VIRTIO_F_VERSION_1,
 };
 use crate::log_limit::LogLimiter;
 
@@ -67,8 +67,13 @@ pub struct Vsock {
     queue_events: [EventFd; 3],
     pub(super) interrupt: Interrupt,
     wake: EventFd,
-    /// Ticks once a second, to expire unanswered REQUESTs.
+    /// Ticks once a second, to expire unanswered REQUESTs (and to find a
+    /// tx queue whose notification was lost).
     timer: vmm_sys_util::timerfd::TimerFd,
+    /// Tx chains taken since the device was built.
+    tx_taken: u64,
+    /// The timer's watch on the tx queue.
+    tx_stale: StaleQueue,
     pub(super) muxer: Muxer,
     pub(super) active: Option<Active>,
     tx_payload: Vec<u8>,
@@ -125,6 +130,8 @@ impl Vsock {
                 metrics.clone(),
             )?,
             active: None,
+            tx_taken: 0,
+            tx_stale: StaleQueue::default(),
             tx_payload: vec![0u8; MAX_PAYLOAD],
             metrics,
             guest_log: LogLimiter::default(),
@@ -179,6 +186,29 @@ impl Vsock {
         }
     }
 
+    /// Once a tick of the timer: serves the tx queue if packets waited
+    /// there a whole tick without a notification (see [`StaleQueue`]),
+    /// counting it in `tx_found_by_timer` and saying so in the log. Only
+    /// a notification that never came is served here: the driver waits for
+    /// its tx buffers, so a lost one would otherwise stall every stream.
+    pub fn serve_stale_tx(&mut self) {
+        let waiting = self
+            .active
+            .as_ref()
+            .is_some_and(|a| has_waiting(&a.tx, &a.mem));
+        if !self.tx_stale.tick(waiting, self.tx_taken) {
+            return;
+        }
+        self.metrics.tx_found_by_timer.inc();
+        let found = self.process_tx();
+        crate::limited!(
+            self.guest_log,
+            warn,
+            found,
+            "vsock: tx packets waited a whole second without a notification; the timer served them"
+        );
+    }
+
     /// Serves the packets the guest has queued for sending, at most
     /// [`BUDGET`] chains: a guest that keeps its ring topped up gets a
     /// queue's worth per turn of the event loop, then the device notifies
@@ -218,6 +248,7 @@ impl Vsock {
             };
             rearm.served();
             taken += 1;
+            self.tx_taken += 1;
             let head = chain.head_index();
             let packet = Buffers::from_chain(chain, &a.mem, false, MAX_TX_CHAIN).and_then(|b| {
                 let hdr = b.tx_header(&a.mem)?;
@@ -362,9 +393,11 @@ impl VirtioDevice for Vsock {
         };
         let _ = (RX_QUEUE, TX_QUEUE, EVENT_QUEUE);
         self.active = Some(Active { mem, rx, tx, event });
-        // Host connections that waited for the driver are served from the
-        // event loop, not from this vCPU thread.
+        // Host connections that waited for the driver, and whatever the
+        // driver queued for sending before (a restored guest's), are
+        // served from the event loop, not from this vCPU thread.
         let _ = self.wake.write(1);
+        let _ = self.queue_events[TX_QUEUE].write(1);
         Ok(())
     }
 

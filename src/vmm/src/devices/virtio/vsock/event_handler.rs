@@ -1,6 +1,9 @@
 //! Wires the vsock device into the VMM's event loop: its three queue
-//! eventfds, its wake eventfd, a one-second timer, the listening socket, and (through the
-//! muxer) every host stream socket, each with its own token.
+//! eventfds, its wake eventfd, a one-second timer (it expires unanswered
+//! REQUESTs, serves a tx queue whose notification was lost, and raises the
+//! used-ring interrupt again while streams are open), the listening
+//! socket, and (through the muxer) every host stream socket, each with its
+//! own token.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
@@ -37,17 +40,7 @@ impl Vsock {
             TOKEN_TIMER => {
                 let _ = self.timer().wait();
                 self.muxer.expire_requests(std::time::Instant::now());
-                // A guard: tx packets that no notification announced wait
-                // at most a second (the driver waits for their used
-                // buffers, and a stalled tx queue stalls every stream).
-                // Counted, though a count is no proof of a lost
-                // notification: under load the driver is often between
-                // adding packets and its one notification for them.
-                let found = self.process_tx();
-                if found > 0 {
-                    self.metrics().tx_found_by_timer.inc();
-                    tracing::debug!(found, "vsock: tx packets found by the timer");
-                }
+                self.serve_stale_tx();
                 self.nudge();
             }
             t if t >= FIRST_SOCKET_TOKEN => self.muxer.host_event(t, events),

@@ -375,6 +375,42 @@ fn closed_guest_port_closes_the_host_socket() {
 }
 
 #[test]
+fn tx_packets_are_served_by_the_timer_only_when_their_notification_was_lost() {
+    let mut g = Guest::new("lost-kick");
+    // Queued as `send` would, but without the notification.
+    let queue_rst = |g: &mut Guest| {
+        let h = g.alloc(HDR_SIZE as u64);
+        g.mem
+            .write_slice(&ghdr(op::RST, 4000, 5000, 0).to_bytes(), GuestAddress(h))
+            .unwrap();
+        let base = g.tx_next;
+        g.tx.add_desc_chains(&[desc(h, HDR_SIZE as u32, 0, 0)], base)
+            .unwrap();
+        g.tx_next = (base + 1) % QSIZE;
+    };
+    let used = |g: &Guest| g.tx.used().idx().load();
+    let tick = |g: &Guest| g.dev.lock().unwrap().serve_stale_tx();
+    let found = |g: &Guest| g.dev.lock().unwrap().metrics().tx_found_by_timer.get();
+    let before = used(&g);
+    tick(&g);
+    assert_eq!(used(&g), before, "nothing waiting, nothing served");
+    queue_rst(&mut g);
+    tick(&g);
+    assert_eq!(used(&g), before, "one tick proves nothing");
+    tick(&g);
+    assert_eq!(used(&g), before + 1, "a whole tick without a notification");
+    assert_eq!(found(&g), 1);
+    // Notified between two ticks: served by the notification, not counted.
+    queue_rst(&mut g);
+    tick(&g);
+    g.notify(TX_QUEUE);
+    assert_eq!(used(&g), before + 2);
+    tick(&g);
+    tick(&g);
+    assert_eq!(found(&g), 1);
+}
+
+#[test]
 fn unanswered_requests_expire() {
     let mut g = Guest::new("expire");
     let mut host = UnixStream::connect(g.uds()).unwrap();
