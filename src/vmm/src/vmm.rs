@@ -435,6 +435,10 @@ impl Vmm {
         // with maxcpus=vcpu_count and brings them online later.
         let max_vcpus = check_max_vcpus(config.vcpus, config.max_vcpus, &limits)?;
         let host = crate::persist::HostInfo::read(&kvm, &host_cpuid)?;
+        let mut host_cpuid = host_cpuid;
+        if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            cpuid::enable_tsc_deadline(&mut host_cpuid);
+        }
         let mem_size = check_memory(config.mem_mib, &limits)?;
         let boot_slots = crate::arch::x86_64::layout::ram_regions(mem_size).len();
         let hotplug = config

@@ -34,6 +34,7 @@ const LEAF_ADDRESS_SIZES: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 const ECX_AMD_CMP_LEGACY: u32 = 1 << 1;
 
@@ -92,6 +93,20 @@ fn topology_entries(function: u32, apic_id: u32, vcpu_count: u32) -> [kvm_cpuid_
         // Terminator.
         entry(2, 0, 0, 0),
     ]
+}
+
+/// Announces the LAPIC's TSC-deadline mode (leaf 1, ECX bit 24), which
+/// KVM emulates whenever it has `KVM_CAP_TSC_DEADLINE_TIMER` but never
+/// reports in its supported CPUID: the VMM must set it, as QEMU,
+/// Firecracker and Cloud Hypervisor do. Without it a Linux guest runs its
+/// timer in the LAPIC's one-shot mode, which it first calibrates against
+/// the PIT for 100 ms of every boot.
+pub fn enable_tsc_deadline(cpuid: &mut CpuId) {
+    for e in cpuid.as_mut_slice() {
+        if e.function == LEAF_FEATURES {
+            e.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
 }
 
 /// Adjusts the host-supported CPUID for vCPU `index` of `vcpu_count`.
@@ -263,6 +278,17 @@ mod tests {
                 .iter()
                 .any(|e| e.function == 0xb && e.edx == 77));
         }
+    }
+
+    #[test]
+    fn tsc_deadline_is_announced_in_leaf_1_and_kept_by_normalize() {
+        let mut c = host(b"AuthenticAMD");
+        assert_eq!(leaf(&c, 1, 0).ecx & ECX_TSC_DEADLINE, 0);
+        enable_tsc_deadline(&mut c);
+        normalize(&mut c, 0, 2).unwrap();
+        let l1 = leaf(&c, 1, 0);
+        assert_ne!(l1.ecx & ECX_TSC_DEADLINE, 0);
+        assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
     }
 
     #[test]
