@@ -104,26 +104,32 @@ impl Rearm {
 /// there would hide whether notifications are lost at all.
 #[derive(Debug, Default)]
 pub struct StaleQueue {
+    /// Chains the device has taken from the queue.
+    taken: u64,
     /// How many chains had been taken when the timer last saw buffers
     /// waiting.
     waiting_at: Option<u64>,
 }
 
 impl StaleQueue {
+    /// The device took a chain from the queue.
+    pub fn took(&mut self) {
+        self.taken += 1;
+    }
+
     /// One tick: `waiting` says whether the queue holds buffers the device
-    /// has not taken, `taken` how many chains the device has taken from it
-    /// so far. True when the queue should be served now (and counted as a
-    /// lost notification).
-    pub fn tick(&mut self, waiting: bool, taken: u64) -> bool {
+    /// has not taken. True when the queue should be served now (and
+    /// counted as a lost notification).
+    pub fn tick(&mut self, waiting: bool) -> bool {
         if !waiting {
             self.waiting_at = None;
             return false;
         }
-        if self.waiting_at == Some(taken) {
+        if self.waiting_at == Some(self.taken) {
             self.waiting_at = None;
             return true;
         }
-        self.waiting_at = Some(taken);
+        self.waiting_at = Some(self.taken);
         false
     }
 }
@@ -273,22 +279,24 @@ mod tests {
     fn only_buffers_left_waiting_a_whole_tick_are_a_lost_notification() {
         let mut s = StaleQueue::default();
         // Nothing waiting: never stale.
-        assert!(!s.tick(false, 0));
-        assert!(!s.tick(false, 0));
+        assert!(!s.tick(false));
+        assert!(!s.tick(false));
         // Seen waiting once: perhaps the notification is on its way.
-        assert!(!s.tick(true, 0));
+        assert!(!s.tick(true));
         // Taken meanwhile (a notification came), and more waiting: a new
         // wait, not a stale one.
-        assert!(!s.tick(true, 5));
+        (0..5).for_each(|_| s.took());
+        assert!(!s.tick(true));
         // Still waiting with nothing taken for a whole tick: lost.
-        assert!(s.tick(true, 5));
+        assert!(s.tick(true));
         // Served: the next look starts afresh.
-        assert!(!s.tick(true, 5));
-        assert!(s.tick(true, 5));
+        assert!(!s.tick(true));
+        assert!(s.tick(true));
         // Emptied in between forgets the wait.
-        assert!(!s.tick(true, 9));
-        assert!(!s.tick(false, 9));
-        assert!(!s.tick(true, 9));
+        (0..4).for_each(|_| s.took());
+        assert!(!s.tick(true));
+        assert!(!s.tick(false));
+        assert!(!s.tick(true));
     }
 
     #[test]

@@ -207,9 +207,6 @@ pub struct Net {
     /// Once a second the event loop serves a queue whose notification was
     /// lost, and raises the interrupt again (see `event_handler`).
     pub(super) timer: vmm_sys_util::timerfd::TimerFd,
-    /// Chains taken from rx and tx since the device was built.
-    rx_taken: u64,
-    tx_taken: u64,
     /// The timer's watch on each queue.
     rx_stale: StaleQueue,
     tx_stale: StaleQueue,
@@ -274,8 +271,6 @@ impl Net {
         };
         Ok(Net {
             timer,
-            rx_taken: 0,
-            tx_taken: 0,
             rx_stale: StaleQueue::default(),
             tx_stale: StaleQueue::default(),
             queue_events: [
@@ -351,8 +346,8 @@ impl Net {
             ),
             _ => (false, false),
         };
-        let rx = self.rx_stale.tick(rx_waiting, self.rx_taken);
-        let tx = self.tx_stale.tick(tx_waiting, self.tx_taken);
+        let rx = self.rx_stale.tick(rx_waiting);
+        let tx = self.tx_stale.tick(tx_waiting);
         for (lost, queue, counter) in [
             (rx, "rx", &self.metrics.rx_found_by_timer),
             (tx, "tx", &self.metrics.tx_found_by_timer),
@@ -460,7 +455,7 @@ impl Net {
                 }
             };
             rearm.served();
-            self.rx_taken += 1;
+            self.rx_stale.took();
             let head = chain.head_index();
             let result = check_chain(chain, mem, true, len as u64).and_then(|bufs| {
                 if bufs.total < len as u64 {
@@ -543,7 +538,7 @@ impl Net {
                 }
             };
             rearm.served();
-            self.tx_taken += 1;
+            self.tx_stale.took();
             let head = chain.head_index();
             let frame = check_chain(chain, mem, false, MAX_FRAME_LEN as u64 + 1).and_then(|bufs| {
                 if bufs.total < VNET_HDR_LEN as u64 {

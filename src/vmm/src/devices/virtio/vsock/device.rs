@@ -70,8 +70,6 @@ pub struct Vsock {
     /// Ticks once a second, to expire unanswered REQUESTs (and to find a
     /// tx queue whose notification was lost).
     timer: vmm_sys_util::timerfd::TimerFd,
-    /// Tx chains taken since the device was built.
-    tx_taken: u64,
     /// The timer's watch on the tx queue.
     tx_stale: StaleQueue,
     pub(super) muxer: Muxer,
@@ -130,7 +128,6 @@ impl Vsock {
                 metrics.clone(),
             )?,
             active: None,
-            tx_taken: 0,
             tx_stale: StaleQueue::default(),
             tx_payload: vec![0u8; MAX_PAYLOAD],
             metrics,
@@ -196,7 +193,7 @@ impl Vsock {
             .active
             .as_ref()
             .is_some_and(|a| has_waiting(&a.tx, &a.mem));
-        if !self.tx_stale.tick(waiting, self.tx_taken) {
+        if !self.tx_stale.tick(waiting) {
             return;
         }
         self.metrics.tx_found_by_timer.inc();
@@ -248,7 +245,7 @@ impl Vsock {
             };
             rearm.served();
             taken += 1;
-            self.tx_taken += 1;
+            self.tx_stale.took();
             let head = chain.head_index();
             let packet = Buffers::from_chain(chain, &a.mem, false, MAX_TX_CHAIN).and_then(|b| {
                 let hdr = b.tx_header(&a.mem)?;
