@@ -37,8 +37,9 @@
 #                                                        node VM's own failures (docs/testing.md)
 #   resources/bench.sh cri [--runs N]                    pod start through containerd's CRI plugin
 #                                                        (RunPodSandbox to a running container),
-#                                                        handler husk against runc, and a husk pod
-#                                                        sized 2 GiB / 2 CPUs
+#                                                        handler husk against runc, where each
+#                                                        restored pod's start went (the shim's
+#                                                        phases), and a husk pod sized 2 GiB / 2 CPUs
 #   resources/bench.sh cri-image [--runs N]              a pod whose container is its image's first
 #                                                        (husk's image cache emptied), images of 10 and
 #                                                        200 MiB: runc, husk with rootfs = "block" and
@@ -353,10 +354,18 @@ case $mode in
     "$repo/resources/node/run.sh" --timeout 1800 --payload "$payload" -- sh -c "
       export PATH=\$PWD:\$PATH
       sh start-in-node.sh --cri error || exit 1
+      # The shim's info lines say where each restored pod's start went.
+      echo 'log_level = \"info\"' >> /etc/husk/config.toml
       for handler in runc husk; do
         ./husk-cri bench --handler \$handler --image husk.local/busybox:1 --runs $runs ||
           { tail -n 30 containerd.log; exit 1; }
       done
+      grep -o 'restored from its template.*' containerd.log | awk '{
+        line = \"{\\\"benchmark\\\":\\\"cri_pod_restore_phases\\\"\"
+        for (i = 1; i <= NF; i++) if (\$i ~ /ms=[0-9]+\$/) {
+          split(\$i, kv, \"=\"); line = line \",\\\"\" kv[1] \"\\\":\" kv[2]
+        }
+        print line \"}\" }'
       # The same husk pods with their root filesystems through the pod's
       # share too, then with their bind mounts (CRI's hosts, hostname and
       # resolv.conf) copied onto a disk instead of shared (no share: a

@@ -214,6 +214,7 @@ impl Husk {
         }
         crate::private::file(&dir.log()).map_err(io(format!("create {}", dir.log().display())))?;
         // The pod's file server first: husk connects to it at its start.
+        let t_virtiofsd = Instant::now();
         let mut virtiofsd = match &spec.share {
             Some(served) => match crate::virtiofsd::Virtiofsd::start(
                 &config.virtiofsd(),
@@ -230,6 +231,10 @@ impl Husk {
             },
             None => None,
         };
+        if virtiofsd.is_some() {
+            tracing::info!(pod = %spec.id, ms = t_virtiofsd.elapsed().as_millis() as u64,
+                "virtiofsd serves the pod's share");
+        }
         // Appending, so husk's writes follow the log keeper's truncation.
         let log = std::fs::OpenOptions::new()
             .append(true)
@@ -558,6 +563,7 @@ fn restore(
 ) -> Result<(ApiClient, AgentPool), VmError> {
     let t0 = Instant::now();
     let api = wait_for_api(dir, child)?;
+    let api_ms = t0.elapsed().as_millis() as u64;
     let jail = spec.jail.as_deref();
     put_metrics(&api, jail, dir)?;
     let mut drives = Vec::with_capacity(slots.len());
@@ -585,10 +591,17 @@ fn restore(
             "socket": husk_path(jail, &crate::virtiofsd::socket(dir))?,
         }]);
     }
+    let t = Instant::now();
     api.load_snapshot(&load)?;
+    let load_ms = t.elapsed().as_millis() as u64;
+    let t = Instant::now();
     let first = connect_agent(config, dir, child)?;
+    let agent_ms = t.elapsed().as_millis() as u64;
+    let t = Instant::now();
     let agent = set_up_sandbox(config, dir, spec, first, true)?;
+    // Where a pod's start goes, for benchmarks (docs/benchmarks.md).
     tracing::info!(pod = %spec.id, ms = t0.elapsed().as_millis() as u64,
+        api_ms, load_ms, agent_ms, sandbox_ms = t.elapsed().as_millis() as u64,
         template = %template.dir().display(), "the pod's microVM was restored from its template");
     Ok((api, agent))
 }
