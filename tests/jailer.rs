@@ -546,6 +546,14 @@ fn a_jailed_program_on_this_host_sees_only_its_jail() {
     );
     assert!(lines.iter().any(|l| l.ends_with(" tun")), "{report}");
     assert!(lines.iter().any(|l| l.ends_with(" urandom")), "{report}");
+    // Made where the host has it (restores fill shared memory through it).
+    assert_eq!(
+        lines.iter().any(|l| l.starts_with("crw-------")
+            && l.contains("1000     1000")
+            && l.ends_with(" userfaultfd")),
+        Path::new("/dev/userfaultfd").exists(),
+        "{report}"
+    );
     assert!(status.contains("\nCapEff:\t0000000000000000\n"), "{report}");
     assert!(status.contains("\nCapBnd:\t0000000000000000\n"), "{report}");
     assert!(status.contains("\nNoNewPrivs:\t1\n"), "{report}");

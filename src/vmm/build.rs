@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 /// The thread kinds husk installs a filter on; each policy file must define
 /// exactly these.
-const KINDS: [&str; 3] = ["vmm", "api", "vcpu"];
+const KINDS: [&str; 4] = ["vmm", "api", "vcpu", "fill"];
 
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));

@@ -570,6 +570,7 @@ fn build_vm(
             })
             .collect(),
         serial: SerialOutput::File(console.to_path_buf()),
+        seccomp: seccomp.clone(),
     };
     let restored = Vmm::restore(&params, Arc::new(vmm::metrics::Metrics::default()))
         .map_err(anyhow::Error::new)

@@ -14,7 +14,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::args::BindRo;
@@ -26,6 +26,11 @@ pub const DEVICES: [(&str, u32); 3] = [
     ("/dev/net/tun", 0o600),
     ("/dev/urandom", 0o600),
 ];
+
+/// Device nodes made in the jail when the host has them: the
+/// userfaultfd device (Linux 6.1), through which a restore fills shared
+/// guest memory on demand (husk falls back to copying it up front).
+pub const OPTIONAL_DEVICES: [(&str, u32); 1] = [("/dev/userfaultfd", 0o600)];
 
 fn cstr(path: &Path) -> Result<CString> {
     CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::NulByte {
@@ -254,12 +259,16 @@ fn link_open_file(src: &fs::File, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Makes /dev/kvm, /dev/net/tun and /dev/urandom in the jail with the host
-/// nodes' major/minor numbers, owned by uid:gid, mode 0600.
+/// Makes /dev/kvm, /dev/net/tun and /dev/urandom (and /dev/userfaultfd
+/// where the host has it) in the jail with the host nodes' major/minor
+/// numbers, owned by uid:gid, mode 0600.
 pub fn make_devices(jail: &Jail, uid: u32, gid: u32) -> Result<()> {
     ensure_root_dir(&jail.root.join("dev"))?;
     ensure_root_dir(&jail.root.join("dev/net"))?;
-    for (host, mode) in DEVICES {
+    let optional = OPTIONAL_DEVICES
+        .into_iter()
+        .filter(|(host, _)| fs::metadata(host).is_ok_and(|m| m.file_type().is_char_device()));
+    for (host, mode) in DEVICES.into_iter().chain(optional) {
         let m = fs::metadata(host).map_err(Error::path("stat host device", host))?;
         let dst = jail.root.join(&host[1..]);
         remove_non_dir(&dst)?;

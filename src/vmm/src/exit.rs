@@ -51,6 +51,9 @@ pub enum VmExit {
         /// What happened.
         detail: String,
     },
+    /// A restored VM's memory could not be filled from its memory file:
+    /// the guest cannot go on with pages missing.
+    MemoryLost(String),
 }
 
 impl VmExit {
@@ -98,6 +101,9 @@ impl std::fmt::Display for VmExit {
             }
             VmExit::Stopped => write!(f, "stopped by its controller"),
             VmExit::VcpuFault { vcpu, detail } => write!(f, "vCPU {vcpu} failed: {detail}"),
+            VmExit::MemoryLost(detail) => {
+                write!(f, "guest memory could not be restored: {detail}")
+            }
         }
     }
 }

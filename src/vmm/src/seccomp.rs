@@ -62,6 +62,9 @@ pub enum ThreadKind {
     Api,
     /// A vCPU.
     Vcpu,
+    /// The thread that fills a restored VM's shared memory from its memory
+    /// file (`vstate::lazy_memory`).
+    Fill,
 }
 
 impl ThreadKind {
@@ -71,19 +74,25 @@ impl ThreadKind {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Api => "api",
             ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Fill => "fill",
         }
     }
 
     /// Parses a policy name.
     pub fn from_name(name: &str) -> Option<Self> {
-        [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu]
-            .into_iter()
-            .find(|k| k.name() == name)
+        [
+            ThreadKind::Vmm,
+            ThreadKind::Api,
+            ThreadKind::Vcpu,
+            ThreadKind::Fill,
+        ]
+        .into_iter()
+        .find(|k| k.name() == name)
     }
 }
 
 /// Which filters to install: the built-in ones, or none (`--no-seccomp`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SeccompFilters {
     enabled: bool,
     probe: Option<ThreadKind>,
@@ -272,7 +281,12 @@ mod tests {
 
     #[test]
     fn every_kind_has_a_program() {
-        for kind in [ThreadKind::Vmm, ThreadKind::Api, ThreadKind::Vcpu] {
+        for kind in [
+            ThreadKind::Vmm,
+            ThreadKind::Api,
+            ThreadKind::Vcpu,
+            ThreadKind::Fill,
+        ] {
             let p = program(kind).unwrap();
             assert!(p.len() > 10, "{kind:?}");
             assert_eq!(ThreadKind::from_name(kind.name()), Some(kind));
@@ -423,7 +437,7 @@ mod tests {
 
     #[test]
     fn a_forbidden_call_kills_the_whole_process_with_a_line_naming_it() {
-        for kind in ["vmm", "api", "vcpu"] {
+        for kind in ["vmm", "api", "vcpu", "fill"] {
             let (_, text) = in_child(&format!("{kind}:getppid"));
             assert!(
                 text.contains(&format!("policy={kind} syscall={PROBE_SYSCALL};")),
@@ -452,5 +466,25 @@ mod tests {
         assert_allowed("vcpu:mmap-rw");
         assert_killed("vcpu:mmap-exec", "case-vcpu");
         assert_killed("api:mmap-exec", "case-api");
+        // The fill thread copies pages into guest memory; it creates no
+        // VM, opens nothing and touches no socket.
+        assert_killed("fill:ioctl-kvm-create-vm", "case-fill");
+        assert_killed("fill:socket-unix", "case-fill");
+    }
+
+    #[test]
+    fn the_fill_policy_allows_exactly_the_userfaultfd_requests_it_makes() {
+        let policy: serde_json::Value = serde_json::from_str(POLICY).unwrap();
+        let mut allowed: Vec<u64> = policy["fill"]["filter"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["syscall"] == "ioctl")
+            .map(|r| r["args"][0]["val"].as_u64().unwrap())
+            .collect();
+        allowed.sort_unstable();
+        let mut used = crate::vstate::lazy_memory::fill_ioctls().to_vec();
+        used.sort_unstable();
+        assert_eq!(allowed, used);
     }
 }

@@ -413,6 +413,8 @@ pub struct Vmm {
     // its memory slots) must go before the memory it maps.
     pub(crate) vm: Vm,
     pub(crate) mem: GuestMemoryMmap,
+    /// A restore's fill of shared guest memory, while it may still run.
+    pub(crate) memory_fill: Option<crate::vstate::lazy_memory::FillHandle>,
 }
 
 impl Vmm {
@@ -672,6 +674,7 @@ impl Vmm {
             metrics,
             vm,
             mem,
+            memory_fill: None,
         })
     }
 
@@ -929,6 +932,10 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         if !self.vcpu_threads.is_empty() {
             self.stop_vcpus();
+        }
+        // After the vCPUs: one waiting on a page is served until then.
+        if let Some(fill) = &self.memory_fill {
+            fill.stop();
         }
     }
 }

@@ -336,7 +336,8 @@ impl Controller {
         if self.boot_path {
             return Err(ActionError::LoadNotAllowed);
         }
-        let load = snapshot::load_params(params, self.serial.clone())?;
+        let mut load = snapshot::load_params(params, self.serial.clone())?;
+        load.seccomp = self.seccomp.clone();
         let t0 = Instant::now();
         let mut vmm =
             Vmm::restore(&load, self.metrics.clone()).map_err(ActionError::LoadSnapshot)?;

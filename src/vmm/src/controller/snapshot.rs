@@ -116,6 +116,8 @@ pub fn load_params(
         drive_overrides: drive_overrides(&params.drive_overrides)?,
         fs_overrides: fs_overrides(&params.fs_overrides)?,
         serial,
+        // The controller's own, set by its caller.
+        seccomp: crate::seccomp::SeccompFilters::builtin(),
     })
 }
 

@@ -68,6 +68,7 @@ use crate::metrics::Metrics;
 use crate::vmm::{
     AttachedDevice, AttachedDrive, AttachedMem, MmioSlots, VirtioSlot, Vmm, VmmError,
 };
+use crate::vstate::lazy_memory;
 use crate::vstate::memory::{self, MemoryFileError, RegionState};
 use crate::vstate::persist::{msrs_to_save, CpuModel, StateError, VcpuState, VmState};
 use crate::vstate::vcpu::{PauseGate, Vcpu, VcpuShared};
@@ -379,6 +380,9 @@ pub struct LoadParams {
     pub fs_overrides: Vec<FsOverride>,
     /// Where the restored guest's console goes.
     pub serial: SerialOutput,
+    /// The filters for the thread that fills shared guest memory (the
+    /// other threads get theirs from [`Vmm::start`]).
+    pub seccomp: crate::seccomp::SeccompFilters,
 }
 
 /// What a snapshot produced (for logs and benchmarks).
@@ -575,22 +579,17 @@ impl Vmm {
         } else {
             memory::Backing::Private
         };
-        let mem = match backing {
-            memory::Backing::Private => {
-                memory::from_file(&mem_file, &state.memory).map_err(mem_err)?
-            }
+        let exit = ExitNotifier::new().map_err(|source| VmmError::Os {
+            what: "create the exit eventfd",
+            source,
+        })?;
+        let (mem, memory_fill) = match backing {
+            memory::Backing::Private => (
+                memory::from_file(&mem_file, &state.memory).map_err(mem_err)?,
+                None,
+            ),
             memory::Backing::Shared => {
-                let t = Instant::now();
-                let (mem, copy) =
-                    memory::from_file_shared(&mem_file, &state.memory).map_err(mem_err)?;
-                tracing::info!(
-                    elapsed_us = t.elapsed().as_micros() as u64,
-                    read_bytes = copy.read_bytes,
-                    copied_bytes = copy.copied_bytes,
-                    extents = copy.extents,
-                    "memory file copied into shared guest memory"
-                );
-                mem
+                shared_memory(&mem_file, &state.memory, &params.seccomp, &exit).map_err(mem_err)?
             }
         };
 
@@ -606,10 +605,6 @@ impl Vmm {
                 .map_err(VmmError::Memory)?,
             None => mem,
         };
-        let exit = ExitNotifier::new().map_err(|source| VmmError::Os {
-            what: "create the exit eventfd",
-            source,
-        })?;
         let os = |what: &'static str| move |source| VmmError::Os { what, source };
 
         let mut pio = Bus::new();
@@ -738,7 +733,13 @@ impl Vmm {
                         id: f.id.clone(),
                         source,
                     };
-                    let dev = Fs::new(&config).map_err(fs_err)?;
+                    let mut dev = Fs::new(&config).map_err(fs_err)?;
+                    if let Some(fill) = &memory_fill {
+                        dev.wait_for_memory(
+                            fill.when_done()
+                                .map_err(os("create the memory-complete eventfd"))?,
+                        );
+                    }
                     metrics.register_device("fs", &f.id, dev.metrics());
                     tracing::debug!(fs = %f.id, socket = %config.socket.display(), "virtio-fs backend connected");
                     let dev = Arc::new(Mutex::new(dev));
@@ -850,8 +851,51 @@ impl Vmm {
             metrics,
             vm,
             mem,
+            memory_fill,
         })
     }
+}
+
+/// Shared guest memory for a restore (a vhost-user backend maps it too):
+/// filled on demand and in the background where the host gives husk a
+/// userfaultfd (`vstate::lazy_memory`), else copied from the memory file
+/// before the guest runs.
+fn shared_memory(
+    file: &File,
+    regions: &[memory::RegionState],
+    seccomp: &crate::seccomp::SeccompFilters,
+    exit: &Arc<ExitNotifier>,
+) -> Result<(vm_memory::GuestMemoryMmap, Option<lazy_memory::FillHandle>), MemoryFileError> {
+    use crate::error::Chain;
+    use lazy_memory::LazyError;
+    let why = match lazy_memory::from_file(file, regions) {
+        Ok((mem, fill)) => {
+            let pending = fill.pending_bytes();
+            match fill.spawn(seccomp, exit.clone()) {
+                Ok(handle) => {
+                    tracing::info!(
+                        pending_bytes = pending,
+                        "shared guest memory restored on demand: pages are filled as touched and in the background"
+                    );
+                    return Ok((mem, Some(handle)));
+                }
+                Err(e) => Chain(&e).to_string(),
+            }
+        }
+        Err(LazyError::File(e)) => return Err(e),
+        Err(e) => Chain(&e).to_string(),
+    };
+    let t = Instant::now();
+    let (mem, copy) = memory::from_file_shared(file, regions)?;
+    tracing::info!(
+        elapsed_us = t.elapsed().as_micros() as u64,
+        read_bytes = copy.read_bytes,
+        copied_bytes = copy.copied_bytes,
+        extents = copy.extents,
+        why = %why,
+        "memory file copied into shared guest memory before the guest runs"
+    );
+    Ok((mem, None))
 }
 
 /// A VM's machine and devices as they are (for a restored VM's
@@ -1163,6 +1207,7 @@ mod tests {
             drive_overrides: Vec::new(),
             fs_overrides: Vec::new(),
             serial: SerialOutput::Sink,
+            seccomp: crate::seccomp::SeccompFilters::builtin(),
         }
     }
 

@@ -292,7 +292,7 @@ static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 
 /// The runs of pages of `chunk` that are not all zeroes, as byte ranges
 /// (a page is compared with a zero page: a memcmp, fast in any build).
-fn nonzero_runs(chunk: &[u8]) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn nonzero_runs(chunk: &[u8]) -> Vec<std::ops::Range<usize>> {
     let len = chunk.len();
     let is_zero = |p: &[u8]| p == &ZERO_PAGE[..p.len()];
     let mut runs = Vec::new();
@@ -480,44 +480,68 @@ pub fn from_file_shared(
     file: &std::fs::File,
     regions: &[RegionState],
 ) -> Result<(GuestMemoryMmap, CopyStats), MemoryFileError> {
-    check_file(file, regions)?;
+    let mem = shared_regions(file, regions)?;
     let mut stats = CopyStats::default();
     let mut buf = vec![0u8; CHUNK];
-    let mut made = Vec::with_capacity(regions.len());
-    for r in regions {
-        let region = region(GuestAddress(r.guest_base), r.size, Backing::Shared)
-            .map_err(MemoryFileError::Shared)?;
-        let end = r.file_offset + r.size;
-        let mut pos = r.file_offset;
-        while pos < end {
-            let seek_err = |source| MemoryFileError::Copy {
-                offset: pos,
-                source,
-            };
-            let Some(data) = seek(file, pos, libc::SEEK_DATA).map_err(seek_err)? else {
-                break;
-            };
-            if data >= end {
-                break;
-            }
-            let hole = seek(file, data, libc::SEEK_HOLE)
-                .map_err(seek_err)?
-                .unwrap_or(end)
-                .min(end);
+    for (region, r) in mem.iter().zip(regions) {
+        for (data, hole) in data_extents(file, r)? {
             stats.extents += 1;
             copy_extent(
                 file,
-                &region,
+                region,
                 (data, hole, r.file_offset),
                 &mut buf,
                 &mut stats,
             )?;
-            pos = hole;
         }
-        made.push(region);
     }
-    let mem = GuestMemoryMmap::from_regions(made).map_err(|_| MemoryFileError::Layout)?;
     Ok((mem, stats))
+}
+
+/// Empty shared guest memory (one memfd per region, mapped `MAP_SHARED`)
+/// laid out as `regions` of `file` say, once `file` is checked against
+/// them.
+pub(crate) fn shared_regions(
+    file: &std::fs::File,
+    regions: &[RegionState],
+) -> Result<GuestMemoryMmap, MemoryFileError> {
+    check_file(file, regions)?;
+    let made = regions
+        .iter()
+        .map(|r| region(GuestAddress(r.guest_base), r.size, Backing::Shared))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(MemoryFileError::Shared)?;
+    GuestMemoryMmap::from_regions(made).map_err(|_| MemoryFileError::Layout)
+}
+
+/// The data extents of `file` inside region `r` (SEEK_DATA/SEEK_HOLE), as
+/// `[start, end)` file offsets; the rest of the region is holes.
+pub(crate) fn data_extents(
+    file: &std::fs::File,
+    r: &RegionState,
+) -> Result<Vec<(u64, u64)>, MemoryFileError> {
+    let end = r.file_offset + r.size;
+    let mut pos = r.file_offset;
+    let mut extents = Vec::new();
+    while pos < end {
+        let seek_err = |source| MemoryFileError::Copy {
+            offset: pos,
+            source,
+        };
+        let Some(data) = seek(file, pos, libc::SEEK_DATA).map_err(seek_err)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(file, data, libc::SEEK_HOLE)
+            .map_err(seek_err)?
+            .unwrap_or(end)
+            .min(end);
+        extents.push((data, hole));
+        pos = hole;
+    }
+    Ok(extents)
 }
 
 #[cfg(test)]

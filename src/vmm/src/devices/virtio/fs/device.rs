@@ -138,6 +138,13 @@ pub struct Fs {
     pub(super) started: Option<Vec<QueueSnapshot>>,
     broken: bool,
     metrics: Arc<FsMetrics>,
+    /// Readable once guest memory is complete, while a restore still fills
+    /// it (`vstate::lazy_memory`): until then the backend, whose mapping
+    /// would see unfilled pages as zeroes, gets no kicks.
+    memory_ready: Option<EventFd>,
+    /// The running rings' kicks were not handed over yet (memory was not
+    /// complete when the device started).
+    kicks_held: bool,
 }
 
 impl std::fmt::Debug for Fs {
@@ -300,6 +307,8 @@ impl Fs {
             started: None,
             broken: false,
             metrics: Arc::new(FsMetrics::default()),
+            memory_ready: None,
+            kicks_held: false,
         })
     }
 
@@ -328,6 +337,57 @@ impl Fs {
 
     pub(super) fn backend_socket(&self) -> &UnixStream {
         &self.backend.watch
+    }
+
+    pub(super) fn memory_ready_event(&self) -> Option<&EventFd> {
+        self.memory_ready.as_ref()
+    }
+
+    /// Guest memory is being filled and `ready` becomes readable when it
+    /// is complete: rings started before then are handed to the backend
+    /// without their kicks, which follow when `ready` fires (the backend
+    /// touches guest memory only when kicked; a kick the guest gave
+    /// meanwhile waits in its eventfd). Call before the device starts.
+    pub fn wait_for_memory(&mut self, ready: EventFd) {
+        self.memory_ready = Some(ready);
+    }
+
+    /// Guest memory is complete: hands over the kicks held back.
+    pub(super) fn memory_complete(&mut self) {
+        if let Some(ready) = &self.memory_ready {
+            let _ = ready.read();
+        }
+        if !self.kicks_held || self.broken {
+            self.kicks_held = false;
+            return;
+        }
+        self.kicks_held = false;
+        if let Err(e) = self.hand_over_kicks(self.running) {
+            self.fail(&e);
+        }
+    }
+
+    /// Drops the memory-complete eventfd (after the event loop stopped
+    /// watching it).
+    pub(super) fn forget_memory_ready(&mut self) {
+        self.memory_ready = None;
+    }
+
+    /// Gives the backend the kick eventfds of rings `0..queues` and
+    /// enables them: from here on it serves them.
+    fn hand_over_kicks(&mut self, queues: usize) -> Result<(), FsError> {
+        let path = &self.config.socket;
+        let f = &mut self.backend.frontend;
+        for index in 0..queues {
+            f.set_vring_kick(index, &self.queue_events[index])
+                .map_err(backend_err(path, "take a queue's notification eventfd"))?;
+        }
+        // Rings start disabled once protocol features are in use.
+        for index in 0..queues {
+            f.set_vring_enable(index, true)
+                .map_err(backend_err(path, "enable a queue"))?;
+        }
+        Ok(())
     }
 
     fn queue(&mut self, op: Op) {
@@ -414,13 +474,12 @@ impl Fs {
                 .map_err(backend_err(path, "set a queue's first index"))?;
             f.set_vring_call(index, &self.call_events[index])
                 .map_err(backend_err(path, "take a queue's interrupt eventfd"))?;
-            f.set_vring_kick(index, &self.queue_events[index])
-                .map_err(backend_err(path, "take a queue's notification eventfd"))?;
         }
-        // Rings start disabled once protocol features are in use.
-        for index in 0..queues.len() {
-            f.set_vring_enable(index, true)
-                .map_err(backend_err(path, "enable a queue"))?;
+        if self.memory_ready.is_some() {
+            self.kicks_held = true;
+            tracing::debug!(fs = %self.config.id, "virtio-fs kicks held until guest memory is complete");
+        } else {
+            self.hand_over_kicks(queues.len())?;
         }
         self.running = queues.len();
         self.metrics.activations.inc();
@@ -441,6 +500,7 @@ impl Fs {
                 .map_err(backend_err(path, "stop a queue"))?;
         }
         self.running = 0;
+        self.kicks_held = false;
         self.metrics.resets.inc();
         tracing::debug!(fs = %self.config.id, "virtio-fs backend stopped");
         Ok(())
@@ -696,6 +756,67 @@ mod tests {
         assert!(!fs.broken());
     }
 
+    /// A two-queue device whose guest memory is still being filled: its
+    /// backend, the device, and the memory-complete eventfd.
+    fn filling(name: &str) -> (StubBackend, Fs, EventFd) {
+        let b = stub(
+            name,
+            Script {
+                queues: 2,
+                ..Default::default()
+            },
+        );
+        let mut fs = Fs::new(&config(b.socket(), 1)).unwrap();
+        let ready = EventFd::new(EFD_NONBLOCK).unwrap();
+        fs.wait_for_memory(ready.try_clone().unwrap());
+        (b, fs, ready)
+    }
+
+    fn kicks_handed_over(b: &StubBackend) -> usize {
+        let seen = wait_for(b, req::SET_VRING_ENABLE, 2);
+        seen.iter().filter(|c| **c == req::SET_VRING_KICK).count()
+    }
+
+    #[test]
+    fn kicks_wait_until_guest_memory_is_complete() {
+        use super::super::event_handler::TOKEN_MEMORY;
+        let (b, mut fs, ready) = filling("held");
+        let mem = create_with(1 << 20, Backing::Shared).unwrap();
+        fs.activate(mem, queues(2), 1 << 32).unwrap();
+        fs.try_run_pending().unwrap();
+        // Memory and rings are the backend's; the kicks are not, so it
+        // cannot start serving (and reading guest memory) yet.
+        let seen = wait_for(&b, req::SET_VRING_CALL, 2);
+        assert!(seen.contains(&req::SET_MEM_TABLE), "{seen:?}");
+        assert!(!seen.contains(&req::SET_VRING_KICK), "{seen:?}");
+        assert!(!seen.contains(&req::SET_VRING_ENABLE), "{seen:?}");
+        // A kick the guest gives meanwhile waits in its eventfd.
+        fs.queue_events()[1].write(1).unwrap();
+        ready.write(1).unwrap();
+        assert_eq!(
+            fs.handle_event(TOKEN_MEMORY, vmm_sys_util::epoll::EventSet::IN),
+            Some(TOKEN_MEMORY)
+        );
+        assert_eq!(kicks_handed_over(&b), 2);
+        assert!(!fs.broken());
+        assert_eq!(fs.queue_events()[1].read().unwrap(), 1);
+        fs.forget_memory_ready();
+        assert!(fs.memory_ready_event().is_none());
+    }
+
+    #[test]
+    fn a_device_started_after_memory_is_complete_gets_its_kicks_at_once() {
+        use super::super::event_handler::TOKEN_MEMORY;
+        let (b, mut fs, ready) = filling("late");
+        ready.write(1).unwrap();
+        fs.handle_event(TOKEN_MEMORY, vmm_sys_util::epoll::EventSet::IN);
+        fs.forget_memory_ready();
+        let mem = create_with(1 << 20, Backing::Shared).unwrap();
+        fs.activate(mem, queues(2), 1 << 32).unwrap();
+        fs.run_pending();
+        assert_eq!(kicks_handed_over(&b), 2);
+    }
+
     #[test]
     fn private_memory_cannot_be_handed_over() {
         let b = stub(
@@ -761,10 +882,13 @@ mod tests {
             },
         );
         let mut fs = Fs::new(&config(b.socket(), 1)).unwrap();
-        assert!(fs.handle_event(
-            super::super::event_handler::TOKEN_BACKEND,
-            vmm_sys_util::epoll::EventSet::READ_HANG_UP
-        ));
+        assert_eq!(
+            fs.handle_event(
+                super::super::event_handler::TOKEN_BACKEND,
+                vmm_sys_util::epoll::EventSet::READ_HANG_UP
+            ),
+            Some(super::super::event_handler::TOKEN_BACKEND)
+        );
         assert!(fs.needs_reset());
         assert_eq!(fs.metrics().backend_failures.get(), 1);
     }

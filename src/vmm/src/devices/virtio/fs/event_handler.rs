@@ -11,12 +11,18 @@ use super::device::{Fs, FsError};
 /// Tokens below this are queue indices (call eventfds).
 pub(super) const TOKEN_WORK: u32 = 1 << 16;
 pub(super) const TOKEN_BACKEND: u32 = TOKEN_WORK + 1;
+pub(super) const TOKEN_MEMORY: u32 = TOKEN_WORK + 2;
 
 impl Fs {
-    /// Serves one event-loop event; `true` once the backend's socket hung
-    /// up (stop watching it).
-    pub fn handle_event(&mut self, token: u32, events: EventSet) -> bool {
+    /// Serves one event-loop event; returns the token of a source to stop
+    /// watching (the backend's socket once it hung up, the memory-complete
+    /// eventfd once it fired).
+    pub fn handle_event(&mut self, token: u32, events: EventSet) -> Option<u32> {
         match token {
+            TOKEN_MEMORY => {
+                self.memory_complete();
+                return Some(TOKEN_MEMORY);
+            }
             TOKEN_WORK => {
                 let _ = self.work_event().read();
                 self.run_pending();
@@ -30,23 +36,32 @@ impl Fs {
                 ) {
                     let path = self.config().socket.clone();
                     self.fail(&FsError::Disconnected(path));
-                    return true;
+                    return Some(TOKEN_BACKEND);
                 }
             }
             index => self.signal_used(index as usize),
         }
-        false
+        None
     }
 }
 
 impl MutEventSubscriber for Fs {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.handle_event(events.data(), events.event_set()) {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(self.backend_socket());
-            if let Err(e) = ops.remove(Events::with_data_raw(fd, TOKEN_BACKEND, EventSet::empty()))
-            {
-                tracing::debug!(error = ?e, "cannot stop watching a vhost-user socket");
-            }
+        use std::os::fd::AsRawFd;
+        let fd = match self.handle_event(events.data(), events.event_set()) {
+            Some(TOKEN_BACKEND) => self.backend_socket().as_raw_fd(),
+            Some(TOKEN_MEMORY) => match self.memory_ready_event() {
+                Some(e) => e.as_raw_fd(),
+                None => return,
+            },
+            _ => return,
+        };
+        if let Err(e) = ops.remove(Events::with_data_raw(fd, events.data(), EventSet::empty())) {
+            tracing::debug!(error = ?e, "cannot stop watching a virtio-fs event source");
+        }
+        if events.data() == TOKEN_MEMORY {
+            // Closed only once the event loop no longer knows its number.
+            self.forget_memory_ready();
         }
     }
 
@@ -64,6 +79,9 @@ impl MutEventSubscriber for Fs {
             TOKEN_BACKEND,
             EventSet::READ_HANG_UP,
         ));
+        if let Some(ready) = self.memory_ready_event() {
+            fds.push((ready.as_raw_fd(), TOKEN_MEMORY, EventSet::IN));
+        }
         for (fd, token, set) in fds {
             if let Err(e) = ops.add(Events::with_data_raw(fd, token, set)) {
                 tracing::error!(token, error = ?e, "cannot watch a virtio-fs event source");
