@@ -40,7 +40,7 @@ use crate::exit::{ExitNotifier, VmExit};
 use crate::seccomp::{SeccompFilters, ThreadKind};
 
 const PAGE: u64 = 4096;
-/// Pages the background fill copies between two looks at the fault queue.
+/// Pages the background fill copies in one run (one read, one copy).
 const RUN_PAGES: u64 = 32;
 /// Pages around a faulting one filled with it (aligned): the guest's next
 /// touches are usually near its last.
@@ -173,6 +173,8 @@ enum FillError {
     Fault(#[source] std::io::Error),
     #[error("a fault at host address {0:#x}, outside guest memory")]
     Outside(u64),
+    #[error("the fill thread cannot confine itself")]
+    Confine(#[source] crate::seccomp::SeccompError),
 }
 
 /// A userfaultfd.
@@ -684,11 +686,6 @@ impl FillHandle {
         Ok(event)
     }
 
-    /// Whether guest memory is complete.
-    pub fn is_done(&self) -> bool {
-        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).done
-    }
-
     /// What the fill did, once it is done.
     pub fn stats(&self) -> Option<FillStats> {
         let w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
@@ -782,14 +779,14 @@ impl LazyFill {
             waiters: Arc::default(),
             stop: Arc::default(),
         };
+        let pending = self.pending_bytes();
         let LazyFill {
             shared,
             mem,
             background,
         } = self;
         let shared = Arc::new(shared);
-        let pending = shared.pending().iter().map(|r| r.left * PAGE).sum::<u64>();
-        let lost = |exit: &ExitNotifier, what: &str, e: &dyn std::error::Error| {
+        let lost = |exit: &ExitNotifier, what: &str, e: &FillError| {
             tracing::error!(error = %Chain(e), "{what}: stopping the VM");
             exit.notify(VmExit::MemoryLost(Chain(e).to_string()));
         };
@@ -801,14 +798,12 @@ impl LazyFill {
             std::thread::Builder::new()
                 .name("husk-fault".into())
                 .spawn(move || {
-                    let result = match seccomp.install(ThreadKind::Fill) {
-                        Ok(()) => shared
-                            .serve_faults()
-                            .map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
-                        Err(e) => Err(Box::new(e) as Box<dyn std::error::Error>),
-                    };
+                    let result = seccomp
+                        .install(ThreadKind::Fill)
+                        .map_err(FillError::Confine)
+                        .and_then(|()| shared.serve_faults());
                     if let Err(e) = result {
-                        lost(&exit, "guest memory faults cannot be served", e.as_ref());
+                        lost(&exit, "guest memory faults cannot be served", &e);
                         shared.end();
                     }
                 })
@@ -822,14 +817,12 @@ impl LazyFill {
             .name("husk-fill".into())
             .spawn(move || {
                 let t = Instant::now();
-                let result = match seccomp.install(ThreadKind::Fill) {
-                    Ok(()) => shared
-                        .fill_all(&h.stop, background)
-                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
-                    Err(e) => Err(Box::new(e) as Box<dyn std::error::Error>),
-                };
+                let result = seccomp
+                    .install(ThreadKind::Fill)
+                    .map_err(FillError::Confine)
+                    .and_then(|()| shared.fill_all(&h.stop, background));
                 if let Err(e) = &result {
-                    lost(&exit, "guest memory could not be filled", e.as_ref());
+                    lost(&exit, "guest memory could not be filled", e);
                 }
                 shared.end();
                 let _ = faults.join();
@@ -921,7 +914,7 @@ mod tests {
 
     fn wait_done(h: &FillHandle) {
         let t = Instant::now();
-        while !h.is_done() {
+        while h.stats().is_none() {
             assert!(
                 t.elapsed() < std::time::Duration::from_secs(30),
                 "the fill did not end"

@@ -357,13 +357,11 @@ impl Fs {
         if let Some(ready) = &self.memory_ready {
             let _ = ready.read();
         }
-        if !self.kicks_held || self.broken {
-            self.kicks_held = false;
-            return;
-        }
-        self.kicks_held = false;
-        if let Err(e) = self.hand_over_kicks(self.running) {
-            self.fail(&e);
+        let held = std::mem::take(&mut self.kicks_held);
+        if held && !self.broken {
+            if let Err(e) = self.hand_over_kicks(self.running) {
+                self.fail(&e);
+            }
         }
     }
 
