@@ -342,6 +342,17 @@ impl Uffd {
     }
 }
 
+/// madvise(2) `advice` on a whole region's mapping; a refusal only costs
+/// huge pages, so it is logged.
+fn advise(host: u64, len: u64, advice: libc::c_int) {
+    // SAFETY: [host, host + len) is one region's whole mapping, kept alive
+    // by the guest memory the caller holds; these advices change how its
+    // pages are allocated, never their contents.
+    if unsafe { libc::madvise(host as *mut libc::c_void, len as usize, advice) } != 0 {
+        tracing::debug!(advice, error = %std::io::Error::last_os_error(), "madvise on guest memory refused");
+    }
+}
+
 /// Which pages of one region of guest memory are still to be filled.
 struct RegionFill {
     /// Its length in bytes.
@@ -642,6 +653,8 @@ impl Shared {
             if let Err(e) = self.uffd.unregister(s.host, s.len) {
                 tracing::error!(error = %Chain(&e), "cannot unregister guest memory from its userfaultfd");
             }
+            // Complete now: huge pages may come back (see `from_file`).
+            advise(s.host, s.len, libc::MADV_HUGEPAGE);
         }
         if let Err(e) = self.wake.write(1) {
             tracing::error!(error = %Chain(&e), "cannot wake the guest memory fault thread");
@@ -715,6 +728,11 @@ pub fn from_file(
     let mut spans = Vec::with_capacity(regions.len());
     for (r, state) in mem.iter().zip(regions) {
         let host = r.as_ptr() as u64;
+        // No huge pages while pages are missing: khugepaged collapsing a
+        // range of the memfd would fill its missing pages with zeroes,
+        // which no fault would then ever ask the file for (kernels before
+        // 6.3 do not skip ranges a userfaultfd watches).
+        advise(host, r.len(), libc::MADV_NOHUGEPAGE);
         uffd.register(host, r.len())
             .map_err(|e| LazyError::Unavailable(format!("cannot register guest memory: {e}")))?;
         let pages = r.len() / PAGE;
