@@ -60,9 +60,12 @@ fn once_more_after_a_guest_stall(name: &str, attempt: impl Fn() -> RunResult) ->
 }
 
 #[test]
-fn a_host_directory_is_shared_both_ways() {
+fn a_host_directory_is_shared_both_ways_with_guest_memory_shared_and_relayed() {
     // 10 MiB each way, checksummed on both sides; a directory made and a
-    // file renamed in the guest are seen on the node.
+    // file renamed in the guest are seen on the node. Twice in one node
+    // run: with guest memory shared with virtiofsd (the default), and
+    // with husk relaying (relay=on), where virtiofsd must map nothing of
+    // guest memory, only husk's relay buffers.
     let guest =
         "mkdir -p /mnt && mount -t virtiofs share /mnt || { dmesg | grep -i virtio; exit 1; }
         echo \"GUEST-READ-SHA $(sha256sum /mnt/host.bin | cut -d' ' -f1)\"
@@ -70,35 +73,69 @@ fn a_host_directory_is_shared_both_ways() {
         echo \"GUEST-WRITE-SHA $(sha256sum /mnt/guest.bin | cut -d' ' -f1)\"
         mkdir /mnt/dir && echo from-the-guest > /mnt/dir/f && mv /mnt/dir/f /mnt/dir/g || exit 3
         echo \"GUEST-FSTYPE $(grep ' /mnt ' /proc/mounts | cut -d' ' -f3)\"
+        echo GUEST-WROTE
+        sleep 1
         umount /mnt || exit 4";
     let r = run(
         "fs-both-ways",
         guest,
         &format!(
-            "mkdir -p share && head -c 10485760 /dev/urandom > share/host.bin
-             echo \"NODE-HOST-SHA $(sha256sum share/host.bin | cut -d' ' -f1)\"
+            "both_ways() {{
+             mode=$1
+             rm -rf share console.txt && mkdir -p share && head -c 10485760 /dev/urandom > share/host.bin
+             echo \"$mode-NODE-HOST-SHA $(sha256sum share/host.bin | cut -d' ' -f1)\"
              {START_VIRTIOFSD}
              timeout 120 ./husk boot --kernel vmlinux --initrd initrd.cpio --mem-mib 256 \
-               --cmdline '{CMDLINE}' --fs tag=share,socket=fs.sock
-             echo \"HUSK-STATUS $?\"
+               --cmdline '{CMDLINE}' --fs tag=share,socket=fs.sock,relay=$mode \
+               --serial file:console.txt &
+             h=$!
+             i=0; while ! grep -q GUEST-WROTE console.txt 2>/dev/null && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done
+             # What virtiofsd (every process of it) maps of husk's memfds.
+             for p in /proc/[0-9]*; do
+               [ \"$(cat $p/comm 2>/dev/null)\" = virtiofsd ] && grep -o 'memfd:[a-z-]*' $p/maps
+             done | sort -u | sed \"s/^/$mode-VIRTIOFSD-MAPS /\"
+             wait $h
+             echo \"$mode-HUSK-STATUS $?\"
              timeout 10 sh -c \"while kill -0 $v 2>/dev/null; do sleep 0.1; done\" \
-               && echo 'VIRTIOFSD ended' || echo 'VIRTIOFSD still running'
-             echo \"NODE-GUEST-SHA $(sha256sum share/guest.bin | cut -d' ' -f1)\"
-             echo \"NODE-RENAMED $(cat share/dir/g) $(ls share/dir | tr '\\n' ' ')\"
-             cat virtiofsd.log"
+               && echo \"$mode-VIRTIOFSD ended\" || echo \"$mode-VIRTIOFSD still running\"
+             sed \"s/^/$mode-/\" console.txt
+             echo \"$mode-NODE-GUEST-SHA $(sha256sum share/guest.bin | cut -d' ' -f1)\"
+             echo \"$mode-NODE-RENAMED $(cat share/dir/g) $(ls share/dir | tr '\\n' ' ')\"
+             cat virtiofsd.log
+             }}
+             both_ways off
+             both_ways on"
         ),
     );
-    r.assert_contains("HUSK-STATUS 0")
-        .assert_contains("HUSK-GUEST-TEST-STATUS 0")
-        .assert_contains("GUEST-FSTYPE virtiofs")
-        .assert_contains("NODE-RENAMED from-the-guest g ")
-        // virtiofsd serves one frontend: husk's exit ends it.
-        .assert_contains("VIRTIOFSD ended");
-    let host = r.value("NODE-HOST-SHA").expect("node checksum");
-    assert_eq!(host.len(), 64, "{}", r.output);
-    assert_eq!(r.value("GUEST-READ-SHA"), Some(host), "{}", r.output);
-    let written = r.value("GUEST-WRITE-SHA").expect("guest checksum");
-    assert_eq!(r.value("NODE-GUEST-SHA"), Some(written), "{}", r.output);
+    for mode in ["off", "on"] {
+        for needle in [
+            "HUSK-STATUS 0",
+            "HUSK-GUEST-TEST-STATUS 0",
+            "GUEST-FSTYPE virtiofs",
+            "NODE-RENAMED from-the-guest g ",
+            // virtiofsd serves one frontend: husk's exit ends it.
+            "VIRTIOFSD ended",
+        ] {
+            r.assert_contains(&format!("{mode}-{needle}"));
+        }
+        let v = |k: &str| r.value(&format!("{mode}-{k}"));
+        let host = v("NODE-HOST-SHA").expect("node checksum");
+        assert_eq!(host.len(), 64, "{}", r.output);
+        assert_eq!(v("GUEST-READ-SHA"), Some(host), "{mode}\n{}", r.output);
+        let written = v("GUEST-WRITE-SHA").expect("guest checksum");
+        assert_eq!(v("NODE-GUEST-SHA"), Some(written), "{mode}\n{}", r.output);
+    }
+    // Shared, virtiofsd maps guest memory; relayed, only the relay's
+    // buffers.
+    let maps = |mode: &str| -> Vec<&str> {
+        r.output
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{mode}-VIRTIOFSD-MAPS ")))
+            .map(str::trim)
+            .collect()
+    };
+    assert_eq!(maps("off"), vec!["memfd:husk-guest-ram"], "{}", r.output);
+    assert_eq!(maps("on"), vec!["memfd:husk-fs-relay"], "{}", r.output);
 }
 
 #[test]

@@ -249,6 +249,11 @@ pub struct FsConfig {
     /// Entries per queue: a power of two up to 1024.
     #[serde(default = "default_fs_queue_size")]
     pub queue_size: u64,
+    /// husk relays each request and reply through buffers of its own, so
+    /// the backend never maps guest memory (and guest memory need not be
+    /// shared); husk's own field, off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
 }
 
 fn default_fs_num_queues() -> u64 {

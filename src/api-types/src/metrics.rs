@@ -127,8 +127,8 @@ pub struct DeviceCounters {
     pub fs: BTreeMap<String, FsCounters>,
 }
 
-/// One virtio-fs device (its data path is the backend's: husk counts
-/// what passes through it).
+/// One virtio-fs device (the requests are the backend's to serve: husk
+/// counts what passes through it, and relaying, what it copies).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct FsCounters {
@@ -138,6 +138,14 @@ pub struct FsCounters {
     pub interrupts: u64,
     /// The backend refused a request or went away.
     pub backend_failures: u64,
+    /// Relaying: guest requests handed to the backend.
+    pub requests: u64,
+    /// Relaying: malformed guest requests, returned unforwarded.
+    pub invalid_requests: u64,
+    /// Relaying: request bytes copied from guest memory for the backend.
+    pub bytes_to_backend: u64,
+    /// Relaying: reply bytes copied from the backend to guest memory.
+    pub bytes_from_backend: u64,
 }
 
 /// One drive.

@@ -62,8 +62,10 @@ pub struct BootArgs {
     vsock: Option<VsockConfig>,
     /// A virtio-fs device served by a vhost-user backend (virtiofsd)
     /// listening on SOCKET: tag=TAG,socket=SOCKET[,id=ID][,num_queues=N]
-    /// [,queue_size=N]. Repeatable; the guest mounts it with
-    /// `mount -t virtiofs TAG DIR`. Guest memory becomes shared (memfd).
+    /// [,queue_size=N][,relay=on|off]. Repeatable; the guest mounts it
+    /// with `mount -t virtiofs TAG DIR`. Guest memory becomes shared
+    /// (memfd) unless every such device relays (relay=on: husk copies
+    /// requests and replies through buffers of its own).
     #[arg(long = "fs", value_name = "SPEC", value_parser = parse_fs)]
     fs: Vec<FsConfig>,
     /// Print one JSON line of timings to stderr when the VM ends.
@@ -157,6 +159,7 @@ fn parse_fs(spec: &str) -> Result<FsConfig, String> {
     let (mut id, mut tag, mut socket) = (None, None, None);
     let mut num_queues = 1u16;
     let mut queue_size = vmm::config::DEFAULT_FS_QUEUE_SIZE;
+    let mut relay = false;
     let number = |k: &str, v: &str| {
         v.parse::<u16>()
             .map_err(|_| format!("fs {k} '{v}' is not a number"))
@@ -168,9 +171,11 @@ fn parse_fs(spec: &str) -> Result<FsConfig, String> {
             Some(("socket", v)) if !v.is_empty() => socket = Some(PathBuf::from(v)),
             Some(("num_queues", v)) => num_queues = number("num_queues", v)?,
             Some(("queue_size", v)) => queue_size = number("queue_size", v)?,
+            Some(("relay", "on")) => relay = true,
+            Some(("relay", "off")) => relay = false,
             _ => {
                 return Err(format!(
-                    "unknown fs option '{part}' (want tag=,socket=,id=,num_queues=,queue_size=)"
+                    "unknown fs option '{part}' (want tag=,socket=,id=,num_queues=,queue_size=,relay=on|off)"
                 ))
             }
         }
@@ -183,6 +188,7 @@ fn parse_fs(spec: &str) -> Result<FsConfig, String> {
                 socket,
                 num_queues,
                 queue_size,
+                relay,
             };
             vmm::config::check_fs(std::slice::from_ref(&config)).map_err(|e| e.to_string())?;
             Ok(config)

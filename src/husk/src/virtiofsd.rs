@@ -144,6 +144,9 @@ pub fn start(
             socket,
             num_queues: 1,
             queue_size: vmm::config::DEFAULT_FS_QUEUE_SIZE,
+            // virtiofsd never maps guest memory, and a guest restored
+            // from a template maps its memory file private.
+            relay: true,
         });
     }
     Ok((running, devices))

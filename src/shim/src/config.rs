@@ -153,6 +153,12 @@ pub struct Config {
     /// beside the shim's own binary, else on PATH, else Debian's
     /// `/usr/libexec/virtiofsd`).
     pub virtiofsd: Option<PathBuf>,
+    /// husk relays the share's requests through buffers of its own, so
+    /// virtiofsd never maps the guest's memory (default: on). Off, the
+    /// guest's memory is shared with virtiofsd (one copy less per
+    /// request; a restored pod then gets its own copy of its template's
+    /// memory instead of sharing its pages).
+    pub share_relay: bool,
     /// Restore each pod's microVM from a template (a snapshot of a guest
     /// booted to its agent, made on first use per pod shape and kept under
     /// `image_cache_dir/templates`) instead of booting it (default: on;
@@ -188,6 +194,7 @@ impl Default for Config {
             volumes: Volumes::Share,
             rootfs: RootfsMode::Share,
             virtiofsd: None,
+            share_relay: true,
             template: true,
         }
     }

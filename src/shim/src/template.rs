@@ -7,7 +7,8 @@
 //! then — the husk binary, guest kernel and agent (each by path, size,
 //! modification time and inode), the kernel command line, vCPUs (and
 //! hot-pluggable ones), memory (and the hot-pluggable region), the spare
-//! drive slots, and whether the pod has a network interface and a share.
+//! drive slots, and whether the pod has a network interface and a share
+//! (and whether the share relays).
 //! The shape's text, hashed, names the template's directory under
 //! `image_cache_dir/templates/pod-v1/` (so a jailed husk, which sees the
 //! image cache, can read it). The first pod of a shape makes it, under a
@@ -119,7 +120,7 @@ fn inputs(config: &Config, spec: &VmSpec, slots: &[SlotSpec]) -> Result<String, 
         .map(|s| format!("{}:{}", s.id, if s.read_only { "ro" } else { "rw" }))
         .collect();
     Ok(format!(
-        "format pod-v1\n{}\n{}\n{}\ncmdline {}\nvcpus {}\nmax_vcpus {}\nmem_mib {}\nhotplug_mib {}\nslots {}\nnetwork {}\nshare {}\n",
+        "format pod-v1\n{}\n{}\n{}\ncmdline {}\nvcpus {}\nmax_vcpus {}\nmem_mib {}\nhotplug_mib {}\nslots {}\nnetwork {}\nshare {}\nshare_relay {}\n",
         id("husk", &config.husk())?,
         id("kernel", &config.kernel)?,
         id("initrd", &config.initrd)?,
@@ -131,6 +132,7 @@ fn inputs(config: &Config, spec: &VmSpec, slots: &[SlotSpec]) -> Result<String, 
         slots.join(" "),
         spec.network.is_some(),
         spec.share.is_some(),
+        spec.share.is_some() && config.share_relay,
     ))
 }
 

@@ -427,6 +427,7 @@ pub(crate) fn configure_devices(
             socket: husk_path(jail, &crate::virtiofsd::socket(dir))?,
             num_queues: husk_api_types::DEFAULT_FS_NUM_QUEUES,
             queue_size: husk_api_types::DEFAULT_FS_QUEUE_SIZE,
+            relay: config.share_relay,
         })?;
     }
     api.put_vsock(&Vsock {

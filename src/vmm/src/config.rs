@@ -49,7 +49,8 @@ pub struct VmConfig {
     /// Memory the guest can plug and unplug while it runs (virtio-mem).
     pub mem_hotplug: Option<MemHotplugConfig>,
     /// virtio-fs devices, each served by a vhost-user backend (virtiofsd).
-    /// With any, guest memory is shared (memfd) with the backends.
+    /// With any that does not relay, guest memory is shared (memfd) with
+    /// the backends.
     pub fs: Vec<FsConfig>,
 }
 
@@ -66,6 +67,11 @@ pub struct FsConfig {
     pub num_queues: u16,
     /// Entries per queue: a power of two up to [`MAX_FS_QUEUE_SIZE`].
     pub queue_size: u16,
+    /// husk copies each request and reply between the guest's buffers and
+    /// a small area it shares with the backend, which never maps guest
+    /// memory (`devices::virtio::fs::relay`); guest memory then need not
+    /// be shared.
+    pub relay: bool,
 }
 
 /// Default entries per virtio-fs queue (Cloud Hypervisor's default too).

@@ -454,7 +454,9 @@ impl Vmm {
         tracing::debug!(vcpus = vcpu_count, mem_size, ?limits, "building microVM");
 
         let vm = Vm::new(&kvm)?;
-        let backing = if config.fs.is_empty() {
+        // A backend that maps guest memory itself needs it shared; a
+        // relaying device shares only its own buffers.
+        let backing = if config.fs.iter().all(|f| f.relay) {
             memory::Backing::Private
         } else {
             memory::Backing::Shared

@@ -187,6 +187,10 @@ const FAMILIES: &[(&str, &str, Kind)] = &[
     ("husk_memory_hotplug_plugged_bytes", "Hot-pluggable memory the guest has plugged.", Kind::Gauge),
     ("husk_fs_interrupts_total", "virtio-fs used-buffer notifications from the backend raised to the guest.", Kind::Counter),
     ("husk_fs_backend_failures_total", "virtio-fs backends that refused a request or went away.", Kind::Counter),
+    ("husk_fs_requests_total", "virtio-fs requests husk relayed to the backend.", Kind::Counter),
+    ("husk_fs_invalid_requests_total", "Malformed virtio-fs requests husk returned to the guest unrelayed.", Kind::Counter),
+    ("husk_fs_request_bytes_total", "Request bytes husk copied from the guest for the virtio-fs backend.", Kind::Counter),
+    ("husk_fs_reply_bytes_total", "Reply bytes husk copied from the virtio-fs backend into the guest.", Kind::Counter),
     ("husk_container_info", "A container of the pod (1): its name and id.", Kind::Gauge),
 ];
 
@@ -308,7 +312,26 @@ fn expose_pod(e: &mut Exposition, p: &PodMetrics) {
     for (fs, f) in &line.devices.fs {
         let l = with(base.clone(), &[("fs", fs)]);
         counter(e, "husk_fs_interrupts_total", l.clone(), f.interrupts);
-        counter(e, "husk_fs_backend_failures_total", l, f.backend_failures);
+        counter(
+            e,
+            "husk_fs_backend_failures_total",
+            l.clone(),
+            f.backend_failures,
+        );
+        counter(e, "husk_fs_requests_total", l.clone(), f.requests);
+        counter(
+            e,
+            "husk_fs_invalid_requests_total",
+            l.clone(),
+            f.invalid_requests,
+        );
+        counter(
+            e,
+            "husk_fs_request_bytes_total",
+            l.clone(),
+            f.bytes_to_backend,
+        );
+        counter(e, "husk_fs_reply_bytes_total", l, f.bytes_from_backend);
     }
     for (id, name) in &p.labels.containers {
         e.gauge(
@@ -346,6 +369,8 @@ mod tests {
             husk_api_types::metrics::FsCounters {
                 interrupts: 12,
                 backend_failures: 1,
+                requests: 5,
+                bytes_from_backend: 300,
                 ..Default::default()
             },
         );
@@ -391,6 +416,8 @@ mod tests {
             format!("husk_vmm_rss_bytes{{{base}}} 52428800\n"),
             format!("husk_fs_interrupts_total{{{base},fs=\"share\"}} 12\n"),
             format!("husk_fs_backend_failures_total{{{base},fs=\"share\"}} 1\n"),
+            format!("husk_fs_requests_total{{{base},fs=\"share\"}} 5\n"),
+            format!("husk_fs_reply_bytes_total{{{base},fs=\"share\"}} 300\n"),
             format!("husk_vm_uptime_seconds{{{base}}} 1.5\n"),
             format!("husk_vcpu_exits_total{{{base},reason=\"mmio_write\"}} 0\n"),
             format!("husk_container_info{{{base},container=\"cart\",container_id=\"c1\"}} 1\n"),

@@ -42,6 +42,7 @@ fuzz_target!(|data: &[u8]| {
         socket: backend.socket().to_path_buf(),
         num_queues: 2,
         queue_size: 256,
+        relay: false,
     };
     let Ok(fs) = Fs::new(&config) else {
         return;

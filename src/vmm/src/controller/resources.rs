@@ -459,6 +459,7 @@ pub fn fs_config(fs: &FsConfig) -> Result<crate::config::FsConfig, ResourceError
         socket: fs.socket.clone(),
         num_queues,
         queue_size,
+        relay: fs.relay,
     })
 }
 

@@ -191,6 +191,7 @@ pub fn restored_resources(vmm: &Vmm, kept: &VmResources) -> VmResources {
                 socket: f.socket.clone(),
                 num_queues: u64::from(f.num_queues),
                 queue_size: u64::from(f.queue_size),
+                relay: f.relay,
             })
             .collect(),
         machine_config: MachineConfig {

@@ -568,12 +568,13 @@ impl Vmm {
             path: params.mem_file_path.clone(),
             source,
         };
-        // A vhost-user backend maps guest memory itself: it must be
-        // shared (memfds), as a boot with such a device makes it.
+        // A vhost-user backend that maps guest memory itself needs it
+        // shared (memfds), as a boot with such a device makes it; a
+        // relaying device does not (its memory is its own).
         let backing = if state
             .devices
             .iter()
-            .any(|d| matches!(d.device, DeviceState::Fs(_)))
+            .any(|d| matches!(&d.device, DeviceState::Fs(f) if !f.relay))
         {
             memory::Backing::Shared
         } else {
@@ -1182,6 +1183,7 @@ mod tests {
                     num_queues: 1,
                     queue_size: 1024,
                     queues: Vec::new(),
+                    relay: false,
                 }),
             ),
             device(

@@ -75,13 +75,14 @@ pub enum Backing {
     Shared,
 }
 
-/// A new memfd of `size` bytes for one region of shared guest memory.
-fn memfd(size: u64) -> Result<std::fs::File, MemoryError> {
+/// A new memfd of `size` bytes for one region of shared memory, named
+/// `name` (what `/proc/PID/maps` shows of its mappings).
+fn memfd(size: u64, name: &std::ffi::CStr) -> Result<std::fs::File, MemoryError> {
     use std::os::fd::FromRawFd;
     let map_err = |source: std::io::Error| MemoryError::Memfd { size, source };
     // SAFETY: memfd_create reads the NUL-terminated name and returns a new
     // file descriptor or -1; it touches no memory of ours otherwise.
-    let fd = unsafe { libc::memfd_create(c"husk-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
         return Err(map_err(std::io::Error::last_os_error()));
     }
@@ -97,7 +98,10 @@ fn region(addr: GuestAddress, size: u64, backing: Backing) -> Result<GuestRegion
     let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
     let file = match backing {
         Backing::Private => None,
-        Backing::Shared => Some(vm_memory::FileOffset::new(memfd(size)?, 0)),
+        Backing::Shared => Some(vm_memory::FileOffset::new(
+            memfd(size, c"husk-guest-ram")?,
+            0,
+        )),
     };
     // With a file, vm-memory maps it MAP_SHARED | MAP_NORESERVE.
     let region =
@@ -187,6 +191,22 @@ pub fn discard(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<()
 /// Maps `mem_size` bytes of private guest RAM.
 pub fn create(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
     create_with(mem_size, Backing::Private)
+}
+
+/// `size` bytes of memory to share with another process, not guest RAM:
+/// one memfd mapped `MAP_SHARED` at address 0 of an address space of its
+/// own (a virtio-fs relay's rings and buffers, `devices::virtio::fs::relay`).
+pub fn shared_buffer(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
+    let file = vm_memory::FileOffset::new(memfd(size, c"husk-fs-relay")?, 0);
+    let region =
+        GuestRegionMmap::from_range(GuestAddress(0), len, Some(file)).map_err(|source| {
+            MemoryError::Map {
+                size,
+                source: Flat(source),
+            }
+        })?;
+    GuestMemoryMmap::from_regions(vec![region]).map_err(|_| MemoryError::TooLarge(size))
 }
 
 /// Maps `mem_size` bytes of guest RAM, backed as `backing` says.

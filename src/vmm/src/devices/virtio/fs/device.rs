@@ -24,6 +24,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::metrics::FsMetrics;
+use super::relay::{Relay, RelayError, Served, Shadow};
 use super::{TAG_LEN, TYPE_FS};
 use crate::config::FsConfig;
 use crate::devices::virtio::persist::{running_queue, QueueSnapshot};
@@ -92,6 +93,10 @@ pub enum FsError {
     /// The backend went away; the device needs a reset it cannot get.
     #[error("the vhost-user backend at {0} disconnected")]
     Disconnected(PathBuf),
+    /// The relay between the guest's queues and the backend's failed
+    /// (the backend returned what it was never given).
+    #[error("the virtio-fs relay failed")]
+    Relay(#[from] RelayError),
 }
 
 /// Work for the event loop, queued by the driver's register writes on a
@@ -122,8 +127,9 @@ pub struct Fs {
     config: FsConfig,
     backend: Backend,
     queue_sizes: Vec<u16>,
-    /// Kicks: KVM's ioeventfds on QueueNotify, read by the backend.
-    queue_events: Vec<EventFd>,
+    /// Kicks: KVM's ioeventfds on QueueNotify, read by the backend (by
+    /// husk's event loop when relaying).
+    pub(super) queue_events: Vec<EventFd>,
     /// Calls: written by the backend, turned into the interrupt here.
     call_events: Vec<EventFd>,
     interrupt: Interrupt,
@@ -145,6 +151,12 @@ pub struct Fs {
     /// The running rings' kicks were not handed over yet (memory was not
     /// complete when the device started).
     kicks_held: bool,
+    /// Relay mode (`relay::Shadow`): the memory shared with the backend
+    /// instead of guest memory, the eventfds husk kicks the backend's
+    /// rings with, and the started relay.
+    shadow: Option<Shadow>,
+    backend_kicks: Vec<EventFd>,
+    relay: Option<Relay>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -289,11 +301,18 @@ fn config_space(tag: &str, request_queues: u16) -> [u8; TAG_LEN + 4] {
 
 impl Fs {
     /// Connects to the backend named by `config` (already checked by
-    /// `config::check_fs`) and negotiates with it. The VM's memory must be
+    /// `config::check_fs`) and negotiates with it. Unless the device
+    /// relays (`config.relay`), the VM's memory must be
     /// [`crate::vstate::memory::Backing::Shared`].
     pub fn new(config: &FsConfig) -> Result<Self, FsError> {
         let queues = 1 + usize::from(config.num_queues);
         let backend = Backend::connect(config, queues)?;
+        let (shadow, backend_kicks) = if config.relay {
+            let kicks = (0..queues).map(|_| eventfd()).collect::<Result<_, _>>()?;
+            (Some(Shadow::new(queues)?), kicks)
+        } else {
+            (None, Vec::new())
+        };
         Ok(Fs {
             config: config.clone(),
             backend,
@@ -309,7 +328,16 @@ impl Fs {
             metrics: Arc::new(FsMetrics::default()),
             memory_ready: None,
             kicks_held: false,
+            shadow,
+            backend_kicks,
+            relay: None,
         })
+    }
+
+    /// Whether the device relays requests instead of sharing guest memory
+    /// with the backend.
+    pub fn relays(&self) -> bool {
+        self.shadow.is_some()
     }
 
     /// What the device was built with.
@@ -376,8 +404,15 @@ impl Fs {
     fn hand_over_kicks(&mut self, queues: usize) -> Result<(), FsError> {
         let path = &self.config.socket;
         let f = &mut self.backend.frontend;
-        for index in 0..queues {
-            f.set_vring_kick(index, &self.queue_events[index])
+        // Relaying, husk serves the guest's notifications and kicks the
+        // backend's rings itself.
+        let kicks = if self.shadow.is_some() {
+            &self.backend_kicks
+        } else {
+            &self.queue_events
+        };
+        for (index, kick) in kicks.iter().enumerate().take(queues) {
+            f.set_vring_kick(index, kick)
                 .map_err(backend_err(path, "take a queue's notification eventfd"))?;
         }
         // Rings start disabled once protocol features are in use.
@@ -405,6 +440,7 @@ impl Fs {
         }
         self.broken = true;
         self.running = 0;
+        self.relay = None;
         self.pending.clear();
         self.interrupt.trigger(INTERRUPT_CONFIG);
     }
@@ -432,7 +468,7 @@ impl Fs {
                     mem,
                     queues,
                     features,
-                } => self.start(&mem, &queues, features),
+                } => self.start(&mem, queues, features),
                 Op::Stop { queues } => self.stop(queues),
             };
             if let Err(e) = result {
@@ -443,13 +479,106 @@ impl Fs {
         Ok(())
     }
 
+    /// Relaying: hands the backend the shadow and its rings, keeps the
+    /// guest's queues, and serves what the guest queued already.
+    fn start_relay(&mut self, mem: &GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), FsError> {
+        let Some(shadow) = &self.shadow else {
+            return Err(FsError::Memory("no relay buffers".into()));
+        };
+        let path = &self.config.socket;
+        let f = &mut self.backend.frontend;
+        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        // The shadow rings use nothing but what every backend has.
+        f.set_features((1 << VIRTIO_F_VERSION_1) | protocol)
+            .map_err(backend_err(path, "accept the relay's features"))?;
+        let regions = shadow.regions().map_err(FsError::Memory)?;
+        f.set_mem_table(&regions)
+            .map_err(backend_err(path, "map the relay's buffers"))?;
+        for index in 0..queues.len() {
+            let rings = shadow
+                .vring_config(index)
+                .ok_or_else(|| FsError::Memory(format!("no relay ring for queue {index}")))?;
+            f.set_vring_num(index, rings.queue_size)
+                .map_err(backend_err(path, "size a queue"))?;
+            f.set_vring_addr(index, &rings)
+                .map_err(backend_err(path, "place a queue's rings"))?;
+            f.set_vring_base(index, 0)
+                .map_err(backend_err(path, "set a queue's first index"))?;
+            f.set_vring_call(index, &self.call_events[index])
+                .map_err(backend_err(path, "take a queue's interrupt eventfd"))?;
+        }
+        let count = queues.len();
+        self.relay = Some(Relay::new(shadow, mem.clone(), queues)?);
+        self.hand_over_kicks(count)?;
+        self.running = count;
+        self.metrics.activations.inc();
+        tracing::debug!(fs = %self.config.id, queues = count, "virtio-fs relay started");
+        for index in 0..count {
+            self.guest_requests(index);
+        }
+        Ok(())
+    }
+
+    /// The guest notified queue `index` (relay mode): forward its requests.
+    pub(super) fn guest_requests(&mut self, index: usize) {
+        let (Some(relay), Some(shadow)) = (&mut self.relay, &self.shadow) else {
+            return;
+        };
+        match relay.requests(shadow, index) {
+            Ok(served) => self.served(index, served),
+            Err(e) => self.fail(&e.into()),
+        }
+    }
+
+    /// The backend signalled queue `index` (relay mode): return its
+    /// replies to the guest.
+    fn backend_replies(&mut self, index: usize) {
+        let (Some(relay), Some(shadow)) = (&mut self.relay, &self.shadow) else {
+            return;
+        };
+        match relay.replies(shadow, index) {
+            Ok(served) => self.served(index, served),
+            Err(e) => self.fail(&e.into()),
+        }
+    }
+
+    /// Kicks the backend and interrupts the guest as `served` needs.
+    fn served(&mut self, index: usize, served: Served) {
+        let m = &self.metrics;
+        m.requests.add(u64::from(served.forwarded));
+        m.invalid_requests.add(u64::from(served.invalid));
+        m.bytes_to_backend.add(served.bytes_in);
+        m.bytes_from_backend.add(served.bytes_out);
+        if served.forwarded > 0 {
+            if let Some(kick) = self.backend_kicks.get(index) {
+                if let Err(e) = kick.write(1) {
+                    tracing::warn!(fs = %self.config.id, error = %e, "cannot kick the virtio-fs backend");
+                }
+            }
+        }
+        if served.returned > 0 {
+            let wants = self
+                .relay
+                .as_mut()
+                .is_some_and(|r| r.needs_interrupt(index));
+            if wants {
+                self.metrics.interrupts.inc();
+                self.interrupt.trigger(INTERRUPT_USED_RING);
+            }
+        }
+    }
+
     /// Hands guest memory and the rings to the backend and starts them.
     fn start(
         &mut self,
         mem: &GuestMemoryMmap,
-        queues: &[Queue],
+        queues: Vec<Queue>,
         features: u64,
     ) -> Result<(), FsError> {
+        if self.shadow.is_some() {
+            return self.start_relay(mem, queues);
+        }
+        let queues = &queues[..];
         let path = &self.config.socket;
         let f = &mut self.backend.frontend;
         let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -499,18 +628,26 @@ impl Fs {
         }
         self.running = 0;
         self.kicks_held = false;
+        self.relay = None;
         self.metrics.resets.inc();
         tracing::debug!(fs = %self.config.id, "virtio-fs backend stopped");
         Ok(())
     }
 
-    /// The backend used buffers of queue `index`: interrupt the guest.
-    pub(super) fn signal_used(&self, index: usize) {
-        if let Some(call) = self.call_events.get(index) {
-            if call.read().is_ok() {
-                self.metrics.interrupts.inc();
-                self.interrupt.trigger(INTERRUPT_USED_RING);
-            }
+    /// The backend used buffers of queue `index`: interrupt the guest
+    /// (relaying: return the replies first).
+    pub(super) fn signal_used(&mut self, index: usize) {
+        let Some(call) = self.call_events.get(index) else {
+            return;
+        };
+        if call.read().is_err() {
+            return;
+        }
+        if self.shadow.is_some() {
+            self.backend_replies(index);
+        } else {
+            self.metrics.interrupts.inc();
+            self.interrupt.trigger(INTERRUPT_USED_RING);
         }
     }
 }
@@ -525,7 +662,12 @@ impl VirtioDevice for Fs {
     }
 
     fn avail_features(&self) -> u64 {
-        self.backend.features & PASSED_THROUGH
+        if self.shadow.is_some() {
+            // husk serves the guest's rings: its own ring features.
+            (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+        } else {
+            self.backend.features & PASSED_THROUGH
+        }
     }
 
     fn queue_events(&self) -> &[EventFd] {
@@ -632,6 +774,7 @@ mod tests {
             socket: socket.to_path_buf(),
             num_queues,
             queue_size: 256,
+            relay: false,
         }
     }
 
@@ -834,6 +977,51 @@ mod tests {
     }
 
     #[test]
+    fn a_relaying_device_takes_private_memory_and_serves_the_guest_s_kicks() {
+        use super::super::event_handler::TOKEN_KICK;
+        use vm_memory::Bytes;
+        let b = stub(
+            "relay",
+            Script {
+                queues: 2,
+                ..Default::default()
+            },
+        );
+        let mut fs = Fs::new(&FsConfig {
+            relay: true,
+            ..config(b.socket(), 1)
+        })
+        .unwrap();
+        assert!(fs.relays());
+        // husk's own ring features, whatever the backend offers.
+        assert_eq!(fs.avail_features(), (1 << 32) | (1 << 29));
+        let mem = create_with(1 << 20, Backing::Private).unwrap();
+        fs.activate(mem.clone(), queues(2), 1 << 32).unwrap();
+        fs.run_pending();
+        // The backend gets the relay's memory and rings, and its kicks.
+        assert_eq!(kicks_handed_over(&b), 2);
+        assert!(!fs.broken(), "private memory is fine when relaying");
+        // The guest offers a chain too short for a FUSE request on the
+        // request queue and kicks: husk returns it, unforwarded.
+        let (table, avail, used) = (0x2_0000u64, 0x2_1000u64, 0x2_2000u64);
+        let desc = virtio_queue::desc::split::Descriptor::new(0x8_0000, 8, 0, 0);
+        mem.write_obj(desc, GuestAddress(table)).unwrap();
+        mem.write_obj(0u16, GuestAddress(avail + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        fs.queue_events()[1].write(1).unwrap();
+        fs.handle_event(TOKEN_KICK + 1, vmm_sys_util::epoll::EventSet::IN);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap(), 1);
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(used + 8)).unwrap(), 0);
+        assert_eq!(fs.metrics().invalid_requests.get(), 1);
+        assert_eq!(fs.metrics().requests.get(), 0);
+        assert_eq!(
+            fs.interrupt().status() & INTERRUPT_USED_RING,
+            INTERRUPT_USED_RING
+        );
+        assert_eq!(fs.queue_events()[1].read().ok(), None);
+    }
+
+    #[test]
     fn a_refused_or_abandoned_set_up_breaks_the_device_for_good() {
         for (name, script) in [
             (
@@ -900,6 +1088,7 @@ mod tests {
             socket: dir.join("absent.sock"),
             num_queues: 1,
             queue_size: 1024,
+            relay: false,
         };
         assert!(matches!(Fs::new(&config), Err(FsError::Connect { .. })));
     }

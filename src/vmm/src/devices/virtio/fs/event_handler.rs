@@ -1,7 +1,8 @@
 //! Wires the virtio-fs device into the VMM's event loop: one call eventfd
 //! per queue (the backend used buffers), the work eventfd (the driver
 //! started or reset the device), and the backend's socket, watched for a
-//! hang-up. The queues' kick eventfds are not here: the backend reads them.
+//! hang-up. The queues' kick eventfds are here only when the device
+//! relays (`relay`); otherwise the backend reads them.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
@@ -12,6 +13,9 @@ use super::device::{Fs, FsError};
 pub(super) const TOKEN_WORK: u32 = 1 << 16;
 pub(super) const TOKEN_BACKEND: u32 = TOKEN_WORK + 1;
 pub(super) const TOKEN_MEMORY: u32 = TOKEN_WORK + 2;
+/// Relay mode: tokens from this one up are the guest's queue
+/// notifications.
+pub(super) const TOKEN_KICK: u32 = 1 << 17;
 
 impl Fs {
     /// Serves one event-loop event; returns the token of a source to stop
@@ -38,6 +42,13 @@ impl Fs {
                     self.fail(&FsError::Disconnected(path));
                     return Some(TOKEN_BACKEND);
                 }
+            }
+            kick if kick >= TOKEN_KICK => {
+                let index = (kick - TOKEN_KICK) as usize;
+                if let Some(e) = self.queue_events.get(index) {
+                    let _ = e.read();
+                }
+                self.guest_requests(index);
             }
             index => self.signal_used(index as usize),
         }
@@ -73,6 +84,14 @@ impl MutEventSubscriber for Fs {
             .enumerate()
             .map(|(i, e)| (e.as_raw_fd(), i as u32, EventSet::IN))
             .collect();
+        if self.relays() {
+            fds.extend(
+                self.queue_events
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (e.as_raw_fd(), TOKEN_KICK + i as u32, EventSet::IN)),
+            );
+        }
         fds.push((self.work_event().as_raw_fd(), TOKEN_WORK, EventSet::IN));
         fds.push((
             self.backend_socket().as_raw_fd(),

@@ -17,4 +17,13 @@ pub struct FsMetrics {
     /// The backend refused a request or went away (the device then
     /// needs a reset for good).
     pub backend_failures: Counter,
+    /// Relay mode: guest requests handed to the backend.
+    pub requests: Counter,
+    /// Relay mode: malformed guest requests, returned without reaching
+    /// the backend.
+    pub invalid_requests: Counter,
+    /// Relay mode: request bytes copied from guest memory for the backend.
+    pub bytes_to_backend: Counter,
+    /// Relay mode: reply bytes copied from the backend into guest memory.
+    pub bytes_from_backend: Counter,
 }

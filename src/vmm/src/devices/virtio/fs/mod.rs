@@ -25,6 +25,7 @@ pub mod device;
 pub mod event_handler;
 pub mod metrics;
 pub mod persist;
+pub mod relay;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_backend;
 

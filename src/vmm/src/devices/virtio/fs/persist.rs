@@ -36,6 +36,9 @@ pub struct FsState {
     /// The queues as the driver started the device (empty before
     /// DRIVER_OK).
     pub queues: Vec<QueueSnapshot>,
+    /// The device relays requests (guest memory is not the backend's).
+    #[serde(default)]
+    pub relay: bool,
 }
 
 /// Why a virtio-fs device cannot be saved.
@@ -89,6 +92,7 @@ impl Fs {
             num_queues: c.num_queues,
             queue_size: c.queue_size,
             queues: self.started.clone().unwrap_or_default(),
+            relay: c.relay,
         })
     }
 }
@@ -102,6 +106,7 @@ impl FsState {
             socket: self.socket.clone(),
             num_queues: self.num_queues,
             queue_size: self.queue_size,
+            relay: self.relay,
         }
     }
 }
@@ -136,6 +141,7 @@ mod tests {
             socket: socket.to_path_buf(),
             num_queues: 1,
             queue_size: 256,
+            relay: false,
         }
     }
 
