@@ -210,8 +210,10 @@ case $mode in
     # Shared guest memory on huge pages, as the shim's pods have it
     # (resources/containerd/start-in-node.sh): on the node's default 4 KiB
     # shmem pages this guest triple-faulted in one of three runs.
+    # Then the same with the device relaying (guest memory private): one
+    # JSON line each, in one node run.
     "$repo/resources/node/run.sh" --payload "$payload" -- sh -c \
-      'echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled && exec "$@"' sh \
+      'echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled && "$@" && "$@" --relay' sh \
       ./husk-bench fs --husk ./husk --virtiofsd ./virtiofsd --kernel vmlinux --initrd fs.cpio \
       --size-mib "$size_mib" --runtime-s "$runtime_s" --depths "$depths" \
       --meta-root meta-root --meta-image meta.img
@@ -291,7 +293,14 @@ case $mode in
       sh start-in-node.sh error || exit 1
       ./husk-bench pod --runs $runs --concurrent $concurrent --mem-mib 128 --runc-no-pivot ||
         { tail -n 30 containerd.log; exit 1; }
+      # From a template, the share not relayed: guest memory shared with
+      # virtiofsd.
+      echo 'share_relay = false' >> /etc/husk/config.toml
+      echo 'BENCH-CONFIG share_relay=false'
+      ./husk-bench pod --runs $runs --concurrent $concurrent --mem-mib 128 --runc-no-pivot ||
+        { tail -n 30 containerd.log; exit 1; }
       # The same pods booted instead of restored from a template.
+      sed -i '/^share_relay/d' /etc/husk/config.toml
       echo 'template = false' >> /etc/husk/config.toml
       echo 'BENCH-CONFIG template=false'
       ./husk-bench pod --runs $runs --concurrent $concurrent --mem-mib 128 --runc-no-pivot ||
@@ -367,12 +376,19 @@ case $mode in
         }
         print line \"}\" }'
       # The same husk pods with their root filesystems through the pod's
-      # share too, then with their bind mounts (CRI's hosts, hostname and
-      # resolv.conf) copied onto a disk instead of shared (no share: a
-      # template's restore maps its memory file private, copying nothing).
+      # share too; with the share not relayed (guest memory shared with
+      # virtiofsd, so a restore fills the pod's own copy of the
+      # template's memory); then with their bind mounts (CRI's hosts,
+      # hostname and resolv.conf) copied onto a disk instead of shared (no
+      # share at all).
       cp /etc/husk/config.toml /etc/husk/config.toml.default
       echo 'rootfs = \"share\"' >> /etc/husk/config.toml
       echo 'BENCH-CONFIG rootfs=share'
+      ./husk-cri bench --handler husk --image husk.local/busybox:1 --runs $runs ||
+        { tail -n 30 containerd.log; exit 1; }
+      cp /etc/husk/config.toml.default /etc/husk/config.toml
+      echo 'share_relay = false' >> /etc/husk/config.toml
+      echo 'BENCH-CONFIG share_relay=false'
       ./husk-cri bench --handler husk --image husk.local/busybox:1 --runs $runs ||
         { tail -n 30 containerd.log; exit 1; }
       cp /etc/husk/config.toml.default /etc/husk/config.toml

@@ -8,6 +8,8 @@
 //! alike). With `--meta-root` and `--meta-image`, the guest also runs
 //! `husk-bench meta` (small files, cold stats, `tar c` of a busybox root)
 //! on an ext4 drive holding that tree and on the share holding a copy.
+//! `--relay` measures a relaying virtio-fs device instead of one that
+//! shares guest memory with virtiofsd.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -46,6 +48,10 @@ pub struct FsBench {
     /// second drive.
     #[arg(long, requires = "meta_root")]
     meta_image: Option<PathBuf>,
+    /// The virtio-fs device relays (husk copies requests and replies
+    /// through buffers of its own; guest memory is not shared).
+    #[arg(long)]
+    relay: bool,
 }
 
 /// Waits for virtiofsd's socket to appear (or virtiofsd to end).
@@ -129,7 +135,11 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
                     .flatten(),
             )
             .arg("--fs")
-            .arg(format!("tag=bench,socket={}", socket.display()))
+            .arg(format!(
+                "tag=bench,socket={},relay={}",
+                socket.display(),
+                if b.relay { "on" } else { "off" }
+            ))
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("cannot start {}", b.husk.display()))
@@ -202,6 +212,7 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
     Ok(json!({
         "benchmark": "virtio-fs",
         "virtiofsd": "--sandbox=chroot --cache=auto",
+        "relay": b.relay,
         "size_mib": load.size_mib,
         "runtime_s_per_pattern": load.runtime_s,
         "runs": runs,

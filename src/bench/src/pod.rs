@@ -297,24 +297,33 @@ pub fn pod(b: PodBench) -> anyhow::Result<Value> {
             .count();
         // What they take together: each husk's proportional set size
         // (pages shared between them, such as a template's, are split
-        // among them).
-        let pss_kib: u64 = (0..b.concurrent)
-            .filter_map(|i| {
-                let dir = b.state_dir.join("default").join(format!("bench-many-{i}"));
-                let pid = std::fs::read_to_string(dir.join("husk.pid")).ok()?;
-                let rollup =
-                    std::fs::read_to_string(format!("/proc/{}/smaps_rollup", pid.trim())).ok()?;
-                rollup
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Pss:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
+        // among them), and each pod's virtiofsd's (its processes'): with
+        // guest memory shared with it, virtiofsd's Pss holds its half of
+        // every guest page both map.
+        let pod_pids = |file: &str| -> Vec<u32> {
+            (0..b.concurrent)
+                .filter_map(|i| {
+                    let dir = b.state_dir.join("default").join(format!("bench-many-{i}"));
+                    std::fs::read_to_string(dir.join(file))
+                        .ok()?
+                        .trim()
+                        .parse()
+                        .ok()
+                })
+                .collect()
+        };
+        let pss_kib: u64 = pod_pids("husk.pid").into_iter().filter_map(pss).sum();
+        let virtiofsd_pss_kib: u64 = pod_pids("virtiofsd.pid")
+            .into_iter()
+            .flat_map(|pid| std::iter::once(pid).chain(children(pid)))
+            .filter_map(pss)
             .sum();
         for i in 0..b.concurrent {
             let _ = remove(&b, &format!("bench-many-{i}"));
         }
         result["concurrent"] = json!({
             "husk_pss_sum_kib": pss_kib,
+            "virtiofsd_pss_sum_kib": virtiofsd_pss_kib,
             "pods": b.concurrent,
             "mem_mib": b.mem_mib,
             "started": started,
@@ -325,4 +334,27 @@ pub fn pod(b: PodBench) -> anyhow::Result<Value> {
         });
     }
     Ok(result)
+}
+
+/// A process's proportional set size (KiB), from `smaps_rollup`.
+fn pss(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    rollup
+        .lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// A process's children and their descendants (virtiofsd's sandbox
+/// forks).
+fn children(pid: u32) -> Vec<u32> {
+    let direct: Vec<u32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    direct
+        .iter()
+        .flat_map(|c| std::iter::once(*c).chain(children(*c)))
+        .collect()
 }

@@ -1,6 +1,7 @@
-//! What a virtio-fs device counts. The data path is the backend's, so
-//! husk counts what passes through it: starts and stops, the backend's
-//! used-buffer notifications it turned into interrupts, and failures.
+//! What a virtio-fs device counts. The requests are the backend's to
+//! serve, so husk counts what passes through it: starts and stops, the
+//! used-buffer notifications it raised to the guest, and failures; a
+//! relaying device also counts the requests and bytes it copied.
 //! Written as `devices.fs.<id>` in the metrics file.
 
 use crate::metrics::Counter;
