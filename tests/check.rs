@@ -95,10 +95,13 @@ husk check --config bad-kernel.toml | sed 's/^/KERNEL /'; echo "KERNEL-EXIT $(hu
 # A virtiofsd that is not there.
 sed 's|^virtiofsd = .*|virtiofsd = "/nonexistent/virtiofsd"|' /etc/husk/config.toml > bad-fs.toml
 husk check --config bad-fs.toml | sed 's/^/FS /'; echo "FS-EXIT $(husk check --config bad-fs.toml > /dev/null; echo $?)"
-# Shared memory without huge pages: a warning, a pod would still run.
+# Shared memory without huge pages, the share not relayed: a warning, a
+# pod would still run. Relayed (the default), guest memory is private.
 thp=/sys/kernel/mm/transparent_hugepage/shmem_enabled
 echo never > $thp
-husk check | sed 's/^/THP /'; echo "THP-EXIT $(husk check > /dev/null; echo $?)"
+cp /etc/husk/config.toml no-relay.toml && echo 'share_relay = false' >> no-relay.toml
+husk check --config no-relay.toml | sed 's/^/THP /'; echo "THP-EXIT $(husk check --config no-relay.toml > /dev/null; echo $?)"
+husk check | grep shared-memory | sed 's/^/RELAY /'
 echo advise > $thp
 # containerd's own defaults: no CRI handler runs husk.
 printf 'version = 2\n' > plain.toml
@@ -152,6 +155,7 @@ mv /dev/kvm.away /dev/kvm
     // Shared memory without huge pages is a warning, not a failure.
     assert_eq!(r.value("THP-EXIT").as_deref(), Some("0"), "{}", r.output);
     r.assert_contains("THP WARN  shared-memory: shared memory gets no huge pages");
+    r.assert_contains("RELAY OK    shared-memory: pods' guest memory is private");
     assert!(failures(&r.output, "THP").is_empty(), "{}", r.output);
 
     // Each broken piece fails alone, exits 1, names what it found and what

@@ -40,7 +40,14 @@ pub(super) fn checks(config: &Path, containerd_config: Option<&Path>) -> Vec<Che
         checks.push(initrd(&s.initrd));
         checks.push(virtiofsd(&s));
         if s.volumes == Volumes::Share {
-            checks.push(shared_memory(std::fs::read_to_string(SHMEM_ENABLED).ok()));
+            checks.push(if s.share_relay {
+                Check::ok(
+                    "shared-memory",
+                    "pods' guest memory is private (the share relays): nothing to set",
+                )
+            } else {
+                shared_memory(std::fs::read_to_string(SHMEM_ENABLED).ok())
+            });
         }
     }
     checks.push(tools());
@@ -123,7 +130,8 @@ fn selected(policies: &str) -> Option<&str> {
     Some(&policies[start..start + len])
 }
 
-/// With volumes shared, every pod's guest memory is shared (memfd) and
+/// With volumes shared and not relayed, every pod's guest memory is
+/// shared (memfd) and
 /// husk asks for huge pages on it; `never` or `deny` gives 4 KiB pages,
 /// slower for the guest and, measured under nested emulation, with
 /// guests failing (docs/devices.md).
