@@ -93,9 +93,22 @@ fn memfd(size: u64, name: &std::ffi::CStr) -> Result<std::fs::File, MemoryError>
     Ok(file)
 }
 
+/// `size` bytes at `addr`: anonymous and private without `file`; with
+/// one, vm-memory maps it `MAP_SHARED | MAP_NORESERVE`.
+fn map(
+    addr: GuestAddress,
+    size: u64,
+    file: Option<vm_memory::FileOffset>,
+) -> Result<GuestRegionMmap, MemoryError> {
+    let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
+    GuestRegionMmap::from_range(addr, len, file).map_err(|source| MemoryError::Map {
+        size,
+        source: Flat(source),
+    })
+}
+
 /// One region of `size` bytes at `addr`, backed as `backing` says.
 fn region(addr: GuestAddress, size: u64, backing: Backing) -> Result<GuestRegionMmap, MemoryError> {
-    let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
     let file = match backing {
         Backing::Private => None,
         Backing::Shared => Some(vm_memory::FileOffset::new(
@@ -103,13 +116,10 @@ fn region(addr: GuestAddress, size: u64, backing: Backing) -> Result<GuestRegion
             0,
         )),
     };
-    // With a file, vm-memory maps it MAP_SHARED | MAP_NORESERVE.
-    let region =
-        GuestRegionMmap::from_range(addr, len, file).map_err(|source| MemoryError::Map {
-            size,
-            source: Flat(source),
-        })?;
+    let region = map(addr, size, file)?;
     if backing == Backing::Shared {
+        // `map` checked that `size` fits a usize.
+        let len = size as usize;
         // Private guest RAM gets transparent huge pages where the host's
         // THP is on (Debian's default); shared memory only if asked and
         // the host's shmem_enabled allows it ("advise"). Without them, a
@@ -197,15 +207,8 @@ pub fn create(mem_size: u64) -> Result<GuestMemoryMmap, MemoryError> {
 /// one memfd mapped `MAP_SHARED` at address 0 of an address space of its
 /// own (a virtio-fs relay's rings and buffers, `devices::virtio::fs::relay`).
 pub fn shared_buffer(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    let len = usize::try_from(size).map_err(|_| MemoryError::TooLarge(size))?;
     let file = vm_memory::FileOffset::new(memfd(size, c"husk-fs-relay")?, 0);
-    let region =
-        GuestRegionMmap::from_range(GuestAddress(0), len, Some(file)).map_err(|source| {
-            MemoryError::Map {
-                size,
-                source: Flat(source),
-            }
-        })?;
+    let region = map(GuestAddress(0), size, Some(file))?;
     GuestMemoryMmap::from_regions(vec![region]).map_err(|_| MemoryError::TooLarge(size))
 }
 

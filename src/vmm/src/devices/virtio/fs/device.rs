@@ -151,12 +151,18 @@ pub struct Fs {
     /// The running rings' kicks were not handed over yet (memory was not
     /// complete when the device started).
     kicks_held: bool,
-    /// Relay mode (`relay::Shadow`): the memory shared with the backend
-    /// instead of guest memory, the eventfds husk kicks the backend's
-    /// rings with, and the started relay.
-    shadow: Option<Shadow>,
-    backend_kicks: Vec<EventFd>,
-    relay: Option<Relay>,
+    /// Relay mode (`None`: the backend maps guest memory).
+    relay: Option<RelayMode>,
+}
+
+/// A relaying device's own parts.
+struct RelayMode {
+    /// The memory shared with the backend instead of guest memory.
+    shadow: Shadow,
+    /// The eventfds husk kicks the backend's rings with.
+    kicks: Vec<EventFd>,
+    /// The guest's queues, once the driver started the device.
+    running: Option<Relay>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -307,11 +313,14 @@ impl Fs {
     pub fn new(config: &FsConfig) -> Result<Self, FsError> {
         let queues = 1 + usize::from(config.num_queues);
         let backend = Backend::connect(config, queues)?;
-        let (shadow, backend_kicks) = if config.relay {
-            let kicks = (0..queues).map(|_| eventfd()).collect::<Result<_, _>>()?;
-            (Some(Shadow::new(queues)?), kicks)
+        let relay = if config.relay {
+            Some(RelayMode {
+                shadow: Shadow::new(queues)?,
+                kicks: (0..queues).map(|_| eventfd()).collect::<Result<_, _>>()?,
+                running: None,
+            })
         } else {
-            (None, Vec::new())
+            None
         };
         Ok(Fs {
             config: config.clone(),
@@ -328,16 +337,21 @@ impl Fs {
             metrics: Arc::new(FsMetrics::default()),
             memory_ready: None,
             kicks_held: false,
-            shadow,
-            backend_kicks,
-            relay: None,
+            relay,
         })
     }
 
     /// Whether the device relays requests instead of sharing guest memory
     /// with the backend.
     pub fn relays(&self) -> bool {
-        self.shadow.is_some()
+        self.relay.is_some()
+    }
+
+    /// Stops relaying the guest's queues (the device stopped or broke).
+    fn drop_relay(&mut self) {
+        if let Some(r) = &mut self.relay {
+            r.running = None;
+        }
     }
 
     /// What the device was built with.
@@ -406,10 +420,9 @@ impl Fs {
         let f = &mut self.backend.frontend;
         // Relaying, husk serves the guest's notifications and kicks the
         // backend's rings itself.
-        let kicks = if self.shadow.is_some() {
-            &self.backend_kicks
-        } else {
-            &self.queue_events
+        let kicks = match &self.relay {
+            Some(r) => &r.kicks,
+            None => &self.queue_events,
         };
         for (index, kick) in kicks.iter().enumerate().take(queues) {
             f.set_vring_kick(index, kick)
@@ -440,7 +453,7 @@ impl Fs {
         }
         self.broken = true;
         self.running = 0;
-        self.relay = None;
+        self.drop_relay();
         self.pending.clear();
         self.interrupt.trigger(INTERRUPT_CONFIG);
     }
@@ -479,36 +492,63 @@ impl Fs {
         Ok(())
     }
 
-    /// Relaying: hands the backend the shadow and its rings, keeps the
-    /// guest's queues, and serves what the guest queued already.
-    fn start_relay(&mut self, mem: &GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), FsError> {
-        let Some(shadow) = &self.shadow else {
-            return Err(FsError::Memory("no relay buffers".into()));
-        };
+    /// Tells the backend the features, the memory table and each ring
+    /// (`rings[i]`: where queue `i` is and its first index) with its call
+    /// eventfd; the kicks follow separately. `what` names the features'
+    /// and the memory table's requests in errors.
+    fn hand_over_rings(
+        &mut self,
+        features: u64,
+        regions: &[VhostUserMemoryRegionInfo],
+        rings: &[(VringConfigData, u16)],
+        what: [&'static str; 2],
+    ) -> Result<(), FsError> {
         let path = &self.config.socket;
         let f = &mut self.backend.frontend;
         let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        // The shadow rings use nothing but what every backend has.
-        f.set_features((1 << VIRTIO_F_VERSION_1) | protocol)
-            .map_err(backend_err(path, "accept the relay's features"))?;
-        let regions = shadow.regions().map_err(FsError::Memory)?;
-        f.set_mem_table(&regions)
-            .map_err(backend_err(path, "map the relay's buffers"))?;
-        for index in 0..queues.len() {
-            let rings = shadow
-                .vring_config(index)
-                .ok_or_else(|| FsError::Memory(format!("no relay ring for queue {index}")))?;
-            f.set_vring_num(index, rings.queue_size)
+        f.set_features(features | protocol)
+            .map_err(backend_err(path, what[0]))?;
+        f.set_mem_table(regions)
+            .map_err(backend_err(path, what[1]))?;
+        for (index, (config, base)) in rings.iter().enumerate() {
+            f.set_vring_num(index, config.queue_size)
                 .map_err(backend_err(path, "size a queue"))?;
-            f.set_vring_addr(index, &rings)
+            f.set_vring_addr(index, config)
                 .map_err(backend_err(path, "place a queue's rings"))?;
-            f.set_vring_base(index, 0)
+            f.set_vring_base(index, *base)
                 .map_err(backend_err(path, "set a queue's first index"))?;
             f.set_vring_call(index, &self.call_events[index])
                 .map_err(backend_err(path, "take a queue's interrupt eventfd"))?;
         }
+        Ok(())
+    }
+
+    /// Relaying: hands the backend the shadow and its rings, keeps the
+    /// guest's queues, and serves what the guest queued already.
+    fn start_relay(&mut self, mem: &GuestMemoryMmap, queues: Vec<Queue>) -> Result<(), FsError> {
+        let Some(r) = &self.relay else {
+            return Err(FsError::Memory("no relay buffers".into()));
+        };
+        let regions = r.shadow.regions().map_err(FsError::Memory)?;
+        let rings = (0..queues.len())
+            .map(|index| {
+                r.shadow
+                    .vring_config(index)
+                    .map(|config| (config, 0))
+                    .ok_or_else(|| FsError::Memory(format!("no relay ring for queue {index}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // The shadow rings use nothing but what every backend has.
+        self.hand_over_rings(
+            1 << VIRTIO_F_VERSION_1,
+            &regions,
+            &rings,
+            ["accept the relay's features", "map the relay's buffers"],
+        )?;
         let count = queues.len();
-        self.relay = Some(Relay::new(shadow, mem.clone(), queues)?);
+        if let Some(r) = &mut self.relay {
+            r.running = Some(Relay::new(&r.shadow, mem.clone(), queues)?);
+        }
         self.hand_over_kicks(count)?;
         self.running = count;
         self.metrics.activations.inc();
@@ -521,7 +561,12 @@ impl Fs {
 
     /// The guest notified queue `index` (relay mode): forward its requests.
     pub(super) fn guest_requests(&mut self, index: usize) {
-        let (Some(relay), Some(shadow)) = (&mut self.relay, &self.shadow) else {
+        let Some(RelayMode {
+            shadow,
+            running: Some(relay),
+            ..
+        }) = &mut self.relay
+        else {
             return;
         };
         match relay.requests(shadow, index) {
@@ -533,7 +578,12 @@ impl Fs {
     /// The backend signalled queue `index` (relay mode): return its
     /// replies to the guest.
     fn backend_replies(&mut self, index: usize) {
-        let (Some(relay), Some(shadow)) = (&mut self.relay, &self.shadow) else {
+        let Some(RelayMode {
+            shadow,
+            running: Some(relay),
+            ..
+        }) = &mut self.relay
+        else {
             return;
         };
         match relay.replies(shadow, index) {
@@ -549,18 +599,18 @@ impl Fs {
         m.invalid_requests.add(u64::from(served.invalid));
         m.bytes_to_backend.add(served.bytes_in);
         m.bytes_from_backend.add(served.bytes_out);
+        let Some(r) = &mut self.relay else {
+            return;
+        };
         if served.forwarded > 0 {
-            if let Some(kick) = self.backend_kicks.get(index) {
+            if let Some(kick) = r.kicks.get(index) {
                 if let Err(e) = kick.write(1) {
                     tracing::warn!(fs = %self.config.id, error = %e, "cannot kick the virtio-fs backend");
                 }
             }
         }
         if served.returned > 0 {
-            let wants = self
-                .relay
-                .as_mut()
-                .is_some_and(|r| r.needs_interrupt(index));
+            let wants = r.running.as_mut().is_some_and(|q| q.needs_interrupt(index));
             if wants {
                 self.metrics.interrupts.inc();
                 self.interrupt.trigger(INTERRUPT_USED_RING);
@@ -575,33 +625,24 @@ impl Fs {
         queues: Vec<Queue>,
         features: u64,
     ) -> Result<(), FsError> {
-        if self.shadow.is_some() {
+        if self.relay.is_some() {
             return self.start_relay(mem, queues);
         }
-        let queues = &queues[..];
-        let path = &self.config.socket;
-        let f = &mut self.backend.frontend;
-        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        f.set_features(features | protocol)
-            .map_err(backend_err(path, "accept the driver's features"))?;
         let regions = mem
             .iter()
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| FsError::Memory(e.to_string()))?;
-        f.set_mem_table(&regions)
-            .map_err(backend_err(path, "map guest memory"))?;
-        for (index, q) in queues.iter().enumerate() {
-            let rings = vring_config(mem, q)?;
-            f.set_vring_num(index, q.size())
-                .map_err(backend_err(path, "size a queue"))?;
-            f.set_vring_addr(index, &rings)
-                .map_err(backend_err(path, "place a queue's rings"))?;
-            f.set_vring_base(index, q.next_avail())
-                .map_err(backend_err(path, "set a queue's first index"))?;
-            f.set_vring_call(index, &self.call_events[index])
-                .map_err(backend_err(path, "take a queue's interrupt eventfd"))?;
-        }
+        let rings = queues
+            .iter()
+            .map(|q| Ok((vring_config(mem, q)?, q.next_avail())))
+            .collect::<Result<Vec<_>, FsError>>()?;
+        self.hand_over_rings(
+            features,
+            &regions,
+            &rings,
+            ["accept the driver's features", "map guest memory"],
+        )?;
         if self.memory_ready.is_some() {
             self.kicks_held = true;
             tracing::debug!(fs = %self.config.id, "virtio-fs kicks held until guest memory is complete");
@@ -628,7 +669,7 @@ impl Fs {
         }
         self.running = 0;
         self.kicks_held = false;
-        self.relay = None;
+        self.drop_relay();
         self.metrics.resets.inc();
         tracing::debug!(fs = %self.config.id, "virtio-fs backend stopped");
         Ok(())
@@ -643,7 +684,7 @@ impl Fs {
         if call.read().is_err() {
             return;
         }
-        if self.shadow.is_some() {
+        if self.relay.is_some() {
             self.backend_replies(index);
         } else {
             self.metrics.interrupts.inc();
@@ -662,7 +703,7 @@ impl VirtioDevice for Fs {
     }
 
     fn avail_features(&self) -> u64 {
-        if self.shadow.is_some() {
+        if self.relay.is_some() {
             // husk serves the guest's rings: its own ring features.
             (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
         } else {

@@ -306,9 +306,19 @@ pub struct Served {
     pub bytes_out: u64,
 }
 
+impl std::ops::AddAssign for Served {
+    fn add_assign(&mut self, more: Served) {
+        self.forwarded += more.forwarded;
+        self.returned += more.returned;
+        self.invalid += more.invalid;
+        self.bytes_in += more.bytes_in;
+        self.bytes_out += more.bytes_out;
+    }
+}
+
 /// One queue as the relay serves it.
 #[derive(Debug)]
-pub struct RelayQueue {
+struct RelayQueue {
     index: usize,
     guest: Queue,
     layout: Layout,
@@ -351,7 +361,8 @@ impl RelayQueue {
     }
 
     /// Requests in flight in the backend.
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
         usize::from(SLOTS) - self.free.len()
     }
 
@@ -359,11 +370,7 @@ impl RelayQueue {
     /// long as there is room; returns what it did. The caller kicks the
     /// backend if anything was forwarded, and interrupts the guest if a
     /// chain was returned.
-    pub fn requests(
-        &mut self,
-        shadow: &Shadow,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Served, RelayError> {
+    fn requests(&mut self, shadow: &Shadow, mem: &GuestMemoryMmap) -> Result<Served, RelayError> {
         let mut served = Served::default();
         let mut rearm = Rearm::default();
         self.blocked = false;
@@ -537,11 +544,7 @@ impl RelayQueue {
     /// Returns every request the backend finished to the guest, its reply
     /// copied into the guest's buffers; serves the queue again if it was
     /// waiting for room.
-    pub fn replies(
-        &mut self,
-        shadow: &Shadow,
-        mem: &GuestMemoryMmap,
-    ) -> Result<Served, RelayError> {
+    fn replies(&mut self, shadow: &Shadow, mem: &GuestMemoryMmap) -> Result<Served, RelayError> {
         let s = &shadow.mem;
         let used_idx: u16 = s
             .load(GuestAddress(self.layout.used + 2), Ordering::Acquire)
@@ -594,17 +597,13 @@ impl RelayQueue {
             }
         }
         if self.blocked && by > 0 {
-            let more = self.requests(shadow, mem)?;
-            served.forwarded += more.forwarded;
-            served.returned += more.returned;
-            served.invalid += more.invalid;
-            served.bytes_in += more.bytes_in;
+            served += self.requests(shadow, mem)?;
         }
         Ok(served)
     }
 
     /// Whether the guest wants an interrupt for what was just returned.
-    pub fn needs_interrupt(&mut self, mem: &GuestMemoryMmap) -> bool {
+    fn needs_interrupt(&mut self, mem: &GuestMemoryMmap) -> bool {
         self.guest.needs_notification(mem).unwrap_or(true)
     }
 
@@ -733,7 +732,8 @@ impl Relay {
     }
 
     /// Requests in flight in the backend, all queues.
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
         self.queues.iter().map(RelayQueue::in_flight).sum()
     }
 }
@@ -813,12 +813,7 @@ mod tests {
         fn backend_take(&mut self) -> Option<(u16, Vec<ShadowDesc>)> {
             let s = self.shadow.memory();
             let l = self.layout();
-            let idx: u16 = s.read_obj(GuestAddress(l.avail + 2)).unwrap();
-            if idx == self.backend_avail {
-                return None;
-            }
-            let e = l.avail + 4 + 2 * u64::from(self.backend_avail % SHADOW_RING);
-            let head: u16 = s.read_obj(GuestAddress(e)).unwrap();
+            let head = *self.shadow.backend_takes(1, self.backend_avail).first()?;
             self.backend_avail += 1;
             let mut descs = Vec::new();
             let mut i = head;
@@ -848,15 +843,11 @@ mod tests {
         /// The backend writes `reply` at `at` and uses chain `id` with
         /// `len`.
         fn backend_use(&mut self, id: u32, at: u64, reply: &[u8], len: u32) {
-            let s = self.shadow.memory();
-            let l = self.layout();
-            s.write_slice(reply, GuestAddress(at)).unwrap();
-            let e = l.used + 4 + 8 * u64::from(self.backend_used % SHADOW_RING);
-            s.write_obj(id, GuestAddress(e)).unwrap();
-            s.write_obj(len, GuestAddress(e + 4)).unwrap();
-            self.backend_used += 1;
-            s.write_obj(self.backend_used, GuestAddress(l.used + 2))
+            self.shadow
+                .memory()
+                .write_slice(reply, GuestAddress(at))
                 .unwrap();
+            self.backend_used = self.shadow.backend_uses(1, self.backend_used, &[(id, len)]);
         }
     }
 
