@@ -78,6 +78,9 @@ pub struct Vsock {
     metrics: std::sync::Arc<crate::metrics::VsockMetrics>,
     /// Warnings the guest can cause at will (a bad used-ring entry).
     guest_log: LogLimiter,
+    /// After a restore: the transport reset the guest has not taken yet,
+    /// which holds rx traffic back (see persist.rs).
+    pub(super) reset_wait: Option<super::persist::ResetWait>,
 }
 
 /// Removes a socket file left behind by a VMM that is gone; refuses any
@@ -132,6 +135,7 @@ impl Vsock {
             tx_payload: vec![0u8; MAX_PAYLOAD],
             metrics,
             guest_log: LogLimiter::default(),
+            reset_wait: None,
         })
     }
 
@@ -290,8 +294,13 @@ impl Vsock {
 
     /// Fills the guest's rx buffers with what the muxer has for it, at most
     /// [`BUDGET`] of them per call (the rest on the loop's next turn, which
-    /// the wake eventfd brings).
+    /// the wake eventfd brings). Nothing goes while a transport reset
+    /// waits to be taken: the guest's event-queue notification or the
+    /// timer brings this back.
     pub fn process_rx(&mut self) {
+        if !self.reset_taken() {
+            return;
+        }
         let Some(a) = &mut self.active else { return };
         let mut used = false;
         let mut taken = 0;
@@ -400,6 +409,7 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.active = None;
+        self.reset_wait = None;
         self.muxer.reset();
         let _ = self.wake.write(1);
     }

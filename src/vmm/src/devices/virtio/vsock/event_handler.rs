@@ -1,9 +1,11 @@
 //! Wires the vsock device into the VMM's event loop: its three queue
 //! eventfds, its wake eventfd, a one-second timer (it expires unanswered
 //! REQUESTs, serves a tx queue whose notification was lost, and raises the
-//! used-ring interrupt again while streams are open), the listening
-//! socket, and (through the muxer) every host stream socket, each with its
-//! own token.
+//! used-ring interrupt again while streams are open; after a restore it
+//! also ends the wait for a transport reset the guest never takes), the
+//! listening socket, and (through the muxer) every host stream socket,
+//! each with its own token. The event queue's notification (the guest
+//! posted an event buffer back) ends that wait at once.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;

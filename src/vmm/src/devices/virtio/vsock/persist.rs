@@ -7,9 +7,21 @@
 //! queue, as Firecracker does: the guest's driver resets every socket it
 //! had (their programs see ECONNRESET) and rereads its CID, and host
 //! programs connect again, to the restored guest, through the new socket.
+//!
+//! Until the guest has taken that reset, nothing goes to it on the rx
+//! queue: the driver resets every socket it has when its event work runs,
+//! which under nested emulation can be a hundred milliseconds after the
+//! vCPUs resumed, so a host connection answered before then would be
+//! accepted by the guest and reset right after. The driver handles the
+//! event before it posts the buffer back, so the event queue's available
+//! index moving on says the reset is done; a guest that never posts one
+//! gets its host traffic after [`RESET_GRACE`] all the same.
 
 use serde::{Deserialize, Serialize};
+use std::num::Wrapping;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 use virtio_queue::QueueT;
 use vm_memory::Bytes;
 
@@ -20,6 +32,18 @@ use crate::devices::virtio::INTERRUPT_USED_RING;
 
 /// struct virtio_vsock_event's only id (virtio 1.2, 5.10.6.8).
 pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// How long host traffic waits for the guest to take a transport reset.
+pub const RESET_GRACE: Duration = Duration::from_secs(1);
+
+/// A transport reset sent and not yet taken by the guest.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ResetWait {
+    /// The event queue's available index once the reset's buffer was taken.
+    avail: Wrapping<u16>,
+    /// When host traffic goes to the guest regardless.
+    until: Instant,
+}
 
 /// The device's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,8 +70,10 @@ impl Vsock {
     }
 
     /// Posts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET to the guest and interrupts
-    /// it. Returns false when the driver is not running or left no event
-    /// buffer (its sockets then wait for their own timeouts).
+    /// it; host traffic then waits until the guest has taken it (see the
+    /// module's documentation). Returns false when the driver is not
+    /// running or left no event buffer (its sockets then wait for their own
+    /// timeouts, and host traffic does not wait).
     pub fn send_transport_reset(&mut self) -> bool {
         let Some(a) = &mut self.active else {
             return false;
@@ -76,7 +102,43 @@ impl Vsock {
             Ok(true) | Err(_) => self.interrupt.trigger(INTERRUPT_USED_RING),
         }
         tracing::debug!(written, "vsock: transport reset sent to the guest");
+        if written != 0 {
+            if let Ok(avail) = a.event.avail_idx(&a.mem, Ordering::Acquire) {
+                self.reset_wait = Some(ResetWait {
+                    avail,
+                    until: Instant::now() + RESET_GRACE,
+                });
+            }
+        }
         written != 0
+    }
+
+    /// Whether rx traffic may go to the guest: no transport reset is
+    /// waiting to be taken. Ends the wait once the guest posted an event
+    /// buffer again, or [`RESET_GRACE`] passed.
+    pub(super) fn reset_taken(&mut self) -> bool {
+        let Some(wait) = self.reset_wait else {
+            return true;
+        };
+        // No driver (it reset the device) or an unreadable ring: nothing
+        // left to wait for.
+        let refilled = self.active.as_ref().is_none_or(|a| {
+            !a.event
+                .avail_idx(&a.mem, Ordering::Acquire)
+                .is_ok_and(|i| i == wait.avail)
+        });
+        if refilled {
+            tracing::debug!("vsock: the guest took the transport reset");
+        } else if Instant::now() >= wait.until {
+            tracing::debug!(
+                grace_ms = RESET_GRACE.as_millis() as u64,
+                "vsock: the guest has not taken the transport reset; serving host traffic anyway"
+            );
+        } else {
+            return false;
+        }
+        self.reset_wait = None;
+        true
     }
 }
 

@@ -17,7 +17,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::connection::BUF_ALLOC;
 use super::muxer::FIRST_LOCAL_PORT;
 use super::packet::{op, Header, HDR_SIZE, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
-use super::{Vsock, VsockConfig, RX_QUEUE, TX_QUEUE};
+use super::persist::{RESET_GRACE, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET};
+use super::{Vsock, VsockConfig, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::devices::virtio::test_utils::{d as desc, guest_mem, NEXT, WRITE};
 use crate::devices::virtio::VirtioDevice;
 
@@ -31,6 +32,7 @@ struct Guest {
     mem: &'static GuestMemoryMmap,
     rx: MockSplitQueue<'static, GuestMemoryMmap>,
     tx: MockSplitQueue<'static, GuestMemoryMmap>,
+    ev: MockSplitQueue<'static, GuestMemoryMmap>,
     dev: Arc<Mutex<Vsock>>,
     em: Em,
     dir: PathBuf,
@@ -85,6 +87,7 @@ impl Guest {
             mem,
             rx,
             tx,
+            ev,
             dev,
             em,
             dir,
@@ -358,6 +361,92 @@ fn host_initiated_stream_keeps_data_after_the_connect_line() {
         ),
         (2, 0, 1)
     );
+}
+
+/// Posts event buffers `first..first + n` (8 bytes each, at 0xf0_0000 on)
+/// without notifying.
+fn post_event_buffers(g: &mut Guest, first: u16, n: u16) {
+    let descs: Vec<_> = (first..first + n)
+        .map(|i| desc(0xf0_0000 + u64::from(i) * 8, 8, WRITE, 0))
+        .collect();
+    g.ev.add_desc_chains(&descs, first).unwrap();
+}
+
+/// A restored guest: the transport reset goes on the event queue, and a
+/// host connection made before the guest has taken it waits (no REQUEST
+/// the reset would kill) until the driver posts an event buffer again.
+#[test]
+fn host_connections_wait_until_the_guest_took_the_transport_reset() {
+    let mut g = Guest::new("reset-wait");
+    post_event_buffers(&mut g, 0, 2);
+    assert!(g.dev.lock().unwrap().send_transport_reset());
+    let used = g.ev.used();
+    assert_eq!(used.idx().load(), 1);
+    let e = used.ring().ref_at(0).unwrap().load();
+    assert_eq!((e.id(), e.len()), (0, 4));
+    let mut event = [0u8; 4];
+    g.mem
+        .read_slice(&mut event, GuestAddress(0xf0_0000))
+        .unwrap();
+    assert_eq!(
+        u32::from_le_bytes(event),
+        VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+    );
+
+    let mut host = UnixStream::connect(g.uds()).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    g.pump();
+    g.post_rx(4);
+    g.notify(TX_QUEUE);
+    assert!(
+        g.recv().is_empty(),
+        "a REQUEST went out before the reset was taken"
+    );
+
+    // The driver handled the event and gives the buffer back.
+    post_event_buffers(&mut g, 2, 1);
+    g.notify(EVENT_QUEUE);
+    let v = g.recv();
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!((v[0].0.op, v[0].0.dst_port), (op::REQUEST, 1024));
+    g.send(ghdr(op::RESPONSE, 1024, FIRST_LOCAL_PORT, 0), &[]);
+    let mut line = [0u8; 14];
+    host.read_exact(&mut line).unwrap();
+    assert_eq!(&line, b"OK 1073741824\n");
+}
+
+/// A guest that never posts its event buffer back holds host connections
+/// for RESET_GRACE only: the timer lets them through.
+#[test]
+fn a_reset_the_guest_never_takes_holds_host_connections_for_the_grace_only() {
+    let mut g = Guest::new("reset-grace");
+    post_event_buffers(&mut g, 0, 1);
+    assert!(g.dev.lock().unwrap().send_transport_reset());
+    let sent = std::time::Instant::now();
+    let mut host = UnixStream::connect(g.uds()).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    g.post_rx(1);
+    let mut got = Vec::new();
+    while got.is_empty() && sent.elapsed() < RESET_GRACE * 3 {
+        g.em.run_with_timeout(100).unwrap();
+        got = g.recv();
+    }
+    assert!(sent.elapsed() >= RESET_GRACE, "the hold ended early");
+    assert_eq!(got.len(), 1, "the hold never ended");
+    assert_eq!(got[0].0.op, op::REQUEST);
+}
+
+/// Without an event buffer there is no reset to wait for.
+#[test]
+fn without_an_event_buffer_nothing_waits() {
+    let mut g = Guest::new("reset-none");
+    assert!(!g.dev.lock().unwrap().send_transport_reset());
+    let mut host = UnixStream::connect(g.uds()).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    g.pump();
+    let (h, _) = g.recv_one();
+    assert_eq!(h.op, op::REQUEST);
 }
 
 #[test]
