@@ -28,13 +28,15 @@
 #   resources/bench.sh pod [--runs N] [--concurrent P]    pods through containerd: husk's shim against
 #                                                        runc's (start latency, memory per pod, P pods
 #                                                        of 128 MiB at once)
-#   resources/bench.sh soak [--runs N] [--stress-every K] [--streams S]
+#   resources/bench.sh soak [--runs N] [--stress-every K] [--streams S] [--firecracker PATH]
 #                                                        N VM creations (default 100) in as few node
 #                                                        boots as the node allows: each boots a guest,
 #                                                        echoes through vsock (every Kth: S streams,
 #                                                        default 5 and 32) and exits; rates per 1,000
 #                                                        creations of triple faults, stalls and the
-#                                                        node VM's own failures (docs/testing.md)
+#                                                        node VM's own failures (docs/testing.md);
+#                                                        with --firecracker, the same creations by
+#                                                        that binary after husk's, a second report
 #   resources/bench.sh cri [--runs N]                    pod start through containerd's CRI plugin
 #                                                        (RunPodSandbox to a running container),
 #                                                        handler husk against runc, where each
@@ -61,7 +63,7 @@ while (($#)); do
     --streams) streams=$2; shift 2 ;;
     --depths) depths=$2; shift 2 ;;
     --firecracker) firecracker=$(realpath "$2"); shift 2 ;;
-    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | fs [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | hotplug [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | snapshot [--runs N] [--firecracker PATH] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N] | cri-image [--runs N] | soak [--runs N] [--stress-every K] [--streams S]]" >&2; exit 2 ;;
+    *) echo "usage: $0 [boot [--runs N] [--firecracker PATH] | blk [--size-mib M] [--runtime-s S] [--depths D,D] | fs [--size-mib M] [--runtime-s S] [--depths D,D] | api [--runs N] | hotplug [--runs N] | net [--size-mib M] | vsock [--size-mib M] [--streams N] | snapshot [--runs N] [--firecracker PATH] | run [--runs N] | pod [--runs N] [--concurrent P] | cri [--runs N] | cri-image [--runs N] | soak [--runs N] [--stress-every K] [--streams S] [--firecracker PATH]]" >&2; exit 2 ;;
   esac
 done
 if [[ $mode == soak ]]; then runs=${runs:-100} streams=${streams:-32}; else runs=${runs:-10} streams=${streams:-8}; fi
@@ -98,32 +100,43 @@ vsock_guest() {
   rm "$script"
 }
 
+# N creations by VMM $1 (husk or firecracker), then their report.
+soak_vmm() {
+  local vmm=$1 soak_dir record left boots idle out ran node
+  # Node boots until N creations ran: run.sh boots a failed node once
+  # more by itself (the soak starts again there, its first boot's lines
+  # kept); a node that failed twice gets a fresh run.sh for what is
+  # left, three boots in a row without a creation end it.
+  soak_dir=$(mktemp -d "${TMPDIR:-/tmp}/husk-soak.XXXXXX")
+  record="$soak_dir/node-failures"
+  : > "$record"
+  left=$runs boots=0 idle=0
+  while ((left > 0 && idle < 3)); do
+    boots=$((boots + 1))
+    out="$soak_dir/boot-$boots"
+    HUSK_NODE_RETRIES=$record HUSK_NODE_LABEL="soak ($vmm), node boot $boots" \
+      "$repo/resources/node/run.sh" --timeout $((300 + left * 40)) --payload "$payload" -- \
+      ./husk-bench soak --vmm "$vmm" --husk ./husk --firecracker ./firecracker \
+      --kernel vmlinux --initrd vsock.cpio --runs "$left" \
+      --stress-every "$stress_every" --streams "$streams" > "$out" || true
+    ran=$(grep -c '^SOAK-RUN ' "$out" || true)
+    if ((ran == 0)); then idle=$((idle + 1)); else idle=0; fi
+    left=$((left - ran))
+  done
+  node="${HUSK_NODE_QEMU:+$("$HUSK_NODE_QEMU" --version | head -n1), }tcg thread=${HUSK_NODE_TCG_THREAD:-multi}, node image ${HUSK_NODE_IMAGE:+$(basename "$HUSK_NODE_IMAGE") ($(cat "$HUSK_NODE_IMAGE/kernel-package" 2>/dev/null))}"
+  "$repo/target/release/husk-bench" soak-report --runs "$soak_dir"/boot-* \
+    --node-record "$record" --node "$node"
+  rm -rf "$soak_dir"
+}
+
 case $mode in
   soak)
     vsock_guest
-    # Node boots until N creations ran: run.sh boots a failed node once
-    # more by itself (the soak starts again there, its first boot's lines
-    # kept); a node that failed twice gets a fresh run.sh for what is
-    # left, three boots in a row without a creation end it.
-    soak_dir=$(mktemp -d "${TMPDIR:-/tmp}/husk-soak.XXXXXX")
-    record="$soak_dir/node-failures"
-    : > "$record"
-    left=$runs boots=0 idle=0
-    while ((left > 0 && idle < 3)); do
-      boots=$((boots + 1))
-      out="$soak_dir/boot-$boots"
-      HUSK_NODE_RETRIES=$record HUSK_NODE_LABEL="soak, node boot $boots" \
-        "$repo/resources/node/run.sh" --timeout $((300 + left * 40)) --payload "$payload" -- \
-        ./husk-bench soak --husk ./husk --kernel vmlinux --initrd vsock.cpio --runs "$left" \
-        --stress-every "$stress_every" --streams "$streams" > "$out" || true
-      ran=$(grep -c '^SOAK-RUN ' "$out" || true)
-      if ((ran == 0)); then idle=$((idle + 1)); else idle=0; fi
-      left=$((left - ran))
-    done
-    node="${HUSK_NODE_QEMU:+$("$HUSK_NODE_QEMU" --version | head -n1), }tcg thread=${HUSK_NODE_TCG_THREAD:-multi}, node image ${HUSK_NODE_IMAGE:+$(basename "$HUSK_NODE_IMAGE") ($(cat "$HUSK_NODE_IMAGE/kernel-package" 2>/dev/null))}"
-    "$repo/target/release/husk-bench" soak-report --runs "$soak_dir"/boot-* \
-      --node-record "$record" --node "$node"
-    rm -rf "$soak_dir"
+    soak_vmm husk
+    if [[ -n $firecracker ]]; then
+      cp "$firecracker" "$payload/firecracker"
+      soak_vmm firecracker
+    fi
     ;;
   boot)
     "$repo/resources/guest/build-initramfs.sh" "$payload/test.cpio" "$repo/resources/guest/test-init" >/dev/null

@@ -135,7 +135,8 @@ struct VsockClientArgs {
     /// vsock:CID:PORT (in a guest) or uds:PATH:PORT (husk's socket, on the host).
     #[arg(long)]
     connect: vsock::Target,
-    /// echo, upload, download, flood (upload of zeros the server counts
+    /// echo, echo-open (an echo that does not half-close: what a VMM
+    /// without half-close runs), upload, download, flood (upload of zeros the server counts
     /// but does not check: as fast as the transport goes), probe (one
     /// connect attempt, timed), hold (one stream kept open until it ends;
     /// says how) or quit.
@@ -202,9 +203,9 @@ struct BlkBench {
     load: io::Load,
 }
 
-/// Which VMM `husk-bench boot` launches.
+/// Which VMM `husk-bench boot` (and `soak`) launches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum VmmKind {
+pub(crate) enum VmmKind {
     /// husk boot.
     Husk,
     /// Firecracker (--no-api --config-file), for comparison on the same guest.

@@ -3,7 +3,8 @@
 //!
 //! Each creation boots a guest whose /husk-test.sh serves vsock test
 //! streams (`husk-bench vsock-serve`, as `husk-bench vsock` does), checks
-//! one small echo stream through husk's vsock (every `--stress-every`-th
+//! one small echo stream (without half-close, since 2026-12-05: the same
+//! streams run on Firecracker, which has none) through husk's vsock (every `--stress-every`-th
 //! creation: `--streams` concurrent echo streams instead), tells the
 //! server to quit, and waits for husk to exit with the guest's reset. The
 //! outcome of each is one of:
@@ -15,6 +16,11 @@
 //! - `stuck`: the streams were fine but husk did not exit after the quit;
 //! - `failed`: anything else (husk's or the stream's error, quoted).
 //!
+//! A VMM that has to be stopped gets SIGTERM first (husk then logs where
+//! each vCPU was and writes its final metrics), SIGKILL only if it does
+//! not exit; a creation that did not end well keeps the last lines of the
+//! VMM's log and of the guest's serial console in its record.
+//!
 //! The husk of each creation writes its metrics at exit; the
 //! `*_found_by_timer` counters (queues husk re-served from its one-second
 //! timers rather than from a guest notification) are summed per creation.
@@ -23,6 +29,14 @@
 //! `husk-bench soak-report` adds those lines and resources/node/run.sh's
 //! record of the node's own failures (resources/bench.sh soak) into the
 //! rates per thousand creations.
+//!
+//! `--vmm firecracker --firecracker PATH` runs the same creations with a
+//! Firecracker binary the user provides (same configuration file, same
+//! guest, same vsock protocol), so that each failure class can be put on
+//! the VMM or on what runs it by measurement. Firecracker ends on a guest
+//! triple fault with its generic error code and logs the unexpected
+//! `Shutdown` exit, which is how its triple faults are told apart; it has
+//! no re-serve timers (its `found_by_timer` is 0).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -33,6 +47,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Map, Value};
 
 use crate::vsock::{self, Target};
+use crate::VmmKind;
 
 /// husk's exit code for a guest's triple fault (vmm::exit::VmExit).
 const TRIPLE_FAULT_EXIT: i32 = 3;
@@ -41,6 +56,9 @@ const TRIPLE_FAULT_EXIT: i32 = 3;
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The guest port the stream server listens on.
 const PORT: u32 = 5201;
+/// What Firecracker logs when a vCPU gets KVM_EXIT_SHUTDOWN (a triple
+/// fault): it has no exit code of its own for one.
+const FIRECRACKER_SHUTDOWN_LOG: &str = "Unexpected exit reason on vcpu run: Shutdown";
 
 #[derive(clap::Args)]
 pub struct SoakBench {
@@ -62,6 +80,32 @@ pub struct SoakBench {
     /// Where each creation's files go (config, sockets, metrics, log).
     #[arg(long, default_value = "soak")]
     dir: PathBuf,
+    /// The VMM that runs the guests.
+    #[arg(long, value_enum, default_value = "husk")]
+    vmm: VmmKind,
+    /// The Firecracker binary, with --vmm firecracker.
+    #[arg(long, default_value = "firecracker")]
+    firecracker: PathBuf,
+}
+
+impl VmmKind {
+    fn name(self) -> &'static str {
+        match self {
+            VmmKind::Husk => "husk",
+            VmmKind::Firecracker => "firecracker",
+        }
+    }
+}
+
+/// The VMM's exit code in husk's terms: Firecracker's generic error with
+/// its log's `Shutdown` line is a triple fault.
+fn exit_in_husk_terms(vmm: VmmKind, exit: Option<i32>, log: &str) -> Option<i32> {
+    match (vmm, exit) {
+        (VmmKind::Firecracker, Some(c)) if c != 0 && log.contains(FIRECRACKER_SHUTDOWN_LOG) => {
+            Some(TRIPLE_FAULT_EXIT)
+        }
+        _ => exit,
+    }
 }
 
 /// How one creation ended.
@@ -143,27 +187,59 @@ fn last_metrics(path: &Path) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// husk's exit code once it exits, within `timeout`; None after killing it.
-fn wait_exit(vmm: &mut Child, timeout: Duration) -> anyhow::Result<Option<i32>> {
+/// Waits until the VMM's vsock socket exists; Some(exit code) if the VMM
+/// exits first. After `timeout`, None all the same (the streams' own
+/// connection attempts then fail).
+fn wait_listening(vmm: &mut Child, uds: &Path, timeout: Duration) -> anyhow::Result<Option<i32>> {
     let deadline = Instant::now() + timeout;
-    loop {
+    while !uds.exists() && Instant::now() < deadline {
         if let Some(status) = vmm.try_wait()? {
             return Ok(Some(status.code().unwrap_or(-1)));
         }
-        if Instant::now() > deadline {
-            let _ = vmm.kill();
-            let _ = vmm.wait();
-            return Ok(None);
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(10));
     }
+    Ok(None)
 }
 
-/// The last lines of husk's log, for a creation that did not end well.
-fn log_tail(path: &Path) -> String {
+/// How long a VMM that had to be stopped gets to exit on SIGTERM (husk
+/// logs where each vCPU was and writes its final metrics) before SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(5);
+
+/// The VMM's exit code once it exits, within `timeout`; None if it had to
+/// be stopped (SIGTERM, then SIGKILL after [`TERM_GRACE`]).
+fn wait_exit(vmm: &mut Child, timeout: Duration) -> anyhow::Result<Option<i32>> {
+    let wait = |vmm: &mut Child, timeout: Duration| -> anyhow::Result<Option<i32>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = vmm.try_wait()? {
+                return Ok(Some(status.code().unwrap_or(-1)));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    if let Some(code) = wait(vmm, timeout)? {
+        return Ok(Some(code));
+    }
+    if let Ok(pid) = libc::pid_t::try_from(vmm.id()) {
+        // SAFETY: kill(2) on our own child, not yet reaped (try_wait saw it
+        // running), so the pid is still its.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    if wait(vmm, TERM_GRACE)?.is_none() {
+        let _ = vmm.kill();
+        let _ = vmm.wait();
+    }
+    Ok(None)
+}
+
+/// The last `n` lines of a file, for a creation that did not end well.
+fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(5)..].join(" | ")
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
 fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
@@ -171,11 +247,12 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
     let uds = dir.join("vsock.sock");
     let metrics = dir.join("metrics.json");
     let log = dir.join("husk.log");
+    let console = dir.join("console.log");
     for f in [&uds, &metrics] {
         let _ = std::fs::remove_file(f);
     }
     std::fs::write(&metrics, "")?;
-    let config = json!({
+    let mut config = json!({
         "boot-source": {
             "kernel_image_path": b.guest.kernel,
             "initrd_path": b.guest.initrd,
@@ -183,8 +260,13 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
         },
         "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
         "vsock": { "guest_cid": 3, "uds_path": uds },
-        "metrics": { "metrics_path": metrics },
     });
+    match b.vmm {
+        // husk writes them at exit; Firecracker only once a minute.
+        VmmKind::Husk => config["metrics"] = json!({ "metrics_path": metrics }),
+        // Firecracker's configuration file must list them.
+        VmmKind::Firecracker => config["drives"] = json!([]),
+    }
     let config_path = dir.join("config.json");
     std::fs::write(&config_path, config.to_string())?;
     let stress = b.stress_every > 0 && (index + 1) % b.stress_every == 0;
@@ -194,17 +276,43 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
         (1, 64 << 10)
     };
     let start = Instant::now();
-    let mut vmm = Command::new(&b.guest.husk)
-        .args(["--no-api", "--config-file"])
-        .arg(&config_path)
+    let log_file = std::fs::File::create(&log)?;
+    let mut command = match b.vmm {
+        VmmKind::Husk => {
+            let mut c = Command::new(&b.guest.husk);
+            // The guest's serial console (`quiet`: its errors only).
+            c.args(["--no-api", "--config-file"])
+                .arg(&config_path)
+                .stdout(std::fs::File::create(&console)?);
+            c
+        }
+        VmmKind::Firecracker => {
+            // Its log (the Shutdown line) goes to stdout, with the guest's
+            // serial console.
+            let _ = std::fs::remove_file(&console);
+            let mut c = Command::new(&b.firecracker);
+            c.args(["--no-api", "--level", "Warning", "--config-file"])
+                .arg(&config_path)
+                .stdout(log_file.try_clone()?);
+            c
+        }
+    };
+    let binary = command.get_program().to_owned();
+    let mut vmm = command
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
+        .stderr(log_file)
         .spawn()
-        .with_context(|| format!("cannot start {}", b.guest.husk.display()))?;
+        .with_context(|| format!("cannot start {}", Path::new(&binary).display()))?;
     let t = Target::Uds(uds.clone(), PORT);
-    // The guest boots first: the streams retry their connection this long.
-    let streams_result = vsock::client(&t, "echo", streams, bytes, Duration::from_secs(60));
+    // The guest boots first: the streams retry their connection this long
+    // (a VMM that exits before it listens fails the creation at once).
+    let streams_result = match wait_listening(&mut vmm, &uds, Duration::from_secs(60))? {
+        // No half-close: Firecracker would end the echo's way back.
+        None => vsock::client(&t, "echo-open", streams, bytes, Duration::from_secs(60)),
+        Some(code) => Err(anyhow::anyhow!(
+            "the VMM exited with status {code} before listening on its vsock socket"
+        )),
+    };
     let stream_error = match &streams_result {
         Ok(r) if r["checksums_equal"] == json!(true) => None,
         Ok(r) => Some(r["errors"].to_string()),
@@ -222,9 +330,15 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
     };
     let exit = wait_exit(&mut vmm, exit_timeout)?;
     let ms = start.elapsed().as_secs_f64() * 1e3;
+    let exit = exit_in_husk_terms(
+        b.vmm,
+        exit,
+        &std::fs::read_to_string(&log).unwrap_or_default(),
+    );
     let outcome = classify(exit, stream_error.as_deref(), timed_out);
     let mut run = json!({
         "run": index,
+        "vmm": b.vmm.name(),
         "stress": stress,
         "outcome": outcome.name(),
         "ms": ms.round(),
@@ -233,7 +347,9 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
     });
     if outcome != Outcome::Ok {
         run["error"] = json!(stream_error);
-        run["husk_log"] = json!(log_tail(&log));
+        // SIGTERM made husk log where its vCPU was: the last lines.
+        run["vmm_log"] = json!(tail(&log, 8));
+        run["console"] = json!(tail(&console, 8));
     }
     Ok(run)
 }
@@ -320,8 +436,12 @@ fn report(runs: &[Value], node: &[NodeFailure]) -> Value {
         .filter(|r| r["outcome"] == "ok")
         .filter_map(|r| r["ms"].as_f64())
         .collect();
+    let mut vmms: Vec<&str> = runs.iter().filter_map(|r| r["vmm"].as_str()).collect();
+    vmms.sort_unstable();
+    vmms.dedup();
     json!({
         "benchmark": "soak",
+        "vmm": vmms.join(","),
         "creations": creations,
         "outcomes": outcomes,
         "node_failures": { "total": node.len(), "by_cause": causes },
@@ -394,6 +514,33 @@ mod tests {
     }
 
     #[test]
+    fn firecracker_triple_faults_are_told_by_its_log() {
+        let shutdown = "2026-12-05T07:00:00 [anonymous-instance:fc_vcpu 0] Unexpected exit reason on vcpu run: Shutdown";
+        assert_eq!(
+            exit_in_husk_terms(VmmKind::Firecracker, Some(1), shutdown),
+            Some(TRIPLE_FAULT_EXIT)
+        );
+        // A clean reset, another error, a kill: as they are.
+        assert_eq!(
+            exit_in_husk_terms(VmmKind::Firecracker, Some(0), shutdown),
+            Some(0)
+        );
+        assert_eq!(
+            exit_in_husk_terms(VmmKind::Firecracker, Some(1), "seccomp"),
+            Some(1)
+        );
+        assert_eq!(
+            exit_in_husk_terms(VmmKind::Firecracker, None, shutdown),
+            None
+        );
+        // husk's own code is already a triple fault's; its log is not read.
+        assert_eq!(
+            exit_in_husk_terms(VmmKind::Husk, Some(1), shutdown),
+            Some(1)
+        );
+    }
+
+    #[test]
     fn timer_counters_are_summed_wherever_they_are() {
         let m = json!({
             "vsock": {"tx_found_by_timer": 2, "rx_found_by_timer": 1, "tx_packets": 40},
@@ -415,7 +562,9 @@ mod tests {
             "soak\tpanic\tKernel panic - not syncing\tbooted again\n\
              soak\tsilent stop\tno heartbeat for 60 s\tbooted again\nbad line\n",
         );
+        runs[0]["vmm"] = json!("husk");
         let r = report(&runs, &node);
+        assert_eq!(r["vmm"], "husk");
         assert_eq!(r["creations"], 200);
         assert_eq!(r["outcomes"]["ok"], 198);
         assert_eq!(r["per_1000_creations"]["stall"], 5.0);

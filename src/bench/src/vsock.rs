@@ -445,8 +445,18 @@ fn request(s: &mut Sock, mode: u8, size: u64, seed: u64) -> std::io::Result<()> 
     s.write_all(&req)
 }
 
-/// One client stream: returns whether every byte checked out.
-fn run_stream(t: &Target, mode: u8, size: u64, seed: u64, retry: Duration) -> anyhow::Result<()> {
+/// One client stream: returns whether every byte checked out. An echo
+/// half-closes the stream once it sent everything unless `open` (the
+/// request carries the length, so the server needs no EOF; Firecracker
+/// ends both directions on a host's half-close).
+fn run_stream(
+    t: &Target,
+    mode: u8,
+    size: u64,
+    seed: u64,
+    retry: Duration,
+    open: bool,
+) -> anyhow::Result<()> {
     let mut s = connect_retrying(t, retry)?;
     request(&mut s, mode, size, seed)?;
     match mode {
@@ -454,7 +464,9 @@ fn run_stream(t: &Target, mode: u8, size: u64, seed: u64, retry: Duration) -> an
             let mut w = s.try_clone()?;
             let writer = std::thread::spawn(move || {
                 let r = send_stream(&mut w, seed, size);
-                w.shutdown_write();
+                if !open {
+                    w.shutdown_write();
+                }
                 r
             });
             let (got, sum) = recv_stream(&mut s, u64::MAX)?;
@@ -559,7 +571,7 @@ pub fn client(
     retry: Duration,
 ) -> anyhow::Result<Value> {
     let m = match mode {
-        "echo" => b'E',
+        "echo" | "echo-open" => b'E',
         "upload" => b'U',
         "download" => b'D',
         "flood" => b'F',
@@ -575,22 +587,25 @@ pub fn client(
             }));
         }
         "hold" => return Ok(hold(t, retry)),
-        _ => bail!("--mode wants echo, upload, download, flood, probe, hold or quit"),
+        _ => bail!("--mode wants echo, echo-open, upload, download, flood, probe, hold or quit"),
     };
+    let open = mode == "echo-open";
     let streams = streams.max(1);
     let per = total / streams as u64;
     // Wait for the server once, then start every stream together.
     if retry > Duration::ZERO && m != b'Q' {
         let mut probe = connect_retrying(t, retry)?;
         request(&mut probe, b'E', 0, 0)?;
-        probe.shutdown_write();
+        if !open {
+            probe.shutdown_write();
+        }
         recv_stream(&mut probe, u64::MAX)?;
     }
     let start = Instant::now();
     let handles: Vec<_> = (0..streams)
         .map(|i| {
             let t = t.clone();
-            std::thread::spawn(move || run_stream(&t, m, per, 0x5eed + i as u64, retry))
+            std::thread::spawn(move || run_stream(&t, m, per, 0x5eed + i as u64, retry, open))
         })
         .collect();
     let mut errors = Vec::new();
