@@ -212,6 +212,16 @@ pub(crate) enum VmmKind {
     Firecracker,
 }
 
+impl VmmKind {
+    /// As reports name it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            VmmKind::Husk => "husk",
+            VmmKind::Firecracker => "firecracker",
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct BootBench {
     /// The husk binary.

@@ -88,15 +88,6 @@ pub struct SoakBench {
     firecracker: PathBuf,
 }
 
-impl VmmKind {
-    fn name(self) -> &'static str {
-        match self {
-            VmmKind::Husk => "husk",
-            VmmKind::Firecracker => "firecracker",
-        }
-    }
-}
-
 /// The VMM's exit code in husk's terms: Firecracker's generic error with
 /// its log's `Shutdown` line is a triple fault.
 fn exit_in_husk_terms(vmm: VmmKind, exit: Option<i32>, log: &str) -> Option<i32> {
@@ -187,18 +178,23 @@ fn last_metrics(path: &Path) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// Waits until the VMM's vsock socket exists; Some(exit code) if the VMM
-/// exits first. After `timeout`, None all the same (the streams' own
-/// connection attempts then fail).
-fn wait_listening(vmm: &mut Child, uds: &Path, timeout: Duration) -> anyhow::Result<Option<i32>> {
+/// Polls the VMM until it exits (Some(its exit code)), `done` holds or
+/// `timeout` passes (None).
+fn wait_for(
+    vmm: &mut Child,
+    timeout: Duration,
+    done: impl Fn() -> bool,
+) -> anyhow::Result<Option<i32>> {
     let deadline = Instant::now() + timeout;
-    while !uds.exists() && Instant::now() < deadline {
+    loop {
         if let Some(status) = vmm.try_wait()? {
             return Ok(Some(status.code().unwrap_or(-1)));
         }
+        if done() || Instant::now() > deadline {
+            return Ok(None);
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(None)
 }
 
 /// How long a VMM that had to be stopped gets to exit on SIGTERM (husk
@@ -208,19 +204,7 @@ const TERM_GRACE: Duration = Duration::from_secs(5);
 /// The VMM's exit code once it exits, within `timeout`; None if it had to
 /// be stopped (SIGTERM, then SIGKILL after [`TERM_GRACE`]).
 fn wait_exit(vmm: &mut Child, timeout: Duration) -> anyhow::Result<Option<i32>> {
-    let wait = |vmm: &mut Child, timeout: Duration| -> anyhow::Result<Option<i32>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = vmm.try_wait()? {
-                return Ok(Some(status.code().unwrap_or(-1)));
-            }
-            if Instant::now() > deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
-    if let Some(code) = wait(vmm, timeout)? {
+    if let Some(code) = wait_for(vmm, timeout, || false)? {
         return Ok(Some(code));
     }
     if let Ok(pid) = libc::pid_t::try_from(vmm.id()) {
@@ -228,7 +212,7 @@ fn wait_exit(vmm: &mut Child, timeout: Duration) -> anyhow::Result<Option<i32>> 
         // running), so the pid is still its.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
-    if wait(vmm, TERM_GRACE)?.is_none() {
+    if wait_for(vmm, TERM_GRACE, || false)?.is_none() {
         let _ = vmm.kill();
         let _ = vmm.wait();
     }
@@ -305,8 +289,9 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
         .with_context(|| format!("cannot start {}", Path::new(&binary).display()))?;
     let t = Target::Uds(uds.clone(), PORT);
     // The guest boots first: the streams retry their connection this long
-    // (a VMM that exits before it listens fails the creation at once).
-    let streams_result = match wait_listening(&mut vmm, &uds, Duration::from_secs(60))? {
+    // (a VMM that exits before it listens fails the creation at once;
+    // after the wait, the streams' own connection attempts fail).
+    let streams_result = match wait_for(&mut vmm, Duration::from_secs(60), || uds.exists())? {
         // No half-close: Firecracker would end the echo's way back.
         None => vsock::client(&t, "echo-open", streams, bytes, Duration::from_secs(60)),
         Some(code) => Err(anyhow::anyhow!(
