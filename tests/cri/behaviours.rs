@@ -112,8 +112,13 @@ const BEHAVIOURS: &[Behaviour] = &[
         dynamic_image: true,
         pod: nothing_pod,
         container: nothing_container,
+        // The background child is `sh` until it has exec'd `sleep`: wait
+        // for its comm before asking pidof (under runc, asking at once
+        // lost the race once in CI).
         script: "[ -e /lib64/ld-linux-x86-64.so.2 ] && echo dynamic-loader; \
-                 sleep 30 & pidof sleep >/dev/null && echo pidof-works; \
+                 sleep 30 & p=$!; i=0; \
+                 until read c < /proc/$p/comm && [ \"$c\" = sleep ] || [ $i -ge 5000 ]; do i=$((i+1)); done; \
+                 pidof sleep | grep -qw $p && echo pidof-works; \
                  ipcs -m >/dev/null && echo ipcs-works; kill $!",
     },
     // The node's namespaces: runc shares them; husk refuses the pod at
