@@ -237,16 +237,16 @@ impl Block {
                         Self::count(&self.metrics, &req, done.status);
                         done.used_len
                     }
-                    Err((e, status_addr)) => {
+                    Err((e, status)) => {
                         self.metrics.invalid_requests.inc();
                         tracing::debug!(drive = %self.config.id, error = %Chain(&e), "bad virtio-blk request");
                         // Tell the guest if it left room to be told.
-                        status_addr
-                            .map(|a| {
+                        status
+                            .filter(|(a, _)| {
                                 let ioerr = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
-                                u32::from(vm_memory::Bytes::write_obj(&*mem, ioerr, a).is_ok())
+                                vm_memory::Bytes::write_obj(&*mem, ioerr, *a).is_ok()
                             })
-                            .unwrap_or(0)
+                            .map_or(0, |(_, used_len)| used_len)
                     }
                 };
                 tracing::trace!(drive = %self.config.id, head, used_len, "virtio-blk request done");
@@ -355,7 +355,9 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::{d, hand_laid_queue, mem, NEXT, WRITE};
+    use crate::devices::virtio::test_utils::{
+        d, hand_laid_queue, mem, QueueLayout, WriteAudit, NEXT, WRITE,
+    };
     use std::io::{Read, Seek, SeekFrom, Write};
     use virtio_bindings::virtio_blk::*;
     use virtio_queue::desc::RawDescriptor;
@@ -427,7 +429,11 @@ mod tests {
             1,
             "activation wakes the event loop"
         );
+        // Every request served here is audited: the device writes nothing
+        // but the used ring and, of the chain, as much as it says it did.
+        let audit = WriteAudit::new(mem, &[QueueLayout::of(&vq, 16)]);
         blk.process_queue();
+        audit.check(mem);
         let used = vq.used();
         assert_eq!(used.idx().load(), 1, "exactly one request completed");
         let elem = used.ring().ref_at(0).unwrap().load();
@@ -547,7 +553,7 @@ mod tests {
     #[test]
     fn requests_beyond_the_disk_fail() {
         let disk = Disk::new(4096);
-        for (sector, len) in [
+        for (sector, data) in [
             (8u64, 512u32),
             (7, 1024),
             (u64::MAX, 512),
@@ -556,10 +562,12 @@ mod tests {
             let mut blk = block(&disk, false);
             let m = mem();
             header(&m, VIRTIO_BLK_T_IN, sector);
-            let (_, len, status) = serve(&mut blk, &m, &rw_chain(WRITE, len));
+            let (_, len, status) = serve(&mut blk, &m, &rw_chain(WRITE, data));
+            // The status is the last of the chain's writable bytes, and
+            // the used length counts from the first.
             assert_eq!(
                 (len, status),
-                (1, VIRTIO_BLK_S_IOERR as u8),
+                (data + 1, VIRTIO_BLK_S_IOERR as u8),
                 "sector {sector}"
             );
         }
@@ -614,7 +622,7 @@ mod tests {
             let (_, used, status) = serve(&mut blk, &m, &chain);
             assert_eq!(
                 (used, status),
-                (1, VIRTIO_BLK_S_IOERR as u8),
+                (len + 1, VIRTIO_BLK_S_IOERR as u8),
                 "{addr:#x}+{len:#x}"
             );
         }

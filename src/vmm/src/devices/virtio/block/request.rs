@@ -89,6 +89,8 @@ pub struct Request {
     pub data: Vec<(GuestAddress, u32)>,
     /// Where the status byte goes.
     pub status_addr: GuestAddress,
+    /// The used length once the status is written (see [`Completion`]).
+    pub used_len: u32,
 }
 
 /// The outcome of executing a request.
@@ -96,7 +98,10 @@ pub struct Request {
 pub struct Completion {
     /// VIRTIO_BLK_S_*.
     pub status: u8,
-    /// Bytes written into guest buffers, status byte included.
+    /// The used length: every device-writable byte of the chain once the
+    /// status byte is written (the status is the chain's last byte, and the
+    /// spec counts the length from the first writable one; QEMU does the
+    /// same), whatever the request's outcome; 0 when it could not be.
     pub used_len: u32,
 }
 
@@ -112,14 +117,15 @@ fn check_range(mem: &GuestMemoryMmap, d: &Descriptor) -> Result<(), RequestError
 }
 
 impl Request {
-    /// Parses `chain`. On error, the status address is returned too when it
-    /// could be found, so the guest can still be told. A chain with an
-    /// indirect descriptor is refused whole: its status byte, if any, lies
-    /// past the descriptor that was not followed.
+    /// Parses `chain`. On error, the status address and the used length to
+    /// return once it is written come too when the status could be found,
+    /// so the guest can still be told. A chain with an indirect descriptor
+    /// is refused whole: its status byte, if any, lies past the descriptor
+    /// that was not followed.
     pub fn parse(
         chain: Chain<'_>,
         mem: &GuestMemoryMmap,
-    ) -> Result<Request, (RequestError, Option<GuestAddress>)> {
+    ) -> Result<Request, (RequestError, Option<(GuestAddress, u32)>)> {
         let descs: Vec<Descriptor> = chain
             .collect::<Result<_, ChainError>>()
             .map_err(|e| (RequestError::Chain(e), None))?;
@@ -132,7 +138,16 @@ impl Request {
             return Err((RequestError::BadStatus, None));
         }
         let status_addr = status.addr();
-        let fail = |e| Err((e, Some(status_addr)));
+        // Every device-writable byte before the status, and the status.
+        let used_len = rest
+            .iter()
+            .filter(|d| d.is_write_only())
+            .map(|d| u64::from(d.len()))
+            .sum::<u64>()
+            + 1;
+        // A chain is below 4 GiB (virtio-queue stops there).
+        let used_len = u32::try_from(used_len).unwrap_or(u32::MAX);
+        let fail = |e| Err((e, Some((status_addr, used_len))));
         let Some((header, data)) = rest.split_first() else {
             return fail(RequestError::ChainTooShort);
         };
@@ -172,6 +187,7 @@ impl Request {
             sector,
             data: buffers,
             status_addr,
+            used_len,
         })
     }
 
@@ -192,31 +208,28 @@ impl Request {
         id: &[u8; ID_BYTES],
         io_log: &mut LogLimiter,
     ) -> Completion {
-        let (status, written) = match self.kind {
+        let status = match self.kind {
             RequestType::In | RequestType::Out => self.rw(mem, file, capacity, read_only, io_log),
             RequestType::Flush => {
                 let ok = read_only || file.sync_data().is_ok();
-                (
-                    if ok {
-                        VIRTIO_BLK_S_OK
-                    } else {
-                        VIRTIO_BLK_S_IOERR
-                    },
-                    0,
-                )
+                if ok {
+                    VIRTIO_BLK_S_OK
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                }
             }
             RequestType::GetId => self.get_id(mem, id),
             RequestType::Unsupported(t) => {
                 tracing::debug!(kind = t, "unsupported virtio-blk request");
-                (VIRTIO_BLK_S_UNSUPP, 0)
+                VIRTIO_BLK_S_UNSUPP
             }
         };
         let status = status as u8;
-        let status_written = mem.write_obj(status, self.status_addr).is_ok();
-        Completion {
-            status,
-            used_len: written + u32::from(status_written),
-        }
+        let used_len = match mem.write_obj(status, self.status_addr) {
+            Ok(()) => self.used_len,
+            Err(_) => 0,
+        };
+        Completion { status, used_len }
     }
 
     fn rw(
@@ -226,7 +239,7 @@ impl Request {
         capacity: u64,
         read_only: bool,
         io_log: &mut LogLimiter,
-    ) -> (u32, u32) {
+    ) -> u32 {
         let len = self.data_len();
         let in_bounds = self
             .sector
@@ -240,26 +253,24 @@ impl Request {
                 capacity,
                 "virtio-blk request beyond the disk"
             );
-            return (VIRTIO_BLK_S_IOERR, 0);
+            return VIRTIO_BLK_S_IOERR;
         };
         if len % SECTOR_SIZE != 0 || (self.kind == RequestType::Out && read_only) {
-            return (VIRTIO_BLK_S_IOERR, 0);
+            return VIRTIO_BLK_S_IOERR;
         }
         if let Some(done) = self.rw_vectored(mem, file, start) {
             return match done {
-                Ok(()) if self.kind == RequestType::In => (VIRTIO_BLK_S_OK, len as u32),
-                Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                Ok(()) => VIRTIO_BLK_S_OK,
                 Err(e) => {
                     crate::limited!(io_log, warn, error = %crate::error::Chain(&e), "virtio-blk I/O failed");
-                    (VIRTIO_BLK_S_IOERR, 0)
+                    VIRTIO_BLK_S_IOERR
                 }
             };
         }
         // Buffers that span a guest memory region boundary: one at a time.
         if file.seek(SeekFrom::Start(start)).is_err() {
-            return (VIRTIO_BLK_S_IOERR, 0);
+            return VIRTIO_BLK_S_IOERR;
         }
-        let mut written = 0u32;
         for (addr, l) in &self.data {
             let n = *l as usize;
             let r = if self.kind == RequestType::In {
@@ -269,13 +280,10 @@ impl Request {
             };
             if let Err(e) = r {
                 crate::limited!(io_log, warn, error = %crate::error::Chain(&e), "virtio-blk I/O failed");
-                return (VIRTIO_BLK_S_IOERR, written);
-            }
-            if self.kind == RequestType::In {
-                written += *l;
+                return VIRTIO_BLK_S_IOERR;
             }
         }
-        (VIRTIO_BLK_S_OK, written)
+        VIRTIO_BLK_S_OK
     }
 
     /// The whole request in one `preadv`/`pwritev` (repeated only for
@@ -347,14 +355,14 @@ impl Request {
         Some(Ok(()))
     }
 
-    fn get_id(&self, mem: &GuestMemoryMmap, id: &[u8; ID_BYTES]) -> (u32, u32) {
+    fn get_id(&self, mem: &GuestMemoryMmap, id: &[u8; ID_BYTES]) -> u32 {
         let Some((addr, len)) = self.data.first() else {
-            return (VIRTIO_BLK_S_IOERR, 0);
+            return VIRTIO_BLK_S_IOERR;
         };
         let n = (*len as usize).min(ID_BYTES);
         match mem.write_slice(&id[..n], *addr) {
-            Ok(()) => (VIRTIO_BLK_S_OK, n as u32),
-            Err(_) => (VIRTIO_BLK_S_IOERR, 0),
+            Ok(()) => VIRTIO_BLK_S_OK,
+            Err(_) => VIRTIO_BLK_S_IOERR,
         }
     }
 }

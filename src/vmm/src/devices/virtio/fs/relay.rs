@@ -741,7 +741,9 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::test_utils::{d, hand_laid_queue, mem, write_table, NEXT, WRITE};
+    use crate::devices::virtio::test_utils::{
+        d, hand_laid_queue, mem, write_table, QueueLayout, WriteAudit, NEXT, WRITE,
+    };
 
     const SIZE: u16 = 256;
     /// A shadow descriptor as the backend reads it: address, length, flags.
@@ -806,6 +808,33 @@ mod tests {
 
         fn layout(&self) -> Layout {
             self.shadow.layouts[1]
+        }
+
+        /// The relay forwards queue 1's new requests; it writes nothing
+        /// into guest memory but the used ring (audited).
+        fn requests(&mut self) -> Result<Served, RelayError> {
+            let audit = WriteAudit::new(&self.mem, &[self.guest_queue()]);
+            let served = self.relay.requests(&self.shadow, 1);
+            audit.check(&self.mem);
+            served
+        }
+
+        /// The relay returns queue 1's replies; it writes nothing into
+        /// guest memory but the used ring and, of each chain it returns,
+        /// as much as the used length says (audited).
+        fn replies(&mut self) -> Result<Served, RelayError> {
+            let audit = WriteAudit::new(&self.mem, &[self.guest_queue()]);
+            let served = self.relay.replies(&self.shadow, 1);
+            audit.check(&self.mem);
+            served
+        }
+
+        fn guest_queue(&self) -> QueueLayout {
+            QueueLayout {
+                desc_table: 0,
+                used_ring: USED,
+                size: SIZE,
+            }
         }
 
         /// The backend takes the next shadow chain: its head and its
@@ -881,7 +910,7 @@ mod tests {
             ],
         );
         rig.offer(0);
-        let served = rig.relay.requests(&rig.shadow, 1).unwrap();
+        let served = rig.requests().unwrap();
         assert_eq!(served.forwarded, 1);
         assert_eq!(served.bytes_in, 44);
         let (head, descs) = rig.backend_take().unwrap();
@@ -901,7 +930,7 @@ mod tests {
 
         let reply: Vec<u8> = (0..30u8).collect();
         rig.backend_use(u32::from(head), reply_at, &reply, 30);
-        let served = rig.relay.replies(&rig.shadow, 1).unwrap();
+        let served = rig.replies().unwrap();
         assert_eq!((served.returned, served.bytes_out), (1, 30));
         assert_eq!(rig.guest_used(), vec![(0, 30)]);
         let mut first = [0u8; 16];
@@ -926,12 +955,12 @@ mod tests {
             .unwrap();
         write_table(&rig.mem, 0, &[d(0x1_0000, 48, 0, 0)]);
         rig.offer(0);
-        rig.relay.requests(&rig.shadow, 1).unwrap();
+        rig.requests().unwrap();
         let (head, descs) = rig.backend_take().unwrap();
         assert_eq!(descs.len(), 1);
         assert_eq!((descs[0].1, descs[0].2), (48, 0));
         rig.backend_use(u32::from(head), descs[0].0, &[], 0);
-        rig.relay.replies(&rig.shadow, 1).unwrap();
+        rig.replies().unwrap();
         assert_eq!(rig.guest_used(), vec![(0, 0)]);
         assert!(rig.relay.queues[1].idle());
     }
@@ -963,7 +992,7 @@ mod tests {
         for head in [0, 2, 4, 6] {
             rig.offer(head);
         }
-        let served = rig.relay.requests(&rig.shadow, 1).unwrap();
+        let served = rig.requests().unwrap();
         assert_eq!(
             (served.forwarded, served.invalid, served.returned),
             (0, 4, 4)
@@ -990,7 +1019,7 @@ mod tests {
             ],
         );
         rig.offer(0);
-        let served = rig.relay.requests(&rig.shadow, 1).unwrap();
+        let served = rig.requests().unwrap();
         assert_eq!((served.forwarded, served.invalid), (0, 1));
         assert_eq!(rig.guest_used(), vec![(0, FUSE_OUT_HEADER)]);
         let mut out = [0u8; 16];
@@ -1027,7 +1056,7 @@ mod tests {
         for i in 0..chains {
             rig.offer(2 * i);
         }
-        let served = rig.relay.requests(&rig.shadow, 1).unwrap();
+        let served = rig.requests().unwrap();
         assert_eq!(served.forwarded, 60);
         let mut taken = Vec::new();
         while let Some(t) = rig.backend_take() {
@@ -1038,7 +1067,7 @@ mod tests {
         for (head, descs) in taken.drain(..10) {
             rig.backend_use(u32::from(head), descs[1].0, b"ok", 2);
         }
-        let served = rig.relay.replies(&rig.shadow, 1).unwrap();
+        let served = rig.replies().unwrap();
         assert_eq!((served.returned, served.forwarded), (10, 10));
         while let Some(t) = rig.backend_take() {
             taken.push(t);
@@ -1048,7 +1077,7 @@ mod tests {
             for (head, descs) in std::mem::take(&mut taken) {
                 rig.backend_use(u32::from(head), descs[1].0, b"ok", 2);
             }
-            rig.relay.replies(&rig.shadow, 1).unwrap();
+            rig.replies().unwrap();
             while let Some(t) = rig.backend_take() {
                 taken.push(t);
             }
@@ -1084,11 +1113,11 @@ mod tests {
             &[d(0x1_0000, 40, NEXT, 1), d(0x3_0000, 16, WRITE, 0)],
         );
         rig.offer(0);
-        rig.relay.requests(&rig.shadow, 1).unwrap();
+        rig.requests().unwrap();
         let (head, descs) = rig.backend_take().unwrap();
         // It claims to have written more than the room it was given.
         rig.backend_use(u32::from(head), descs[1].0, &[0x11; 16], 4096);
-        rig.relay.replies(&rig.shadow, 1).unwrap();
+        rig.replies().unwrap();
         assert_eq!(rig.guest_used(), vec![(0, 16)]);
         let mut after = [0u8; 16];
         rig.mem
@@ -1099,7 +1128,7 @@ mod tests {
         for id in [u32::from(head), 1, 4096] {
             rig.backend_use(id, descs[1].0, &[], 0);
             assert!(matches!(
-                rig.relay.replies(&rig.shadow, 1),
+                rig.replies(),
                 Err(RelayError::UnknownChain { .. })
             ));
         }
@@ -1110,10 +1139,7 @@ mod tests {
             GuestAddress(rig.layout().used + 2),
         )
         .unwrap();
-        assert!(matches!(
-            rig.relay.replies(&rig.shadow, 1),
-            Err(RelayError::UsedIndex { .. })
-        ));
+        assert!(matches!(rig.replies(), Err(RelayError::UsedIndex { .. })));
     }
 
     #[test]

@@ -651,7 +651,9 @@ impl VirtioDevice for Mem {
 mod tests {
     use super::*;
     use crate::devices::virtio::mem::persist::MemSnapshotError;
-    use crate::devices::virtio::test_utils::{d, hand_laid_queue, NEXT, WRITE};
+    use crate::devices::virtio::test_utils::{
+        d, hand_laid_queue, QueueLayout, WriteAudit, NEXT, WRITE,
+    };
     use std::sync::Mutex;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -739,7 +741,10 @@ mod tests {
             1,
             "activation wakes the loop"
         );
+        // The plugged region's pages are the device's to discard.
+        let audit = WriteAudit::except_regions(m, &[QueueLayout::of(&vq, 16)], &[BASE]);
         dev.process_queue();
+        audit.check(m);
         let used = vq.used();
         assert_eq!(used.idx().load(), 1, "the chain went back to the guest");
         let mut resp = [0u8; 10];

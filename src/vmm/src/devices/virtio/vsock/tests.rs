@@ -19,7 +19,9 @@ use super::muxer::FIRST_LOCAL_PORT;
 use super::packet::{op, Header, HDR_SIZE, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::persist::{RESET_GRACE, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET};
 use super::{Vsock, VsockConfig, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
-use crate::devices::virtio::test_utils::{d as desc, guest_mem, NEXT, WRITE};
+use crate::devices::virtio::test_utils::{
+    d as desc, guest_mem, QueueLayout, WriteAudit, NEXT, WRITE,
+};
 use crate::devices::virtio::VirtioDevice;
 
 const QSIZE: u16 = 64;
@@ -104,10 +106,15 @@ impl Guest {
         self.dir.join("v.sock")
     }
 
-    /// Runs the event loop until it is idle. Panics if it never is (a busy loop).
+    /// Runs the event loop until it is idle. Panics if it never is (a busy
+    /// loop), or if the device wrote guest memory it was not given: every
+    /// test's device work is audited byte for byte.
     fn pump(&mut self) {
+        let queues = [&self.rx, &self.tx, &self.ev].map(|q| QueueLayout::of(q, QSIZE));
+        let audit = WriteAudit::new(self.mem, &queues);
         for _ in 0..1000 {
             if self.em.run_with_timeout(20).unwrap() == 0 {
+                audit.check(self.mem);
                 return;
             }
         }
