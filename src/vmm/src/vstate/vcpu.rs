@@ -4,7 +4,7 @@
 //! [`ExitNotifier`]. A vCPU leaves KVM_RUN when kicked with
 //! [`vcpu_kick_signal`] and stops once the VM's stop flag is set.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -124,6 +124,10 @@ pub struct PauseGate {
     /// A snapshot's request for every parked vCPU's state (see
     /// [`PauseGate::request_state`]).
     state_request: Mutex<Option<StateRequest>>,
+    /// The last request's generation: it only grows, so a vCPU that
+    /// answered one request (its `served`) answers every later one, also
+    /// after the request was cleared and the VM resumed and paused again.
+    generations: AtomicU64,
 }
 
 /// What a parked vCPU answers a state request with.
@@ -186,7 +190,7 @@ impl PauseGate {
         let (reply, answers) = mpsc::channel();
         {
             let mut slot = self.state_request.lock().unwrap_or_else(|e| e.into_inner());
-            let generation = slot.as_ref().map_or(1, |r| r.generation + 1);
+            let generation = self.generations.fetch_add(1, Ordering::AcqRel) + 1;
             *slot = Some(StateRequest {
                 generation,
                 msrs,
@@ -548,5 +552,46 @@ impl Vcpu {
                 detail: format!("KVM_RUN failed: {e}"),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parked_vcpu_answers_the_state_request_of_every_pause() {
+        // A vCPU thread's loop, without KVM: park between "runs", answer
+        // state requests with the request's generation.
+        let gate = Arc::new(PauseGate::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, answers) = mpsc::channel();
+        let vcpu = {
+            let (gate, stop) = (gate.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut served = 0;
+                while !stop.load(Ordering::Acquire) {
+                    gate.park_if_requested(&stop, &mut served, |r| {
+                        let _ = tx.send(r.generation);
+                    });
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        };
+        // Snapshot, resume, pause, snapshot again: each request answered
+        // (the second was once left unanswered: its generation restarted
+        // at the first's after the first was cleared).
+        for pause in 0..3 {
+            gate.request_pause();
+            assert!(gate.wait_parked(1, Duration::from_secs(5)), "pause {pause}");
+            let _replies = gate.request_state(Arc::new(Vec::new()));
+            let answered = answers.recv_timeout(Duration::from_secs(5));
+            assert!(answered.is_ok(), "pause {pause}: no answer");
+            gate.clear_state_request();
+            gate.resume();
+        }
+        stop.store(true, Ordering::Release);
+        gate.wake_all();
+        vcpu.join().unwrap();
     }
 }
