@@ -38,6 +38,7 @@ mod api;
 mod fs;
 mod hotplug;
 mod io;
+mod kernel_text;
 mod meta;
 mod net;
 mod pod;
@@ -104,6 +105,10 @@ enum Bench {
     /// The report of one or more soak runs' SOAK-RUN lines and run.sh's
     /// record of the node VM's own failures.
     SoakReport(soak::SoakReportArgs),
+    /// Whether the guest kernel's code or read-only data changed between
+    /// two snapshots' memory files of one VM (a VMM writing memory it does
+    /// not own).
+    KernelText(kernel_text::KernelTextArgs),
     /// Serve vsock test streams (echo, upload, download) until told to quit.
     VsockServe(VsockServeArgs),
     /// Open concurrent vsock test streams and check every byte.
@@ -526,6 +531,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Bench::Hotplug(b) => hotplug::run(b)?,
         Bench::Soak(b) => soak::soak(b)?,
         Bench::SoakReport(a) => soak::soak_report(a)?,
+        Bench::KernelText(a) => kernel_text::kernel_text(a)?,
         Bench::Net(b) => net::net(b)?,
         Bench::Tap(a) => return net::tap(a),
         Bench::Vsock(b) => vsock::bench(&b.guest, b.port, b.size_mib, b.streams)?,
