@@ -379,8 +379,8 @@ husk_test_summary() {
         again, again == 1 ? "" : "s", by["soft lockup"], by["panic"], by["silent stop"]
       if (gave_up) printf ", failed on its second boot too %d time%s", gave_up, gave_up == 1 ? "" : "s"
     }' "${failures:-/dev/null}"
-  # husk's timers serve a virtio queue only when its notification was
+  # husk's timers count and log a virtio queue whose notification was
   # lost (tests/support prints each such warning it sees).
   awk '/^husk-tests: .*: lost queue notification: / { n++ }
-    END { printf "; queue notifications lost and served by husk'"'"'s timer: %d\n", n }' "$results"
+    END { printf "; queue notifications lost (found by husk'"'"'s timer): %d\n", n }' "$results"
 }

@@ -395,7 +395,7 @@ fn report_node_failures(output: &str) {
 }
 
 /// Says on the terminal, even for a test that passes, that husk's timer
-/// served a virtio queue whose notification was lost (its warning "...
+/// found a virtio queue whose notification was lost (its warning "...
 /// waited a whole second without a notification ...", in whatever of
 /// husk's log the scenario printed). resources/test.sh counts them in its
 /// closing line.

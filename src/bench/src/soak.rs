@@ -22,8 +22,8 @@
 //! VMM's log and of the guest's serial console in its record.
 //!
 //! The husk of each creation writes its metrics at exit; the
-//! `*_found_by_timer` counters (queues husk re-served from its one-second
-//! timers rather than from a guest notification) are summed per creation.
+//! `*_found_by_timer` counters (lost queue notifications husk's
+//! one-second timers found) are summed per creation.
 //! Each creation is one `SOAK-RUN {json}` line on stdout as it ends, so a
 //! node VM that fails half-way loses nothing it measured;
 //! `husk-bench soak-report` adds those lines and resources/node/run.sh's
@@ -36,7 +36,7 @@
 //! the VMM or on what runs it by measurement. Firecracker ends on a guest
 //! triple fault with its generic error code and logs the unexpected
 //! `Shutdown` exit, which is how its triple faults are told apart; it has
-//! no re-serve timers (its `found_by_timer` is 0).
+//! no such timers (its `found_by_timer` is 0).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

@@ -100,16 +100,13 @@ pub struct NetMetrics {
     pub tx_errors: Counter,
     /// Malformed descriptor chains returned unused.
     pub invalid_chains: Counter,
-    /// Used-ring interrupts raised again by the once-a-second pass (after
-    /// buffers were returned, or while a frame waits for rx buffers).
-    pub interrupts_by_timer: Counter,
     /// Times tx frames waited a whole tick of the once-a-second timer with
-    /// no notification and none taken, and the timer sent them: a lost
-    /// queue notification (0 unless one was lost).
+    /// no notification and none taken: a lost queue notification (0 unless
+    /// one was lost; counted and logged, not served).
     pub tx_found_by_timer: Counter,
     /// Times a frame waited a whole tick for rx buffers the guest had
-    /// already given, with no notification, and the timer delivered it: a
-    /// lost queue notification (0 unless one was lost).
+    /// already given, with no notification: a lost queue notification (0
+    /// unless one was lost; counted and logged, not served).
     pub rx_found_by_timer: Counter,
 }
 
@@ -127,8 +124,8 @@ pub struct VsockMetrics {
     /// Malformed descriptor chains returned unused.
     pub invalid_chains: Counter,
     /// Times tx packets waited a whole tick of the once-a-second timer
-    /// with no notification and none taken, and the timer served them: a
-    /// lost queue notification (0 unless one was lost).
+    /// with no notification and none taken: a lost queue notification (0
+    /// unless one was lost; counted and logged, not served).
     pub tx_found_by_timer: Counter,
     /// Passes over the tx queue that stopped at the per-turn budget (a
     /// queue's worth) with the guest still adding packets.

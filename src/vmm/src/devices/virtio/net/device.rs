@@ -200,8 +200,6 @@ pub struct Net {
     rx_frame: Vec<u8>,
     /// Length of the frame waiting in `rx_frame`, 0 when none.
     rx_pending: usize,
-    /// Whether buffers went back to the guest since the timer's last pass.
-    returned_since_tick: bool,
     tx_frame: Vec<u8>,
     metrics: std::sync::Arc<crate::metrics::NetMetrics>,
     /// Once a second the event loop serves a queue whose notification was
@@ -288,7 +286,6 @@ impl Net {
             state: State::Inactive,
             rx_frame: vec![0; MAX_FRAME_LEN],
             rx_pending: 0,
-            returned_since_tick: false,
             tx_frame: vec![0; MAX_FRAME_LEN],
             metrics: Default::default(),
             guest_log: LogLimiter::default(),
@@ -318,22 +315,6 @@ impl Net {
         self.rx_pending = 0;
     }
 
-    /// The timer's guard against a lost interrupt: raises the used-ring
-    /// interrupt again if buffers went back to the guest since the last
-    /// pass, or a frame still waits for rx buffers. A driver that missed
-    /// an interrupt would otherwise never look at its rings again (it
-    /// refills rx and reclaims tx buffers only when told); a spurious one
-    /// costs it one look. Returns whether it raised one.
-    pub(super) fn reraise_interrupt(&mut self) -> bool {
-        let due = std::mem::take(&mut self.returned_since_tick) || self.rx_pending != 0;
-        if due && matches!(self.state, State::Active { .. }) && !self.backend_gone {
-            self.metrics.interrupts_by_timer.inc();
-            self.interrupt.trigger(INTERRUPT_USED_RING);
-            return true;
-        }
-        false
-    }
-
     /// Once a tick of the timer: which queues' notifications were lost
     /// (see [`StaleQueue`]), as (rx, tx), each counted and logged. Tx is
     /// stale when frames waited a whole tick untaken; rx when a frame
@@ -354,7 +335,7 @@ impl Net {
         ] {
             if lost {
                 counter.inc();
-                crate::limited!(self.guest_log, warn, net = %self.id, queue, "buffers waited a whole second without a notification; the timer serves the queue");
+                crate::limited!(self.guest_log, warn, net = %self.id, queue, "buffers waited a whole second without a notification: a lost queue notification");
             }
         }
         (rx, tx)
@@ -422,7 +403,6 @@ impl Net {
         }
         if let (true, State::Active { mem, rx, .. }) = (delivered, &mut self.state) {
             Self::notify_guest(&self.interrupt, rx, mem, &self.id);
-            self.returned_since_tick = true;
         }
         outcome
     }
@@ -594,7 +574,6 @@ impl Net {
         }
         if completed > 0 {
             Self::notify_guest(&self.interrupt, tx, mem, &self.id);
-            self.returned_since_tick = true;
         }
         if completed == BUDGET {
             // More may be queued (and notifications are still off): come

@@ -1,7 +1,6 @@
 //! Wires a network device into the VMM's event loop: the rx and tx queue
-//! eventfds, the backend (tap) fd, and a one-second timer that serves a
-//! queue whose notification was lost (it waited a whole tick), and raises
-//! the used-ring interrupt again when the guest may have missed one.
+//! eventfds, the backend (tap) fd, and a one-second timer that counts and
+//! logs a queue whose notification was lost (it waited a whole tick).
 //!
 //! The backend is polled only while its frames can go somewhere: when a
 //! frame waits for rx buffers the guest has not given yet, the backend's
@@ -31,25 +30,15 @@ impl Net {
         }
     }
 
-    /// Once a second, from the timer: serves a queue whose notification
-    /// was lost (buffers that waited a whole tick with none taken; seen as
-    /// rare stalls of heavy transfers in the node VM's nested emulation:
-    /// such a loss then costs a second or two, not the connection, and is
-    /// counted in `*_found_by_timer`), and raises the used-ring interrupt
-    /// again where the guest may have missed one.
-    pub(super) fn poll_queues(&mut self, ops: &mut EventOps) {
-        let (rx_lost, tx_lost) = self.lost_notifications();
-        if tx_lost && !self.process_tx() {
-            self.stop_polling_backend(ops);
-            return;
-        }
-        if rx_lost {
-            let outcome = self.process_rx();
-            self.after_rx(outcome, ops);
-        }
-        if self.reraise_interrupt() {
-            tracing::trace!(net = %self.id(), "used-ring interrupt raised again by the timer");
-        }
+    /// Once a second, from the timer: counts and logs a queue whose
+    /// notification was lost (buffers that waited a whole tick with none
+    /// taken, `*_found_by_timer`), and leaves it to its next notification.
+    /// Until December 2026 the timer also served such a queue and raised
+    /// the used-ring interrupt again; it found nothing to serve in over a
+    /// thousand soak creations and every test run since it counted, so it
+    /// no longer hides a loss (issue 22): a transfer that stops says why.
+    pub(super) fn watch_queues(&mut self) {
+        let _ = self.lost_notifications();
     }
 
     fn after_rx(&mut self, outcome: RxOutcome, ops: &mut EventOps) {
@@ -85,7 +74,7 @@ impl MutEventSubscriber for Net {
             self.after_rx(outcome, ops);
         } else if fd == self.timer.as_raw_fd() {
             let _ = self.timer.wait();
-            self.poll_queues(ops);
+            self.watch_queues();
         }
     }
 
@@ -186,7 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn the_timer_serves_a_tx_queue_whose_notification_never_came() {
+    fn the_timer_counts_a_tx_queue_whose_notification_never_came_and_leaves_it() {
         let m = mem();
         let r = rig(None, false);
         let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
@@ -200,18 +189,27 @@ mod tests {
         activate(&mut net.lock().unwrap(), &m, &rxq, &txq, 0);
         // Drain what activation set off.
         while em.run_with_timeout(100).unwrap() > 0 {}
-        // A frame queued without a notification is sent all the same,
-        // once it has waited a whole period of the timer.
+        // A frame queued without a notification is counted as a lost
+        // notification once it has waited a whole period of the timer,
+        // and left to its notification: nothing absorbs the loss.
         txq.add_desc_chains(&[d(0x10_0000, 60, 0, 0)], 0).unwrap();
-        assert_eq!(txq.used().idx().load(), 0);
         let t0 = std::time::Instant::now();
-        while txq.used().idx().load() == 0 && t0.elapsed() < std::time::Duration::from_secs(3) {
+        while net.lock().unwrap().metrics().tx_found_by_timer.get() == 0
+            && t0.elapsed() < std::time::Duration::from_secs(3)
+        {
             em.run_with_timeout(400).unwrap();
         }
-        assert_eq!(txq.used().idx().load(), 1);
-        let mut buf = [0u8; 100];
-        assert_eq!(r.peer.recv(&mut buf).unwrap(), 60);
         assert_eq!(net.lock().unwrap().metrics().tx_found_by_timer.get(), 1);
+        assert_eq!(txq.used().idx().load(), 0);
+        let mut buf = [0u8; 100];
+        assert!(r.peer.recv(&mut buf).is_err(), "nothing was sent");
+        // Its notification, when it comes, sends it.
+        net.lock().unwrap().queue_events()[TX_QUEUE]
+            .write(1)
+            .unwrap();
+        while em.run_with_timeout(100).unwrap() > 0 {}
+        assert_eq!(txq.used().idx().load(), 1);
+        assert_eq!(r.peer.recv(&mut buf).unwrap(), 60);
     }
 
     #[test]
@@ -248,40 +246,6 @@ mod tests {
         assert_eq!(net.lost_notifications(), (false, false));
         assert_eq!(net.metrics().tx_found_by_timer.get(), 1);
         assert_eq!(net.metrics().rx_found_by_timer.get(), 1);
-    }
-
-    #[test]
-    fn the_timer_raises_the_interrupt_again_after_returns_and_while_rx_starves() {
-        let m = mem();
-        let r = rig(None, false);
-        let rxq = MockSplitQueue::create(&m, GuestAddress(RXQ), 16);
-        let txq = MockSplitQueue::create(&m, GuestAddress(TXQ), 16);
-        let mut net = r.net;
-        activate(&mut net, &m, &rxq, &txq, 0);
-        let irq = |net: &Net| net.interrupt().irqfd().read().ok();
-        // Idle since activation: nothing to raise.
-        assert!(!net.reraise_interrupt());
-        assert_eq!(irq(&net), None);
-        // A tx frame completed (and its interrupt perhaps lost): raised
-        // once more by the next pass, not by the one after.
-        txq.add_desc_chains(&[d(0x10_0000, 60, 0, 0)], 0).unwrap();
-        assert!(net.process_tx());
-        assert_eq!(irq(&net), Some(1));
-        assert!(net.reraise_interrupt());
-        assert_eq!(irq(&net), Some(1));
-        assert!(!net.reraise_interrupt());
-        // A frame waits for rx buffers the guest does not give: raised on
-        // every pass until it is delivered.
-        r.peer.send(&frame(100, 0)).unwrap();
-        assert_eq!(net.process_rx(), RxOutcome::NoBuffers);
-        assert!(net.reraise_interrupt());
-        assert!(net.reraise_interrupt());
-        assert_eq!(net.metrics().interrupts_by_timer.get(), 3);
-        rxq.add_desc_chains(&[d(0x10_1000, 2048, WRITE, 0)], 0)
-            .unwrap();
-        assert_eq!(net.process_rx(), RxOutcome::Drained);
-        assert!(net.reraise_interrupt());
-        assert!(!net.reraise_interrupt());
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Wires the vsock device into the VMM's event loop: its three queue
 //! eventfds, its wake eventfd, a one-second timer (it expires unanswered
-//! REQUESTs, serves a tx queue whose notification was lost, and raises the
-//! used-ring interrupt again while streams are open; after a restore it
-//! also ends the wait for a transport reset the guest never takes), the
+//! REQUESTs and counts a tx queue whose notification was lost; after a
+//! restore it also ends the wait for a transport reset the guest never
+//! takes), the
 //! listening socket, and (through the muxer) every host stream socket,
 //! each with its own token. The event queue's notification (the guest
 //! posted an event buffer back) ends that wait at once.
@@ -42,8 +42,7 @@ impl Vsock {
             TOKEN_TIMER => {
                 let _ = self.timer().wait();
                 self.muxer.expire_requests(std::time::Instant::now());
-                self.serve_stale_tx();
-                self.nudge();
+                self.watch_tx();
             }
             t if t >= FIRST_SOCKET_TOKEN => self.muxer.host_event(t, events),
             _ => {}
