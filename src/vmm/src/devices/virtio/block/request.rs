@@ -98,10 +98,11 @@ pub struct Request {
 pub struct Completion {
     /// VIRTIO_BLK_S_*.
     pub status: u8,
-    /// The used length: every device-writable byte of the chain once the
-    /// status byte is written (the status is the chain's last byte, and the
-    /// spec counts the length from the first writable one; QEMU does the
-    /// same), whatever the request's outcome; 0 when it could not be.
+    /// The used length once the status byte is written, whatever the
+    /// request's outcome: every device-writable byte before the status
+    /// byte, and the status byte (the spec counts the length from the
+    /// first writable byte, and the status comes last; QEMU returns the
+    /// same); 0 when it could not be written.
     pub used_len: u32,
 }
 
