@@ -35,8 +35,11 @@
 #                                                        default 5 and 32) and exits; rates per 1,000
 #                                                        creations of triple faults, stalls and the
 #                                                        node VM's own failures (docs/testing.md);
-#                                                        with --firecracker, the same creations by
-#                                                        that binary after husk's, a second report
+#                                                        with --firecracker, that binary and husk
+#                                                        take turns in the same node boots (N in
+#                                                        all), each with its own counts; a stalled
+#                                                        guest is snapshotted before it is stopped
+#                                                        and its kernel text and registers examined
 #   resources/bench.sh cri [--runs N]                    pod start through containerd's CRI plugin
 #                                                        (RunPodSandbox to a running container),
 #                                                        handler husk against runc, where each
@@ -132,10 +135,11 @@ soak_vmm() {
 case $mode in
   soak)
     vsock_guest
-    soak_vmm husk
     if [[ -n $firecracker ]]; then
       cp "$firecracker" "$payload/firecracker"
-      soak_vmm firecracker
+      soak_vmm husk,firecracker
+    else
+      soak_vmm husk
     fi
     ;;
   boot)

@@ -43,7 +43,74 @@ pub struct ApiBench {
 pub(crate) struct Vmm {
     pub(crate) child: Child,
     pub(crate) dir: PathBuf,
+    api: Api,
+}
+
+/// One keep-alive connection to a VMM's API socket.
+pub(crate) struct Api {
     conn: UnixStream,
+}
+
+impl Api {
+    /// Connects to the API socket at `sock`; a reply may take `timeout`.
+    pub(crate) fn connect(sock: &Path, timeout: Duration) -> anyhow::Result<Api> {
+        let conn = UnixStream::connect(sock)
+            .with_context(|| format!("cannot connect to {}", sock.display()))?;
+        conn.set_read_timeout(Some(timeout))?;
+        Ok(Api { conn })
+    }
+
+    /// One request; returns (status, body).
+    pub(crate) fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let body = body.map(Value::to_string).unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.conn.write_all(req.as_bytes())?;
+        let mut head = Vec::with_capacity(256);
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if self.conn.read(&mut byte)? == 0 {
+                bail!("the API closed the connection");
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head);
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("no status")?;
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0usize);
+        let mut body = vec![0u8; len];
+        self.conn.read_exact(&mut body)?;
+        Ok((status, body))
+    }
+
+    /// One request that must answer `status`; returns the body.
+    pub(crate) fn expect(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Value,
+        status: u16,
+    ) -> anyhow::Result<Vec<u8>> {
+        let (got, resp) = self.call(method, path, Some(&body))?;
+        if got != status {
+            bail!("{method} {path}: {got} {}", String::from_utf8_lossy(&resp));
+        }
+        Ok(resp)
+    }
 }
 
 impl Vmm {
@@ -89,9 +156,8 @@ impl Vmm {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        let conn = UnixStream::connect(&sock)?;
-        conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Vmm { child, dir, conn })
+        let api = Api::connect(&sock, Duration::from_secs(30))?;
+        Ok(Vmm { child, dir, api })
     }
 
     /// One request; returns (status, body).
@@ -101,34 +167,7 @@ impl Vmm {
         path: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<(u16, Vec<u8>)> {
-        let body = body.map(Value::to_string).unwrap_or_default();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        self.conn.write_all(req.as_bytes())?;
-        let mut head = Vec::with_capacity(256);
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            if self.conn.read(&mut byte)? == 0 {
-                bail!("the API closed the connection");
-            }
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head);
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("no status")?;
-        let len = head
-            .lines()
-            .find_map(|l| l.strip_prefix("Content-Length: "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0usize);
-        let mut body = vec![0u8; len];
-        self.conn.read_exact(&mut body)?;
-        Ok((status, body))
+        self.api.call(method, path, body)
     }
 
     /// Configures the boot tests' guest: 1 vCPU, 128 MiB, `kernel` and
@@ -176,11 +215,7 @@ impl Vmm {
         body: Value,
         status: u16,
     ) -> anyhow::Result<Vec<u8>> {
-        let (got, resp) = self.call(method, path, Some(&body))?;
-        if got != status {
-            bail!("{method} {path}: {got} {}", String::from_utf8_lossy(&resp));
-        }
-        Ok(resp)
+        self.api.expect(method, path, body, status)
     }
 }
 

@@ -18,7 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// Flags of `husk-bench kernel-text`.
 #[derive(clap::Args)]
@@ -176,20 +176,39 @@ fn read_section(f: &File, path: &Path, phys: u64, len: u64) -> anyhow::Result<Ve
     Ok(buf)
 }
 
+/// The two memory files' names, for errors.
+struct Paths<'a> {
+    before: &'a Path,
+    after: &'a Path,
+}
+
 /// Compares; the JSON says where and what changed. Fails only when the
 /// files cannot be read: the caller judges `unexpected`.
-pub fn kernel_text(a: KernelTextArgs) -> anyhow::Result<serde_json::Value> {
-    let elf = std::fs::read(&a.vmlinux)
-        .with_context(|| format!("cannot read {}", a.vmlinux.display()))?;
-    let kernel = Kernel::parse(&elf).with_context(|| format!("{}", a.vmlinux.display()))?;
+pub fn kernel_text(a: KernelTextArgs) -> anyhow::Result<Value> {
+    compare(&a.vmlinux, &a.before, &a.after)
+}
+
+fn read_kernel(vmlinux: &Path) -> anyhow::Result<Kernel> {
+    let elf =
+        std::fs::read(vmlinux).with_context(|| format!("cannot read {}", vmlinux.display()))?;
+    Kernel::parse(&elf).with_context(|| format!("{}", vmlinux.display()))
+}
+
+/// [`kernel_text`] on two memory files of a guest that booted `vmlinux`.
+pub fn compare(vmlinux: &Path, before_path: &Path, after_path: &Path) -> anyhow::Result<Value> {
+    let kernel = read_kernel(vmlinux)?;
     let open = |p: &Path| File::open(p).with_context(|| format!("cannot open {}", p.display()));
-    let (before, after) = (open(&a.before)?, open(&a.after)?);
+    let (before, after) = (open(before_path)?, open(after_path)?);
+    let a = Paths {
+        before: before_path,
+        after: after_path,
+    };
     let mut compared = 0u64;
     let mut changes = Vec::new();
     let mut unexpected = 0u64;
     for (name, vaddr, phys, len) in &kernel.sections {
-        let x = read_section(&before, &a.before, *phys, *len)?;
-        let y = read_section(&after, &a.after, *phys, *len)?;
+        let x = read_section(&before, a.before, *phys, *len)?;
+        let y = read_section(&after, a.after, *phys, *len)?;
         if x.iter().all(|&c| c == 0) {
             bail!(
                 "{name} is all zeroes in {}: not this kernel's memory",
@@ -222,9 +241,142 @@ pub fn kernel_text(a: KernelTextArgs) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+/// Bits 51:12 of a page-table entry or CR3: the next table or the page.
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+const PRESENT: u64 = 1;
+/// A 2 MiB or 1 GiB page in a page directory or PDPT entry.
+const HUGE: u64 = 1 << 7;
+/// CR4.LA57: five paging levels.
+const CR4_LA57: u64 = 1 << 12;
+
+/// How a guest virtual address translates through the page tables at
+/// `cr3` in a memory file (file offset = guest physical address).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Walk {
+    /// To this guest physical address.
+    Mapped(u64),
+    /// Not present at this level (5 or 4 = the top table, 1 = the PTE).
+    NotPresent { level: u8 },
+    /// A table lies outside the file: the entry above it is garbage.
+    TableOutside { level: u8, table: u64 },
+}
+
+/// Walks `va` through the guest's 4- or 5-level page tables (x86-64 long
+/// mode); also returns each level's entry as read.
+pub fn walk(mem: &File, cr3: u64, cr4: u64, va: u64) -> anyhow::Result<(Walk, Vec<u64>)> {
+    let len = mem.metadata()?.len();
+    let levels: u8 = if cr4 & CR4_LA57 != 0 { 5 } else { 4 };
+    let mut table = cr3 & ADDR_MASK;
+    let mut entries = Vec::new();
+    for level in (1..=levels).rev() {
+        let shift = 12 + 9 * u32::from(level - 1);
+        let at = table + ((va >> shift) & 0x1ff) * 8;
+        if at + 8 > len {
+            return Ok((Walk::TableOutside { level, table }, entries));
+        }
+        let mut e = [0u8; 8];
+        mem.read_exact_at(&mut e, at)?;
+        let entry = u64::from_le_bytes(e);
+        entries.push(entry);
+        if entry & PRESENT == 0 {
+            return Ok((Walk::NotPresent { level }, entries));
+        }
+        let page = 1u64 << shift;
+        if level == 1 || ((level == 2 || level == 3) && entry & HUGE != 0) {
+            let base = entry & ADDR_MASK & !(page - 1);
+            return Ok((Walk::Mapped(base | (va & (page - 1))), entries));
+        }
+        table = entry & ADDR_MASK;
+    }
+    unreachable!("level 1 always returns")
+}
+
+/// What a stuck guest's `va` is: where it maps in the memory file `mem`,
+/// the kernel symbol it falls in (if in the image) and the 32 bytes there.
+pub fn describe(vmlinux: &Path, mem: &Path, cr3: u64, cr4: u64, va: u64) -> anyhow::Result<Value> {
+    let kernel = read_kernel(vmlinux)?;
+    let f = File::open(mem).with_context(|| format!("cannot open {}", mem.display()))?;
+    let (w, entries) = walk(&f, cr3, cr4, va)?;
+    let in_image = kernel
+        .sections
+        .iter()
+        .any(|(_, v, _, l)| va >= *v && va < v + l);
+    let mut out = json!({
+        "addr": format!("{va:#x}"),
+        "entries": entries.iter().map(|e| format!("{e:#x}")).collect::<Vec<_>>(),
+        "symbol": in_image.then(|| kernel.symbol(va).0),
+    });
+    match w {
+        Walk::Mapped(phys) => {
+            out["phys"] = json!(format!("{phys:#x}"));
+            let mut bytes = [0u8; 32];
+            if f.read_exact_at(&mut bytes, phys).is_ok() {
+                out["bytes"] = json!(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+            }
+        }
+        Walk::NotPresent { level } => out["not_present_at_level"] = json!(level),
+        Walk::TableOutside { level, table } => {
+            out["table_outside_memory"] = json!({"level": level, "table": format!("{table:#x}")})
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A memory file with 4-level tables at 0x1000.. mapping
+    /// 0xffffffff81000000 by a 2 MiB page to 0x200000 and 0x400000 by a
+    /// 4 KiB page to 0x3000, nothing else.
+    fn paged_memory(path: &Path) -> u64 {
+        let mut m = vec![0u8; 0x40_0000];
+        let mut put =
+            |at: u64, v: u64| m[at as usize..at as usize + 8].copy_from_slice(&v.to_le_bytes());
+        let va: u64 = 0xffff_ffff_8100_0000;
+        let (l4, l3, l2) = (0x1000u64, 0x2000u64, 0x4000u64);
+        put(l4 + ((va >> 39) & 0x1ff) * 8, l3 | 3);
+        put(l3 + ((va >> 30) & 0x1ff) * 8, l2 | 3);
+        put(l2 + ((va >> 21) & 0x1ff) * 8, 0x20_0000 | HUGE | 3);
+        // 0x400000: PML4[0] -> 0x5000, PDPT[0] -> 0x6000, PD[2] -> 0x7000,
+        // PT[0] -> 0x3000.
+        put(0x1000, 0x5000 | 3);
+        put(0x5000, 0x6000 | 3);
+        put(0x6000 + 2 * 8, 0x7000 | 3);
+        put(0x7000, 0x3000 | 3 | (1 << 63));
+        // PD[3] points outside the file.
+        put(0x6000 + 3 * 8, 0x7fff_0000 | 3);
+        std::fs::write(path, &m).unwrap();
+        l4
+    }
+
+    #[test]
+    fn walks_find_huge_and_small_pages_and_say_where_a_walk_ends() {
+        let path = std::env::temp_dir().join(format!("husk-bench-walk-{}", std::process::id()));
+        let cr3 = paged_memory(&path);
+        let file = File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let w = |va| walk(&file, cr3, 0, va).unwrap().0;
+        assert_eq!(w(0xffff_ffff_8100_0dcc), Walk::Mapped(0x20_0dcc));
+        assert_eq!(w(0xffff_ffff_811f_ffff), Walk::Mapped(0x3f_ffff));
+        assert_eq!(w(0x40_0123), Walk::Mapped(0x3123));
+        assert_eq!(w(0x40_1000), Walk::NotPresent { level: 1 });
+        assert_eq!(w(0xffff_ffff_c04c_4dcc), Walk::NotPresent { level: 3 });
+        assert_eq!(w(0xff66_3db6_80bc_7d40), Walk::NotPresent { level: 4 });
+        assert_eq!(
+            w(0x60_0000),
+            Walk::TableOutside {
+                level: 1,
+                table: 0x7fff_0000
+            }
+        );
+        // LA57: one more level on top, so every table is read a level
+        // higher up (PDPT[0] of 0x6000 is empty).
+        assert_eq!(
+            walk(&file, 0x1000, CR4_LA57, 0x40_0123).unwrap().0,
+            Walk::NotPresent { level: 3 }
+        );
+    }
 
     #[test]
     fn runs_of_changed_bytes_are_merged() {

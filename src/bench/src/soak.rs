@@ -33,7 +33,18 @@
 //! `--vmm firecracker --firecracker PATH` runs the same creations with a
 //! Firecracker binary the user provides (same configuration file, same
 //! guest, same vsock protocol), so that each failure class can be put on
-//! the VMM or on what runs it by measurement. Firecracker ends on a guest
+//! the VMM or on what runs it by measurement; `--vmm husk,firecracker`
+//! has them take turns, so both meet the same node in the same state (the
+//! report then has each one's counts under `by_vmm`).
+//!
+//! A stalled guest is examined before its VMM is stopped: paused and
+//! snapshotted through the VMM's API, its kernel's `.text` and `.rodata`
+//! compared with those of a healthy husk guest snapshotted earlier in the
+//! same soak (`husk-bench kernel-text`), and, from the registers husk logs
+//! at SIGTERM, its instruction and stack pointers walked through the
+//! guest's own page tables in the snapshot (`forensics` in the record): a
+//! device that wrote where it must not shows in the first, a vCPU whose
+//! state was lost in the second. Firecracker ends on a guest
 //! triple fault with its generic error code and logs the unexpected
 //! `Shutdown` exit, which is how its triple faults are told apart; it has
 //! no such timers (its `found_by_timer` is 0).
@@ -46,6 +57,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Map, Value};
 
+use crate::api::Api;
+use crate::kernel_text;
 use crate::vsock::{self, Target};
 use crate::VmmKind;
 
@@ -80,9 +93,11 @@ pub struct SoakBench {
     /// Where each creation's files go (config, sockets, metrics, log).
     #[arg(long, default_value = "soak")]
     dir: PathBuf,
-    /// The VMM that runs the guests.
-    #[arg(long, value_enum, default_value = "husk")]
-    vmm: VmmKind,
+    /// The VMMs that run the guests, taking turns creation by creation
+    /// (`husk,firecracker`: the two share every node boot and whatever
+    /// state the node is in).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "husk")]
+    vmm: Vec<VmmKind>,
     /// The Firecracker binary, with --vmm firecracker.
     #[arg(long, default_value = "firecracker")]
     firecracker: PathBuf,
@@ -226,13 +241,84 @@ fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
-fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
+/// Pauses the VM behind `api` and writes a full snapshot as `<name>.state`
+/// and `<name>.mem` in `dir`; returns the memory file.
+fn snapshot(api: &Path, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let mut api = Api::connect(api, Duration::from_secs(30))?;
+    api.expect("PATCH", "/vm", json!({"state": "Paused"}), 204)?;
+    let mem = dir.join(format!("{name}.mem"));
+    api.expect(
+        "PUT",
+        "/snapshot/create",
+        json!({"snapshot_type": "Full",
+               "snapshot_path": dir.join(format!("{name}.state")),
+               "mem_file_path": mem}),
+        204,
+    )?;
+    Ok(mem)
+}
+
+/// `key=value` fields of the last line of `log` holding `marker` (husk's
+/// structured log), as numbers where they are hex.
+fn log_fields(log: &str, marker: &str) -> Map<String, Value> {
+    let mut out = Map::new();
+    if let Some(line) = log.lines().rev().find(|l| l.contains(marker)) {
+        for (k, v) in line.split_whitespace().filter_map(|w| w.split_once('=')) {
+            let n = v
+                .strip_prefix("0x")
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            out.insert(k.into(), n.map_or_else(|| json!(v), |n| json!(n)));
+        }
+    }
+    out
+}
+
+/// What can be learnt about a stalled guest from a snapshot of it taken
+/// before its VMM was stopped: whether its kernel's code and read-only
+/// data still equal `reference`'s (a healthy VM's, same kernel), and where
+/// the instruction and stack pointers husk logged at SIGTERM lead through
+/// the guest's own page tables.
+fn forensics(b: &SoakBench, mem: &Path, reference: Option<&Path>, log: &str) -> Value {
+    let mut out = json!({});
+    out["kernel_text"] = match reference {
+        Some(r) => kernel_text::compare(&b.guest.kernel, r, mem).map_or_else(
+            |e| json!(format!("{e:#}")),
+            |mut v| {
+                v.as_object_mut().map(|o| o.remove("sections"));
+                v
+            },
+        ),
+        None => json!("no reference snapshot yet"),
+    };
+    let regs = log_fields(log, "vCPU stopped by a signal");
+    if let (Some(cr3), Some(cr4)) = (regs.get("cr3"), regs.get("cr4")) {
+        let (cr3, cr4) = (cr3.as_u64().unwrap_or(0), cr4.as_u64().unwrap_or(0));
+        for reg in ["rip", "rsp"] {
+            if let Some(va) = regs.get(reg).and_then(Value::as_u64) {
+                out[reg] = kernel_text::describe(&b.guest.kernel, mem, cr3, cr4, va)
+                    .unwrap_or_else(|e| json!(format!("{e:#}")));
+            }
+        }
+    }
+    out["registers"] = Value::Object(regs);
+    out
+}
+
+/// Where a soak keeps what it learns across creations.
+#[derive(Default)]
+struct Evidence {
+    /// A healthy husk VM's memory after the stress, once taken.
+    reference: Option<PathBuf>,
+}
+
+fn one(b: &SoakBench, vmm_kind: VmmKind, index: usize, ev: &mut Evidence) -> anyhow::Result<Value> {
     let dir = &b.dir;
     let uds = dir.join("vsock.sock");
+    let api = dir.join("api.sock");
     let metrics = dir.join("metrics.json");
     let log = dir.join("husk.log");
     let console = dir.join("console.log");
-    for f in [&uds, &metrics] {
+    for f in [&uds, &api, &metrics] {
         let _ = std::fs::remove_file(f);
     }
     std::fs::write(&metrics, "")?;
@@ -245,7 +331,7 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
         "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
         "vsock": { "guest_cid": 3, "uds_path": uds },
     });
-    match b.vmm {
+    match vmm_kind {
         // husk writes them at exit; Firecracker only once a minute.
         VmmKind::Husk => config["metrics"] = json!({ "metrics_path": metrics }),
         // Firecracker's configuration file must list them.
@@ -261,11 +347,15 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
     };
     let start = Instant::now();
     let log_file = std::fs::File::create(&log)?;
-    let mut command = match b.vmm {
+    // Both with their API: a stalled guest is paused and snapshotted
+    // through it before its VMM is stopped.
+    let mut command = match vmm_kind {
         VmmKind::Husk => {
             let mut c = Command::new(&b.guest.husk);
             // The guest's serial console (`quiet`: its errors only).
-            c.args(["--no-api", "--config-file"])
+            c.arg("--api-sock")
+                .arg(&api)
+                .arg("--config-file")
                 .arg(&config_path)
                 .stdout(std::fs::File::create(&console)?);
             c
@@ -275,7 +365,9 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
             // serial console.
             let _ = std::fs::remove_file(&console);
             let mut c = Command::new(&b.firecracker);
-            c.args(["--no-api", "--level", "Warning", "--config-file"])
+            c.arg("--api-sock")
+                .arg(&api)
+                .args(["--level", "Warning", "--config-file"])
                 .arg(&config_path)
                 .stdout(log_file.try_clone()?);
             c
@@ -304,6 +396,34 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
         Err(e) => Some(format!("{e:#}")),
     };
     let timed_out = stream_error.as_deref().is_some_and(is_timeout);
+    // The first healthy husk VM, once its streams are done, is the
+    // reference a stalled guest's kernel is compared with (paused,
+    // snapshotted, resumed; the guest kernel's text is the same in every
+    // boot of one kernel on one node).
+    let mut took_reference = false;
+    if stream_error.is_none() && ev.reference.is_none() && vmm_kind == VmmKind::Husk {
+        let taken = snapshot(&api, dir, "reference").and_then(|mem| {
+            Api::connect(&api, Duration::from_secs(30))?.expect(
+                "PATCH",
+                "/vm",
+                json!({"state": "Resumed"}),
+                204,
+            )?;
+            Ok(mem)
+        });
+        match taken {
+            Ok(mem) => {
+                ev.reference = Some(mem);
+                took_reference = true;
+            }
+            Err(e) => eprintln!("husk-bench soak: no reference snapshot: {e:#}"),
+        }
+    }
+    let stalled_snapshot = if timed_out {
+        Some(snapshot(&api, dir, "stalled"))
+    } else {
+        None
+    };
     if stream_error.is_none() {
         let _ = vsock::client(&t, "quit", 1, 0, Duration::ZERO);
     }
@@ -315,15 +435,12 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
     };
     let exit = wait_exit(&mut vmm, exit_timeout)?;
     let ms = start.elapsed().as_secs_f64() * 1e3;
-    let exit = exit_in_husk_terms(
-        b.vmm,
-        exit,
-        &std::fs::read_to_string(&log).unwrap_or_default(),
-    );
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let exit = exit_in_husk_terms(vmm_kind, exit, &log_text);
     let outcome = classify(exit, stream_error.as_deref(), timed_out);
     let mut run = json!({
         "run": index,
-        "vmm": b.vmm.name(),
+        "vmm": vmm_kind.name(),
         "stress": stress,
         "outcome": outcome.name(),
         "ms": ms.round(),
@@ -336,6 +453,18 @@ fn one(b: &SoakBench, index: usize) -> anyhow::Result<Value> {
         run["vmm_log"] = json!(tail(&log, 8));
         run["console"] = json!(tail(&console, 8));
     }
+    if took_reference {
+        run["reference_snapshot"] = json!(true);
+    }
+    match stalled_snapshot {
+        Some(Ok(mem)) => {
+            run["forensics"] = forensics(b, &mem, ev.reference.as_deref(), &log_text);
+            let _ = std::fs::remove_file(&mem);
+            let _ = std::fs::remove_file(mem.with_extension("state"));
+        }
+        Some(Err(e)) => run["forensics"] = json!(format!("no snapshot of the stalled VM: {e:#}")),
+        None => {}
+    }
     Ok(run)
 }
 
@@ -347,8 +476,12 @@ pub fn soak(b: SoakBench) -> anyhow::Result<Value> {
         .with_context(|| format!("cannot create {}", b.dir.display()))?;
     let mut runs = Vec::with_capacity(b.runs);
     let mut stdout = std::io::stdout();
+    if b.vmm.is_empty() {
+        bail!("--vmm names no VMM");
+    }
+    let mut evidence = Evidence::default();
     for i in 0..b.runs {
-        let run = one(&b, i)?;
+        let run = one(&b, b.vmm[i % b.vmm.len()], i, &mut evidence)?;
         writeln!(stdout, "SOAK-RUN {run}")?;
         stdout.flush()?;
         eprintln!(
@@ -424,7 +557,21 @@ fn report(runs: &[Value], node: &[NodeFailure]) -> Value {
     let mut vmms: Vec<&str> = runs.iter().filter_map(|r| r["vmm"].as_str()).collect();
     vmms.sort_unstable();
     vmms.dedup();
-    json!({
+    // VMMs that took turns in the same node boots: each one's own counts
+    // (the node's failures are theirs together, so only above).
+    let by_vmm: Map<String, Value> = if vmms.len() > 1 {
+        vmms.iter()
+            .map(|v| {
+                let own: Vec<Value> = runs.iter().filter(|r| r["vmm"] == *v).cloned().collect();
+                let mut r = report(&own, &[]);
+                r.as_object_mut().map(|o| o.remove("node_failures"));
+                ((*v).to_string(), r)
+            })
+            .collect()
+    } else {
+        Map::new()
+    };
+    let mut out = json!({
         "benchmark": "soak",
         "vmm": vmms.join(","),
         "creations": creations,
@@ -436,7 +583,11 @@ fn report(runs: &[Value], node: &[NodeFailure]) -> Value {
         "creation_ms": crate::stats::summary(&times),
         "failures": runs.iter().filter(|r| r["outcome"] != "ok").cloned().collect::<Vec<_>>(),
         "node_failure_evidence": node.iter().map(|f| format!("{}: {}", f.cause, f.evidence)).collect::<Vec<_>>(),
-    })
+    });
+    if !by_vmm.is_empty() {
+        out["by_vmm"] = Value::Object(by_vmm);
+    }
+    out
 }
 
 #[derive(clap::Args)]
@@ -523,6 +674,43 @@ mod tests {
             exit_in_husk_terms(VmmKind::Husk, Some(1), shutdown),
             Some(1)
         );
+    }
+
+    #[test]
+    fn vmms_taking_turns_get_their_own_counts() {
+        let runs: Vec<Value> = (0..10)
+            .map(|i| {
+                let vmm = if i % 2 == 0 { "husk" } else { "firecracker" };
+                let outcome = if i == 4 { "stall" } else { "ok" };
+                json!({"run": i, "vmm": vmm, "outcome": outcome, "ms": 10.0, "found_by_timer": 0})
+            })
+            .collect();
+        let node = node_failures("soak\tpanic\tKernel panic\tbooted again\n");
+        let r = report(&runs, &node);
+        assert_eq!(r["vmm"], "firecracker,husk");
+        assert_eq!(r["creations"], 10);
+        assert_eq!(r["node_failures"]["total"], 1);
+        let h = &r["by_vmm"]["husk"];
+        assert_eq!(h["creations"], 5);
+        assert_eq!(h["outcomes"]["stall"], 1);
+        assert_eq!(h["per_1000_creations"]["stall"], 200.0);
+        assert!(h.get("node_failures").is_none());
+        assert_eq!(r["by_vmm"]["firecracker"]["outcomes"]["ok"], 5);
+        // One VMM: no split.
+        assert!(report(&runs[..1], &[]).get("by_vmm").is_none());
+    }
+
+    #[test]
+    fn the_signal_log_line_gives_the_registers() {
+        let log = "x WARN vCPU stopped by a signal vcpu=0 rip=0xffffffff81000dcc rsp=0x10\n\
+                   y WARN vCPU stopped by a signal vcpu=0 rip=0xffffffffc04c4dcc cr3=0x2a3c000 cs=0x10 efer=0xd01 note=a\n";
+        let f = log_fields(log, "vCPU stopped by a signal");
+        assert_eq!(f["rip"], 0xffff_ffff_c04c_4dcc_u64);
+        assert_eq!(f["cr3"], 0x2a3_c000);
+        assert_eq!(f["vcpu"], "0");
+        assert_eq!(f["note"], "a");
+        assert!(f.get("rsp").is_none());
+        assert!(log_fields(log, "absent").is_empty());
     }
 
     #[test]

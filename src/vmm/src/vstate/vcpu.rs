@@ -374,20 +374,47 @@ impl Vcpu {
         // guest was, which is what one wants to know about a stuck guest.
         // A signal means someone gave up on this VM (often a timeout):
         // then it is worth a warning.
+        // A stuck guest's paging and pending events say whether it runs
+        // wild code or waits: with them, a memory dump can walk its
+        // addresses (husk-bench soak does).
         let killed = matches!(self.shared.exit.reason(), Some(VmExit::Signal(_)));
-        match self.fd.get_regs() {
-            Ok(regs) if killed => tracing::warn!(
+        match (
+            self.fd.get_regs(),
+            self.fd.get_sregs(),
+            self.fd.get_vcpu_events(),
+        ) {
+            (Ok(regs), Ok(s), Ok(ev)) if killed => tracing::warn!(
+                vcpu = self.index,
+                rip = format_args!("{:#x}", regs.rip),
+                rsp = format_args!("{:#x}", regs.rsp),
+                rflags = format_args!("{:#x}", regs.rflags),
+                cs = format_args!("{:#x}", s.cs.selector),
+                cr0 = format_args!("{:#x}", s.cr0),
+                cr2 = format_args!("{:#x}", s.cr2),
+                cr3 = format_args!("{:#x}", s.cr3),
+                cr4 = format_args!("{:#x}", s.cr4),
+                efer = format_args!("{:#x}", s.efer),
+                exception_pending = ev.exception.pending,
+                exception_injected = ev.exception.injected,
+                exception_nr = ev.exception.nr,
+                interrupt_injected = ev.interrupt.injected,
+                interrupt_nr = ev.interrupt.nr,
+                "vCPU stopped by a signal"
+            ),
+            (Ok(regs), ..) if killed => tracing::warn!(
                 vcpu = self.index,
                 rip = format_args!("{:#x}", regs.rip),
                 rsp = format_args!("{:#x}", regs.rsp),
                 "vCPU stopped by a signal"
             ),
-            Ok(regs) => tracing::info!(
+            (Ok(regs), ..) => tracing::info!(
                 rip = format_args!("{:#x}", regs.rip),
                 rsp = format_args!("{:#x}", regs.rsp),
                 "vCPU stopped"
             ),
-            Err(e) => tracing::info!(error = %Chain(&e), "vCPU stopped; registers unreadable"),
+            (Err(e), ..) => {
+                tracing::info!(error = %Chain(&e), "vCPU stopped; registers unreadable")
+            }
         }
     }
 
