@@ -24,7 +24,7 @@ husk_install_packages() {
   # time; containerd, runc and the CNI plugins are the peers of the shim tests.
   ensure_packages build-essential pkg-config cpio busybox-static qemu-system-x86 kmod e2fsprogs curl umoci \
     containerd runc containernetworking-plugins protobuf-compiler shellcheck \
-    skopeo apache2-utils
+    skopeo apache2-utils iptables
   if ! command -v cargo >/dev/null; then
     log "cargo is missing: these machines carry a Rust toolchain through rustup (~/.cargo/bin)"
     return 1

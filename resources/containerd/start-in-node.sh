@@ -23,7 +23,9 @@
 # --cri also sets up containerd's CRI plugin as a kubelet's node would have
 # it: runtime handlers "husk" (io.containerd.husk.v2) and "runc", the CNI
 # plugins in ./cni with a bridge network (cni0, 10.88.0.0/16, host-local
-# addresses), and in the CRI's k8s.io namespace the sandbox image
+# addresses) and, when ./cni has it, the portmap plugin for host ports
+# (with ./iptables, the nft flavour, its extensions in ./xtables, and the
+# node's netfilter modules loaded here), and in the CRI's k8s.io namespace the sandbox image
 # husk.local/pause:1 from ./pause.tar and busybox as husk.local/busybox:1
 # from ./cri-busybox.tar (the CRI looks images up by their full names).
 set -u
@@ -63,7 +65,19 @@ if [ -n "$cri" ]; then
   [ -e /etc/hosts ] || printf '127.0.0.1\tlocalhost\n' > /etc/hosts
   [ -e /etc/resolv.conf ] || : > /etc/resolv.conf
   mkdir -p /etc/cni/net.d
-  cat > /etc/cni/net.d/10-husk-test.conflist <<'CNI'
+  portmap=""
+  if [ -x "$here/cni/portmap" ]; then
+    # build.sh left them unloaded (lib/modules/netfilter): only here.
+    if [ -f /lib/modules/netfilter ]; then
+      while read -r m; do insmod "/lib/modules/$m.ko" 2>/dev/null; done < /lib/modules/netfilter
+    fi
+    # iptables-nft finds its match and target extensions here (containerd
+    # passes its environment on to the CNI plugins).
+    if [ -d "$here/xtables" ]; then export XTABLES_LIBDIR="$here/xtables"; fi
+    portmap=',
+    {"type": "portmap", "capabilities": {"portMappings": true}}'
+  fi
+  cat > /etc/cni/net.d/10-husk-test.conflist <<CNI
 {
   "cniVersion": "0.4.0",
   "name": "husk-test",
@@ -78,7 +92,7 @@ if [ -n "$cri" ]; then
         "ranges": [[{"subnet": "10.88.0.0/16"}]],
         "routes": [{"dst": "0.0.0.0/0"}]
       }
-    }
+    }$portmap
   ]
 }
 CNI

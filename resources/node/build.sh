@@ -124,16 +124,18 @@ if compgen -G "$moddir/kernel/arch/x86/kvm/kvm.ko.xz" >/dev/null; then ensure_pa
 
 # Modules, dependencies first, in load order. Required ones must exist;
 # optional ones (for networking and container tests) are skipped if absent.
+# Those in lib/modules/order load at boot; those in another list file (the
+# second argument) are left for the payload to load when it needs them.
 declare -A added=()
 add_module() {
-  local name=$1 line path deps
+  local name=$1 list=${2:-order} line path deps
   [[ -n ${added[$name]:-} ]] && return 0
   line=$(grep -E "(^|/)${name}\.ko(\.[a-z]+)?:" "$moddir/modules.dep" | head -n1) || return 1
   path=${line%%:*}
   deps=${line#*:}
   for dep in $deps; do
     dep=$(basename "$dep"); dep=${dep%%.ko*}
-    add_module "$dep" || return 1
+    add_module "$dep" "$list" || return 1
   done
   case $path in
     *.ko) cp "$moddir/$path" "$root/lib/modules/$name.ko" ;;
@@ -144,13 +146,20 @@ add_module() {
     *) log "unknown module format: $path"; return 1 ;;
   esac
   added[$name]=1
-  echo "$name" >> "$root/lib/modules/order"
+  echo "$name" >> "$root/lib/modules/$list"
 }
 for m in irqbypass kvm kvm-amd; do
   add_module "$m" || { log "required module $m missing"; exit 1; }
 done
 for m in tun overlay veth bridge sch_ingress act_mirred cls_matchall virtio_pci virtio_blk loop; do
   add_module "$m" || log "optional module $m not available"
+done
+# Netfilter for iptables-nft's NAT, which the CNI portmap plugin drives
+# (host ports in the CRI tests): loaded by start-in-node.sh --cri only, so
+# no other boot pays for them.
+for m in nf_tables nft_compat nft_chain_nat nft_nat nft_masq nft_ct nf_conntrack_netlink \
+  xt_comment xt_multiport xt_mark xt_addrtype xt_conntrack xt_nat xt_MASQUERADE xt_tcpudp; do
+  add_module "$m" netfilter || log "optional module $m not available"
 done
 
 # The host's dynamic loader and base libraries, so dynamically linked host

@@ -6,14 +6,17 @@
 //! bytes) sends a request to the pod's port and reads the answer. One pod
 //! runs busybox's httpd on port 8080 serving a known page; the client
 //! fetches it once, then 8 times at once, then asks for a port nothing
-//! listens on (an error, and the stream ends). Lines: `CRI-PF <key>
-//! <value>`.
+//! listens on (an error, and the stream ends). The pod also maps its port
+//! to a port of the node (a `hostPort`, which the CNI portmap plugin
+//! implements with DNAT rules on the node): the page must come from there
+//! too, fetched on the node's address on the pod network. Lines: `CRI-PF
+//! <key> <value>`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1::PortForwardRequest;
+use k8s_cri::v1::{PortForwardRequest, PortMapping, Protocol};
 
 use crate::{container_config, pod_config, Args, Client, Pod, Result};
 
@@ -24,6 +27,13 @@ const SERVER_PORT: u16 = 8080;
 
 /// A port nothing in the pod listens on.
 const CLOSED_PORT: u16 = 9999;
+
+/// The node's port mapped to the server's (`hostPort`).
+const HOST_PORT: u16 = 18080;
+
+/// The node's own address on the pod network (the CNI bridge's gateway,
+/// start-in-node.sh): the host port is reached there.
+const NODE_ADDRESS: &str = "10.88.0.1";
 
 /// A WebSocket client connection, just enough of RFC 6455 for the
 /// streaming server: binary frames out (masked, as a client must), binary,
@@ -182,7 +192,13 @@ const GET: &[u8] = b"GET /index.html HTTP/1.0\r\n\r\n";
 
 pub async fn port_forward(c: &mut Client, args: &Args) -> Result<()> {
     let name = format!("pf-{}", args.handler);
-    let config = pod_config(&name, &args.log_dir);
+    let mut config = pod_config(&name, &args.log_dir);
+    config.port_mappings = vec![PortMapping {
+        protocol: Protocol::Tcp as i32,
+        container_port: i32::from(SERVER_PORT),
+        host_port: i32::from(HOST_PORT),
+        host_ip: String::new(),
+    }];
     std::fs::create_dir_all(&config.log_directory).map_err(|e| e.to_string())?;
     let pod = Pod::run(c, config, &args.handler).await?;
     let result = async {
@@ -222,6 +238,27 @@ pub async fn port_forward(c: &mut Client, args: &Args) -> Result<()> {
             }
         }
         println!("CRI-PF many {ok}");
+        // The host port: a plain TCP connection on the node, DNATed by
+        // portmap's rules to the pod's address, which in a microVM is the
+        // guest's.
+        let direct = tokio::task::spawn_blocking(|| -> std::io::Result<String> {
+            let addr = format!("{NODE_ADDRESS}:{HOST_PORT}");
+            let addr = addr
+                .parse()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(GET)?;
+            let mut page = String::new();
+            s.read_to_string(&mut page)?;
+            Ok(page)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match direct {
+            Ok(page) => println!("CRI-PF host-port {}", page.contains(PAYLOAD)),
+            Err(e) => println!("CRI-PF host-port-error {e}"),
+        }
         // Nothing listens: an error on the error channel, and the stream
         // ends (no hang).
         let u = stream_url(c, &pod, CLOSED_PORT).await?;

@@ -137,8 +137,29 @@ pub fn payload_with(name: &str, containerd: Containerd) -> Payload {
 /// Debian's CNI plugins (containernetworking-plugins).
 const CNI_DIR: &str = "/usr/lib/cni";
 
+/// The iptables extensions the portmap CNI plugin's rules use.
+const XTABLES_DIR: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+const XTABLES: [&str; 14] = [
+    "libxt_standard.so",
+    "libxt_comment.so",
+    "libxt_multiport.so",
+    "libxt_tcp.so",
+    "libxt_udp.so",
+    "libxt_mark.so",
+    "libxt_MARK.so",
+    "libxt_MASQUERADE.so",
+    "libxt_DNAT.so",
+    "libxt_SNAT.so",
+    "libxt_NAT.so",
+    "libxt_addrtype.so",
+    "libxt_conntrack.so",
+    "libipt_icmp.so",
+];
+
 /// [`payload`] plus what containerd's CRI plugin needs: runc and its shim,
-/// the bridge, host-local and loopback CNI plugins under cni/, the pod
+/// the bridge, host-local, loopback and portmap CNI plugins under cni/
+/// (with iptables, the nft flavour, and its extensions under xtables/,
+/// for portmap's host ports), the pod
 /// sandbox image (pause.tar: busybox sleeping), busybox under a full name
 /// (cri-busybox.tar) and the husk-cri client. containerd is the host's
 /// (1.6).
@@ -157,7 +178,7 @@ pub fn cri_payload_with(name: &str, containerd: Containerd) -> Payload {
         )
         .add(&cargo_binary("husk-cri"), "husk-cri");
     std::fs::create_dir_all(p.path().join("cni")).expect("mkdir cni");
-    for plugin in ["bridge", "host-local", "loopback"] {
+    for plugin in ["bridge", "host-local", "loopback", "portmap"] {
         let src = Path::new(CNI_DIR).join(plugin);
         assert!(
             src.exists(),
@@ -165,6 +186,12 @@ pub fn cri_payload_with(name: &str, containerd: Containerd) -> Payload {
             src.display()
         );
         p = p.add(&src, &format!("cni/{plugin}"));
+    }
+    // xtables-nft-multi is iptables by the name it is called with.
+    p = p.add(&host_tool("xtables-nft-multi"), "iptables");
+    std::fs::create_dir_all(p.path().join("xtables")).expect("mkdir xtables");
+    for lib in XTABLES {
+        p = p.add(&Path::new(XTABLES_DIR).join(lib), &format!("xtables/{lib}"));
     }
     busybox_tar(
         p.path(),
