@@ -160,16 +160,6 @@ impl Vmm {
         Ok(Vmm { child, dir, api })
     }
 
-    /// One request; returns (status, body).
-    pub(crate) fn call(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> anyhow::Result<(u16, Vec<u8>)> {
-        self.api.call(method, path, body)
-    }
-
     /// Configures the boot tests' guest: 1 vCPU, 128 MiB, `kernel` and
     /// the test `initrd`, held up `hold_s` seconds (`husk.hold`).
     pub(crate) fn test_guest(
@@ -207,15 +197,19 @@ impl Vmm {
         )?;
         Ok(())
     }
+}
 
-    pub(crate) fn expect(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Value,
-        status: u16,
-    ) -> anyhow::Result<Vec<u8>> {
-        self.api.expect(method, path, body, status)
+/// A VMM's requests go through its connection.
+impl std::ops::Deref for Vmm {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
+}
+
+impl std::ops::DerefMut for Vmm {
+    fn deref_mut(&mut self) -> &mut Api {
+        &mut self.api
     }
 }
 

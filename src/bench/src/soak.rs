@@ -703,7 +703,7 @@ mod tests {
     #[test]
     fn the_signal_log_line_gives_the_registers() {
         let log = "x WARN vCPU stopped by a signal vcpu=0 rip=0xffffffff81000dcc rsp=0x10\n\
-                   y WARN vCPU stopped by a signal vcpu=0 rip=0xffffffffc04c4dcc cr3=0x2a3c000 cs=0x10 efer=0xd01 note=a\n";
+                   y WARN vCPU stopped by a signal: rip=0xffffffffc04c4dcc cr3=0x2a3c000 cs=0x10 efer=0xd01 note=a vcpu=0\n";
         let f = log_fields(log, "vCPU stopped by a signal");
         assert_eq!(f["rip"], 0xffff_ffff_c04c_4dcc_u64);
         assert_eq!(f["cr3"], 0x2a3_c000);

@@ -9,7 +9,8 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, CpuId, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestAddress;
@@ -288,6 +289,37 @@ fn complete_pending_io(fd: &mut VcpuFd, shared: &VcpuShared) {
     fd.set_kvm_immediate_exit(0);
 }
 
+/// A vCPU's registers as `key=value` words, for the logs of a guest that
+/// died or was stopped (husk-bench soak reads them back).
+struct Registers<'a>(&'a kvm_regs, &'a kvm_sregs);
+
+impl std::fmt::Display for Registers<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (r, s) = (self.0, self.1);
+        write!(
+            f,
+            "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}/{:#x} tr={:#x}/{:#x}",
+            r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
+            s.idt.base, s.idt.limit, s.tr.base, s.tr.limit
+        )
+    }
+}
+
+/// A vCPU's pending and injected events as `key=value` words.
+struct Events<'a>(&'a kvm_vcpu_events);
+
+impl std::fmt::Display for Events<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ev = self.0;
+        write!(
+            f,
+            "exception_injected={} exception_pending={} exception_nr={} exception_error_code={:#x} nmi_injected={} nmi_pending={} interrupt_injected={} interrupt_nr={}",
+            ev.exception.injected, ev.exception.pending, ev.exception.nr, ev.exception.error_code,
+            ev.nmi.injected, ev.nmi.pending, ev.interrupt.injected, ev.interrupt.nr
+        )
+    }
+}
+
 /// What a single KVM_RUN exit means for the run loop.
 enum Step {
     Continue,
@@ -385,21 +417,9 @@ impl Vcpu {
         ) {
             (Ok(regs), Ok(s), Ok(ev)) if killed => tracing::warn!(
                 vcpu = self.index,
-                rip = format_args!("{:#x}", regs.rip),
-                rsp = format_args!("{:#x}", regs.rsp),
-                rflags = format_args!("{:#x}", regs.rflags),
-                cs = format_args!("{:#x}", s.cs.selector),
-                cr0 = format_args!("{:#x}", s.cr0),
-                cr2 = format_args!("{:#x}", s.cr2),
-                cr3 = format_args!("{:#x}", s.cr3),
-                cr4 = format_args!("{:#x}", s.cr4),
-                efer = format_args!("{:#x}", s.efer),
-                exception_pending = ev.exception.pending,
-                exception_injected = ev.exception.injected,
-                exception_nr = ev.exception.nr,
-                interrupt_injected = ev.interrupt.injected,
-                interrupt_nr = ev.interrupt.nr,
-                "vCPU stopped by a signal"
+                "vCPU stopped by a signal: {} {}",
+                Registers(&regs, &s),
+                Events(&ev)
             ),
             (Ok(regs), ..) if killed => tracing::warn!(
                 vcpu = self.index,
@@ -467,18 +487,8 @@ impl Vcpu {
             (Ok(r), Ok(s)) => tracing::error!(
                 %exit,
                 vcpu = self.index,
-                rip = format_args!("{:#x}", r.rip),
-                rsp = format_args!("{:#x}", r.rsp),
-                rflags = format_args!("{:#x}", r.rflags),
-                cs = format_args!("{:#x}", s.cs.selector),
-                cr0 = format_args!("{:#x}", s.cr0),
-                cr2 = format_args!("{:#x}", s.cr2),
-                cr3 = format_args!("{:#x}", s.cr3),
-                cr4 = format_args!("{:#x}", s.cr4),
-                efer = format_args!("{:#x}", s.efer),
-                idt = format_args!("{:#x}/{:#x}", s.idt.base, s.idt.limit),
-                tr = format_args!("{:#x}/{:#x}", s.tr.base, s.tr.limit),
-                "vCPU state at the guest's failure"
+                "vCPU state at the guest's failure: {}",
+                Registers(&r, &s)
             ),
             (r, s) => tracing::error!(
                 %exit,
@@ -488,17 +498,7 @@ impl Vcpu {
             ),
         }
         if let Ok(ev) = events {
-            tracing::error!(
-                exception_injected = ev.exception.injected,
-                exception_pending = ev.exception.pending,
-                exception_nr = ev.exception.nr,
-                exception_error_code = format_args!("{:#x}", ev.exception.error_code),
-                nmi_injected = ev.nmi.injected,
-                nmi_pending = ev.nmi.pending,
-                interrupt_injected = ev.interrupt.injected,
-                interrupt_nr = ev.interrupt.nr,
-                "vCPU events at the guest's failure"
-            );
+            tracing::error!("vCPU events at the guest's failure: {}", Events(&ev));
         }
     }
 
@@ -585,6 +585,39 @@ impl Vcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stopped_vcpus_state_is_logged_as_key_value_words() {
+        let regs = kvm_regs {
+            rip: 0xffff_ffff_c04c_4dcc,
+            rsp: 0xff66_3db6_80bc_7d40,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs {
+            cr3: 0x2a3_c000,
+            cr4: 0x7506b0,
+            ..Default::default()
+        };
+        sregs.cs.selector = 0x10;
+        let line = Registers(&regs, &sregs).to_string();
+        for word in [
+            "rip=0xffffffffc04c4dcc",
+            "rsp=0xff663db680bc7d40",
+            "cs=0x10",
+            "cr3=0x2a3c000",
+            "cr4=0x7506b0",
+        ] {
+            assert!(line.split(' ').any(|w| w == word), "{word} in {line}");
+        }
+        let mut ev = kvm_vcpu_events::default();
+        ev.interrupt.injected = 1;
+        ev.interrupt.nr = 236;
+        let line = Events(&ev).to_string();
+        assert!(
+            line.contains("interrupt_injected=1 interrupt_nr=236"),
+            "{line}"
+        );
+    }
 
     #[test]
     fn a_parked_vcpu_answers_the_state_request_of_every_pause() {
