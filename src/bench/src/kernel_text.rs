@@ -30,6 +30,10 @@ pub struct KernelTextArgs {
     before: PathBuf,
     /// The memory file of the later snapshot.
     after: PathBuf,
+    /// The files are of two boots (of one kernel on one kind of machine):
+    /// the `__ro_after_init` data, set while each booted, may differ.
+    #[arg(long)]
+    across_boots: bool,
 }
 
 /// The sections compared.
@@ -137,6 +141,14 @@ impl Kernel {
         Ok(Kernel { sections, symbols })
     }
 
+    /// The `__ro_after_init` data (inside `.rodata`): written while the
+    /// kernel boots, read-only after, so equal within one boot but not
+    /// across two (the sched-clock offset, per-CPU layout, CPU bugs).
+    fn ro_after_init(&self) -> Option<std::ops::Range<u64>> {
+        let at = |n: &str| self.symbols.iter().find(|s| s.2 == n).map(|s| s.0);
+        Some(at("__start_ro_after_init")?..at("__end_ro_after_init")?)
+    }
+
     /// The symbol at or before `addr`, and whether `addr` lies inside one
     /// the kernel may rewrite (aliases at one address are all looked at).
     fn symbol(&self, addr: u64) -> (String, bool) {
@@ -185,7 +197,7 @@ struct Paths<'a> {
 /// Compares; the JSON says where and what changed. Fails only when the
 /// files cannot be read: the caller judges `unexpected`.
 pub fn kernel_text(a: KernelTextArgs) -> anyhow::Result<Value> {
-    compare(&a.vmlinux, &a.before, &a.after)
+    compare(&a.vmlinux, &a.before, &a.after, a.across_boots)
 }
 
 fn read_kernel(vmlinux: &Path) -> anyhow::Result<Kernel> {
@@ -194,9 +206,21 @@ fn read_kernel(vmlinux: &Path) -> anyhow::Result<Kernel> {
     Kernel::parse(&elf).with_context(|| format!("{}", vmlinux.display()))
 }
 
-/// [`kernel_text`] on two memory files of a guest that booted `vmlinux`.
-pub fn compare(vmlinux: &Path, before_path: &Path, after_path: &Path) -> anyhow::Result<Value> {
+/// [`kernel_text`] on two memory files of guests that booted `vmlinux`:
+/// one guest's, or with `across_boots` two guests' (whose
+/// `__ro_after_init` data may then differ).
+pub fn compare(
+    vmlinux: &Path,
+    before_path: &Path,
+    after_path: &Path,
+    across_boots: bool,
+) -> anyhow::Result<Value> {
     let kernel = read_kernel(vmlinux)?;
+    let boot_data = if across_boots {
+        kernel.ro_after_init()
+    } else {
+        None
+    };
     let open = |p: &Path| File::open(p).with_context(|| format!("cannot open {}", p.display()));
     let (before, after) = (open(before_path)?, open(after_path)?);
     let a = Paths {
@@ -217,7 +241,8 @@ pub fn compare(vmlinux: &Path, before_path: &Path, after_path: &Path) -> anyhow:
         }
         compared += len;
         for (at, n) in differences(&x, &y, *vaddr) {
-            let (symbol, allowed) = kernel.symbol(at);
+            let (symbol, may_change) = kernel.symbol(at);
+            let allowed = may_change || boot_data.as_ref().is_some_and(|r| r.contains(&at));
             if !allowed {
                 unexpected += n;
             }
@@ -348,6 +373,22 @@ mod tests {
         put(0x6000 + 3 * 8, 0x7fff_0000 | 3);
         std::fs::write(path, &m).unwrap();
         l4
+    }
+
+    #[test]
+    fn boot_time_data_is_found_by_its_bounds() {
+        let sym = |a: u64, n: &str| (a, 0, n.to_string());
+        let mut k = Kernel {
+            sections: Vec::new(),
+            symbols: vec![
+                sym(0x100, "__start_ro_after_init"),
+                sym(0x180, "x86_arch_cap_msr"),
+                sym(0x200, "__end_ro_after_init"),
+            ],
+        };
+        assert_eq!(k.ro_after_init(), Some(0x100..0x200));
+        k.symbols.pop();
+        assert_eq!(k.ro_after_init(), None);
     }
 
     #[test]

@@ -281,7 +281,7 @@ fn log_fields(log: &str, marker: &str) -> Map<String, Value> {
 fn forensics(b: &SoakBench, mem: &Path, reference: Option<&Path>, log: &str) -> Value {
     let mut out = json!({});
     out["kernel_text"] = match reference {
-        Some(r) => kernel_text::compare(&b.guest.kernel, r, mem).map_or_else(
+        Some(r) => kernel_text::compare(&b.guest.kernel, r, mem, true).map_or_else(
             |e| json!(format!("{e:#}")),
             |mut v| {
                 v.as_object_mut().map(|o| o.remove("sections"));
