@@ -44,7 +44,12 @@
 //! at SIGTERM, its instruction and stack pointers walked through the
 //! guest's own page tables in the snapshot (`forensics` in the record): a
 //! device that wrote where it must not shows in the first, a vCPU whose
-//! state was lost in the second. Firecracker ends on a guest
+//! state was lost in the second. Last, the node kernel's guest-entry
+//! function (`__svm_vcpu_run` in /proc/kallsyms) is looked for in the
+//! logged rip and, as a 64-bit value, anywhere in the snapshot's vCPU
+//! state (so for Firecracker too): a guest whose vCPU holds the node's
+//! own return address from VMRUN is running the node's state, not its
+//! own, which no VMM can cause (`node_state`). Firecracker ends on a guest
 //! triple fault with its generic error code and logs the unexpected
 //! `Shutdown` exit, which is how its triple faults are told apart; it has
 //! no such timers (its `found_by_timer` is 0).
@@ -300,8 +305,70 @@ fn forensics(b: &SoakBench, mem: &Path, reference: Option<&Path>, log: &str) -> 
             }
         }
     }
+    let rip = regs.get("rip").and_then(Value::as_u64);
+    out["node_state"] = node_state(
+        rip,
+        &std::fs::read(mem.with_extension("state")).unwrap_or_default(),
+        &std::fs::read_to_string("/proc/kallsyms").unwrap_or_default(),
+    );
     out["registers"] = Value::Object(regs);
     out
+}
+
+/// The node kernel's function that enters a guest (AMD's VMRUN, Intel's
+/// VMLAUNCH/VMRESUME), from the text of /proc/kallsyms: its name, start
+/// and end (the next symbol's address). None where the node hides its
+/// addresses (all zero) or has no KVM module loaded.
+fn node_vcpu_run(kallsyms: &str) -> Option<(String, u64, u64)> {
+    let syms: Vec<(u64, &str)> = kallsyms
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let addr = u64::from_str_radix(w.next()?, 16).ok()?;
+            let _kind = w.next()?;
+            Some((addr, w.next()?))
+        })
+        .collect();
+    let (start, name) = syms
+        .iter()
+        .find(|(a, n)| *a != 0 && (*n == "__svm_vcpu_run" || *n == "__vmx_vcpu_run"))?;
+    let end = syms.iter().map(|(a, _)| *a).filter(|a| a > start).min()?;
+    Some((name.to_string(), *start, end))
+}
+
+/// Every byte offset of `state` holding a little-endian u64 in `range`.
+fn values_in(state: &[u8], range: &std::ops::Range<u64>) -> Vec<(usize, u64)> {
+    state
+        .windows(8)
+        .enumerate()
+        .filter_map(|(i, w)| {
+            let v = u64::from_le_bytes(w.try_into().ok()?);
+            range.contains(&v).then_some((i, v))
+        })
+        .collect()
+}
+
+/// Whether a stalled guest's vCPU holds the node's own state: its
+/// instruction pointer in the node kernel's guest-entry function (the
+/// return address after VMRUN), which no guest can reach. Looked for in
+/// the registers husk logged and, for any VMM, in the vCPU state of its
+/// snapshot file (`state`), as a 64-bit value anywhere in it.
+fn node_state(rip: Option<u64>, state: &[u8], kallsyms: &str) -> Value {
+    let Some((name, start, end)) = node_vcpu_run(kallsyms) else {
+        return json!("the node's kallsyms name no guest-entry function");
+    };
+    let at = |v: u64| format!("{name}+{:#x}", v - start);
+    let range = start..end;
+    let mut hits: Vec<String> = values_in(state, &range)
+        .into_iter()
+        .map(|(offset, v)| format!("{} at byte {offset}", at(v)))
+        .collect();
+    hits.truncate(8);
+    json!({
+        "function": format!("{name} {start:#x}..{end:#x}"),
+        "rip_in_it": rip.filter(|r| range.contains(r)).map(at),
+        "in_state_file": hits,
+    })
 }
 
 /// Where a soak keeps what it learns across creations.
@@ -711,6 +778,33 @@ mod tests {
         assert_eq!(f["note"], "a");
         assert!(f.get("rsp").is_none());
         assert!(log_fields(log, "absent").is_empty());
+    }
+
+    #[test]
+    fn a_vcpu_holding_the_nodes_vmrun_return_address_is_named() {
+        let kallsyms = "ffffffff81000000 T _stext\n\
+                        ffffffffc048cd30 t __svm_vcpu_run\t[kvm_amd]\n\
+                        ffffffffc048ce80 t __svm_sev_es_vcpu_run\t[kvm_amd]\n\
+                        ffffffffc047e000 t svm_init\t[kvm_amd]\n";
+        let mut state = vec![0u8; 64];
+        state[13..21].copy_from_slice(&0xffff_ffff_c048_cdcc_u64.to_le_bytes());
+        let r = node_state(Some(0xffff_ffff_c048_cdcc), &state, kallsyms);
+        assert_eq!(r["rip_in_it"], "__svm_vcpu_run+0x9c");
+        assert_eq!(
+            r["in_state_file"],
+            json!(["__svm_vcpu_run+0x9c at byte 13"])
+        );
+        assert_eq!(
+            r["function"],
+            "__svm_vcpu_run 0xffffffffc048cd30..0xffffffffc048ce80"
+        );
+        // A guest's own rip, a clean state file: nothing.
+        let r = node_state(Some(0xffff_ffff_8154_4a83), &[0u8; 64], kallsyms);
+        assert_eq!(r["rip_in_it"], Value::Null);
+        assert_eq!(r["in_state_file"], json!([]));
+        // Hidden addresses (kptr_restrict): no claim either way.
+        let hidden = "0000000000000000 t __svm_vcpu_run\t[kvm_amd]\n";
+        assert!(node_state(None, &state, hidden).is_string());
     }
 
     #[test]
