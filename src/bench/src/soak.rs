@@ -72,6 +72,9 @@ const TRIPLE_FAULT_EXIT: i32 = 3;
 /// How long a creation's husk may take to exit once its guest was told to
 /// quit.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a VMM whose streams broke (not timed out) may take to exit
+/// by itself before it is stopped.
+const DEATH_GRACE: Duration = Duration::from_secs(5);
 /// The guest port the stream server listens on.
 const PORT: u32 = 5201;
 /// What Firecracker logs when a vCPU gets KVM_EXIT_SHUTDOWN (a triple
@@ -496,9 +499,14 @@ fn one(b: &SoakBench, vmm_kind: VmmKind, index: usize, ev: &mut Evidence) -> any
     }
     let exit_timeout = if stream_error.is_none() {
         EXIT_TIMEOUT
-    } else {
+    } else if timed_out {
         // A guest that stopped answering will not reset on its own.
         Duration::ZERO
+    } else {
+        // Streams reset or cut short: most likely the guest died and its
+        // VMM is on its way out (a triple fault), which it must be let
+        // to say with its exit code rather than be stopped first.
+        DEATH_GRACE
     };
     let exit = wait_exit(&mut vmm, exit_timeout)?;
     let ms = start.elapsed().as_secs_f64() * 1e3;
