@@ -43,7 +43,7 @@ const MAY_CHANGE: &str = "__SCT__";
 
 /// What the comparison needs from the vmlinux: the sections' virtual and
 /// physical addresses, and the function symbols to name a difference by.
-struct Kernel {
+pub struct Kernel {
     /// (name, virtual address, physical address, length).
     sections: Vec<(String, u64, u64, u64)>,
     /// (address, size, name), sorted by address.
@@ -188,34 +188,35 @@ fn read_section(f: &File, path: &Path, phys: u64, len: u64) -> anyhow::Result<Ve
     Ok(buf)
 }
 
-/// The two memory files' names, for errors.
-struct Paths<'a> {
-    before: &'a Path,
-    after: &'a Path,
-}
-
 /// Compares; the JSON says where and what changed. Fails only when the
 /// files cannot be read: the caller judges `unexpected`.
 pub fn kernel_text(a: KernelTextArgs) -> anyhow::Result<Value> {
-    compare(&a.vmlinux, &a.before, &a.after, a.across_boots)
+    compare(
+        &Kernel::read(&a.vmlinux)?,
+        &a.before,
+        &a.after,
+        a.across_boots,
+    )
 }
 
-fn read_kernel(vmlinux: &Path) -> anyhow::Result<Kernel> {
-    let elf =
-        std::fs::read(vmlinux).with_context(|| format!("cannot read {}", vmlinux.display()))?;
-    Kernel::parse(&elf).with_context(|| format!("{}", vmlinux.display()))
+impl Kernel {
+    /// Reads and parses the vmlinux at `vmlinux`.
+    pub fn read(vmlinux: &Path) -> anyhow::Result<Kernel> {
+        let elf =
+            std::fs::read(vmlinux).with_context(|| format!("cannot read {}", vmlinux.display()))?;
+        Kernel::parse(&elf).with_context(|| format!("{}", vmlinux.display()))
+    }
 }
 
-/// [`kernel_text`] on two memory files of guests that booted `vmlinux`:
+/// [`kernel_text`] on two memory files of guests that booted `kernel`:
 /// one guest's, or with `across_boots` two guests' (whose
 /// `__ro_after_init` data may then differ).
 pub fn compare(
-    vmlinux: &Path,
+    kernel: &Kernel,
     before_path: &Path,
     after_path: &Path,
     across_boots: bool,
 ) -> anyhow::Result<Value> {
-    let kernel = read_kernel(vmlinux)?;
     let boot_data = if across_boots {
         kernel.ro_after_init()
     } else {
@@ -223,20 +224,16 @@ pub fn compare(
     };
     let open = |p: &Path| File::open(p).with_context(|| format!("cannot open {}", p.display()));
     let (before, after) = (open(before_path)?, open(after_path)?);
-    let a = Paths {
-        before: before_path,
-        after: after_path,
-    };
     let mut compared = 0u64;
     let mut changes = Vec::new();
     let mut unexpected = 0u64;
     for (name, vaddr, phys, len) in &kernel.sections {
-        let x = read_section(&before, a.before, *phys, *len)?;
-        let y = read_section(&after, a.after, *phys, *len)?;
+        let x = read_section(&before, before_path, *phys, *len)?;
+        let y = read_section(&after, after_path, *phys, *len)?;
         if x.iter().all(|&c| c == 0) {
             bail!(
                 "{name} is all zeroes in {}: not this kernel's memory",
-                a.before.display()
+                before_path.display()
             );
         }
         compared += len;
@@ -318,8 +315,7 @@ pub fn walk(mem: &File, cr3: u64, cr4: u64, va: u64) -> anyhow::Result<(Walk, Ve
 
 /// What a stuck guest's `va` is: where it maps in the memory file `mem`,
 /// the kernel symbol it falls in (if in the image) and the 32 bytes there.
-pub fn describe(vmlinux: &Path, mem: &Path, cr3: u64, cr4: u64, va: u64) -> anyhow::Result<Value> {
-    let kernel = read_kernel(vmlinux)?;
+pub fn describe(kernel: &Kernel, mem: &Path, cr3: u64, cr4: u64, va: u64) -> anyhow::Result<Value> {
     let f = File::open(mem).with_context(|| format!("cannot open {}", mem.display()))?;
     let (w, entries) = walk(&f, cr3, cr4, va)?;
     let in_image = kernel

@@ -251,8 +251,7 @@ fn tail(path: &Path, n: usize) -> String {
 
 /// Pauses the VM behind `api` and writes a full snapshot as `<name>.state`
 /// and `<name>.mem` in `dir`; returns the memory file.
-fn snapshot(api: &Path, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    let mut api = Api::connect(api, Duration::from_secs(30))?;
+fn snapshot(api: &mut Api, dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     api.expect("PATCH", "/vm", json!({"state": "Paused"}), 204)?;
     let mem = dir.join(format!("{name}.mem"));
     api.expect(
@@ -288,14 +287,18 @@ fn log_fields(log: &str, marker: &str) -> Map<String, Value> {
 /// the guest's own page tables.
 fn forensics(b: &SoakBench, mem: &Path, reference: Option<&Path>, log: &str) -> Value {
     let mut out = json!({});
+    // Read once for the comparison and both walks (tens of MiB).
+    let kernel = kernel_text::Kernel::read(&b.guest.kernel);
+    let text = |f: &dyn Fn(&kernel_text::Kernel) -> anyhow::Result<Value>| match &kernel {
+        Ok(k) => f(k).unwrap_or_else(|e| json!(format!("{e:#}"))),
+        Err(e) => json!(format!("{e:#}")),
+    };
     out["kernel_text"] = match reference {
-        Some(r) => kernel_text::compare(&b.guest.kernel, r, mem, true).map_or_else(
-            |e| json!(format!("{e:#}")),
-            |mut v| {
-                v.as_object_mut().map(|o| o.remove("sections"));
-                v
-            },
-        ),
+        Some(r) => text(&|k| {
+            let mut v = kernel_text::compare(k, r, mem, true)?;
+            v.as_object_mut().map(|o| o.remove("sections"));
+            Ok(v)
+        }),
         None => json!("no reference snapshot yet"),
     };
     let regs = log_fields(log, "vCPU stopped by a signal");
@@ -303,8 +306,7 @@ fn forensics(b: &SoakBench, mem: &Path, reference: Option<&Path>, log: &str) -> 
         let (cr3, cr4) = (cr3.as_u64().unwrap_or(0), cr4.as_u64().unwrap_or(0));
         for reg in ["rip", "rsp"] {
             if let Some(va) = regs.get(reg).and_then(Value::as_u64) {
-                out[reg] = kernel_text::describe(&b.guest.kernel, mem, cr3, cr4, va)
-                    .unwrap_or_else(|e| json!(format!("{e:#}")));
+                out[reg] = text(&|k| kernel_text::describe(k, mem, cr3, cr4, va));
             }
         }
     }
@@ -472,13 +474,9 @@ fn one(b: &SoakBench, vmm_kind: VmmKind, index: usize, ev: &mut Evidence) -> any
     // boot of one kernel on one node).
     let mut took_reference = false;
     if stream_error.is_none() && ev.reference.is_none() && vmm_kind == VmmKind::Husk {
-        let taken = snapshot(&api, dir, "reference").and_then(|mem| {
-            Api::connect(&api, Duration::from_secs(30))?.expect(
-                "PATCH",
-                "/vm",
-                json!({"state": "Resumed"}),
-                204,
-            )?;
+        let taken = Api::connect(&api, Duration::from_secs(30)).and_then(|mut c| {
+            let mem = snapshot(&mut c, dir, "reference")?;
+            c.expect("PATCH", "/vm", json!({"state": "Resumed"}), 204)?;
             Ok(mem)
         });
         match taken {
@@ -490,7 +488,10 @@ fn one(b: &SoakBench, vmm_kind: VmmKind, index: usize, ev: &mut Evidence) -> any
         }
     }
     let stalled_snapshot = if timed_out {
-        Some(snapshot(&api, dir, "stalled"))
+        Some(
+            Api::connect(&api, Duration::from_secs(30))
+                .and_then(|mut c| snapshot(&mut c, dir, "stalled")),
+        )
     } else {
         None
     };

@@ -406,35 +406,38 @@ impl Vcpu {
         // guest was, which is what one wants to know about a stuck guest.
         // A signal means someone gave up on this VM (often a timeout):
         // then it is worth a warning.
+        let killed = matches!(self.shared.exit.reason(), Some(VmExit::Signal(_)));
+        let regs = match self.fd.get_regs() {
+            Ok(regs) => regs,
+            Err(e) => {
+                tracing::info!(error = %Chain(&e), "vCPU stopped; registers unreadable");
+                return;
+            }
+        };
+        if !killed {
+            tracing::info!(
+                rip = format_args!("{:#x}", regs.rip),
+                rsp = format_args!("{:#x}", regs.rsp),
+                "vCPU stopped"
+            );
+            return;
+        }
         // A stuck guest's paging and pending events say whether it runs
         // wild code or waits: with them, a memory dump can walk its
         // addresses (husk-bench soak does).
-        let killed = matches!(self.shared.exit.reason(), Some(VmExit::Signal(_)));
-        match (
-            self.fd.get_regs(),
-            self.fd.get_sregs(),
-            self.fd.get_vcpu_events(),
-        ) {
-            (Ok(regs), Ok(s), Ok(ev)) if killed => tracing::warn!(
+        match (self.fd.get_sregs(), self.fd.get_vcpu_events()) {
+            (Ok(s), Ok(ev)) => tracing::warn!(
                 vcpu = self.index,
                 "vCPU stopped by a signal: {} {}",
                 Registers(&regs, &s),
                 Events(&ev)
             ),
-            (Ok(regs), ..) if killed => tracing::warn!(
+            _ => tracing::warn!(
                 vcpu = self.index,
                 rip = format_args!("{:#x}", regs.rip),
                 rsp = format_args!("{:#x}", regs.rsp),
                 "vCPU stopped by a signal"
             ),
-            (Ok(regs), ..) => tracing::info!(
-                rip = format_args!("{:#x}", regs.rip),
-                rsp = format_args!("{:#x}", regs.rsp),
-                "vCPU stopped"
-            ),
-            (Err(e), ..) => {
-                tracing::info!(error = %Chain(&e), "vCPU stopped; registers unreadable")
-            }
         }
     }
 
