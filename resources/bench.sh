@@ -106,10 +106,9 @@ vsock_guest() {
 # N creations by VMM $1 (husk or firecracker), then their report.
 soak_vmm() {
   local vmm=$1 soak_dir record left boots idle out ran node
-  # Node boots until N creations ran: run.sh boots a failed node once
-  # more by itself (the soak starts again there, its first boot's lines
-  # kept); a node that failed twice gets a fresh run.sh for what is
-  # left, three boots in a row without a creation end it.
+  # Node boots until N creations ran: a node that failed gets a fresh
+  # run.sh for what is left (run.sh's own second boot is off: it would
+  # start all N again); three boots in a row without a creation end it.
   soak_dir=$(mktemp -d "${TMPDIR:-/tmp}/husk-soak.XXXXXX")
   record="$soak_dir/node-failures"
   : > "$record"
@@ -117,7 +116,7 @@ soak_vmm() {
   while ((left > 0 && idle < 3)); do
     boots=$((boots + 1))
     out="$soak_dir/boot-$boots"
-    HUSK_NODE_RETRIES=$record HUSK_NODE_LABEL="soak ($vmm), node boot $boots" \
+    HUSK_NODE_RETRIES=$record HUSK_NODE_LABEL="soak ($vmm), node boot $boots" HUSK_NODE_BOOT_AGAIN=0 \
       "$repo/resources/node/run.sh" --timeout $((300 + left * 40)) --payload "$payload" -- \
       ./husk-bench soak --vmm "$vmm" --husk ./husk --firecracker ./firecracker \
       --kernel vmlinux --initrd vsock.cpio --runs "$left" \

@@ -23,7 +23,9 @@
 # it), appended to it as one line, tab-separated: HUSK_NODE_LABEL (the
 # test's name; else the command), the cause (soft lockup, panic, silent
 # stop), the evidence, and what followed ("booted again", or "gave up"
-# after a second failure). Defaults: 2
+# after a second failure; "left to the caller" when HUSK_NODE_BOOT_AGAIN=0
+# asked for no second boot, as the soak does, which boots again itself
+# with what is left to run). Defaults: 2
 # vCPUs, 4096 MiB, 600 s. HUSK_NODE=direct or HUSK_NODE=vm forces either
 # way; HUSK_NODE_IMAGE names an image build.sh made (skips even its cache
 # lookup); HUSK_NODE_LOGLEVEL=N shows the node's whole console, kernel
@@ -259,7 +261,13 @@ record_failure() {
 }
 
 boot_node 1
-if node_failure; then
+if [[ ${HUSK_NODE_BOOT_AGAIN:-1} == 0 ]] && node_failure; then
+  # The caller boots again itself, knowing what is left to run.
+  record_failure "left to the caller"
+  echo "run.sh: $why; not booting it again (HUSK_NODE_BOOT_AGAIN=0); its console:" >&2
+  tr -d '\r' < "$tmp/console" | tail -n 40 >&2
+  exit 125
+elif node_failure; then
   # Not the payload's doing: its command had not finished. One more boot.
   record_failure "booted again"
   echo "run.sh: $why; booting it again (the console's tail below)" >&2
