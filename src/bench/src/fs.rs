@@ -69,6 +69,75 @@ fn wait_for_socket(child: &mut std::process::Child, socket: &Path) -> anyhow::Re
     Ok(())
 }
 
+/// The guest's lines that end a measured phase (each names its depth).
+const PHASE_LINES: [&str; 2] = ["HUSK-IO-JSON ", "HUSK-FS-IO-JSON "];
+
+/// What one husk run left: its console, its stderr, and the node CPU each
+/// phase took, by the phase's line prefix and depth.
+struct Sampled {
+    status: std::process::ExitStatus,
+    console: String,
+    stderr: String,
+    cpu: std::collections::HashMap<(&'static str, usize), Value>,
+}
+
+/// Runs husk to its end, reading its console as it comes; each time the
+/// guest prints a phase's result, the CPU time husk's threads (by name:
+/// the event loop, where both devices' host side runs, and each vCPU) and
+/// virtiofsd used since the last one is that phase's: where a device's
+/// cost goes on the node, which throughput alone does not say.
+fn run_sampling_cpu(husk: &mut Command, virtiofsd: u32) -> anyhow::Result<Sampled> {
+    use std::io::{BufRead, Read};
+    let mut child = husk.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let pid = child.id();
+    let mut stderr = child.stderr.take().context("husk's stderr")?;
+    let stderr = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let sample = || {
+        (
+            crate::stats::thread_cpu_seconds(pid),
+            crate::stats::cpu_seconds(virtiofsd),
+        )
+    };
+    let mut last = sample();
+    let mut console = String::new();
+    let mut cpu = std::collections::HashMap::new();
+    let stdout = child.stdout.take().context("husk's stdout")?;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        let phase = PHASE_LINES.iter().find_map(|p| {
+            let v: Value = serde_json::from_str(line.trim().strip_prefix(p)?).ok()?;
+            Some((*p, usize::try_from(v["depth"].as_u64()?).ok()?))
+        });
+        if let Some(key) = phase {
+            let now = sample();
+            let r = |x: f64| (x * 100.0).round() / 100.0;
+            let husk: serde_json::Map<String, Value> = now
+                .0
+                .iter()
+                .map(|(name, t)| {
+                    let before = last.0.get(name).copied().unwrap_or(0.0);
+                    (name.clone(), json!(r(t - before)))
+                })
+                .collect();
+            cpu.insert(key, json!({"husk": husk, "virtiofsd": r(now.1 - last.1)}));
+            last = now;
+        }
+        console.push_str(&line);
+        console.push('\n');
+    }
+    let status = child.wait()?;
+    Ok(Sampled {
+        status,
+        console,
+        stderr: stderr.join().unwrap_or_default(),
+        cpu,
+    })
+}
+
 /// Runs the benchmark; the JSON it prints.
 pub fn fs(b: FsBench) -> anyhow::Result<Value> {
     b.load.check()?;
@@ -109,10 +178,11 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
         .stdin(Stdio::null())
         .spawn()
         .with_context(|| format!("cannot start {}", b.virtiofsd.display()))?;
+    let virtiofsd_pid = virtiofsd.id();
     let result = wait_for_socket(&mut virtiofsd, &socket).and_then(|()| {
         let depths = load.depth_list();
-        Command::new(&b.husk)
-            .args(["boot", "--mem-mib", "512", "--kernel"])
+        let mut husk = Command::new(&b.husk);
+        husk.args(["boot", "--mem-mib", "512", "--kernel"])
             .arg(&b.kernel)
             .arg("--initrd")
             .arg(&b.initrd)
@@ -140,9 +210,9 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
                 socket.display(),
                 if b.relay { "on" } else { "off" }
             ))
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot start {}", b.husk.display()))
+            .stdin(Stdio::null());
+        run_sampling_cpu(&mut husk, virtiofsd_pid)
+            .with_context(|| format!("cannot run {}", b.husk.display()))
     });
     // virtiofsd serves one VM and ends with it; make sure.
     let _ = virtiofsd.kill();
@@ -152,13 +222,9 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
     let _ = std::fs::remove_dir_all(&share);
     let _ = std::fs::remove_file(&socket);
     let out = result?;
-    let console = String::from_utf8_lossy(&out.stdout);
+    let console = out.console;
     if !out.status.success() {
-        bail!(
-            "husk exited with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("husk exited with {}: {}", out.status, out.stderr);
     }
     let blk = crate::io::guest_results(&console, "HUSK-IO-JSON ")?;
     let fs = crate::io::guest_results(&console, "HUSK-FS-IO-JSON ")?;
@@ -179,6 +245,10 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
             "guest_virtio_blk": blk,
             "guest_virtio_fs": fs,
             "fs_to_blk_ratio": ratio,
+            "node_cpu_s": {
+                "virtio_blk": out.cpu.get(&("HUSK-IO-JSON ", depth)),
+                "virtio_fs": out.cpu.get(&("HUSK-FS-IO-JSON ", depth)),
+            },
         }));
     }
     let metadata = if b.meta_image.is_some() {
