@@ -127,15 +127,17 @@ fn exit_in_husk_terms(vmm: VmmKind, exit: Option<i32>, log: &str) -> Option<i32>
 enum Outcome {
     Ok,
     TripleFault,
+    GuestPanic,
     Stall,
     Stuck,
     Failed,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 5] = [
+    const ALL: [Outcome; 6] = [
         Outcome::Ok,
         Outcome::TripleFault,
+        Outcome::GuestPanic,
         Outcome::Stall,
         Outcome::Stuck,
         Outcome::Failed,
@@ -145,6 +147,7 @@ impl Outcome {
         match self {
             Outcome::Ok => "ok",
             Outcome::TripleFault => "triple_fault",
+            Outcome::GuestPanic => "guest_panic",
             Outcome::Stall => "stall",
             Outcome::Stuck => "stuck",
             Outcome::Failed => "failed",
@@ -153,18 +156,32 @@ impl Outcome {
 }
 
 /// The outcome from what was seen: husk's exit code (None: it had to be
-/// killed), the streams' error, if any, and whether that error was a
-/// timeout.
-fn classify(exit: Option<i32>, stream_error: Option<&str>, timed_out: bool) -> Outcome {
+/// stopped), the streams' error, if any, whether that error was a
+/// timeout, and whether the guest's kernel said it panicked. A guest
+/// whose streams failed while its VMM kept running, past the grace a
+/// dying one gets, stopped answering: a stall, timed out or not (a
+/// connection the VMM closed because the guest never took it).
+fn classify(
+    exit: Option<i32>,
+    stream_error: Option<&str>,
+    timed_out: bool,
+    guest_panicked: bool,
+) -> Outcome {
     match (exit, stream_error) {
         (Some(TRIPLE_FAULT_EXIT), _) => Outcome::TripleFault,
+        _ if guest_panicked => Outcome::GuestPanic,
         (_, Some(_)) if timed_out => Outcome::Stall,
+        (None, Some(_)) => Outcome::Stall,
         (_, Some(_)) => Outcome::Failed,
         (None, None) => Outcome::Stuck,
         (Some(0), None) => Outcome::Ok,
         (Some(_), None) => Outcome::Failed,
     }
 }
+
+/// What a guest kernel prints when it panics (with `panic=1 reboot=k` it
+/// then reboots, which ends its VMM with status 0).
+const GUEST_PANIC: &str = "Kernel panic - not syncing";
 
 /// Whether a stream error says it waited too long (the socket timeouts of
 /// `vsock::connect`), as opposed to a refusal or a checksum mismatch.
@@ -487,7 +504,17 @@ fn one(b: &SoakBench, vmm_kind: VmmKind, index: usize, ev: &mut Evidence) -> any
             Err(e) => eprintln!("husk-bench soak: no reference snapshot: {e:#}"),
         }
     }
-    let stalled_snapshot = if timed_out {
+    // Streams reset or cut short: most likely the guest died and its VMM
+    // is on its way out (a triple fault, a guest panic), which it must be
+    // let to say with its exit code rather than be stopped first. One
+    // still running after that grace has a guest that stopped answering.
+    let died = if stream_error.is_some() && !timed_out {
+        wait_for(&mut vmm, DEATH_GRACE, || false)?
+    } else {
+        None
+    };
+    let silent = stream_error.is_some() && died.is_none();
+    let stalled_snapshot = if silent {
         Some(
             Api::connect(&api, Duration::from_secs(30))
                 .and_then(|mut c| snapshot(&mut c, dir, "stalled")),
@@ -498,22 +525,19 @@ fn one(b: &SoakBench, vmm_kind: VmmKind, index: usize, ev: &mut Evidence) -> any
     if stream_error.is_none() {
         let _ = vsock::client(&t, "quit", 1, 0, Duration::ZERO);
     }
-    let exit_timeout = if stream_error.is_none() {
-        EXIT_TIMEOUT
-    } else if timed_out {
+    let exit = match died {
+        Some(code) => Some(code),
         // A guest that stopped answering will not reset on its own.
-        Duration::ZERO
-    } else {
-        // Streams reset or cut short: most likely the guest died and its
-        // VMM is on its way out (a triple fault), which it must be let
-        // to say with its exit code rather than be stopped first.
-        DEATH_GRACE
+        None if silent => wait_exit(&mut vmm, Duration::ZERO)?,
+        None => wait_exit(&mut vmm, EXIT_TIMEOUT)?,
     };
-    let exit = wait_exit(&mut vmm, exit_timeout)?;
     let ms = start.elapsed().as_secs_f64() * 1e3;
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     let exit = exit_in_husk_terms(vmm_kind, exit, &log_text);
-    let outcome = classify(exit, stream_error.as_deref(), timed_out);
+    // husk's guest console is its stdout; Firecracker's is in its log.
+    let guest_panicked = log_text.contains(GUEST_PANIC)
+        || std::fs::read_to_string(&console).is_ok_and(|c| c.contains(GUEST_PANIC));
+    let outcome = classify(exit, stream_error.as_deref(), timed_out, guest_panicked);
     let mut run = json!({
         "run": index,
         "vmm": vmm_kind.name(),
@@ -710,14 +734,39 @@ mod tests {
 
     #[test]
     fn outcomes_follow_the_exit_code_and_the_streams() {
-        assert_eq!(classify(Some(0), None, false), Outcome::Ok);
-        assert_eq!(classify(Some(3), None, false), Outcome::TripleFault);
+        assert_eq!(classify(Some(0), None, false, false), Outcome::Ok);
+        assert_eq!(classify(Some(3), None, false, false), Outcome::TripleFault);
         // A triple fault explains a stream's timeout too.
-        assert_eq!(classify(Some(3), Some("x"), true), Outcome::TripleFault);
-        assert_eq!(classify(None, Some("timed out"), true), Outcome::Stall);
-        assert_eq!(classify(None, Some("refused"), false), Outcome::Failed);
-        assert_eq!(classify(None, None, false), Outcome::Stuck);
-        assert_eq!(classify(Some(1), None, false), Outcome::Failed);
+        assert_eq!(
+            classify(Some(3), Some("x"), true, false),
+            Outcome::TripleFault
+        );
+        assert_eq!(
+            classify(None, Some("timed out"), true, false),
+            Outcome::Stall
+        );
+        // The VMM closed a connection the guest never took, and the VMM
+        // still ran past the grace: the guest stopped answering.
+        assert_eq!(
+            classify(None, Some("closed without OK"), false, false),
+            Outcome::Stall
+        );
+        // The VMM ended by itself after the streams broke, no panic seen.
+        assert_eq!(
+            classify(Some(0), Some("reset"), false, false),
+            Outcome::Failed
+        );
+        // A panicked guest reboots, which ends its VMM with 0.
+        assert_eq!(
+            classify(Some(0), Some("No such file"), false, true),
+            Outcome::GuestPanic
+        );
+        assert_eq!(
+            classify(None, Some("timed out"), true, true),
+            Outcome::GuestPanic
+        );
+        assert_eq!(classify(None, None, false, false), Outcome::Stuck);
+        assert_eq!(classify(Some(1), None, false, false), Outcome::Failed);
         assert!(is_timeout(
             "connect: Resource temporarily unavailable (os error 11)"
         ));
