@@ -15,7 +15,9 @@
 # means the node's kernel no longer runs user space, seen now and then with
 # nested guests under QEMU's emulated SVM, with nothing on the console), or
 # panics (seen there too: a husk vCPU thread overflowing its kernel stack in
-# the node's exception entry), that boot ends at once and the node VM boots
+# the node's exception entry; an oops is made a panic, oops=panic, since a
+# node that oopsed may go on with its user space stuck and its heartbeat
+# beating, seen with QEMU 7.2), that boot ends at once and the node VM boots
 # again, once (CMD runs again from its start: stdout then has a line
 # "run.sh: HUSK-NODE-BOOTED-AGAIN" between the first boot's output and the
 # second's; the second boot's kernel command line has husk_node.boot=2). Each such failure is said on
@@ -176,7 +178,7 @@ boot_node() {
     -accel "tcg,thread=${HUSK_NODE_TCG_THREAD:-multi}" -cpu "${HUSK_NODE_CPU:-max}" -smp "$cpus" -m "$mem" \
     -nodefaults -no-reboot -display none -serial stdio \
     "${extra[@]}" -kernel "$image/vmlinuz" -initrd "$tmp/initrd.cpio" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=${HUSK_NODE_LOGLEVEL:-1}$append" \
+    -append "console=ttyS0 panic=-1 oops=panic quiet loglevel=${HUSK_NODE_LOGLEVEL:-1}$append" \
     < /dev/null > "$tmp/console" 2>&1 &
   qpid=$!
   # The heartbeat's watcher: once the first beat came, 60 s without one
