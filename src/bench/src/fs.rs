@@ -75,8 +75,11 @@ fn wait_for_socket(child: &mut std::process::Child, socket: &Path) -> anyhow::Re
     Ok(())
 }
 
-/// The guest's lines that end a measured phase (each names its depth).
-const PHASE_LINES: [&str; 2] = ["HUSK-IO-JSON ", "HUSK-FS-IO-JSON "];
+/// The guest's result lines for /dev/vda and for the share; each ends a
+/// measured phase and names its depth.
+const BLK_LINE: &str = "HUSK-IO-JSON ";
+const FS_LINE: &str = "HUSK-FS-IO-JSON ";
+const PHASE_LINES: [&str; 2] = [BLK_LINE, FS_LINE];
 
 /// What one husk run left: its console, its stderr, and the node CPU each
 /// phase took, by the phase's line prefix and depth.
@@ -235,8 +238,8 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
     if !out.status.success() {
         bail!("husk exited with {}: {}", out.status, out.stderr);
     }
-    let blk = crate::io::guest_results(&console, "HUSK-IO-JSON ")?;
-    let fs = crate::io::guest_results(&console, "HUSK-FS-IO-JSON ")?;
+    let blk = crate::io::guest_results(&console, BLK_LINE)?;
+    let fs = crate::io::guest_results(&console, FS_LINE)?;
     let mut runs = Vec::new();
     for &depth in &load.depths {
         let find = |all: &[Value], what: &str| {
@@ -255,8 +258,8 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
             "guest_virtio_fs": fs,
             "fs_to_blk_ratio": ratio,
             "node_cpu_s": {
-                "virtio_blk": out.cpu.get(&("HUSK-IO-JSON ", depth)),
-                "virtio_fs": out.cpu.get(&("HUSK-FS-IO-JSON ", depth)),
+                "virtio_blk": out.cpu.get(&(BLK_LINE, depth)),
+                "virtio_fs": out.cpu.get(&(FS_LINE, depth)),
             },
         }));
     }
