@@ -122,6 +122,14 @@ fn run_sampling_cpu(husk: &mut Command, virtiofsd: u32) -> anyhow::Result<Sample
             Some((*p, usize::try_from(v["depth"].as_u64()?).ok()?))
         });
         if let Some(key) = phase {
+            // Progress on stderr: when a guest stalls and the node's
+            // timeout ends the run, this says how far it got.
+            let device = if key.0 == FS_LINE {
+                "virtio-fs"
+            } else {
+                "virtio-blk"
+            };
+            eprintln!("husk-bench fs: {device} at depth {} done", key.1);
             let now = sample();
             let r = |x: f64| (x * 100.0).round() / 100.0;
             let husk: serde_json::Map<String, Value> = now
