@@ -4,11 +4,17 @@
 //!
 //! The region is cut in blocks (what the guest plugs, 2 MiB by default)
 //! and slots (what KVM maps, 128 MiB by default). A slot is mapped into
-//! the guest while at least one of its blocks is plugged, so memory the
-//! host never gave, or took back whole, cannot be touched by the guest at
-//! all; an unplugged block's pages go back to the host at once
-//! (`MADV_DONTNEED`), so the VMM's resident memory follows what is
-//! plugged.
+//! the guest when a block of it is first plugged, so memory the host never
+//! gave cannot be touched by the guest at all; an unplugged block's pages
+//! go back to the host at once (`MADV_DONTNEED`), so the VMM's resident
+//! memory follows what is plugged. A slot stays mapped when its last
+//! block is unplugged, until the driver unplugs everything (UNPLUG_ALL,
+//! which a starting driver sends when anything is plugged): deleting a KVM memory slot under a
+//! running guest is what set off the node's SVM failure (a triple fault
+//! within a second, docs/devices.md) on the machines the tests run on,
+//! and a guest that touches memory it unplugged breaks the driver's rules
+//! (VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE) only to get zeroed pages that
+//! count against the VMM's memory, in the pod's cgroup under the shim.
 
 use std::sync::Arc;
 
@@ -158,8 +164,7 @@ struct Blocks {
     /// One bit per block, set while it is plugged.
     plugged: Vec<u64>,
     plugged_blocks: u64,
-    /// Plugged blocks per slot, and whether the slot is mapped.
-    slot_plugged: Vec<u64>,
+    /// Whether each slot is mapped into the guest.
     slot_mapped: Vec<bool>,
     requested_size: u64,
     mapper: Box<dyn SlotMapper>,
@@ -207,7 +212,6 @@ impl Mem {
                 region,
                 plugged: vec![0; words],
                 plugged_blocks: 0,
-                slot_plugged: vec![0; slots],
                 slot_mapped: vec![false; slots],
                 requested_size: 0,
                 mapper,
@@ -463,8 +467,6 @@ impl Blocks {
         }
         for block in first..first + count {
             self.set_plugged(block, true);
-            let slot = self.slot_of(block) as usize;
-            self.slot_plugged[slot] += 1;
         }
         self.plugged_blocks += count;
         self.metrics.plug_count.inc();
@@ -506,17 +508,8 @@ impl Blocks {
         }
         for block in first..first + count {
             self.set_plugged(block, false);
-            let slot = self.slot_of(block) as usize;
-            self.slot_plugged[slot] -= 1;
         }
         self.plugged_blocks -= count;
-        // Emptied slots leave the guest before their pages are released,
-        // so a guest that ignores the rules cannot fault them back in.
-        for slot in self.slot_of(first)..=self.slot_of(first + count - 1) {
-            if self.slot_plugged[slot as usize] == 0 && self.slot_mapped[slot as usize] {
-                self.unmap_slot(slot);
-            }
-        }
         let size = count * self.region.block_size;
         self.release(addr, size);
         self.metrics.unplug_count.inc();
@@ -533,7 +526,6 @@ impl Blocks {
             }
         }
         self.plugged.fill(0);
-        self.slot_plugged.fill(0);
         self.plugged_blocks = 0;
         self.release(self.region.addr, self.region.size);
         self.metrics.unplug_count.inc();
@@ -921,7 +913,7 @@ mod tests {
     }
 
     #[test]
-    fn unplugging_releases_the_pages_and_the_emptied_slot() {
+    fn unplugging_releases_the_pages_and_keeps_the_slot_mapped() {
         let (mut dev, m, rec) = device();
         dev.set_requested_size(SLOT + 2 * BLOCK).unwrap();
         // One block in slot 0, the last block of slot 0 and the first of
@@ -938,13 +930,14 @@ mod tests {
         m.write_slice(&[0x5a; 64], GuestAddress(BASE)).unwrap();
         m.write_slice(&[0x5a; 64], GuestAddress(BASE + SLOT))
             .unwrap();
-        // Slot 1 loses its only block: unmapped, and its pages read zero.
+        // Slot 1 loses its only block: its pages go back (they read zero)
+        // but the slot stays mapped while the guest runs.
         dev.set_requested_size(SLOT).unwrap();
         assert_eq!(
             serve(&mut dev, &m, unplug(BASE + SLOT, 1)),
             Response::of(RESP_ACK)
         );
-        assert_eq!(rec.calls(), [format!("unmap 1 {:#x}", BASE + SLOT)]);
+        assert!(rec.calls().is_empty());
         let mut b = [1u8; 64];
         m.read_slice(&mut b, GuestAddress(BASE + SLOT)).unwrap();
         assert_eq!(b, [0; 64]);
@@ -959,8 +952,15 @@ mod tests {
         assert_eq!(dev.status().plugged_size, BLOCK);
         // Unplugging below the requested size is the driver's call.
         assert_eq!(serve(&mut dev, &m, unplug(BASE, 1)), Response::of(RESP_ACK));
-        assert_eq!(rec.calls(), [format!("unmap 0 {BASE:#x}")]);
+        assert!(rec.calls().is_empty());
         assert_eq!(dev.status().plugged_size, 0);
+        // Plugging into a slot still mapped maps nothing again.
+        dev.set_requested_size(2 * SLOT).unwrap();
+        assert_eq!(
+            serve(&mut dev, &m, plug(BASE + SLOT, 1)),
+            Response::of(RESP_ACK)
+        );
+        assert!(rec.calls().is_empty());
     }
 
     #[test]
