@@ -9,9 +9,10 @@
 //! go back to the host at once (`MADV_DONTNEED`), so the VMM's resident
 //! memory follows what is plugged. A slot stays mapped when its last
 //! block is unplugged, until the driver unplugs everything (UNPLUG_ALL,
-//! which a starting driver sends when anything is plugged): deleting a KVM memory slot under a
-//! running guest is what set off the node's SVM failure (a triple fault
-//! within a second, docs/devices.md) on the machines the tests run on,
+//! which a starting driver sends when anything is plugged): deleting a
+//! KVM memory slot under a running guest is what set off the node's SVM
+//! failure (a triple fault within a second, docs/devices.md) on the
+//! machines the tests run on,
 //! and a guest that touches memory it unplugged breaks the driver's rules
 //! (VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE) only to get zeroed pages that
 //! count against the VMM's memory, in the pod's cgroup under the shim.
