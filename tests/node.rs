@@ -2,9 +2,10 @@
 //! whose kernel fails before the command finished is booted once more,
 //! and each failure is recorded with its cause for the test command's
 //! closing line (resources/test.sh), so a second boot is never hidden in a
-//! pass. The command here makes the node fail on purpose on its first
-//! boot (it sees `husk_node.boot=2` on its kernel's command line on the
-//! second), recorded in a file of the test's own, not the suite's; always
+//! pass. The tests make the node fail on purpose (a command that sees
+//! `husk_node.boot=2` on its kernel's command line on the second boot;
+//! a node kernel whose init never starts), recorded in a file of the
+//! test's own, not the suite's; always
 //! in the node VM, never on this host (a panic would be this host's).
 
 use std::path::PathBuf;
@@ -91,6 +92,34 @@ fn a_node_that_panicked_on_both_boots_is_recorded_twice_and_given_up() {
         assert_eq!(line[0], test_label(), "{rec:?}");
         assert_eq!(line[1], "panic", "{rec:?}");
         assert!(line[2].contains("Kernel panic - not syncing"), "{rec:?}");
+        assert_eq!(line[3], outcome, "{rec:?}");
+    }
+}
+
+#[test]
+fn a_node_that_never_reaches_its_init_is_given_up_after_its_start_timeout() {
+    let file = record_file("no-start");
+    // The node's kernel runs busybox's sleep as its init, on both boots:
+    // no heartbeat ever, nothing on the console, as when a node hung in
+    // its own boot (once in CI, where it cost the test run.sh's whole 600
+    // s). 20 s rather than the default 60 keeps this test short.
+    let r = Payload::new("node-no-start")
+        .in_the_node_vm()
+        .record_node_failures_in(&file)
+        .env("HUSK_NODE_START_TIMEOUT", "20")
+        .env("HUSK_NODE_APPEND", "rdinit=/bin/busybox -- sleep 600")
+        .run("echo NEVER-HERE");
+    r.assert_status(125)
+        .assert_contains("booting it again")
+        .assert_contains("run.sh: again, the node VM's kernel stopped (no heartbeat in the");
+    assert!(!r.output.contains("NEVER-HERE"), "{}", r.output);
+    let rec = records(&file);
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(rec.len(), 2, "{rec:?}\n{}", r.output);
+    for (line, outcome) in rec.iter().zip(["booted again", "gave up"]) {
+        assert_eq!(line[0], test_label(), "{rec:?}");
+        assert_eq!(line[1], "silent stop", "{rec:?}");
+        assert!(line[2].contains("s since it started"), "{rec:?}");
         assert_eq!(line[3], outcome, "{rec:?}");
     }
 }

@@ -11,9 +11,12 @@
 # exits with CMD's exit status (125 if the node VM itself failed or timed
 # out; its console's tail then goes to stderr). If the node's own kernel
 # reports a soft lockup before CMD finished, stops altogether (its init
-# writes a heartbeat to the second serial port every 5 s; 60 s without one
-# means the node's kernel no longer runs user space, seen now and then with
-# nested guests under QEMU's emulated SVM, with nothing on the console), or
+# writes a heartbeat to the second serial port every 5 s, from its first
+# lines on; 60 s without one means the node's kernel no longer runs user
+# space, seen now and then with nested guests under QEMU's emulated SVM,
+# with nothing on the console; so does no first beat within 60 s of QEMU's
+# start, HUSK_NODE_START_TIMEOUT seconds, where a boot takes about 3 s: a
+# node stuck in its own boot, seen once in CI), or
 # panics (seen there too: a husk vCPU thread overflowing its kernel stack in
 # the node's exception entry; an oops is made a panic, oops=panic, since a
 # node that oopsed may go on with its user space stuck and its heartbeat
@@ -36,7 +39,8 @@
 # one host thread (QEMU's thread=single; default multi, one thread per
 # vCPU: a measurement knob, docs/testing.md); HUSK_NODE_SHELL=PATH puts a root shell of the node on a unix
 # socket at PATH while CMD runs (socat -,raw,echo=0 UNIX-CONNECT:PATH),
-# for looking at a stuck test from inside.
+# for looking at a stuck test from inside; HUSK_NODE_APPEND adds to the
+# node kernel's command line, on every boot.
 #
 # A command still running 30 s before the timeout gets the node's own
 # diagnosis first: every process and its wait channel, every husk thread's
@@ -56,6 +60,7 @@ usage() {
 here=$(cd "$(dirname "$0")" && pwd)
 AGAIN_MARKER="run.sh: HUSK-NODE-BOOTED-AGAIN"
 mem=4096 cpus=2 timeout=600 payload=""
+start_timeout=${HUSK_NODE_START_TIMEOUT:-60}
 while (($#)); do
   case $1 in
     --mem|--cpus|--timeout|--payload) (($# >= 2)) || usage ;;&
@@ -172,6 +177,8 @@ boot_node() {
     extra+=(-chardev "socket,id=shell,path=$HUSK_NODE_SHELL,server=on,wait=off" -serial chardev:shell)
     append+=" husk_node.shell=1"
   fi
+  # Last: what follows a "--" in it is init's (arguments, not parameters).
+  if [[ -n ${HUSK_NODE_APPEND:-} ]]; then append+=" $HUSK_NODE_APPEND"; fi
   # timeout(1) rather than a watchdog shell: nothing may outlive this script
   # holding its stdout open.
   timeout --kill-after=5 "$timeout" "$HUSK_NODE_QEMU" \
@@ -181,9 +188,9 @@ boot_node() {
     -append "console=ttyS0 panic=-1 oops=panic quiet loglevel=${HUSK_NODE_LOGLEVEL:-1}$append" \
     < /dev/null > "$tmp/console" 2>&1 &
   qpid=$!
-  # The heartbeat's watcher: once the first beat came, 60 s without one
-  # ends the boot (the node's kernel is stuck; nothing else would notice
-  # before the timeout).
+  # The heartbeat's watcher: 60 s without a beat, or no first one in the
+  # start timeout, ends the boot (the node's kernel is stuck, or never got
+  # to its init; nothing else would notice before the timeout).
   (
     last=0 quiet=0
     while kill -0 "$qpid" 2>/dev/null; do
@@ -192,9 +199,13 @@ boot_node() {
       if ((size > last)); then last=$size quiet=0; else quiet=$((quiet + 5)); fi
       if ((last > 0 && quiet >= 60)); then
         echo "no heartbeat for $quiet s" > "$tmp/hung"
-        kill "$qpid" 2>/dev/null
-        break
+      elif ((last == 0 && quiet >= start_timeout)); then
+        echo "no heartbeat in the $quiet s since it started" > "$tmp/hung"
+      else
+        continue
       fi
+      kill "$qpid" 2>/dev/null
+      break
     done
   ) > /dev/null 2>&1 &
   local watcher=$!

@@ -247,6 +247,8 @@ pub struct Payload {
     retries: Option<PathBuf>,
     /// In the node VM even where guests could run on this host.
     node_vm: bool,
+    /// More of run.sh's environment.
+    env: Vec<(String, String)>,
 }
 
 impl Payload {
@@ -260,6 +262,7 @@ impl Payload {
             timeout: None,
             retries: None,
             node_vm: false,
+            env: Vec::new(),
         }
     }
 
@@ -282,6 +285,12 @@ impl Payload {
     /// could run guests itself (`HUSK_NODE=vm`): for tests of the node VM.
     pub fn in_the_node_vm(mut self) -> Self {
         self.node_vm = true;
+        self
+    }
+
+    /// Sets `key` in run.sh's environment (its `HUSK_NODE_*` knobs).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -335,6 +344,7 @@ impl Payload {
         if self.node_vm {
             cmd.env("HUSK_NODE", "vm");
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let out = cmd
             .arg(repo_root().join("resources/node/run.sh"))
             .args(
