@@ -58,6 +58,12 @@ pub struct FsBench {
     /// than a vector loop, where hardware runs it at full speed.
     #[arg(long)]
     husk_glibc_tunables: Option<String>,
+    /// A guest that prints nothing for this long is taken as stalled:
+    /// husk gets SIGTERM (its vCPUs then log where the guest was) and the
+    /// run fails with husk's log and the guest's console, rather than
+    /// waiting for the node's own timeout, which takes both with it.
+    #[arg(long, default_value_t = 120)]
+    stall_s: u64,
 }
 
 /// Waits for virtiofsd's socket to appear (or virtiofsd to end).
@@ -80,11 +86,18 @@ fn wait_for_socket(child: &mut std::process::Child, socket: &Path) -> anyhow::Re
 const BLK_LINE: &str = "HUSK-IO-JSON ";
 const FS_LINE: &str = "HUSK-FS-IO-JSON ";
 const PHASE_LINES: [&str; 2] = [BLK_LINE, FS_LINE];
+/// The metadata runs' result lines, drive then share.
+const META_LINES: [(&str, &str); 2] = [
+    ("HUSK-META-JSON ", "virtio-blk"),
+    ("HUSK-FS-META-JSON ", "virtio-fs"),
+];
 
 /// What one husk run left: its console, its stderr, and the node CPU each
 /// phase took, by the phase's line prefix and depth.
 struct Sampled {
     status: std::process::ExitStatus,
+    /// The guest printed nothing for `--stall-s` and husk was stopped.
+    stalled: bool,
     console: String,
     stderr: String,
     cpu: std::collections::HashMap<(&'static str, usize), Value>,
@@ -95,10 +108,48 @@ struct Sampled {
 /// the event loop, where both devices' host side runs, and each vCPU) and
 /// virtiofsd used since the last one is that phase's: where a device's
 /// cost goes on the node, which throughput alone does not say.
-fn run_sampling_cpu(husk: &mut Command, virtiofsd: u32) -> anyhow::Result<Sampled> {
+fn run_sampling_cpu(
+    husk: &mut Command,
+    virtiofsd: u32,
+    stall: Duration,
+) -> anyhow::Result<Sampled> {
     use std::io::{BufRead, Read};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
     let mut child = husk.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     let pid = child.id();
+    // The stall watch: seconds since `start` at the guest's last line.
+    let start = Instant::now();
+    let last_line = Arc::new(AtomicU64::new(0));
+    let (done, stalled) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let watch = {
+        let (last_line, done, stalled) = (last_line.clone(), done.clone(), stalled.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(500));
+                let quiet = start
+                    .elapsed()
+                    .as_secs()
+                    .saturating_sub(last_line.load(Ordering::Relaxed));
+                if quiet >= stall.as_secs() {
+                    stalled.store(true, Ordering::Relaxed);
+                    eprintln!(
+                        "husk-bench fs: the guest printed nothing for {quiet} s; stopping husk"
+                    );
+                    if let Ok(pid) = libc::pid_t::try_from(pid) {
+                        // SAFETY: kill(2) with a pid and a signal number: no
+                        // memory is involved; husk is our child, not yet
+                        // waited for, so the pid is still its.
+                        unsafe { libc::kill(pid, libc::SIGTERM) };
+                    }
+                    return;
+                }
+            }
+        })
+    };
     let mut stderr = child.stderr.take().context("husk's stderr")?;
     let stderr = std::thread::spawn(move || {
         let mut text = String::new();
@@ -117,6 +168,10 @@ fn run_sampling_cpu(husk: &mut Command, virtiofsd: u32) -> anyhow::Result<Sample
     let stdout = child.stdout.take().context("husk's stdout")?;
     for line in std::io::BufReader::new(stdout).lines() {
         let line = line?;
+        last_line.store(start.elapsed().as_secs(), Ordering::Relaxed);
+        if let Some((_, device)) = META_LINES.iter().find(|(p, _)| line.trim().starts_with(p)) {
+            eprintln!("husk-bench fs: {device} metadata done");
+        }
         let phase = PHASE_LINES.iter().find_map(|p| {
             let v: Value = serde_json::from_str(line.trim().strip_prefix(p)?).ok()?;
             Some((*p, usize::try_from(v["depth"].as_u64()?).ok()?))
@@ -147,8 +202,11 @@ fn run_sampling_cpu(husk: &mut Command, virtiofsd: u32) -> anyhow::Result<Sample
         console.push('\n');
     }
     let status = child.wait()?;
+    done.store(true, Ordering::Relaxed);
+    let _ = watch.join();
     Ok(Sampled {
         status,
+        stalled: stalled.load(Ordering::Relaxed),
         console,
         stderr: stderr.join().unwrap_or_default(),
         cpu,
@@ -231,7 +289,7 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
                 if b.relay { "on" } else { "off" }
             ))
             .stdin(Stdio::null());
-        run_sampling_cpu(&mut husk, virtiofsd_pid)
+        run_sampling_cpu(&mut husk, virtiofsd_pid, Duration::from_secs(b.stall_s))
             .with_context(|| format!("cannot run {}", b.husk.display()))
     });
     // virtiofsd serves one VM and ends with it; make sure.
@@ -243,8 +301,20 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
     let _ = std::fs::remove_file(&socket);
     let out = result?;
     let console = out.console;
-    if !out.status.success() {
-        bail!("husk exited with {}: {}", out.status, out.stderr);
+    if out.stalled || !out.status.success() {
+        let tail: Vec<&str> = console.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "{}husk exited with {}; its log:\n{}\nthe guest's console (its last 40 lines):\n{}",
+            if out.stalled {
+                format!("the guest stalled (nothing printed for {} s); ", b.stall_s)
+            } else {
+                String::new()
+            },
+            out.status,
+            out.stderr,
+            tail.join("\n")
+        );
     }
     let blk = crate::io::guest_results(&console, BLK_LINE)?;
     let fs = crate::io::guest_results(&console, FS_LINE)?;
