@@ -14,13 +14,10 @@
 # and glibc, build.sh and init. Which kernel package the metapackage means is
 # remembered in node/kernel-package.<hash of the apt lists' stat>, so a cached
 # run needs no apt-cache (~0.7 s) and takes a few tens of milliseconds.
-# The kernel comes from Debian 12's bookworm-backports (its cloud kernel
-# is 6.12: chosen by measurement, docs/testing.md), through a private apt
-# index (husk_apt_index: the host's apt is left as it is), remembered for
-# the ISO week in node/kernel-package.SUITE.WEEK.
-# HUSK_NODE_KERNEL_SUITE=SUITE takes it from another suite; set and empty
-# (HUSK_NODE_KERNEL_SUITE=) it is Debian 12's own (6.1), from the host's
-# package lists.
+# HUSK_NODE_KERNEL_SUITE=SUITE (for example bookworm-backports, whose
+# cloud kernel is 6.12) takes the kernel from that Debian suite instead,
+# through a private apt index (husk_apt_index: the host's apt is left as
+# it is), remembered for the ISO week in node/kernel-package.SUITE.WEEK.
 # The last line on stdout is that directory; all else goes to stderr.
 set -euo pipefail
 
@@ -53,7 +50,7 @@ resolve_kernel_pkg() {
   rm -f "$cache_root"/node/kernel-package.*
   echo "$pkg $pkg_version" > "$memo.$$" && mv "$memo.$$" "$memo"
 }
-suite=${HUSK_NODE_KERNEL_SUITE-bookworm-backports}
+suite=${HUSK_NODE_KERNEL_SUITE:-}
 apt_dir=""
 apt_opts=()
 private_index() {
