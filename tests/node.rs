@@ -36,6 +36,26 @@ fn records(file: &std::path::Path) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The record (removed after reading) holds two failures of `cause` with
+/// `evidence`, this test's: the first booted the node again, the second
+/// gave up.
+fn assert_failed_twice_and_given_up(
+    file: &std::path::Path,
+    output: &str,
+    cause: &str,
+    evidence: &str,
+) {
+    let rec = records(file);
+    let _ = std::fs::remove_file(file);
+    assert_eq!(rec.len(), 2, "{rec:?}\n{output}");
+    for (line, outcome) in rec.iter().zip(["booted again", "gave up"]) {
+        assert_eq!(line[0], test_label(), "{rec:?}");
+        assert_eq!(line[1], cause, "{rec:?}");
+        assert!(line[2].contains(evidence), "{rec:?}");
+        assert_eq!(line[3], outcome, "{rec:?}");
+    }
+}
+
 /// Only on the node's first boot: what its kernel's watchdog prints when
 /// both CPUs are stuck, which run.sh acts on (a real soft lockup cannot be
 /// made to order).
@@ -85,15 +105,7 @@ fn a_node_that_panicked_on_both_boots_is_recorded_twice_and_given_up() {
     r.assert_status(125)
         .assert_contains("booting it again")
         .assert_contains("run.sh: again, the node VM's kernel panicked");
-    let rec = records(&file);
-    let _ = std::fs::remove_file(&file);
-    assert_eq!(rec.len(), 2, "{rec:?}\n{}", r.output);
-    for (line, outcome) in rec.iter().zip(["booted again", "gave up"]) {
-        assert_eq!(line[0], test_label(), "{rec:?}");
-        assert_eq!(line[1], "panic", "{rec:?}");
-        assert!(line[2].contains("Kernel panic - not syncing"), "{rec:?}");
-        assert_eq!(line[3], outcome, "{rec:?}");
-    }
+    assert_failed_twice_and_given_up(&file, &r.output, "panic", "Kernel panic - not syncing");
 }
 
 #[test]
@@ -113,13 +125,5 @@ fn a_node_that_never_reaches_its_init_is_given_up_after_its_start_timeout() {
         .assert_contains("booting it again")
         .assert_contains("run.sh: again, the node VM's kernel stopped (no heartbeat in the");
     assert!(!r.output.contains("NEVER-HERE"), "{}", r.output);
-    let rec = records(&file);
-    let _ = std::fs::remove_file(&file);
-    assert_eq!(rec.len(), 2, "{rec:?}\n{}", r.output);
-    for (line, outcome) in rec.iter().zip(["booted again", "gave up"]) {
-        assert_eq!(line[0], test_label(), "{rec:?}");
-        assert_eq!(line[1], "silent stop", "{rec:?}");
-        assert!(line[2].contains("s since it started"), "{rec:?}");
-        assert_eq!(line[3], outcome, "{rec:?}");
-    }
+    assert_failed_twice_and_given_up(&file, &r.output, "silent stop", "s since it started");
 }

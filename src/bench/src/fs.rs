@@ -302,18 +302,16 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
     let out = result?;
     let console = out.console;
     if out.stalled || !out.status.success() {
-        let tail: Vec<&str> = console.lines().rev().take(40).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        let lines: Vec<&str> = console.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        let stalled = match out.stalled {
+            true => format!("the guest stalled (nothing printed for {} s); ", b.stall_s),
+            false => String::new(),
+        };
         bail!(
-            "{}husk exited with {}; its log:\n{}\nthe guest's console (its last 40 lines):\n{}",
-            if out.stalled {
-                format!("the guest stalled (nothing printed for {} s); ", b.stall_s)
-            } else {
-                String::new()
-            },
+            "{stalled}husk exited with {}; its log:\n{}\nthe guest's console (its last 40 lines):\n{tail}",
             out.status,
-            out.stderr,
-            tail.join("\n")
+            out.stderr
         );
     }
     let blk = crate::io::guest_results(&console, BLK_LINE)?;
