@@ -265,3 +265,36 @@ fn husk_run_shares_volumes_both_ways_and_a_read_only_one_refuses_writes() {
         r.output
     );
 }
+
+#[test]
+fn a_killed_husk_run_takes_its_virtiofsd_with_it() {
+    // husk killed while its virtiofsd is not yet listening: a virtiofsd
+    // that has had its frontend ends when that goes, but this one never
+    // had one and would listen forever (seen in CI: a husk run killed by
+    // SIGTERM while it made a template). SIGKILL leaves husk no time to
+    // stop anything: the kernel must end virtiofsd with husk.
+    let a = artifacts();
+    let p = Payload::new("fs-run-killed")
+        .add(&a.husk, "husk")
+        .add(&a.vmlinux, "vmlinux")
+        .add(agent_initrd(), "agent.cpio")
+        .add(&virtiofsd(), "virtiofsd")
+        .write("virtiofsd-bound", BOUND_VIRTIOFSD.as_bytes())
+        .write(
+            "virtiofsd-slow",
+            b"#!/bin/sh\nsleep 3\nexec \"$(dirname \"$(readlink -f \"$0\")\")/virtiofsd-bound\" \"$@\"\n",
+        );
+    busybox_rootfs(p.path());
+    let r = p.run(
+        "chmod +x virtiofsd-bound virtiofsd-slow
+         mkdir -p vol
+         count() { grep -lx virtiofsd /proc/[0-9]*/comm 2>/dev/null | wc -l; }
+         HUSK_CACHE_DIR=./cache ./husk run --kernel vmlinux --agent-initrd agent.cpio --no-template \
+           --virtiofsd ./virtiofsd-slow -v \"$PWD/vol:/data\" ./busybox -- true & pid=$!
+         sleep 1
+         kill -9 $pid; wait $pid 2>/dev/null
+         sleep 6
+         echo \"AFTER $(count)\"",
+    );
+    assert_eq!(r.value("AFTER").as_deref(), Some("0"), "{}", r.output);
+}

@@ -4,6 +4,7 @@
 //! own). Each serves one directory on a socket, in its namespace sandbox;
 //! all are killed and waited for when their [`Virtiofsds`] goes.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -117,6 +118,27 @@ pub fn start(
         if s.read_only {
             cmd.arg("--readonly");
         }
+        // Killed with husk, however husk ends: a SIGTERM or SIGKILL that
+        // comes before the VM's signal handling is in place (while a
+        // template is made) never runs `Virtiofsds`' drop. The death
+        // signal follows the thread that spawns, which for both callers
+        // is `husk run`'s main thread, alive as long as husk.
+        let husk = std::process::id();
+        // SAFETY: the closure runs in the child between fork and exec and
+        // calls only async-signal-safe functions (prctl, getppid), touching
+        // no memory but its own copy of `husk`.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // husk ended before the prctl: nobody would kill this one.
+                if u32::try_from(libc::getppid()).ok() != Some(husk) {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                Ok(())
+            })
+        };
         let spawn_err = |source| VirtiofsdError::Spawn {
             virtiofsd: virtiofsd.to_path_buf(),
             share: host.clone(),
