@@ -40,7 +40,8 @@
 # vCPU: a measurement knob, docs/testing.md); HUSK_NODE_SHELL=PATH puts a root shell of the node on a unix
 # socket at PATH while CMD runs (socat -,raw,echo=0 UNIX-CONNECT:PATH),
 # for looking at a stuck test from inside; HUSK_NODE_APPEND adds to the
-# node kernel's command line, on every boot.
+# node kernel's command line, on every boot; HUSK_NODE_CPUS is the node's
+# vCPU count where --cpus does not say (2; a measurement knob).
 #
 # A command still running 30 s before the timeout gets the node's own
 # diagnosis first: every process and its wait channel, every husk thread's
@@ -59,7 +60,7 @@ usage() {
 }
 here=$(cd "$(dirname "$0")" && pwd)
 AGAIN_MARKER="run.sh: HUSK-NODE-BOOTED-AGAIN"
-mem=4096 cpus=2 timeout=600 payload=""
+mem=4096 cpus=${HUSK_NODE_CPUS:-2} timeout=600 payload=""
 start_timeout=${HUSK_NODE_START_TIMEOUT:-60}
 while (($#)); do
   case $1 in
