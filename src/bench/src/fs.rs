@@ -304,9 +304,10 @@ pub fn fs(b: FsBench) -> anyhow::Result<Value> {
     if out.stalled || !out.status.success() {
         let lines: Vec<&str> = console.lines().collect();
         let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-        let stalled = match out.stalled {
-            true => format!("the guest stalled (nothing printed for {} s); ", b.stall_s),
-            false => String::new(),
+        let stalled = if out.stalled {
+            format!("the guest stalled (nothing printed for {} s); ", b.stall_s)
+        } else {
+            String::new()
         };
         bail!(
             "{stalled}husk exited with {}; its log:\n{}\nthe guest's console (its last 40 lines):\n{tail}",
