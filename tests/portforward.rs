@@ -2,12 +2,13 @@
 //! and its streaming server (`husk-cri port-forward`,
 //! tests/cri/portforward.rs), with the husk handler and, as the honest
 //! twin, runc: a page served on a port of the pod comes back through the
-//! forward once and to 8 clients at once, and a port nothing listens on
-//! gets an error and an ended stream, not a hang; the pod's `hostPort`
-//! (the CNI portmap plugin's DNAT on the node) serves the page too. Under
-//! husk the connection containerd dials in the pod's namespace on the node
-//! is steered to the shim (BPF sk_lookup) and carried into the guest over
-//! vsock.
+//! forward once and to 8 clients at once, a page served on `[::1]` only
+//! comes back too (containerd falls back to IPv6), and a port nothing
+//! listens on gets an error and an ended stream, not a hang; the pod's
+//! `hostPort` (the CNI portmap plugin's DNAT on the node) serves the page
+//! too. Under husk the connection containerd dials in the pod's namespace
+//! on the node is steered to the shim (BPF sk_lookup) and carried into
+//! the guest over vsock.
 
 use husk_tests::containerd;
 
@@ -25,6 +26,7 @@ echo "HUSK-LEFT $(husk_count)"
         ("CRI-PF-EXIT", "0"),
         ("CRI-PF one", "true"),
         ("CRI-PF many", "8"),
+        ("CRI-PF ipv6-loopback", "true"),
         ("CRI-PF host-port", "true"),
         ("CRI-PF closed-data", "0"),
         ("CRI-PF closed-error", "true"),

@@ -60,9 +60,11 @@ fi
 config=""
 if [ -n "$cri" ]; then
   # containerd pins pod network namespaces under /var/run/netns, and
-  # copies the node's hosts and resolv.conf into each pod.
+  # copies the node's hosts and resolv.conf into each pod. The hosts file
+  # as Debian (and the kubelet, for pods) writes it: localhost is ::1 too,
+  # which containerd's port-forward dials when 127.0.0.1 refuses.
   [ -e /var/run ] || { mkdir -p /var && ln -s /run /var/run; }
-  [ -e /etc/hosts ] || printf '127.0.0.1\tlocalhost\n' > /etc/hosts
+  [ -e /etc/hosts ] || printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' > /etc/hosts
   [ -e /etc/resolv.conf ] || : > /etc/resolv.conf
   mkdir -p /etc/cni/net.d
   portmap=""

@@ -6,7 +6,9 @@
 //! bytes) sends a request to the pod's port and reads the answer. One pod
 //! runs busybox's httpd on port 8080 serving a known page; the client
 //! fetches it once, then 8 times at once, then asks for a port nothing
-//! listens on (an error, and the stream ends). The pod also maps its port
+//! listens on (an error, and the stream ends). A second container serves
+//! another page on IPv6 loopback only (`[::1]`), which containerd reaches
+//! for a runc pod by falling back to IPv6 when IPv4 is refused. The pod also maps its port
 //! to a port of the node (a `hostPort`, which the CNI portmap plugin
 //! implements with DNAT rules on the node): the page must come from there
 //! too, fetched on the node's address on the pod network. Lines: `CRI-PF
@@ -24,6 +26,12 @@ use crate::{container_config, pod_config, Args, Client, Pod, Result};
 pub const PAYLOAD: &str = "port-forward-payload-5f3a";
 
 const SERVER_PORT: u16 = 8080;
+
+/// What the second container serves, on `[::1]` only.
+pub const PAYLOAD_V6: &str = "port-forward-ipv6-only-9c1d";
+
+/// Its port.
+const SERVER_V6_PORT: u16 = 8081;
 
 /// A port nothing in the pod listens on.
 const CLOSED_PORT: u16 = 9999;
@@ -207,6 +215,11 @@ pub async fn port_forward(c: &mut Client, args: &Args) -> Result<()> {
         );
         pod.create(c, container_config("server", &args.image, &["sh", "-c", &script]))
             .await?;
+        let script6 = format!(
+            "mkdir -p /www && echo {PAYLOAD_V6} > /www/index.html && exec httpd -f -p [::1]:{SERVER_V6_PORT} -h /www"
+        );
+        pod.create(c, container_config("server6", &args.image, &["sh", "-c", &script6]))
+            .await?;
         // The server may take a moment to listen (a container whose root
         // comes through the share starts its first program more slowly).
         // A stream URL is good for one connection: a new one per try.
@@ -238,6 +251,27 @@ pub async fn port_forward(c: &mut Client, args: &Args) -> Result<()> {
             }
         }
         println!("CRI-PF many {ok}");
+        // The IPv6-only server (started with the first, so listening by
+        // now; a few tries all the same).
+        let mut v6 = String::new();
+        for _ in 0..10 {
+            let u = stream_url(c, &pod, SERVER_V6_PORT).await?;
+            let got = tokio::task::spawn_blocking(move || fetch(&u, SERVER_V6_PORT, GET))
+                .await
+                .map_err(|e| e.to_string())?;
+            v6 = match got {
+                Ok((data, error)) => format!("{data}{error}"),
+                Err(e) => e,
+            };
+            if v6.contains(PAYLOAD_V6) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        println!("CRI-PF ipv6-loopback {}", v6.contains(PAYLOAD_V6));
+        if !v6.contains(PAYLOAD_V6) {
+            println!("CRI-PF ipv6-loopback-got {v6:?}");
+        }
         // The host port: a plain TCP connection on the node, DNATed by
         // portmap's rules to the pod's address, which in a microVM is the
         // guest's.

@@ -1,12 +1,14 @@
 //! Port forwarding (CRI's PortForward): a host connection on a
-//! `PortForward` channel becomes a TCP connection to `127.0.0.1:PORT` in
-//! the guest, the network namespace every container of the pod shares,
-//! and bytes are copied both ways until both have ended. End of file one
+//! `PortForward` channel becomes a TCP connection to `localhost:PORT` in
+//! the guest, the network namespace every container of the pod shares
+//! (`127.0.0.1`, then `::1`: what containerd dials in a runc pod's
+//! namespace), and bytes are copied both ways until both have ended. End of file one
 //! way half-closes the other side's write, so a client that sends its
 //! request and shuts its write side still reads the answer.
 
+use std::io::ErrorKind;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::time::Duration;
 
 use husk_protocol::{AgentError, ErrorCode};
@@ -17,19 +19,41 @@ use crate::transport::Stream;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connects to `port` on the guest's loopback: the forward's far end.
+/// IPv4 first, then IPv6, as containerd does for a runc pod (it dials
+/// `localhost` in the pod's namespace, `tcp4` then `tcp6`): a server
+/// that listens on `[::1]` or on an IPv6-only socket is reached either
+/// way. Under husk containerd's own dial always lands (the shim takes
+/// every connection to 127.0.0.1 in the pod's namespace on the node), so
+/// the fallback has to happen here, where the pod's servers are.
 pub fn connect(port: u16) -> Result<TcpStream, AgentError> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| {
-        let code = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-            ErrorCode::NotFound
-        } else {
-            ErrorCode::System
-        };
-        AgentError::new(
-            code,
-            format!("cannot connect to port {port} in the pod: {e}"),
-        )
-    })
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let e4 = match TcpStream::connect_timeout(&v4, CONNECT_TIMEOUT) {
+        Ok(s) => return Ok(s),
+        Err(e) => e,
+    };
+    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    let e6 = match TcpStream::connect_timeout(&v6, CONNECT_TIMEOUT) {
+        Ok(s) => return Ok(s),
+        Err(e) => e,
+    };
+    let code = if nothing_listens(&e4) && nothing_listens(&e6) {
+        ErrorCode::NotFound
+    } else {
+        ErrorCode::System
+    };
+    Err(AgentError::new(
+        code,
+        format!("cannot connect to port {port} in the pod: 127.0.0.1: {e4}; [::1]: {e6}"),
+    ))
+}
+
+/// Whether a failed connect means no server on that address: refused, or
+/// the address family not there at all (a guest without IPv6 loopback).
+fn nothing_listens(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::AddrNotAvailable
+    ) || e.raw_os_error() == Some(libc::EAFNOSUPPORT)
 }
 
 /// Copies `from` into `to` until `from` ends; returns the bytes copied.
@@ -121,5 +145,34 @@ mod tests {
         let e = connect(port).unwrap_err();
         assert_eq!(e.code, ErrorCode::NotFound);
         assert!(e.message.contains(&format!("port {port}")), "{}", e.message);
+        assert!(e.message.contains("[::1]"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_server_on_ipv6_loopback_only_is_reached() {
+        // What containerd reaches for a runc pod by its tcp6 fallback.
+        let server = TcpListener::bind("[::1]:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        let served = std::thread::spawn(move || {
+            let (mut c, _) = server.accept().unwrap();
+            c.write_all(b"over ipv6").unwrap();
+        });
+        let mut pod = connect(port).unwrap();
+        assert!(pod.peer_addr().unwrap().is_ipv6());
+        let mut got = String::new();
+        pod.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "over ipv6");
+        served.join().unwrap();
+    }
+
+    #[test]
+    fn ipv4_comes_first_when_both_listen() {
+        // A port free on ::1, then the same port on 127.0.0.1 (a socket
+        // bound to ::1 does not hold the IPv4 one).
+        let _v6 = TcpListener::bind("[::1]:0").unwrap();
+        let port = _v6.local_addr().unwrap().port();
+        let _v4 = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let pod = connect(port).unwrap();
+        assert!(pod.peer_addr().unwrap().is_ipv4());
     }
 }

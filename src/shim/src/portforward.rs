@@ -7,7 +7,9 @@
 //! socket. The connection keeps its destination, so the accepted socket's
 //! local port is the port asked for; each connection is then carried over
 //! a vsock stream to the agent (a `PortForward` channel), which connects
-//! to 127.0.0.1:PORT in the guest, where the pod's containers listen.
+//! to localhost:PORT in the guest, where the pod's containers listen
+//! (127.0.0.1, then ::1: containerd's own dial for a runc pod falls back
+//! to IPv6, and here the dial that could fail is the agent's).
 //! Nothing is installed on the node (no iptables rule, no conntrack
 //! entry), and nothing runs while no one forwards. A port nothing listens
 //! on in the guest gets its connection reset.
