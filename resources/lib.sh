@@ -21,10 +21,11 @@ ensure_packages() {
 # Debian packages the build and the tests need.
 husk_install_packages() {
   # protobuf-compiler: the CRI client's gRPC code (k8s-cri) is generated at build
-  # time; containerd, runc and the CNI plugins are the peers of the shim tests.
+  # time; containerd, runc and the CNI plugins are the peers of the shim tests;
+  # openssl makes the registry tests' CA, certificates and token signatures.
   ensure_packages build-essential pkg-config cpio busybox-static qemu-system-x86 kmod e2fsprogs curl umoci \
     containerd runc containernetworking-plugins protobuf-compiler shellcheck \
-    skopeo apache2-utils iptables
+    skopeo apache2-utils iptables openssl
   if ! command -v cargo >/dev/null; then
     log "cargo is missing: these machines carry a Rust toolchain through rustup (~/.cargo/bin)"
     return 1

@@ -9,15 +9,21 @@
 //! blob corrupted in the registry's storage fails the pull on its digest
 //! and leaves nothing in the cache; a registry behind htpasswd refuses an
 //! anonymous pull and wrong credentials and serves `--creds` and a Docker
-//! config.json. All on this host: no guest boots here (tests/run.rs runs
-//! a registry image in a microVM).
+//! config.json. A registry serving HTTPS with a certificate of the
+//! test's own CA is pulled from with that CA trusted (`SSL_CERT_FILE`),
+//! its login over TLS, and refused with the system's CAs alone or spoken
+//! to as an insecure (plain HTTP) one. A registry behind bearer tokens
+//! (distribution's token auth, a token server of the test's) turns away
+//! a pull without a login or with a wrong one and serves the image for a
+//! token. All on this host: no guest boots here (tests/run.rs runs a
+//! registry image in a microVM).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use husk_tests::husk_binary;
-use husk_tests::registry::{Registry, PASSWORD, USER};
+use husk_tests::registry::{base64, Options, Registry, Tls, TokenServer, PASSWORD, USER};
 use serde_json::Value;
 
 /// A scratch directory of this test, emptied first.
@@ -380,26 +386,56 @@ fn logins_from_creds_and_a_docker_config() {
     fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Standard base64 with padding (for a config.json's "auth").
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+#[test]
+fn a_registry_behind_bearer_tokens_takes_a_login_and_refuses_none() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = scratch("token");
+    let cache = dir.join("cache");
+    let (layout, layer) = busybox_layouts(&dir, &cache);
+    let token = TokenServer::start(&dir.join("token"));
+    let registry = Registry::start_with(
+        &dir.join("registry"),
+        Options {
+            token: Some(&token),
+            ..Options::default()
+        },
+    );
+    registry.push(&layout, "busybox:latest", "busybox:latest");
+    let busybox = registry.reference("busybox:latest");
+    let granted = token.granted.load(SeqCst);
+    let refused = token.refused.load(SeqCst);
+
+    // No login: the token server refuses, husk says a login is needed.
+    let err = fails(&cache, &["pull", &busybox], &[]);
+    assert!(
+        err.contains(&format!(
+            "the registry {} asks for a login",
+            registry.address
+        )) && err.contains("--creds"),
+        "{err}"
+    );
+    assert!(
+        token.refused.load(SeqCst) > refused,
+        "no token was asked for"
+    );
+    // A wrong password: refused by user name, the password not shown.
+    let err = fails(
+        &cache,
+        &["pull", "--creds", &format!("{USER}:wrong"), &busybox],
+        &[],
+    );
+    assert!(
+        err.contains(&format!("refused the login of user \"{USER}\"")),
+        "{err}"
+    );
+    assert!(!err.contains("wrong"), "the password was printed: {err}");
+    assert_eq!(token.granted.load(SeqCst), granted);
+    // The login: a token, with which the registry serves the image.
+    let creds = format!("{USER}:{PASSWORD}");
+    pull(&cache, &["--creds", &creds, &busybox], &[]);
+    assert!(token.granted.load(SeqCst) > granted, "no token was granted");
+    assert_eq!(registry.blob_gets(&layer), 1, "{}", registry.log());
+    fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -483,6 +519,119 @@ fn a_multi_platform_index_resolves_to_this_hosts_image() {
         ),
         "{err}"
     );
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The name the TLS registry's certificate is for. It resolves to
+/// 127.0.0.1 through a private /etc/hosts: a loopback address itself
+/// would be spoken to over plain HTTP.
+const TLS_NAME: &str = "registry.husk.test";
+
+/// husk in a mount namespace of its own whose /etc/hosts maps
+/// [`TLS_NAME`] to 127.0.0.1, with `HUSK_CACHE_DIR=cache`; `SSL_CERT_FILE`
+/// is `ca` when given, else unset (the system's CA store).
+fn husk_tls(dir: &Path, cache: &Path, args: &[&str], ca: Option<&Path>) -> Output {
+    let hosts = dir.join("hosts");
+    fs::write(
+        &hosts,
+        format!("127.0.0.1 localhost\n127.0.0.1 {TLS_NAME}\n"),
+    )
+    .unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+        .arg(&hosts)
+        .arg(husk_binary())
+        .args(args)
+        .env("HUSK_CACHE_DIR", cache)
+        .env_remove("HUSK_REGISTRY_CREDS")
+        .env("DOCKER_CONFIG", cache.join("no-docker-config"))
+        .env_remove("SSL_CERT_DIR");
+    match ca {
+        Some(ca) => cmd.env("SSL_CERT_FILE", ca),
+        None => cmd.env_remove("SSL_CERT_FILE"),
+    };
+    cmd.output().expect("run husk in a mount namespace")
+}
+
+#[test]
+#[ignore = "needs root: a mount namespace with its own /etc/hosts"]
+fn an_https_registry_is_verified_against_the_trusted_cas() {
+    let dir = scratch("tls");
+    let cache = dir.join("cache");
+    let (layout, layer) = busybox_layouts(&dir, &cache);
+    let tls = Tls::make(&dir.join("tls"), TLS_NAME);
+    let registry = Registry::start_with(
+        &dir.join("registry"),
+        Options {
+            htpasswd: true,
+            tls: Some(&tls),
+            ..Options::default()
+        },
+    );
+    registry.push(&layout, "busybox:latest", "busybox:latest");
+    let port = registry.address.rsplit_once(':').unwrap().1;
+    let busybox = format!("{TLS_NAME}:{port}/busybox:latest");
+    let creds = format!("{USER}:{PASSWORD}");
+    let ca = Some(tls.ca.as_path());
+
+    // The test's CA trusted: the registry's login challenge over TLS,
+    // then the pull with the login.
+    let out = husk_tls(&dir, &cache, &["pull", &busybox], ca);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("the registry {TLS_NAME}:{port} asks for a login")),
+        "{}",
+        stderr(&out)
+    );
+    let out = husk_tls(&dir, &cache, &["pull", "--creds", &creds, &busybox], ca);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let digest = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    assert_eq!(registry.blob_gets(&layer), 1, "{}", registry.log());
+
+    // The system's CAs alone do not know the test's: refused before any
+    // blob, the message says why and what to do, nothing is cached.
+    let fresh = dir.join("cache-untrusted");
+    let out = husk_tls(&dir, &fresh, &["pull", "--creds", &creds, &busybox], None);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("certificate") && err.contains("SSL_CERT_FILE"),
+        "{err}"
+    );
+    // Said once, by husk: not also by the TLS library's own log.
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!err.contains(PASSWORD), "the password was printed: {err}");
+    assert_eq!(registry.blob_gets(&layer), 1, "{}", registry.log());
+    assert!(temporaries(&fresh).is_empty(), "{:?}", temporaries(&fresh));
+    assert!(!fresh.join("blobs").exists(), "a blob was cached");
+
+    // Named insecure, it is spoken to over plain HTTP, which a TLS port
+    // refuses: an error that says so and what to do, not a hang or a
+    // silent retry.
+    let out = husk_tls(
+        &dir,
+        &fresh,
+        &[
+            "pull",
+            "--insecure-registry",
+            TLS_NAME,
+            "--creds",
+            &creds,
+            &busybox,
+        ],
+        ca,
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "the registry {TLS_NAME}:{port} speaks HTTPS, and husk spoke plain HTTP"
+        )) && err.contains("drop that"),
+        "{err}"
+    );
+    assert_eq!(registry.blob_gets(&layer), 1, "{}", registry.log());
     fs::remove_dir_all(&dir).unwrap();
 }
 

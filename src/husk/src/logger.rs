@@ -91,10 +91,18 @@ fn fmt_layer(dest: Destination, ansi: bool, level: bool, origin: bool) -> FmtLay
 /// itself, through a rate limit (`vmm::log_limit`).
 const GUEST_TRIGGERED_TARGETS: &[&str] = &["virtio_queue"];
 
-/// `filter` with the [`GUEST_TRIGGERED_TARGETS`] its `spec` does not name
-/// turned off.
+/// Crates that log, at error level, what husk then reports itself with
+/// what to do: the registry client's certificate verifier logs each
+/// certificate it refuses, which `husk pull` turns into its own error.
+const REPORTED_BY_HUSK_TARGETS: &[&str] = &["rustls_platform_verifier"];
+
+/// `filter` with the [`GUEST_TRIGGERED_TARGETS`] and
+/// [`REPORTED_BY_HUSK_TARGETS`] its `spec` does not name turned off.
 fn quiet_guest_triggered(mut filter: EnvFilter, spec: &str) -> EnvFilter {
-    for target in GUEST_TRIGGERED_TARGETS {
+    for target in GUEST_TRIGGERED_TARGETS
+        .iter()
+        .chain(REPORTED_BY_HUSK_TARGETS)
+    {
         if !spec.contains(target) {
             if let Ok(directive) = format!("{target}=off").parse() {
                 filter = filter.add_directive(directive);
@@ -213,6 +221,10 @@ mod tests {
     fn guest_triggered_crates_are_off_unless_named() {
         let f = quiet_guest_triggered(EnvFilter::new("info"), "info");
         assert!(f.to_string().contains("virtio_queue=off"), "{f}");
+        assert!(
+            f.to_string().contains("rustls_platform_verifier=off"),
+            "{f}"
+        );
         let spec = "warn,virtio_queue=debug";
         let f = quiet_guest_triggered(EnvFilter::new(spec), spec);
         assert!(!f.to_string().contains("virtio_queue=off"), "{f}");

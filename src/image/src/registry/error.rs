@@ -58,6 +58,24 @@ pub enum RegistryError {
         /// The file.
         path: PathBuf,
     },
+    /// Plain HTTP sent to a registry that speaks only HTTPS.
+    #[error("the registry {registry} speaks HTTPS, and husk spoke plain HTTP to it because {why}")]
+    WantsHttps {
+        /// host[:port].
+        registry: String,
+        /// Why plain HTTP was used, and what to do.
+        why: &'static str,
+    },
+    /// The registry's TLS certificate did not verify.
+    #[error("the registry {registry} presented a TLS certificate husk does not accept: {reason}")]
+    Certificate {
+        /// host[:port].
+        registry: String,
+        /// What is wrong with it, and what to do.
+        reason: &'static str,
+        /// The cause.
+        source: OciDistributionError,
+    },
     /// No connection to the registry.
     #[error("cannot reach the registry {registry} over {scheme}{hint}")]
     Unreachable {

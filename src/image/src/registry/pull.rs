@@ -381,6 +381,15 @@ impl Puller<'_> {
     ) -> RegistryError {
         let registry = self.reference.registry().to_string();
         let repository = self.reference.repository().to_string();
+        if let OciDistributionError::RequestError(r) = &e {
+            if let Some(reason) = certificate_problem(r) {
+                return RegistryError::Certificate {
+                    registry: self.reference.registry_address().to_string(),
+                    reason,
+                    source: e,
+                };
+            }
+        }
         let refused = || match &self.login {
             Login::Basic {
                 credentials,
@@ -444,6 +453,22 @@ impl Puller<'_> {
                     },
                 }
             }
+            // Go's HTTP server (distribution's) to a plain request on a
+            // TLS port.
+            OciDistributionError::ServerError {
+                code: 400,
+                ref message,
+                ..
+            } if self.scheme == "http" && message.contains("HTTP request to an HTTPS server") => {
+                RegistryError::WantsHttps {
+                    registry: self.reference.registry_address().to_string(),
+                    why: if self.reference.plain_http(&[]) {
+                        "it is a loopback address, which husk speaks plain HTTP to"
+                    } else {
+                        "it is named with --insecure-registry: drop that"
+                    },
+                }
+            }
             OciDistributionError::ServerError { code: 401, .. } => refused(),
             OciDistributionError::ServerError { code: 403, .. } => denied(),
             OciDistributionError::ServerError { code: 404, .. } => missing(),
@@ -473,5 +498,86 @@ impl Puller<'_> {
                 source: e,
             },
         }
+    }
+}
+
+/// Why the registry's certificate was refused, if that is what `e` (a
+/// request's error) comes down to: a rustls certificate error somewhere in
+/// its causes (inside an `io::Error` on the way, whose `source` skips
+/// the error it wraps), told as what is wrong and what to do.
+fn certificate_problem(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::CertificateError as C;
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(rustls::Error::InvalidCertificate(c)) = err.downcast_ref::<rustls::Error>() {
+            return Some(match c {
+                C::UnknownIssuer => {
+                    "it is signed by a CA this host does not trust (add the CA to the \
+                     system's store, or point SSL_CERT_FILE at a PEM file with it)"
+                }
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    "it is not issued for this registry's name"
+                }
+                C::Expired | C::ExpiredContext { .. } => "it has expired",
+                C::NotValidYet | C::NotValidYetContext { .. } => {
+                    "it is not valid yet (is this host's clock right?)"
+                }
+                C::Revoked => "it is revoked",
+                _ => "it does not verify (the cause follows)",
+            });
+        }
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            let inner: &(dyn std::error::Error + 'static) = inner;
+            if let Some(found) = certificate_problem(inner) {
+                return Some(found);
+            }
+        }
+        next = err.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error with a cause, as hyper's and reqwest's wrap theirs.
+    #[derive(Debug)]
+    struct Wrapped(Box<dyn std::error::Error + Send + Sync>);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("client error (Connect)")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&*self.0)
+        }
+    }
+
+    #[test]
+    fn a_certificate_error_is_found_inside_an_io_error() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, tls);
+        let e = Wrapped(Box::new(io));
+        let found = certificate_problem(&e).unwrap();
+        assert!(found.contains("SSL_CERT_FILE"), "{found}");
+        let expired = Wrapped(Box::new(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired,
+        )));
+        assert_eq!(certificate_problem(&expired), Some("it has expired"));
+    }
+
+    #[test]
+    fn other_errors_are_not_certificate_problems() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(certificate_problem(&Wrapped(Box::new(refused))), None);
+        let other = rustls::Error::General("handshake".into());
+        assert_eq!(certificate_problem(&Wrapped(Box::new(other))), None);
     }
 }
