@@ -12,7 +12,9 @@
 //! config.json. A registry serving HTTPS with a certificate of the
 //! test's own CA is pulled from with that CA trusted (`SSL_CERT_FILE`),
 //! its login over TLS, and refused with the system's CAs alone or spoken
-//! to as an insecure (plain HTTP) one. A registry behind bearer tokens
+//! to as an insecure (plain HTTP) one; on its loopback address (plain
+//! HTTP first) its answer that it speaks HTTPS makes husk ask again over
+//! verified HTTPS. A registry behind bearer tokens
 //! (distribution's token auth, a token server of the test's) turns away
 //! a pull without a login or with a wrong one and serves the image for a
 //! token. All on this host: no guest boots here (tests/run.rs runs a
@@ -383,6 +385,42 @@ fn logins_from_creds_and_a_docker_config() {
         err.contains("docker-credential-pass, which husk does not run"),
         "{err}"
     );
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_loopback_registry_that_speaks_https_is_asked_again_over_https() {
+    let dir = scratch("tls-loopback");
+    let cache = dir.join("cache");
+    let (layout, layer) = busybox_layouts(&dir, &cache);
+    let tls = Tls::make(&dir.join("tls"), "localhost");
+    let registry = Registry::start_with(
+        &dir.join("registry"),
+        Options {
+            tls: Some(&tls),
+            ..Options::default()
+        },
+    );
+    registry.push(&layout, "busybox:latest", "busybox:latest");
+    // 127.0.0.1:PORT: plain HTTP first, which the TLS port answers with
+    // "Client sent an HTTP request to an HTTPS server"; then HTTPS,
+    // verified against the test's CA.
+    let busybox = registry.reference("busybox:latest");
+    let digest = pull(&cache, &[&busybox], &[("SSL_CERT_FILE", tls.ca.as_path())]);
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    assert_eq!(registry.blob_gets(&layer), 1, "{}", registry.log());
+    // The upgrade is verified like any HTTPS: the CA not trusted, the
+    // pull is refused for the certificate, never served over HTTP.
+    let fresh = dir.join("cache-untrusted");
+    let err = fails(&fresh, &["pull", &busybox], &[]);
+    assert!(
+        err.contains(&format!(
+            "the registry {} presented a TLS certificate husk does not accept",
+            registry.address
+        )),
+        "{err}"
+    );
+    assert_eq!(registry.blob_gets(&layer), 1, "{}", registry.log());
     fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -34,7 +34,8 @@ pub struct RegistryArgs {
     creds: Option<String>,
     /// Speak plain HTTP to this registry (HOST: any port of HOST;
     /// HOST:PORT: that one). Repeatable. Loopback registries (localhost,
-    /// 127.0.0.0/8) always use plain HTTP; all others HTTPS.
+    /// 127.0.0.0/8) use plain HTTP, or HTTPS when they answer that they
+    /// speak only that; all others HTTPS.
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     insecure: Vec<String>,
 }

@@ -58,13 +58,12 @@ pub enum RegistryError {
         /// The file.
         path: PathBuf,
     },
-    /// Plain HTTP sent to a registry that speaks only HTTPS.
-    #[error("the registry {registry} speaks HTTPS, and husk spoke plain HTTP to it because {why}")]
+    /// Plain HTTP sent to a registry that speaks only HTTPS (one named
+    /// insecure; a loopback one is asked again over HTTPS).
+    #[error("the registry {registry} speaks HTTPS, and husk spoke plain HTTP to it because it is named with --insecure-registry: drop that")]
     WantsHttps {
         /// host[:port].
         registry: String,
-        /// Why plain HTTP was used, and what to do.
-        why: &'static str,
     },
     /// The registry's TLS certificate did not verify.
     #[error("the registry {registry} presented a TLS certificate husk does not accept: {reason}")]

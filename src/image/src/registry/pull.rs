@@ -37,7 +37,11 @@ struct Puller<'a> {
 }
 
 /// Pulls `reference` from its registry into `store` (blobs the store has
-/// are not fetched) and records it; what was fetched.
+/// are not fetched) and records it; what was fetched. A loopback registry
+/// is spoken to over plain HTTP first; one that answers that it speaks
+/// HTTPS (Go's servers say so to a plain request on a TLS port) is asked
+/// again over HTTPS, verified as any other: an upgrade on the server's
+/// word, never a downgrade.
 pub(super) fn pull_into(
     store: &Store,
     reference: &ImageRef,
@@ -48,13 +52,30 @@ pub(super) fn pull_into(
         opts.creds.as_ref(),
         opts.docker_config.as_deref(),
     )?;
+    let plain = reference.plain_http(&opts.insecure);
+    match pull_over(store, reference, opts, login.clone(), plain) {
+        Err(RegistryError::WantsHttps { .. }) if reference.plain_http(&[]) => {
+            tracing::info!(%reference, "the loopback registry speaks HTTPS: asking again over HTTPS");
+            pull_over(store, reference, opts, login, false)
+        }
+        other => other,
+    }
+}
+
+/// [`pull_into`] over plain HTTP or HTTPS.
+fn pull_over(
+    store: &Store,
+    reference: &ImageRef,
+    opts: &mut RegistryOptions,
+    login: Login,
+    plain: bool,
+) -> Result<Pulled> {
     let auth = match &login {
         Login::Anonymous { .. } => RegistryAuth::Anonymous,
         Login::Basic { credentials, .. } => {
             RegistryAuth::Basic(credentials.username.clone(), credentials.password.clone())
         }
     };
-    let plain = reference.plain_http(&opts.insecure);
     let protocol = if plain {
         ClientProtocol::HttpsExcept(vec![reference.registry_address().to_string()])
     } else {
@@ -462,11 +483,6 @@ impl Puller<'_> {
             } if self.scheme == "http" && message.contains("HTTP request to an HTTPS server") => {
                 RegistryError::WantsHttps {
                     registry: self.reference.registry_address().to_string(),
-                    why: if self.reference.plain_http(&[]) {
-                        "it is a loopback address, which husk speaks plain HTTP to"
-                    } else {
-                        "it is named with --insecure-registry: drop that"
-                    },
                 }
             }
             OciDistributionError::ServerError { code: 401, .. } => refused(),
