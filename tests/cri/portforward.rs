@@ -8,11 +8,11 @@
 //! fetches it once, then 8 times at once, then asks for a port nothing
 //! listens on (an error, and the stream ends). A second container serves
 //! another page on IPv6 loopback only (`[::1]`), which containerd reaches
-//! for a runc pod by falling back to IPv6 when IPv4 is refused. The pod also maps its port
-//! to a port of the node (a `hostPort`, which the CNI portmap plugin
-//! implements with DNAT rules on the node): the page must come from there
-//! too, fetched on the node's address on the pod network. Lines: `CRI-PF
-//! <key> <value>`.
+//! for a runc pod by falling back to IPv6 when IPv4 is refused. The pod
+//! also maps its port to a port of the node (a `hostPort`, which the CNI
+//! portmap plugin implements with DNAT rules on the node): the page must
+//! come from there too, fetched on the node's address on the pod network.
+//! Lines: `CRI-PF <key> <value>`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -198,6 +198,32 @@ async fn stream_url(c: &mut Client, pod: &Pod, port: u16) -> Result<String> {
 
 const GET: &[u8] = b"GET /index.html HTTP/1.0\r\n\r\n";
 
+/// Fetches the page on `port` until it holds `payload`, for up to 20 s
+/// (a server may take a moment to listen); a stream URL is good for one
+/// connection, so a new one per try. The last try's data and error
+/// channel text, or its failure.
+async fn fetch_until(
+    c: &mut Client,
+    pod: &Pod,
+    port: u16,
+    payload: &str,
+) -> Result<std::result::Result<String, String>> {
+    let t0 = Instant::now();
+    loop {
+        let u = stream_url(c, pod, port).await?;
+        let got = tokio::task::spawn_blocking(move || fetch(&u, port, GET))
+            .await
+            .map_err(|e| e.to_string())?;
+        match got {
+            Ok((data, _)) if data.contains(payload) => return Ok(Ok(data)),
+            other if t0.elapsed() > Duration::from_secs(20) => {
+                return Ok(other.map(|(d, e)| format!("{d}{e}")))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
 pub async fn port_forward(c: &mut Client, args: &Args) -> Result<()> {
     let name = format!("pf-{}", args.handler);
     let mut config = pod_config(&name, &args.log_dir);
@@ -222,19 +248,7 @@ pub async fn port_forward(c: &mut Client, args: &Args) -> Result<()> {
             .await?;
         // The server may take a moment to listen (a container whose root
         // comes through the share starts its first program more slowly).
-        // A stream URL is good for one connection: a new one per try.
-        let t0 = Instant::now();
-        let first = loop {
-            let u = stream_url(c, &pod, SERVER_PORT).await?;
-            let got = tokio::task::spawn_blocking(move || fetch(&u, SERVER_PORT, GET))
-                .await
-                .map_err(|e| e.to_string())?;
-            match got {
-                Ok((data, _)) if data.contains(PAYLOAD) => break Ok(data),
-                other if t0.elapsed() > Duration::from_secs(20) => break other.map(|(d, e)| format!("{d}{e}")),
-                _ => tokio::time::sleep(Duration::from_millis(500)).await,
-            }
-        }?;
+        let first = fetch_until(c, &pod, SERVER_PORT, PAYLOAD).await??;
         println!("CRI-PF one {}", first.contains(PAYLOAD));
         // Many at once, each on a URL of its own (as many kubectl clients).
         let mut tasks = Vec::new();
@@ -252,22 +266,10 @@ pub async fn port_forward(c: &mut Client, args: &Args) -> Result<()> {
         }
         println!("CRI-PF many {ok}");
         // The IPv6-only server (started with the first, so listening by
-        // now; a few tries all the same).
-        let mut v6 = String::new();
-        for _ in 0..10 {
-            let u = stream_url(c, &pod, SERVER_V6_PORT).await?;
-            let got = tokio::task::spawn_blocking(move || fetch(&u, SERVER_V6_PORT, GET))
-                .await
-                .map_err(|e| e.to_string())?;
-            v6 = match got {
-                Ok((data, error)) => format!("{data}{error}"),
-                Err(e) => e,
-            };
-            if v6.contains(PAYLOAD_V6) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        // now; tried the same way all the same).
+        let v6 = fetch_until(c, &pod, SERVER_V6_PORT, PAYLOAD_V6)
+            .await?
+            .unwrap_or_else(|e| e);
         println!("CRI-PF ipv6-loopback {}", v6.contains(PAYLOAD_V6));
         if !v6.contains(PAYLOAD_V6) {
             println!("CRI-PF ipv6-loopback-got {v6:?}");

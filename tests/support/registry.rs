@@ -444,16 +444,12 @@ fn serve_token(conn: TcpStream, key: &Path, x5c: &str) -> bool {
     let path = request.split_whitespace().nth(1).unwrap_or("");
     let query = path.split_once('?').map_or("", |(_, q)| q);
     // scope=repository:NAME:pull[,push], URL-encoded (':' as %3A).
-    let scope = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("scope="))
-        .unwrap_or("")
-        .replace("%3A", ":")
-        .replace("%3a", ":")
-        .replace("%2F", "/")
-        .replace("%2f", "/")
-        .replace("%2C", ",")
-        .replace("%2c", ",");
+    let scope = percent_decode(
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("scope="))
+            .unwrap_or(""),
+    );
     let want = format!("Basic {}", base64(format!("{USER}:{PASSWORD}").as_bytes()));
     let mut out = &conn;
     if authorization != want {
@@ -525,4 +521,31 @@ fn rsa_sha256(key: &Path, data: &[u8]) -> Option<Vec<u8>> {
     child.stdin.take()?.write_all(data).ok()?;
     let out = child.wait_with_output().ok()?;
     out.status.success().then_some(out.stdout)
+}
+
+/// `%XX` escapes of a query value decoded (`+` as a space).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

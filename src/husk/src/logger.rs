@@ -98,7 +98,7 @@ const REPORTED_BY_HUSK_TARGETS: &[&str] = &["rustls_platform_verifier"];
 
 /// `filter` with the [`GUEST_TRIGGERED_TARGETS`] and
 /// [`REPORTED_BY_HUSK_TARGETS`] its `spec` does not name turned off.
-fn quiet_guest_triggered(mut filter: EnvFilter, spec: &str) -> EnvFilter {
+fn quiet_targets(mut filter: EnvFilter, spec: &str) -> EnvFilter {
     for target in GUEST_TRIGGERED_TARGETS
         .iter()
         .chain(REPORTED_BY_HUSK_TARGETS)
@@ -115,12 +115,12 @@ fn quiet_guest_triggered(mut filter: EnvFilter, spec: &str) -> EnvFilter {
 /// Sets up logging to stderr with `level` (a tracing filter; `HUSK_LOG`
 /// wins when set).
 pub fn init(level: &str) {
-    let parse = |spec: &str| EnvFilter::try_new(spec).map(|f| quiet_guest_triggered(f, spec));
+    let parse = |spec: &str| EnvFilter::try_new(spec).map(|f| quiet_targets(f, spec));
     let filter = std::env::var("HUSK_LOG")
         .map_err(|_| ())
         .and_then(|spec| parse(&spec).map_err(|_| ()))
         .or_else(|_| parse(level))
-        .unwrap_or_else(|_| quiet_guest_triggered(EnvFilter::new("warn"), ""));
+        .unwrap_or_else(|_| quiet_targets(EnvFilter::new("warn"), ""));
     let destination = Destination(Arc::new(Mutex::new(Box::new(std::io::stderr()))));
     let ansi = std::io::stderr().is_terminal();
     // The format layer is reloaded before the filter is: its subscriber
@@ -165,12 +165,12 @@ pub fn configure(cfg: &vmm::controller::Logger) -> Result<(), LoggerError> {
                 return Err(LoggerError::Module(module.clone()));
             }
             let spec = format!("off,{module}={}", level.unwrap_or("info"));
-            Some(quiet_guest_triggered(
+            Some(quiet_targets(
                 EnvFilter::try_new(&spec).map_err(|_| LoggerError::Module(module.clone()))?,
                 &spec,
             ))
         }
-        (None, Some(level)) => Some(quiet_guest_triggered(EnvFilter::new(level), level)),
+        (None, Some(level)) => Some(quiet_targets(EnvFilter::new(level), level)),
         (None, None) => None,
     };
     let file: Option<Box<dyn Write + Send>> = match &cfg.log_path {
@@ -219,14 +219,14 @@ mod tests {
 
     #[test]
     fn guest_triggered_crates_are_off_unless_named() {
-        let f = quiet_guest_triggered(EnvFilter::new("info"), "info");
+        let f = quiet_targets(EnvFilter::new("info"), "info");
         assert!(f.to_string().contains("virtio_queue=off"), "{f}");
         assert!(
             f.to_string().contains("rustls_platform_verifier=off"),
             "{f}"
         );
         let spec = "warn,virtio_queue=debug";
-        let f = quiet_guest_triggered(EnvFilter::new(spec), spec);
+        let f = quiet_targets(EnvFilter::new(spec), spec);
         assert!(!f.to_string().contains("virtio_queue=off"), "{f}");
     }
 

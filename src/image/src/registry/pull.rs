@@ -54,7 +54,7 @@ pub(super) fn pull_into(
     )?;
     let plain = reference.plain_http(&opts.insecure);
     match pull_over(store, reference, opts, login.clone(), plain) {
-        Err(RegistryError::WantsHttps { .. }) if reference.plain_http(&[]) => {
+        Err(RegistryError::WantsHttps { .. }) if reference.is_loopback() => {
             tracing::info!(%reference, "the loopback registry speaks HTTPS: asking again over HTTPS");
             pull_over(store, reference, opts, login, false)
         }

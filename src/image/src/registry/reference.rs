@@ -105,13 +105,18 @@ impl ImageRef {
         &self.inner
     }
 
+    /// Whether the registry is a loopback address or `localhost`.
+    pub fn is_loopback(&self) -> bool {
+        is_loopback(host_of(self.registry_address()))
+    }
+
     /// Whether this registry is spoken to over plain HTTP: a loopback
     /// address or `localhost` (any port), or a registry named in
     /// `insecure` (`HOST` matches any port of HOST, `HOST:PORT` only that).
     pub fn plain_http(&self, insecure: &[String]) -> bool {
         let address = self.registry_address();
         let host = host_of(address);
-        is_loopback(host)
+        self.is_loopback()
             || insecure
                 .iter()
                 .any(|i| i == address || (!i.contains(':') && i == host) || i == self.registry())
